@@ -1,0 +1,330 @@
+"""asyncmigfra benchmarks: ``python -m bench [--quick]`` (or ``./dev bench`` / ``nox -s bench``).
+
+Everything goes through a real mosquitto on loopback (``set_tcp_nodelay true``), the way a
+scheduler talks to the agent. The agent runs as its own process for the throughput and
+latency figures (so its CPU time and RSS can be read from /proc), with the ``dummy``
+hypervisor, as the original's figures were taken. Figures are printed, not asserted.
+
+Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
+shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
+Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from asyncmigfra.app import Agent
+from asyncmigfra.mqtt import ToolClient
+from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.01)
+    raise TimeoutError(port)
+
+
+@contextmanager
+def mosquitto() -> Iterator[int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "m.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            "persistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n"
+            "log_type error\n"
+        )
+        proc = subprocess.Popen([binary, "-c", str(conf)])  # noqa: S603
+        try:
+            wait_port(port)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+def proc_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    rss = int(fields[21]) * PAGE
+    return cpu, rss
+
+
+@contextmanager
+def agent_process(port: int, host: str) -> Iterator[subprocess.Popen[bytes]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "migfra.conf"
+        conf.write_text(
+            "communicator:\n  type: mqtt\n  id: bench-<hostname>\n"
+            "  subscribe-topic: fast/migfra/<hostname>/task\n"
+            "  publish-topic: fast/migfra/<hostname>/result\n"
+            f"  host: 127.0.0.1\n  port: {port}\n  keepalive: 60\n"
+            "hypervisor:\n  type: dummy\n  never-throw: true\n"
+            "logging:\n  level: warning\n  format: json\n"
+            "limits:\n  max-queued-tasks: 100000\n"
+        )
+        proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+class Client:
+    """Publishes tasks and matches results by id."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.tool = ToolClient("127.0.0.1", port, client_id=f"bench-{uuid.uuid4().hex[:6]}")
+        self.host = host
+        self.waiters: dict[str, asyncio.Future[float]] = {}
+
+    async def pump(self) -> None:
+        async for msg in self.tool.messages():
+            if msg.topic.endswith("/result"):
+                # The id is the last key of every result: cheap to find without a YAML parse.
+                text = msg.payload.decode()
+                idx = text.rfind("\nid: ")
+                if idx < 0:
+                    continue
+                tid = text[idx + 5 :].split("\n", 1)[0].strip().strip('"')
+                fut = self.waiters.pop(tid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(time.perf_counter())
+            elif msg.topic.endswith("/status") and b"online" in msg.payload:
+                fut = self.waiters.pop("__online__", None)
+                if fut is not None and not fut.done():
+                    fut.set_result(time.perf_counter())
+
+    async def send(self, body: str) -> float:
+        tid = uuid.uuid4().hex[:12]
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiters[tid] = fut
+        t0 = time.perf_counter()
+        await self.tool.publish(f"fast/migfra/{self.host}/task", f"id: {tid}\n{body}".encode(), qos=2)
+        t1 = await fut
+        return (t1 - t0) * 1000.0
+
+
+@asynccontextmanager
+async def connected(port: int, host: str) -> AsyncIterator[Client]:
+    c = Client(port, host)
+    async with c.tool:
+        await c.tool.subscribe(f"fast/migfra/{host}/result", qos=1)
+        online: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        c.waiters["__online__"] = online
+        await c.tool.subscribe(f"fast/migfra/{host}/status", qos=1)
+        async with asyncio.TaskGroup() as tg:
+            pump = tg.create_task(c.pump())
+            await asyncio.wait_for(online, 30)
+            try:
+                yield c
+            finally:
+                pump.cancel()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+START_ONE = "task: start vm\nvm-configurations:\n  - vm-name: vm-{i}\n    probe-with-ssh: false\n"
+
+
+async def bench_dummy(port: int, quick: bool) -> dict[str, Any]:
+    host = f"bench-{uuid.uuid4().hex[:6]}"
+    out: dict[str, Any] = {}
+    n_seq, n_tput, n_big = (300, 1000, 100) if quick else (2000, 5000, 500)
+    with agent_process(port, host) as proc:
+        async with connected(port, host) as c:
+            for i in range(50):  # warm-up
+                await c.send(START_ONE.format(i=i))
+            cpu0, _ = proc_usage(proc.pid)
+            lat = [await c.send(START_ONE.format(i=i)) for i in range(n_seq)]
+            cpu1, rss = proc_usage(proc.pid)
+            out["sequential"] = {
+                "tasks": n_seq,
+                "p50_ms": round(pct(lat, 0.50), 3),
+                "p99_ms": round(pct(lat, 0.99), 3),
+                "mean_ms": round(statistics.fmean(lat), 3),
+                "agent_cpu_ms_per_task": round((cpu1 - cpu0) * 1000 / n_seq, 3),
+            }
+            sem = asyncio.Semaphore(20)
+
+            async def one(i: int, body: str) -> None:
+                async with sem:
+                    await c.send(body.format(i=i))
+
+            cpu0, _ = proc_usage(proc.pid)
+            t0 = time.perf_counter()
+            async with asyncio.TaskGroup() as tg:
+                for i in range(n_tput):
+                    tg.create_task(one(i, START_ONE))
+            dt = time.perf_counter() - t0
+            cpu1, rss = proc_usage(proc.pid)
+            out["throughput_20_in_flight"] = {
+                "tasks": n_tput,
+                "tasks_per_s": round(n_tput / dt, 1),
+                "agent_cpu_ms_per_task": round((cpu1 - cpu0) * 1000 / n_tput, 3),
+            }
+            big = "task: start vm\nvm-configurations:\n" + "".join(
+                f"  - vm-name: big-{{i}}-{k}\n    probe-with-ssh: false\n" for k in range(50)
+            )
+            cpu0, _ = proc_usage(proc.pid)
+            t0 = time.perf_counter()
+            async with asyncio.TaskGroup() as tg:
+                for i in range(n_big):
+                    tg.create_task(one(i, big))
+            dt = time.perf_counter() - t0
+            cpu1, rss = proc_usage(proc.pid)
+            out["fifty_vm_tasks"] = {
+                "tasks": n_big,
+                "tasks_per_s": round(n_big / dt, 1),
+                "vms_per_s": round(50 * n_big / dt, 1),
+                "agent_cpu_ms_per_task": round((cpu1 - cpu0) * 1000 / n_big, 3),
+            }
+            out["agent_rss_mb"] = round(rss / 1e6, 1)
+    return out
+
+
+async def bench_loop_lag(port: int, quick: bool) -> dict[str, Any]:
+    """Event-loop lag of an in-process agent while 32 fake migrations stream progress."""
+    n = 32
+    gib = 1024 * 1024
+    opts = {
+        "host": "lag-a",
+        "peers": {"lag-b": {"cpus": 256, "memory": 512 * gib}},
+        "cpus": 256,
+        "memory": 512 * gib,
+        "bandwidth": 400,
+        "domains": [
+            {"name": f"m{i}", "vcpus": 1, "memory": 2 * gib, "state": "running", "dirty-rate": 50}
+            for i in range(n)
+        ],
+    }
+    base = default_settings(hostname="lag-a")
+    settings = replace(
+        base,
+        mqtt=replace(base.mqtt, host="127.0.0.1", port=port, client_id=f"lag-{uuid.uuid4().hex[:6]}"),
+        hypervisor=HypervisorSettings(type="fake", options=opts),
+        logging=LoggingSettings(level="warning"),
+        migration=replace(base.migration, max_outgoing=n),
+        agent=replace(base.agent, progress_interval=0.1),
+    )
+    agent = Agent(settings, shared={})
+    lags: list[float] = []
+    progress = 0
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(agent.run())
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        tool = ToolClient("127.0.0.1", port, client_id=f"lagc-{uuid.uuid4().hex[:6]}")
+        async with tool:
+            await tool.subscribe("fast/migfra/lag-a/result", qos=1)
+            await tool.subscribe("fast/migfra/lag-a/event", qos=0)
+            results = 0
+            done = asyncio.Event()
+
+            async def pump() -> None:
+                nonlocal results, progress
+                async for msg in tool.messages():
+                    if msg.topic.endswith("/result"):
+                        results += 1
+                        if results == n:
+                            done.set()
+                    elif b"event: progress" in msg.payload:
+                        progress += 1
+
+            async def probe() -> None:
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    await asyncio.sleep(0.005)
+                    lags.append((time.perf_counter() - t0 - 0.005) * 1000)
+
+            p = tg.create_task(pump())
+            pr = tg.create_task(probe())
+            t0 = time.perf_counter()
+            for i in range(n):
+                body = (
+                    f"id: lag-{i}\ntask: migrate vm\nvm-name: m{i}\ndestination: lag-b\n"
+                    "parameter:\n  migration-type: live\n"
+                )
+                await tool.publish("fast/migfra/lag-a/task", body.encode(), qos=2)
+            await asyncio.wait_for(done.wait(), 120)
+            dt = time.perf_counter() - t0
+            await pr
+            p.cancel()
+        agent.request_stop()
+        await run
+    return {
+        "migrations": n,
+        "wall_s": round(dt, 2),
+        "progress_events": progress,
+        "loop_lag_p50_ms": round(pct(lags, 0.5), 3),
+        "loop_lag_p99_ms": round(pct(lags, 0.99), 3),
+        "loop_lag_max_ms": round(max(lags), 3),
+    }
+
+
+def show(title: str, data: dict[str, Any]) -> None:
+    print(f"\n== {title}")  # noqa: T201
+    for k, v in data.items():
+        if isinstance(v, dict):
+            print(f"  {k}:")  # noqa: T201
+            for k2, v2 in v.items():
+                print(f"    {k2:28s} {v2}")  # noqa: T201
+        else:
+            print(f"  {k:30s} {v}")  # noqa: T201
+
+
+async def amain(args: argparse.Namespace) -> None:
+    from asyncmigfra.logs import configure_logging
+
+    configure_logging(LoggingSettings(level="warning"))
+    with mosquitto() as port:
+        show("dummy hypervisor through mosquitto (agent as a process)", await bench_dummy(port, args.quick))
+        show("event-loop lag, 32 fake migrations streaming progress", await bench_loop_lag(port, args.quick))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--quick", action="store_true", help="fewer tasks (a smoke run)")
+    asyncio.run(amain(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Command line: ``asyncmigfra agent``, ``asyncmigfra demo`` and ``--version``.
+
+Exit codes: 0 success, 1 a task or command failed, 2 bad configuration or usage,
+3 the shutdown hung and the last-resort timer ended the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from asyncmigfra import __version__
+from asyncmigfra.errors import ConfigError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="asyncmigfra",
+        description="Start, stop and live-migrate VMs on MQTT command (migfra-compatible).",
+    )
+    p.add_argument("--version", action="version", version=f"asyncmigfra {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    agent = sub.add_parser("agent", help="run the agent on this host")
+    agent.add_argument("-c", "--config", help="config file (YAML; the original migfra.conf works)")
+    agent.add_argument("--hostname", help="agent name, replaces <hostname> (default: host name)")
+    agent.add_argument(
+        "--log-format", choices=["auto", "json", "console"], help="override logging.format"
+    )
+    agent.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level"
+    )
+
+    demo = sub.add_parser("demo", help="two fake hosts, one live migration, in under 30 s")
+    demo.add_argument(
+        "--broker", help="HOST[:PORT] of an MQTT broker (default: an embedded one)"
+    )
+    demo.add_argument("--quiet", action="store_true", help="print only the results")
+    return p
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from dataclasses import replace  # noqa: PLC0415 - keep --version fast
+
+    from asyncmigfra.app import Agent  # noqa: PLC0415
+    from asyncmigfra.logs import configure_logging  # noqa: PLC0415
+    from asyncmigfra.settings import load_settings  # noqa: PLC0415
+
+    try:
+        settings = load_settings(args.config, hostname=args.hostname)
+    except ConfigError as exc:
+        print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    logging = settings.logging
+    if args.log_format:
+        logging = replace(logging, format=args.log_format)
+    if args.log_level:
+        logging = replace(logging, level=args.log_level)
+    configure_logging(logging)
+    try:
+        agent_factory = Agent  # built inside the loop: asyncio primitives need no loop, but
+        return asyncio.run(_run_agent(agent_factory, settings))
+    except ConfigError as exc:
+        print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+
+
+async def _run_agent(agent_factory: type, settings: object) -> int:
+    agent = agent_factory(settings, install_signal_handlers=True)
+    code: int = await agent.run()
+    return code
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from asyncmigfra.demo import run_demo  # noqa: PLC0415
+
+    return asyncio.run(run_demo(broker=args.broker, quiet=args.quiet))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "agent":
+        return _agent(args)
+    if args.command == "demo":
+        return _demo(args)
+    _parser().print_help()
+    return 2

@@ -1,0 +1,258 @@
+"""``asyncmigfra demo``: two agents on fake hosts, a VM started, live-migrated and stopped.
+
+Everything goes through a real MQTT broker exactly as a scheduler would use it: an embedded
+amqtt broker in this process (MQTT 3.1.1) unless ``--broker HOST[:PORT]`` names one. The two
+agents (``host-a``, ``host-b``) share one simulated cluster (the ``fake`` hypervisor), so the
+VM really leaves host-a and runs on host-b afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+from asyncmigfra.app import Agent
+from asyncmigfra.logs import configure_logging
+from asyncmigfra.mqtt import ToolClient
+from asyncmigfra.settings import (
+    HypervisorSettings,
+    LoggingSettings,
+    Settings,
+    default_settings,
+)
+
+__all__ = ["run_demo"]
+
+VM = "demo-vm"
+GIB = 1024 * 1024  # KiB
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def embedded_broker() -> AsyncIterator[tuple[str, int]]:
+    """An amqtt broker on a free loopback port, in this event loop (MQTT 3.1.1 only)."""
+    import logging  # noqa: PLC0415
+
+    from amqtt.broker import Broker  # noqa: PLC0415
+
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    port = _free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        yield "127.0.0.1", port
+    finally:
+        await broker.shutdown()
+
+
+def agent_settings(
+    name: str, host: str, port: int, *, protocol: str, options: Mapping[str, object]
+) -> Settings:
+    base = default_settings(hostname=name)
+    mqtt = replace(
+        base.mqtt,
+        host=host,
+        port=port,
+        protocol=protocol,  # type: ignore[arg-type]
+        client_id=f"asyncmigfra-demo-{name}-{uuid.uuid4().hex[:6]}",
+        reconnect_min_delay=0.1,
+        reconnect_max_delay=1.0,
+    )
+    return replace(
+        base,
+        mqtt=mqtt,
+        hypervisor=HypervisorSettings(type="fake", options=dict(options)),
+        agent=replace(base.agent, progress_interval=0.25),
+        logging=LoggingSettings(level="warning"),
+        shutdown=replace(base.shutdown, grace_period=5.0),
+    )
+
+
+def _bar(percent: float, width: int = 30) -> str:
+    filled = int(width * percent / 100)
+    return "#" * filled + "-" * (width - filled)
+
+
+def _mib(n: object) -> str:
+    return f"{int(n) / (1024 * 1024):7.1f} MiB" if isinstance(n, int | float) else "      ?"
+
+
+class _Console:
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)  # noqa: T201
+
+    def result(self, text: str) -> None:
+        print(text, flush=True)  # noqa: T201
+
+
+async def run_demo(*, broker: str | None = None, quiet: bool = False) -> int:
+    configure_logging(LoggingSettings(level="warning", format="console"))
+    started = time.monotonic()
+    out = _Console(quiet=quiet)
+    async with contextlib.AsyncExitStack() as stack:
+        if broker is None:
+            host, port = await stack.enter_async_context(embedded_broker())
+            protocol = "3.1.1"
+            out.say(f"embedded MQTT broker (amqtt) on {host}:{port}")
+        else:
+            host, _, p = broker.partition(":")
+            port = int(p or 1883)
+            protocol = "5"
+            out.say(f"using MQTT broker {host}:{port}")
+        code = await _scenario(host, port, protocol, out)
+    out.say(f"demo finished in {time.monotonic() - started:.1f} s")
+    return code
+
+
+async def _scenario(host: str, port: int, protocol: str, out: _Console) -> int:
+    shared: dict[str, object] = {}
+    cluster = {"host-a": {"cpus": 16, "memory": 64 * GIB}, "host-b": {"cpus": 16, "memory": 64 * GIB}}
+    opts_a = {
+        "host": "host-a",
+        "peers": cluster,
+        "bandwidth": 1000,
+        "time-scale": 1.0,
+        "domains": [
+            {"name": VM, "vcpus": 2, "memory": 2 * GIB, "state": "shutoff", "dirty-rate": 120}
+        ],
+    }
+    opts_b = {"host": "host-b", "peers": cluster, "bandwidth": 1000, "time-scale": 1.0}
+    agents = [
+        Agent(agent_settings("host-a", host, port, protocol=protocol, options=opts_a), shared=shared),
+        Agent(agent_settings("host-b", host, port, protocol=protocol, options=opts_b), shared=shared),
+    ]
+    async with asyncio.TaskGroup() as tg:
+        runs = [tg.create_task(a.run(), name=f"demo.agent[{a.settings.hostname}]") for a in agents]
+        async with asyncio.timeout(10):
+            for a in agents:
+                await a.ready.wait()
+        out.say("agents host-a and host-b are online (fake hypervisor, one simulated cluster)")
+        try:
+            ok = await _drive(host, port, protocol, out)
+        finally:
+            for a in agents:
+                a.request_stop()
+        codes = [await r for r in runs]
+    return 0 if ok and not any(codes) else 1
+
+
+async def _drive(host: str, port: int, protocol: str, out: _Console) -> bool:
+    from asyncmigfra.parsing import load_yaml  # noqa: PLC0415
+
+    client = ToolClient(host, port, client_id=f"demo-client-{uuid.uuid4().hex[:6]}", protocol=protocol)
+    async with client:
+        await client.subscribe("fast/migfra/+/result", qos=1)
+        await client.subscribe("fast/migfra/+/event", qos=0)
+        results: dict[str, dict[str, Any]] = {}
+        waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+        async def pump() -> None:
+            async for msg in client.messages():
+                doc = load_yaml(msg.payload)
+                if not isinstance(doc, dict):
+                    continue
+                if msg.topic.endswith("/result"):
+                    tid = str(doc.get("id", ""))
+                    results[tid] = doc
+                    fut = waiters.pop(tid, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(doc)
+                elif doc.get("event") == "progress":
+                    pct = float(doc.get("percent", 0))
+                    line = (
+                        f"  [{doc.get('host')}] {doc.get('vm-name')} {_bar(pct)} {pct:5.1f} %"
+                        f"  iter {doc.get('iteration', 0)}"
+                        f"  remaining {_mib(doc.get('memory-remaining'))}"
+                        f"  rate {_mib(doc.get('transfer-rate'))}/s"
+                        f"  dirty {_mib(doc.get('dirty-rate'))}/s"
+                    )
+                    if "expected-downtime" in doc:
+                        line += f"  exp. downtime {doc['expected-downtime']} ms"
+                    if "action" in doc:
+                        line += f"  action: {doc['action']}"
+                    out.say(line)
+                elif doc.get("event") in {"phase", "error"}:
+                    extra = doc.get("phase") or f"{doc.get('code')}: {doc.get('details')}"
+                    out.say(f"  [{doc.get('host')}] {doc.get('vm-name', '')} {doc['event']}: {extra}")
+
+        async def call(target: str, body: str, label: str) -> dict[str, Any]:
+            tid = f"demo-{uuid.uuid4().hex[:8]}"
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            waiters[tid] = fut
+            out.say(f"\n>>> {label} (id {tid}) -> fast/migfra/{target}/task")
+            await client.publish(f"fast/migfra/{target}/task", f"id: {tid}\n{body}".encode(), qos=2)
+            async with asyncio.timeout(20):
+                doc = await fut
+            out.result(_summarise(doc))
+            return doc
+
+        async with asyncio.TaskGroup() as tg:
+            pumper = tg.create_task(pump(), name="demo.pump")
+            try:
+                r1 = await call(
+                    "host-a",
+                    f"task: start vm\nvm-configurations:\n  - vm-name: {VM}\n"
+                    "    probe-with-ssh: false\n    time-measurement: true\n",
+                    f"start {VM} on host-a",
+                )
+                r2 = await call(
+                    "host-a",
+                    f"task: migrate vm\nvm-name: {VM}\ndestination: host-b\n"
+                    "time-measurement: true\nparameter:\n  migration-type: live\n"
+                    "  max-downtime: 300\n",
+                    f"live-migrate {VM} host-a -> host-b",
+                )
+                r3 = await call("host-b", "task: status\n", "status of host-b")
+                r4 = await call(
+                    "host-b",
+                    f"task: stop vm\nlist:\n  - vm-name: {VM}\n    force: true\n",
+                    f"stop {VM} on host-b",
+                )
+            finally:
+                pumper.cancel()
+    ok = all(_ok(r) for r in (r1, r2, r4)) and any(
+        e.get("vm-name") == VM and e.get("state") == "running" for e in r3.get("list") or []
+    )
+    out.result("\nRESULT: " + ("all tasks succeeded" if ok else "something failed"))
+    return ok
+
+
+def _ok(doc: Mapping[str, Any]) -> bool:
+    if "list" in doc:
+        return all(e.get("status") == "success" for e in doc["list"] or [])
+    return doc.get("status") == "success"
+
+
+def _summarise(doc: Mapping[str, Any]) -> str:
+    from asyncmigfra.rendering import render_event  # noqa: PLC0415
+
+    return "<<< result:\n" + render_event(doc).decode().strip()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(asyncio.run(run_demo()))

@@ -1,0 +1,587 @@
+"""The dispatcher: who runs what, when, and in which order.
+
+One accepted message is a *job*; each of its subtasks runs as its own named asyncio task,
+owned by the job, which is owned by the dispatcher's TaskGroup. The rules:
+
+* **Concurrency.** Subtasks of a message run concurrently; ``concurrent-execution: false`` (on
+  the message or on an item) runs that subtask after every earlier one finished, in list
+  order (spec 1.1). One result is published per message when all its subtasks are done.
+* **Per-VM order.** Work on the same VM never overlaps: each VM has a FIFO *lane*; a subtask
+  reserves its place at submission (synchronously, so the order is the arrival order) and
+  starts when it reaches the front. This is what the original lacked (spec 6).
+* **Limits.** At most ``limits.max-concurrent-tasks`` subtasks run at once; at most
+  ``limits.max-queued-tasks`` wait. A message that does not fit is answered at once with
+  ``code: busy`` for every entry — never dropped.
+* **Duplicates.** The same payload with the same ``id`` received again within
+  ``limits.dedupe-window`` is not run twice: while the first runs the copy gets a
+  ``rejected`` event (its result follows once), after it finished its result is published
+  again.
+* **Cancel.** ``task: cancel`` marks the target's subtasks and cancels their asyncio tasks:
+  a queued one never starts, a running migration aborts its job (see ``migrating``). Each
+  cancelled entry reports ``code: cancelled``.
+* **Shutdown.** :meth:`Dispatcher.drain` answers new work with ``busy``, lets running work
+  finish within a grace period, then cancels what remains, so every accepted task still gets
+  its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from asyncmigfra import __version__
+from asyncmigfra.errors import InvalidTask, TaskCancelled, TaskError, TaskRejected, WrongState
+from asyncmigfra.events import Events
+from asyncmigfra.hypervisor.base import Hypervisor
+from asyncmigfra.model import (
+    CancelSpec,
+    EvacuateSpec,
+    MigrateSpec,
+    ResultEntry,
+    ResultMessage,
+    StopSpec,
+    Subtask,
+    TaskKind,
+    TaskMessage,
+)
+from asyncmigfra.rendering import parse_error_result
+from asyncmigfra.running import SubtaskContext, error_entry, run_subtask
+from asyncmigfra.settings import Settings
+from asyncmigfra.timing import TimeMeasurement
+
+__all__ = ["Dispatcher", "DispatcherStats", "Reply"]
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """MQTT 5 request/response data of the message a result answers."""
+
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+Deliver = Callable[[ResultMessage, Reply | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherStats:
+    jobs: int
+    running: int
+    queued: int
+    completed: int
+    rejected: int
+    draining: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Lanes: FIFO per VM
+
+
+class _Ticket:
+    __slots__ = ("granted", "key", "lanes")
+
+    def __init__(self, lanes: _Lanes, key: str) -> None:
+        self.lanes = lanes
+        self.key = key
+        self.granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def acquire(self) -> None:
+        await asyncio.shield(self.granted)
+
+    def release(self) -> None:
+        self.lanes.release(self)
+
+
+class _Lanes:
+    """One FIFO queue of tickets per VM; the ticket at the front holds the VM."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[_Ticket]] = {}
+
+    def reserve(self, key: str) -> _Ticket:
+        ticket = _Ticket(self, key)
+        queue = self._queues.setdefault(key, deque())
+        queue.append(ticket)
+        if len(queue) == 1:
+            ticket.granted.set_result(None)
+        return ticket
+
+    def release(self, ticket: _Ticket) -> None:
+        queue = self._queues.get(ticket.key)
+        if queue is None or ticket not in queue:
+            return
+        was_front = queue[0] is ticket
+        queue.remove(ticket)
+        if not queue:
+            del self._queues[ticket.key]
+        elif was_front and not queue[0].granted.done():
+            queue[0].granted.set_result(None)
+
+    def busy(self, key: str) -> bool:
+        return key in self._queues
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+
+
+State = Literal["queued", "running", "done"]
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """One subtask of a job and its progress through the dispatcher."""
+
+    index: int
+    spec: Subtask
+    sequential: bool
+    state: State = "queued"
+    ticket: _Ticket | None = None
+    task: asyncio.Task[list[ResultEntry]] | None = None
+    cancel_reason: str | None = None
+    started: float | None = None
+    ctx: SubtaskContext | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    msg: TaskMessage
+    reply: Reply | None
+    key: tuple[str, str] | None
+    runs: list[_Run]
+    received: float = field(default_factory=time.monotonic)
+
+
+class Dispatcher:
+    """Accepts parsed messages and runs them; results go to ``deliver``."""
+
+    def __init__(
+        self,
+        *,
+        hypervisor: Hypervisor,
+        settings: Settings,
+        events: Events,
+        deliver: Deliver,
+        on_quit: Callable[[], None],
+    ) -> None:
+        self._hv = hypervisor
+        self._settings = settings
+        self._events = events
+        self._deliver = deliver
+        self._on_quit = on_quit
+        self._lanes = _Lanes()
+        self._slots = asyncio.Semaphore(settings.limits.max_concurrent_tasks)
+        self._jobs: set[_Job] = set()
+        self._by_id: dict[str, list[_Job]] = {}
+        self._running_keys: set[tuple[str, str]] = set()
+        self._finished: dict[tuple[str, str], tuple[float, ResultMessage]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._started = time.monotonic()
+        self.queued = 0
+        self.running = 0
+        self.completed = 0
+        self.rejected = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """Own the jobs' TaskGroup until :meth:`close`; running jobs finish first."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            await self._stop.wait()
+            await self._idle.wait()
+        self._tg = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new work; give running work ``grace`` seconds; cancel the rest."""
+        self._draining = True
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("agent.grace_period_over", remaining=len(self._jobs))
+            self.cancel_all("the agent is shutting down")
+            await self._idle.wait()
+
+    def cancel_all(self, reason: str) -> None:
+        for job in list(self._jobs):
+            self._cancel_job(job, reason)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def statistics(self) -> DispatcherStats:
+        return DispatcherStats(
+            jobs=len(self._jobs),
+            running=self.running,
+            queued=self.queued,
+            completed=self.completed,
+            rejected=self.rejected,
+            draining=self._draining,
+        )
+
+    # ---------------------------------------------------------------- intake
+
+    def reject(self, exc: TaskRejected, reply: Reply | None = None) -> None:
+        """Answer a message that could not be parsed (``result: unknown``)."""
+        self.rejected += 1
+        self._events.rejected(exc.task_id, code=exc.code, details=exc.details)
+        self._deliver(parse_error_result(exc), reply)
+
+    def submit(self, msg: TaskMessage, *, payload: bytes, reply: Reply | None = None) -> None:
+        """Accept a parsed message (non-blocking). Every path ends in exactly one result."""
+        if msg.kind is TaskKind.STATUS:
+            self._spawn(self._answer_status(msg, reply), f"status[{msg.id}]")
+            return
+        if msg.kind is TaskKind.CANCEL:
+            self._answer_cancel(msg, reply)
+            return
+        key = (msg.id, hashlib.blake2b(payload, digest_size=16).hexdigest()) if msg.id else None
+        if key is not None and self._duplicate(key, msg, reply):
+            return
+        if msg.kind is TaskKind.QUIT:
+            self._answer_quit(msg, reply)
+            return
+        if self._draining:
+            self._refuse(msg, reply, "busy", "the agent is shutting down; send the task again later")
+            return
+        limit = self._settings.limits.max_queued_tasks
+        if self.queued + len(msg.subtasks) > limit:
+            self._refuse(
+                msg,
+                reply,
+                "busy",
+                f"the agent is busy: {self.queued} subtasks are waiting "
+                f"(limits.max-queued-tasks: {limit})",
+            )
+            return
+        container_sequential = not msg.concurrent_execution
+        runs = [
+            _Run(i, s, sequential=container_sequential or not s.concurrent_execution)
+            for i, s in enumerate(msg.subtasks)
+        ]
+        job = _Job(msg=msg, reply=reply, key=key, runs=runs)
+        for run in runs:
+            lane = run.spec.lane
+            if lane and not run.sequential:
+                run.ticket = self._lanes.reserve(lane)
+        self.queued += len(runs)
+        self._jobs.add(job)
+        self._idle.clear()
+        if msg.id:
+            self._by_id.setdefault(msg.id, []).append(job)
+        if key is not None:
+            self._running_keys.add(key)
+        self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
+        self._spawn(self._run_job(job), f"job[{msg.id or id(job)}]")
+
+    def _spawn(self, coro: object, name: str) -> None:
+        assert self._tg is not None, "Dispatcher.run() is not running"
+        self._tg.create_task(coro, name=f"asyncmigfra.{name}")  # type: ignore[arg-type]
+
+    def _duplicate(
+        self, key: tuple[str, str], msg: TaskMessage, reply: Reply | None
+    ) -> bool:
+        now = time.monotonic()
+        if key in self._running_keys:
+            log.info("task.duplicate_running", task_id=msg.id)
+            self._events.rejected(
+                msg.id,
+                code="busy",
+                details=f"task '{msg.id}' is already running; its result follows once",
+            )
+            return True
+        seen = self._finished.get(key)
+        if seen is not None and now - seen[0] <= self._settings.limits.dedupe_window:
+            log.info("task.duplicate_finished", task_id=msg.id)
+            self._deliver(seen[1], reply)
+            return True
+        return False
+
+    def _refuse(self, msg: TaskMessage, reply: Reply | None, code: str, details: str) -> None:
+        self.rejected += 1
+        self._events.rejected(msg.id, code=code, details=details)
+        entries = [
+            ResultEntry(vm_name=s.result_name, status="error", code=code, details=details)
+            for s in msg.subtasks
+        ]
+        self._deliver(self._result(msg, entries), reply)
+
+    # ---------------------------------------------------------------- running
+
+    def _result(self, msg: TaskMessage, entries: list[ResultEntry]) -> ResultMessage:
+        flat = msg.kind is TaskKind.MIGRATE and len(entries) == 1
+        return ResultMessage(result=msg.kind.result_name, entries=entries, id=msg.id, flat=flat)
+
+    async def _run_job(self, job: _Job) -> None:
+        entries_by_run: dict[int, list[ResultEntry]] = {}
+        try:
+            async with asyncio.TaskGroup() as tg:
+                started: list[asyncio.Task[list[ResultEntry]]] = []
+                for run in job.runs:
+                    if run.sequential and started:
+                        await asyncio.wait(started)
+                    name = f"asyncmigfra.task[{job.msg.id}/{run.spec.result_name}]"
+                    run.task = tg.create_task(self._guarded(job, run), name=name)
+                    started.append(run.task)
+                    if run.sequential:
+                        await asyncio.wait([run.task])
+            for run in job.runs:
+                assert run.task is not None
+                entries_by_run[run.index] = run.task.result()
+        finally:
+            self._finish(job)
+        entries = [e for run in job.runs for e in entries_by_run.get(run.index, [])]
+        result = self._result(job.msg, entries)
+        if job.key is not None:
+            self._finished[job.key] = (time.monotonic(), result)
+            self._expire_finished()
+        self._deliver(result, job.reply)
+
+    def _finish(self, job: _Job) -> None:
+        self._jobs.discard(job)
+        if job.msg.id:
+            jobs = self._by_id.get(job.msg.id, [])
+            if job in jobs:
+                jobs.remove(job)
+            if not jobs:
+                self._by_id.pop(job.msg.id, None)
+        if job.key is not None:
+            self._running_keys.discard(job.key)
+        self.completed += 1
+        if not self._jobs:
+            self._idle.set()
+
+    def _expire_finished(self) -> None:
+        window = self._settings.limits.dedupe_window
+        now = time.monotonic()
+        while self._finished:
+            key, (when, _) = next(iter(self._finished.items()))
+            if now - when <= window:
+                break
+            del self._finished[key]
+
+    async def _guarded(self, job: _Job, run: _Run) -> list[ResultEntry]:
+        """Run one subtask; a cancellation we asked for becomes a ``cancelled`` entry."""
+        try:
+            return await self._execute(job, run)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if run.cancel_reason is None or task is None:
+                raise
+            task.uncancel()
+            exc = TaskCancelled(run.cancel_reason)
+            timer = run.ctx.timer if run.ctx else None
+            entry = error_entry(run.spec.result_name, exc, timer)
+            self._events.error(job.msg.id, run.spec.result_name, code=exc.code, details=str(exc))
+            self._events.done(job.msg.id, run.spec.result_name, status="error", duration=0.0)
+            return [entry]
+        finally:
+            if run.state == "queued":
+                self.queued -= 1
+            elif run.state == "running":
+                self.running -= 1
+            run.state = "done"
+            if run.ticket is not None:
+                run.ticket.release()
+
+    async def _execute(self, job: _Job, run: _Run) -> list[ResultEntry]:
+        if run.cancel_reason is not None:
+            raise asyncio.CancelledError
+        spec = run.spec
+        lane = spec.lane
+        if lane and run.ticket is None:
+            run.ticket = self._lanes.reserve(lane)
+        if run.ticket is not None:
+            await run.ticket.acquire()
+        async with self._slots:
+            self.queued -= 1
+            self.running += 1
+            run.state = "running"
+            run.started = time.monotonic()
+            with structlog.contextvars.bound_contextvars(
+                task_id=job.msg.id, vm=spec.result_name, task=job.msg.kind.value
+            ):
+                if isinstance(spec, StopSpec) and spec.vm_name is None and spec.regex:
+                    return await self._stop_regex(job, run, spec)
+                if isinstance(spec, EvacuateSpec):
+                    return await self._evacuate(job, run, spec)
+                return [await self._one(job, run, spec, spec.result_name)]
+
+    async def _one(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+        ctx = SubtaskContext(
+            task_id=job.msg.id,
+            vm_name=vm_name,
+            events=self._events,
+            timer=TimeMeasurement(enabled=spec.time_measurement),
+        )
+        run.ctx = ctx
+        entry = await run_subtask(
+            spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
+        )
+        self._report(job, entry, time.monotonic() - ctx.started)
+        return entry
+
+    def _report(self, job: _Job, entry: ResultEntry, duration: float) -> None:
+        if entry.status == "error":
+            self._events.error(
+                job.msg.id, entry.vm_name, code=entry.code or "", details=entry.details or ""
+            )
+        self._events.done(job.msg.id, entry.vm_name, status=entry.status, duration=duration)
+
+    async def _stop_regex(self, job: _Job, run: _Run, spec: StopSpec) -> list[ResultEntry]:
+        """Stop every active domain whose name fully matches; one entry per VM (spec 1.4)."""
+        assert spec.regex is not None
+        try:
+            pattern = re.compile(spec.regex)
+        except re.error as exc:
+            err = InvalidTask(f"invalid regex {spec.regex!r}: {exc}")
+            return [error_entry(spec.regex, err)]
+        try:
+            domains = await self._hv.list_domains(active_only=True)
+        except TaskError as exc:
+            return [error_entry(spec.regex, exc)]
+        names = [d.name for d in domains if pattern.fullmatch(d.name)]
+        if not names:
+            return [ResultEntry(vm_name=spec.regex, status="success", details=None)]
+        return list(await asyncio.gather(*(self._lane_stop(job, run, spec, n) for n in names)))
+
+    async def _lane_stop(self, job: _Job, run: _Run, spec: StopSpec, name: str) -> ResultEntry:
+        ticket = self._lanes.reserve(name)
+        try:
+            await ticket.acquire()
+            return await self._one(job, run, spec, name)
+        finally:
+            ticket.release()
+
+    async def _evacuate(self, job: _Job, run: _Run, spec: EvacuateSpec) -> list[ResultEntry]:
+        """Migrate every active domain away, round-robin over ``destinations``."""
+        try:
+            domains = await self._hv.list_domains(active_only=True)
+        except TaskError as exc:
+            return [error_entry("n/a", exc)]
+        if not domains:
+            return []
+        limit = asyncio.Semaphore(spec.max_parallel or self._settings.migration.max_outgoing)
+
+        async def move(i: int, name: str) -> ResultEntry:
+            dest = spec.destinations[i % len(spec.destinations)]
+            mspec = MigrateSpec(
+                vm_name=name,
+                destination=dest,
+                parameter=spec.parameter,
+                time_measurement=spec.time_measurement,
+                driver=spec.driver,
+            )
+            ticket = self._lanes.reserve(name)
+            try:
+                await ticket.acquire()
+                async with limit:
+                    entry = await self._one(job, run, mspec, name)
+            finally:
+                ticket.release()
+            entry.extra.setdefault("destination", dest)
+            return entry
+
+        return list(await asyncio.gather(*(move(i, d.name) for i, d in enumerate(domains))))
+
+    # ---------------------------------------------------------------- control tasks
+
+    def _cancel_job(self, job: _Job, reason: str) -> list[_Run]:
+        affected = []
+        for run in job.runs:
+            if run.state == "done" or run.cancel_reason is not None:
+                continue
+            run.cancel_reason = reason
+            affected.append(run)
+            if run.task is not None:
+                run.task.cancel()
+        return affected
+
+    def _answer_cancel(self, msg: TaskMessage, reply: Reply | None) -> None:
+        spec = msg.subtasks[0]
+        assert isinstance(spec, CancelSpec)
+        jobs = list(self._by_id.get(spec.target, []))
+        entries: list[ResultEntry] = []
+        for job in jobs:
+            for run in self._cancel_job(job, f"cancelled by task '{msg.id or spec.target}'"):
+                entries.append(
+                    ResultEntry(
+                        vm_name=run.spec.result_name,
+                        status="success",
+                        extra={"state": run.state},
+                    )
+                )
+        if not entries:
+            exc = WrongState(f"task '{spec.target}' is not queued or running")
+            entries.append(error_entry("n/a", exc))
+        self._events.accepted(msg.id, task=msg.kind.value, vm_names=[])
+        self._deliver(self._result(msg, entries), reply)
+
+    def _answer_quit(self, msg: TaskMessage, reply: Reply | None) -> None:
+        if not self._settings.agent.allow_quit:
+            details = "quit is disabled on this agent (agent.allow-quit: false)"
+            self._refuse(msg, reply, "not-supported", details)
+            return
+        self._events.accepted(msg.id, task=msg.kind.value, vm_names=[])
+        entry = ResultEntry(vm_name="n/a", status="success")
+        self._deliver(ResultMessage(result="quit", entries=[entry], id=msg.id), reply)
+        self._on_quit()
+
+    async def _answer_status(self, msg: TaskMessage, reply: Reply | None) -> None:
+        now = time.monotonic()
+        tasks: list[dict[str, object]] = []
+        for job in list(self._jobs):
+            for run in job.runs:
+                if run.state == "done":
+                    continue
+                item: dict[str, object] = {}
+                if job.msg.id:
+                    item["id"] = job.msg.id
+                item["task"] = job.msg.kind.value
+                item["vm-name"] = run.spec.result_name
+                phase = run.ctx.current_phase if run.ctx and run.ctx.current_phase else run.state
+                item["phase"] = phase
+                item["elapsed"] = round(now - job.received, 3)
+                tasks.append(item)
+        header: dict[str, object] = {
+            "host": self._settings.hostname,
+            "version": __version__,
+            "hypervisor": self._hv.kind,
+            "state": "draining" if self._draining else "online",
+            "uptime": round(now - self._started, 3),
+            "tasks": tasks,
+        }
+        entries: list[ResultEntry] = []
+        try:
+            for dom in await self._hv.list_domains():
+                entries.append(
+                    ResultEntry(
+                        vm_name=dom.name,
+                        status="success",
+                        extra={"state": dom.state.value, "vcpus": dom.vcpus, "memory": dom.memory},
+                    )
+                )
+        except TaskError as exc:
+            entries.append(error_entry("n/a", exc))
+        self._deliver(
+            ResultMessage(result="status", entries=entries, id=msg.id, header=header), reply
+        )

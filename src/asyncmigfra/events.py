@@ -1,0 +1,81 @@
+"""Event records streamed on ``<prefix>/event`` while tasks run (extensions.md, Events).
+
+Events are an API, not logs: each is an ordered map with ``event``, ``id`` (when the task has
+one), ``host``, ``time`` (ISO 8601 UTC) and, when it concerns one VM, ``vm-name``, followed by
+the event's own keys. Building them is pure; delivering them is the :class:`EventSink`'s job
+(the publisher), which never blocks the caller.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+__all__ = ["EventSink", "Events"]
+
+
+class EventSink(Protocol):
+    def emit(self, event: Mapping[str, object], *, terminal: bool = False, qos: int = 1) -> None:
+        """Queue an event for publishing. ``terminal`` events are never dropped."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Events:
+    """Builds events for one agent and hands them to a sink."""
+
+    __slots__ = ("host", "progress_qos", "sink")
+
+    def __init__(self, sink: EventSink, *, host: str, progress_qos: int = 0) -> None:
+        self.sink = sink
+        self.host = host
+        self.progress_qos = progress_qos
+
+    def _base(self, event: str, task_id: str | None, vm_name: str | None) -> dict[str, object]:
+        fields: dict[str, object] = {"event": event}
+        if task_id:
+            fields["id"] = task_id
+        fields["host"] = self.host
+        fields["time"] = _now()
+        if vm_name is not None:
+            fields["vm-name"] = vm_name
+        return fields
+
+    def accepted(self, task_id: str | None, *, task: str, vm_names: Sequence[str]) -> None:
+        ev = self._base("accepted", task_id, None)
+        ev["task"] = task
+        ev["vm-names"] = list(vm_names)
+        self.sink.emit(ev)
+
+    def rejected(self, task_id: str | None, *, code: str, details: str) -> None:
+        ev = self._base("rejected", task_id, None)
+        ev["code"] = code
+        ev["details"] = details
+        self.sink.emit(ev, terminal=True)
+
+    def phase(self, task_id: str | None, vm_name: str | None, phase: str) -> None:
+        ev = self._base("phase", task_id, vm_name)
+        ev["phase"] = phase
+        self.sink.emit(ev)
+
+    def progress(self, task_id: str | None, vm_name: str, fields: Mapping[str, object]) -> None:
+        ev = self._base("progress", task_id, vm_name)
+        ev.update(fields)
+        self.sink.emit(ev, qos=self.progress_qos)
+
+    def error(self, task_id: str | None, vm_name: str | None, *, code: str, details: str) -> None:
+        ev = self._base("error", task_id, vm_name)
+        ev["code"] = code
+        ev["details"] = details
+        self.sink.emit(ev, terminal=True)
+
+    def done(
+        self, task_id: str | None, vm_name: str | None, *, status: str, duration: float
+    ) -> None:
+        ev = self._base("done", task_id, vm_name)
+        ev["status"] = status
+        ev["duration"] = round(duration, 6)
+        self.sink.emit(ev, terminal=True)

@@ -1,0 +1,226 @@
+"""The hypervisor boundary: an async Protocol, its value types, and how back-ends are found.
+
+Everything above this layer talks to a :class:`Hypervisor`; nothing above it imports libvirt.
+Back-ends are found through the entry-point group ``asyncmigfra.hypervisors``: each entry
+point names a :class:`HypervisorFactory`. A third party adds a back-end by publishing a
+package with such an entry point; the core does not change.
+
+Errors: a back-end raises only :class:`asyncmigfra.errors.TaskError` subclasses from its
+operations (``VmNotFound``, ``WrongState``, ``HypervisorError``, ...), with its own text as
+the message. Factories raise :class:`asyncmigfra.errors.ConfigError` for bad options.
+
+Migrations are driven from above (the engine owns progress, convergence policy, timeouts and
+cancel): :meth:`Hypervisor.begin_migration` starts the job and returns a
+:class:`MigrationJob` handle the engine polls and steers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, MutableMapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from asyncmigfra.model import StartSpec, VcpuMap
+
+__all__ = [
+    "DomainInfo",
+    "DomainState",
+    "HostInfo",
+    "Hypervisor",
+    "HypervisorFactory",
+    "JobStats",
+    "MigrationJob",
+    "MigrationRequest",
+    "MigrationResult",
+    "OpContext",
+]
+
+
+class DomainState(enum.StrEnum):
+    """Domain states as reported in ``status`` results (libvirt's virDomainState)."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutting-down"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+
+    @property
+    def number(self) -> int:
+        """libvirt's virDomainState number, as the original printed it (``Wrong domain state: 5``)."""
+        return list(DomainState).index(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DomainInfo:
+    name: str
+    state: DomainState
+    vcpus: int
+    #: KiB
+    memory: int
+    persistent: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostInfo:
+    hostname: str
+    cpus: int
+    #: KiB
+    memory: int
+    #: KiB
+    free_memory: int
+
+
+class OpContext(Protocol):
+    """What an operation may tell the task that runs it."""
+
+    def phase(self, name: str) -> None:
+        """Announce a phase (``probing``, ``shutting-down``, ``detach-devices``, ...)."""
+
+    def measure(self, tag: str) -> AbstractContextManager[None]:
+        """Time a step under ``tag`` in the result's ``time-measurement`` (when enabled)."""
+
+
+MigrationMode = Literal["live", "warm", "offline", "post-copy"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationRequest:
+    """A migration with every default already resolved from the task and the config."""
+
+    vm_name: str
+    #: The destination's host name as the task gave it.
+    destination: str
+    mode: MigrationMode = "live"
+    driver: str = "qemu"
+    transport: str = "ssh"
+    rdma: bool = False
+    #: MiB/s; ``None`` = unlimited.
+    bandwidth: int | None = None
+    #: Initial downtime target (ms); ``None`` = hypervisor default.
+    initial_downtime: int | None = None
+    auto_converge: bool = False
+    compressed: bool = False
+    parallel_connections: int = 1
+    persist: bool = True
+    tls: bool = False
+    #: Keep the guest paused on the destination (for repinning before resume).
+    paused: bool = False
+    #: Peer-to-peer (the job belongs to the source daemon) or client-driven.
+    p2p: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStats:
+    """One sample of a running migration job. Sizes in bytes, rates in bytes/s."""
+
+    #: ``migrating``, ``post-copy`` or ``switchover``.
+    phase: str
+    iteration: int
+    #: s since the job started.
+    elapsed: float
+    memory_total: int
+    memory_processed: int
+    memory_remaining: int
+    data_remaining: int
+    dirty_rate: int
+    transfer_rate: int
+    #: ms, as the hypervisor estimates it; ``None`` when unknown.
+    expected_downtime: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationResult:
+    #: ms, as measured by the hypervisor at switchover; ``None`` when unknown.
+    downtime: float | None = None
+    iterations: int = 0
+    post_copy: bool = False
+    #: Bytes of memory transferred.
+    transferred: int = 0
+
+
+@runtime_checkable
+class MigrationJob(Protocol):
+    """A running migration job. Every method is bounded by the back-end."""
+
+    async def stats(self) -> JobStats | None:
+        """The current job statistics; ``None`` when the job has not started moving memory."""
+
+    async def wait_iteration(self, after: int) -> int:
+        """Return once the memory iteration number exceeds ``after`` (event driven)."""
+
+    async def wait(self) -> MigrationResult:
+        """Wait for the job to end. Raises ``MigrationFailed`` (VM still on the source),
+        ``TaskCancelled`` (aborted) or another ``TaskError``."""
+
+    async def set_max_downtime(self, ms: int) -> None: ...
+
+    async def start_post_copy(self) -> None: ...
+
+    async def suspend_source(self) -> None:
+        """Pause the guest so the remaining copy finishes (``timeout-action: suspend``)."""
+
+    async def abort(self) -> None:
+        """Abort the job; the VM keeps running on the source."""
+
+
+@runtime_checkable
+class Hypervisor(Protocol):
+    """All operations the agent needs. ``kind`` names the back-end (``libvirt``, ``fake``)."""
+
+    kind: str
+
+    async def open(self) -> None:
+        """Connect. Called once before any operation."""
+
+    async def aclose(self) -> None:
+        """Release connections and threads. Safe to call twice."""
+
+    async def start(self, spec: StartSpec, ctx: OpContext) -> None: ...
+
+    async def stop(
+        self,
+        vm_name: str,
+        ctx: OpContext,
+        *,
+        force: bool = False,
+        undefine: bool = False,
+        force_after_timeout: bool = False,
+    ) -> None: ...
+
+    async def suspend(self, vm_name: str, ctx: OpContext) -> None: ...
+
+    async def resume(self, vm_name: str, ctx: OpContext) -> None: ...
+
+    async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None: ...
+
+    async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
+        """Check the VM, start the job and return its handle (raises before anything moved)."""
+
+    async def list_domains(self, *, active_only: bool = False) -> list[DomainInfo]: ...
+
+    async def host_info(self) -> HostInfo: ...
+
+
+class HypervisorFactory(Protocol):
+    """What an ``asyncmigfra.hypervisors`` entry point names.
+
+    ``options`` is the config's ``hypervisor:`` map without ``type``; unknown or bad keys
+    raise ``ConfigError`` naming ``hypervisor.<key>``. ``hostname`` is the agent's name.
+    ``shared`` is one dict per process that agents of the same process share (the ``fake``
+    back-end keeps its simulated cluster there, so two agents in one process see each
+    other's hosts).
+    """
+
+    def __call__(
+        self,
+        options: Mapping[str, object],
+        *,
+        hostname: str,
+        shared: MutableMapping[str, object],
+    ) -> Hypervisor: ...

@@ -1,0 +1,392 @@
+"""The migration engine: start the job, watch it, steer it, and report it honestly.
+
+The original blocked in one ``virDomainMigrate3`` call with no progress, no timeout and no
+way to stop it. Here the hypervisor only starts the job (:meth:`Hypervisor.begin_migration`)
+and this engine owns the rest:
+
+* **progress** every ``agent.progress-interval`` and on every memory iteration, with a
+  ``percent`` that never goes backwards and reaches 100 only when the job completed;
+* **convergence policy**, decided once per memory iteration, never on one sample: when an
+  iteration leaves no less to copy than the one before, the downtime target goes up one step
+  (a geometric schedule up to ``max-downtime``, as oVirt does); when the target is at its
+  maximum and the copy still stalls, a ``post-copy`` migration switches to post-copy.
+  Every change is announced in a progress event's ``action``;
+* **completion timeout** (``completion-timeout``, default 150 s per GiB, at least 120 s), then
+  the ``timeout-action``: ``abort`` (result ``code: timeout``), ``post-copy`` or ``suspend``;
+* **cancel**: a cancelled engine aborts the job (bounded) and waits for it to end, so the VM
+  keeps running on the source and no thread is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from asyncio import FIRST_COMPLETED
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+
+from asyncmigfra.errors import NotSupported, TaskTimeout
+from asyncmigfra.hypervisor.base import (
+    Hypervisor,
+    JobStats,
+    MigrationJob,
+    MigrationRequest,
+    MigrationResult,
+)
+from asyncmigfra.model import MigrateSpec, MigrationParams
+from asyncmigfra.settings import MigrationDefaults, Settings
+from asyncmigfra.timing import TimeMeasurement
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+__all__ = ["ConvergencePolicy", "MigrationPlan", "migrate", "plan_migration"]
+
+log = structlog.stdlib.get_logger(__name__)
+
+#: s allowed for aborting a job (libvirt calls can hang; KubeVirt allows 30 s).
+ABORT_TIMEOUT = 30.0
+#: Downtime target when neither the task nor the config names a maximum (ms).
+DEFAULT_MAX_DOWNTIME = 500
+#: Steps of the downtime schedule.
+DOWNTIME_STEPS = 5
+#: Iterations to wait at the maximum downtime before switching to post-copy.
+STALLS_BEFORE_POSTCOPY = 2
+
+
+class EngineContext(Protocol):
+    task_id: str | None
+    vm_name: str
+    timer: TimeMeasurement
+    extra: dict[str, object]
+
+    def phase(self, name: str) -> None: ...
+
+    def measure(self, tag: str) -> AbstractContextManager[None]: ...
+
+    def progress(self, fields: dict[str, object]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPlan:
+    request: MigrationRequest
+    max_downtime: int
+    completion_timeout: float
+    timeout_action: str
+    retries: int
+    retry_delay: float
+
+
+def plan_migration(
+    spec: MigrateSpec, *, defaults: MigrationDefaults, driver: str, transport: str, memory_kib: int
+) -> MigrationPlan:
+    """Resolve every parameter from the task, then the agent's ``migration:`` defaults."""
+    p: MigrationParams = spec.parameter
+    mode = p.migration_type
+    max_downtime = p.max_downtime or defaults.max_downtime or DEFAULT_MAX_DOWNTIME
+    gib = memory_kib / (1024 * 1024)
+    timeout = p.completion_timeout or max(
+        defaults.completion_timeout_min, defaults.completion_timeout_per_gib * gib
+    )
+    request = MigrationRequest(
+        vm_name=spec.vm_name,
+        destination=spec.destination,
+        mode=mode,
+        driver=spec.driver or driver,
+        transport=p.transport or transport,
+        rdma=p.rdma_migration,
+        bandwidth=p.bandwidth if p.bandwidth is not None else defaults.bandwidth,
+        initial_downtime=_downtime_schedule(max_downtime)[0],
+        auto_converge=p.auto_converge if p.auto_converge is not None else defaults.auto_converge,
+        compressed=p.compressed if p.compressed is not None else defaults.compressed,
+        parallel_connections=p.parallel_connections or defaults.parallel_connections,
+        persist=p.persist if p.persist is not None else defaults.persist,
+        tls=p.tls if p.tls is not None else defaults.tls,
+        paused=p.vcpu_map is not None,
+        p2p=defaults.p2p,
+    )
+    return MigrationPlan(
+        request=request,
+        max_downtime=max_downtime,
+        completion_timeout=float(timeout),
+        timeout_action=p.timeout_action or defaults.timeout_action,
+        retries=p.retry_counter if p.retry_counter is not None else defaults.retry_counter,
+        retry_delay=defaults.retry_delay,
+    )
+
+
+def _downtime_schedule(max_downtime: int) -> list[int]:
+    """Geometric steps from a tenth of the maximum up to it (oVirt-style)."""
+    low = max(1, max_downtime // 10)
+    if DOWNTIME_STEPS <= 1 or low >= max_downtime:
+        return [max_downtime]
+    ratio = (max_downtime / low) ** (1 / (DOWNTIME_STEPS - 1))
+    steps = [round(low * ratio**i) for i in range(DOWNTIME_STEPS)]
+    steps[-1] = max_downtime
+    return sorted(set(steps))
+
+
+@dataclass(slots=True)
+class ConvergencePolicy:
+    """Per-iteration decisions. Pure: feed it one ``JobStats`` per iteration."""
+
+    max_downtime: int
+    post_copy_allowed: bool
+    schedule: list[int] = field(init=False)
+    step: int = 0
+    last_remaining: int | None = None
+    stalls_at_max: int = 0
+    post_copy_started: bool = False
+
+    def __post_init__(self) -> None:
+        self.schedule = _downtime_schedule(self.max_downtime)
+
+    @property
+    def downtime(self) -> int:
+        return self.schedule[self.step]
+
+    def on_iteration(self, stats: JobStats) -> str | None:
+        """Return the action to take now (``raise-downtime``, ``post-copy``) or ``None``."""
+        remaining = stats.memory_remaining
+        stalled = self.last_remaining is not None and remaining >= self.last_remaining * 0.95
+        self.last_remaining = remaining
+        if stats.iteration < 2 or not stalled or self.post_copy_started:
+            return None
+        if self.step < len(self.schedule) - 1:
+            self.step += 1
+            return "raise-downtime"
+        self.stalls_at_max += 1
+        if self.post_copy_allowed and self.stalls_at_max >= STALLS_BEFORE_POSTCOPY:
+            self.post_copy_started = True
+            return "post-copy"
+        return None
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Turns job samples into progress event fields; ``percent`` never decreases."""
+
+    max_downtime: int
+    percent: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def fields(
+        self, stats: JobStats | None, *, phase: str, action: str | None, downtime: int
+    ) -> dict[str, object]:
+        out: dict[str, object] = {"phase": phase}
+        if stats is not None:
+            total = stats.memory_processed + stats.memory_remaining
+            if total > 0:
+                pct = 100.0 * stats.memory_processed / total
+                self.percent = max(self.percent, min(99.0, pct))
+            out.update(
+                {
+                    "iteration": stats.iteration,
+                    "elapsed": round(stats.elapsed, 3),
+                    "percent": round(self.percent, 1),
+                    "memory-total": stats.memory_total,
+                    "memory-processed": stats.memory_processed,
+                    "memory-remaining": stats.memory_remaining,
+                    "data-remaining": stats.data_remaining,
+                    "dirty-rate": stats.dirty_rate,
+                    "transfer-rate": stats.transfer_rate,
+                }
+            )
+            if stats.expected_downtime is not None:
+                out["expected-downtime"] = round(stats.expected_downtime, 1)
+        else:
+            out.update(
+                {
+                    "iteration": 0,
+                    "elapsed": round(time.monotonic() - self.started, 3),
+                    "percent": round(self.percent, 1),
+                }
+            )
+        out["max-downtime"] = downtime
+        if action is not None:
+            out["action"] = action
+        return out
+
+
+async def _memory_of(hypervisor: Hypervisor, vm_name: str) -> int:
+    """Guest memory (KiB) for the default completion timeout; 0 when the back-end does not
+    list it (``begin_migration`` reports a missing VM with its own error)."""
+    for dom in await hypervisor.list_domains():
+        if dom.name == vm_name:
+            return dom.memory
+    return 0
+
+
+async def migrate(
+    spec: MigrateSpec, ctx: EngineContext, *, hypervisor: Hypervisor, settings: Settings
+) -> MigrationResult:
+    """Migrate one VM; on success ``ctx.extra`` gets ``destination`` (and ``retries``)."""
+    if spec.parameter.swap_with is not None:
+        raise NotSupported("swap-with is not supported by this agent version yet")
+    memory = await _memory_of(hypervisor, spec.vm_name)
+    plan = plan_migration(
+        spec,
+        defaults=settings.migration,
+        driver=settings.hypervisor.driver,
+        transport=settings.hypervisor.transport,
+        memory_kib=memory,
+    )
+    attempt = 0
+    while True:
+        try:
+            result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings)
+        except Exception as exc:
+            retryable = getattr(exc, "retryable", False)
+            if not retryable or attempt >= plan.retries:
+                if attempt:
+                    ctx.extra["retries"] = attempt
+                raise
+            attempt += 1
+            delay = plan.retry_delay * 2 ** (attempt - 1)
+            log.warning("migration.retry_scheduled", attempt=attempt, delay=delay, error=str(exc))
+            ctx.phase("retry-wait")
+            await asyncio.sleep(delay)
+            continue
+        ctx.extra["destination"] = spec.destination
+        if attempt:
+            ctx.extra["retries"] = attempt
+        if result.downtime is not None:
+            ctx.timer.record("downtime", result.downtime / 1000.0)
+        return result
+
+
+async def _migrate_once(
+    plan: MigrationPlan, ctx: EngineContext, *, hypervisor: Hypervisor, settings: Settings
+) -> MigrationResult:
+    request = plan.request
+    policy = ConvergencePolicy(
+        max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
+    )
+    progress = _Progress(max_downtime=plan.max_downtime)
+    with ctx.measure("migrate"):
+        job = await hypervisor.begin_migration(request, ctx)
+        ctx.phase("migrating")
+        done = asyncio.ensure_future(job.wait())
+        try:
+            await _watch(
+                plan,
+                job,
+                done,
+                policy=policy,
+                progress=progress,
+                ctx=ctx,
+                interval=settings.agent.progress_interval,
+            )
+        except asyncio.CancelledError:
+            log.info("migration.cancelling")
+            await _abort_bounded(job)
+            raise
+        finally:
+            await _settle(done)
+        result = done.result()
+    final = progress.fields(None, phase="completed", action=None, downtime=policy.downtime)
+    final["percent"] = 100.0
+    if result.downtime is not None:
+        final["downtime"] = round(result.downtime, 1)
+    ctx.progress(final)
+    return result
+
+
+async def _watch(
+    plan: MigrationPlan,
+    job: MigrationJob,
+    done: asyncio.Future[MigrationResult],
+    *,
+    policy: ConvergencePolicy,
+    progress: _Progress,
+    ctx: EngineContext,
+    interval: float,
+) -> None:
+    """Sample and steer the job until it ends (``done``) or the completion timeout acts."""
+    deadline = time.monotonic() + plan.completion_timeout
+    iteration = 0
+    phase = "migrating"
+    timed_out = False
+    while not done.done():
+        action = None
+        waiter = asyncio.ensure_future(job.wait_iteration(iteration))
+        try:
+            timeout = max(0.0, min(interval, deadline - time.monotonic()))
+            await asyncio.wait({done, waiter}, timeout=timeout, return_when=FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        new_iteration = waiter.result() if waiter.done() and not waiter.cancelled() else None
+        if done.done():
+            return
+        stats = await job.stats()
+        if new_iteration is not None and stats is not None:
+            iteration = new_iteration
+            action = await _apply(policy.on_iteration(stats), job, policy, ctx)
+        if time.monotonic() >= deadline and not timed_out:
+            timed_out = True
+            action = await _on_timeout(plan, job, policy, ctx)
+        if policy.post_copy_started:
+            phase = "post-copy"
+        ctx.progress(progress.fields(stats, phase=phase, action=action, downtime=policy.downtime))
+
+
+async def _abort_bounded(job: MigrationJob) -> None:
+    try:
+        async with asyncio.timeout(ABORT_TIMEOUT):
+            await job.abort()
+    except Exception as exc:  # noqa: BLE001 - the job may already have ended
+        log.warning("migration.abort_failed", error=str(exc))
+
+
+async def _settle(done: asyncio.Future[MigrationResult]) -> None:
+    """Wait (bounded) for the job's end so no thread or task outlives the engine."""
+    if not done.done():
+        try:
+            async with asyncio.timeout(ABORT_TIMEOUT):
+                await asyncio.wait({done})
+        except TimeoutError:
+            log.error("migration.job_did_not_end", limit=ABORT_TIMEOUT)  # noqa: TRY400
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        if not done.done():
+            done.cancel()
+    if done.done() and not done.cancelled():
+        done.exception()  # mark retrieved; the caller reads the result
+
+
+async def _apply(
+    action: str | None, job: MigrationJob, policy: ConvergencePolicy, ctx: EngineContext
+) -> str | None:
+    if action == "raise-downtime":
+        await job.set_max_downtime(policy.downtime)
+        log.info("migration.downtime_raised", downtime=policy.downtime)
+    elif action == "post-copy":
+        ctx.phase("post-copy")
+        await job.start_post_copy()
+        log.info("migration.post_copy_started")
+    return action
+
+
+async def _on_timeout(
+    plan: MigrationPlan, job: MigrationJob, policy: ConvergencePolicy, ctx: EngineContext
+) -> str:
+    action = plan.timeout_action
+    log.warning("migration.completion_timeout", action=action, limit=plan.completion_timeout)
+    if action == "post-copy" and plan.request.mode == "post-copy" and not policy.post_copy_started:
+        policy.post_copy_started = True
+        ctx.phase("post-copy")
+        await job.start_post_copy()
+        return "post-copy"
+    if action == "suspend":
+        ctx.phase("suspended-copy")
+        await job.suspend_source()
+        return "suspend"
+    async with asyncio.timeout(ABORT_TIMEOUT):
+        await job.abort()
+    raise TaskTimeout(
+        f"migration did not complete within {plan.completion_timeout:g} s "
+        "(completion-timeout); it was aborted and the VM keeps running on the source"
+    )

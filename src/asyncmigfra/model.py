@@ -1,0 +1,356 @@
+"""Typed tasks and results: the values that flow between the layers.
+
+A task message (one MQTT payload) becomes a :class:`TaskMessage` holding one or more
+subtasks (``StartSpec`` per ``vm-configurations`` item, ``StopSpec`` per ``list`` item, one
+``MigrateSpec`` for ``migrate vm``, ...). The field names follow the wire keys with ``-``
+turned into ``_``; ``None`` means "not given" wherever the wire key is optional and the
+default comes from the agent's configuration.
+
+Results keep the original's shape (spec 1.2): :class:`ResultEntry` per subtask, collected
+into one :class:`ResultMessage` per task message.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal, NewType
+
+__all__ = [
+    "EvacuateSpec",
+    "Ivshmem",
+    "MigrateSpec",
+    "MigrationParams",
+    "PciAddress",
+    "PciId",
+    "QuitSpec",
+    "RepinSpec",
+    "ResultEntry",
+    "ResultMessage",
+    "ResumeSpec",
+    "StartSpec",
+    "StatusSpec",
+    "StopSpec",
+    "Subtask",
+    "SuspendSpec",
+    "SwapWith",
+    "TaskId",
+    "TaskKind",
+    "TaskMessage",
+    "CancelSpec",
+    "VcpuMap",
+    "VmName",
+]
+
+TaskId = NewType("TaskId", str)
+VmName = NewType("VmName", str)
+
+#: ``vcpu-map``: index = vCPU number, inner tuple = the host CPUs it may run on.
+VcpuMap = tuple[tuple[int, ...], ...]
+
+
+class TaskKind(enum.StrEnum):
+    """The ``task:`` values, and the ``result:`` name each one answers with."""
+
+    START = "start vm"
+    STOP = "stop vm"
+    SUSPEND = "suspend vm"
+    RESUME = "resume vm"
+    MIGRATE = "migrate vm"
+    EVACUATE = "evacuate node"
+    REPIN = "repin vm"
+    QUIT = "quit"
+    STATUS = "status"
+    CANCEL = "cancel"
+
+    @property
+    def result_name(self) -> str:
+        return _RESULT_NAMES[self]
+
+
+_RESULT_NAMES: dict[TaskKind, str] = {
+    TaskKind.START: "vm started",
+    TaskKind.STOP: "vm stopped",
+    TaskKind.SUSPEND: "vm suspended",
+    TaskKind.RESUME: "vm resumed",
+    TaskKind.MIGRATE: "vm migrated",
+    TaskKind.EVACUATE: "node evacuated",
+    TaskKind.REPIN: "vm repinned",
+    TaskKind.QUIT: "quit",
+    TaskKind.STATUS: "status",
+    TaskKind.CANCEL: "cancelled",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Subtasks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subtask:
+    """Keys every subtask has (spec 1.1)."""
+
+    time_measurement: bool = False
+    concurrent_execution: bool = True
+    #: libvirt driver (``qemu``, ``lxctools``); ``None``: the configured default.
+    driver: str | None = None
+
+    @property
+    def lane(self) -> str | None:
+        """The VM this subtask serialises on (``None``: no per-VM ordering needed)."""
+        return None
+
+    @property
+    def result_name(self) -> str:
+        """The ``vm-name`` its result entry carries."""
+        return "n/a"
+
+
+@dataclass(frozen=True, slots=True)
+class PciId:
+    vendor: int
+    device: int
+
+
+@dataclass(frozen=True, slots=True)
+class PciAddress:
+    domain: int
+    bus: int
+    slot: int
+    function: int
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Ivshmem:
+    id: str
+    size: str
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartSpec(Subtask):
+    #: The resolved name: ``vm-name``, else the ``<name>`` in ``xml``, else ``""``.
+    vm_name: str
+    #: Set when the name could not be resolved (the subtask then fails with it).
+    name_error: str | None = None
+    xml: str | None = None
+    vcpus: int | None = None
+    #: KiB.
+    memory: int | None = None
+    transient: bool = False
+    pci_ids: tuple[PciId, ...] = ()
+    devs: tuple[PciAddress, ...] = ()
+    ivshmem: Ivshmem | None = None
+    probe_with_ssh: bool = True
+    probe_hostname: str | None = None
+    vcpu_map: VcpuMap | None = None
+    memnode_map: VcpuMap | None = None
+
+    @property
+    def lane(self) -> str | None:
+        return self.vm_name or None
+
+    @property
+    def result_name(self) -> str:
+        return self.vm_name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopSpec(Subtask):
+    vm_name: str | None = None
+    #: ECMAScript-style regex, full-matched against the names of active domains.
+    regex: str | None = None
+    force: bool = False
+    undefine: bool = False
+    #: New: destroy when the graceful shutdown does not finish within ``stop-timeout``.
+    force_after_timeout: bool = False
+
+    @property
+    def lane(self) -> str | None:
+        return self.vm_name
+
+    @property
+    def result_name(self) -> str:
+        return self.vm_name if self.vm_name is not None else (self.regex or "")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SuspendSpec(Subtask):
+    vm_name: str
+
+    @property
+    def lane(self) -> str | None:
+        return self.vm_name
+
+    @property
+    def result_name(self) -> str:
+        return self.vm_name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeSpec(Subtask):
+    vm_name: str
+
+    @property
+    def lane(self) -> str | None:
+        return self.vm_name
+
+    @property
+    def result_name(self) -> str:
+        return self.vm_name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RepinSpec(Subtask):
+    vm_name: str
+    vcpu_map: VcpuMap
+
+    @property
+    def lane(self) -> str | None:
+        return self.vm_name
+
+    @property
+    def result_name(self) -> str:
+        return self.vm_name
+
+
+MigrationType = Literal["live", "warm", "offline", "post-copy"]
+TimeoutAction = Literal["abort", "post-copy", "suspend"]
+#: ``pscom-hook-procs``: a count, or ``"auto"`` (ask the guest).
+PscomProcs = int | Literal["auto"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SwapWith:
+    vm_name: str
+    pscom_hook_procs: PscomProcs | None = None
+    vcpu_map: VcpuMap | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationParams:
+    """``parameter:`` of ``migrate vm`` (and of ``evacuate node``). ``None``: config default."""
+
+    migration_type: MigrationType = "warm"
+    rdma_migration: bool = False
+    pscom_hook_procs: PscomProcs | None = None
+    transport: str | None = None
+    vcpu_map: VcpuMap | None = None
+    #: ``retry-counter`` / the original's ``retry_counter``.
+    retry_counter: int | None = None
+    swap_with: SwapWith | None = None
+    #: ms
+    max_downtime: int | None = None
+    #: MiB/s
+    bandwidth: int | None = None
+    auto_converge: bool | None = None
+    compressed: bool | None = None
+    parallel_connections: int | None = None
+    #: s
+    completion_timeout: float | None = None
+    timeout_action: TimeoutAction | None = None
+    persist: bool | None = None
+    tls: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateSpec(Subtask):
+    vm_name: str
+    destination: str
+    parameter: MigrationParams = field(default_factory=MigrationParams)
+
+    @property
+    def lane(self) -> str | None:
+        return self.vm_name
+
+    @property
+    def result_name(self) -> str:
+        return self.vm_name
+
+
+EvacuateMode = Literal["auto", "compact", "scatter"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvacuateSpec(Subtask):
+    destinations: tuple[str, ...]
+    mode: EvacuateMode = "auto"
+    overbooking: bool = True
+    parameter: MigrationParams = field(default_factory=MigrationParams)
+    #: Outgoing migrations at once; ``None``: config default.
+    max_parallel: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuitSpec(Subtask):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusSpec(Subtask):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelSpec(Subtask):
+    #: The ``id`` of the task to cancel.
+    target: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskMessage:
+    """One parsed MQTT task payload."""
+
+    kind: TaskKind
+    id: str | None
+    #: Container level: ``false`` runs the subtasks one after another, in order.
+    concurrent_execution: bool = True
+    subtasks: tuple[Subtask, ...] = ()
+
+    @property
+    def vm_names(self) -> tuple[str, ...]:
+        return tuple(s.result_name for s in self.subtasks if s.result_name != "n/a")
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+Status = Literal["success", "error"]
+
+
+@dataclass(slots=True, kw_only=True)
+class ResultEntry:
+    """One ``list:`` item (or the flat body of ``vm migrated``)."""
+
+    vm_name: str
+    status: Status
+    details: str | None = None
+    #: Wire code (errors only).
+    code: str | None = None
+    #: tag -> seconds; ``None`` when time measurement was off.
+    time_measurement: dict[str, float] | None = None
+    #: Additional keys, in order, after ``time-measurement`` (``retries``, ``destination``,
+    #: ``state``, ``vcpus``, ``memory`` ...). Values are str, int, float, bool or nested
+    #: lists/maps of those.
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class ResultMessage:
+    """The one result published per task message."""
+
+    #: The ``result:`` string (``vm started``, ``unknown``, ...).
+    result: str
+    entries: list[ResultEntry]
+    id: str | None = None
+    #: ``True`` only for ``vm migrated``: the single entry goes to the top level (spec 1.2).
+    flat: bool = False
+    #: Top-level keys placed after ``result:`` and before the entries (``status`` task).
+    header: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(e.status == "success" for e in self.entries)

@@ -1,0 +1,147 @@
+"""Run one subtask against the hypervisor and turn what happens into a result entry.
+
+This is the boundary where errors become outcomes (kopf's ``execute_handler_once``): every
+:class:`~asyncmigfra.errors.TaskError` becomes ``status: error`` with its ``code``; any other
+exception is a bug, logged with its traceback and reported as ``hypervisor-error`` so one
+broken operation never takes the agent down. Cancellation is not swallowed here: the
+dispatcher, which asked for it, turns it into ``code: cancelled``.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import structlog
+
+from asyncmigfra.errors import InvalidTask, NotSupported, TaskError
+from asyncmigfra.events import Events
+from asyncmigfra.hypervisor.base import Hypervisor
+from asyncmigfra.migrating import migrate
+from asyncmigfra.model import (
+    MigrateSpec,
+    RepinSpec,
+    ResultEntry,
+    ResumeSpec,
+    StartSpec,
+    StopSpec,
+    Subtask,
+    SuspendSpec,
+)
+from asyncmigfra.settings import Settings
+from asyncmigfra.timing import TimeMeasurement
+
+__all__ = ["SubtaskContext", "error_entry", "run_subtask"]
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+@dataclass(slots=True, kw_only=True)
+class SubtaskContext:
+    """What an operation may report while it runs (implements ``OpContext``)."""
+
+    task_id: str | None
+    vm_name: str
+    events: Events
+    timer: TimeMeasurement
+    started: float = field(default_factory=time.monotonic)
+    current_phase: str | None = None
+    #: Extra result keys an operation wants in its entry (``destination``, ``retries``).
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def phase(self, name: str) -> None:
+        self.current_phase = name
+        self.events.phase(self.task_id, self.vm_name, name)
+
+    def measure(self, tag: str) -> AbstractContextManager[None]:
+        return self.timer.measure(tag)
+
+    def progress(self, fields: dict[str, object]) -> None:
+        self.events.progress(self.task_id, self.vm_name, fields)
+
+
+def error_entry(vm_name: str, exc: TaskError, timer: TimeMeasurement | None = None) -> ResultEntry:
+    return ResultEntry(
+        vm_name=vm_name,
+        status="error",
+        details=str(exc) or exc.__class__.__name__,
+        code=exc.code,
+        time_measurement=timer.snapshot() if timer else None,
+    )
+
+
+async def run_subtask(
+    spec: Subtask,
+    ctx: SubtaskContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    vm_name: str | None = None,
+) -> ResultEntry:
+    """Run a single-VM subtask (``vm_name`` overrides the spec's, for regex stops)."""
+    name = vm_name if vm_name is not None else spec.result_name
+    try:
+        with ctx.timer.measure("overall"):
+            await _operate(spec, ctx, hypervisor=hypervisor, settings=settings, vm_name=name)
+    except TaskError as exc:
+        log.info("task.failed", code=exc.code, details=str(exc))
+        return error_entry(name, exc, ctx.timer)
+    except Exception as exc:
+        log.exception("task.crashed")
+        return ResultEntry(
+            vm_name=name,
+            status="error",
+            details=f"internal error: {exc.__class__.__name__}: {exc}",
+            code="hypervisor-error",
+            time_measurement=ctx.timer.snapshot(),
+        )
+    return ResultEntry(
+        vm_name=name,
+        status="success",
+        time_measurement=ctx.timer.snapshot(),
+        extra=dict(ctx.extra),
+    )
+
+
+async def _operate(
+    spec: Subtask,
+    ctx: SubtaskContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    vm_name: str,
+) -> None:
+    match spec:
+        case StartSpec():
+            if spec.name_error:
+                raise InvalidTask(spec.name_error)
+            if spec.xml is not None and not settings.agent.allow_xml_start:
+                raise NotSupported(
+                    "start from XML is disabled on this agent (agent.allow-xml-start: false)"
+                )
+            if spec.transient and spec.xml is None:
+                raise InvalidTask(
+                    "XML description is missing which is required to create a transient domain."
+                )
+            await hypervisor.start(spec, ctx)
+        case StopSpec():
+            if not vm_name:
+                raise InvalidTask("Neither vm-name or regex is defined in stop task.")
+            await hypervisor.stop(
+                vm_name,
+                ctx,
+                force=spec.force,
+                undefine=spec.undefine,
+                force_after_timeout=spec.force_after_timeout,
+            )
+        case SuspendSpec():
+            await hypervisor.suspend(vm_name, ctx)
+        case ResumeSpec():
+            await hypervisor.resume(vm_name, ctx)
+        case RepinSpec():
+            await hypervisor.repin(vm_name, spec.vcpu_map, ctx)
+        case MigrateSpec():
+            await migrate(spec, ctx, hypervisor=hypervisor, settings=settings)
+        case _:  # pragma: no cover - the dispatcher routes the others
+            raise NotSupported(f"{type(spec).__name__} cannot run as a single-VM subtask")

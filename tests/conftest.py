@@ -1,0 +1,149 @@
+"""Shared fixtures: a real mosquitto on a free loopback port, hygiene checks.
+
+Tools the tests need (mosquitto, libvirt) are *required* when ``CI`` is set: a missing tool
+then fails the run instead of silently skipping, so a green CI means the real parts ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import structlog
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+
+
+def need(tool: str, why: str) -> str:
+    """Path of ``tool``; skip locally, fail in CI when it is missing."""
+    path = shutil.which(tool) or (
+        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
+    )
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{tool} is required in CI ({why}) but is not installed")
+        pytest.skip(f"{tool} not installed ({why})")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.01)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class Mosquitto:
+    """A mosquitto process the test controls (stop, kill, restart on the same port)."""
+
+    binary: str
+    conf: Path
+    port: int
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(  # noqa: S603
+            [self.binary, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def mosquitto_conf(path: Path, port: int, *, extra: str = "") -> Path:
+    path.write_text(
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "set_tcp_nodelay true\n"
+        "persistence false\n"
+        # Debian's 2.0.11 drops QoS 2 publishes beyond the in-flight window: raise it.
+        "max_inflight_messages 1000\n"
+        "max_queued_messages 100000\n"
+        "log_type error\n" + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    binary = need("mosquitto", "MQTT broker tests")
+    port = free_port()
+    conf = mosquitto_conf(tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf", port)
+    broker = Mosquitto(binary=binary, conf=conf, port=port)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker of the test's own, for tests that kill or restart it."""
+    binary = need("mosquitto", "MQTT broker tests")
+    port = free_port()
+    broker = Mosquitto(binary=binary, conf=mosquitto_conf(tmp_path / "m.conf", port), port=port)
+    broker.start()
+    yield broker
+    broker.stop(kill=True)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and inspect.iscoroutinefunction(fn):
+            item.fixturenames.append("_no_pending_tasks")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def _no_pending_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks behind (kopf's hygiene check)."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    leftover = [
+        t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
+    ]
+    for t in leftover:
+        t.cancel()
+    assert not leftover, f"tasks left pending: {[t.get_name() for t in leftover]}"

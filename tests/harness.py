@@ -1,0 +1,161 @@
+"""Test harness: a real agent in this event loop, talking to a real broker, and a scheduler.
+
+The scheduler side reads every payload with PyYAML's ``safe_load`` (one document), which is
+what the protocol promises clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from asyncmigfra.app import Agent
+from asyncmigfra.mqtt import ToolClient
+from asyncmigfra.settings import HypervisorSettings, Settings, default_settings
+
+
+def agent_settings(
+    port: int,
+    *,
+    hostname: str | None = None,
+    hv_type: str = "dummy",
+    hv_options: Mapping[str, object] | None = None,
+    protocol: str = "5",
+    **sections: Any,
+) -> Settings:
+    """Settings for a test agent on 127.0.0.1:``port`` with a unique host name."""
+    name = hostname or f"t-{uuid.uuid4().hex[:8]}"
+    base = default_settings(hostname=name)
+    mqtt = replace(
+        base.mqtt,
+        host="127.0.0.1",
+        port=port,
+        protocol=protocol,
+        reconnect_min_delay=0.05,
+        reconnect_max_delay=0.5,
+        **sections.pop("mqtt", {}),
+    )
+    options = dict(hv_options or {})
+    if hv_type == "dummy":
+        options.setdefault("never-throw", True)
+    settings = replace(
+        base,
+        mqtt=mqtt,
+        hypervisor=HypervisorSettings(type=hv_type, options=options),
+        shutdown=replace(base.shutdown, grace_period=5.0),
+    )
+    for section, values in sections.items():
+        settings = replace(settings, **{section: replace(getattr(settings, section), **values)})
+    return settings
+
+
+@dataclass
+class Scheduler:
+    """A client like a scheduler: publishes tasks, collects results and events."""
+
+    client: ToolClient
+    prefix: str
+    results: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    raw_results: list[bytes] = field(default_factory=list)
+    other: list[Any] = field(default_factory=list)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def pump(self) -> None:
+        async for msg in self.client.messages():
+            doc = yaml.safe_load(msg.payload)
+            if msg.topic.endswith("/result"):
+                self.raw_results.append(msg.payload)
+                self.results.append(doc)
+            elif msg.topic.endswith("/event"):
+                self.events.append(doc)
+            elif msg.topic.endswith("/status"):
+                self.statuses.append(doc)
+            else:
+                self.other.append(msg)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def publish(self, body: str | bytes, *, topic: str | None = None, **kw: Any) -> None:
+        payload = body.encode() if isinstance(body, str) else body
+        await self.client.publish(topic or f"{self.prefix}/task", payload, qos=2, **kw)
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> Any:
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                found = predicate()
+                if found:
+                    return found
+                await self._changed.wait()
+
+    async def result_for(self, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            return next((r for r in self.results if str(r.get("id")) == task_id), None)
+
+        result: dict[str, Any] = await self.wait_for(find, timeout)
+        return result
+
+    async def call(self, body: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Publish a task with a fresh id and return its result."""
+        task_id = f"id-{uuid.uuid4().hex[:10]}"
+        await self.publish(f"id: {task_id}\n{body}")
+        return await self.result_for(task_id, timeout)
+
+    def events_for(self, task_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if str(e.get("id")) == task_id and (kind is None or e.get("event") == kind)
+        ]
+
+
+@contextlib.asynccontextmanager
+async def scheduler(port: int, prefix: str, *, protocol: str = "5") -> AsyncIterator[Scheduler]:
+    client = ToolClient("127.0.0.1", port, client_id=f"sched-{uuid.uuid4().hex[:8]}", protocol=protocol)
+    async with client:
+        for suffix in ("result", "event", "status"):
+            await client.subscribe(f"{prefix}/{suffix}", qos=1)
+        sched = Scheduler(client=client, prefix=prefix)
+        async with asyncio.TaskGroup() as tg:
+            pump = tg.create_task(sched.pump(), name="test.scheduler-pump")
+            try:
+                yield sched
+            finally:
+                pump.cancel()
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    settings: Settings, *, shared: dict[str, object] | None = None
+) -> AsyncIterator[Agent]:
+    """Run an agent until the block ends, then stop it gracefully and check it exited 0."""
+    agent = Agent(settings, shared=shared)
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(agent.run(), name="test.agent")
+        async with asyncio.timeout(10):
+            await agent.ready.wait()
+        try:
+            yield agent
+        finally:
+            agent.request_stop()
+            async with asyncio.timeout(15):
+                code = await run
+            assert code == 0
+
+
+@contextlib.asynccontextmanager
+async def agent_and_scheduler(
+    port: int, *, shared: dict[str, object] | None = None, **kw: Any
+) -> AsyncIterator[tuple[Agent, Scheduler]]:
+    settings = agent_settings(port, **kw)
+    prefix = settings.mqtt.task_topic.rsplit("/", 1)[0]
+    async with scheduler(port, prefix, protocol=settings.mqtt.protocol) as sched:
+        async with running_agent(settings, shared=shared) as agent:
+            yield agent, sched
