@@ -23,17 +23,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from asyncmigfra.app import Agent
+from asyncmigfra.logs import configure_logging
 from asyncmigfra.mqtt import ToolClient
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = os.environ.get("BENCH_MQTT_PROTOCOL", "5")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -65,7 +67,7 @@ def mosquitto() -> Iterator[int]:
             "persistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n"
             "log_type error\n"
         )
-        proc = subprocess.Popen([binary, "-c", str(conf)])  # noqa: S603
+        proc = subprocess.Popen([binary, "-c", str(conf)])
         try:
             wait_port(port)
             yield port
@@ -91,11 +93,12 @@ def agent_process(port: int, host: str) -> Iterator[subprocess.Popen[bytes]]:
             "  subscribe-topic: fast/migfra/<hostname>/task\n"
             "  publish-topic: fast/migfra/<hostname>/result\n"
             f"  host: 127.0.0.1\n  port: {port}\n  keepalive: 60\n"
+            f"  protocol: {PROTOCOL}\n"
             "hypervisor:\n  type: dummy\n  never-throw: true\n"
             "logging:\n  level: warning\n  format: json\n"
             "limits:\n  max-queued-tasks: 100000\n"
         )
-        proc = subprocess.Popen(  # noqa: S603
+        proc = subprocess.Popen(
             [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],
             stdout=subprocess.DEVNULL,
         )
@@ -136,7 +139,9 @@ class Client:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.waiters[tid] = fut
         t0 = time.perf_counter()
-        await self.tool.publish(f"fast/migfra/{self.host}/task", f"id: {tid}\n{body}".encode(), qos=2)
+        await self.tool.publish(
+            f"fast/migfra/{self.host}/task", f"id: {tid}\n{body}".encode(), qos=2
+        )
         t1 = await fut
         return (t1 - t0) * 1000.0
 
@@ -240,7 +245,9 @@ async def bench_loop_lag(port: int, quick: bool) -> dict[str, Any]:
     base = default_settings(hostname="lag-a")
     settings = replace(
         base,
-        mqtt=replace(base.mqtt, host="127.0.0.1", port=port, client_id=f"lag-{uuid.uuid4().hex[:6]}"),
+        mqtt=replace(
+            base.mqtt, host="127.0.0.1", port=port, client_id=f"lag-{uuid.uuid4().hex[:6]}"
+        ),
         hypervisor=HypervisorSettings(type="fake", options=opts),
         logging=LoggingSettings(level="warning"),
         migration=replace(base.migration, max_outgoing=n),
@@ -301,23 +308,27 @@ async def bench_loop_lag(port: int, quick: bool) -> dict[str, Any]:
 
 
 def show(title: str, data: dict[str, Any]) -> None:
-    print(f"\n== {title}")  # noqa: T201
+    print(f"\n== {title}")
     for k, v in data.items():
         if isinstance(v, dict):
-            print(f"  {k}:")  # noqa: T201
+            print(f"  {k}:")
             for k2, v2 in v.items():
-                print(f"    {k2:28s} {v2}")  # noqa: T201
+                print(f"    {k2:28s} {v2}")
         else:
-            print(f"  {k:30s} {v}")  # noqa: T201
+            print(f"  {k:30s} {v}")
 
 
 async def amain(args: argparse.Namespace) -> None:
-    from asyncmigfra.logs import configure_logging
-
     configure_logging(LoggingSettings(level="warning"))
     with mosquitto() as port:
-        show("dummy hypervisor through mosquitto (agent as a process)", await bench_dummy(port, args.quick))
-        show("event-loop lag, 32 fake migrations streaming progress", await bench_loop_lag(port, args.quick))
+        show(
+            "dummy hypervisor through mosquitto (agent as a process)",
+            await bench_dummy(port, args.quick),
+        )
+        show(
+            "event-loop lag, 32 fake migrations streaming progress",
+            await bench_loop_lag(port, args.quick),
+        )
 
 
 def main() -> None:

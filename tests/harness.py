@@ -118,7 +118,9 @@ class Scheduler:
 
 @contextlib.asynccontextmanager
 async def scheduler(port: int, prefix: str, *, protocol: str = "5") -> AsyncIterator[Scheduler]:
-    client = ToolClient("127.0.0.1", port, client_id=f"sched-{uuid.uuid4().hex[:8]}", protocol=protocol)
+    client = ToolClient(
+        "127.0.0.1", port, client_id=f"sched-{uuid.uuid4().hex[:8]}", protocol=protocol
+    )
     async with client:
         for suffix in ("result", "event", "status"):
             await client.subscribe(f"{prefix}/{suffix}", qos=1)
@@ -156,6 +158,8 @@ async def agent_and_scheduler(
 ) -> AsyncIterator[tuple[Agent, Scheduler]]:
     settings = agent_settings(port, **kw)
     prefix = settings.mqtt.task_topic.rsplit("/", 1)[0]
-    async with scheduler(port, prefix, protocol=settings.mqtt.protocol) as sched:
-        async with running_agent(settings, shared=shared) as agent:
-            yield agent, sched
+    async with (
+        scheduler(port, prefix, protocol=settings.mqtt.protocol) as sched,
+        running_agent(settings, shared=shared) as agent,
+    ):
+        yield agent, sched

@@ -168,13 +168,13 @@ class Agent:
                 self.dispatcher.reject(exc, reply)
                 continue
             if len(task.subtasks) > limits.max_subtasks:
-                exc = TaskRejected(
+                too_many = TaskRejected(
                     "invalid-message",
                     f"{len(task.subtasks)} subtasks exceed the limit of {limits.max_subtasks} "
                     "(limits.max-subtasks)",
                     task_id=task.id,
                 )
-                self.dispatcher.reject(exc, reply)
+                self.dispatcher.reject(too_many, reply)
                 continue
             log.debug("task.received", task_id=task.id, task=task.kind.value)
             self.dispatcher.submit(task, payload=message.payload, reply=reply)
@@ -184,7 +184,9 @@ class Agent:
         self.publisher.put_nowait(Outgoing(self.settings.mqtt.result_topic, payload, qos=1))
         if reply is not None and reply.response_topic:
             self.publisher.put_nowait(
-                Outgoing(reply.response_topic, payload, qos=1, correlation_data=reply.correlation_data)
+                Outgoing(
+                    reply.response_topic, payload, qos=1, correlation_data=reply.correlation_data
+                )
             )
 
     # ------------------------------------------------------------------ lifecycle
@@ -208,9 +210,7 @@ class Agent:
                 publisher = tg.create_task(self.publisher.run(), name="asyncmigfra.publisher")
                 dispatcher = tg.create_task(self.dispatcher.run(), name="asyncmigfra.dispatcher")
                 intake = tg.create_task(self._intake_loop(), name="asyncmigfra.intake")
-                mqtt = tg.create_task(
-                    self.transport.run(self._on_message), name="asyncmigfra.mqtt"
-                )
+                mqtt = tg.create_task(self.transport.run(self._on_message), name="asyncmigfra.mqtt")
                 await self._stop.wait()
                 self._arm_hard_exit()
                 self._publish_status("draining")

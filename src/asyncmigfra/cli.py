@@ -36,9 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="two fake hosts, one live migration, in under 30 s")
-    demo.add_argument(
-        "--broker", help="HOST[:PORT] of an MQTT broker (default: an embedded one)"
-    )
+    demo.add_argument("--broker", help="HOST[:PORT] of an MQTT broker (default: an embedded one)")
     demo.add_argument("--quiet", action="store_true", help="print only the results")
     return p
 
@@ -53,7 +51,7 @@ def _agent(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, hostname=args.hostname)
     except ConfigError as exc:
-        print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)
         return 2
     logging = settings.logging
     if args.log_format:
@@ -65,7 +63,7 @@ def _agent(args: argparse.Namespace) -> int:
         agent_factory = Agent  # built inside the loop: asyncio primitives need no loop, but
         return asyncio.run(_run_agent(agent_factory, settings))
     except ConfigError as exc:
-        print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -261,7 +261,9 @@ class Dispatcher:
             self._answer_quit(msg, reply)
             return
         if self._draining:
-            self._refuse(msg, reply, "busy", "the agent is shutting down; send the task again later")
+            self._refuse(
+                msg, reply, "busy", "the agent is shutting down; send the task again later"
+            )
             return
         limit = self._settings.limits.max_queued_tasks
         if self.queued + len(msg.subtasks) > limit:
@@ -297,9 +299,7 @@ class Dispatcher:
         assert self._tg is not None, "Dispatcher.run() is not running"
         self._tg.create_task(coro, name=f"asyncmigfra.{name}")  # type: ignore[arg-type]
 
-    def _duplicate(
-        self, key: tuple[str, str], msg: TaskMessage, reply: Reply | None
-    ) -> bool:
+    def _duplicate(self, key: tuple[str, str], msg: TaskMessage, reply: Reply | None) -> bool:
         now = time.monotonic()
         if key in self._running_keys:
             log.info("task.duplicate_running", task_id=msg.id)

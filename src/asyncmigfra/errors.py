@@ -20,7 +20,7 @@ it is logged with its traceback and reported as ``hypervisor-error``.
         ├── ConnectionFailed         connection-failed   (retryable)
         ├── IncompatibleDestination  incompatible-destination
         ├── NoDestination            no-destination
-        ├── MigrationFailed          migration-failed    (retryable: the VM still runs on the source)
+        ├── MigrationFailed          migration-failed    (retryable: the VM stays on the source)
         ├── TaskTimeout              timeout
         ├── TaskCancelled            cancelled
         ├── HookFailed               hook-failed

@@ -171,12 +171,14 @@ class _Progress:
     max_downtime: int
     percent: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    last: JobStats | None = None
 
     def fields(
         self, stats: JobStats | None, *, phase: str, action: str | None, downtime: int
     ) -> dict[str, object]:
         out: dict[str, object] = {"phase": phase}
         if stats is not None:
+            self.last = stats
             total = stats.memory_processed + stats.memory_remaining
             if total > 0:
                 pct = 100.0 * stats.memory_processed / total
@@ -207,6 +209,23 @@ class _Progress:
         out["max-downtime"] = downtime
         if action is not None:
             out["action"] = action
+        return out
+
+
+    def final(self, *, downtime: int) -> dict[str, object]:
+        """The last event of a completed job: 100 %, nothing left to copy."""
+        last = self.last
+        out: dict[str, object] = {"phase": "completed"}
+        out["iteration"] = last.iteration if last else 0
+        out["elapsed"] = round(time.monotonic() - self.started, 3)
+        out["percent"] = 100.0
+        if last is not None:
+            out["memory-total"] = last.memory_total
+            out["memory-processed"] = last.memory_processed + last.memory_remaining
+            out["memory-remaining"] = 0
+            out["data-remaining"] = 0
+            out["transfer-rate"] = last.transfer_rate
+        out["max-downtime"] = downtime
         return out
 
 
@@ -286,8 +305,7 @@ async def _migrate_once(
         finally:
             await _settle(done)
         result = done.result()
-    final = progress.fields(None, phase="completed", action=None, downtime=policy.downtime)
-    final["percent"] = 100.0
+    final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)
     ctx.progress(final)
@@ -314,7 +332,8 @@ async def _watch(
         waiter = asyncio.ensure_future(job.wait_iteration(iteration))
         try:
             timeout = max(0.0, min(interval, deadline - time.monotonic()))
-            await asyncio.wait({done, waiter}, timeout=timeout, return_when=FIRST_COMPLETED)
+            pending: set[asyncio.Future[object]] = {done, waiter}  # type: ignore[arg-type]
+            await asyncio.wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
         finally:
             waiter.cancel()
         new_iteration = waiter.result() if waiter.done() and not waiter.cancelled() else None

@@ -19,6 +19,7 @@ spec section 3):
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import socket
 import ssl
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import aiomqtt
 import structlog
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -37,6 +39,8 @@ from asyncmigfra.settings import MqttSettings
 __all__ = ["Incoming", "MqttTransport", "Outgoing", "ToolClient", "TransportError"]
 
 log = structlog.stdlib.get_logger(__name__)
+
+MQTT_ERR_NO_CONN = MQTTErrorCode.MQTT_ERR_NO_CONN
 
 
 class TransportError(AsyncmigfraError):
@@ -126,7 +130,7 @@ class MqttTransport:
             )
         kwargs: dict[str, object] = {}
         if self.v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry
             kwargs["properties"] = props
             kwargs["clean_start"] = False
@@ -155,12 +159,18 @@ class MqttTransport:
         return client
 
     async def run(self, handler: Callable[[Incoming], None]) -> None:
-        """Connect, subscribe and deliver messages forever; reconnect on every failure."""
+        """Connect, subscribe and deliver messages forever; reconnect on every failure.
+
+        The same client object is reused across reconnects (aiomqtt supports re-entering it):
+        paho then keeps its session state, and QoS 1/2 messages that were in flight or
+        published while disconnected are sent again after the reconnect, so the pending
+        ``publish`` calls complete instead of being lost with a discarded client.
+        """
         attempt = 0
         s = self._settings
+        client = self._make_client()
+        self._client = client
         while True:
-            client = self._make_client()
-            self._client = client
             try:
                 async with client:
                     for topic, qos in self._subscriptions:
@@ -193,11 +203,18 @@ class MqttTransport:
         await self._connected.wait()
 
     async def publish(self, msg: Outgoing, *, response_topic: str | None = None) -> None:
-        """Publish ``msg`` once the broker is reachable; retry until it is acknowledged."""
+        """Publish ``msg`` once the broker is reachable and wait for its acknowledgement.
+
+        paho keeps every QoS 1/2 message in its session until the broker acknowledged it and
+        sends it again after a reconnect, so this waits without a timeout (``math.inf``
+        also spares a timer task per message). A message paho could not send because the
+        connection dropped in the meantime (``MQTT_ERR_NO_CONN``) is already queued in paho
+        for the reconnect, so it is not published a second time.
+        """
         topic = response_topic or msg.topic
         props: Properties | None = None
         if msg.correlation_data is not None and self.v5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = msg.correlation_data
         while True:
             await self._connected.wait()
@@ -205,13 +222,19 @@ class MqttTransport:
             assert client is not None
             try:
                 await client.publish(
-                    topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props
+                    topic,
+                    msg.payload,
+                    qos=msg.qos,
+                    retain=msg.retain,
+                    properties=props,
+                    timeout=math.inf,
                 )
-            except aiomqtt.MqttError as exc:
+            except aiomqtt.MqttCodeError as exc:
+                if exc.rc == MQTT_ERR_NO_CONN and msg.qos > 0:
+                    log.info("mqtt.publish_queued_for_reconnect", topic=topic)
+                    return
                 log.warning("mqtt.publish_retry", topic=topic, error=str(exc))
-                # Wait for the run loop to notice and reconnect before trying again.
-                if client is self._client and self._connected.is_set():
-                    await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)
                 continue
             return
 
@@ -226,15 +249,7 @@ class MqttTransport:
 
 
 def _incoming(message: aiomqtt.Message) -> Incoming:
-    payload = message.payload
-    if isinstance(payload, str):
-        data = payload.encode()
-    elif isinstance(payload, bytes | bytearray):
-        data = bytes(payload)
-    elif payload is None:
-        data = b""
-    else:
-        data = str(payload).encode()
+    data = bytes(message.payload)  # aiomqtt 2.x delivers bytes
     response_topic = None
     correlation = None
     props = message.properties
@@ -274,7 +289,9 @@ class ToolClient:
             host,
             port,
             identifier=client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311,
+            protocol=aiomqtt.ProtocolVersion.V5
+            if protocol == "5"
+            else aiomqtt.ProtocolVersion.V311,
             username=username,
             password=password,
             tls_context=tls,
@@ -310,7 +327,7 @@ class ToolClient:
     ) -> None:
         props = None
         if self.v5 and (response_topic or correlation_data is not None):
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if response_topic:
                 props.ResponseTopic = response_topic
             if correlation_data is not None:

@@ -28,6 +28,19 @@ Only the first YAML document is read (like ``YAML::Load``); later documents are 
 parsed. Duplicate keys are not an error: the first occurrence wins (what yaml-cpp's
 ``node["key"]`` returns). Unknown keys are ignored everywhere.
 
+Deliberate differences from the original (every message it accepted with a sane meaning is
+still accepted with the same meaning):
+
+* negative unsigned integers (which C++ wraps to ``2**32 - n``) and values over a field's
+  range are bad conversions; so are an unknown ``migration-type`` (the original logged it and
+  migrated warm) and a malformed ``pscom-hook-procs`` (the original failed at run time);
+* a bad-conversion ``details`` ends with ``(<path>: <expected>, <found>)``; the original's
+  prefix is kept, so matching on it still works;
+* the ``id`` is returned with every rejection whenever it could be read;
+* a start item's name from ``xml`` is the first ``<name>`` matched non-greedily, stripped and
+  entity-unescaped; when there is none the name is ``""`` (not the whole XML);
+* recursive aliases are rejected (yaml-cpp builds a cyclic node).
+
 This module is pure: no I/O, no logging, no global mutable state except a per-thread cached
 ruamel.yaml instance.
 """
@@ -86,6 +99,7 @@ __all__ = [
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_NODES",
     "DEFAULT_MAX_SIZE",
+    "load_yaml",
     "parse_task",
 ]
 
@@ -147,12 +161,12 @@ class _ComposeError(Exception):
 _local = threading.local()
 
 
-def _ruamel() -> YAML:
+def _ruamel(name: str = "yaml") -> YAML:
     """A per-thread ruamel instance (building one costs ~0.3 ms; instances are not shareable)."""
-    yaml: YAML | None = getattr(_local, "yaml", None)
+    yaml: YAML | None = getattr(_local, name, None)
     if yaml is None:
         yaml = YAML(typ="safe", pure=True)
-        _local.yaml = yaml
+        setattr(_local, name, yaml)
     return yaml
 
 
@@ -341,22 +355,22 @@ def _compose_slow(text: str, max_nodes: int, max_depth: int) -> _Node | None:
             if composer.done:
                 break
     except _ComposeError as exc:
-        raise _syntax_error(exc.problem, exc.line, exc.col, composer.partial_id()) from None
+        raise _syntax_error(exc.problem, exc.line, exc.col, composer.partial_id()) from exc
     except MarkedYAMLError as exc:
         mark = exc.problem_mark if exc.problem_mark is not None else exc.context_mark
         problem = exc.problem if exc.problem is not None else exc.context
         line, col = (mark.line, mark.column) if mark is not None else (0, 0)
-        raise _syntax_error(str(problem), line, col, composer.partial_id()) from None
+        raise _syntax_error(str(problem), line, col, composer.partial_id()) from exc
     except ReaderError as exc:
         line, col = _mark_of_position(text, int(exc.position))
         problem = f"unacceptable character #x{int(exc.character):04x}: {exc.reason}"
-        raise _syntax_error(problem, line, col, None) from None
+        raise _syntax_error(problem, line, col, None) from exc
     except YAMLError as exc:
-        raise _syntax_error(str(exc).split("\n", 1)[0], 0, 0, composer.partial_id()) from None
-    except RecursionError:
-        raise _syntax_error("the document nests too deeply", 0, 0, composer.partial_id()) from None
-    except Exception as exc:  # noqa: BLE001 - parse_task must only ever raise TaskRejected
-        raise _syntax_error(f"{type(exc).__name__}: {exc}", 0, 0, composer.partial_id()) from None
+        raise _syntax_error(str(exc).split("\n", 1)[0], 0, 0, composer.partial_id()) from exc
+    except RecursionError as exc:
+        raise _syntax_error("the document nests too deeply", 0, 0, composer.partial_id()) from exc
+    except Exception as exc:  # parse_task must only ever raise TaskRejected (a ruamel bug)
+        raise _syntax_error(f"{type(exc).__name__}: {exc}", 0, 0, composer.partial_id()) from exc
     finally:
         events.close()
         # State ruamel keeps on the instance between calls: YAML.parse() appends one DocInfo
@@ -1178,7 +1192,7 @@ def parse_task(
             _INVALID,
             f"{_PARSE_PREFIX}the message is not valid UTF-8 "
             f"(byte 0x{payload[exc.start]:02x} at offset {exc.start}).",
-        ) from None
+        ) from exc
     root = _compose(text, max_nodes, max_depth)
     return _build(root)
 
@@ -1236,3 +1250,27 @@ def _build(root: _Node | None) -> TaskMessage:
         concurrent_execution=container_concurrent,
         subtasks=tuple(subtasks),
     )
+
+
+def load_yaml(data: bytes | str) -> object:
+    """The first YAML document of ``data`` as plain Python values, or ``None`` if unreadable.
+
+    A tooling helper for reading what agents publish (results, events, status), e.g. in the
+    demo client: YAML 1.2 core types (``"0012"`` quoted stays a string, ``0.020156`` is a
+    float). It never raises for bad input (not UTF-8, malformed YAML, duplicate keys): it
+    returns ``None``, which callers treat like any other non-map. Tasks go through
+    :func:`parse_task`, never through this.
+    """
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    yaml = _ruamel("loader")
+    try:
+        return cast("object", yaml.load(_first_document(data)))
+    except Exception:  # noqa: BLE001 - documented: unreadable input gives None
+        return None
+    finally:
+        yaml.doc_infos.clear()
+        yaml.version = None

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from asyncmigfra.app import Agent
 from harness import agent_and_scheduler, agent_settings, running_agent, scheduler
 
 pytestmark = pytest.mark.broker
@@ -27,7 +29,9 @@ async def test_spec_1_2_result_shapes_with_dummy(mosquitto):
         assert r["result"] == "vm repinned"
         assert r["list"] == [{"vm-name": "a", "status": "success"}]
 
-        r = await sched.call("task: migrate vm\nvm-name: a\ndestination: b\ntime-measurement: true\n")
+        r = await sched.call(
+            "task: migrate vm\nvm-name: a\ndestination: b\ntime-measurement: true\n"
+        )
         assert r["result"] == "vm migrated"
         assert r["vm-name"] == "a"
         assert r["status"] == "success"
@@ -49,12 +53,16 @@ async def test_every_example_message_is_answered(mosquitto, path: Path):
     """Each file in examples/tasks is a valid message and gets its result (dummy back-end)."""
     body = path.read_text()
     doc = yaml.safe_load(body)
-    async with agent_and_scheduler(mosquitto.port) as (agent, sched):
+    async with agent_and_scheduler(mosquitto.port) as (_, sched):
         await sched.publish(body)
         r = await sched.result_for(doc["id"])
         assert r["result"] != "unknown", r
         if doc["task"] == "quit":
-            assert r == {"result": "quit", "list": [{"vm-name": "n/a", "status": "success"}], "id": doc["id"]}
+            assert r == {
+                "result": "quit",
+                "list": [{"vm-name": "n/a", "status": "success"}],
+                "id": doc["id"],
+            }
         elif doc["task"] == "cancel":
             assert r["result"] == "cancelled"
         elif doc["task"] == "migrate vm":
@@ -65,7 +73,9 @@ async def test_every_example_message_is_answered(mosquitto, path: Path):
 
 async def test_spec_5_parse_errors_answer_unknown_with_code(mosquitto):
     async with agent_and_scheduler(mosquitto.port) as (_, sched):
-        await sched.publish("task: start vm\nid: bad-1\nvm-configurations:\n  - vm-name: a\n    memory: lots\n")
+        await sched.publish(
+            "task: start vm\nid: bad-1\nvm-configurations:\n  - vm-name: a\n    memory: lots\n"
+        )
         r = await sched.result_for("bad-1")
         assert r["result"] == "unknown"
         (entry,) = r["list"]
@@ -116,7 +126,9 @@ async def test_status_retained_online_then_offline(mosquitto):
     prefix = settings.mqtt.task_topic.rsplit("/", 1)[0]
     async with scheduler(mosquitto.port, prefix) as sched:
         async with running_agent(settings):
-            online = await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "online"])
+            online = await sched.wait_for(
+                lambda: [s for s in sched.statuses if s["state"] == "online"]
+            )
             assert online[0]["host"] == settings.hostname
             assert online[0]["hypervisor"] == "dummy"
         await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "offline"])
@@ -128,14 +140,23 @@ async def test_status_retained_online_then_offline(mosquitto):
 
 async def test_status_task_lists_domains_and_tasks(mosquitto):
     opts = {"domains": [{"name": "v1", "vcpus": 2, "memory": 1048576, "state": "running"}]}
-    async with agent_and_scheduler(mosquitto.port, hv_type="fake", hv_options=opts) as (agent, sched):
+    async with agent_and_scheduler(mosquitto.port, hv_type="fake", hv_options=opts) as (
+        agent,
+        sched,
+    ):
         r = await sched.call("task: status\n")
         assert r["result"] == "status"
         assert r["host"] == agent.settings.hostname
         assert r["hypervisor"] == "fake"
         assert r["tasks"] == []
         assert r["list"] == [
-            {"vm-name": "v1", "status": "success", "state": "running", "vcpus": 2, "memory": 1048576}
+            {
+                "vm-name": "v1",
+                "status": "success",
+                "state": "running",
+                "vcpus": 2,
+                "memory": 1048576,
+            }
         ]
 
 
@@ -150,7 +171,10 @@ async def test_same_vm_tasks_never_overlap_and_run_in_order(mosquitto):
     }
     async with agent_and_scheduler(mosquitto.port, hv_type="fake", hv_options=opts) as (_, sched):
         await sched.publish("id: s1\ntask: stop vm\nlist:\n  - vm-name: v1\n")
-        await sched.publish("id: s2\ntask: start vm\nvm-configurations:\n  - vm-name: v1\n    probe-with-ssh: false\n")
+        await sched.publish(
+            "id: s2\ntask: start vm\nvm-configurations:\n"
+            "  - vm-name: v1\n    probe-with-ssh: false\n"
+        )
         await sched.publish("id: s3\ntask: stop vm\nlist:\n  - vm-name: v2\n")
         r2 = await sched.result_for("s2")
         r1 = await sched.result_for("s1")
@@ -164,7 +188,10 @@ async def test_same_vm_tasks_never_overlap_and_run_in_order(mosquitto):
 
 
 async def test_busy_when_queue_is_full(mosquitto):
-    opts = {"stop-delay": 0.5, "domains": [{"name": "v", "vcpus": 1, "memory": 1024, "state": "running"}]}
+    opts = {
+        "stop-delay": 0.5,
+        "domains": [{"name": "v", "vcpus": 1, "memory": 1024, "state": "running"}],
+    }
     limits = {"max_concurrent_tasks": 1, "max_queued_tasks": 1}
     async with agent_and_scheduler(
         mosquitto.port, hv_type="fake", hv_options=opts, limits=limits
@@ -187,7 +214,9 @@ async def test_duplicate_task_id_is_not_executed_twice(mosquitto):
         first = await sched.result_for("dup-1")
         assert first["list"][0]["status"] == "success"
         await sched.publish(body)  # a redelivery: must not suspend again (it would fail)
-        both = await sched.wait_for(lambda: [r for r in sched.results if r.get("id") == "dup-1"][1:])
+        both = await sched.wait_for(
+            lambda: [r for r in sched.results if r.get("id") == "dup-1"][1:]
+        )
         assert both[0] == first
 
 
@@ -216,7 +245,9 @@ async def test_cancel_queued_and_running(mosquitto):
 async def test_concurrent_execution_false_runs_in_order(mosquitto):
     opts = {
         "start-delay": 0.2,
-        "domains": [{"name": f"v{i}", "vcpus": 1, "memory": 1024, "state": "shutoff"} for i in range(3)],
+        "domains": [
+            {"name": f"v{i}", "vcpus": 1, "memory": 1024, "state": "shutoff"} for i in range(3)
+        ],
     }
     async with agent_and_scheduler(mosquitto.port, hv_type="fake", hv_options=opts) as (_, sched):
         body = "task: start vm\nconcurrent-execution: false\nvm-configurations:\n" + "".join(
@@ -224,7 +255,7 @@ async def test_concurrent_execution_false_runs_in_order(mosquitto):
         )
         r = await sched.call(body)
         assert [e["status"] for e in r["list"]] == ["success"] * 3
-        done = [e for e in sched.events_for(r["id"], "done")]
+        done = list(sched.events_for(r["id"], "done"))
         assert [e["vm-name"] for e in done] == ["v0", "v1", "v2"]
         assert all(e["duration"] >= 0.15 for e in done)
 
@@ -232,8 +263,6 @@ async def test_concurrent_execution_false_runs_in_order(mosquitto):
 async def test_quit_is_answered_then_agent_stops(mosquitto):
     settings = agent_settings(mosquitto.port)
     prefix = settings.mqtt.task_topic.rsplit("/", 1)[0]
-    from asyncmigfra.app import Agent
-
     async with scheduler(mosquitto.port, prefix) as sched:
         agent = Agent(settings)
         async with asyncio.TaskGroup() as tg:

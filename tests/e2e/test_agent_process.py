@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from harness import scheduler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
@@ -31,9 +32,19 @@ def original_config(tmp_path: Path, port: int) -> Path:
 def start_agent(conf: Path, hostname: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with (conf.parent / f"{hostname}.log").open("wb") as log:
-        return subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf),
-             "--hostname", hostname, "--log-format", "json"],
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "asyncmigfra",
+                "agent",
+                "-c",
+                str(conf),
+                "--hostname",
+                hostname,
+                "--log-format",
+                "json",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -86,8 +97,11 @@ async def test_killed_agent_leaves_offline_will(mosquitto, tmp_path):
 
 def test_bad_config_key_exits_non_zero_naming_the_key(tmp_path):
     conf = tmp_path / "bad.conf"
-    conf.write_text("communicator:\n  type: mqtt\n  prot: 1883\nhypervisor:\n  type: dummy\n  never-throw: true\n")
-    out = subprocess.run(  # noqa: S603
+    conf.write_text(
+        "communicator:\n  type: mqtt\n  prot: 1883\n"
+        "hypervisor:\n  type: dummy\n  never-throw: true\n"
+    )
+    out = subprocess.run(
         [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf)],
         capture_output=True,
         text=True,
@@ -99,7 +113,10 @@ def test_bad_config_key_exits_non_zero_naming_the_key(tmp_path):
 
 
 def test_version():
-    out = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "asyncmigfra", "--version"], capture_output=True, text=True, check=True
+    out = subprocess.run(
+        [sys.executable, "-m", "asyncmigfra", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.startswith("asyncmigfra ")

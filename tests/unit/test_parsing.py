@@ -7,6 +7,7 @@ Each test names the section of ``spec/migfra-original.md`` (or ``spec/extensions
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ from asyncmigfra.model import (
     TaskKind,
     TaskMessage,
 )
-from asyncmigfra.parsing import parse_task
+from asyncmigfra.parsing import _compose_fast, load_yaml, parse_task
 
 BAD = "Exception while parsing message: yaml-cpp: error at line {}, column {}: bad conversion ({})"
 
@@ -1100,3 +1101,42 @@ def test_spec_1_8_evacuate_defaults() -> None:
 def test_spec_1_8_evacuate_bad_fields(body: str, problem: str) -> None:
     exc = reject("task: evacuate node\nid: X\n" + body + "\n")
     assert exc.details == BAD.format(1, 1, problem)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped examples, and load_yaml (tooling)
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "tasks").glob("*.yaml"))
+
+
+def test_spec_1_examples_exist() -> None:
+    assert len(EXAMPLES) >= 10
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in EXAMPLES])
+def test_spec_1_example_tasks_parse_on_the_fast_path(path: Path) -> None:
+    text = path.read_text()
+    msg = parse(text)
+    assert msg.kind.value.replace(" ", "-") in path.stem
+    assert msg.id is not None
+    assert msg.id.startswith("example-")
+    assert _compose_fast(text, 100_000, 64) is not None
+
+
+def test_ext_load_yaml_reads_published_documents() -> None:
+    doc = load_yaml(b'---\nresult: vm migrated\nid: "0012"\noverall: 0.020156\n...\n--- ]]\n')
+    assert doc == {"result": "vm migrated", "id": "0012", "overall": 0.020156}
+    assert load_yaml("a: [1, true]") == {"a": [1, True]}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"{a", id="malformed"),
+        pytest.param(b"\xff", id="not-utf8"),
+        pytest.param(b"a: 1\na: 2\n", id="duplicate-key"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_ext_load_yaml_returns_none_for_unreadable_input(data: bytes) -> None:
+    assert load_yaml(data) is None

@@ -263,6 +263,8 @@ AMBIGUOUS = [
     "|", ">", "'q'", '"q"', "%x", "@x", "`x", "<<", "=", ".inf", ".NaN", "-.inf", "a\nb",
     "tab\there", "nul\x00", "bell\x07", "del\x7f", "nel\x85", "ls\u2028", "ps\u2029",
     "bom\ufeff", "back\\slash", "ünïcödé", "emoji \U0001f600", "---", "...", "a,b",
+    # emitted plain: must still read back verbatim
+    "a -", "a - b", "x (y)", "_", "/", "a.", "a..b", "(", "Y2", "nan", "inf", "e5", "NO-GO",
 ]  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, MutableMapping
 
-from asyncmigfra.errors import ConfigError, HypervisorError
+from asyncmigfra.errors import HypervisorError
 from asyncmigfra.hypervisor.base import (
     DomainInfo,
     HostInfo,
