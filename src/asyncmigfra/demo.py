@@ -141,7 +141,12 @@ async def _scenario(host: str, port: int, protocol: str, out: _Console) -> int:
             {"name": VM, "vcpus": 2, "memory": 2 * GIB, "state": "shutoff", "dirty-rate": 120}
         ],
     }
-    opts_b = {"host": "host-b", "peers": {"host-a": host_spec}, "bandwidth": 1000, "time-scale": 1.0}
+    opts_b = {
+        "host": "host-b",
+        "peers": {"host-a": host_spec},
+        "bandwidth": 1000,
+        "time-scale": 1.0,
+    }
     agents = [
         Agent(
             agent_settings("host-a", host, port, protocol=protocol, options=opts_a), shared=shared

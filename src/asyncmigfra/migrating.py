@@ -211,7 +211,6 @@ class _Progress:
             out["action"] = action
         return out
 
-
     def final(self, *, downtime: int) -> dict[str, object]:
         """The last event of a completed job: 100 %, nothing left to copy."""
         last = self.last

@@ -52,7 +52,7 @@ class DomainState(enum.StrEnum):
 
     @property
     def number(self) -> int:
-        """libvirt's virDomainState number, as the original printed it (``Wrong domain state: 5``)."""
+        """libvirt's virDomainState number, as in the original's ``Wrong domain state: 5``."""
         return list(DomainState).index(self)
 
 

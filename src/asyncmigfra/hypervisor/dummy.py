@@ -6,7 +6,8 @@ with ``never-throw: false`` every operation fails with the original's exact text
 schedulers test their error handling. ``list_domains`` is empty, so ``evacuate node``
 answers with an empty list, as the original did.
 
-Options: ``never-throw`` (bool; the original required it, here it defaults to true). The original's generic libvirt keys (``driver``,
+Options: ``never-throw`` (bool; the original required it, here it defaults to true).
+The original's generic libvirt keys (``driver``,
 ``transport``, ``nodes``, ``start-timeout``, ``stop-timeout``) are accepted and ignored so a
 migfra.conf keeps loading when only ``type`` is switched to ``dummy``.
 """
