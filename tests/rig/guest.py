@@ -20,6 +20,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,14 +193,33 @@ def read_state(dom: Any) -> GuestState:
 
 def wait_counter_above(dom: Any, value: int, timeout: float = 10.0) -> GuestState:
     """Poll until the guest's pass counter exceeds ``value`` (bounded); return the state."""
-    import time  # noqa: PLC0415
-
     deadline = time.monotonic() + timeout
     state = read_state(dom)
     while state.counter <= value:
         if time.monotonic() > deadline:
             raise TimeoutError(f"guest counter stuck at {state.counter} (wanted > {value})")
         time.sleep(0.02)
-        with contextlib.suppress(Exception):
-            state = read_state(dom)
+        state = read_state(dom)
     return state
+
+
+def remove_domain(conn: Any, name: str) -> bool:
+    """Destroy and undefine domain ``name`` on ``conn`` (a ``libvirt.virConnect``) if present.
+
+    Looks the domain up through ``listAllDomains`` rather than ``lookupByName`` so that the
+    common "not there" case raises nothing (libvirt's default error handler would print it).
+    Destroying also ends a migration the domain is part of. Returns whether it was there.
+    """
+    import libvirt  # noqa: PLC0415
+
+    for dom in conn.listAllDomains():
+        if dom.name() != name:
+            continue
+        if dom.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+        if dom.isPersistent():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+        return True
+    return False

@@ -75,7 +75,6 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 #: Environment variable that marks every daemon of a rig; its value is the rig's state dir.
 MARKER = "ASYNCMIGFRA_RIG"
@@ -467,6 +466,7 @@ class Rig:
         self._guard: subprocess.Popen[bytes] | None = None
         self._guard_w: int | None = None
         self._netns_created: list[str] = []
+        self._spawned_at: dict[str, float] = {}
 
     # -- public API ---------------------------------------------------------------------
 
@@ -702,7 +702,7 @@ class Rig:
                 env=env,
                 start_new_session=True,
             )
-        host.ready_seconds = time.monotonic()  # start time until _wait_ready
+        self._spawned_at[host.name] = time.monotonic()
 
     def _wait_ready(self) -> None:
         """Wait for both daemons in parallel: each must answer with its hostname and UUID."""
@@ -712,7 +712,7 @@ class Rig:
         def probe(host: Host) -> None:
             try:
                 _probe(host, deadline)
-                host.ready_seconds = time.monotonic() - host.ready_seconds
+                host.ready_seconds = time.monotonic() - self._spawned_at[host.name]
             except BaseException as exc:
                 errors[host.name] = exc
 
@@ -820,7 +820,13 @@ def _main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "guard":
         return _guard_main(argv[1])
     if argv == ["sweep"]:
-        # manual clean-up: python tests/rig/hosts.py sweep
+        # manual clean-up after a crash: python tests/rig/hosts.py sweep (refuses if a rig is up)
+        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"a rig is up ({LOCK_PATH}): not sweeping", file=sys.stderr)
+            return 1
         print(f"killed {sweep(None, [p.netns for p in _PLANS])}")
         return 0
     print("usage: hosts.py sweep", file=sys.stderr)
@@ -842,5 +848,3 @@ __all__ = [
     "rig_processes",
     "sweep",
 ]
-
-_ = Any  # keep the typing import for annotations in subclasses

@@ -1,0 +1,33 @@
+"""The project's own two-host libvirt test rig (see ``hosts.py``) and its test guests."""
+
+from rig.guest import (
+    SIGNATURE,
+    STATE_ADDR,
+    VARIANTS,
+    GuestState,
+    build_guests,
+    domain_xml,
+    read_state,
+    remove_domain,
+    wait_counter_above,
+)
+from rig.hosts import Host, Rig, RigError, RigUnavailable, ensure_system, rig_processes, sweep
+
+__all__ = [
+    "SIGNATURE",
+    "STATE_ADDR",
+    "VARIANTS",
+    "GuestState",
+    "Host",
+    "Rig",
+    "RigError",
+    "RigUnavailable",
+    "build_guests",
+    "domain_xml",
+    "ensure_system",
+    "read_state",
+    "remove_domain",
+    "rig_processes",
+    "sweep",
+    "wait_counter_above",
+]

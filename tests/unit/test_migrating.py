@@ -1,0 +1,136 @@
+"""Pure parts of the migration engine: parameter resolution, downtime schedule, policy, percent."""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncmigfra.hypervisor.base import JobStats
+from asyncmigfra.migrating import ConvergencePolicy, _downtime_schedule, _Progress, plan_migration
+from asyncmigfra.model import MigrateSpec, MigrationParams
+from asyncmigfra.settings import MigrationDefaults
+from asyncmigfra.timing import TimeMeasurement
+
+GIB = 1024 * 1024
+
+
+def stats(iteration: int, remaining: int, processed: int = 0) -> JobStats:
+    return JobStats(
+        phase="migrating",
+        iteration=iteration,
+        elapsed=float(iteration),
+        memory_total=1 << 30,
+        memory_processed=processed,
+        memory_remaining=remaining,
+        data_remaining=remaining,
+        dirty_rate=0,
+        transfer_rate=0,
+        expected_downtime=None,
+    )
+
+
+def plan(params: MigrationParams, memory_kib: int = GIB, **defaults: object):
+    spec = MigrateSpec(vm_name="v", destination="b", parameter=params)
+    return plan_migration(
+        spec,
+        defaults=MigrationDefaults(**defaults),  # type: ignore[arg-type]
+        driver="qemu",
+        transport="ssh",
+        memory_kib=memory_kib,
+    )
+
+
+@pytest.mark.parametrize(
+    ("memory_kib", "explicit", "expected"),
+    [
+        pytest.param(GIB, None, 150.0, id="1-GiB-150-s"),
+        pytest.param(GIB // 2, None, 120.0, id="small-guest-at-least-120-s"),
+        pytest.param(4 * GIB, None, 600.0, id="4-GiB-600-s"),
+        pytest.param(4 * GIB, 30.0, 30.0, id="task-value-wins"),
+    ],
+)
+def test_completion_timeout_default_is_150_s_per_gib_at_least_120(memory_kib, explicit, expected):
+    p = plan(MigrationParams(completion_timeout=explicit), memory_kib)
+    assert expected == p.completion_timeout
+
+
+def test_task_parameters_win_over_agent_defaults():
+    p = plan(
+        MigrationParams(migration_type="live", bandwidth=100, persist=False, retry_counter=3),
+        bandwidth=500,
+        persist=True,
+        retry_counter=1,
+    )
+    assert (p.request.mode, p.request.bandwidth, p.request.persist, p.retries) == (
+        "live",
+        100,
+        False,
+        3,
+    )
+    p = plan(MigrationParams(), bandwidth=500, auto_converge=True)
+    assert (p.request.bandwidth, p.request.auto_converge, p.request.mode) == (500, True, "warm")
+
+
+def test_vcpu_map_keeps_the_guest_paused_on_the_destination():
+    assert plan(MigrationParams(vcpu_map=((1,),))).request.paused is True
+    assert plan(MigrationParams()).request.paused is False
+
+
+def test_downtime_schedule_rises_geometrically_to_the_maximum():
+    steps = _downtime_schedule(500)
+    assert steps[0] == 50
+    assert steps[-1] == 500
+    assert steps == sorted(steps)
+    assert len(steps) == 5
+    assert _downtime_schedule(5)[-1] == 5
+    assert _downtime_schedule(1) == [1]
+
+
+def test_policy_raises_downtime_only_when_an_iteration_stalls():
+    policy = ConvergencePolicy(max_downtime=500, post_copy_allowed=False)
+    assert policy.on_iteration(stats(1, 1000)) is None
+    assert policy.on_iteration(stats(2, 500)) is None  # progress: no change
+    assert policy.downtime == 50
+    assert policy.on_iteration(stats(3, 500)) == "raise-downtime"  # stalled
+    assert policy.downtime > 50
+
+
+def test_policy_switches_to_post_copy_after_the_maximum_when_allowed():
+    policy = ConvergencePolicy(max_downtime=500, post_copy_allowed=True)
+    actions = [policy.on_iteration(stats(i, 1000)) for i in range(1, 12)]
+    assert actions.count("raise-downtime") == len(policy.schedule) - 1
+    assert "post-copy" in actions
+    assert policy.downtime == 500
+    first = actions.index("post-copy")
+    assert all(a is None for a in actions[first + 1 :]), "post-copy is started once"
+
+
+def test_policy_never_post_copies_when_not_allowed():
+    policy = ConvergencePolicy(max_downtime=500, post_copy_allowed=False)
+    actions = [policy.on_iteration(stats(i, 1000)) for i in range(1, 30)]
+    assert "post-copy" not in actions
+
+
+def test_percent_never_decreases_and_stays_below_100_until_done():
+    progress = _Progress(max_downtime=300)
+    seen = []
+    for processed, remaining in [(10, 90), (50, 50), (60, 80), (95, 5), (100, 0), (100, 40)]:
+        fields = progress.fields(
+            stats(1, remaining, processed), phase="migrating", action=None, downtime=300
+        )
+        seen.append(fields["percent"])
+    assert seen == sorted(seen)
+    assert max(seen) <= 99.0
+    assert progress.final(downtime=300)["percent"] == 100.0
+
+
+def test_time_measurement_accumulates_repeated_tags_and_reports_running_ones():
+    timer = TimeMeasurement(enabled=True)
+    with timer.measure("migrate"):
+        pass
+    with timer.measure("migrate"):
+        pass
+    timer.tick("overall")
+    snap = timer.snapshot()
+    assert snap is not None
+    assert set(snap) == {"migrate", "overall"}
+    assert TimeMeasurement(enabled=False).snapshot() is None
