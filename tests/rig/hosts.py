@@ -215,8 +215,7 @@ def ensure_system() -> None:
     missing = _missing_packages()
     if missing:
         problems.append(
-            "missing Debian packages: "
-            f"apt-get install --no-install-recommends {' '.join(missing)}"
+            f"missing Debian packages: apt-get install --no-install-recommends {' '.join(missing)}"
         )
     if importlib.util.find_spec("libvirt") is None:
         problems.append(
@@ -264,6 +263,7 @@ def check_visible(path: Path, what: str) -> None:
 @dataclass(frozen=True)
 class _ProcInfo:
     pid: int
+    ppid: int
     mnt: str
     net: int
     marker: str | None
@@ -281,16 +281,22 @@ def _processes() -> Iterator[_ProcInfo]:
         if not entry.name.isdigit():
             continue
         try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
             mnt = os.readlink(f"/proc/{entry.name}/ns/mnt")
             net = _ns_inode(os.readlink(f"/proc/{entry.name}/ns/net"))
             env = Path(f"/proc/{entry.name}/environ").read_bytes()
         except (OSError, ValueError, IndexError):
             continue  # gone, a zombie, or a kernel thread
         marker = next(
-            (v[len(prefix) :].decode(errors="replace") for v in env.split(b"\0") if v.startswith(prefix)),
+            (
+                v[len(prefix) :].decode(errors="replace")
+                for v in env.split(b"\0")
+                if v.startswith(prefix)
+            ),
             None,
         )
-        yield _ProcInfo(int(entry.name), mnt, net, marker)
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        yield _ProcInfo(int(entry.name), ppid, mnt, net, marker)
 
 
 def _alive(pid: int) -> bool:
@@ -310,8 +316,8 @@ def _netns_inodes(names: Iterable[str]) -> set[int]:
     return inodes
 
 
-def rig_processes(markers: Collection[str] | None, netns: Iterable[str]) -> set[int]:
-    """PIDs of rig processes.
+def rig_processes(markers: Collection[str] | None, netns: Iterable[str]) -> dict[int, int]:
+    """Rig processes, as ``{pid: parent pid}``.
 
     A process belongs to the rig if it carries the marker (for ``markers=None``: any value),
     shares a mount namespace with such a process (QEMU: libvirt scrubs its environment), or
@@ -323,23 +329,32 @@ def rig_processes(markers: Collection[str] | None, netns: Iterable[str]) -> set[
     own_net = _ns_inode(os.readlink("/proc/self/ns/net"))
     procs = list(_processes())
     marked = [p for p in procs if p.marker is not None and (markers is None or p.marker in markers)]
+    marked_pids = {p.pid for p in marked}
     mnts = {p.mnt for p in marked} - {own_mnt}
     nets = _netns_inodes(netns) - {own_net}
-    found = {p.pid for p in marked} | {p.pid for p in procs if p.mnt in mnts or p.net in nets}
-    return found - {1, os.getpid(), os.getppid()}
+    spared = {1, os.getpid(), os.getppid()}
+    return {
+        p.pid: p.ppid
+        for p in procs
+        if (p.pid in marked_pids or p.mnt in mnts or p.net in nets) and p.pid not in spared
+    }
 
 
-def sweep(markers: Collection[str] | None, netns: Iterable[str], timeout: float = 15.0) -> list[int]:
+def sweep(
+    markers: Collection[str] | None, netns: Iterable[str], timeout: float = 15.0
+) -> list[int]:
     """SIGKILL every rig process (see :func:`rig_processes`) and delete the ``netns``.
 
-    Repeats until nothing is left, since a dying libvirtd may have forked meanwhile. Returns the
-    PIDs killed. Deleting a network namespace also deletes the veth end inside it, and so the
-    pair.
+    Children go first (libvirtd and QEMU, whose parent is tini): their subreaper is still
+    alive to reap them at once, so no zombie is left for PID 1, which reaps slowly here. Repeats
+    until nothing is left, since a dying libvirtd may have forked meanwhile. Returns the PIDs
+    killed. Deleting a network namespace also deletes the veth end inside it, and so the pair.
     """
     netns = list(netns)
     killed: list[int] = []
     deadline = time.monotonic() + timeout
-    while victims := rig_processes(markers, netns):
+    while found := rig_processes(markers, netns):
+        victims = {pid for pid, ppid in found.items() if ppid in found} or set(found)
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -587,7 +602,7 @@ class Rig:
         read_end, self._guard_w = os.pipe()
         env = {k: v for k, v in os.environ.items() if k != MARKER}
         with (self.statedir / "guard.log").open("ab") as log:
-            self._guard = subprocess.Popen(  # noqa: S603
+            self._guard = subprocess.Popen(
                 [sys.executable, "-I", __file__, "guard", str(self.statedir)],
                 stdin=read_end,
                 stdout=log,
@@ -671,9 +686,7 @@ class Rig:
         (etc / "libvirt/libvirtd.conf").write_text(_libvirtd_conf(host))
         (etc / "libvirt/qemu.conf").write_text(_qemu_conf(host))
         (etc / "libvirt/libvirt.conf").write_text('uri_default = "qemu:///system"\n')
-        hosts = "".join(
-            f"{p.netns_ip if netns else p.loopback_ip}\t{p.name}\n" for p in _PLANS
-        )
+        hosts = "".join(f"{p.netns_ip if netns else p.loopback_ip}\t{p.name}\n" for p in _PLANS)
         (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n{hosts}")
         (etc / "resolv.conf").write_text("# empty on purpose: no DNS inside the rig\n")
         return host
@@ -694,7 +707,7 @@ class Rig:
         env = dict(os.environ, LC_ALL="C", PATH=_PATH)
         env[MARKER] = str(self.statedir)
         with (host.dir / "libvirtd.out").open("wb") as out:
-            host.proc = subprocess.Popen(  # noqa: S603
+            host.proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -759,10 +772,15 @@ class Rig:
             "timings": self.timings,
             "hosts": [
                 {
-                    "name": h.name, "ip": h.ip, "uuid": h.uuid, "netns": h.netns,
-                    "local_uri": h.local_uri, "p2p_uri": h.p2p_uri, "migrate_uri": h.migrate_uri,
+                    "name": h.name,
+                    "ip": h.ip,
+                    "uuid": h.uuid,
+                    "netns": h.netns,
+                    "local_uri": h.local_uri,
+                    "p2p_uri": h.p2p_uri,
+                    "migrate_uri": h.migrate_uri,
                     "tini_pid": h.proc.pid if h.proc else None,
-                }  # fmt: skip
+                }
                 for h in self.hosts
             ],
         }
