@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 
@@ -25,8 +26,6 @@ async def test_task_lines_carry_task_id_and_vm(mosquitto):
             r = await sched.call("task: suspend vm\nlist:\n  - vm-name: vm-log\n")
             assert r["list"][0]["status"] == "error"
     finally:
-        import logging
-
         for h in list(logging.getLogger().handlers):
             if h.get_name() == "asyncmigfra":
                 logging.getLogger().removeHandler(h)
