@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 from asyncmigfra.errors import AsyncmigfraError
 from asyncmigfra.settings import MqttSettings
 
-__all__ = ["Incoming", "MqttTransport", "Outgoing", "ToolClient", "TransportError"]
+__all__ = ["Delivery", "Incoming", "MqttTransport", "Outgoing", "ToolClient", "TransportError"]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -66,6 +66,19 @@ class Outgoing:
     retain: bool = False
     #: MQTT 5: echoed correlation data (for results sent to a response topic).
     correlation_data: bytes | None = None
+
+
+class Delivery:
+    """A message handed to the MQTT session; ``done`` once the broker acknowledged it."""
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: object) -> None:
+        self._info = info
+
+    @property
+    def done(self) -> bool:
+        return bool(self._info.is_published())  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -237,6 +250,31 @@ class MqttTransport:
                 await asyncio.sleep(0.2)
                 continue
             return
+
+    def publish_nowait(self, msg: Outgoing, *, response_topic: str | None = None) -> Delivery:
+        """Hand ``msg`` to the client's MQTT session at once, without awaiting the broker.
+
+        This is the fast path of the publisher (no task, future or timer per message). It is
+        as reliable as :meth:`publish`: paho keeps every QoS 1/2 message until the broker
+        acknowledged it and sends it again after a reconnect (the client object is reused),
+        also when it was handed over while disconnected. The returned :class:`Delivery`
+        tells when the broker acknowledged it. It reaches into aiomqtt's paho client
+        (``aiomqtt>=2.5,<3`` is pinned for this); without it, it raises ``TransportError``
+        and callers use :meth:`publish`.
+        """
+        paho_client = getattr(self._client, "_client", None)
+        if paho_client is None:
+            raise TransportError("no MQTT session yet")
+        props: Properties | None = None
+        if msg.correlation_data is not None and self.v5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = msg.correlation_data
+        info = paho_client.publish(
+            response_topic or msg.topic, msg.payload, msg.qos, msg.retain, props
+        )
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish refused by the MQTT client: rc={info.rc}")
+        return Delivery(info)
 
     async def unsubscribe_all(self) -> None:
         """Stop receiving tasks (graceful shutdown); a no-op while disconnected."""

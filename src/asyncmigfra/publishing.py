@@ -1,23 +1,23 @@
-"""Outgoing messages: one queue, pipelined publishes, nothing terminal ever dropped.
+"""Outgoing messages: one queue, handed to the MQTT session in order, nothing terminal dropped.
 
 Results and events are queued here without blocking the code that produced them. The
-publisher sends them in queue order (paho writes them to the socket in the order
-``publish`` is called) while up to ``max_in_flight`` acknowledgements are outstanding, so a
-slow broker round trip does not serialise the agent. While the broker is unreachable the
-queue simply grows; :meth:`MqttTransport.publish` retries each message after reconnecting.
-Progress events (the only droppable kind) are dropped when the backlog is large: a newer
-one will follow, and ``percent`` is carried by the last one.
+publisher hands them to the MQTT client's session in queue order; the session keeps every
+QoS 1 message until the broker acknowledged it and sends it again after a reconnect, so no
+per-message task or wait is needed (see ``MqttTransport.publish_nowait``). Before the first
+connection, messages wait in the queue. Progress events (the only droppable kind) are dropped
+when the backlog is large: a newer one follows, and the last one carries ``percent``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import structlog
 
-from asyncmigfra.mqtt import MqttTransport, Outgoing
+from asyncmigfra.mqtt import Delivery, MqttTransport, Outgoing, TransportError
 from asyncmigfra.rendering import render_event
 
 __all__ = ["EventPublisher", "Publisher"]
@@ -34,16 +34,11 @@ class _Item:
 class Publisher:
     """Owns the outgoing queue; :meth:`run` is its one long-lived task."""
 
-    def __init__(
-        self, transport: MqttTransport, *, max_in_flight: int = 256, max_backlog: int = 10_000
-    ) -> None:
+    def __init__(self, transport: MqttTransport, *, max_backlog: int = 10_000) -> None:
         self._transport = transport
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._unacked: deque[Delivery] = deque()
         self._max_backlog = max_backlog
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.published = 0
         self.dropped = 0
 
@@ -53,34 +48,50 @@ class Publisher:
         if droppable and self._queue.qsize() >= self._max_backlog:
             self.dropped += 1
             return
-        self._idle.clear()
         self._queue.put_nowait(_Item(msg, response_topic))
+
+    async def run(self) -> None:
+        """Hand queued messages to the MQTT session in order, as fast as they come.
+
+        Once the transport has connected once, messages go straight into the client's
+        session (``publish_nowait``): the session itself resends them after reconnects, so
+        nothing is awaited per message. Before the first connection they wait here.
+        """
+        while True:
+            item = await self._queue.get()
+            if not self._transport.is_connected:
+                await self._transport.wait_connected()
+            try:
+                delivery = self._transport.publish_nowait(
+                    item.msg, response_topic=item.response_topic
+                )
+            except TransportError as exc:
+                log.warning("mqtt.publish_fallback", error=str(exc))
+                await self._transport.publish(item.msg, response_topic=item.response_topic)
+                self.published += 1
+                continue
+            self.published += 1
+            if not delivery.done:
+                self._unacked.append(delivery)
+                if len(self._unacked) > 1024:
+                    self._prune()
+
+    def _prune(self) -> None:
+        while self._unacked and self._unacked[0].done:
+            self._unacked.popleft()
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize() + self._in_flight
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            while True:
-                item = await self._queue.get()
-                await self._slots.acquire()
-                self._in_flight += 1
-                tg.create_task(self._send(item), name="asyncmigfra.publish")
-
-    async def _send(self, item: _Item) -> None:
-        try:
-            await self._transport.publish(item.msg, response_topic=item.response_topic)
-            self.published += 1
-        finally:
-            self._in_flight -= 1
-            self._slots.release()
-            if self._in_flight == 0 and self._queue.empty():
-                self._idle.set()
+        self._prune()
+        return self._queue.qsize() + len(self._unacked)
 
     async def wait_idle(self) -> None:
         """Return when everything queued so far has been acknowledged by the broker."""
-        await self._idle.wait()
+        while True:
+            self._prune()
+            if self._queue.empty() and not self._unacked:
+                return
+            await asyncio.sleep(0.01)
 
 
 class EventPublisher:

@@ -20,11 +20,15 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
+
+if TYPE_CHECKING:
+    from rig.hosts import Host
 
 SOURCE = Path(__file__).with_name("guest.S")
 
@@ -223,3 +227,33 @@ def remove_domain(conn: Any, name: str) -> bool:
                 dom.undefine()
         return True
     return False
+
+
+def migrate_p2p(dom: Any, dst: Host, flags: int | None = None, timeout: float = 60.0) -> None:
+    """Peer-to-peer live migration of ``dom`` to rig host ``dst``, aborted after ``timeout``.
+
+    The source libvirtd owns a p2p migration and would keep a non-converging one running
+    forever, even after this process died; the timer aborts it so a test fails instead of
+    hanging. Default flags: LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE.
+    """
+    import libvirt  # noqa: PLC0415
+
+    if flags is None:
+        flags = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        )
+
+    def abort() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.abortJob()
+
+    timer = threading.Timer(timeout, abort)
+    timer.daemon = True
+    timer.start()
+    try:
+        dom.migrateToURI3(dst.p2p_uri, {libvirt.VIR_MIGRATE_PARAM_URI: dst.migrate_uri}, flags)
+    finally:
+        timer.cancel()

@@ -299,7 +299,7 @@ def _processes() -> Iterator[_ProcInfo]:
         yield _ProcInfo(int(entry.name), ppid, mnt, net, marker)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True unless ``pid`` is gone or a zombie (a zombie holds no namespace or resource)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -359,7 +359,7 @@ def sweep(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         killed.extend(sorted(victims))
-        while any(_alive(p) for p in victims):
+        while any(alive(p) for p in victims):
             if time.monotonic() > deadline:
                 raise RigError(f"rig processes survive SIGKILL: {sorted(victims)}")
             time.sleep(0.01)
@@ -495,6 +495,10 @@ class Rig:
 
     def host(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
+
+    @property
+    def guard_pid(self) -> int | None:
+        return self._guard.pid if self._guard else None
 
     @property
     def is_up(self) -> bool:
@@ -738,7 +742,7 @@ class Rig:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()) + 1.0)
         for host, t in zip(self.hosts, threads, strict=True):
-            if t.is_alive():
+            if t.isalive():
                 errors[host.name] = RigError(f"no answer within {self.ready_timeout:.0f} s")
         if errors:
             detail = "\n".join(
@@ -857,6 +861,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "MARKER",
+    "alive",
     "Host",
     "Rig",
     "RigError",

@@ -1,0 +1,207 @@
+"""The rig itself, proven with plain libvirt-python (no agent): identity, boot, migration,
+and that teardown leaves nothing behind, also after a crashed (SIGKILLed) session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rig import (
+    Rig,
+    build_guests,
+    domain_xml,
+    migrate_p2p,
+    read_state,
+    rig_processes,
+    wait_counter_above,
+)
+from rig.hosts import LOCK_PATH, NETNS_DIR, alive
+
+pytestmark = pytest.mark.rig
+
+RIG_NETNS = ("amfrig-a", "amfrig-b")
+
+
+def _host_uuid(conn: Any) -> str:
+    match = re.search(r"<host>\s*<uuid>([^<]+)</uuid>", conn.getCapabilities())
+    assert match, "no host UUID in capabilities"
+    return match.group(1)
+
+
+def _names(conn: Any) -> set[str]:
+    return {d.name() for d in conn.listAllDomains()}
+
+
+def test_hosts_have_distinct_identities(rig: Rig, rig_conns: dict[str, Any]) -> None:
+    hostnames = {name: conn.getHostname() for name, conn in rig_conns.items()}
+    assert hostnames == {"rig-a": "rig-a", "rig-b": "rig-b"}
+    uuids = {name: _host_uuid(conn) for name, conn in rig_conns.items()}
+    assert uuids == {h.name: h.uuid for h in rig.hosts}
+    assert len(set(uuids.values())) == 2
+
+
+def test_guest_boots_and_runs(start_guest: Callable[..., Any]) -> None:
+    dom = start_guest("idle", persistent=False)
+    first = wait_counter_above(dom, 0)
+    assert first.booted, f"no boot signature: {first}"
+    assert (first.dirty_mib, first.spin) == (0, 0)
+    assert wait_counter_above(dom, first.counter).counter > first.counter
+
+
+def test_p2p_live_migration_there_and_back(
+    rig: Rig, rig_conns: dict[str, Any], start_guest: Callable[..., Any]
+) -> None:
+    conn_a, conn_b = rig_conns["rig-a"], rig_conns["rig-b"]
+    dom = start_guest("dirty16")
+    name = dom.name()
+    on_a = wait_counter_above(dom, 0)
+    assert on_a.booted and on_a.dirty_mib == 16
+
+    t0 = time.monotonic()
+    migrate_p2p(dom, rig.b)
+    there = time.monotonic() - t0
+    assert name not in _names(conn_a), "source still has the domain (UNDEFINE_SOURCE)"
+    dom_b = conn_b.lookupByName(name)
+    assert dom_b.isActive() and dom_b.isPersistent()
+    on_b = read_state(dom_b)
+    # the same guest, not a reboot: signature there and the counter continues where it was
+    assert on_b.booted and on_b.counter >= on_a.counter
+    on_b = wait_counter_above(dom_b, on_b.counter)
+
+    t0 = time.monotonic()
+    migrate_p2p(dom_b, rig.a)
+    back = time.monotonic() - t0
+    assert name not in _names(conn_b)
+    dom_a = conn_a.lookupByName(name)
+    assert dom_a.isActive() and dom_a.isPersistent()
+    again = read_state(dom_a)
+    assert again.booted and again.counter >= on_b.counter
+    wait_counter_above(dom_a, again.counter)
+    print(f"migration A->B {there:.2f} s, B->A {back:.2f} s")
+
+
+# --- teardown, the guard and the start-up sweep --------------------------------------------
+# These take the session rig down for their duration and bring it up again afterwards.
+
+
+@pytest.fixture
+def rig_down(rig: Rig) -> Iterator[Rig]:
+    rig.down()
+    yield rig
+    rig.up()
+
+
+def _assert_nothing_left(pids: Iterable[int] = ()) -> None:
+    assert rig_processes(None, RIG_NETNS) == {}
+    assert not [n for n in RIG_NETNS if (NETNS_DIR / n).exists()]
+    # zombies do not count: a killed session's orphans are reaped by PID 1, here slowly
+    left = [p for p in pids if alive(p)]
+    assert not left, f"still running: {left}"
+
+
+def _lock_is_free() -> bool:
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_down_leaves_no_processes_or_namespaces(rig: Rig, start_guest: Callable[..., Any]) -> None:
+    wait_counter_above(start_guest("idle", persistent=False), 0)
+    ours = rig_processes([str(rig.statedir)], RIG_NETNS)
+    assert len(ours) >= 5, ours  # 2 x (tini, libvirtd) + QEMU
+    rig.down()
+    try:
+        _assert_nothing_left(ours)
+        assert _lock_is_free()
+        rig.down()  # idempotent
+    finally:
+        rig.up()
+    assert rig.is_up
+
+
+# A session that brings its own rig up, starts a guest and then waits to be killed.
+_CRASHING_SESSION = """
+import json, sys, time
+from pathlib import Path
+from rig import Rig, domain_xml
+import libvirt
+rig = Rig(Path(sys.argv[1]), cachedir=Path(sys.argv[2])).up()
+libvirt.open(rig.a.local_uri).createXML(domain_xml("crashy", sys.argv[3]), 0)
+print(json.dumps({"guard": rig.guard_pid, "state": str(rig.statedir)}), flush=True)
+time.sleep(600)
+"""
+
+
+def _crashing_session(rig: Rig, tmp_path: Path) -> tuple[subprocess.Popen[str], int, set[int]]:
+    kernel = build_guests(rig.cachedir / "guests" if rig.cachedir else tmp_path, ("idle",))
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-c", _CRASHING_SESSION,
+            str(tmp_path / "crashed"), str(rig.cachedir or tmp_path), str(kernel["idle"]),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"the crashing session failed to start (rc {proc.wait()})"
+    info = json.loads(line)
+    pids = set(rig_processes([info["state"]], RIG_NETNS))
+    assert len(pids) >= 5, pids
+    return proc, info["guard"], pids
+
+
+def test_guard_cleans_up_after_a_sigkilled_session(rig_down: Rig, tmp_path: Path) -> None:
+    proc, _guard, pids = _crashing_session(rig_down, tmp_path)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while not _lock_is_free():  # the guard holds the lock until it has swept
+        assert time.monotonic() < deadline, "the guard did not finish"
+        time.sleep(0.05)
+    _assert_nothing_left(pids)
+
+
+def test_up_sweeps_what_a_killed_session_and_guard_left(rig_down: Rig, tmp_path: Path) -> None:
+    proc, guard, pids = _crashing_session(rig_down, tmp_path)
+    os.kill(guard, signal.SIGKILL)  # nobody will clean up now
+    proc.kill()
+    proc.wait()
+    time.sleep(0.1)
+    assert set(rig_processes(None, RIG_NETNS)) >= pids - {guard}, "nothing stale to sweep?"
+    rig_down.up()
+    assert pids - {guard} <= set(rig_down.stale_killed)
+    assert not [p for p in pids if alive(p)]
+    # every rig process now is the new rig's
+    everything = rig_processes(None, RIG_NETNS).keys()
+    assert everything == rig_processes([str(rig_down.statedir)], RIG_NETNS).keys()
+    import libvirt  # noqa: PLC0415
+
+    conn = libvirt.open(rig_down.b.local_uri)
+    try:
+        assert conn.getHostname() == "rig-b"
+    finally:
+        conn.close()
+
+
+def test_domain_xml_refuses_kernels_the_hosts_cannot_see() -> None:
+    with pytest.raises(ValueError, match="/var/"):
+        domain_xml("x", "/var/tmp/guest.elf")
