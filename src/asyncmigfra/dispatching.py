@@ -181,6 +181,10 @@ class Dispatcher:
         self._on_quit = on_quit
         self._lanes = _Lanes()
         self._slots = asyncio.Semaphore(settings.limits.max_concurrent_tasks)
+        # Migrations wait for these (never fail on them): outgoing from this host, and
+        # incoming per destination as far as this agent sends them (oVirt's defaults: 2/2).
+        self._outgoing = asyncio.Semaphore(settings.migration.max_outgoing)
+        self._incoming: dict[str, asyncio.Semaphore] = {}
         self._jobs: set[_Job] = set()
         self._by_id: dict[str, list[_Job]] = {}
         self._running_keys: set[tuple[str, str]] = set()
@@ -434,9 +438,20 @@ class Dispatcher:
             timer=TimeMeasurement(enabled=spec.time_measurement),
         )
         run.ctx = ctx
-        entry = await run_subtask(
-            spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
-        )
+        if isinstance(spec, MigrateSpec):
+            incoming = self._incoming.setdefault(
+                spec.destination, asyncio.Semaphore(self._settings.migration.max_incoming)
+            )
+            if self._outgoing.locked() or incoming.locked():
+                ctx.phase("waiting")
+            async with self._outgoing, incoming:
+                entry = await run_subtask(
+                    spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
+                )
+        else:
+            entry = await run_subtask(
+                spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
+            )
         self._report(job, entry, time.monotonic() - ctx.started)
         return entry
 

@@ -219,3 +219,35 @@ async def test_busy_vm_lane_serialises_migrate_and_stop(mosquitto):
         # The stop waited for the migration, and by then the VM had left this host.
         assert r2["list"][0]["code"] == "vm-not-found"
         await asyncio.sleep(0)
+
+
+async def test_outgoing_migrations_wait_for_the_per_host_limit(mosquitto):
+    """Over ``migration.max-outgoing`` a migration waits its turn (phase ``waiting``)."""
+    doms = [_dom(f"q{i}", memory=GIB // 4) for i in range(3)]
+    async with two_hosts(mosquitto.port, doms, bandwidth=1000, migration={"max_outgoing": 1}) as (
+        _,
+        sched,
+        shared,
+    ):
+        _, dest = shared["names"]
+        for i in range(3):
+            await sched.publish(
+                f"id: q{i}\ntask: migrate vm\nvm-name: q{i}\ndestination: {dest}\n"
+                "parameter:\n  migration-type: live\n"
+            )
+        results = [await sched.result_for(f"q{i}", timeout=20) for i in range(3)]
+        assert all(r["status"] == "success" for r in results)
+        waited = [
+            i
+            for i in range(3)
+            if any(e["phase"] == "waiting" for e in sched.events_for(f"q{i}", "phase"))
+        ]
+        assert len(waited) == 2
+        spans = []
+        for i in range(3):
+            phases = sched.events_for(f"q{i}", "phase")
+            start = next(e["time"] for e in phases if e["phase"] == "migrating")
+            end = sched.events_for(f"q{i}", "done")[0]["time"]
+            spans.append((start, end))
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans

@@ -219,10 +219,11 @@ def remove_domain(conn: Any, name: str) -> bool:
     for dom in conn.listAllDomains():
         if dom.name() != name:
             continue
+        persistent = dom.isPersistent()  # ask first: a destroyed transient domain is gone
         if dom.isActive():
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
-        if dom.isPersistent():
+        if persistent:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.undefine()
         return True

@@ -742,7 +742,7 @@ class Rig:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()) + 1.0)
         for host, t in zip(self.hosts, threads, strict=True):
-            if t.isalive():
+            if t.is_alive():
                 errors[host.name] = RigError(f"no answer within {self.ready_timeout:.0f} s")
         if errors:
             detail = "\n".join(
