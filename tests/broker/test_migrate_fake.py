@@ -4,6 +4,7 @@ simulated cluster): progress events, honest results, cancel and the completion t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -250,4 +251,4 @@ async def test_outgoing_migrations_wait_for_the_per_host_limit(mosquitto):
             end = sched.events_for(f"q{i}", "done")[0]["time"]
             spans.append((start, end))
         spans.sort()
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
