@@ -4,8 +4,8 @@ simulated cluster): progress events, honest results, cancel and the completion t
 from __future__ import annotations
 
 import asyncio
-import itertools
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
