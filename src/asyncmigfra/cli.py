@@ -59,18 +59,16 @@ def _agent(args: argparse.Namespace) -> int:
     if args.log_level:
         logging = replace(logging, level=args.log_level)
     configure_logging(logging)
+
+    async def run() -> int:
+        # Built inside the running loop: a hypervisor back-end may need it.
+        return await Agent(settings, install_signal_handlers=True).run()
+
     try:
-        agent_factory = Agent  # built inside the loop: asyncio primitives need no loop, but
-        return asyncio.run(_run_agent(agent_factory, settings))
-    except ConfigError as exc:
+        return asyncio.run(run())
+    except ConfigError as exc:  # a back-end checks its options when it is built
         print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)
         return 2
-
-
-async def _run_agent(agent_factory: type, settings: object) -> int:
-    agent = agent_factory(settings, install_signal_handlers=True)
-    code: int = await agent.run()
-    return code
 
 
 def _demo(args: argparse.Namespace) -> int:
