@@ -38,7 +38,14 @@ from typing import Literal
 import structlog
 
 from asyncmigfra import __version__
-from asyncmigfra.errors import InvalidTask, TaskCancelled, TaskError, TaskRejected, WrongState
+from asyncmigfra.errors import (
+    InvalidTask,
+    NoDestination,
+    TaskCancelled,
+    TaskError,
+    TaskRejected,
+    WrongState,
+)
 from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.model import (
@@ -60,6 +67,8 @@ from asyncmigfra.timing import TimeMeasurement
 __all__ = ["Dispatcher", "DispatcherStats", "Reply"]
 
 log = structlog.stdlib.get_logger(__name__)
+
+_SHUTTING_DOWN = "the agent is shutting down; send the task again later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +261,9 @@ class Dispatcher:
 
     def submit(self, msg: TaskMessage, *, payload: bytes, reply: Reply | None = None) -> None:
         """Accept a parsed message (non-blocking). Every path ends in exactly one result."""
+        if self._tg is None or self._stop.is_set():
+            self._refuse(msg, reply, "busy", _SHUTTING_DOWN)
+            return
         if msg.kind is TaskKind.STATUS:
             self._spawn(self._answer_status(msg, reply), f"status[{msg.id}]")
             return
@@ -265,11 +277,18 @@ class Dispatcher:
             self._answer_quit(msg, reply)
             return
         if self._draining:
-            self._refuse(
-                msg, reply, "busy", "the agent is shutting down; send the task again later"
-            )
+            self._refuse(msg, reply, "busy", _SHUTTING_DOWN)
             return
         limit = self._settings.limits.max_queued_tasks
+        if len(msg.subtasks) > limit:
+            self._refuse(
+                msg,
+                reply,
+                "busy",
+                f"the message has {len(msg.subtasks)} subtasks, more than the agent ever queues "
+                f"(limits.max-queued-tasks: {limit}); split it",
+            )
+            return
         if self.queued + len(msg.subtasks) > limit:
             self._refuse(
                 msg,
@@ -285,9 +304,12 @@ class Dispatcher:
             for i, s in enumerate(msg.subtasks)
         ]
         job = _Job(msg=msg, reply=reply, key=key, runs=runs)
+        # Every subtask takes its place in its VM's lane now, in arrival order; a sequential
+        # one also waits for the earlier subtasks of its message. Waits only point to earlier
+        # (message, subtask) pairs, so they cannot form a cycle.
         for run in runs:
             lane = run.spec.lane
-            if lane and not run.sequential:
+            if lane:
                 run.ticket = self._lanes.reserve(lane)
         self.queued += len(runs)
         self._jobs.add(job)
@@ -327,6 +349,8 @@ class Dispatcher:
             ResultEntry(vm_name=s.result_name, status="error", code=code, details=details)
             for s in msg.subtasks
         ]
+        if msg.kind is TaskKind.STATUS:
+            entries = [ResultEntry(vm_name="n/a", status="error", code=code, details=details)]
         self._deliver(self._result(msg, entries), reply)
 
     # ---------------------------------------------------------------- running
@@ -395,8 +419,17 @@ class Dispatcher:
             exc = TaskCancelled(run.cancel_reason)
             timer = run.ctx.timer if run.ctx else None
             entry = error_entry(run.spec.result_name, exc, timer)
-            self._events.error(job.msg.id, run.spec.result_name, code=exc.code, details=str(exc))
-            self._events.done(job.msg.id, run.spec.result_name, status="error", duration=0.0)
+            self._report(job, entry, time.monotonic() - (run.started or job.received))
+            return [entry]
+        except Exception as exc:
+            log.exception("task.crashed", task_id=job.msg.id)
+            entry = ResultEntry(
+                vm_name=run.spec.result_name,
+                status="error",
+                code="hypervisor-error",
+                details=f"internal error: {exc.__class__.__name__}: {exc}",
+            )
+            self._report(job, entry, time.monotonic() - (run.started or job.received))
             return [entry]
         finally:
             if run.state == "queued":
@@ -462,18 +495,21 @@ class Dispatcher:
             )
         self._events.done(job.msg.id, entry.vm_name, status=entry.status, duration=duration)
 
+    def _failed(self, job: _Job, vm_name: str, exc: TaskError) -> ResultEntry:
+        entry = error_entry(vm_name, exc)
+        self._report(job, entry, 0.0)
+        return entry
+
     async def _stop_regex(self, job: _Job, run: _Run, spec: StopSpec) -> list[ResultEntry]:
         """Stop every active domain whose name fully matches; one entry per VM (spec 1.4)."""
         assert spec.regex is not None
         try:
             pattern = re.compile(spec.regex)
-        except re.error as exc:
-            err = InvalidTask(f"invalid regex {spec.regex!r}: {exc}")
-            return [error_entry(spec.regex, err)]
-        try:
             domains = await self._hv.list_domains(active_only=True)
+        except re.error as exc:
+            return [self._failed(job, spec.regex, InvalidTask(f"invalid regex: {exc}"))]
         except TaskError as exc:
-            return [error_entry(spec.regex, exc)]
+            return [self._failed(job, spec.regex, exc)]
         names = [d.name for d in domains if pattern.fullmatch(d.name)]
         if not names:
             return [ResultEntry(vm_name=spec.regex, status="success", details=None)]
@@ -492,9 +528,12 @@ class Dispatcher:
         try:
             domains = await self._hv.list_domains(active_only=True)
         except TaskError as exc:
-            return [error_entry("n/a", exc)]
+            return [self._failed(job, "n/a", exc)]
         if not domains:
             return []
+        if not spec.destinations:
+            err = NoDestination("No destination host left to evacuate to.")
+            return [self._failed(job, d.name, err) for d in domains]
         limit = asyncio.Semaphore(spec.max_parallel or self._settings.migration.max_outgoing)
 
         async def move(i: int, name: str) -> ResultEntry:

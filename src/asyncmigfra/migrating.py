@@ -48,8 +48,6 @@ log = structlog.stdlib.get_logger(__name__)
 
 #: s allowed for aborting a job (libvirt calls can hang; KubeVirt allows 30 s).
 ABORT_TIMEOUT = 30.0
-#: Downtime target when neither the task nor the config names a maximum (ms).
-DEFAULT_MAX_DOWNTIME = 500
 #: Steps of the downtime schedule.
 DOWNTIME_STEPS = 5
 #: Iterations to wait at the maximum downtime before switching to post-copy.
@@ -72,7 +70,8 @@ class EngineContext(Protocol):
 @dataclass(frozen=True, slots=True)
 class MigrationPlan:
     request: MigrationRequest
-    max_downtime: int
+    #: ms; ``None``: the hypervisor's default target, never raised by the agent.
+    max_downtime: int | None
     completion_timeout: float
     timeout_action: str
     retries: int
@@ -84,8 +83,8 @@ def plan_migration(
 ) -> MigrationPlan:
     """Resolve every parameter from the task, then the agent's ``migration:`` defaults."""
     p: MigrationParams = spec.parameter
-    mode = p.migration_type
-    max_downtime = p.max_downtime or defaults.max_downtime or DEFAULT_MAX_DOWNTIME
+    mode = p.migration_type or defaults.migration_type
+    max_downtime = p.max_downtime if p.max_downtime is not None else defaults.max_downtime
     gib = memory_kib / (1024 * 1024)
     timeout = p.completion_timeout or max(
         defaults.completion_timeout_min, defaults.completion_timeout_per_gib * gib
@@ -98,7 +97,7 @@ def plan_migration(
         transport=p.transport or transport,
         rdma=p.rdma_migration,
         bandwidth=p.bandwidth if p.bandwidth is not None else defaults.bandwidth,
-        initial_downtime=_downtime_schedule(max_downtime)[0],
+        initial_downtime=_downtime_schedule(max_downtime)[0] if max_downtime else None,
         auto_converge=p.auto_converge if p.auto_converge is not None else defaults.auto_converge,
         compressed=p.compressed if p.compressed is not None else defaults.compressed,
         parallel_connections=p.parallel_connections or defaults.parallel_connections,
@@ -132,7 +131,7 @@ def _downtime_schedule(max_downtime: int) -> list[int]:
 class ConvergencePolicy:
     """Per-iteration decisions. Pure: feed it one ``JobStats`` per iteration."""
 
-    max_downtime: int
+    max_downtime: int | None
     post_copy_allowed: bool
     schedule: list[int] = field(init=False)
     step: int = 0
@@ -141,11 +140,12 @@ class ConvergencePolicy:
     post_copy_started: bool = False
 
     def __post_init__(self) -> None:
-        self.schedule = _downtime_schedule(self.max_downtime)
+        self.schedule = _downtime_schedule(self.max_downtime) if self.max_downtime else []
 
     @property
-    def downtime(self) -> int:
-        return self.schedule[self.step]
+    def downtime(self) -> int | None:
+        """The current target (ms); ``None`` while the hypervisor's default applies."""
+        return self.schedule[self.step] if self.schedule else None
 
     def on_iteration(self, stats: JobStats) -> str | None:
         """Return the action to take now (``raise-downtime``, ``post-copy``) or ``None``."""
@@ -154,7 +154,7 @@ class ConvergencePolicy:
         self.last_remaining = remaining
         if stats.iteration < 2 or not stalled or self.post_copy_started:
             return None
-        if self.step < len(self.schedule) - 1:
+        if self.schedule and self.step < len(self.schedule) - 1:
             self.step += 1
             return "raise-downtime"
         self.stalls_at_max += 1
@@ -168,13 +168,13 @@ class ConvergencePolicy:
 class _Progress:
     """Turns job samples into progress event fields; ``percent`` never decreases."""
 
-    max_downtime: int
+    max_downtime: int | None
     percent: float = 0.0
     started: float = field(default_factory=time.monotonic)
     last: JobStats | None = None
 
     def fields(
-        self, stats: JobStats | None, *, phase: str, action: str | None, downtime: int
+        self, stats: JobStats | None, *, phase: str, action: str | None, downtime: int | None
     ) -> dict[str, object]:
         out: dict[str, object] = {"phase": phase}
         if stats is not None:
@@ -206,12 +206,13 @@ class _Progress:
                     "percent": round(self.percent, 1),
                 }
             )
-        out["max-downtime"] = downtime
+        if downtime is not None:
+            out["max-downtime"] = downtime
         if action is not None:
             out["action"] = action
         return out
 
-    def final(self, *, downtime: int) -> dict[str, object]:
+    def final(self, *, downtime: int | None) -> dict[str, object]:
         """The last event of a completed job: 100 %, nothing left to copy."""
         last = self.last
         out: dict[str, object] = {"phase": "completed"}
@@ -224,7 +225,8 @@ class _Progress:
             out["memory-remaining"] = 0
             out["data-remaining"] = 0
             out["transfer-rate"] = last.transfer_rate
-        out["max-downtime"] = downtime
+        if downtime is not None:
+            out["max-downtime"] = downtime
         return out
 
 
@@ -241,8 +243,15 @@ async def migrate(
     spec: MigrateSpec, ctx: EngineContext, *, hypervisor: Hypervisor, settings: Settings
 ) -> MigrationResult:
     """Migrate one VM; on success ``ctx.extra`` gets ``destination`` (and ``retries``)."""
-    if spec.parameter.swap_with is not None:
+    params = spec.parameter
+    # Not built yet (they need the destination's side of the work); refusing is honest, a
+    # silent skip would leave MPI processes running or a guest paused on the destination.
+    if params.swap_with is not None:
         raise NotSupported("swap-with is not supported by this agent version yet")
+    if params.vcpu_map is not None:
+        raise NotSupported("vcpu-map on migrate (repin on the destination) is not supported yet")
+    if params.pscom_hook_procs not in (None, 0):
+        raise NotSupported("pscom-hook-procs (the pscom hook) is not supported yet")
     memory = await _memory_of(hypervisor, spec.vm_name)
     plan = plan_migration(
         spec,
@@ -298,9 +307,19 @@ async def _migrate_once(
                 interval=settings.agent.progress_interval,
             )
         except asyncio.CancelledError:
-            log.info("migration.cancelling")
-            await _abort_bounded(job)
-            raise
+            if not policy.post_copy_started:
+                log.info("migration.cancelling")
+                await _abort_bounded(job)
+                raise
+            # Post-copy cannot be undone (the guest already runs on the destination): finish
+            # it and report what really happened instead of a false "cancelled".
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.warning("migration.cancel_ignored_in_post_copy")
+            ctx.extra["details"] = "cancel arrived during post-copy, which cannot be undone"
+            async with asyncio.timeout(plan.completion_timeout):
+                await asyncio.wait({done})
         finally:
             await _settle(done)
         result = done.result()
@@ -378,7 +397,7 @@ async def _settle(done: asyncio.Future[MigrationResult]) -> None:
 async def _apply(
     action: str | None, job: MigrationJob, policy: ConvergencePolicy, ctx: EngineContext
 ) -> str | None:
-    if action == "raise-downtime":
+    if action == "raise-downtime" and policy.downtime is not None:
         await job.set_max_downtime(policy.downtime)
         log.info("migration.downtime_raised", downtime=policy.downtime)
     elif action == "post-copy":
@@ -393,6 +412,9 @@ async def _on_timeout(
 ) -> str:
     action = plan.timeout_action
     log.warning("migration.completion_timeout", action=action, limit=plan.completion_timeout)
+    if policy.post_copy_started:
+        # Nothing can stop post-copy; it finishes on its own (and fast).
+        return "post-copy"
     if action == "post-copy" and plan.request.mode == "post-copy" and not policy.post_copy_started:
         policy.post_copy_started = True
         ctx.phase("post-copy")

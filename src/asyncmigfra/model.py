@@ -234,7 +234,8 @@ class SwapWith:
 class MigrationParams:
     """``parameter:`` of ``migrate vm`` (and of ``evacuate node``). ``None``: config default."""
 
-    migration_type: MigrationType = "warm"
+    #: ``None``: the agent's ``migration.migration-type`` (default ``warm``, as the original).
+    migration_type: MigrationType | None = None
     rdma_migration: bool = False
     pscom_hook_procs: PscomProcs | None = None
     transport: str | None = None

@@ -1046,7 +1046,8 @@ def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
     """``parameter:`` of migrate (``migrate=True``) or evacuate (no swap-with, no vcpu-map)."""
     if f is None:
         return MigrationParams()
-    migration_type = cast("MigrationType", f.choice("migration-type", _MIGRATION_TYPES) or "warm")
+    # None: the agent's configured default (migration.migration-type, itself "warm").
+    migration_type = cast("MigrationType | None", f.choice("migration-type", _MIGRATION_TYPES))
     retry_old = f.uint("retry_counter")
     retry_new = f.uint("retry-counter")
     swap_with: SwapWith | None = None

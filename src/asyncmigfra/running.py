@@ -86,7 +86,9 @@ async def run_subtask(
             await _operate(spec, ctx, hypervisor=hypervisor, settings=settings, vm_name=name)
     except TaskError as exc:
         log.info("task.failed", code=exc.code, details=str(exc))
-        return error_entry(name, exc, ctx.timer)
+        entry = error_entry(name, exc, ctx.timer)
+        entry.extra = {k: v for k, v in ctx.extra.items() if k != "details"}
+        return entry
     except Exception as exc:
         log.exception("task.crashed")
         return ResultEntry(
@@ -96,11 +98,14 @@ async def run_subtask(
             code="hypervisor-error",
             time_measurement=ctx.timer.snapshot(),
         )
+    extra = dict(ctx.extra)
+    note = extra.pop("details", None)
     return ResultEntry(
         vm_name=name,
         status="success",
+        details=str(note) if note else None,
         time_measurement=ctx.timer.snapshot(),
-        extra=dict(ctx.extra),
+        extra=extra,
     )
 
 

@@ -317,3 +317,35 @@ async def test_reconnects_and_resubscribes_after_broker_restart(private_mosquitt
         async with scheduler(port, prefix) as sched:
             r = await sched.call("task: resume vm\nlist:\n  - vm-name: v\n")
             assert r["list"][0]["status"] == "success"
+
+
+async def test_sequential_subtasks_keep_their_place_in_the_vm_lane(mosquitto):
+    """A ``concurrent-execution: false`` subtask reserves its VM's lane on arrival, so a later
+    message on that VM waits for it (spec 1.1 with the per-VM order guarantee)."""
+    opts = {
+        "start-delay": 0.3,
+        "domains": [
+            {"name": "s0", "vcpus": 1, "memory": 1024, "state": "shutoff"},
+            {"name": "s1", "vcpus": 1, "memory": 1024, "state": "shutoff"},
+        ],
+    }
+    async with agent_and_scheduler(mosquitto.port, hv_type="fake", hv_options=opts) as (_, sched):
+        await sched.publish(
+            "id: seq\ntask: start vm\nconcurrent-execution: false\nvm-configurations:\n"
+            "  - vm-name: s0\n    probe-with-ssh: false\n"
+            "  - vm-name: s1\n    probe-with-ssh: false\n"
+        )
+        await sched.publish("id: later\ntask: suspend vm\nlist:\n  - vm-name: s1\n")
+        later = await sched.result_for("later")
+        seq = await sched.result_for("seq")
+        assert [e["status"] for e in seq["list"]] == ["success", "success"]
+        assert later["list"][0]["status"] == "success", "suspend ran before s1 was started"
+
+
+async def test_message_larger_than_the_queue_is_refused_with_a_reason(mosquitto):
+    async with agent_and_scheduler(mosquitto.port, limits={"max_queued_tasks": 2}) as (_, sched):
+        r = await sched.call(
+            "task: stop vm\nlist:\n  - vm-name: a\n  - vm-name: b\n  - vm-name: c\n"
+        )
+        assert {e["code"] for e in r["list"]} == {"busy"}
+        assert "split it" in r["list"][0]["details"]

@@ -252,3 +252,31 @@ async def test_outgoing_migrations_wait_for_the_per_host_limit(mosquitto):
             spans.append((start, end))
         spans.sort()
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
+
+
+async def test_evacuate_without_destinations_answers_no_destination(mosquitto):
+    async with two_hosts(mosquitto.port, [_dom("x1"), _dom("x2")]) as (_, sched, _shared):
+        r = await sched.call("task: evacuate node\ndestinations: []\n")
+        assert sorted(e["vm-name"] for e in r["list"]) == ["x1", "x2"]
+        assert {e["code"] for e in r["list"]} == {"no-destination"}
+        # ...and the agent keeps serving.
+        assert (await sched.call("task: status\n"))["result"] == "status"
+
+
+@pytest.mark.parametrize(
+    ("parameter", "what"),
+    [
+        pytest.param("  vcpu-map: [[0]]\n", "vcpu-map", id="vcpu-map"),
+        pytest.param("  pscom-hook-procs: 4\n", "pscom", id="pscom"),
+        pytest.param("  swap-with:\n    vm-name: other\n", "swap-with", id="swap-with"),
+    ],
+)
+async def test_unbuilt_migration_companions_are_refused_not_skipped(mosquitto, parameter, what):
+    async with two_hosts(mosquitto.port, [_dom("c")]) as (_, sched, shared):
+        src, dest = shared["names"]
+        r = await sched.call(
+            f"task: migrate vm\nvm-name: c\ndestination: {dest}\nparameter:\n{parameter}"
+        )
+        assert (r["status"], r["code"]) == ("error", "not-supported")
+        assert what in r["details"]
+        assert _cluster(shared).locate("c") == src

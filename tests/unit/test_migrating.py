@@ -134,3 +134,22 @@ def test_time_measurement_accumulates_repeated_tags_and_reports_running_ones():
     assert snap is not None
     assert set(snap) == {"migrate", "overall"}
     assert TimeMeasurement(enabled=False).snapshot() is None
+
+
+def test_agent_default_migration_type_applies_when_the_task_names_none():
+    assert plan(MigrationParams(), migration_type="live").request.mode == "live"
+    assert plan(MigrationParams()).request.mode == "warm"
+    assert plan(MigrationParams(migration_type="offline"), migration_type="live").request.mode == (
+        "offline"
+    )
+
+
+def test_without_max_downtime_the_hypervisor_default_is_left_alone():
+    p = plan(MigrationParams())
+    assert p.max_downtime is None
+    assert p.request.initial_downtime is None
+    policy = ConvergencePolicy(max_downtime=None, post_copy_allowed=True)
+    assert policy.downtime is None
+    actions = [policy.on_iteration(stats(i, 1000)) for i in range(1, 6)]
+    assert "raise-downtime" not in actions
+    assert "post-copy" in actions

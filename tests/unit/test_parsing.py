@@ -869,7 +869,9 @@ def test_spec_1_7_migrate_minimal_defaults() -> None:
     spec = msg.subtasks[0]
     assert isinstance(spec, MigrateSpec)
     assert spec.parameter == MigrationParams()
-    assert (spec.parameter.migration_type, spec.parameter.rdma_migration) == ("warm", False)
+    # No migration-type: the agent's configured default applies (migration.migration-type,
+    # itself "warm" like the original), so the parser leaves it unset.
+    assert (spec.parameter.migration_type, spec.parameter.rdma_migration) == (None, False)
 
 
 def test_spec_1_7_migrate_all_parameters() -> None:
