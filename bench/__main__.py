@@ -97,6 +97,7 @@ def agent_process(port: int, host: str) -> Iterator[subprocess.Popen[bytes]]:
             "hypervisor:\n  type: dummy\n  never-throw: true\n"
             "logging:\n  level: warning\n  format: json\n"
             "limits:\n  max-queued-tasks: 100000\n"
+            f"agent:\n  state-dir: {tmp}/state\n"
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],

@@ -49,6 +49,7 @@ def agent_settings(
         mqtt=mqtt,
         hypervisor=HypervisorSettings(type=hv_type, options=options),
         shutdown=replace(base.shutdown, grace_period=5.0),
+        agent=replace(base.agent, state_dir="none"),
     )
     for section, values in sections.items():
         settings = replace(settings, **{section: replace(getattr(settings, section), **values)})

@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 from collections.abc import MutableMapping
+from pathlib import Path
 
 import structlog
 
@@ -34,7 +35,8 @@ from asyncmigfra.errors import TaskRejected
 from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
-from asyncmigfra.model import ResultMessage
+from asyncmigfra.journal import Journal, JournalRecord
+from asyncmigfra.model import ResultMessage, TaskMessage
 from asyncmigfra.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.parsing import parse_task
 from asyncmigfra.publishing import EventPublisher, Publisher
@@ -49,6 +51,19 @@ log = structlog.stdlib.get_logger(__name__)
 _THREAD_PARSE_BYTES = 64 * 1024
 #: s the publisher gets to flush at shutdown.
 _FLUSH_TIMEOUT = 10.0
+
+
+def resolve_state_dir(settings: Settings) -> Path | None:
+    """The journal directory from ``agent.state-dir`` (``auto``, ``none`` or a path)."""
+    value = settings.agent.state_dir
+    if value.lower() == "none":
+        return None
+    if value.lower() != "auto":
+        return Path(value)
+    if os.geteuid() == 0:
+        return Path("/var/lib/asyncmigfra") / settings.hostname
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "asyncmigfra" / settings.hostname
 
 
 def build_hypervisor(settings: Settings, shared: MutableMapping[str, object]) -> Hypervisor:
@@ -89,12 +104,15 @@ class Agent:
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
         )
+        state_dir = resolve_state_dir(settings)
+        self.journal = Journal(state_dir) if state_dir is not None else None
         self.dispatcher = Dispatcher(
             hypervisor=self.hypervisor,
             settings=settings,
             events=self.events,
             deliver=self._deliver,
             on_quit=self.request_stop,
+            journal=self.journal,
         )
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         self.ready = asyncio.Event()
@@ -141,52 +159,95 @@ class Agent:
         self._intake.put_nowait(message)
 
     async def _intake_loop(self) -> None:
-        limits = self.settings.limits
         while True:
             message = await self._intake.get()
-            reply = None
-            if message.response_topic:
-                reply = Reply(message.response_topic, message.correlation_data)
-            try:
-                if len(message.payload) >= _THREAD_PARSE_BYTES:
-                    task = await asyncio.to_thread(
-                        parse_task,
-                        message.payload,
-                        max_size=limits.max_message_size,
-                        max_nodes=limits.max_yaml_nodes,
-                        max_depth=limits.max_yaml_depth,
-                    )
-                else:
-                    task = parse_task(
-                        message.payload,
-                        max_size=limits.max_message_size,
-                        max_nodes=limits.max_yaml_nodes,
-                        max_depth=limits.max_yaml_depth,
-                    )
-            except TaskRejected as exc:
-                log.info("task.rejected", code=exc.code, details=exc.details, task_id=exc.task_id)
-                self.dispatcher.reject(exc, reply)
-                continue
-            if len(task.subtasks) > limits.max_subtasks:
-                too_many = TaskRejected(
-                    "invalid-message",
-                    f"{len(task.subtasks)} subtasks exceed the limit of {limits.max_subtasks} "
-                    "(limits.max-subtasks)",
-                    task_id=task.id,
-                )
-                self.dispatcher.reject(too_many, reply)
-                continue
-            log.debug("task.received", task_id=task.id, task=task.kind.value)
-            self.dispatcher.submit(task, payload=message.payload, reply=reply)
+            if len(message.payload) >= _THREAD_PARSE_BYTES:
+                # Large payloads are parsed off the loop; order is kept (one at a time).
+                parsed = await asyncio.to_thread(self._parse, message.payload)
+            else:
+                parsed = self._parse(message.payload)
+            self._dispatch(message, parsed)
 
-    def _deliver(self, result: ResultMessage, reply: Reply | None) -> None:
-        payload = render_result(result)
-        self.publisher.put_nowait(Outgoing(self.settings.mqtt.result_topic, payload, qos=1))
+    def _answer_leftovers(self) -> None:
+        """Answer messages that arrived after intake stopped (the dispatcher refuses them)."""
+        while not self._intake.empty():
+            message = self._intake.get_nowait()
+            self._dispatch(message, self._parse(message.payload))
+
+    def _parse(self, payload: bytes) -> TaskMessage | TaskRejected:
+        limits = self.settings.limits
+        try:
+            task = parse_task(
+                payload,
+                max_size=limits.max_message_size,
+                max_nodes=limits.max_yaml_nodes,
+                max_depth=limits.max_yaml_depth,
+            )
+        except TaskRejected as exc:
+            return exc
+        if len(task.subtasks) > limits.max_subtasks:
+            return TaskRejected(
+                "invalid-message",
+                f"{len(task.subtasks)} subtasks exceed the limit of {limits.max_subtasks} "
+                "(limits.max-subtasks)",
+                task_id=task.id,
+            )
+        return task
+
+    def _dispatch(self, message: Incoming, parsed: TaskMessage | TaskRejected) -> None:
+        reply = None
+        if message.response_topic:
+            reply = Reply(message.response_topic, message.correlation_data)
+        if isinstance(parsed, TaskRejected):
+            log.info(
+                "task.rejected", code=parsed.code, details=parsed.details, task_id=parsed.task_id
+            )
+            self.dispatcher.reject(parsed, reply)
+            return
+        log.debug("task.received", task_id=parsed.id, task=parsed.kind.value)
+        self.dispatcher.submit(parsed, payload=message.payload, reply=reply)
+
+    def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
+        self._publish_result(render_result(result), reply, key)
+
+    def _publish_result(self, payload: bytes, reply: Reply | None, key: str | None) -> None:
+        on_delivered = None
+        if key is not None and self.journal is not None:
+            journal = self.journal
+            journal.finished(key, payload)
+
+            def on_delivered() -> None:
+                journal.delivered(key)
+
+        self.publisher.put_nowait(
+            Outgoing(self.settings.mqtt.result_topic, payload, qos=1), on_delivered=on_delivered
+        )
         if reply is not None and reply.response_topic:
             self.publisher.put_nowait(
                 Outgoing(
                     reply.response_topic, payload, qos=1, correlation_data=reply.correlation_data
                 )
+            )
+
+    def _recover(self, records: list[JournalRecord]) -> None:
+        """Pick up what a previous run left: owed results, tasks to run or reconcile."""
+        for rec in records:
+            reply = Reply(rec.response_topic, rec.correlation) if rec.response_topic else None
+            if rec.state == "finished" and rec.result is not None:
+                log.info("journal.result_republished", task_id=rec.task_id)
+                self._publish_result(rec.result, reply, rec.key)
+                continue
+            parsed = self._parse(rec.payload)
+            if isinstance(parsed, TaskRejected):  # pragma: no cover - it parsed before
+                log.error("journal.unparsable", task_id=rec.task_id, details=parsed.details)
+                continue
+            log.info("journal.task_recovered", task_id=rec.task_id, state=rec.state)
+            self.dispatcher.submit(
+                parsed,
+                payload=rec.payload,
+                reply=reply,
+                journal_key=rec.key,
+                recovered=rec.state == "running",
             )
 
     # ------------------------------------------------------------------ lifecycle
@@ -198,6 +259,7 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         await self.hypervisor.open()
+        records = await self.journal.open() if self.journal is not None else []
         log.info(
             "agent.starting",
             host=self.settings.hostname,
@@ -209,6 +271,8 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 publisher = tg.create_task(self.publisher.run(), name="asyncmigfra.publisher")
                 dispatcher = tg.create_task(self.dispatcher.run(), name="asyncmigfra.dispatcher")
+                await asyncio.sleep(0)  # let the dispatcher open its TaskGroup
+                self._recover(records)
                 intake = tg.create_task(self._intake_loop(), name="asyncmigfra.intake")
                 mqtt = tg.create_task(self.transport.run(self._on_message), name="asyncmigfra.mqtt")
                 await self._stop.wait()
@@ -219,6 +283,8 @@ class Agent:
                 self.dispatcher.close()
                 await dispatcher
                 intake.cancel()
+                await asyncio.wait({intake})
+                self._answer_leftovers()
                 self._publish_status("offline")
                 try:
                     async with asyncio.timeout(_FLUSH_TIMEOUT):
@@ -232,6 +298,8 @@ class Agent:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
             await self.hypervisor.aclose()
+            if self.journal is not None:
+                await self.journal.close()
         log.info("agent.stopped")
         return 0
 

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--log-format", choices=["auto", "json", "console"], help="override logging.format"
     )
+    agent.add_argument("--state-dir", help="override agent.state-dir (journal directory, or none)")
     agent.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level"
     )
@@ -53,6 +54,8 @@ def _agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.state_dir:
+        settings = replace(settings, agent=replace(settings.agent, state_dir=args.state_dir))
     logging = settings.logging
     if args.log_format:
         logging = replace(logging, format=args.log_format)

@@ -83,7 +83,7 @@ def agent_settings(
         base,
         mqtt=mqtt,
         hypervisor=HypervisorSettings(type="fake", options=dict(options)),
-        agent=replace(base.agent, progress_interval=0.25),
+        agent=replace(base.agent, progress_interval=0.25, state_dir="none"),
         logging=LoggingSettings(level="warning"),
         shutdown=replace(base.shutdown, grace_period=5.0),
     )

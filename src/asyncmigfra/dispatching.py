@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from asyncmigfra.errors import (
 )
 from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import Hypervisor
+from asyncmigfra.journal import Journal
 from asyncmigfra.model import (
     CancelSpec,
     EvacuateSpec,
@@ -60,7 +62,7 @@ from asyncmigfra.model import (
     TaskMessage,
 )
 from asyncmigfra.rendering import parse_error_result
-from asyncmigfra.running import SubtaskContext, error_entry, run_subtask
+from asyncmigfra.running import SubtaskContext, error_entry, reconcile_subtask, run_subtask
 from asyncmigfra.settings import Settings
 from asyncmigfra.timing import TimeMeasurement
 
@@ -79,7 +81,9 @@ class Reply:
     correlation_data: bytes | None = None
 
 
-Deliver = Callable[[ResultMessage, Reply | None], None]
+#: ``deliver(result, reply, journal_key)``: publish a result; ``journal_key`` names the
+#: journal record it settles (``None`` for answers to messages that were never accepted).
+Deliver = Callable[[ResultMessage, Reply | None, str | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +170,14 @@ class _Run:
 class _Job:
     msg: TaskMessage
     reply: Reply | None
-    key: tuple[str, str] | None
+    #: (id, payload digest) for duplicate detection; ``None`` without an id.
+    dedupe: tuple[str, str] | None
     runs: list[_Run]
+    #: The journal record of this job.
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Recovered from the journal after it had started: reconcile instead of running again.
+    recovered: bool = False
+    started: bool = False
     received: float = field(default_factory=time.monotonic)
 
 
@@ -182,8 +192,10 @@ class Dispatcher:
         events: Events,
         deliver: Deliver,
         on_quit: Callable[[], None],
+        journal: Journal | None = None,
     ) -> None:
         self._hv = hypervisor
+        self._journal = journal
         self._settings = settings
         self._events = events
         self._deliver = deliver
@@ -257,10 +269,22 @@ class Dispatcher:
         """Answer a message that could not be parsed (``result: unknown``)."""
         self.rejected += 1
         self._events.rejected(exc.task_id, code=exc.code, details=exc.details)
-        self._deliver(parse_error_result(exc), reply)
+        self._deliver(parse_error_result(exc), reply, None)
 
-    def submit(self, msg: TaskMessage, *, payload: bytes, reply: Reply | None = None) -> None:
-        """Accept a parsed message (non-blocking). Every path ends in exactly one result."""
+    def submit(
+        self,
+        msg: TaskMessage,
+        *,
+        payload: bytes,
+        reply: Reply | None = None,
+        journal_key: str | None = None,
+        recovered: bool = False,
+    ) -> None:
+        """Accept a parsed message (non-blocking). Every path ends in exactly one result.
+
+        ``journal_key`` is set for a message recovered from the journal (it is not recorded
+        again); ``recovered`` says it had already started, so it is reconciled, not re-run.
+        """
         if self._tg is None or self._stop.is_set():
             self._refuse(msg, reply, "busy", _SHUTTING_DOWN)
             return
@@ -270,8 +294,8 @@ class Dispatcher:
         if msg.kind is TaskKind.CANCEL:
             self._answer_cancel(msg, reply)
             return
-        key = (msg.id, hashlib.blake2b(payload, digest_size=16).hexdigest()) if msg.id else None
-        if key is not None and self._duplicate(key, msg, reply):
+        dedupe = (msg.id, hashlib.blake2b(payload, digest_size=16).hexdigest()) if msg.id else None
+        if dedupe is not None and self._duplicate(dedupe, msg, reply):
             return
         if msg.kind is TaskKind.QUIT:
             self._answer_quit(msg, reply)
@@ -303,7 +327,9 @@ class Dispatcher:
             _Run(i, s, sequential=container_sequential or not s.concurrent_execution)
             for i, s in enumerate(msg.subtasks)
         ]
-        job = _Job(msg=msg, reply=reply, key=key, runs=runs)
+        job = _Job(msg=msg, reply=reply, dedupe=dedupe, runs=runs, recovered=recovered)
+        if journal_key is not None:
+            job.key = journal_key
         # Every subtask takes its place in its VM's lane now, in arrival order; a sequential
         # one also waits for the earlier subtasks of its message. Waits only point to earlier
         # (message, subtask) pairs, so they cannot form a cycle.
@@ -316,10 +342,27 @@ class Dispatcher:
         self._idle.clear()
         if msg.id:
             self._by_id.setdefault(msg.id, []).append(job)
-        if key is not None:
-            self._running_keys.add(key)
+        if dedupe is not None:
+            self._running_keys.add(dedupe)
+        if self._journal is not None and journal_key is None:
+            # ``accepted`` goes out once the record is durable: from then on a result is owed
+            # even across a crash.
+            written = self._journal.accepted(
+                job.key,
+                task_id=msg.id,
+                payload=payload,
+                response_topic=reply.response_topic if reply else None,
+                correlation=reply.correlation_data if reply else None,
+            )
+            written.add_done_callback(lambda f: self._journaled(f, msg))
+        else:
+            self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
+        self._spawn(self._run_job(job), f"job[{msg.id or job.key[:8]}]")
+
+    def _journaled(self, written: asyncio.Future[None], msg: TaskMessage) -> None:
+        if written.cancelled() or written.exception() is not None:
+            log.error("journal.record_failed", task_id=msg.id, error=str(written.exception()))
         self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
-        self._spawn(self._run_job(job), f"job[{msg.id or id(job)}]")
 
     def _spawn(self, coro: object, name: str) -> None:
         assert self._tg is not None, "Dispatcher.run() is not running"
@@ -338,7 +381,7 @@ class Dispatcher:
         seen = self._finished.get(key)
         if seen is not None and now - seen[0] <= self._settings.limits.dedupe_window:
             log.info("task.duplicate_finished", task_id=msg.id)
-            self._deliver(seen[1], reply)
+            self._deliver(seen[1], reply, None)
             return True
         return False
 
@@ -351,7 +394,7 @@ class Dispatcher:
         ]
         if msg.kind is TaskKind.STATUS:
             entries = [ResultEntry(vm_name="n/a", status="error", code=code, details=details)]
-        self._deliver(self._result(msg, entries), reply)
+        self._deliver(self._result(msg, entries), reply, None)
 
     # ---------------------------------------------------------------- running
 
@@ -379,10 +422,10 @@ class Dispatcher:
             self._finish(job)
         entries = [e for run in job.runs for e in entries_by_run.get(run.index, [])]
         result = self._result(job.msg, entries)
-        if job.key is not None:
-            self._finished[job.key] = (time.monotonic(), result)
+        if job.dedupe is not None:
+            self._finished[job.dedupe] = (time.monotonic(), result)
             self._expire_finished()
-        self._deliver(result, job.reply)
+        self._deliver(result, job.reply, job.key)
 
     def _finish(self, job: _Job) -> None:
         self._jobs.discard(job)
@@ -392,8 +435,8 @@ class Dispatcher:
                 jobs.remove(job)
             if not jobs:
                 self._by_id.pop(job.msg.id, None)
-        if job.key is not None:
-            self._running_keys.discard(job.key)
+        if job.dedupe is not None:
+            self._running_keys.discard(job.dedupe)
         self.completed += 1
         if not self._jobs:
             self._idle.set()
@@ -454,6 +497,10 @@ class Dispatcher:
             self.running += 1
             run.state = "running"
             run.started = time.monotonic()
+            if not job.started:
+                job.started = True
+                if self._journal is not None:
+                    self._journal.running(job.key)
             with structlog.contextvars.bound_contextvars(
                 task_id=job.msg.id, vm=spec.result_name, task=job.msg.kind.value
             ):
@@ -463,7 +510,25 @@ class Dispatcher:
                     return await self._evacuate(job, run, spec)
                 return [await self._one(job, run, spec, spec.result_name)]
 
+    async def _reconcile(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+        ctx = SubtaskContext(
+            task_id=job.msg.id,
+            vm_name=vm_name,
+            events=self._events,
+            timer=TimeMeasurement(enabled=spec.time_measurement),
+        )
+        run.ctx = ctx
+        entry = await reconcile_subtask(
+            spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
+        )
+        self._report(job, entry, time.monotonic() - ctx.started)
+        return entry
+
     async def _one(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+        if job.recovered:
+            # It was running when the agent stopped: find out what happened (adopt a
+            # migration that still runs) and do only what is still missing.
+            return await self._reconcile(job, run, spec, vm_name)
         ctx = SubtaskContext(
             task_id=job.msg.id,
             vm_name=vm_name,
@@ -588,7 +653,7 @@ class Dispatcher:
             exc = WrongState(f"task '{spec.target}' is not queued or running")
             entries.append(error_entry("n/a", exc))
         self._events.accepted(msg.id, task=msg.kind.value, vm_names=[])
-        self._deliver(self._result(msg, entries), reply)
+        self._deliver(self._result(msg, entries), reply, None)
 
     def _answer_quit(self, msg: TaskMessage, reply: Reply | None) -> None:
         if not self._settings.agent.allow_quit:
@@ -597,7 +662,7 @@ class Dispatcher:
             return
         self._events.accepted(msg.id, task=msg.kind.value, vm_names=[])
         entry = ResultEntry(vm_name="n/a", status="success")
-        self._deliver(ResultMessage(result="quit", entries=[entry], id=msg.id), reply)
+        self._deliver(ResultMessage(result="quit", entries=[entry], id=msg.id), reply, None)
         self._on_quit()
 
     async def _answer_status(self, msg: TaskMessage, reply: Reply | None) -> None:
@@ -637,5 +702,5 @@ class Dispatcher:
         except TaskError as exc:
             entries.append(error_entry("n/a", exc))
         self._deliver(
-            ResultMessage(result="status", entries=entries, id=msg.id, header=header), reply
+            ResultMessage(result="status", entries=entries, id=msg.id, header=header), reply, None
         )

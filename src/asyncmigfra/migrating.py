@@ -42,7 +42,7 @@ from asyncmigfra.timing import TimeMeasurement
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-__all__ = ["ConvergencePolicy", "MigrationPlan", "migrate", "plan_migration"]
+__all__ = ["ConvergencePolicy", "MigrationPlan", "follow_adopted", "migrate", "plan_migration"]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -284,8 +284,39 @@ async def migrate(
         return result
 
 
+async def follow_adopted(
+    spec: MigrateSpec,
+    job: MigrationJob,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+) -> MigrationResult:
+    """Follow a migration job that a previous agent run started (peer-to-peer jobs belong to
+    libvirtd and outlive the agent) to its end, with progress, policy and timeout."""
+    memory = await _memory_of(hypervisor, spec.vm_name)
+    plan = plan_migration(
+        spec,
+        defaults=settings.migration,
+        driver=settings.hypervisor.driver,
+        transport=settings.hypervisor.transport,
+        memory_kib=memory,
+    )
+    ctx.phase("adopted")
+    result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings, adopted=job)
+    ctx.extra["destination"] = spec.destination
+    if result.downtime is not None:
+        ctx.timer.record("downtime", result.downtime / 1000.0)
+    return result
+
+
 async def _migrate_once(
-    plan: MigrationPlan, ctx: EngineContext, *, hypervisor: Hypervisor, settings: Settings
+    plan: MigrationPlan,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    adopted: MigrationJob | None = None,
 ) -> MigrationResult:
     request = plan.request
     policy = ConvergencePolicy(
@@ -293,7 +324,7 @@ async def _migrate_once(
     )
     progress = _Progress(max_downtime=plan.max_downtime)
     with ctx.measure("migrate"):
-        job = await hypervisor.begin_migration(request, ctx)
+        job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")
         done = asyncio.ensure_future(job.wait())
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -29,6 +29,8 @@ log = structlog.stdlib.get_logger(__name__)
 class _Item:
     msg: Outgoing
     response_topic: str | None = None
+    #: Called once the broker acknowledged the message (the journal marks results delivered).
+    on_delivered: Callable[[], None] | None = None
 
 
 class Publisher:
@@ -37,18 +39,23 @@ class Publisher:
     def __init__(self, transport: MqttTransport, *, max_backlog: int = 10_000) -> None:
         self._transport = transport
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._unacked: deque[Delivery] = deque()
+        self._unacked: deque[tuple[Delivery, Callable[[], None] | None]] = deque()
         self._max_backlog = max_backlog
         self.published = 0
         self.dropped = 0
 
     def put_nowait(
-        self, msg: Outgoing, *, droppable: bool = False, response_topic: str | None = None
+        self,
+        msg: Outgoing,
+        *,
+        droppable: bool = False,
+        response_topic: str | None = None,
+        on_delivered: Callable[[], None] | None = None,
     ) -> None:
         if droppable and self._queue.qsize() >= self._max_backlog:
             self.dropped += 1
             return
-        self._queue.put_nowait(_Item(msg, response_topic))
+        self._queue.put_nowait(_Item(msg, response_topic, on_delivered))
 
     async def run(self) -> None:
         """Hand queued messages to the MQTT session in order, as fast as they come.
@@ -58,7 +65,12 @@ class Publisher:
         nothing is awaited per message. Before the first connection they wait here.
         """
         while True:
-            item = await self._queue.get()
+            try:
+                async with asyncio.timeout(0.25 if self._unacked else None):
+                    item = await self._queue.get()
+            except TimeoutError:
+                self._prune()  # report acknowledgements even when nothing new is queued
+                continue
             if not self._transport.is_connected:
                 await self._transport.wait_connected()
             try:
@@ -69,16 +81,19 @@ class Publisher:
                 log.warning("mqtt.publish_fallback", error=str(exc))
                 await self._transport.publish(item.msg, response_topic=item.response_topic)
                 self.published += 1
+                if item.on_delivered is not None:
+                    item.on_delivered()
                 continue
             self.published += 1
-            if not delivery.done:
-                self._unacked.append(delivery)
-                if len(self._unacked) > 1024:
-                    self._prune()
+            self._unacked.append((delivery, item.on_delivered))
+            if len(self._unacked) > 256:
+                self._prune()
 
     def _prune(self) -> None:
-        while self._unacked and self._unacked[0].done:
-            self._unacked.popleft()
+        while self._unacked and self._unacked[0][0].done:
+            _, on_delivered = self._unacked.popleft()
+            if on_delivered is not None:
+                on_delivered()
 
     @property
     def backlog(self) -> int:

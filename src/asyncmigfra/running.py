@@ -17,8 +17,8 @@ import structlog
 
 from asyncmigfra.errors import InvalidTask, NotSupported, TaskError
 from asyncmigfra.events import Events
-from asyncmigfra.hypervisor.base import Hypervisor
-from asyncmigfra.migrating import migrate
+from asyncmigfra.hypervisor.base import DomainState, Hypervisor
+from asyncmigfra.migrating import follow_adopted, migrate
 from asyncmigfra.model import (
     MigrateSpec,
     RepinSpec,
@@ -32,7 +32,7 @@ from asyncmigfra.model import (
 from asyncmigfra.settings import Settings
 from asyncmigfra.timing import TimeMeasurement
 
-__all__ = ["SubtaskContext", "error_entry", "run_subtask"]
+__all__ = ["SubtaskContext", "error_entry", "reconcile_subtask", "run_subtask"]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -150,3 +150,72 @@ async def _operate(
             await migrate(spec, ctx, hypervisor=hypervisor, settings=settings)
         case _:  # pragma: no cover - the dispatcher routes the others
             raise NotSupported(f"{type(spec).__name__} cannot run as a single-VM subtask")
+
+
+#: The state each operation leaves a VM in: when a recovered subtask finds it there, the work
+#: was done before the agent stopped.
+_TARGET_STATE: dict[type[Subtask], tuple[DomainState | None, ...]] = {
+    StartSpec: (DomainState.RUNNING,),
+    StopSpec: (DomainState.SHUTOFF, None),
+    SuspendSpec: (DomainState.PAUSED,),
+    ResumeSpec: (DomainState.RUNNING,),
+}
+
+
+async def reconcile_subtask(
+    spec: Subtask,
+    ctx: SubtaskContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    vm_name: str | None = None,
+) -> ResultEntry:
+    """Finish a subtask that was running when the agent stopped, without doing it twice.
+
+    A migration whose job still runs is adopted and followed to its end; one whose VM left
+    this host finished while the agent was away; one whose VM is still here without a job
+    never happened or failed, so it runs now. Lifecycle operations check whether the VM is
+    already in the state they produce and run only if it is not (they are idempotent that
+    way). Repin simply runs again.
+    """
+    name = vm_name if vm_name is not None else spec.result_name
+    log.info("task.reconciling", kind=type(spec).__name__)
+    ctx.phase("reconciling")
+    try:
+        with ctx.timer.measure("overall"):
+            state = await _state_of(hypervisor, name)
+            if isinstance(spec, MigrateSpec):
+                adopt = getattr(hypervisor, "adopt_migration", None)
+                job = await adopt(name) if adopt is not None and state is not None else None
+                if job is not None:
+                    await follow_adopted(spec, job, ctx, hypervisor=hypervisor, settings=settings)
+                    return _success(name, ctx, note="adopted after an agent restart")
+                if state is None:
+                    ctx.extra["destination"] = spec.destination
+                    return _success(
+                        name, ctx, note="the VM left this host while the agent was restarting"
+                    )
+            elif type(spec) in _TARGET_STATE and state in _TARGET_STATE[type(spec)]:
+                return _success(name, ctx, note="already done before the agent restarted")
+    except TaskError as exc:
+        return error_entry(name, exc, ctx.timer)
+    return await run_subtask(spec, ctx, hypervisor=hypervisor, settings=settings, vm_name=name)
+
+
+async def _state_of(hypervisor: Hypervisor, vm_name: str) -> DomainState | None:
+    for dom in await hypervisor.list_domains():
+        if dom.name == vm_name:
+            return dom.state
+    return None
+
+
+def _success(name: str, ctx: SubtaskContext, *, note: str) -> ResultEntry:
+    extra = dict(ctx.extra)
+    extra.pop("details", None)
+    return ResultEntry(
+        vm_name=name,
+        status="success",
+        details=note,
+        time_measurement=ctx.timer.snapshot(),
+        extra=extra,
+    )

@@ -139,6 +139,10 @@ class AgentSettings:
     allow_xml_start: bool = True
     #: s between ``progress`` events of a running migration.
     progress_interval: float = 0.5
+    #: Where the task journal lives. ``auto``: ``/var/lib/asyncmigfra/<hostname>`` for root,
+    #: else ``$XDG_STATE_HOME/asyncmigfra/<hostname>`` (``~/.local/state``); ``none``: no
+    #: journal (accepted tasks are then lost if the agent dies).
+    state_dir: str = "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,6 +44,8 @@ def start_agent(conf: Path, hostname: str) -> subprocess.Popen[bytes]:
                 hostname,
                 "--log-format",
                 "json",
+                "--state-dir",
+                str(conf.parent / f"state-{hostname}"),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

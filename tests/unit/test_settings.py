@@ -495,6 +495,7 @@ NEW_KEYS = [
     pytest.param(
         "agent: {progress-interval: 2}", "agent.progress_interval", 2.0, id="progress-interval"
     ),
+    pytest.param("agent: {state-dir: /srv/amf}", "agent.state_dir", "/srv/amf", id="state-dir"),
     # migration
     pytest.param(
         "migration: {migration-type: post-copy}",
