@@ -86,7 +86,8 @@ def _note(rig: Rig, event: str) -> None:
         why = f" ({rig.fallback_reason})" if rig.fallback_reason else ""
         _SUMMARY.append(
             f"rig up ({'cold' if rig.cold else 'warm'} capabilities cache, {rig.mode} mode{why}):"
-            f" {t['up']:.2f} s [sweep {t['sweep']:.2f}, network {t['network']:.2f}; {ready}]"
+            f" {t['up']:.2f} s [lock wait {t['lock']:.2f}, sweep {t['sweep']:.2f},"
+            f" network {t['network']:.2f}; {ready}]"
             + (f"; swept {len(rig.stale_killed)} stale processes" if rig.stale_killed else "")
         )
     else:

@@ -13,12 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rig import (
+    VARIANTS,
     Rig,
     build_guests,
     domain_xml,
@@ -52,12 +54,20 @@ def test_hosts_have_distinct_identities(rig: Rig, rig_conns: dict[str, Any]) -> 
     assert len(set(uuids.values())) == 2
 
 
-def test_guest_boots_and_runs(start_guest: Callable[..., Any]) -> None:
+def test_guest_boots_and_runs(rig: Rig, start_guest: Callable[..., Any]) -> None:
     dom = start_guest("idle", persistent=False)
     first = wait_counter_above(dom, 0)
     assert first.booted, f"no boot signature: {first}"
     assert (first.dirty_mib, first.spin) == (0, 0)
     assert wait_counter_above(dom, first.counter).counter > first.counter
+    assert rig.a.serial_log(dom.name()).read_text().startswith("R")
+
+
+@pytest.mark.parametrize("variant", ["dirty16", "dirty64", "dirty16slow"])
+def test_dirtying_variants_boot(variant: str, start_guest: Callable[..., Any]) -> None:
+    state = wait_counter_above(start_guest(variant, persistent=False), 0)
+    assert state.booted
+    assert (state.dirty_mib, state.spin) == (VARIANTS[variant].dirty_mib, VARIANTS[variant].spin)
 
 
 def test_p2p_live_migration_there_and_back(
@@ -154,45 +164,65 @@ time.sleep(600)
 """
 
 
-def _crashing_session(rig: Rig, tmp_path: Path) -> tuple[subprocess.Popen[str], int, set[int]]:
-    kernel = build_guests(rig.cachedir / "guests" if rig.cachedir else tmp_path, ("idle",))
+@dataclass
+class CrashingSession:
+    proc: subprocess.Popen[str]
+    guard: int
+    pids: set[int]
+
+
+@pytest.fixture
+def crashing_session(rig_down: Rig, tmp_path: Path) -> Iterator[CrashingSession]:
+    """Another session's rig, up with a guest, for the test to kill (killed anyway at the end;
+    the session rig coming back up then waits for its guard and sweeps what is left)."""
+    cache = rig_down.cachedir or tmp_path
+    kernel = build_guests(cache / "guests", ("idle",))["idle"]
     proc = subprocess.Popen(
         [
-            sys.executable, "-c", _CRASHING_SESSION,
-            str(tmp_path / "crashed"), str(rig.cachedir or tmp_path), str(kernel["idle"]),
+            sys.executable,
+            "-c",
+            _CRASHING_SESSION,
+            str(tmp_path / "crashed"),
+            str(cache),
+            str(kernel),
         ],
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
-    )  # fmt: skip
-    assert proc.stdout is not None
-    with proc.stdout:
-        line = proc.stdout.readline()
-    assert line, f"the crashing session failed to start (rc {proc.wait()})"
-    info = json.loads(line)
-    pids = set(rig_processes([info["state"]], RIG_NETNS))
-    assert len(pids) >= 5, pids
-    return proc, info["guard"], pids
+    )
+    try:
+        assert proc.stdout is not None
+        with proc.stdout:
+            line = proc.stdout.readline()
+        assert line, "the crashing session failed to start"
+        info = json.loads(line)
+        pids = set(rig_processes([info["state"]], RIG_NETNS))
+        assert len(pids) >= 5, pids
+        yield CrashingSession(proc, info["guard"], pids)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
-def test_guard_cleans_up_after_a_sigkilled_session(rig_down: Rig, tmp_path: Path) -> None:
-    proc, _guard, pids = _crashing_session(rig_down, tmp_path)
-    proc.kill()
-    proc.wait()
+def test_guard_cleans_up_after_a_sigkilled_session(crashing_session: CrashingSession) -> None:
+    crashing_session.proc.kill()
+    crashing_session.proc.wait()
     deadline = time.monotonic() + 20
     while not _lock_is_free():  # the guard holds the lock until it has swept
         assert time.monotonic() < deadline, "the guard did not finish"
         time.sleep(0.05)
-    _assert_nothing_left(pids)
+    _assert_nothing_left(crashing_session.pids)
 
 
-def test_up_sweeps_what_a_killed_session_and_guard_left(rig_down: Rig, tmp_path: Path) -> None:
-    proc, guard, pids = _crashing_session(rig_down, tmp_path)
-    os.kill(guard, signal.SIGKILL)  # nobody will clean up now
-    proc.kill()
-    proc.wait()
+def test_up_sweeps_what_a_killed_session_and_guard_left(
+    rig_down: Rig, crashing_session: CrashingSession
+) -> None:
+    os.kill(crashing_session.guard, signal.SIGKILL)  # nobody will clean up now
+    crashing_session.proc.kill()
+    crashing_session.proc.wait()
+    pids = crashing_session.pids - {crashing_session.guard}
     time.sleep(0.1)
-    assert set(rig_processes(None, RIG_NETNS)) >= pids - {guard}, "nothing stale to sweep?"
+    assert set(rig_processes(None, RIG_NETNS)) >= pids, "nothing stale to sweep?"
     rig_down.up()
     # libvirtd and QEMU were killed; the orphaned tinis then exited on their own
     assert rig_down.stale_killed

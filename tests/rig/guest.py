@@ -74,7 +74,8 @@ _LD = (
 
 def _digest(source: bytes, name: str, variant: Variant) -> str:
     h = hashlib.sha256()
-    for part in (source, name.encode(), repr(variant).encode(), repr((_AS, _LD)).encode()):
+    knobs = f"{variant.dirty_mib}:{variant.spin}"
+    for part in (source, name.encode(), knobs.encode(), repr((_AS, _LD)).encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()[:16]

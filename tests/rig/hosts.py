@@ -76,6 +76,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+__all__ = [
+    "Rig",
+    "Host",
+    "RigError",
+    "RigUnavailable",
+    "RigProcess",
+    "MARKER",
+    "alive",
+    "check_visible",
+    "ensure_system",
+    "rig_processes",
+    "sweep",
+]
+
 #: Environment variable that marks every daemon of a rig; its value is the rig's state dir.
 MARKER = "ASYNCMIGFRA_RIG"
 #: One rig per machine at a time (fixed namespace names, addresses and ports).
@@ -165,9 +179,11 @@ class Host:
         """QEMU's stderr and command line for ``domain`` on this host."""
         return self.dir / "var/log/libvirt/qemu" / f"{domain}.log"
 
-    def inner_path(self, outer: Path) -> str:
-        """Translate a path under this host's ``var`` dir to the path libvirtd sees."""
-        return "/var/" + str(outer.relative_to(self.dir / "var"))
+    def serial_log(self, domain: str) -> Path:
+        """Where a guest's serial output lands, if it was defined with
+        ``domain_xml(..., serial_log=f"/var/log/libvirt/qemu/{domain}.serial")`` (the path
+        inside the host; this is the same file seen from outside)."""
+        return self.dir / "var/log/libvirt/qemu" / f"{domain}.serial"
 
 
 # --------------------------------------------------------------------------- system checks
@@ -316,8 +332,16 @@ def _netns_inodes(names: Iterable[str]) -> set[int]:
     return inodes
 
 
-def rig_processes(markers: Collection[str] | None, netns: Iterable[str]) -> dict[int, int]:
-    """Rig processes, as ``{pid: parent pid}``.
+@dataclass(frozen=True)
+class RigProcess:
+    """A process of a rig: its parent and whether it carries the marker (tini, libvirtd)."""
+
+    ppid: int
+    marked: bool
+
+
+def rig_processes(markers: Collection[str] | None, netns: Iterable[str]) -> dict[int, RigProcess]:
+    """The rig's processes by PID.
 
     A process belongs to the rig if it carries the marker (for ``markers=None``: any value),
     shares a mount namespace with such a process (QEMU: libvirt scrubs its environment), or
@@ -328,15 +352,16 @@ def rig_processes(markers: Collection[str] | None, netns: Iterable[str]) -> dict
     own_mnt = os.readlink("/proc/self/ns/mnt")
     own_net = _ns_inode(os.readlink("/proc/self/ns/net"))
     procs = list(_processes())
-    marked = [p for p in procs if p.marker is not None and (markers is None or p.marker in markers)]
-    marked_pids = {p.pid for p in marked}
-    mnts = {p.mnt for p in marked} - {own_mnt}
+    marked = {
+        p.pid for p in procs if p.marker is not None and (markers is None or p.marker in markers)
+    }
+    mnts = {p.mnt for p in procs if p.pid in marked} - {own_mnt}
     nets = _netns_inodes(netns) - {own_net}
     spared = {1, os.getpid(), os.getppid()}
     return {
-        p.pid: p.ppid
+        p.pid: RigProcess(p.ppid, p.pid in marked)
         for p in procs
-        if (p.pid in marked_pids or p.mnt in mnts or p.net in nets) and p.pid not in spared
+        if (p.pid in marked or p.mnt in mnts or p.net in nets) and p.pid not in spared
     }
 
 
@@ -345,16 +370,19 @@ def sweep(
 ) -> list[int]:
     """SIGKILL every rig process (see :func:`rig_processes`) and delete the ``netns``.
 
-    Children go first (libvirtd and QEMU, whose parent is tini): their subreaper is still
-    alive to reap them at once, so no zombie is left for PID 1, which reaps slowly here. Repeats
-    until nothing is left, since a dying libvirtd may have forked meanwhile. Returns the PIDs
-    killed. Deleting a network namespace also deletes the veth end inside it, and so the pair.
+    Order matters because of zombies. QEMU and libvirtd are both children of tini, the
+    subreaper, and tini exits as soon as libvirtd does: so QEMU (unmarked) goes first, while
+    tini is there to reap it at once, then libvirtd, then whatever is left. A zombie passed to
+    PID 1 instead lingers for about a second here. Repeats until nothing is left, since a dying
+    libvirtd may have forked meanwhile. Returns the PIDs killed. Deleting a network namespace
+    also deletes the veth end inside it, and so the pair.
     """
     netns = list(netns)
     killed: list[int] = []
     deadline = time.monotonic() + timeout
     while found := rig_processes(markers, netns):
-        victims = {pid for pid, ppid in found.items() if ppid in found} or set(found)
+        children = {pid for pid, p in found.items() if p.ppid in found}
+        victims = {pid for pid in children if not found[pid].marked} or children or set(found)
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -362,7 +390,14 @@ def sweep(
         while any(alive(p) for p in victims):
             if time.monotonic() > deadline:
                 raise RigError(f"rig processes survive SIGKILL: {sorted(victims)}")
-            time.sleep(0.01)
+            time.sleep(0.005)
+        # let the parent (tini: milliseconds) reap them before it is killed in turn; bounded,
+        # since the parent may be PID 1 or a busy libvirtd
+        reaped_by = time.monotonic() + 0.25
+        while time.monotonic() < reaped_by and any(
+            Path(f"/proc/{p}").exists() and alive(found[p].ppid) for p in victims
+        ):
+            time.sleep(0.005)
     for name in netns:
         if (NETNS_DIR / name).exists():
             _run(["ip", "netns", "delete", name])
@@ -385,8 +420,10 @@ def _sigint_deferred() -> Iterator[None]:
 # --------------------------------------------------------------------------- configuration
 
 # Runs inside the new mount + UTS namespaces (and the host's netns), then becomes tini.
-# $1 host dir, $2 hostname, $3 capabilities cache dir or "". The bind targets in /etc come
-# first, while the real /run (where /etc/resolv.conf may point) is still visible.
+# $1 host dir, $2 hostname, $3 capabilities cache dir or "". `unshare --propagation private`
+# keeps these bind mounts from propagating back to the root namespace (where / is usually a
+# shared mount). The bind targets in /etc come first, while the real /run (where
+# /etc/resolv.conf may point) is still visible; /run and /var hide the originals for good.
 _HOST_INIT = r"""
 set -eu
 dir=$1 name=$2 cache=$3
@@ -462,7 +499,7 @@ class Rig:
         cachedir: Path | None = None,
         netns: bool | None = None,
         ready_timeout: float = 60.0,
-        lock_timeout: float = 120.0,
+        lock_timeout: float = 45.0,
     ) -> None:
         self.statedir = statedir.absolute()
         self.cachedir = cachedir.absolute() if cachedir else None
@@ -524,8 +561,10 @@ class Rig:
         if len(str(longest)) > _SUN_PATH_MAX:
             raise RigError(f"state dir path too long for a unix socket: {longest}")
         t0 = time.monotonic()
+        self.cold, self.fallback_reason, self.timings = True, None, {}
         try:
             self._take_lock()
+            t_lock = time.monotonic()
             self._start_guard()
             # Anything marked or in our namespaces now belongs to a dead session: we hold the lock.
             self.stale_killed = sweep(None, [p.netns for p in _PLANS])
@@ -538,7 +577,9 @@ class Rig:
             self._wait_ready()
             self._check_links()
             t3 = time.monotonic()
-            self.timings.update(sweep=t1 - t0, network=t2 - t1, daemons=t3 - t2, up=t3 - t0)
+            self.timings.update(
+                lock=t_lock - t0, sweep=t1 - t_lock, network=t2 - t1, daemons=t3 - t2, up=t3 - t0
+            )
             self._describe()
         except BaseException:
             self.down()
@@ -791,18 +832,33 @@ class Rig:
         (self.statedir / "rig.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _listening(path: Path) -> bool:
+    """True once a unix socket accepts connections.
+
+    libvirtd creates the socket file with bind() and calls listen() a little later; in between,
+    connecting fails with "Connection refused" (seen in about 1 of 20 starts).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _probe(host: Host, deadline: float) -> None:
     import libvirt  # noqa: PLC0415 - the rig module itself must import without the bindings
 
     assert host.proc is not None
-    while not host.socket.exists():
+    while not _listening(host.socket):
         if host.proc.poll() is not None:
             raise RigError(f"libvirtd exited with {host.proc.returncode}")
         if time.monotonic() > deadline:
-            raise RigError("no libvirt socket")
-        time.sleep(0.02)
-    # The socket exists before the drivers are initialised; libvirtd answers the open only
-    # once they are, so this blocks for the QEMU capability probe (cold start).
+            raise RigError("libvirt socket not listening")
+        time.sleep(0.01)
+    # Connecting works before the drivers are initialised (the connection waits in the listen
+    # backlog); libvirtd answers the open only once they are, so this blocks for the QEMU
+    # capability probe on a cold start.
     conn = libvirt.open(host.local_uri)
     try:
         hostname = conn.getHostname()
@@ -833,8 +889,12 @@ def _guard_main(statedir: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if sys.stdin.buffer.read() == b"done":
         return 0
+    t0 = time.monotonic()
     killed = sweep([statedir], [p.netns for p in _PLANS])
-    print(f"guard: owner died without teardown; killed {killed}", flush=True)
+    print(
+        f"guard: owner died without teardown; killed {killed} in {time.monotonic() - t0:.2f} s",
+        flush=True,
+    )
     return 0
 
 
@@ -857,17 +917,3 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
-
-
-__all__ = [
-    "MARKER",
-    "alive",
-    "Host",
-    "Rig",
-    "RigError",
-    "RigUnavailable",
-    "check_visible",
-    "ensure_system",
-    "rig_processes",
-    "sweep",
-]
