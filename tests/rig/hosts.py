@@ -607,6 +607,21 @@ class Rig:
                 self.mode = "down"
         self.timings["down"] = time.monotonic() - t0
 
+    def restart_daemon(self, host: Host, *, timeout: float = 30.0) -> None:
+        """Restart one host's libvirtd (SIGTERM, then start it again), as an operator or a
+        package upgrade would. Guests keep running; the new daemon reconnects to them."""
+        assert host.proc is not None, "the rig is not up"
+        host.proc.terminate()  # tini forwards it to libvirtd and exits with it
+        try:
+            host.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            host.proc.kill()
+            host.proc.wait(timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            host.socket.unlink()
+        self._spawn(host)
+        _probe(host, time.monotonic() + timeout)
+
     # -- locking and the guard -------------------------------------------------------------
 
     def _take_lock(self) -> None:

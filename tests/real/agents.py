@@ -1,0 +1,91 @@
+"""Agents on the rig: real asyncmigfra agents driving the rig's libvirtds, over a real broker.
+
+``rig_agents`` runs one in-process agent per rig host (``rig-a``, ``rig-b``) with the
+``libvirt`` back-end: ``uri`` is the host's own socket and ``hosts:`` tells each agent how to
+reach the other (unix socket for itself, TCP over the veth for its libvirtd, the migration
+stream address) — exactly the config an operator writes for hosts that need explicit
+addresses. ``scheduler`` (tests/harness.py) then talks to them only through MQTT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from asyncmigfra.app import Agent
+from asyncmigfra.settings import HypervisorSettings, Settings
+from harness import Scheduler, agent_settings, running_agent, scheduler
+from rig import Host, Rig, domain_xml
+
+
+def libvirt_options(rig: Rig, me: Host, **extra: object) -> dict[str, object]:
+    hosts = {
+        h.name: {"uri": h.local_uri, "p2p-uri": h.p2p_uri, "migrate-uri": h.migrate_uri}
+        for h in rig.hosts
+        if h is not me
+    }
+    return {"uri": me.local_uri, "hosts": hosts, "stop-timeout": 5, **extra}
+
+
+def rig_agent_settings(
+    port: int, rig: Rig, me: Host, *, hv: Mapping[str, object] | None = None, **sections: Any
+) -> Settings:
+    settings = agent_settings(port, hostname=me.name, hv_type="dummy", **sections)
+    options = libvirt_options(rig, me, **dict(hv or {}))
+    settings = replace(settings, hypervisor=HypervisorSettings(type="libvirt", options=options))
+    # Unique topics per test run: the rig's host names are fixed, the broker is shared.
+    run = uuid.uuid4().hex[:6]
+    mqtt = settings.mqtt
+    return replace(
+        settings,
+        mqtt=replace(
+            mqtt,
+            client_id=f"{mqtt.client_id}-{run}",
+            task_topic=f"rig-{run}/{me.name}/task",
+            result_topic=f"rig-{run}/{me.name}/result",
+            event_topic=f"rig-{run}/{me.name}/event",
+            status_topic=f"rig-{run}/{me.name}/status",
+        ),
+    )
+
+
+@dataclass
+class RigAgents:
+    a: Agent
+    b: Agent
+    to_a: Scheduler
+    to_b: Scheduler
+
+
+@contextlib.asynccontextmanager
+async def rig_agents(
+    port: int, rig: Rig, *, hv: Mapping[str, object] | None = None, **sections: Any
+) -> AsyncIterator[RigAgents]:
+    sa = rig_agent_settings(port, rig, rig.a, hv=hv, **sections)
+    sb = rig_agent_settings(port, rig, rig.b, hv=hv, **sections)
+    prefix_a = sa.mqtt.task_topic.rsplit("/", 1)[0]
+    prefix_b = sb.mqtt.task_topic.rsplit("/", 1)[0]
+    async with (
+        scheduler(port, prefix_a) as to_a,
+        scheduler(port, prefix_b) as to_b,
+        running_agent(sa) as a,
+        running_agent(sb) as b,
+    ):
+        yield RigAgents(a=a, b=b, to_a=to_a, to_b=to_b)
+
+
+def start_task(
+    name: str, kernel: Path, *, memory_mib: int = 128, vcpus: int = 1, **keys: str
+) -> str:
+    """A ``start vm`` message carrying a rig guest's domain XML (as a YAML block scalar)."""
+    xml = domain_xml(name, kernel, memory_mib, vcpus)
+    block = "\n".join("      " + line for line in xml.strip().splitlines())
+    extra = "".join(f"    {k}: {v}\n" for k, v in keys.items())
+    return (
+        "task: start vm\nvm-configurations:\n"
+        f"  - xml: |\n{block}\n    probe-with-ssh: false\n{extra}"
+    )
