@@ -1,7 +1,18 @@
-"""Command line: ``asyncmigfra agent``, ``asyncmigfra demo`` and ``--version``.
+"""Command line: the agent, the demo, and the client commands people use to drive agents.
 
-Exit codes: 0 success, 1 a task or command failed, 2 bad configuration or usage,
-3 the shutdown hung and the last-resort timer ended the process.
+``asyncmigfra agent`` runs an agent; ``asyncmigfra demo`` shows one live migration (and
+``demo --serve`` keeps two fake hosts running to try the client commands on). The client
+commands (``send``, ``migrate``, ``start``, ``stop``, ``suspend``, ``resume``, ``cancel``,
+``evacuate``, ``status``, ``watch``) are implemented in :mod:`asyncmigfra.console`; this
+module only parses arguments.
+
+The connection options (``--broker``, ``--mqtt-protocol``, TLS, credentials, ``--json``,
+``--topic-prefix``, ``--wait``) are accepted both before and after the command name
+(``asyncmigfra --broker b status`` and ``asyncmigfra status --broker b``): people type them
+in either place. They are declared with ``SUPPRESS`` defaults on both parsers, so the value
+given in either place survives, and the real defaults are filled in afterwards.
+
+Exit codes: see :data:`asyncmigfra.console.exits.EPILOG` (``--help`` shows them).
 """
 
 from __future__ import annotations
@@ -9,21 +20,152 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from asyncmigfra import __version__
+from asyncmigfra.console.exits import EPILOG as _EPILOG
 from asyncmigfra.errors import ConfigError
 
 __all__ = ["main"]
 
 
+#: Defaults of the connection options (declared with SUPPRESS, see the module docstring).
+_CONN_DEFAULTS: dict[str, Any] = {
+    "broker": None,
+    "mqtt_protocol": "5",
+    "tls": False,
+    "tls_ca": None,
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_insecure": False,
+    "username": None,
+    "password_file": None,
+    "json": False,
+    "topic_prefix": "fast/migfra",
+    "wait": 0.5,
+}
+
+_MIGRATION_TYPES = ("live", "warm", "post-copy", "offline")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _connection_options(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    g = p.add_argument_group("connection and output")
+    g.add_argument(
+        "--broker",
+        metavar="HOST[:PORT]",
+        default=s,
+        help="MQTT broker (default localhost:1883, or :8883 with TLS)",
+    )
+    g.add_argument(
+        "--mqtt-protocol", choices=["5", "3.1.1"], default=s, help="MQTT version (default 5)"
+    )
+    g.add_argument("--tls", action="store_true", default=s, help="connect with TLS")
+    g.add_argument("--tls-ca", metavar="FILE", default=s, help="CA bundle (implies --tls)")
+    g.add_argument("--tls-cert", metavar="FILE", default=s, help="client certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", default=s, help="client key (PEM)")
+    g.add_argument(
+        "--tls-insecure",
+        action="store_true",
+        default=s,
+        help="do not check the broker's host name (implies --tls)",
+    )
+    g.add_argument("--username", default=s, help="MQTT user name")
+    g.add_argument(
+        "--password-file",
+        metavar="FILE",
+        default=s,
+        help="first line is the MQTT password (else $ASYNCMIGFRA_MQTT_PASSWORD)",
+    )
+    g.add_argument(
+        "--topic-prefix",
+        metavar="PREFIX",
+        default=s,
+        help="topics are PREFIX/<host>/{task,result,event,status} (default fast/migfra)",
+    )
+    g.add_argument(
+        "--wait",
+        type=_positive_float,
+        metavar="S",
+        default=s,
+        help="how long to gather retained agent status (default 0.5 s)",
+    )
+    g.add_argument("--json", action="store_true", default=s, help="JSON lines on stdout")
+
+
+def _addressed(p: argparse.ArgumentParser, *, host: bool = True) -> None:
+    """Options of commands that send a task to one agent."""
+    if host:
+        p.add_argument("--host", required=True, metavar="NAME", help="the agent's <hostname>")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="S",
+        help="give up (exit 4) without a result after S seconds (default: wait while the"
+        " agent is online)",
+    )
+    p.add_argument(
+        "--force",
+        "--send-offline",
+        dest="force",
+        action="store_true",
+        help="send even if the agent is offline or unknown (its session queues the task)",
+    )
+
+
+def _migration_type(p: argparse.ArgumentParser, *, offline: bool = True) -> None:
+    g = p.add_mutually_exclusive_group()
+    for kind in _MIGRATION_TYPES:
+        if kind == "offline" and not offline:
+            continue
+        g.add_argument(
+            f"--{kind}",
+            dest="migration_type",
+            action="store_const",
+            const=kind,
+            help=f"migration-type: {kind} (default: the agent's configured type)",
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="asyncmigfra",
         description="Start, stop and live-migrate VMs on MQTT command (migfra-compatible).",
+        epilog=_EPILOG,
+        formatter_class=fmt,
     )
     p.add_argument("--version", action="version", version=f"asyncmigfra {__version__}")
+    _connection_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=_EPILOG, formatter_class=fmt
+        )
+        _connection_options(sp)
+        return sp
 
     agent = sub.add_parser("agent", help="run the agent on this host")
     agent.add_argument("-c", "--config", help="config file (YAML; the original migfra.conf works)")
@@ -31,15 +173,122 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--log-format", choices=["auto", "json", "console"], help="override logging.format"
     )
-    agent.add_argument("--state-dir", help="override agent.state-dir (journal directory, or none)")
     agent.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level"
     )
 
     demo = sub.add_parser("demo", help="two fake hosts, one live migration, in under 30 s")
-    demo.add_argument("--broker", help="HOST[:PORT] of an MQTT broker (default: an embedded one)")
+    demo.add_argument(
+        "--broker",
+        default=argparse.SUPPRESS,
+        help="HOST[:PORT] of an MQTT broker (default: an embedded one)",
+    )
     demo.add_argument("--quiet", action="store_true", help="print only the results")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="no scenario: keep agents host-a and host-b (fake hypervisor) running until"
+        " killed, to try the client commands on",
+    )
+    demo.add_argument(
+        "--topic-prefix",
+        default=argparse.SUPPRESS,
+        metavar="PREFIX",
+        help="with --serve: the agents' topic prefix (default fast/migfra)",
+    )
+
+    send = client("send", "publish a task file and print its result")
+    send.add_argument("file", metavar="FILE", help="a YAML task (examples/tasks/), - for stdin")
+    _addressed(send)
+
+    mig = client("migrate", "migrate a VM, optionally with a live progress view")
+    mig.add_argument("vm", metavar="VM")
+    mig.add_argument("--from", dest="source", required=True, metavar="A", help="source host")
+    mig.add_argument("--to", dest="destination", required=True, metavar="B", help="destination")
+    _migration_type(mig)
+    mig.add_argument("--max-downtime", type=_positive_int, metavar="MS", help="downtime limit")
+    mig.add_argument("--bandwidth", type=_positive_int, metavar="MIBS", help="MiB/s cap")
+    mig.add_argument(
+        "--completion-timeout", type=_positive_float, metavar="S", help="job time limit"
+    )
+    mig.add_argument(
+        "--timeout-action",
+        choices=["abort", "post-copy", "suspend"],
+        help="what happens at the completion timeout (default: the agent's)",
+    )
+    mig.add_argument("--auto-converge", action="store_true", help="let QEMU throttle the guest")
+    mig.add_argument(
+        "--follow",
+        action="store_true",
+        help="live progress, Ctrl-C offers to cancel, a summary with the real downtime",
+    )
+    _addressed(mig, host=False)
+
+    st = client("start", "start VMs on a host")
+    st.add_argument("vms", nargs="*", metavar="VM")
+    st.add_argument("--xml", action="append", default=[], metavar="FILE", help="domain XML")
+    st.add_argument("--no-probe", action="store_true", help="do not wait for SSH in the guest")
+    _addressed(st)
+
+    sp = client("stop", "stop VMs on a host")
+    sp.add_argument("vms", nargs="+", metavar="VM")
+    sp.add_argument("--force", dest="power_off", action="store_true", help="destroy at once")
+    sp.add_argument(
+        "--force-after-timeout",
+        action="store_true",
+        help="destroy when the graceful shutdown times out",
+    )
+    sp.add_argument("--undefine", action="store_true", help="undefine after stopping")
+    sp.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="S",
+        help="give up (exit 4) without a result after S seconds",
+    )
+    sp.add_argument("--host", required=True, metavar="NAME", help="the agent's <hostname>")
+    sp.add_argument(
+        "--send-offline",
+        dest="force",
+        action="store_true",
+        help="send even if the agent is offline or unknown (--force is the task's own here)",
+    )
+
+    for name, verb in (("suspend", "pause"), ("resume", "unpause")):
+        s = client(name, f"{verb} VMs on a host")
+        s.add_argument("vms", nargs="+", metavar="VM")
+        _addressed(s)
+
+    c = client("cancel", "cancel a queued or running task")
+    c.add_argument("target", metavar="ID", help="the id of the task to cancel")
+    _addressed(c)
+
+    ev = client("evacuate", "migrate every active VM of a host away")
+    ev.add_argument("evac_host", metavar="HOST")
+    ev.add_argument(
+        "--to",
+        dest="destinations",
+        action="append",
+        required=True,
+        metavar="B",
+        help="a destination (repeat for more; round-robin)",
+    )
+    ev.add_argument("--mode", choices=["auto", "compact", "scatter"], help="placement mode")
+    ev.add_argument("--max-parallel", type=_positive_int, metavar="N", help="at once")
+    _migration_type(ev, offline=False)
+    _addressed(ev, host=False)
+
+    stat = client("status", "agents and their presence; with HOST its tasks and domains")
+    stat.add_argument("host", nargs="?", metavar="HOST")
+    _addressed(stat, host=False)
+
+    w = client("watch", "a live stream of the cluster's events (Ctrl-C ends)")
+    w.add_argument("--host", metavar="NAME", help="only this agent")
+    w.add_argument("--vm", metavar="VM", help="only events about this VM")
+    w.add_argument("--id", dest="task_id", metavar="ID", help="only events of this task")
     return p
+
+
+# ------------------------------------------------------------------------------ agent, demo
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -54,8 +303,6 @@ def _agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.state_dir:
-        settings = replace(settings, agent=replace(settings.agent, state_dir=args.state_dir))
     logging = settings.logging
     if args.log_format:
         logging = replace(logging, format=args.log_format)
@@ -75,16 +322,154 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from asyncmigfra.demo import run_demo  # noqa: PLC0415
+    from asyncmigfra.demo import run_demo, run_serve  # noqa: PLC0415
 
-    return asyncio.run(run_demo(broker=args.broker, quiet=args.quiet))
+    broker = getattr(args, "broker", None)
+    if args.serve:
+        prefix = getattr(args, "topic_prefix", None) or "fast/migfra"
+        return asyncio.run(run_serve(broker=broker, prefix=prefix))
+    return asyncio.run(run_demo(broker=broker, quiet=args.quiet))
+
+
+# ------------------------------------------------------------------------------ clients
+
+
+def _connection(args: argparse.Namespace) -> Any:
+    from asyncmigfra.console.connection import (  # noqa: PLC0415
+        Connection,
+        parse_broker,
+        read_password,
+        tls_context,
+    )
+
+    use_tls = bool(args.tls or args.tls_ca or args.tls_cert or args.tls_insecure)
+    host, port = parse_broker(args.broker or "localhost", tls=use_tls)
+    tls = None
+    if use_tls:
+        tls = tls_context(
+            ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, insecure=args.tls_insecure
+        )
+    prefix = args.topic_prefix.strip("/")
+    if not prefix or "+" in prefix or "#" in prefix:
+        from asyncmigfra.console.exits import USAGE, CliError  # noqa: PLC0415
+
+        raise CliError(USAGE, f"--topic-prefix: not a topic prefix: {args.topic_prefix!r}")
+    return Connection(
+        host=host,
+        port=port,
+        protocol=args.mqtt_protocol,
+        username=args.username,
+        password=read_password(args.password_file),
+        tls=tls,
+        prefix=prefix,
+        wait=args.wait,
+    )
+
+
+def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, int]]:
+    """The coroutine function for the client command in ``args`` (built before the loop runs
+    so that usage errors never open a connection)."""
+    from asyncmigfra.console import commands as c  # noqa: PLC0415
+    from asyncmigfra.console.output import Out  # noqa: PLC0415
+
+    conn = _connection(args)
+    out = Out(json_mode=args.json)
+    cmd = args.command
+    common: dict[str, Any] = {
+        "limit": getattr(args, "timeout", None),
+        "force": getattr(args, "force", False),
+    }
+    if cmd == "send":
+        payload = c.read_task_file(args.file)
+        return lambda: c.send(conn, out, payload=payload, host=args.host, **common)
+    if cmd == "migrate":
+        params: dict[str, object] = {
+            "migration-type": args.migration_type,
+            "max-downtime": args.max_downtime,
+            "bandwidth": args.bandwidth,
+            "completion-timeout": args.completion_timeout,
+            "timeout-action": args.timeout_action,
+            "auto-converge": args.auto_converge,
+        }
+        return lambda: c.migrate(
+            conn,
+            out,
+            vm=args.vm,
+            source=args.source,
+            destination=args.destination,
+            params=params,
+            follow=args.follow,
+            **common,
+        )
+    if cmd == "start":
+        return lambda: c.start(
+            conn,
+            out,
+            vms=args.vms,
+            xmls=c.read_xml_files(args.xml),
+            probe=not args.no_probe,
+            host=args.host,
+            **common,
+        )
+    if cmd == "stop":
+        flags = {
+            "force": args.power_off,
+            "force_after_timeout": args.force_after_timeout,
+            "undefine": args.undefine,
+        }
+        return lambda: c.stop(conn, out, vms=args.vms, host=args.host, flags=flags, **common)
+    if cmd in {"suspend", "resume"}:
+        return lambda: c.suspend_resume(
+            conn, out, task=f"{cmd} vm", vms=args.vms, host=args.host, **common
+        )
+    if cmd == "cancel":
+        return lambda: c.cancel(conn, out, target=args.target, host=args.host, **common)
+    if cmd == "evacuate":
+        evac: dict[str, object] = {
+            "migration-type": args.migration_type,
+            "mode": args.mode,
+            "max-parallel": args.max_parallel,
+        }
+        return lambda: c.evacuate(
+            conn,
+            out,
+            host=args.evac_host,
+            destinations=args.destinations,
+            params=evac,
+            **common,
+        )
+    if cmd == "status":
+        return lambda: c.status(conn, out, host=args.host, **common)
+    if cmd == "watch":
+        return lambda: c.watch(conn, out, host=args.host, vm=args.vm, task_id=args.task_id)
+    raise AssertionError(cmd)  # pragma: no cover - argparse restricts the choices
+
+
+def _client(args: argparse.Namespace) -> int:
+    from asyncmigfra.console.exits import INTERRUPTED, CliError  # noqa: PLC0415
+
+    try:
+        call = _client_call(args)
+        return asyncio.run(call())
+    except CliError as exc:
+        print(f"asyncmigfra: {exc.message}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # Ctrl-C before or after the session caught it
+        print("asyncmigfra: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for key, value in _CONN_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
     if args.command == "agent":
         return _agent(args)
     if args.command == "demo":
         return _demo(args)
-    _parser().print_help()
-    return 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _client(args)

@@ -4,12 +4,18 @@ Everything goes through a real MQTT broker exactly as a scheduler would use it: 
 amqtt broker in this process (MQTT 3.1.1) unless ``--broker HOST[:PORT]`` names one. The two
 agents (``host-a``, ``host-b``) share one simulated cluster (the ``fake`` hypervisor), so the
 VM really leaves host-a and runs on host-b afterwards.
+
+``asyncmigfra demo --serve`` runs the same two agents with a few VMs and no scenario, until
+SIGINT/SIGTERM: a cluster to try the client commands on (``status``, ``migrate --follow``,
+``watch``), and what the terminal tests drive. ``--topic-prefix`` lets several such clusters
+share one broker without seeing each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import sys
 import time
@@ -28,7 +34,7 @@ from asyncmigfra.settings import (
     default_settings,
 )
 
-__all__ = ["run_demo"]
+__all__ = ["SERVE_DOMAINS", "run_demo", "run_serve"]
 
 VM = "demo-vm"
 GIB = 1024 * 1024  # KiB
@@ -67,7 +73,13 @@ async def embedded_broker() -> AsyncIterator[tuple[str, int]]:
 
 
 def agent_settings(
-    name: str, host: str, port: int, *, protocol: str, options: Mapping[str, object]
+    name: str,
+    host: str,
+    port: int,
+    *,
+    protocol: str,
+    options: Mapping[str, object],
+    prefix: str = "fast/migfra",
 ) -> Settings:
     base = default_settings(hostname=name)
     mqtt = replace(
@@ -78,6 +90,10 @@ def agent_settings(
         client_id=f"asyncmigfra-demo-{name}-{uuid.uuid4().hex[:6]}",
         reconnect_min_delay=0.1,
         reconnect_max_delay=1.0,
+        task_topic=f"{prefix}/{name}/task",
+        result_topic=f"{prefix}/{name}/result",
+        event_topic=f"{prefix}/{name}/event",
+        status_topic=f"{prefix}/{name}/status",
     )
     return replace(
         base,
@@ -86,6 +102,97 @@ def agent_settings(
         agent=replace(base.agent, progress_interval=0.25, state_dir="none"),
         logging=LoggingSettings(level="warning"),
         shutdown=replace(base.shutdown, grace_period=5.0),
+    )
+
+
+#: The VMs ``--serve`` defines on host-a: a typical live migration (web-1: 2 GiB, a few
+#: seconds), a small one, a big busy one that takes minutes at a low ``--bandwidth`` (to try
+#: Ctrl-C / cancel on), and a shut-off one to start.
+SERVE_DOMAINS: tuple[Mapping[str, object], ...] = (
+    {"name": "web-1", "vcpus": 2, "memory": 2 * GIB, "state": "running", "dirty-rate": 50},
+    {"name": "web-2", "vcpus": 1, "memory": 1 * GIB, "state": "running", "dirty-rate": 10},
+    {"name": "db-1", "vcpus": 4, "memory": 16 * GIB, "state": "running", "dirty-rate": 40},
+    {"name": "batch-1", "vcpus": 1, "memory": 1 * GIB, "state": "shutoff"},
+)
+
+
+async def run_serve(*, broker: str | None = None, prefix: str = "fast/migfra") -> int:
+    """Run agents host-a (with :data:`SERVE_DOMAINS`) and host-b until SIGINT or SIGTERM.
+
+    Prints where they are and how to reach them, then ``ready`` once both are online (a
+    line scripts and tests can wait for). Exit 0 after both agents shut down gracefully.
+    """
+    configure_logging(LoggingSettings(level="warning", format="console"))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if broker is None:
+                host, port = await stack.enter_async_context(embedded_broker())
+                protocol = "3.1.1"
+            else:
+                host, _, p = broker.partition(":")
+                port = int(p or 1883)
+                protocol = "5"
+            spec = {"cpus": 16, "memory": 64 * GIB}
+            common = {"bandwidth": 1000, "time-scale": 1.0}
+            opts_a = {
+                "host": "host-a",
+                "peers": {"host-b": spec},
+                "domains": [dict(d) for d in SERVE_DOMAINS],
+                **spec,
+                **common,
+            }
+            opts_b = {"host": "host-b", "peers": {"host-a": spec}, **spec, **common}
+            shared: dict[str, object] = {}
+            agents = [
+                Agent(
+                    agent_settings(
+                        name, host, port, protocol=protocol, options=opts, prefix=prefix
+                    ),
+                    shared=shared,
+                )
+                for name, opts in (("host-a", opts_a), ("host-b", opts_b))
+            ]
+            async with asyncio.TaskGroup() as tg:
+                runs = [
+                    tg.create_task(a.run(), name=f"demo.serve[{a.settings.hostname}]")
+                    for a in agents
+                ]
+                async with asyncio.timeout(10):
+                    for a in agents:
+                        await a.ready.wait()
+                _serve_banner(host, port, protocol, prefix)
+                await stop.wait()
+                for a in agents:
+                    a.request_stop()
+                codes = [await r for r in runs]
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0 if not any(codes) else 1
+
+
+def _serve_banner(host: str, port: int, protocol: str, prefix: str) -> None:
+    opts = f"--broker {host}:{port}"
+    if protocol != "5":
+        opts += f" --mqtt-protocol {protocol}"
+    if prefix != "fast/migfra":
+        opts += f" --topic-prefix {prefix}"
+    vms = ", ".join(
+        f"{d['name']} ({int(str(d['memory'])) // GIB} GiB, {d['state']})" for d in SERVE_DOMAINS
+    )
+    print(
+        f"agents host-a and host-b (fake hypervisor) on {host}:{port} (MQTT {protocol}),"
+        f" topics {prefix}/<host>/...\n"
+        f"VMs on host-a: {vms}\n"
+        f"try: asyncmigfra {opts} status\n"
+        f"     asyncmigfra {opts} migrate web-1 --from host-a --to host-b --live --follow\n"
+        f"     asyncmigfra {opts} watch\n"
+        "SIGINT or SIGTERM stops them.\nready",
+        flush=True,
     )
 
 

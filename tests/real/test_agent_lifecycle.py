@@ -8,10 +8,10 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 
-import libvirt
 import pytest
 from agents import rig_agents, start_task
 
+import libvirt
 from rig import Rig, read_state, remove_domain, wait_counter_above
 
 pytestmark = [pytest.mark.rig, pytest.mark.broker]
