@@ -142,6 +142,13 @@ class ConvergencePolicy:
     def __post_init__(self) -> None:
         self.schedule = _downtime_schedule(self.max_downtime) if self.max_downtime else []
 
+    def _hopeless(self, stats: JobStats) -> bool:
+        if stats.transfer_rate <= 0 or stats.dirty_rate < stats.transfer_rate:
+            return False
+        if self.max_downtime is None or stats.expected_downtime is None:
+            return True
+        return stats.expected_downtime > self.max_downtime
+
     @property
     def downtime(self) -> int | None:
         """The current target (ms); ``None`` while the hypervisor's default applies."""
@@ -154,6 +161,12 @@ class ConvergencePolicy:
         self.last_remaining = remaining
         if stats.iteration < 2 or not stalled or self.post_copy_started:
             return None
+        if self.post_copy_allowed and self._hopeless(stats):
+            # The guest dirties memory at least as fast as the link sends it: no downtime
+            # target within max-downtime can make pre-copy converge, so stepping up only
+            # wastes iterations (KubeVirt's stall detector reasons the same way).
+            self.post_copy_started = True
+            return "post-copy"
         if self.schedule and self.step < len(self.schedule) - 1:
             self.step += 1
             return "raise-downtime"
@@ -323,6 +336,10 @@ async def _migrate_once(
         max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
     )
     progress = _Progress(max_downtime=plan.max_downtime)
+    if adopted is None:
+        ctx.phase("pre-checks")
+        with ctx.measure("pre-checks"):
+            await hypervisor.check_migration(request)
     with ctx.measure("migrate"):
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from asyncmigfra.app import Agent
+from asyncmigfra.hypervisor.base import DomainState
 from asyncmigfra.settings import HypervisorSettings
 from harness import Scheduler, agent_settings, running_agent, scheduler
 
@@ -168,8 +169,8 @@ async def test_completion_timeout_aborts_and_reports_timeout(mosquitto):
 
 
 async def test_post_copy_finishes_a_migration_pre_copy_cannot(mosquitto):
-    """A guest dirtying faster than the link never converges in pre-copy; the policy raises the
-    downtime step by step, then switches to post-copy (issue: convergence policy)."""
+    """A guest dirtying faster than the link can never converge in pre-copy: the policy sees
+    it on the second pass and switches to post-copy at once (no pointless downtime steps)."""
     doms = [_dom("hot", memory=GIB, dirty=400)]
     async with two_hosts(mosquitto.port, doms, bandwidth=200, time_scale=20) as (_, sched, shared):
         _, dest = shared["names"]
@@ -180,11 +181,33 @@ async def test_post_copy_finishes_a_migration_pre_copy_cannot(mosquitto):
         )
         assert r["status"] == "success", r
         actions = [e.get("action") for e in sched.events_for(r["id"], "progress") if "action" in e]
-        assert "raise-downtime" in actions
-        assert actions[-1] == "post-copy"
+        assert actions == ["post-copy"]
         phases = [e["phase"] for e in sched.events_for(r["id"], "phase")]
+        assert phases[:2] == ["pre-checks", "migrating"]
         assert "post-copy" in phases
         assert _cluster(shared).locate("hot") == dest
+
+
+async def test_downtime_is_raised_step_by_step_until_the_copy_converges(mosquitto):
+    """A guest dirtying almost as fast as the link stalls at a low downtime target; the policy
+    raises the target one step per stalled pass, up to max-downtime, and the copy converges."""
+    doms = [_dom("warmish", memory=GIB, dirty=196)]
+    async with two_hosts(mosquitto.port, doms, bandwidth=200, time_scale=20) as (_, sched, shared):
+        _, dest = shared["names"]
+        r = await sched.call(
+            f"task: migrate vm\nvm-name: warmish\ndestination: {dest}\ntime-measurement: true\n"
+            "parameter:\n  migration-type: live\n  max-downtime: 6000\n",
+            timeout=60,
+        )
+        assert r["status"] == "success", r
+        progress = sched.events_for(r["id"], "progress")
+        actions = [e["action"] for e in progress if "action" in e]
+        assert actions and set(actions) == {"raise-downtime"}
+        targets = [e["max-downtime"] for e in progress if "max-downtime" in e]
+        assert targets == sorted(targets)
+        assert targets[0] == 600
+        assert r["time-measurement"]["downtime"] <= 6.0
+        assert _cluster(shared).locate("warmish") == dest
 
 
 async def test_migration_retries_after_failure_that_left_vm_on_source(mosquitto):
@@ -280,3 +303,24 @@ async def test_unbuilt_migration_companions_are_refused_not_skipped(mosquitto, p
         assert (r["status"], r["code"]) == ("error", "not-supported")
         assert what in r["details"]
         assert _cluster(shared).locate("c") == src
+
+
+async def test_pre_check_failure_leaves_the_vm_untouched(mosquitto):
+    """A domain of the same name already active on the destination: ``incompatible-
+    destination`` from the pre-checks, before anything is touched."""
+    async with two_hosts(mosquitto.port, [_dom("twin")]) as (agent, sched, shared):
+        src, dest = shared["names"]
+        cluster = _cluster(shared).cluster
+        cluster.hosts[dest].domains["twin"] = type(cluster.hosts[src].domains["twin"])(
+            name="twin", state=DomainState.RUNNING, vcpus=1, memory=1024
+        )
+        r = await sched.call(
+            f"task: migrate vm\nvm-name: twin\ndestination: {dest}\ntime-measurement: true\n"
+            "parameter:\n  migration-type: live\n"
+        )
+        assert (r["status"], r["code"]) == ("error", "incompatible-destination"), r
+        assert "already active" in r["details"]
+        assert "pre-checks" in r["time-measurement"]
+        phases = [e["phase"] for e in sched.events_for(r["id"], "phase")]
+        assert phases == ["pre-checks"]
+        assert cluster.hosts[src].domains["twin"].state is DomainState.RUNNING

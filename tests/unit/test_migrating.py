@@ -153,3 +153,31 @@ def test_without_max_downtime_the_hypervisor_default_is_left_alone():
     actions = [policy.on_iteration(stats(i, 1000)) for i in range(1, 6)]
     assert "raise-downtime" not in actions
     assert "post-copy" in actions
+
+
+def hot(iteration: int, remaining: int, *, dirty: int, rate: int, expected: float) -> JobStats:
+    return JobStats(
+        phase="migrating",
+        iteration=iteration,
+        elapsed=float(iteration),
+        memory_total=1 << 30,
+        memory_processed=0,
+        memory_remaining=remaining,
+        data_remaining=remaining,
+        dirty_rate=dirty,
+        transfer_rate=rate,
+        expected_downtime=expected,
+    )
+
+
+def test_hopeless_copy_goes_to_post_copy_without_downtime_steps():
+    policy = ConvergencePolicy(max_downtime=300, post_copy_allowed=True)
+    assert policy.on_iteration(hot(1, 1000, dirty=200, rate=100, expected=900)) is None
+    assert policy.on_iteration(hot(2, 1000, dirty=200, rate=100, expected=900)) == "post-copy"
+    assert policy.step == 0
+
+
+def test_a_slow_but_possible_copy_steps_the_downtime_instead():
+    policy = ConvergencePolicy(max_downtime=300, post_copy_allowed=True)
+    policy.on_iteration(hot(1, 1000, dirty=90, rate=100, expected=900))
+    assert policy.on_iteration(hot(2, 1000, dirty=90, rate=100, expected=900)) == "raise-downtime"

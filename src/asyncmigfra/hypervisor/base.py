@@ -199,6 +199,11 @@ class Hypervisor(Protocol):
 
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None: ...
 
+    async def check_migration(self, request: MigrationRequest) -> None:
+        """Pre-checks before anything is touched: the destination is reachable (else
+        ``ConnectionFailed``), has no active domain of that name, accepts the guest's CPU and
+        machine type and has the memory (else ``IncompatibleDestination``)."""
+
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
         """Check the VM, start the job and return its handle (raises before anything moved)."""
 

@@ -114,6 +114,9 @@ class DummyHypervisor:
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         self._check()
 
+    async def check_migration(self, request: MigrationRequest) -> None:
+        self._check()
+
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
         self._check()
         return DummyMigrationJob(request)

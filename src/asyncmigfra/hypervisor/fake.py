@@ -1201,6 +1201,28 @@ class FakeHypervisor:
             for i in range(dom.vcpus)
         )
 
+    async def check_migration(self, request: MigrationRequest) -> None:
+        """The pre-checks a real destination allows: reachable, no active domain of that
+        name, enough free memory (CPU and machine type always match in the simulation)."""
+        dom = self._domain(request.vm_name)
+        dest = self.cluster.hosts.get(request.destination)
+        if dest is None:
+            raise ConnectionFailed(
+                f"unable to connect to server at '{request.destination}': No route to host"
+            )
+        if dest is self.host:
+            return  # begin_migration reports it with libvirt's text
+        there = dest.domains.get(dom.name)
+        if (there is not None and there.active) or dom.name in dest.incoming:
+            raise IncompatibleDestination(
+                f"a domain named '{dom.name}' is already active on {dest.name}"
+            )
+        free = dest.free_memory()
+        if request.mode != "offline" and dom.memory > free:
+            raise IncompatibleDestination(
+                f"not enough free memory on {dest.name}: {dom.memory} KiB needed, {free} KiB free"
+            )
+
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
         await self._enter("migrate")
         dom = self._domain(request.vm_name)

@@ -148,6 +148,7 @@ from asyncmigfra.errors import (
     ConfigError,
     ConnectionFailed,
     HypervisorError,
+    IncompatibleDestination,
     InvalidTask,
     MigrationFailed,
     NotSupported,
@@ -985,6 +986,86 @@ def _pci_candidates(conn: Any, wanted: PciId) -> tuple[list[PciAddress], int]:
             with contextlib.suppress(libvirt.libvirtError):
                 used |= _hostdev_addresses(str(dom.XMLDesc(0)))
     return [addr for addr in matching if addr not in used], len(matching)
+
+
+@dataclass(frozen=True, slots=True)
+class _GuestFacts:
+    name: str
+    virttype: str
+    arch: str | None
+    machine: str | None
+    #: The guest's ``<cpu>`` XML when it names a model (custom mode); ``None`` otherwise.
+    cpu_xml: str | None
+    memory_kib: int
+
+
+@dataclass(frozen=True, slots=True)
+class _DestinationFacts:
+    name_active: bool
+    machines: frozenset[str]
+    cpu_compare: int | None
+    free_kib: int | None
+
+
+def _guest_facts(conn: Any, name: str) -> _GuestFacts:
+    dom = conn.lookupByName(name)
+    root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - libvirt's own XML
+    ostype = root.find("os/type")
+    cpu = root.find("cpu")
+    cpu_xml = None
+    if cpu is not None and cpu.get("mode", "custom") == "custom" and cpu.find("model") is not None:
+        cpu_xml = ET.tostring(cpu, encoding="unicode")
+    return _GuestFacts(
+        name=name,
+        virttype=root.get("type", "qemu"),
+        arch=ostype.get("arch") if ostype is not None else None,
+        machine=ostype.get("machine") if ostype is not None else None,
+        cpu_xml=cpu_xml,
+        memory_kib=int(dom.info()[1]),
+    )
+
+
+def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
+    try:
+        name_active = bool(conn.lookupByName(guest.name).isActive())
+    except libvirt.libvirtError as exc:
+        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        name_active = False
+    machines: set[str] = set()
+    with contextlib.suppress(libvirt.libvirtError, ET.ParseError):
+        caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 - libvirt's own XML
+        for arch in caps.iterfind("guest/arch"):
+            if guest.arch and arch.get("name") != guest.arch:
+                continue
+            for machine in arch.iter("machine"):
+                if machine.text:
+                    machines.add(machine.text.strip())
+                if machine.get("canonical"):
+                    machines.add(str(machine.get("canonical")))
+    cpu_compare: int | None = None
+    if guest.cpu_xml is not None:
+        try:
+            cpu_compare = int(
+                conn.compareHypervisorCPU(
+                    None, guest.arch, guest.machine, guest.virttype, guest.cpu_xml, 0
+                )
+            )
+        except libvirt.libvirtError as exc:  # old or limited drivers: not a verdict
+            log.info("migration.cpu_check_skipped", error=_message(exc))
+    free_kib: int | None = None
+    try:
+        mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+        free_kib = int(mem["free"]) + int(mem.get("cached", 0)) + int(mem.get("buffers", 0))
+    except (libvirt.libvirtError, KeyError):
+        with contextlib.suppress(libvirt.libvirtError):
+            free_kib = int(conn.getFreeMemory()) // 1024
+    return _DestinationFacts(
+        name_active=name_active,
+        machines=frozenset(machines),
+        cpu_compare=cpu_compare,
+        free_kib=free_kib,
+    )
 
 
 def _domain_info(dom: Any) -> DomainInfo:
@@ -2149,6 +2230,42 @@ class LibvirtHypervisor:
         await self._mapped(self.uri, op, "Error pinning vcpu: ")
 
     # ---- migration -----------------------------------------------------------------------
+
+    async def check_migration(self, request: MigrationRequest) -> None:
+        """Pre-checks against the destination, before the VM is touched (see
+        :func:`_guest_facts` and :func:`_destination_facts`): reachable, no active domain of
+        that name, the guest's machine type and CPU model accepted, enough free memory."""
+        uri = self._local_uri(request.driver)
+        guest = await self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name))
+        target = await self.resolve_destination(
+            request.destination, driver=request.driver, transport=request.transport
+        )
+        try:
+            dest = await self._call(target.uri, lambda conn: _destination_facts(conn, guest))
+        except libvirt.libvirtError as exc:
+            raise ConnectionFailed(
+                f"destination {request.destination} cannot be checked: {_message(exc)}"
+            ) from exc
+        where = request.destination
+        if dest.name_active:
+            raise IncompatibleDestination(
+                f"a domain named '{guest.name}' is already active on {where}"
+            )
+        if dest.machines and guest.machine and guest.machine not in dest.machines:
+            raise IncompatibleDestination(
+                f"machine type {guest.machine} ({guest.arch}) is not supported on {where}"
+            )
+        if dest.cpu_compare == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+            raise IncompatibleDestination(f"the guest CPU model is not usable on {where}")
+        if (
+            request.mode != "offline"
+            and dest.free_kib is not None
+            and guest.memory_kib > dest.free_kib
+        ):
+            raise IncompatibleDestination(
+                f"not enough free memory on {where}: {guest.memory_kib} KiB needed, "
+                f"{dest.free_kib} KiB free"
+            )
 
     async def begin_migration(
         self, request: MigrationRequest, ctx: OpContext
