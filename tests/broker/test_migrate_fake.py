@@ -202,7 +202,8 @@ async def test_downtime_is_raised_step_by_step_until_the_copy_converges(mosquitt
         assert r["status"] == "success", r
         progress = sched.events_for(r["id"], "progress")
         actions = [e["action"] for e in progress if "action" in e]
-        assert actions and set(actions) == {"raise-downtime"}
+        assert actions
+        assert set(actions) == {"raise-downtime"}
         targets = [e["max-downtime"] for e in progress if "max-downtime" in e]
         assert targets == sorted(targets)
         assert targets[0] == 600
@@ -308,7 +309,7 @@ async def test_unbuilt_migration_companions_are_refused_not_skipped(mosquitto, p
 async def test_pre_check_failure_leaves_the_vm_untouched(mosquitto):
     """A domain of the same name already active on the destination: ``incompatible-
     destination`` from the pre-checks, before anything is touched."""
-    async with two_hosts(mosquitto.port, [_dom("twin")]) as (agent, sched, shared):
+    async with two_hosts(mosquitto.port, [_dom("twin")]) as (_, sched, shared):
         src, dest = shared["names"]
         cluster = _cluster(shared).cluster
         cluster.hosts[dest].domains["twin"] = type(cluster.hosts[src].domains["twin"])(
