@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from agents import libvirt_options
 from test_agent_migration import migrate_msg, where
 
@@ -23,8 +24,6 @@ pytestmark = [pytest.mark.rig, pytest.mark.broker, pytest.mark.e2e]
 
 
 def write_config(path: Path, port: int, rig: Rig, prefix: str) -> Path:
-    import yaml
-
     config = {
         "hostname": rig.a.name,
         "communicator": {
