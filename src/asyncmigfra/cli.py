@@ -109,7 +109,8 @@ def _connection_options(p: argparse.ArgumentParser) -> None:
         type=_positive_float,
         metavar="S",
         default=s,
-        help="how long to gather retained agent status (default 0.5 s)",
+        help="how long to wait for retained agent status: the status table, and before"
+        " calling an agent absent (default 0.5 s)",
     )
     g.add_argument("--json", action="store_true", default=s, help="JSON lines on stdout")
 
@@ -173,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--log-format", choices=["auto", "json", "console"], help="override logging.format"
     )
+    agent.add_argument("--state-dir", help="override agent.state-dir (journal directory, or none)")
     agent.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level"
     )
@@ -303,6 +305,8 @@ def _agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.state_dir:
+        settings = replace(settings, agent=replace(settings.agent, state_dir=args.state_dir))
     logging = settings.logging
     if args.log_format:
         logging = replace(logging, format=args.log_format)

@@ -1,0 +1,339 @@
+"""``migrate --follow``: a live view of one migration, Ctrl-C to cancel it, and a summary.
+
+The view is built only from what the source agent publishes for the task's id (protocol
+§5.5): ``progress`` events carry percent, remaining data, rates, pass number, the downtime
+estimate and target, and an ``action`` when the agent changed something (raised the
+downtime target, switched to post-copy, suspended the guest). The summary adds the result's
+``time-measurement`` (``downtime`` is the hypervisor's measured downtime, in seconds) and
+the ``downtime`` of the final ``completed`` progress event (ms), so a person sees the real
+cost of the switchover, not an estimate.
+
+Ctrl-C does not kill the client: it stops the live display and asks whether to cancel the
+migration. "y" publishes ``task: cancel`` with ``target: <id>`` and keeps waiting for the
+migration's own result, which then says whether the VM stayed on the source (``cancelled``)
+or, in post-copy, had already moved (success, with a note). Anything else resumes the
+view; a second Ctrl-C at the prompt leaves without cancelling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from asyncmigfra.console.exits import INTERRUPTED, CliError
+from asyncmigfra.console.output import Out, event_fields, fmt_bytes, fmt_rate
+from asyncmigfra.console.session import Interrupt, Lost, Message, Session
+from asyncmigfra.console.tasks import cancel_task, fresh_id, succeeded
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderResult
+    from rich.live import Live
+
+__all__ = ["MigrationView", "follow_migration"]
+
+#: Codes after which the protocol guarantees the guest still runs on the source (§3.6, §6).
+_STAYS_ON_SOURCE = frozenset({"cancelled", "timeout", "migration-failed"})
+
+
+@dataclass
+class MigrationView:
+    """Everything known about one migration, fed with its events; renders itself for rich."""
+
+    vm: str
+    source: str
+    destination: str
+    task_id: str
+    migration_type: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    phase: str = "sent"
+    progress: dict[str, Any] | None = None
+    percents: list[float] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: Downtime (ms) from the final ``completed`` progress event.
+    final_downtime: float | None = None
+    cancel_id: str | None = None
+    cancel_answer: str | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def percent(self) -> float:
+        return self.percents[-1] if self.percents else 0.0
+
+    def feed(self, doc: Mapping[str, Any]) -> None:
+        """Take one event of this task into account."""
+        kind = doc.get("event")
+        if kind == "accepted":
+            self.phase = "accepted"
+        elif kind == "phase":
+            self.phase = str(doc.get("phase", "?"))
+            if self.phase == "retry-wait":
+                self.actions.append("retry")
+        elif kind == "progress":
+            self.progress = dict(doc)
+            self.phase = str(doc.get("phase", self.phase))
+            pct = doc.get("percent")
+            if isinstance(pct, int | float):
+                self.percents.append(float(pct))
+            action = doc.get("action")
+            if action == "raise-downtime" and "max-downtime" in doc:
+                self.actions.append(f"raise-downtime to {doc['max-downtime']} ms")
+            elif action:
+                self.actions.append(str(action))
+            if doc.get("phase") == "completed" and isinstance(doc.get("downtime"), int | float):
+                self.final_downtime = float(doc["downtime"])
+        elif kind in {"error", "rejected"}:
+            self.notes.append(f"{kind}: {doc.get('code', '?')}: {doc.get('details', '')}")
+
+    # ------------------------------------------------------------------ text
+
+    def header(self) -> str:
+        kind = self.migration_type or "agent's default type"
+        return (
+            f"Migrating {self.vm} from {self.source} to {self.destination}"
+            f"  ({kind}, id {self.task_id})"
+        )
+
+    def stats(self) -> str:
+        p = self.progress or {}
+        parts = []
+        remaining = p.get("data-remaining", p.get("memory-remaining"))
+        if remaining is not None:
+            parts.append(f"remaining {fmt_bytes(remaining)}")
+        if "memory-total" in p:
+            parts.append(f"of {fmt_bytes(p['memory-total'])}")
+        if "transfer-rate" in p:
+            parts.append(f"rate {fmt_rate(p['transfer-rate'])}")
+        if "dirty-rate" in p:
+            parts.append(f"dirty {fmt_rate(p['dirty-rate'])}")
+        if "expected-downtime" in p:
+            parts.append(f"expected downtime {p['expected-downtime']} ms")
+        if "max-downtime" in p:
+            parts.append(f"target {p['max-downtime']} ms")
+        return "   ".join(parts) if parts else "waiting for the first statistics..."
+
+    def action_text(self) -> str:
+        return ", ".join(self.actions) if self.actions else "none"
+
+    def plain(self, doc: Mapping[str, Any]) -> str:
+        """One line per event for a pipe or a log file."""
+        return f"{self.elapsed:7.1f} s  {doc.get('event', '?'):<8}  {event_fields(doc)}"
+
+    def summary(self, result: Mapping[str, Any], wall: float) -> list[tuple[str, str]]:
+        """(text, rich style) lines for the end of the migration."""
+        ok = succeeded(result)
+        lines: list[tuple[str, str]] = []
+        tm = result.get("time-measurement")
+        tm = tm if isinstance(tm, Mapping) else {}
+        if ok:
+            dest = result.get("destination", self.destination)
+            lines.append((f"{self.vm} migrated from {self.source} to {dest}", "bold green"))
+        else:
+            why = f"{result.get('code', 'error')}: {result.get('details', '')}"
+            lines.append((f"{self.vm} was NOT migrated: {why}", "bold red"))
+            if result.get("code") in _STAYS_ON_SOURCE:
+                lines.append((f"  {self.vm} stays on {self.source}", "yellow"))
+        agent = ", ".join(
+            f"{k} {float(v):.3f} s"
+            for k, v in tm.items()
+            if k in {"overall", "migrate"} and isinstance(v, int | float)
+        )
+        lines.append(
+            (f"  total time   {wall:.2f} s" + (f"  (agent: {agent})" if agent else ""), "")
+        )
+        downtime = tm.get("downtime")
+        parts = []
+        if isinstance(downtime, int | float):
+            parts.append(
+                f"{float(downtime) * 1000:.1f} ms (time-measurement.downtime"
+                f" {float(downtime):.6f} s)"
+            )
+        if self.final_downtime is not None:
+            parts.append(f"final progress event: {self.final_downtime:g} ms")
+        if parts:
+            lines.append(("  downtime     " + "; ".join(parts), ""))
+        if self.progress is not None:
+            lines.append((f"  passes       {self.progress.get('iteration', 0)}", ""))
+        lines.append((f"  actions      {self.action_text()}", ""))
+        if "retries" in result:
+            lines.append((f"  retries      {result['retries']}", ""))
+        if ok and result.get("details"):
+            lines.append((f"  note         {result['details']}", "yellow"))
+        if self.cancel_answer:
+            lines.append((f"  cancel       {self.cancel_answer}", ""))
+        return lines
+
+    # ------------------------------------------------------------------ rich
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.progress_bar import ProgressBar  # noqa: PLC0415
+        from rich.table import Table  # noqa: PLC0415
+        from rich.text import Text  # noqa: PLC0415
+
+        yield Text(self.header(), style="bold")
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(
+                total=100.0, completed=self.percent, width=max(10, min(60, options.max_width - 60))
+            ),
+            Text(f"{self.percent:5.1f} %", style="bold"),
+            Text(f"pass {(self.progress or {}).get('iteration', 0)}"),
+            Text(f"elapsed {self.elapsed:.1f} s"),
+            Text(f"phase {self.phase}", style="blue"),
+        )
+        yield bar
+        yield Text(self.stats())
+        yield Text(f"actions: {self.action_text()}")
+        for note in self.notes[-3:]:
+            yield Text(note, style="red")
+        if self.cancel_id:
+            yield Text(
+                f"cancel requested (task {self.cancel_id})"
+                + (f": {self.cancel_answer}" if self.cancel_answer else "; waiting for the agent"),
+                style="yellow",
+            )
+
+
+class _Display:
+    """The live region at a terminal; a no-op otherwise."""
+
+    def __init__(self, out: Out, view: MigrationView) -> None:
+        self.out = out
+        self.view = view
+        self._live: Live | None = None
+
+    def start(self) -> None:
+        if self.out.tty and self._live is None:
+            from rich.live import Live  # noqa: PLC0415
+
+            self._live = Live(
+                self.view, console=self.out.console, refresh_per_second=8, transient=False
+            )
+            self._live.start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.refresh()
+            self._live.stop()
+            self._live = None
+
+    def event(self, doc: Mapping[str, Any]) -> None:
+        if self.out.json:
+            self.out.json_line(doc)
+        elif self._live is not None:
+            self._live.refresh()
+        elif not self.out.tty:
+            self.out.line(self.view.plain(doc))
+
+
+def _read_line() -> asyncio.Future[str]:
+    """One line from the terminal without a thread (a pending ``input()`` thread would keep
+    the process alive after the migration finished)."""
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    fut: asyncio.Future[str] = loop.create_future()
+
+    def ready() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not fut.done():
+            fut.set_result(data.decode(errors="replace"))
+
+    loop.add_reader(fd, ready)
+    fut.add_done_callback(lambda _: loop.remove_reader(fd))
+    return fut
+
+
+async def follow_migration(
+    session: Session, out: Out, view: MigrationView, *, limit: float | None
+) -> Message:
+    """Show ``view`` live until the migration's result arrives; returns the result."""
+    display = _Display(out, view)
+    host = view.source
+
+    def on_item(item: Message) -> None:
+        if item.kind == "event" and item.id == view.task_id:
+            view.feed(item.doc)
+            display.event(item.doc)
+        elif item.kind == "result" and view.cancel_id and item.id == view.cancel_id:
+            entries = item.doc.get("list") or []
+            first = entries[0] if entries and isinstance(entries[0], Mapping) else {}
+            if first.get("status") == "success":
+                view.cancel_answer = f"accepted by {host} ({first.get('state', '?')})"
+            else:
+                view.cancel_answer = f"{first.get('code', '?')}: {first.get('details', '')}"
+            if not out.tty and not out.json:
+                out.note(f"cancel: {view.cancel_answer}")
+
+    async def on_interrupt(_: Interrupt) -> None:
+        display.stop()
+        try:
+            await _ask_cancel(session, out, view, on_item)
+        finally:
+            display.start()
+
+    if not out.tty and not out.json:
+        out.line(view.header())
+    display.start()
+    try:
+        return await session.wait_result(
+            host, view.task_id, limit=limit, on_item=on_item, on_interrupt=on_interrupt
+        )
+    finally:
+        display.stop()
+
+
+async def _ask_cancel(session: Session, out: Out, view: MigrationView, on_item: Any) -> None:
+    """The Ctrl-C prompt. Events keep being taken in while it waits; a result, a lost
+    broker or a presence change ends the prompt and is handled by the caller."""
+    hint = (
+        f"task {view.task_id!r} keeps running on {view.source!r}"
+        f" (cancel it with: asyncmigfra cancel {view.task_id} --host {view.source})"
+    )
+    if view.cancel_id is not None:
+        out.note(
+            "cancel already requested; waiting for the migration's result (Ctrl-C again leaves)"
+        )
+        return
+    if not sys.stdin.isatty():
+        raise CliError(INTERRUPTED, f"interrupted: {hint}")
+    out.err.write("\nCancel the migration? [y/N] ")
+    out.err.flush()
+    answer = _read_line()
+    try:
+        while True:
+            getter = asyncio.ensure_future(session.get())
+            waiting: set[asyncio.Future[Any]] = {answer, getter}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            item = getter.result()
+            if isinstance(item, Interrupt):
+                out.err.write("\n")
+                raise CliError(INTERRUPTED, f"left without cancelling: {hint}")
+            if isinstance(item, Message) and item.kind == "event":
+                on_item(item)
+                continue
+            if isinstance(item, Lost | Message):
+                out.err.write("\n(the migration has news; not cancelling)\n")
+                session.push_back(item)
+                return
+    finally:
+        answer.cancel()
+    if answer.result().strip().lower() not in {"y", "yes"}:
+        out.note("not cancelled; following the migration again")
+        return
+    view.cancel_id = fresh_id("cancel")
+    await session.publish_task(view.source, cancel_task(view.cancel_id, view.task_id))
+    out.note(f"cancel sent (task {view.cancel_id}); waiting for the migration's result")

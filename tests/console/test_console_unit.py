@@ -1,0 +1,307 @@
+"""The client commands without a broker: options, task payloads, ids, rendering, exit codes."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+
+import pytest
+
+from asyncmigfra import cli
+from asyncmigfra.console.connection import Connection, parse_broker, read_password
+from asyncmigfra.console.exits import USAGE, CliError
+from asyncmigfra.console.follow import MigrationView
+from asyncmigfra.console.output import Out, event_fields, fmt_bytes
+from asyncmigfra.console.tasks import (
+    ensure_id,
+    evacuate_task,
+    list_task,
+    migrate_task,
+    start_task,
+    succeeded,
+)
+from asyncmigfra.errors import TaskRejected
+from asyncmigfra.parsing import parse_task
+
+GIB = 1024**3
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("text", "tls", "expected"),
+    [
+        ("broker", False, ("broker", 1883)),
+        ("broker:1884", False, ("broker", 1884)),
+        ("broker", True, ("broker", 8883)),
+        ("[::1]:1885", False, ("::1", 1885)),
+        ("::1", False, ("::1", 1883)),
+    ],
+)
+def test_parse_broker(text, tls, expected):
+    assert parse_broker(text, tls=tls) == expected
+
+
+@pytest.mark.parametrize("text", ["", ":1883", "h:0", "h:x", "h:70000", "[::1"])
+def test_parse_broker_rejects(text):
+    with pytest.raises(CliError) as err:
+        parse_broker(text)
+    assert err.value.code == USAGE
+
+
+def test_connection_topics():
+    c = Connection(prefix="site/migfra")
+    assert c.topic("n1", "task") == "site/migfra/n1/task"
+    assert c.split("site/migfra/n1/event") == ("n1", "event")
+    assert c.split("other/n1/event") is None
+    assert Connection(host="::1", port=1).where == "[::1]:1"
+
+
+def test_password_from_file_or_env(tmp_path, monkeypatch):
+    f = tmp_path / "pw"
+    f.write_text("s3cret\nignored\n")
+    assert read_password(str(f)) == "s3cret"
+    monkeypatch.setenv("ASYNCMIGFRA_MQTT_PASSWORD", "from-env")
+    assert read_password(None) == "from-env"
+    with pytest.raises(CliError):
+        read_password(str(tmp_path / "missing"))
+
+
+def test_connection_options_before_or_after_the_command():
+    for argv in (
+        ["--broker", "b:2", "--json", "status", "--topic-prefix", "x/y"],
+        ["status", "--broker", "b:2", "--json", "--topic-prefix", "x/y"],
+    ):
+        args = cli._parser().parse_args(argv)
+        for k, v in cli._CONN_DEFAULTS.items():
+            if not hasattr(args, k):
+                setattr(args, k, v)
+        conn = cli._connection(args)
+        assert (conn.host, conn.port, conn.prefix, args.json) == ("b", 2, "x/y", True)
+        assert conn.protocol == "5"
+
+
+def test_help_documents_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for needle in ("exit codes", "cannot reach the MQTT broker", "offline", "--timeout", "130"):
+        assert needle in out
+    with pytest.raises(SystemExit):
+        cli.main(["migrate", "--help"])
+    out = capsys.readouterr().out
+    assert "--follow" in out
+    assert "exit codes" in out
+
+
+def test_usage_errors_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["migrate", "vm"])  # no --from/--to
+    assert err.value.code == 2
+    assert cli.main(["send", str(tmp_path / "nope.yaml"), "--host", "h"]) == 2
+    assert "cannot read the task file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"task: status\nvm-name: \xff\n")
+    assert cli.main(["send", str(bad), "--host", "h"]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_broker_unreachable_exit_2(capsys):
+    port = _closed_port()
+    started = time.monotonic()
+    assert cli.main(["--broker", f"127.0.0.1:{port}", "status"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the MQTT broker at 127.0.0.1:{port}: " in err
+    assert "refused" in err.lower()
+    assert time.monotonic() - started < 5
+
+
+# ------------------------------------------------------------------------------ payloads
+
+
+def test_ensure_id_keeps_an_existing_id():
+    payload = b"# comment\n---\ntask: status\nid: 0012\n...\n"
+    assert ensure_id(payload) == (payload, "0012", False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "task: status\n",
+        "# a comment\n---\ntask: stop vm\nlist:\n  - vm-name: a\n    force: yes\n...\n",
+        '%YAML 1.2\n--- # c\ntask: status\nid: ""\n',
+        "{task: status}\n",
+        "task: start vm\nvm-configurations:\n  - vm-name: a\n    memory: 010\n",
+    ],
+)
+def test_ensure_id_inserts_one_the_agent_reads(text):
+    payload, task_id, added = ensure_id(text.encode())
+    assert added
+    assert task_id.startswith("send-")
+    msg = parse_task(payload)
+    assert msg.id == task_id
+    # The file is not re-serialised: only the id was added.
+    assert (
+        payload.decode().replace(f'id: "{task_id}"\n', "", 1).replace(f'id: "{task_id}", ', "", 1)
+        == text
+    )
+    if "memory: 010" in text:  # so yaml-cpp's octal keeps its meaning
+        assert msg.subtasks[0].memory == 8  # type: ignore[attr-defined]
+
+
+def test_ensure_id_refuses_what_the_agent_cannot_read():
+    with pytest.raises(CliError) as err:
+        ensure_id(b"task: status\nvm-name: \xff\n")
+    assert err.value.code == USAGE
+
+
+@pytest.mark.parametrize("text", [b"task: [unclosed\n", b"- a\n- b\n", b"[1, 2]\n", b""])
+def test_ensure_id_on_a_broken_task_still_gets_an_answer(text):
+    """With the id first, the agent reads it even from a broken message and answers
+    ``result: unknown`` with it: worth sending (exit 1, the agent's own error text), not a
+    usage error."""
+    payload, task_id, added = ensure_id(text)
+    assert added
+    with pytest.raises(TaskRejected) as err:
+        parse_task(payload)
+    assert err.value.task_id == task_id
+
+
+def test_task_builders_parse_as_intended():
+    m = parse_task(
+        migrate_task(
+            "m-1",
+            "on",
+            "host-b",
+            {
+                "migration-type": "post-copy",
+                "max-downtime": 300,
+                "bandwidth": 100,
+                "completion-timeout": 90.5,
+                "timeout-action": "suspend",
+                "auto-converge": True,
+                "compressed": False,
+                "tls": None,
+            },
+        )
+    )
+    (spec,) = m.subtasks
+    assert (m.id, spec.vm_name, spec.destination) == ("m-1", "on", "host-b")  # type: ignore[attr-defined]
+    assert spec.time_measurement
+    p = spec.parameter  # type: ignore[attr-defined]
+    assert (p.migration_type, p.max_downtime, p.bandwidth) == ("post-copy", 300, 100)
+    assert (p.completion_timeout, p.timeout_action, p.auto_converge) == (
+        90.5,
+        "suspend",
+        True,
+    )
+    m = parse_task(list_task("stop vm", "s-1", ["a", "0012"], force=True, undefine=False))
+    assert [s.result_name for s in m.subtasks] == ["a", "0012"]
+    assert m.subtasks[0].force  # type: ignore[attr-defined]
+    assert not m.subtasks[0].undefine  # type: ignore[attr-defined]
+    m = parse_task(start_task("st-1", ["a"], ["<domain><name>x</name></domain>"], probe=False))
+    assert [s.result_name for s in m.subtasks] == ["a", "x"]
+    m = parse_task(evacuate_task("e-1", ["b", "c"], {"mode": "scatter", "max-parallel": 3}))
+    assert m.subtasks[0].destinations == ("b", "c")  # type: ignore[attr-defined]
+
+
+def test_succeeded():
+    assert succeeded({"result": "vm migrated", "status": "success"})
+    assert not succeeded({"result": "vm migrated", "status": "error"})
+    assert succeeded({"result": "node evacuated", "list": []})
+    assert not succeeded({"result": "vm stopped", "list": [{"status": "success"}, {}]})
+    assert not succeeded({"result": "unknown", "list": []})
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def test_plain_table_and_lines_have_no_escape_codes():
+    buf = io.StringIO()
+    out = Out(stream=buf, err=io.StringIO())
+    assert not out.tty
+    out.table(["HOST", "STATE"], [["host-a", "online"], ["b", "offline"]], styles={1: {}})
+    assert buf.getvalue().splitlines() == ["HOST    STATE", "host-a  online", "b       offline"]
+    assert "\x1b" not in buf.getvalue()
+
+
+def test_event_fields():
+    progress = {
+        "event": "progress",
+        "phase": "migrating",
+        "iteration": 2,
+        "percent": 47.9,
+        "data-remaining": GIB // 2,
+        "transfer-rate": 1000 * 1024 * 1024,
+        "dirty-rate": 50 * 1024 * 1024,
+        "expected-downtime": 51.2,
+        "max-downtime": 30,
+        "action": "raise-downtime",
+    }
+    text = event_fields(progress)
+    for needle in ("migrating  47.9 %", "pass 2", "remaining 512.0 MiB", "rate 1000.0 MiB/s",
+                   "dirty 50.0 MiB/s", "expected downtime 51.2 ms", "target 30 ms",
+                   "action raise-downtime"):  # fmt: skip
+        assert needle in text
+    assert event_fields({"event": "error", "code": "timeout", "details": "x"}) == "timeout: x"
+    assert event_fields({"event": "done", "status": "success", "duration": 1.5}) == (
+        "success in 1.500 s"
+    )
+    assert event_fields({"event": "accepted", "task": "stop vm", "vm-names": ["a", "b"]}) == (
+        "stop vm [a, b]"
+    )
+    assert fmt_bytes(None) == "?"
+
+
+def test_watch_line_plain():
+    buf = io.StringIO()
+    Out(stream=buf).event(
+        "host-a",
+        {"event": "phase", "id": "t1", "host": "host-a", "vm-name": "v", "phase": "migrating",
+         "time": "2026-11-22T00:19:38.163Z"},
+    )  # fmt: skip
+    cols = buf.getvalue().split()
+    assert cols[1:] == ["host-a", "v", "phase", "t1", "migrating"]
+    assert cols[0].endswith(".163")
+
+
+def test_migration_view_and_summary():
+    v = MigrationView(vm="v", source="a", destination="b", task_id="t", migration_type="live")
+    v.feed({"event": "accepted"})
+    for pct, extra in ((10.0, {}), (50.0, {"action": "raise-downtime", "max-downtime": 53})):
+        v.feed({"event": "progress", "phase": "migrating", "percent": pct, "iteration": 2,
+                "data-remaining": GIB, **extra})  # fmt: skip
+    v.feed({"event": "phase", "phase": "post-copy"})
+    v.feed({"event": "progress", "phase": "completed", "percent": 100.0, "iteration": 3,
+            "downtime": 5.0, "action": "post-copy"})  # fmt: skip
+    assert v.percents == [10.0, 50.0, 100.0]
+    assert v.actions == ["raise-downtime to 53 ms", "post-copy"]
+    assert v.final_downtime == 5.0
+    ok = {
+        "result": "vm migrated",
+        "status": "success",
+        "destination": "b",
+        "time-measurement": {"migrate": 1.2, "downtime": 0.005, "overall": 1.25},
+    }
+    text = "\n".join(t for t, _ in v.summary(ok, 1.3))
+    assert "v migrated from a to b" in text
+    assert "total time   1.30 s  (agent: migrate 1.200 s, overall 1.250 s)" in text
+    assert "5.0 ms (time-measurement.downtime 0.005000 s); final progress event: 5 ms" in text
+    assert "passes       3" in text
+    bad = {"result": "vm migrated", "status": "error", "code": "cancelled", "details": "c"}
+    failed = [t for t, _ in v.summary(bad, 2.0)]
+    assert failed[0] == "v was NOT migrated: cancelled: c"
+    assert failed[1] == "  v stays on a"
+
+
+def test_out_json_lines():
+    buf = io.StringIO()
+    out = Out(json_mode=True, stream=buf)
+    out.json_line({"a": 1, "b": "ü"})
+    assert buf.getvalue() == '{"a": 1, "b": "ü"}\n'
+    assert not out.tty
