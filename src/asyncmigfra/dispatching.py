@@ -48,7 +48,7 @@ from asyncmigfra.errors import (
     WrongState,
 )
 from asyncmigfra.events import Events
-from asyncmigfra.hypervisor.base import Hypervisor
+from asyncmigfra.hypervisor.base import DomainInfo, Hypervisor
 from asyncmigfra.journal import Journal
 from asyncmigfra.model import (
     CancelSpec,
@@ -61,6 +61,7 @@ from asyncmigfra.model import (
     TaskKind,
     TaskMessage,
 )
+from asyncmigfra.placement import Capacity, VmSize, place
 from asyncmigfra.rendering import parse_error_result
 from asyncmigfra.running import SubtaskContext, error_entry, reconcile_subtask, run_subtask
 from asyncmigfra.settings import Settings
@@ -178,6 +179,8 @@ class _Job:
     #: Recovered from the journal after it had started: reconcile instead of running again.
     recovered: bool = False
     started: bool = False
+    #: Top-level result keys (an evacuation's own ``time-measurement``).
+    header: dict[str, object] = field(default_factory=dict)
     received: float = field(default_factory=time.monotonic)
 
 
@@ -206,6 +209,8 @@ class Dispatcher:
         # incoming per destination as far as this agent sends them (oVirt's defaults: 2/2).
         self._outgoing = asyncio.Semaphore(settings.migration.max_outgoing)
         self._incoming: dict[str, asyncio.Semaphore] = {}
+        #: destination -> (vCPUs, KiB) of this agent's evacuation moves on their way there.
+        self._inbound: dict[str, tuple[int, int]] = {}
         self._jobs: set[_Job] = set()
         self._by_id: dict[str, list[_Job]] = {}
         self._running_keys: set[tuple[str, str]] = set()
@@ -398,9 +403,17 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- running
 
-    def _result(self, msg: TaskMessage, entries: list[ResultEntry]) -> ResultMessage:
+    def _result(
+        self, msg: TaskMessage, entries: list[ResultEntry], header: dict[str, object] | None = None
+    ) -> ResultMessage:
         flat = msg.kind is TaskKind.MIGRATE and len(entries) == 1
-        return ResultMessage(result=msg.kind.result_name, entries=entries, id=msg.id, flat=flat)
+        return ResultMessage(
+            result=msg.kind.result_name,
+            entries=entries,
+            id=msg.id,
+            flat=flat,
+            header={k: v for k, v in (header or {}).items() if v is not None},
+        )
 
     async def _run_job(self, job: _Job) -> None:
         entries_by_run: dict[int, list[ResultEntry]] = {}
@@ -421,7 +434,7 @@ class Dispatcher:
         finally:
             self._finish(job)
         entries = [e for run in job.runs for e in entries_by_run.get(run.index, [])]
-        result = self._result(job.msg, entries)
+        result = self._result(job.msg, entries, job.header)
         if job.dedupe is not None:
             self._finished[job.dedupe] = (time.monotonic(), result)
             self._expire_finished()
@@ -589,20 +602,41 @@ class Dispatcher:
             ticket.release()
 
     async def _evacuate(self, job: _Job, run: _Run, spec: EvacuateSpec) -> list[ResultEntry]:
-        """Migrate every active domain away, round-robin over ``destinations``."""
+        """Move every active domain away (spec 1.8, see ``placement``): measure the
+        destinations, place the VMs, then migrate them, at most ``max-parallel`` at once and
+        each destination within its incoming limit (waiting, never failing, for a slot).
+        A cancel stops what has not started and aborts what runs; finished moves keep their
+        results."""
+        timer = TimeMeasurement(enabled=spec.time_measurement)
+        timer.tick("overall")
         try:
             domains = await self._hv.list_domains(active_only=True)
         except TaskError as exc:
             return [self._failed(job, "n/a", exc)]
         if not domains:
             return []
-        if not spec.destinations:
-            err = NoDestination("No destination host left to evacuate to.")
-            return [self._failed(job, d.name, err) for d in domains]
+        run.ctx = SubtaskContext(
+            task_id=job.msg.id, vm_name="n/a", events=self._events, timer=timer
+        )
+        run.ctx.phase("placement")
+        with timer.measure("placement"):
+            capacities = await self._capacities(spec.destinations)
+            plan = place(
+                [VmSize(d.name, d.vcpus, d.memory) for d in domains],
+                capacities,
+                mode=spec.mode,
+                overbooking=spec.overbooking,
+            )
+        log.info(
+            "evacuation.placed",
+            assignments=dict(plan.assignments),
+            unplaced=list(plan.unplaced),
+            destinations=[c.host for c in capacities],
+        )
         limit = asyncio.Semaphore(spec.max_parallel or self._settings.migration.max_outgoing)
+        sizes = {d.name: d for d in domains}
 
-        async def move(i: int, name: str) -> ResultEntry:
-            dest = spec.destinations[i % len(spec.destinations)]
+        async def move(name: str, dest: str) -> ResultEntry:
             mspec = MigrateSpec(
                 vm_name=name,
                 destination=dest,
@@ -610,17 +644,83 @@ class Dispatcher:
                 time_measurement=spec.time_measurement,
                 driver=spec.driver,
             )
+            self._reserve(dest, sizes[name], +1)
             ticket = self._lanes.reserve(name)
             try:
                 await ticket.acquire()
                 async with limit:
                     entry = await self._one(job, run, mspec, name)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if run.cancel_reason is None or task is None:
+                    raise
+                task.uncancel()
+                entry = error_entry(name, TaskCancelled(run.cancel_reason))
+                self._report(job, entry, 0.0)
             finally:
                 ticket.release()
+                self._reserve(dest, sizes[name], -1)
             entry.extra.setdefault("destination", dest)
             return entry
 
-        return list(await asyncio.gather(*(move(i, d.name) for i, d in enumerate(domains))))
+        tasks: dict[str, asyncio.Task[ResultEntry]] = {}
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, dest in plan.assignments.items():
+                    tasks[name] = tg.create_task(
+                        move(name, dest), name=f"asyncmigfra.evacuate[{name}->{dest}]"
+                    )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if run.cancel_reason is None or task is None:
+                raise
+            task.uncancel()
+        entries: dict[str, ResultEntry] = {}
+        for name, t in tasks.items():
+            if t.done() and not t.cancelled():
+                entries[name] = t.result()
+            else:
+                entries[name] = error_entry(name, TaskCancelled(run.cancel_reason or "cancelled"))
+        for name in plan.unplaced:
+            err = NoDestination(
+                "No destination host left to evacuate to."
+                if capacities
+                else "no destination could be reached"
+            )
+            entries[name] = self._failed(job, name, err)
+        timer.tock("overall")
+        job.header["time-measurement"] = timer.snapshot()
+        return [entries[d.name] for d in domains if d.name in entries]
+
+    async def _capacities(self, destinations: tuple[str, ...]) -> list[Capacity]:
+        """Each destination's load now, minus what this agent already sends it."""
+        out: list[Capacity] = []
+        for dest in dict.fromkeys(destinations):
+            if dest == self._settings.hostname:
+                continue  # never evacuate onto the host being evacuated
+            try:
+                load = await self._hv.host_load(dest)
+            except TaskError as exc:
+                log.warning("evacuation.destination_unreachable", host=dest, error=str(exc))
+                continue
+            vcpus, memory = self._inbound.get(dest, (0, 0))
+            out.append(
+                Capacity(
+                    host=dest,
+                    cpus=load.cpus,
+                    vcpus_used=load.vcpus_used + vcpus,
+                    free_memory=load.free_memory - memory,
+                )
+            )
+        return out
+
+    def _reserve(self, dest: str, dom: DomainInfo, sign: int) -> None:
+        vcpus, memory = self._inbound.get(dest, (0, 0))
+        vcpus, memory = vcpus + sign * dom.vcpus, memory + sign * dom.memory
+        if vcpus or memory:
+            self._inbound[dest] = (vcpus, memory)
+        else:
+            self._inbound.pop(dest, None)
 
     # ---------------------------------------------------------------- control tasks
 

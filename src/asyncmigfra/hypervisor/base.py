@@ -28,6 +28,7 @@ __all__ = [
     "DomainInfo",
     "DomainState",
     "HostInfo",
+    "HostLoad",
     "Hypervisor",
     "HypervisorFactory",
     "JobStats",
@@ -74,6 +75,21 @@ class HostInfo:
     memory: int
     #: KiB
     free_memory: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostLoad:
+    """A (destination) host as this agent sees it, for placement."""
+
+    host: str
+    cpus: int
+    #: KiB
+    memory: int
+    #: KiB
+    free_memory: int
+    #: vCPUs of its active domains.
+    vcpus_used: int
+    domains: int
 
 
 class OpContext(Protocol):
@@ -210,6 +226,10 @@ class Hypervisor(Protocol):
     async def list_domains(self, *, active_only: bool = False) -> list[DomainInfo]: ...
 
     async def host_info(self) -> HostInfo: ...
+
+    async def host_load(self, host: str) -> HostLoad:
+        """CPUs, memory and what runs on ``host`` (a migration destination), for placement.
+        Raises ``ConnectionFailed`` when it cannot be reached."""
 
 
 class HypervisorFactory(Protocol):

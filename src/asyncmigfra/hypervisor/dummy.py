@@ -21,6 +21,7 @@ from asyncmigfra.errors import HypervisorError
 from asyncmigfra.hypervisor.base import (
     DomainInfo,
     HostInfo,
+    HostLoad,
     JobStats,
     MigrationJob,
     MigrationRequest,
@@ -132,6 +133,19 @@ class DummyHypervisor:
             cpus=os.cpu_count() or 1,
             memory=_HOST_MEMORY_KIB,
             free_memory=_HOST_MEMORY_KIB,
+        )
+
+
+    async def host_load(self, host: str) -> HostLoad:
+        """Every destination looks empty and large: evacuations place freely."""
+        self._check()
+        return HostLoad(
+            host=host,
+            cpus=os.cpu_count() or 1,
+            memory=_HOST_MEMORY_KIB,
+            free_memory=_HOST_MEMORY_KIB,
+            vcpus_used=0,
+            domains=0,
         )
 
 

@@ -77,6 +77,7 @@ from asyncmigfra.hypervisor.base import (
     DomainInfo,
     DomainState,
     HostInfo,
+    HostLoad,
     JobStats,
     MigrationJob,
     MigrationRequest,
@@ -1299,6 +1300,21 @@ class FakeHypervisor:
         await self._enter("host-info")
         self.cluster.sync()
         return self.host.info()
+
+    async def host_load(self, host: str) -> HostLoad:
+        self.cluster.sync()
+        target = self.cluster.hosts.get(host)
+        if target is None:
+            raise ConnectionFailed(f"unable to connect to server at '{host}': No route to host")
+        active = [d for d in target.domains.values() if d.active]
+        return HostLoad(
+            host=host,
+            cpus=target.cpus,
+            memory=target.memory,
+            free_memory=target.free_memory(),
+            vcpus_used=sum(d.vcpus for d in active),
+            domains=len(active),
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,6 +163,7 @@ from asyncmigfra.hypervisor.base import (
     DomainInfo,
     DomainState,
     HostInfo,
+    HostLoad,
     JobStats,
     MigrationRequest,
     MigrationResult,
@@ -2364,6 +2365,34 @@ class LibvirtHypervisor:
         return await self._mapped(
             self.uri, lambda c: _list_domains(c, active_only), "Error listing domains: "
         )
+
+    async def host_load(self, host: str) -> HostLoad:
+        """A destination's CPUs, memory and active domains, over this agent's connection to
+        it (``hosts.<host>.uri`` or the ``destination-uri`` template)."""
+        uri = self.remote_uri(host)
+
+        def op(conn: Any) -> HostLoad:
+            info = conn.getInfo()
+            try:
+                mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+                total = int(mem["total"])
+                free = int(mem["free"]) + int(mem.get("cached", 0)) + int(mem.get("buffers", 0))
+            except (libvirt.libvirtError, KeyError):
+                total, free = int(info[1]) * 1024, int(conn.getFreeMemory()) // 1024
+            active = _list_domains(conn, active_only=True)
+            return HostLoad(
+                host=host,
+                cpus=int(info[2]),
+                memory=total,
+                free_memory=free,
+                vcpus_used=sum(d.vcpus for d in active),
+                domains=len(active),
+            )
+
+        try:
+            return await self._call(uri, op)
+        except libvirt.libvirtError as exc:
+            raise ConnectionFailed(f"cannot read the load of {host}: {_message(exc)}") from exc
 
     async def host_info(self) -> HostInfo:
         """``hostname``: the agent's configured name (libvirt's ``getHostname()`` when
