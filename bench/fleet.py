@@ -20,7 +20,7 @@ import os
 import random
 import time
 import uuid
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_se
 from bench.__main__ import mosquitto, pct
 
 GIB = 1024 * 1024
+DONE = b"---\nevent: done"
 
 
 def rss_bytes() -> int:
@@ -164,10 +165,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 await client.publish(f"fast/migfra/{host}/task", body.encode(), qos=1)
             prober = tg.create_task(probe_status())
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(all_results.wait(), args.timeout)
-            except TimeoutError:
-                pass
             total = time.perf_counter() - t0
             msgs_window = broker_msgs
             await prober
