@@ -265,14 +265,7 @@ async def migrate(
         raise NotSupported("vcpu-map on migrate (repin on the destination) is not supported yet")
     if params.pscom_hook_procs not in (None, 0):
         raise NotSupported("pscom-hook-procs (the pscom hook) is not supported yet")
-    memory = await _memory_of(hypervisor, spec.vm_name)
-    plan = plan_migration(
-        spec,
-        defaults=settings.migration,
-        driver=settings.hypervisor.driver,
-        transport=settings.hypervisor.transport,
-        memory_kib=memory,
-    )
+    plan = await _plan(spec, hypervisor=hypervisor, settings=settings)
     attempt = 0
     while True:
         try:
@@ -289,12 +282,9 @@ async def migrate(
             ctx.phase("retry-wait")
             await asyncio.sleep(delay)
             continue
-        ctx.extra["destination"] = spec.destination
         if attempt:
             ctx.extra["retries"] = attempt
-        if result.downtime is not None:
-            ctx.timer.record("downtime", result.downtime / 1000.0)
-        return result
+        return _arrived(spec, result, ctx)
 
 
 async def follow_adopted(
@@ -307,16 +297,25 @@ async def follow_adopted(
 ) -> MigrationResult:
     """Follow a migration job that a previous agent run started (peer-to-peer jobs belong to
     libvirtd and outlive the agent) to its end, with progress, policy and timeout."""
+    plan = await _plan(spec, hypervisor=hypervisor, settings=settings)
+    ctx.phase("adopted")
+    result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings, adopted=job)
+    return _arrived(spec, result, ctx)
+
+
+async def _plan(spec: MigrateSpec, *, hypervisor: Hypervisor, settings: Settings) -> MigrationPlan:
     memory = await _memory_of(hypervisor, spec.vm_name)
-    plan = plan_migration(
+    return plan_migration(
         spec,
         defaults=settings.migration,
         driver=settings.hypervisor.driver,
         transport=settings.hypervisor.transport,
         memory_kib=memory,
     )
-    ctx.phase("adopted")
-    result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings, adopted=job)
+
+
+def _arrived(spec: MigrateSpec, result: MigrationResult, ctx: EngineContext) -> MigrationResult:
+    """Record where the VM runs now and the downtime libvirt measured."""
     ctx.extra["destination"] = spec.destination
     if result.downtime is not None:
         ctx.timer.record("downtime", result.downtime / 1000.0)
