@@ -72,6 +72,10 @@ __all__ = ["Dispatcher", "DispatcherStats", "Reply"]
 log = structlog.stdlib.get_logger(__name__)
 
 _SHUTTING_DOWN = "the agent is shutting down; send the task again later"
+#: Finished tasks remembered for duplicate detection, at most.
+_MAX_REMEMBERED = 100_000
+#: Longest ``regex`` of a stop task (compiling runs on the event loop).
+_MAX_REGEX = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +185,10 @@ class _Job:
     started: bool = False
     #: Top-level result keys (an evacuation's own ``time-measurement``).
     header: dict[str, object] = field(default_factory=dict)
+    #: The journal write of this job; its result is published only after it (so the
+    #: ``accepted`` event, sent when the write is durable, always comes first).
+    journaled: asyncio.Future[None] | None = None
+    accepted_sent: bool = False
     received: float = field(default_factory=time.monotonic)
 
 
@@ -208,7 +216,8 @@ class Dispatcher:
         # Migrations wait for these (never fail on them): outgoing from this host, and
         # incoming per destination as far as this agent sends them (oVirt's defaults: 2/2).
         self._outgoing = asyncio.Semaphore(settings.migration.max_outgoing)
-        self._incoming: dict[str, asyncio.Semaphore] = {}
+        #: destination -> (its incoming-migration semaphore, subtasks using it).
+        self._incoming: dict[str, tuple[asyncio.Semaphore, int]] = {}
         #: destination -> (vCPUs, KiB) of this agent's evacuation moves on their way there.
         self._inbound: dict[str, tuple[int, int]] = {}
         self._jobs: set[_Job] = set()
@@ -359,15 +368,22 @@ class Dispatcher:
                 response_topic=reply.response_topic if reply else None,
                 correlation=reply.correlation_data if reply else None,
             )
-            written.add_done_callback(lambda f: self._journaled(f, msg))
+            written.add_done_callback(lambda f: self._journaled(f, job))
+            job.journaled = written
         else:
-            self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
+            self._accepted(job)
         self._spawn(self._run_job(job), f"job[{msg.id or job.key[:8]}]")
 
-    def _journaled(self, written: asyncio.Future[None], msg: TaskMessage) -> None:
+    def _accepted(self, job: _Job) -> None:
+        if not job.accepted_sent:
+            job.accepted_sent = True
+            msg = job.msg
+            self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
+
+    def _journaled(self, written: asyncio.Future[None], job: _Job) -> None:
         if written.cancelled() or written.exception() is not None:
-            log.error("journal.record_failed", task_id=msg.id, error=str(written.exception()))
-        self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
+            log.error("journal.record_failed", task_id=job.msg.id, error=str(written.exception()))
+        self._accepted(job)
 
     def _spawn(self, coro: object, name: str) -> None:
         assert self._tg is not None, "Dispatcher.run() is not running"
@@ -438,6 +454,11 @@ class Dispatcher:
         if job.dedupe is not None:
             self._finished[job.dedupe] = (time.monotonic(), result)
             self._expire_finished()
+        if job.journaled is not None:
+            # The result never overtakes ``accepted`` (sent once the record is durable).
+            if not job.journaled.done():
+                await asyncio.wait({job.journaled})
+            self._accepted(job)
         self._deliver(result, job.reply, job.key)
 
     def _finish(self, job: _Job) -> None:
@@ -457,6 +478,8 @@ class Dispatcher:
     def _expire_finished(self) -> None:
         window = self._settings.limits.dedupe_window
         now = time.monotonic()
+        while len(self._finished) > _MAX_REMEMBERED:  # bounded by count too, not only time
+            del self._finished[next(iter(self._finished))]
         while self._finished:
             key, (when, _) = next(iter(self._finished.items()))
             if now - when <= window:
@@ -550,15 +573,25 @@ class Dispatcher:
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):
-            incoming = self._incoming.setdefault(
-                spec.destination, asyncio.Semaphore(self._settings.migration.max_incoming)
+            dest = spec.destination
+            incoming, users = self._incoming.get(dest) or (
+                asyncio.Semaphore(self._settings.migration.max_incoming),
+                0,
             )
+            self._incoming[dest] = (incoming, users + 1)
             if self._outgoing.locked() or incoming.locked():
                 ctx.phase("waiting")
-            async with self._outgoing, incoming:
-                entry = await run_subtask(
-                    spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
-                )
+            try:
+                async with self._outgoing, incoming:
+                    entry = await run_subtask(
+                        spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
+                    )
+            finally:
+                sem, users = self._incoming[dest]
+                if users <= 1:
+                    del self._incoming[dest]  # nobody waits for this destination any more
+                else:
+                    self._incoming[dest] = (sem, users - 1)
         else:
             entry = await run_subtask(
                 spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
@@ -581,10 +614,13 @@ class Dispatcher:
     async def _stop_regex(self, job: _Job, run: _Run, spec: StopSpec) -> list[ResultEntry]:
         """Stop every active domain whose name fully matches; one entry per VM (spec 1.4)."""
         assert spec.regex is not None
+        if len(spec.regex) > _MAX_REGEX:
+            err = InvalidTask(f"the regex is longer than {_MAX_REGEX} characters")
+            return [self._failed(job, spec.regex[:80], err)]
         try:
             pattern = re.compile(spec.regex)
             domains = await self._hv.list_domains(active_only=True)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             return [self._failed(job, spec.regex, InvalidTask(f"invalid regex: {exc}"))]
         except TaskError as exc:
             return [self._failed(job, spec.regex, exc)]

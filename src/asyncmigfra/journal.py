@@ -208,10 +208,11 @@ class Journal:
                 db.execute(sql, params)
             db.execute("COMMIT")
             self.commits += 1
-        except sqlite3.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - the writer thread must survive any bad row
             error = exc
-            log.error("journal.write_failed", error=str(exc), ops=len(ops))  # noqa: TRY400
-            db.execute("ROLLBACK") if db.in_transaction else None
+            log.error("journal.write_failed", error=repr(exc), ops=len(ops))  # noqa: TRY400
+            if db.in_transaction:
+                db.execute("ROLLBACK")
         for _, _, fut in ops:
             if fut is not None:
                 if error is None:

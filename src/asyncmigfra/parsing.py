@@ -473,7 +473,10 @@ class _FastParser:
     def _count(self) -> None:
         self.total += 1
         if self.total > self.max_nodes:
-            raise _Fallback
+            # The fast path has no aliases: its count is exact, so the verdict is final
+            # (handing a 50,000-item list to ruamel only to hit the same limit costs seconds).
+            line = self.lines[min(self.pos, len(self.lines) - 1)].lineno
+            raise _ComposeError(f"the document has more than {self.max_nodes} nodes", line, 0)
 
     def parse(self) -> _Node:
         if not self.lines:
@@ -674,12 +677,80 @@ def _compose_fast(text: str, max_nodes: int, max_depth: int) -> _Node | None:
         return _FastParser(_fast_lines(text), max_nodes, max_depth).parse()
     except _Fallback:
         return None
+    except _ComposeError as exc:
+        raise _syntax_error(exc.problem, exc.line, exc.col, _peek_id(text)) from exc
+
+
+#: A top-level ``id:`` with a plain or simply quoted one-line value.
+_TOP_ID: Final = re.compile(
+    r"^id:[ \t]+(?:'([^'\n]*)'|\"([^\"\\\n]*)\"|([^\s'\"#&*!|>%@`{\[][^\n#]*?))[ \t]*(?:#.*)?$",
+    re.MULTILINE,
+)
+
+
+def _peek_id(text: str) -> str | None:
+    """The task id of a message refused before it was composed, when it is easy to see (so
+    the rejection can still carry it). Only the first document, only a plain or simply quoted
+    value; anything less obvious gives ``None``."""
+    match = _TOP_ID.search(_first_document(text))
+    if match is None:
+        return None
+    return next(g for g in match.groups() if g is not None)
+
+
+def _flow_too_deep(text: str, max_depth: int) -> tuple[int, int] | None:
+    """A linear pre-scan for flow nesting (``[[[[...``) deeper than ``max_depth``.
+
+    ruamel.yaml's parser spends about half a second on 1,000 nested ``[`` before our composer
+    sees the first event; this rejects such a message in microseconds. It skips quoted
+    strings and comments; a bracket inside a plain scalar may count, which only matters for a
+    plain scalar with more than ``max_depth`` unbalanced brackets. Returns the 0-based mark.
+    """
+    if text.count("[") + text.count("{") <= max_depth:
+        return None
+    depth = line = col = 0
+    quote = ""
+    prev = "\n"
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if quote:
+            if ch == "\\" and quote == '"':
+                i += 2
+                col += 2
+                continue
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'" and prev in " \t\n[{,:-":
+            quote = ch
+        elif ch == "#" and prev in " \t\n":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                return line, col
+        elif ch in "]}" and depth:
+            depth -= 1
+        if ch == "\n":
+            line += 1
+            col = 0
+        else:
+            col += 1
+        prev = ch
+        i += 1
+    return None
 
 
 def _compose(text: str, max_nodes: int, max_depth: int) -> _Node | None:
     node = _compose_fast(text, max_nodes, max_depth)
     if node is not None:
         return node
+    deep = _flow_too_deep(text, max_depth)
+    if deep is not None:
+        problem = f"the document nests deeper than {max_depth} levels"
+        raise _syntax_error(problem, *deep, _peek_id(text))
     return _compose_slow(text, max_nodes, max_depth)
 
 
@@ -797,6 +868,50 @@ def _convert_str(ctx: _Ctx, node: _Node, path: str) -> str:
     return _scalar_text(ctx, node, path, "expected a string")
 
 
+#: VM names: libvirt accepts almost anything, but a name also ends up in topics, log lines,
+#: file names and URIs. Refused: control characters, ``/``, a leading ``-`` or ``.``, and
+#: more than 200 characters.
+_VM_NAME: Final = re.compile(
+    r"[^\x00-\x1f\x7f-\x9f/.\-\u2028\u2029][^\x00-\x1f\x7f-\x9f/\u2028\u2029]{0,199}"
+)
+#: Host names (and IPv4/IPv6 literals) as they go into ``<driver>+<transport>://<host>/``:
+#: nothing that could add a path, a query (``?command=...``) or credentials to the URI.
+_HOST: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]")
+_DRIVER: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: libvirt transports that reach a remote daemon. ``ext`` (runs a program) and ``unix`` are
+#: refused: a task must never make libvirt execute something on the host.
+TRANSPORTS: Final = ("ssh", "libssh", "libssh2", "tcp", "tls")
+
+
+def valid_vm_name(name: str) -> bool:
+    return _VM_NAME.fullmatch(name) is not None
+
+
+def _convert_vm_name(ctx: _Ctx, node: _Node, path: str) -> str:
+    text = _scalar_text(ctx, node, path, "expected a string")
+    if not valid_vm_name(text):
+        ctx.bad(path, "expected a VM name (1-200 characters, no control characters or '/')", node)
+    return text
+
+
+def _convert_host(ctx: _Ctx, node: _Node, path: str) -> str:
+    text = _scalar_text(ctx, node, path, "expected a string")
+    if _HOST.fullmatch(text) is None:
+        ctx.bad(path, "expected a host name or IP address", node)
+    return text
+
+
+def _convert_driver(ctx: _Ctx, node: _Node, path: str) -> str:
+    text = _scalar_text(ctx, node, path, "expected a string")
+    if _DRIVER.fullmatch(text) is None:
+        ctx.bad(path, "expected a driver name such as qemu or lxctools", node)
+    return text
+
+
+def _convert_transport(ctx: _Ctx, node: _Node, path: str) -> str:
+    return _convert_choice(ctx, node, path, TRANSPORTS)
+
+
 def _convert_choice(ctx: _Ctx, node: _Node, path: str, choices: tuple[str, ...]) -> str:
     expected = "expected one of " + ", ".join(choices)
     text = _scalar_text(ctx, node, path, expected)
@@ -882,6 +997,18 @@ class _Fields:
     def req_string(self, key: str) -> str:
         return self.required(key, _convert_str, "expected a string")
 
+    def vm_name(self, key: str = "vm-name") -> str | None:
+        return self._opt(key, _convert_vm_name)
+
+    def req_vm_name(self, key: str = "vm-name") -> str:
+        return self.required(key, _convert_vm_name, "expected a string")
+
+    def host(self, key: str) -> str | None:
+        return self._opt(key, _convert_host)
+
+    def req_host(self, key: str) -> str:
+        return self.required(key, _convert_host, "expected a string")
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self._opt(key, _convert_bool)
         return default if value is None else value
@@ -948,7 +1075,7 @@ class _Fields:
         return {
             "time_measurement": self.boolean("time-measurement", False),
             "concurrent_execution": self.boolean("concurrent-execution", True),
-            "driver": self.string("driver"),
+            "driver": self._opt("driver", _convert_driver),
         }
 
 
@@ -976,11 +1103,13 @@ def _resolve_start_name(vm_name: str | None, xml: str | None) -> tuple[str, str 
     name = _xml_unescape(match.group(1), _XML_ENTITIES).strip() if match else ""
     if not name:
         return "", "Could not find vm-name in xml."
+    if not valid_vm_name(name):
+        return "", "The <name> in the xml is not a valid VM name."
     return name, None
 
 
 def _start(f: _Fields) -> StartSpec:
-    vm_name = f.string("vm-name")
+    vm_name = f.vm_name()
     xml = f.string("xml")
     name, name_error = _resolve_start_name(vm_name, xml)
     pci_ids = tuple(
@@ -1009,7 +1138,7 @@ def _start(f: _Fields) -> StartSpec:
         devs=devs,
         ivshmem=ivshmem,
         probe_with_ssh=f.boolean("probe-with-ssh", True),
-        probe_hostname=f.string("probe-hostname"),
+        probe_hostname=f.host("probe-hostname"),
         vcpu_map=f.vcpu_map("vcpu-map"),
         memnode_map=f.vcpu_map("memnode-map"),
         **f.subtask(),
@@ -1025,7 +1154,7 @@ def _convert_pci_id(ctx: _Ctx, node: _Node, path: str) -> int:
 
 def _stop(f: _Fields) -> StopSpec:
     return StopSpec(
-        vm_name=f.string("vm-name"),
+        vm_name=f.vm_name(),
         regex=f.string("regex"),
         force=f.boolean("force", False),
         undefine=f.boolean("undefine", False),
@@ -1035,11 +1164,11 @@ def _stop(f: _Fields) -> StopSpec:
 
 
 def _suspend(f: _Fields) -> SuspendSpec:
-    return SuspendSpec(vm_name=f.req_string("vm-name"), **f.subtask())
+    return SuspendSpec(vm_name=f.req_vm_name(), **f.subtask())
 
 
 def _resume(f: _Fields) -> ResumeSpec:
-    return ResumeSpec(vm_name=f.req_string("vm-name"), **f.subtask())
+    return ResumeSpec(vm_name=f.req_vm_name(), **f.subtask())
 
 
 def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
@@ -1057,7 +1186,7 @@ def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
         swap = f.sub_map("swap-with")
         if swap is not None:
             swap_with = SwapWith(
-                vm_name=swap.req_string("vm-name"),
+                vm_name=swap.req_vm_name(),
                 pscom_hook_procs=swap.pscom("pscom-hook-procs"),
                 vcpu_map=swap.vcpu_map("vcpu-map"),
             )
@@ -1065,7 +1194,7 @@ def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
         migration_type=migration_type,
         rdma_migration=f.boolean("rdma-migration", False),
         pscom_hook_procs=f.pscom("pscom-hook-procs"),
-        transport=f.string("transport"),
+        transport=f._opt("transport", _convert_transport),
         vcpu_map=vcpu_map,
         retry_counter=retry_new if retry_new is not None else retry_old,
         swap_with=swap_with,
@@ -1083,8 +1212,8 @@ def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
 
 def _migrate(f: _Fields) -> MigrateSpec:
     return MigrateSpec(
-        vm_name=f.req_string("vm-name"),
-        destination=f.req_string("destination"),
+        vm_name=f.req_vm_name(),
+        destination=f.req_host("destination"),
         parameter=_migration_params(f.sub_map("parameter"), migrate=True),
         **f.subtask(),
     )
@@ -1093,7 +1222,7 @@ def _migrate(f: _Fields) -> MigrateSpec:
 def _evacuate(f: _Fields) -> EvacuateSpec:
     destinations: list[str] = []
     for i, item in enumerate(f.sequence("destinations", required=True) or ()):
-        destinations.append(_convert_str(f.ctx, item, f"destinations[{i}]"))
+        destinations.append(_convert_host(f.ctx, item, f"destinations[{i}]"))
     param = f.sub_map("parameter")
     mode: str | None = None
     overbooking = True
@@ -1114,7 +1243,7 @@ def _evacuate(f: _Fields) -> EvacuateSpec:
 
 def _repin(f: _Fields) -> RepinSpec:
     return RepinSpec(
-        vm_name=f.req_string("vm-name"),
+        vm_name=f.req_vm_name(),
         vcpu_map=f.req_vcpu_map("vcpu-map"),
         **f.subtask(),
     )
@@ -1195,7 +1324,35 @@ def parse_task(
             f"(byte 0x{payload[exc.start]:02x} at offset {exc.start}).",
         ) from exc
     root = _compose(text, max_nodes, max_depth)
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_surrogate(root):
+        raise TaskRejected(
+            _INVALID,
+            f"{_PARSE_PREFIX}a string contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF), "
+            "which is not a character",
+        )
     return _build(root)
+
+
+#: ``\uD800``-``\uDFFF`` (or the ``\U0000D800`` form) in a double-quoted scalar: the only
+#: way a surrogate gets into a string (UTF-8 input cannot carry one). Such a string cannot be
+#: encoded again (SQLite, logs, libyaml reject it), so the message is refused.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\(?:u|U0000)[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_surrogate(root: _Node | None) -> bool:
+    stack: list[_Node] = [] if root is None else [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _Scalar):
+            if any("\ud800" <= ch <= "\udfff" for ch in node.text):
+                return True
+        elif isinstance(node, _Map):
+            if any(any("\ud800" <= ch <= "\udfff" for ch in key) for key in node.items):
+                return True
+            stack.extend(node.items.values())
+        else:
+            stack.extend(node.items)
+    return False
 
 
 def _build(root: _Node | None) -> TaskMessage:

@@ -1115,6 +1115,18 @@ def fam_weird_id(r: random.Random, tid: str) -> Case:
         weird = r.choice(WEIRD_SUFFIXES).lstrip() + tid
     msg = valid_message(r, tid)
     msg.tree["id"] = dq(weird)
+    if any("\ud800" <= ch <= "\udfff" for ch in weird):
+        # A lone surrogate is not a character: the whole message is refused, and the id
+        # (which holds it) cannot be echoed.
+        return _case(
+            "weird-id",
+            msg.text(),
+            weird,
+            "none",
+            outcome="reject",
+            code="invalid-message",
+            note=repr(weird)[:40],
+        )
     return _case(
         "weird-id",
         msg.text(),
@@ -1215,8 +1227,19 @@ def fam_unicode(r: random.Random, tid: str) -> Case:
             result=RESULT_NAMES[msg.kind],
             note="long comment",
         )
-    vm = dq("vm-" + r.choice(["\ud800", "\x00", "\u2028", "\\", '"', "\U0001f600", "\n"]))
+    ch = r.choice(["\ud800", "\x00", "\u2028", "\\", '"', "\U0001f600", "\n"])
+    vm = dq("vm-" + ch)
     text = f"id: {tid}\ntask: suspend vm\nlist:\n  - vm-name: {vm}\n"
+    if ch == "\ud800":  # not a character: refused, and no id is read back
+        return _case(
+            "unicode", text, tid, "maybe", outcome="reject", code="invalid-message",
+            note=f"vm-name {vm}",
+        )  # fmt: skip
+    if ch in "\x00\u2028\n":  # a VM name must not hold control characters or line ends
+        return _case(
+            "unicode", text, tid, "exact", outcome="reject", code="invalid-message",
+            note=f"vm-name {vm}",
+        )  # fmt: skip
     return _case(
         "unicode", text, tid, "exact", outcome="accept", result="vm suspended", note=f"vm-name {vm}"
     )

@@ -238,9 +238,9 @@ def test_spec_1_3_memory_is_uint64() -> None:
     ],
 )
 def test_spec_1_1_strings_are_verbatim(raw: str, value: str) -> None:
-    spec = parse(f"task: migrate vm\nvm-name: v\ndestination: {raw}\n").subtasks[0]
-    assert isinstance(spec, MigrateSpec)
-    assert spec.destination == value
+    spec = parse(f"task: cancel\ntarget: {raw}\n").subtasks[0]
+    assert isinstance(spec, CancelSpec)
+    assert spec.target == value
 
 
 @pytest.mark.parametrize(
@@ -1142,3 +1142,99 @@ def test_ext_load_yaml_reads_published_documents() -> None:
 )
 def test_ext_load_yaml_returns_none_for_unreadable_input(data: bytes) -> None:
     assert load_yaml(data) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Names that end up in URIs, topics and files are validated (found by the fuzz/security run)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        pytest.param(
+            "task: migrate vm\nvm-name: v\ndestination: 'x/system?command=/tmp/evil&x='\n",
+            "destination",
+            id="uri-injection-destination",
+        ),
+        pytest.param(
+            "task: migrate vm\nvm-name: v\ndestination: b\nparameter:\n  transport: ext\n",
+            "parameter.transport",
+            id="ext-transport-runs-programs",
+        ),
+        pytest.param(
+            "task: migrate vm\nvm-name: v\ndestination: b\ndriver: 'qemu+ext'\n",
+            "driver",
+            id="driver-with-transport",
+        ),
+        pytest.param(
+            "task: evacuate node\ndestinations: [ok, 'user@host:22/x']\n",
+            "destinations[1]",
+            id="evacuate-destination",
+        ),
+        pytest.param(
+            "task: suspend vm\nlist:\n  - vm-name: '../etc/passwd'\n",
+            "list[0].vm-name",
+            id="vm-name-path",
+        ),
+        pytest.param(
+            'task: stop vm\nlist:\n  - vm-name: "a\\nb"\n', "list[0].vm-name", id="vm-name-newline"
+        ),
+        pytest.param(
+            "task: repin vm\nvm-name: '-rf'\nvcpu-map: [[0]]\n", "vm-name", id="vm-name-dash"
+        ),
+    ],
+)
+def test_names_that_reach_uris_topics_or_files_are_validated(body: str, field: str) -> None:
+    with pytest.raises(TaskRejected) as err:
+        parse(body)
+    assert err.value.code == "invalid-message"
+    assert f"bad conversion ({field}:" in err.value.details
+
+
+@pytest.mark.parametrize("transport", ["ssh", "libssh", "libssh2", "tcp", "tls"])
+def test_remote_transports_are_accepted(transport: str) -> None:
+    spec = parse(
+        f"task: migrate vm\nvm-name: web-1.prod\ndestination: node-7.example.org\n"
+        f"parameter:\n  transport: {transport}\n"
+    ).subtasks[0]
+    assert isinstance(spec, MigrateSpec)
+    assert spec.parameter.transport == transport
+
+
+def test_ip_literals_are_host_names() -> None:
+    for dest in ("10.200.0.2", "'[fe80::1]'"):
+        spec = parse(f"task: migrate vm\nvm-name: v\ndestination: {dest}\n").subtasks[0]
+        assert isinstance(spec, MigrateSpec)
+        assert spec.destination == dest.strip("'")
+
+
+def test_a_name_from_xml_is_validated_per_vm() -> None:
+    spec = parse(
+        'task: start vm\nvm-configurations:\n  - xml: "<domain><name>a/b</name></domain>"\n'
+    ).subtasks[0]
+    assert isinstance(spec, StartSpec)
+    assert spec.name_error == "The <name> in the xml is not a valid VM name."
+
+
+def test_lone_surrogate_escapes_are_refused() -> None:
+    with pytest.raises(TaskRejected) as err:
+        parse('id: "a\\udfff"\ntask: suspend vm\nlist: [{vm-name: v}]\n')
+    assert err.value.code == "invalid-message"
+    assert "surrogate" in err.value.details
+
+
+def test_deep_flow_nesting_is_refused_before_the_yaml_parser_runs() -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(TaskRejected) as err:
+        parse("task: status\nx: " + "[" * 1000)
+    assert time.perf_counter() - t0 < 0.05
+    assert "nests deeper than 64 levels" in err.value.details
+
+
+def test_a_huge_block_list_is_refused_from_the_fast_path() -> None:
+    body = "task: stop vm\nlist:\n" + "".join(f"  - vm-name: v{i}\n" for i in range(60_000))
+    t0 = time.perf_counter()
+    with pytest.raises(TaskRejected) as err:
+        parse(body, max_size=10 * 1024 * 1024)
+    assert time.perf_counter() - t0 < 2.0
+    assert "more than 100000 nodes" in err.value.details

@@ -18,7 +18,16 @@ from hypothesis import strategies as st
 from asyncmigfra import parsing
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import MigrateSpec, MigrationParams, StartSpec, StopSpec, TaskKind
-from asyncmigfra.parsing import _compose_fast, _compose_slow, _Map, _Node, _Scalar, parse_task
+from asyncmigfra.parsing import (
+    TRANSPORTS,
+    _compose_fast,
+    _compose_slow,
+    _Map,
+    _Node,
+    _Scalar,
+    parse_task,
+    valid_vm_name,
+)
 from asyncmigfra.rendering import render_event
 
 PROPS = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -299,10 +308,15 @@ def test_spec_1_1_fast_path_reads_typical_messages(text: str) -> None:
 # What our emitter writes, our parser reads back
 
 any_text = st.text(max_size=40)
+# The fields that name things are validated (VM names, host names, transports): generate
+# only what is valid there; other characters are covered by the rejection tests.
+vm_names = st.text(max_size=40).filter(valid_vm_name)
+hosts = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,30}", fullmatch=True)
+transports = st.sampled_from(TRANSPORTS)
 
 
 @PROPS
-@given(vm_name=any_text, destination=any_text, task_id=any_text, transport=any_text)
+@given(vm_name=vm_names, destination=hosts, task_id=any_text, transport=transports)
 def test_spec_1_7_rendered_migrate_round_trips(
     vm_name: str, destination: str, task_id: str, transport: str
 ) -> None:
@@ -331,7 +345,7 @@ def test_spec_1_7_rendered_migrate_round_trips(
 
 
 @PROPS
-@given(names=st.lists(any_text, min_size=1, max_size=4))
+@given(names=st.lists(vm_names, min_size=1, max_size=4))
 def test_spec_1_3_and_1_4_rendered_lists_round_trip(names: list[str]) -> None:
     stop = parse_task(
         render_event({"task": "stop vm", "list": [{"vm-name": n, "force": True} for n in names]})
