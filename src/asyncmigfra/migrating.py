@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from asyncmigfra.errors import NotSupported, TaskTimeout
+from asyncmigfra.errors import (
+    ConnectionFailed,
+    HookFailed,
+    NotSupported,
+    TaskTimeout,
+    VmNotFound,
+)
 from asyncmigfra.hypervisor.base import (
     Hypervisor,
     JobStats,
@@ -35,7 +41,7 @@ from asyncmigfra.hypervisor.base import (
     MigrationRequest,
     MigrationResult,
 )
-from asyncmigfra.model import MigrateSpec, MigrationParams
+from asyncmigfra.model import MigrateSpec, MigrationParams, PciId, VcpuMap
 from asyncmigfra.settings import MigrationDefaults, Settings
 from asyncmigfra.timing import TimeMeasurement
 
@@ -261,11 +267,169 @@ async def migrate(
     # silent skip would leave MPI processes running or a guest paused on the destination.
     if params.swap_with is not None:
         raise NotSupported("swap-with is not supported by this agent version yet")
-    if params.vcpu_map is not None:
-        raise NotSupported("vcpu-map on migrate (repin on the destination) is not supported yet")
     if params.pscom_hook_procs not in (None, 0):
         raise NotSupported("pscom-hook-procs (the pscom hook) is not supported yet")
     plan = await _plan(spec, hypervisor=hypervisor, settings=settings)
+    # Pre-checks come before anything touches the VM (devices included): a failure leaves
+    # it exactly as it was.
+    ctx.phase("pre-checks")
+    with ctx.measure("pre-checks"):
+        await hypervisor.check_migration(plan.request)
+    vm = spec.vm_name
+    devices = await detach_devices(
+        hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
+    )
+    try:
+        result = await _migrate_with_retries(
+            plan, spec, ctx, hypervisor=hypervisor, settings=settings
+        )
+    except BaseException:
+        # The VM is still on the source: give it its devices back there (spec 1.7).
+        problems = await reattach_devices(hypervisor, vm, devices, ctx)
+        if problems:
+            log.error("migration.source_reattach_failed", problems=problems)  # noqa: TRY400
+        raise
+    await after_arrival(hypervisor.on_host(spec.destination), vm, devices, params.vcpu_map, ctx)
+    return result
+
+
+@dataclass(slots=True)
+class DetachedDevices:
+    """What was unplugged before a migration, to plug back in after it (by type)."""
+
+    ivshmem: str | None = None
+    pci: dict[PciId, int] = field(default_factory=dict)
+
+
+async def detach_devices(
+    hypervisor: Hypervisor,
+    vm_name: str,
+    ctx: EngineContext,
+    *,
+    unplug_timeout: float,
+    suffix: str = "",
+) -> DetachedDevices:
+    """Unplug ivshmem, then the PCI host devices (this order: the original's commit 12f38b6
+    fixed a hang with it), each waiting for the guest to release the device. On a failure
+    what was already unplugged is plugged back and the task fails ``hook-failed``."""
+    ctx.phase("detach-devices")
+    devices = DetachedDevices()
+    try:
+        with ctx.measure(f"detach-ivshmem-devs{suffix}"):
+            devices.ivshmem = await hypervisor.detach_ivshmem(
+                vm_name, ctx, unplug_timeout=unplug_timeout
+            )
+        with ctx.measure(f"detach-pci-devs{suffix}"):
+            devices.pci = await hypervisor.detach_hostdevs(
+                vm_name, ctx, unplug_timeout=unplug_timeout
+            )
+    except (VmNotFound, ConnectionFailed):
+        raise  # nothing was unplugged: the usual error, not a hook's
+    except Exception as exc:
+        problems = await reattach_devices(hypervisor, vm_name, devices, ctx, suffix=suffix)
+        note = f"; putting them back failed too: {'; '.join(problems)}" if problems else ""
+        raise HookFailed(f"detaching devices before the migration failed: {exc}{note}") from exc
+    return devices
+
+
+async def reattach_devices(
+    there: Hypervisor,
+    vm_name: str,
+    devices: DetachedDevices,
+    ctx: EngineContext,
+    *,
+    suffix: str = "",
+) -> list[str]:
+    """Plug back the same number of PCI devices of each type (free ones, chosen on ``there``),
+    then the ivshmem device. Returns what failed (empty: everything is back)."""
+    if not devices.pci and devices.ivshmem is None:
+        with ctx.measure(f"reattach-pci-devs{suffix}"):
+            return []
+    ctx.phase("reattach-devices")
+    problems: list[str] = []
+    with ctx.measure(f"reattach-pci-devs{suffix}"):
+        if devices.pci:
+            try:
+                await there.attach_hostdevs(vm_name, devices.pci, ctx)
+            except Exception as exc:  # noqa: BLE001 - collected and reported by the caller
+                problems.append(f"PCI devices: {exc}")
+    if devices.ivshmem is not None:
+        with ctx.measure(f"reattach-ivshmem-devs{suffix}"):
+            try:
+                await there.attach_ivshmem(vm_name, devices.ivshmem, ctx)
+            except Exception as exc:  # noqa: BLE001 - collected and reported by the caller
+                problems.append(f"ivshmem device: {exc}")
+    return problems
+
+
+async def after_arrival(
+    there: Hypervisor,
+    vm_name: str,
+    devices: DetachedDevices,
+    vcpu_map: VcpuMap | None,
+    ctx: EngineContext,
+    *,
+    suffix: str = "",
+) -> None:
+    """The post-migration steps on the destination, in the original's guard order: repin and
+    resume, PCI devices, ivshmem. Every step runs even when an earlier one failed; any
+    failure is ``hook-failed`` and the result keeps ``destination`` (the VM is there)."""
+    failure: HookFailed | None = None
+    if vcpu_map is not None:
+        try:
+            await repin_on_destination(there, vm_name, vcpu_map, ctx, suffix=suffix)
+        except HookFailed as exc:
+            failure = exc
+    problems = await reattach_devices(there, vm_name, devices, ctx, suffix=suffix)
+    if problems:
+        where = ctx.extra.get("destination")
+        text = f"the VM migrated to {where} but devices were not reattached: " + "; ".join(problems)
+        if failure is not None:
+            text = f"{failure}; {text}"
+        raise HookFailed(text)
+    if failure is not None:
+        raise failure
+
+
+async def repin_on_destination(
+    there: Hypervisor, vm_name: str, vcpu_map: VcpuMap, ctx: EngineContext, *, suffix: str = ""
+) -> None:
+    """Pin the vCPUs of a guest that arrived paused (``MigrationRequest.paused``), then resume
+    it (spec 1.7's repin guard). The guest is resumed even when pinning fails: it is better
+    running unpinned than paused for good; the failure is still ``hook-failed``, and the
+    result says where and in which state the guest is."""
+    ctx.phase("repin")
+    where = ctx.extra.get("destination")
+    with ctx.measure(f"repin{suffix}"):
+        pin_error: Exception | None = None
+        try:
+            await there.repin(vm_name, vcpu_map, ctx)
+        except Exception as exc:  # noqa: BLE001 - reported below, after the resume
+            pin_error = exc
+            log.warning("migration.repin_failed", destination=where, error=str(exc))
+        try:
+            await there.resume(vm_name, ctx)
+        except Exception as exc:
+            ctx.extra["state"] = "paused"
+            raise HookFailed(
+                f"the VM migrated to {where} but stays paused there: resume failed: {exc}"
+                + (f" (repin failed too: {pin_error})" if pin_error else "")
+            ) from exc
+    if pin_error is not None:
+        ctx.extra["state"] = "running"
+        raise HookFailed(
+            f"the VM migrated to {where} and runs there unpinned: repin failed: {pin_error}"
+        ) from pin_error
+
+
+async def _migrate_with_retries(
+    plan: MigrationPlan,
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+) -> MigrationResult:
     attempt = 0
     while True:
         try:
@@ -335,10 +499,6 @@ async def _migrate_once(
         max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
     )
     progress = _Progress(max_downtime=plan.max_downtime)
-    if adopted is None:
-        ctx.phase("pre-checks")
-        with ctx.measure("pre-checks"):
-            await hypervisor.check_migration(request)
     with ctx.measure("migrate"):
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")

@@ -173,6 +173,8 @@ class MigrationDefaults:
     max_outgoing: int = 2
     #: Incoming migrations at once per destination.
     max_incoming: int = 2
+    #: s to wait for the guest to release each hot-unplugged device (PCI, ivshmem).
+    device_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -310,6 +312,7 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MigrationDefaults, "retry_delay"): _DELAY,
     (MigrationDefaults, "max_outgoing"): _COUNT,
     (MigrationDefaults, "max_incoming"): _COUNT,
+    (MigrationDefaults, "device_timeout"): _DELAY,
     # 0: abort running work at once on SIGTERM.
     (ShutdownSettings, "grace_period"): _NON_NEGATIVE,
     (ShutdownSettings, "hard_exit_after"): _DELAY,

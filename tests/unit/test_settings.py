@@ -545,6 +545,9 @@ NEW_KEYS = [
     pytest.param("migration: {p2p: false}", "migration.p2p", False, id="p2p"),
     pytest.param("migration: {max-outgoing: 5}", "migration.max_outgoing", 5, id="max-outgoing"),
     pytest.param("migration: {max-incoming: 6}", "migration.max_incoming", 6, id="max-incoming"),
+    pytest.param(
+        "migration: {device-timeout: 2.5}", "migration.device_timeout", 2.5, id="device-timeout"
+    ),
     # logging, shutdown
     pytest.param("logging: {format: json}", "logging.format", "json", id="logging-format"),
     pytest.param("logging: {level: debug}", "logging.level", "debug", id="logging-level"),

@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from asyncmigfra.model import StartSpec, VcpuMap
+from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 __all__ = [
     "DomainInfo",
@@ -230,6 +230,35 @@ class Hypervisor(Protocol):
     async def host_load(self, host: str) -> HostLoad:
         """CPUs, memory and what runs on ``host`` (a migration destination), for placement.
         Raises ``ConnectionFailed`` when it cannot be reached."""
+
+    async def detach_ivshmem(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> str | None:
+        """Hot-unplug the guest's ivshmem (``<shmem>``) device and wait, up to ``timeout`` s,
+        for it to be gone; return its device XML (to reattach), ``None`` when it has none.
+        More than one: ``HypervisorError('Found more than one ivshmem device. Only
+        migration of one is supported.')`` (spec 1.7) before anything is touched."""
+
+    async def attach_ivshmem(self, vm_name: str, device_xml: str, ctx: OpContext) -> None:
+        """Hot-plug an ivshmem device that :meth:`detach_ivshmem` returned."""
+
+    async def detach_hostdevs(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> dict[PciId, int]:
+        """Hot-unplug every PCI ``<hostdev>`` and wait, up to ``timeout`` s, until each is
+        gone (the device-removed event); return how many of each vendor:device it had."""
+
+    async def attach_hostdevs(
+        self, vm_name: str, counts: Mapping[PciId, int], ctx: OpContext
+    ) -> None:
+        """Attach ``counts[id]`` free host devices of each type (spec 1.11's attach by ID)."""
+
+    def on_host(self, host: str) -> Hypervisor:
+        """The same operations, acting on ``host`` (a migration destination or swap partner)
+        through this agent's own connection to it: repin and resume a guest that arrived
+        paused, reattach its devices there, or migrate a guest from there (a swap's second
+        half). The view shares this instance's connections; ``open``/``aclose`` on it do
+        nothing. ``on_host`` of this agent's own host name returns ``self``."""
 
 
 class HypervisorFactory(Protocol):

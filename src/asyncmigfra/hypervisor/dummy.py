@@ -29,7 +29,7 @@ from asyncmigfra.hypervisor.base import (
     OpContext,
 )
 from asyncmigfra.hypervisor.registry import GENERIC_LIBVIRT_KEYS, check_keys, opt_bool
-from asyncmigfra.model import StartSpec, VcpuMap
+from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 __all__ = ["DUMMY_ERROR", "DummyHypervisor", "DummyMigrationJob", "create"]
 
@@ -135,6 +135,30 @@ class DummyHypervisor:
             free_memory=_HOST_MEMORY_KIB,
         )
 
+    # The migration companions are no-ops, even with ``never-throw: false``: a dummy guest has
+    # no devices, and the migration itself then fails with the original's dummy text.
+
+    async def detach_ivshmem(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> str | None:
+        return None
+
+    async def attach_ivshmem(self, vm_name: str, device_xml: str, ctx: OpContext) -> None:
+        """Nothing to attach."""
+
+    async def detach_hostdevs(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> dict[PciId, int]:
+        return {}
+
+    async def attach_hostdevs(
+        self, vm_name: str, counts: Mapping[PciId, int], ctx: OpContext
+    ) -> None:
+        """Nothing to attach."""
+
+    def on_host(self, host: str) -> DummyHypervisor:
+        """Every host is the same dummy: operations there do nothing, or fail likewise."""
+        return self
 
     async def host_load(self, host: str) -> HostLoad:
         """Every destination looks empty and large: evacuations place freely."""

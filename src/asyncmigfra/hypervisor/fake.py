@@ -52,6 +52,7 @@ Options (``hypervisor:`` map, all optional):
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import re
 import time
@@ -93,7 +94,7 @@ from asyncmigfra.hypervisor.registry import (
     opt_map,
     opt_str,
 )
-from asyncmigfra.model import StartSpec, VcpuMap
+from asyncmigfra.model import PciAddress, PciId, StartSpec, VcpuMap
 
 __all__ = [
     "FAULT_OPS",
@@ -120,6 +121,8 @@ FAULT_OPS: tuple[str, ...] = (
     "repin",
     "migrate",
     "migrate-midway",
+    "detach-device",
+    "attach-device",
     "list-domains",
     "host-info",
 )
@@ -203,6 +206,12 @@ class FakeDomain:
         self.stop_delay = stop_delay
         #: The migration job that currently moves this domain, if any.
         self.job: FakeMigrationJob | None = None
+        #: PCI passthrough devices (type, host address); QEMU cannot migrate with these.
+        self.hostdevs: list[tuple[PciId, PciAddress]] = []
+        #: ivshmem devices, as device XML; QEMU cannot migrate with these either.
+        self.shmems: list[str] = []
+        #: s the guest takes to release a hot-unplugged device (``inf``: never answers).
+        self.unplug_delay = 0.0
         self._state = state
         self._dirty_rate = dirty_rate
         self._counter_base = 0.0
@@ -298,6 +307,16 @@ class FakeHost:
         self.domains: dict[str, FakeDomain] = {}
         #: vm name -> KiB reserved by a migration coming in (as the destination QEMU would).
         self.incoming: dict[str, int] = {}
+        #: PCI devices that can be passed through (address -> vendor:device).
+        self.pci_devices: dict[PciAddress, PciId] = {}
+
+    def free_pci(self, wanted: PciId) -> list[PciAddress]:
+        """Devices of type ``wanted`` no active domain here uses, in address order."""
+        used = {addr for d in self.domains.values() if d.active for _, addr in d.hostdevs}
+        return sorted(
+            (a for a, t in self.pci_devices.items() if t == wanted and a not in used),
+            key=str,
+        )
 
     def __repr__(self) -> str:
         return f"FakeHost({self.name!r}, domains={sorted(self.domains)})"
@@ -965,6 +984,82 @@ class FakeHypervisor:
     def __repr__(self) -> str:
         return f"FakeHypervisor(host={self.host.name!r})"
 
+    async def _unplug(self, dom: FakeDomain, what: str, limit: float) -> None:
+        """Wait for the guest to release a device, like the device-removed event."""
+        if self._take_fault("detach-device"):
+            raise HypervisorError(f"{INJECTED}: detaching {what}")
+        if dom.unplug_delay > limit:
+            await asyncio.sleep(limit)
+            raise TaskTimeout(
+                f"the guest did not release {what} within {limit:g} s (device-removed event)"
+            )
+        if dom.unplug_delay > 0:
+            await asyncio.sleep(dom.unplug_delay)
+
+    async def detach_ivshmem(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> str | None:
+        await self._enter("list-domains")
+        dom = self._domain(vm_name)
+        if len(dom.shmems) > 1:
+            raise HypervisorError(
+                "Found more than one ivshmem device. Only migration of one is supported."
+            )
+        if not dom.shmems:
+            return None
+        xml = dom.shmems[0]
+        await self._unplug(dom, "the ivshmem device", unplug_timeout)
+        dom.shmems.remove(xml)
+        return xml
+
+    async def attach_ivshmem(self, vm_name: str, device_xml: str, ctx: OpContext) -> None:
+        await self._enter("attach-device")
+        dom = self._domain(vm_name)
+        if not dom.active:
+            raise _wrong_state(dom.state)
+        dom.shmems.append(device_xml)
+
+    async def detach_hostdevs(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> dict[PciId, int]:
+        await self._enter("list-domains")
+        dom = self._domain(vm_name)
+        counts: dict[PciId, int] = {}
+        for kind, addr in list(dom.hostdevs):
+            await self._unplug(dom, f"host device {addr}", unplug_timeout)
+            dom.hostdevs.remove((kind, addr))
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    async def attach_hostdevs(
+        self, vm_name: str, counts: Mapping[PciId, int], ctx: OpContext
+    ) -> None:
+        await self._enter("attach-device")
+        dom = self._domain(vm_name)
+        if not dom.active:
+            raise _wrong_state(dom.state)
+        for kind, count in counts.items():
+            label = f"{kind.vendor:04x}:{kind.device:04x}"
+            free = self.host.free_pci(kind)
+            if len(free) < count:
+                raise HypervisorError(
+                    f'No free devices of type "{label}" on "{self.host.name}" '
+                    f"({count} needed, {len(free)} free)."
+                )
+            dom.hostdevs.extend((kind, addr) for addr in free[:count])
+
+    def on_host(self, host: str) -> FakeHypervisor:
+        """A view acting on the cluster host ``host``. It shares this agent's injected faults
+        (a test injects ``repin`` here to fail the repin on the destination) and timing."""
+        if host == self.host.name:
+            return self
+        target = self.cluster.hosts.get(host)
+        if target is None:
+            raise ConnectionFailed(f"unable to connect to server at '{host}': No route to host")
+        view = copy.copy(self)
+        view.host = target
+        return view
+
     # ---- test hooks ---------------------------------------------------------------------
 
     def inject(self, op: str, count: int | Literal["always"] = 1) -> None:
@@ -1241,6 +1336,11 @@ class FakeHypervisor:
             )
         if dest is self.host:
             raise HypervisorError("Attempt to migrate guest to the same host")
+        if dom.hostdevs or dom.shmems:
+            raise HypervisorError(
+                "Requested operation is not valid: cannot migrate a domain with "
+                + ("<hostdev>" if dom.hostdevs else "<shmem>")
+            )
         name = dom.name
         there = dest.domains.get(name)
         if there is not None and there.job is not None:

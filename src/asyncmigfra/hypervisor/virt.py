@@ -128,6 +128,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import random
 import re
 import socket
@@ -422,7 +423,9 @@ def create(
 # --------------------------------------------------------------------------------------------
 # Events
 
-EventKind = Literal["lifecycle", "migration-iteration", "job-completed", "closed", "reconnected"]
+EventKind = Literal[
+    "lifecycle", "migration-iteration", "job-completed", "device-removed", "closed", "reconnected"
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -443,6 +446,8 @@ class DomainEvent:
     iteration: int = 0
     #: ``job-completed``: the job's final statistics (libvirt's typed parameters).
     stats: Mapping[str, object] | None = None
+    #: ``device-removed``: the alias of the device the guest released.
+    device: str = ""
     #: ``time.monotonic()`` when libvirt's event thread delivered it.
     at: float = 0.0
 
@@ -598,6 +603,7 @@ _EVENT_IDS: Final = (
     libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
     libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION,
     libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+    libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
 )
 
 
@@ -692,6 +698,7 @@ class _Connection:
             libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE: self._on_lifecycle,
             libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION: self._on_iteration,
             libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED: self._on_job_completed,
+            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED: self._on_device_removed,
         }
         for event_id in _EVENT_IDS:
             try:
@@ -755,6 +762,17 @@ class _Connection:
                 kind="job-completed",
                 vm_name=_dom_name(dom),
                 stats=dict(params or {}),
+                at=time.monotonic(),
+            )
+        )
+
+    def _on_device_removed(self, _conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
+        self._post(
+            DomainEvent(
+                uri=self.uri,
+                kind="device-removed",
+                vm_name=_dom_name(dom),
+                device=str(alias),
                 at=time.monotonic(),
             )
         )
@@ -972,6 +990,57 @@ def _hostdev_addresses(xml: str) -> set[PciAddress]:
         except ValueError:
             continue
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class PluggedDevice:
+    """A device of a running domain that must be unplugged for a migration."""
+
+    #: The device XML to detach with (as libvirtd wrote it).
+    xml: str
+    #: The XML to plug it back in with: the same without ``<alias>`` (libvirt only accepts
+    #: ``ua-`` aliases from users); the guest-side PCI ``<address>`` is kept.
+    reattach_xml: str
+    #: libvirt's alias, which the device-removed event names.
+    alias: str | None
+    #: The host device's address (``<hostdev>`` only).
+    host_address: PciAddress | None = None
+
+
+def migration_devices(xml: str) -> tuple[list[PluggedDevice], list[PluggedDevice]]:
+    """(``<shmem>`` devices, PCI ``<hostdev>`` devices) of a live domain XML."""
+    root = ET.fromstring(xml)  # noqa: S314 - produced by libvirtd, not by a task
+
+    def plugged(element: ET.Element, host_address: PciAddress | None = None) -> PluggedDevice:
+        alias = element.find("alias")
+        text = ET.tostring(element, encoding="unicode").strip()
+        bare = ET.fromstring(text)  # noqa: S314 - our own serialisation of libvirtd's XML
+        for child in bare.findall("alias"):
+            bare.remove(child)
+        return PluggedDevice(
+            xml=text,
+            reattach_xml=ET.tostring(bare, encoding="unicode").strip(),
+            alias=alias.get("name") if alias is not None else None,
+            host_address=host_address,
+        )
+
+    shmems = [plugged(e) for e in root.findall("./devices/shmem")]
+    hostdevs: list[PluggedDevice] = []
+    for element in root.findall("./devices/hostdev[@type='pci']"):
+        address = element.find("source/address")
+        if address is None:
+            continue
+        try:
+            host = PciAddress(
+                int(address.get("domain", "0"), 0),
+                int(address.get("bus", "0"), 0),
+                int(address.get("slot", "0"), 0),
+                int(address.get("function", "0"), 0),
+            )
+        except ValueError:
+            continue
+        hostdevs.append(plugged(element, host))
+    return shmems, hostdevs
 
 
 def _pci_candidates(conn: Any, wanted: PciId) -> tuple[list[PciAddress], int]:
@@ -1663,9 +1732,23 @@ class LibvirtHypervisor:
         )
         self._pci_lock: asyncio.Lock | None = None
         self._jobs: set[LibvirtMigrationJob] = set()
+        #: ``True`` for a view made by :meth:`on_host` (it owns nothing it could close).
+        self._view = False
 
     def __repr__(self) -> str:
         return f"LibvirtHypervisor(uri={self.uri!r})"
+
+    def on_host(self, host: str) -> LibvirtHypervisor:
+        """A view whose operations act on ``host`` over this agent's connection to it
+        (``remote_uri(host)``); it shares the pool, the threads and the event hub."""
+        if host == self.hostname:
+            return self
+        view = copy.copy(self)
+        view.uri = self.remote_uri(host)
+        view.hostname = host
+        view._holds_event_thread = False
+        view._view = True
+        return view
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -1767,7 +1850,7 @@ class LibvirtHypervisor:
     async def open(self) -> None:
         """Start the pool and the event thread, then connect (a failure is only logged:
         every operation reconnects, so the agent can start while libvirtd restarts)."""
-        if self._executor is not None:
+        if self._executor is not None or self._view:
             return
         self._hub = _EventHub(asyncio.get_running_loop())
         self._pci_lock = asyncio.Lock()
@@ -1785,7 +1868,7 @@ class LibvirtHypervisor:
         """Abort our unfinished migrations, deregister callbacks and close connections (in
         the pool), stop the event thread when no other instance uses it, shut the pool down."""
         executor = self._executor
-        if executor is None:
+        if executor is None or self._view:
             return
         for job in list(self._jobs):
             await job._settle()
@@ -1993,6 +2076,104 @@ class LibvirtHypervisor:
                 return
             assert last is not None
             raise translate_error(last, "No pci device could be attached: ") from last
+
+    # ---- devices around a migration (spec 1.7, 1.11) ----------------------------------
+
+    async def _migration_devices(
+        self, vm_name: str
+    ) -> tuple[list[PluggedDevice], list[PluggedDevice]]:
+        xml = await self._mapped(self.uri, lambda c: str(c.lookupByName(vm_name).XMLDesc(0)))
+        return migration_devices(xml)
+
+    async def _unplug(self, vm_name: str, device: PluggedDevice, what: str, limit: float) -> None:
+        """Detach ``device`` and wait for the guest to release it: the device-removed event,
+        or (drivers that remove at once, events lost on a reconnect) the device gone from
+        the live XML, polled every half second. ``TaskTimeout`` after ``limit`` s."""
+        uri, alias = self.uri, device.alias
+        removed = asyncio.Event()
+
+        def on_event(event: DomainEvent) -> None:
+            if event.kind == "device-removed" and (alias is None or event.device == alias):
+                removed.set()
+
+        def still_there(conn: Any) -> bool:
+            current = str(conn.lookupByName(vm_name).XMLDesc(0))
+            shmems, hostdevs = migration_devices(current)
+            return any(
+                d.xml == device.xml or (alias and d.alias == alias) for d in shmems + hostdevs
+            )
+
+        with self._hub_or_raise().watching(uri, vm_name, on_event):
+            await self._mapped(
+                uri,
+                lambda c: c.lookupByName(vm_name).detachDeviceFlags(
+                    device.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE
+                ),
+                f"Could not detach {what}: ",
+                retry=False,
+            )
+            try:
+                async with asyncio.timeout(limit):
+                    while await self._mapped(uri, still_there):
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.5):
+                                await removed.wait()
+            except TimeoutError:
+                raise TaskTimeout(
+                    f"the guest did not release {what} within {limit:g} s (device-removed event)"
+                ) from None
+
+    async def detach_ivshmem(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> str | None:
+        shmems, _ = await self._migration_devices(vm_name)
+        if len(shmems) > 1:
+            raise HypervisorError(
+                "Found more than one ivshmem device. Only migration of one is supported."
+            )
+        if not shmems:
+            return None
+        await self._unplug(vm_name, shmems[0], "the ivshmem device", unplug_timeout)
+        return shmems[0].reattach_xml
+
+    async def attach_ivshmem(self, vm_name: str, device_xml: str, ctx: OpContext) -> None:
+        await self._mapped(
+            self.uri,
+            _attach_fn(vm_name, device_xml),
+            "Could not attach ivshmem device. ",
+            retry=False,
+        )
+
+    async def detach_hostdevs(
+        self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
+    ) -> dict[PciId, int]:
+        _, hostdevs = await self._migration_devices(vm_name)
+
+        def kinds(conn: Any) -> list[PciId]:
+            out = []
+            for dev in hostdevs:
+                a = dev.host_address
+                assert a is not None
+                name = f"pci_{a.domain:04x}_{a.bus:02x}_{a.slot:02x}_{a.function:x}"
+                parsed = _node_device_pci(str(conn.nodeDeviceLookupByName(name).XMLDesc(0)))
+                if parsed is None:
+                    raise HypervisorError(f"host device {a} has no PCI vendor/product")
+                out.append(parsed[0])
+            return out
+
+        types = await self._mapped(self.uri, kinds, "Error looking up PCI devices: ")
+        counts: dict[PciId, int] = {}
+        for dev, kind in zip(hostdevs, types, strict=True):
+            await self._unplug(vm_name, dev, f"PCI device {dev.host_address}", unplug_timeout)
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    async def attach_hostdevs(
+        self, vm_name: str, counts: Mapping[PciId, int], ctx: OpContext
+    ) -> None:
+        for kind, count in counts.items():
+            for _ in range(count):
+                await self._attach_by_id(self.uri, vm_name, kind)
 
     async def _rollback(self, uri: str, rollback: _Rollback) -> str:
         """Undo what a failed start did; returns the note the error text gets."""
