@@ -5,6 +5,10 @@ scheduler talks to the agent. The agent runs as its own process for the throughp
 latency figures (so its CPU time and RSS can be read from /proc), with the ``dummy``
 hypervisor, as the original's figures were taken. Figures are printed, not asserted.
 
+``--rig`` adds the rig benchmarks (real libvirtd + QEMU, needs root): the agent against direct
+libvirt calls for lifecycle operations and migrations; see ``bench/rig_bench.py``, which also
+runs on its own as ``python -m bench.rig_bench [--quick]``.
+
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
 Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
@@ -251,7 +255,7 @@ async def bench_loop_lag(port: int, quick: bool) -> dict[str, Any]:
         ),
         hypervisor=HypervisorSettings(type="fake", options=opts),
         logging=LoggingSettings(level="warning"),
-        migration=replace(base.migration, max_outgoing=n),
+        migration=replace(base.migration, max_outgoing=n, max_incoming=n),
         agent=replace(base.agent, progress_interval=0.1),
     )
     agent = Agent(settings, shared={})
@@ -330,11 +334,42 @@ async def amain(args: argparse.Namespace) -> None:
             "event-loop lag, 32 fake migrations streaming progress",
             await bench_loop_lag(port, args.quick),
         )
+        if args.rig:
+            # Imported only here: it needs libvirt-python and the rig (tests/rig).
+            from bench.rig_bench import Plan, run_rig_benchmarks  # noqa: PLC0415
+
+            print("\n== rig: the agent against direct libvirt calls (bench/rig_bench.py)")
+            await run_rig_benchmarks(port, Plan.from_args(args))
+    if args.fleet:
+        # Its own broker: 200 agents' connections and traffic, apart from the figures above.
+        import argparse as _argparse  # noqa: PLC0415
+
+        from bench.fleet import run as run_fleet  # noqa: PLC0415
+
+        small = {"agents": 40, "vms": 10, "evacuate": 4} if args.quick else {}
+        fleet_args = _argparse.Namespace(
+            agents=small.get("agents", 200),
+            vms=small.get("vms", 20),
+            evacuate=small.get("evacuate", 20),
+            mode="scatter",
+            timeout=300.0,
+        )
+        show("fleet simulation (bench/fleet.py)", await run_fleet(fleet_args))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--quick", action="store_true", help="fewer tasks (a smoke run)")
+    p.add_argument(
+        "--rig",
+        action="store_true",
+        help="also run the rig benchmarks (real libvirtd + QEMU; root): bench/rig_bench.py",
+    )
+    p.add_argument(
+        "--fleet",
+        action="store_true",
+        help="also run the 200-agent fleet simulation (bench/fleet.py)",
+    )
     asyncio.run(amain(p.parse_args()))
 
 
