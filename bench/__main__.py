@@ -92,6 +92,8 @@ def proc_usage(pid: int) -> tuple[float, int]:
 def agent_process(port: int, host: str) -> Iterator[subprocess.Popen[bytes]]:
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "migfra.conf"
+        # BENCH_STATE_DIR=none measures without the journal.
+        state_dir = os.environ.get("BENCH_STATE_DIR", f"{tmp}/state")
         conf.write_text(
             "communicator:\n  type: mqtt\n  id: bench-<hostname>\n"
             "  subscribe-topic: fast/migfra/<hostname>/task\n"
@@ -101,7 +103,7 @@ def agent_process(port: int, host: str) -> Iterator[subprocess.Popen[bytes]]:
             "hypervisor:\n  type: dummy\n  never-throw: true\n"
             "logging:\n  level: warning\n  format: json\n"
             "limits:\n  max-queued-tasks: 100000\n"
-            f"agent:\n  state-dir: {tmp}/state\n"
+            f"agent:\n  state-dir: {state_dir}\n"
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],

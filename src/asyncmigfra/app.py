@@ -113,6 +113,7 @@ class Agent:
             deliver=self._deliver,
             on_quit=self.request_stop,
             journal=self.journal,
+            bus=self.transport,
         )
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         self.ready = asyncio.Event()

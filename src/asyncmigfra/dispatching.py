@@ -48,6 +48,7 @@ from asyncmigfra.errors import (
     WrongState,
 )
 from asyncmigfra.events import Events
+from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import DomainInfo, Hypervisor
 from asyncmigfra.journal import Journal
 from asyncmigfra.model import (
@@ -204,8 +205,10 @@ class Dispatcher:
         deliver: Deliver,
         on_quit: Callable[[], None],
         journal: Journal | None = None,
+        bus: MessageBus | None = None,
     ) -> None:
         self._hv = hypervisor
+        self._bus = bus
         self._journal = journal
         self._settings = settings
         self._events = events
@@ -552,6 +555,7 @@ class Dispatcher:
             vm_name=vm_name,
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
+            bus=self._bus,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -570,6 +574,7 @@ class Dispatcher:
             vm_name=vm_name,
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
+            bus=self._bus,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):

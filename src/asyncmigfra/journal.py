@@ -14,7 +14,12 @@ that were owed are published again. Delivered rows are pruned after a retention 
 
 All SQLite work happens in one dedicated thread. Writes are batched: everything queued while
 the previous transaction committed goes into the next one (group commit), so a burst of
-tasks costs one fsync, not one each.
+tasks costs one fsync, not one each. Only the ``accepted`` record is fsynced
+(``synchronous=FULL``): it is the promise. The later state changes (running, finished,
+delivered) are committed with ``synchronous=NORMAL`` (durable across a crash of the agent,
+not of the machine) and coalesced for a few milliseconds; if the machine dies before they
+reach the disk, recovery finds the task ``running`` and reconciles it with the hypervisor,
+which gives the same answer. One fsync per task instead of four (measured: 0.45 ms each).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 import structlog
 
@@ -64,7 +69,11 @@ class JournalRecord:
     accepted_at: float
 
 
-_Op = tuple[str, tuple[object, ...], "asyncio.Future[None] | None"]
+#: (sql, parameters, future to resolve after the commit, must be fsynced)
+_Op = tuple[str, tuple[object, ...], "asyncio.Future[None] | None", bool]
+_FINISHED: Final = "UPDATE tasks SET state = 'finished', result = ?, updated_at = ? WHERE key = ?"
+#: s to wait for more non-urgent writes before committing them.
+_COALESCE = 0.02
 
 
 class Journal:
@@ -80,6 +89,7 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
+        self._durable = True
         self.commits = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -122,6 +132,7 @@ class Journal:
             "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, 'accepted', NULL, ?, ?)",
             (key, task_id, payload, response_topic, correlation, now, now),
             wait=True,
+            durable=True,
         )
 
     def running(self, key: str) -> None:
@@ -132,19 +143,21 @@ class Journal:
         )
 
     def finished(self, key: str, result: bytes) -> None:
-        self._submit(
-            "UPDATE tasks SET state = 'finished', result = ?, updated_at = ? WHERE key = ?",
-            (result, time.time(), key),
-        )
+        self._submit(_FINISHED, (result, time.time(), key))
 
     def delivered(self, key: str) -> None:
+        """The broker has the result: the record is done. A ``finished`` update of the same
+        task still waiting in the batch is dropped (it would be overwritten at once)."""
+        with self._cond:
+            self._ops = [op for op in self._ops if not (op[0] is _FINISHED and op[1][2] == key)]
         self._submit(
-            "UPDATE tasks SET state = 'delivered', payload = x'', updated_at = ? WHERE key = ?",
+            "UPDATE tasks SET state = 'delivered', payload = x'', result = NULL, updated_at = ? "
+            "WHERE key = ?",
             (time.time(), key),
         )
 
     def _submit(
-        self, sql: str, params: tuple[object, ...], *, wait: bool = False
+        self, sql: str, params: tuple[object, ...], *, wait: bool = False, durable: bool = False
     ) -> asyncio.Future[None]:
         assert self._loop is not None, "Journal.open() was not awaited"
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -152,8 +165,12 @@ class Journal:
             if self._closing:
                 fut.set_exception(RuntimeError("the journal is closed"))
                 return fut
-            self._ops.append((sql, params, fut if wait else None))
-            self._cond.notify()
+            self._ops.append((sql, params, fut if wait else None, durable))
+            # Wake the writer for what must be on disk now, or when it sleeps with nothing
+            # to do; other writes wait in the batch (notifying for each would end the
+            # coalescing wait at once).
+            if durable or len(self._ops) == 1:
+                self._cond.notify()
         if not wait:
             fut.set_result(None)
         return fut
@@ -175,6 +192,9 @@ class Journal:
             with self._cond:
                 while not self._ops and not self._closing:
                     self._cond.wait()
+                if not self._closing and not any(op[3] for op in self._ops):
+                    # Nothing urgent: let a few more state changes join this transaction.
+                    self._cond.wait(_COALESCE)
                 ops, self._ops = self._ops, []
                 closing = self._closing
             if ops:
@@ -202,9 +222,13 @@ class Journal:
         self, db: sqlite3.Connection, ops: list[_Op], loop: asyncio.AbstractEventLoop
     ) -> None:
         error: BaseException | None = None
+        durable = any(op[3] for op in ops)
         try:
+            if durable != self._durable:
+                db.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
+                self._durable = durable
             db.execute("BEGIN")
-            for sql, params, _ in ops:
+            for sql, params, _, _ in ops:
                 db.execute(sql, params)
             db.execute("COMMIT")
             self.commits += 1
@@ -213,7 +237,7 @@ class Journal:
             log.error("journal.write_failed", error=repr(exc), ops=len(ops))  # noqa: TRY400
             if db.in_transaction:
                 db.execute("ROLLBACK")
-        for _, _, fut in ops:
+        for _, _, fut, _ in ops:
             if fut is not None:
                 if error is None:
                     loop.call_soon_threadsafe(_set_result, fut, None)

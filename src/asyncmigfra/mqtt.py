@@ -24,7 +24,7 @@ import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import aiomqtt
@@ -124,6 +124,8 @@ class MqttTransport:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._subscribed = False
+        #: Extra subscriptions (hooks): [topic filter, QoS, queue of (topic, payload)].
+        self._extra: list[tuple[str, int, asyncio.Queue[tuple[str, bytes]]]] = []
         self.connects = 0
 
     @property
@@ -188,6 +190,8 @@ class MqttTransport:
                 async with client:
                     for topic, qos in self._subscriptions:
                         await client.subscribe(topic, qos=qos)
+                    for topic, qos in {(t, q) for t, q, _ in self._extra}:
+                        await client.subscribe(topic, qos=qos)
                     self._subscribed = True
                     self._connected.set()
                     self.connects += 1
@@ -196,7 +200,8 @@ class MqttTransport:
                     if self._on_connected is not None:
                         await self._on_connected()
                     async for message in client.messages:
-                        handler(_incoming(message))
+                        if not self._route_extra(message):
+                            handler(_incoming(message))
             except aiomqtt.MqttError as exc:
                 self._connected.clear()
                 attempt += 1
@@ -211,6 +216,59 @@ class MqttTransport:
                 await asyncio.sleep(delay)
             finally:
                 self._connected.clear()
+
+    def _route_extra(self, message: aiomqtt.Message) -> bool:
+        """Hand ``message`` to every extra subscription it matches (not to the task handler,
+        unless it also matches a task subscription)."""
+        if not self._extra:
+            return False
+        matched = False
+        for topic, _, queue in self._extra:
+            if message.topic.matches(topic):
+                queue.put_nowait((message.topic.value, bytes(message.payload)))
+                matched = True
+        if matched and any(message.topic.matches(t) for t, _ in self._subscriptions):
+            return False
+        return matched
+
+    @asynccontextmanager
+    async def subscription(
+        self, topic: str, qos: int
+    ) -> AsyncIterator[asyncio.Queue[tuple[str, bytes]]]:
+        """Subscribe to ``topic`` for the duration of the block (``MessageBus``).
+
+        The queue gets ``(topic, payload)`` of every matching message. The subscription is
+        active (SUBACK received) when the block starts, is renewed after a reconnect, and is
+        removed when the block ends, however it ends (bounded; errors are logged).
+        """
+        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        entry = (topic, qos, queue)
+        self._extra.append(entry)
+        try:
+            await self._connected.wait()
+            client = self._client
+            assert client is not None
+            with map_mqtt_errors():
+                await client.subscribe(topic, qos=qos)
+            yield queue
+        finally:
+            self._extra.remove(entry)
+            if all(t != topic for t, _, _ in self._extra):
+                await self._unsubscribe_quietly(topic)
+
+    async def _unsubscribe_quietly(self, topic: str) -> None:
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return
+        try:
+            async with asyncio.timeout(5.0):
+                await client.unsubscribe(topic)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.warning("mqtt.unsubscribe_failed", topic=topic, error=str(exc))
+
+    async def send(self, topic: str, payload: bytes, qos: int) -> None:
+        """Publish one message (``MessageBus``); see :meth:`publish`."""
+        await self.publish(Outgoing(topic, payload, qos=qos))
 
     async def wait_connected(self) -> None:
         await self._connected.wait()

@@ -64,13 +64,20 @@ class Publisher:
         session (``publish_nowait``): the session itself resends them after reconnects, so
         nothing is awaited per message. Before the first connection they wait here.
         """
+        queue = self._queue
         while True:
-            try:
-                async with asyncio.timeout(0.25 if self._unacked else None):
-                    item = await self._queue.get()
-            except TimeoutError:
-                self._prune()  # report acknowledgements even when nothing new is queued
-                continue
+            if not queue.empty():
+                item = queue.get_nowait()  # the common case under load: no waiting at all
+            elif self._unacked:
+                self._prune()
+                try:
+                    # Wake up now and then to report acknowledgements while idle.
+                    async with asyncio.timeout(0.25):
+                        item = await queue.get()
+                except TimeoutError:
+                    continue
+            else:
+                item = await queue.get()
             if not self._transport.is_connected:
                 await self._transport.wait_connected()
             try:

@@ -17,6 +17,7 @@ import structlog
 
 from asyncmigfra.errors import InvalidTask, NotSupported, TaskError
 from asyncmigfra.events import Events
+from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import DomainState, Hypervisor
 from asyncmigfra.migrating import follow_adopted, migrate
 from asyncmigfra.model import (
@@ -49,6 +50,8 @@ class SubtaskContext:
     current_phase: str | None = None
     #: Extra result keys an operation wants in its entry (``destination``, ``retries``).
     extra: dict[str, object] = field(default_factory=dict)
+    #: The broker connection for hooks (pscom, MQTT hooks); ``None``: no hooks over MQTT.
+    bus: MessageBus | None = None
 
     def phase(self, name: str) -> None:
         self.current_phase = name
@@ -147,7 +150,7 @@ async def _operate(
         case RepinSpec():
             await hypervisor.repin(vm_name, spec.vcpu_map, ctx)
         case MigrateSpec():
-            await migrate(spec, ctx, hypervisor=hypervisor, settings=settings)
+            await migrate(spec, ctx, hypervisor=hypervisor, settings=settings, bus=ctx.bus)
         case _:  # pragma: no cover - the dispatcher routes the others
             raise NotSupported(f"{type(spec).__name__} cannot run as a single-VM subtask")
 

@@ -86,6 +86,17 @@ class MqttSettings:
     progress_qos: int = 0
 
 
+#: The original's two process counts (spec 1.10), tried in this order.
+DEFAULT_PSCOM_COUNT_COMMAND = (
+    "PATH=$PATH:/opt/parastation/bin; "
+    "n=$(psiadmin -d -c 'l p -1' 2>/dev/null | perl -ane 'print if /^ / && $F[5] >= 0'"
+    " | wc -l); "
+    '[ "$n" -gt 0 ] 2>/dev/null || '
+    'n=$(pgrep -P "$(pgrep -d, hydra_pmi_proxy)" 2>/dev/null | wc -l); '
+    'echo "$n"'
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PscomSettings:
     """``pscom-handler``: the ParaStation MPI suspend/resume hook (spec 1.10)."""
@@ -93,6 +104,25 @@ class PscomSettings:
     request_topic: str = "fast/pscom/<vm_name>/any_proc/request"
     response_topic: str = "fast/pscom/<vm_name>/+/response"
     qos: int = 0
+    #: s for all answers of one suspend or resume round (one deadline, not one per answer);
+    #: ``None``: 10 s per process, the original's worst case (it waited 10 s per answer).
+    timeout: float | None = None
+    #: ``pscom-hook-procs: auto`` counts the MPI processes by running ``auto-command`` in the
+    #: guest over SSH (asyncssh, extra ``pscom``). ``<vm_name>`` is replaced in the host.
+    ssh_host: str = "<vm_name>"
+    ssh_port: int = 22
+    #: ``None``: the agent's own user name.
+    ssh_user: str | None = None
+    #: Private key file; ``None``: the user's default keys and ssh-agent.
+    ssh_key_file: str | None = None
+    #: known_hosts file the guest's host key is checked against. ``None``: the host key is NOT
+    #: verified (as in the original): whoever answers for the guest's name sets the count.
+    known_hosts: str | None = None
+    #: s for the SSH connection and the command together.
+    ssh_timeout: float = 10.0
+    #: Shell command printing the process count (its last output line): the original's psid
+    #: query, then its Hydra query when the first counts none.
+    auto_command: str = DEFAULT_PSCOM_COUNT_COMMAND
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -294,6 +324,9 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MqttSettings, "session_expiry"): _Range(low=0, high=0xFFFFFFFF),
     (MqttSettings, "progress_qos"): _QOS,
     (PscomSettings, "qos"): _QOS,
+    (PscomSettings, "timeout"): _DELAY,
+    (PscomSettings, "ssh_port"): _Range(low=1, high=65535),
+    (PscomSettings, "ssh_timeout"): _DELAY,
     (LimitsSettings, "max_concurrent_tasks"): _COUNT,
     (LimitsSettings, "max_queued_tasks"): _COUNT,
     # An MQTT packet cannot be larger than 256 MiB.

@@ -290,7 +290,6 @@ async def test_evacuate_without_destinations_answers_no_destination(mosquitto):
 @pytest.mark.parametrize(
     ("parameter", "what"),
     [
-        pytest.param("  pscom-hook-procs: 4\n", "pscom", id="pscom"),
         pytest.param("  swap-with:\n    vm-name: other\n", "swap-with", id="swap-with"),
     ],
 )

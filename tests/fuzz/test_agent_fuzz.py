@@ -88,6 +88,10 @@ def agent_config(path: Path, port: int) -> Path:
         "  allow-quit: false\n"
         # The task journal goes to the test's directory (its default is /var/lib).
         f"  state-dir: {state}\n"
+        # Fuzzed migrations may ask for the pscom hook; no MPI process answers here, so each
+        # such task ends as hook-failed when this deadline passes (default: 10 s per process).
+        "pscom-handler:\n"
+        "  timeout: 0.2\n"
         "logging:\n"
         "  format: json\n"
         "  level: warning\n"

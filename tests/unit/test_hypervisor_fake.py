@@ -977,3 +977,13 @@ async def test_bad_max_downtime(a: FakeHypervisor, b: FakeHypervisor) -> None:
     with pytest.raises(HypervisorError, match="max downtime"):
         await job.set_max_downtime(-1)
     await job.wait()
+
+
+async def test_set_memory_records_the_balloon_target(a: FakeHypervisor) -> None:
+    await a.set_memory("idle", 512 * 1024, Ctx())
+    assert a.host.domains["idle"].balloon == 512 * 1024
+    assert a.host.domains["idle"].memory == GiB_KIB  # the size does not change
+    with pytest.raises(HypervisorError, match="outside"):
+        await a.set_memory("idle", 2 * GiB_KIB, Ctx())
+    with pytest.raises(WrongState):
+        await a.set_memory("off", 1024, Ctx())

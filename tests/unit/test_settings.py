@@ -468,6 +468,30 @@ NEW_KEYS = [
         id="pscom-response-topic",
     ),
     pytest.param("pscom-handler: {qos: 1}", "pscom.qos", 1, id="pscom-qos"),
+    pytest.param("pscom-handler: {timeout: 3}", "pscom.timeout", 3.0, id="pscom-timeout"),
+    pytest.param(
+        "pscom-handler: {ssh-host: 'x-<vm_name>'}",
+        "pscom.ssh_host",
+        "x-<vm_name>",
+        id="pscom-ssh-host",
+    ),
+    pytest.param("pscom-handler: {ssh-port: 2222}", "pscom.ssh_port", 2222, id="pscom-ssh-port"),
+    pytest.param("pscom-handler: {ssh-user: mpi}", "pscom.ssh_user", "mpi", id="pscom-ssh-user"),
+    pytest.param(
+        "pscom-handler: {ssh-key-file: /k}", "pscom.ssh_key_file", "/k", id="pscom-ssh-key-file"
+    ),
+    pytest.param(
+        "pscom-handler: {known-hosts: /kh}", "pscom.known_hosts", "/kh", id="pscom-known-hosts"
+    ),
+    pytest.param(
+        "pscom-handler: {ssh-timeout: 4}", "pscom.ssh_timeout", 4.0, id="pscom-ssh-timeout"
+    ),
+    pytest.param(
+        "pscom-handler: {auto-command: echo 3}",
+        "pscom.auto_command",
+        "echo 3",
+        id="pscom-auto-command",
+    ),
     # limits
     pytest.param(
         "limits: {max-concurrent-tasks: 2}",
@@ -724,6 +748,16 @@ def test_protocol_aliases(value: str, expected: str) -> None:
             "pscom-handler: {qos: -1}",
             "pscom-handler.qos: must be between 0 and 2, got -1",
             id="pscom-qos",
+        ),
+        pytest.param(
+            "pscom-handler: {timeout: 0}",
+            "pscom-handler.timeout: must be greater than 0, got 0",
+            id="pscom-timeout",
+        ),
+        pytest.param(
+            "pscom-handler: {ssh-port: 0}",
+            "pscom-handler.ssh-port: must be between 1 and 65535, got 0",
+            id="pscom-ssh-port",
         ),
         pytest.param(
             "limits: {max-queued-tasks: 0}",

@@ -215,6 +215,10 @@ class Hypervisor(Protocol):
 
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None: ...
 
+    async def set_memory(self, vm_name: str, kib: int, ctx: OpContext) -> None:
+        """Set a running guest's current memory (balloon target, KiB), live only."""
+        ...
+
     async def check_migration(self, request: MigrationRequest) -> None:
         """Pre-checks before anything is touched: the destination is reachable (else
         ``ConnectionFailed``), has no active domain of that name, accepts the guest's CPU and

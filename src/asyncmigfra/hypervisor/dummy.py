@@ -115,6 +115,9 @@ class DummyHypervisor:
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         self._check()
 
+    async def set_memory(self, vm_name: str, kib: int, ctx: OpContext) -> None:
+        self._check()
+
     async def check_migration(self, request: MigrationRequest) -> None:
         self._check()
 

@@ -119,6 +119,7 @@ FAULT_OPS: tuple[str, ...] = (
     "suspend",
     "resume",
     "repin",
+    "set-memory",
     "migrate",
     "migrate-midway",
     "detach-device",
@@ -210,6 +211,8 @@ class FakeDomain:
         self.hostdevs: list[tuple[PciId, PciAddress]] = []
         #: ivshmem devices, as device XML; QEMU cannot migrate with these either.
         self.shmems: list[str] = []
+        #: KiB the balloon was last set to (``set_memory``); ``None``: never set.
+        self.balloon: int | None = None
         #: s the guest takes to release a hot-unplugged device (``inf``: never answers).
         self.unplug_delay = 0.0
         self._state = state
@@ -1265,6 +1268,18 @@ class FakeHypervisor:
         if dom.state is not DomainState.PAUSED:
             raise _wrong_state(dom.state)
         dom.state = DomainState.RUNNING
+
+    async def set_memory(self, vm_name: str, kib: int, ctx: OpContext) -> None:
+        """Record the balloon target (``FakeDomain.balloon``); the size stays ``memory``."""
+        await self._enter("set-memory")
+        dom = self._domain(vm_name)
+        if dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
+            raise _wrong_state(dom.state)
+        if not 0 < kib <= dom.memory:
+            raise HypervisorError(
+                f"Error setting memory: invalid argument: {kib} KiB is outside 1..{dom.memory}"
+            )
+        dom.balloon = kib
 
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         await self._enter("repin")

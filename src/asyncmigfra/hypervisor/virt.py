@@ -2391,6 +2391,15 @@ class LibvirtHypervisor:
     async def resume(self, vm_name: str, ctx: OpContext) -> None:
         await self._expect_state(vm_name, _PAUSED, lambda d: d.resume(), "Error resuming domain: ")
 
+    async def set_memory(self, vm_name: str, kib: int, ctx: OpContext) -> None:
+        """``virDomainSetMemoryFlags(kib, AFFECT_LIVE)``: the balloon target of the running
+        guest (needs a balloon driver in the guest to take effect)."""
+
+        def op(conn: Any) -> None:
+            conn.lookupByName(vm_name).setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+        await self._mapped(self.uri, op, "Error setting memory: ")
+
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         """Pin live and in the config for a running persistent domain, live for a transient
         one, in the config for a shut-off one."""
