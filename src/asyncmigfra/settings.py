@@ -105,7 +105,7 @@ class PscomSettings:
     response_topic: str = "fast/pscom/<vm_name>/+/response"
     qos: int = 0
     #: s for all answers of one suspend or resume round (one deadline, not one per answer);
-    #: ``None``: 10 s per process, the original's worst case (it waited 10 s per answer).
+    #: ``None``: 10 s per process, at most 120 s (the original waited 10 s per answer, unbounded).
     timeout: float | None = None
     #: ``pscom-hook-procs: auto`` counts the MPI processes by running ``auto-command`` in the
     #: guest over SSH (asyncssh, extra ``pscom``). ``<vm_name>`` is replaced in the host.
