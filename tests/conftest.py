@@ -10,15 +10,15 @@ import asyncio
 import inspect
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import structlog
+
+from harness import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
@@ -34,22 +34,6 @@ def need(tool: str, why: str) -> str:
             pytest.fail(f"{tool} is required in CI ({why}) but is not installed")
         pytest.skip(f"{tool} not installed ({why})")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.01)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 @dataclass

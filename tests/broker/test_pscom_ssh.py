@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import getpass
 import os
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -21,6 +19,7 @@ from test_pscom_hook import _task, mpi_procs
 from asyncmigfra.errors import HookFailed
 from asyncmigfra.hooks import count_processes
 from asyncmigfra.settings import PscomSettings
+from harness import free_port, wait_port
 
 # Required in CI (the ``pscom`` extra is installed there), skipped locally without it.
 asyncssh = __import__("asyncssh") if os.environ.get("CI") else pytest.importorskip("asyncssh")
@@ -28,22 +27,6 @@ asyncssh = __import__("asyncssh") if os.environ.get("CI") else pytest.importorsk
 pytestmark = pytest.mark.broker
 
 SSHD = "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.01)
-    raise TimeoutError(f"sshd does not listen on 127.0.0.1:{port}")
 
 
 @dataclass
@@ -81,7 +64,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     user_key.write_private_key(str(d / "id"))
     (d / "id").chmod(0o600)
     user_key.write_public_key(str(d / "authorized_keys"))
-    port = _free_port()
+    port = free_port()
     (d / "known_hosts").write_text(
         f"[127.0.0.1]:{port} {host_key.export_public_key().decode().strip()}\n"
     )
@@ -98,7 +81,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
             [binary, "-D", "-e", "-f", str(conf)], stdout=sshd_log, stderr=subprocess.STDOUT
         )
         try:
-            _wait_port(port)
+            wait_port(port)
             yield Sshd(port, getpass.getuser(), str(d / "id"), str(d / "known_hosts"))
         finally:
             proc.terminate()
