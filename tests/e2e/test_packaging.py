@@ -40,6 +40,7 @@ def _install(tmp_path: Path, spec: str) -> Path:
     return env_dir
 
 
+@pytest.mark.timeout(600)  # pip resolves and builds (libvirt-python compiles) from PyPI
 @pytest.mark.parametrize("extra", ["", "[libvirt]"], ids=["plain", "libvirt"])
 def test_pip_install_gives_a_working_command(tmp_path, extra):
     env_dir = _install(tmp_path, extra)
