@@ -50,15 +50,9 @@ def agent_settings(
     """Settings for a test agent on 127.0.0.1:``port`` with a unique host name."""
     name = hostname or f"t-{uuid.uuid4().hex[:8]}"
     base = default_settings(hostname=name)
-    mqtt = replace(
-        base.mqtt,
-        host="127.0.0.1",
-        port=port,
-        protocol=protocol,
-        reconnect_min_delay=0.05,
-        reconnect_max_delay=0.5,
-        **sections.pop("mqtt", {}),
-    )
+    mqtt_overrides = {"reconnect_min_delay": 0.05, "reconnect_max_delay": 0.5}
+    mqtt_overrides.update(sections.pop("mqtt", {}))
+    mqtt = replace(base.mqtt, host="127.0.0.1", port=port, protocol=protocol, **mqtt_overrides)
     options = dict(hv_options or {})
     if hv_type == "dummy":
         options.setdefault("never-throw", True)

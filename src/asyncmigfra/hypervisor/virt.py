@@ -625,6 +625,10 @@ def _dom_name(dom: Any) -> str:
         return ""
 
 
+#: s a dead connection is retried before an operation fails (a libvirtd restart).
+RECONNECT_GRACE = 15.0
+
+
 class _Connection:
     """One long-lived ``virConnect`` for one URI, reopened when it died."""
 
@@ -650,7 +654,7 @@ class _Connection:
             if conn is not None:
                 log.info("libvirt.reconnecting", uri=self.uri)
                 self._discard()
-            self._conn = self._open()
+            self._conn = self._open_with_grace() if self.opens else self._open()
             if self.opens > 1:
                 self._post(DomainEvent(uri=self.uri, kind="reconnected", at=time.monotonic()))
             return self._conn
@@ -669,6 +673,19 @@ class _Connection:
     def close(self) -> None:
         with self._lock:
             self._discard()
+
+    def _open_with_grace(self) -> Any:
+        """Reopen after the connection died: libvirtd may be restarting (its socket is gone
+        for about a second), so keep trying for ``RECONNECT_GRACE`` seconds before the
+        operation fails ``connection-failed``. Runs in a worker thread, never on the loop."""
+        deadline = time.monotonic() + RECONNECT_GRACE
+        while True:
+            try:
+                return self._open()
+            except ConnectionFailed:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
 
     def _connect(self) -> Any:
         try:
