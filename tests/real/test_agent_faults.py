@@ -13,7 +13,6 @@ import pytest
 from agents import rig_agents
 from test_agent_migration import migrate_msg, where
 
-import libvirt
 from rig import Rig
 from rig.hosts import VETH
 
