@@ -49,6 +49,8 @@ log = structlog.stdlib.get_logger(__name__)
 
 #: Payloads at least this large are parsed in a worker thread (keeps the loop responsive).
 _THREAD_PARSE_BYTES = 64 * 1024
+#: s between checks whether the retained status needs a new running-task count.
+_PRESENCE_INTERVAL = 2.0
 #: s the publisher gets to flush at shutdown.
 _FLUSH_TIMEOUT = 10.0
 
@@ -138,6 +140,8 @@ class Agent:
                 "version": __version__,
                 "hypervisor": self.settings.hypervisor.type,
                 "since": self._since,
+                # Running subtasks, so a fleet view needs nothing but the retained topics.
+                "tasks": self.dispatcher.running if hasattr(self, "dispatcher") else 0,
             }
         )
 
@@ -148,6 +152,17 @@ class Agent:
                 self.settings.mqtt.status_topic, self._status_payload(state), qos=1, retain=True
             )
         )
+
+    async def _presence_loop(self) -> None:
+        """Re-publish the retained status when the number of running tasks changed (at most
+        every ``_PRESENCE_INTERVAL`` s), so ``asyncmigfra status`` shows it for every agent."""
+        last = self.dispatcher.running
+        while True:
+            await asyncio.sleep(_PRESENCE_INTERVAL)
+            now = self.dispatcher.running
+            if now != last and self.transport.is_connected and self._state == "online":
+                last = now
+                self._publish_status("online")
 
     async def _on_connected(self) -> None:
         # Presence goes out only once the task subscription is active (extensions.md).
@@ -275,6 +290,7 @@ class Agent:
                 await asyncio.sleep(0)  # let the dispatcher open its TaskGroup
                 self._recover(records)
                 intake = tg.create_task(self._intake_loop(), name="asyncmigfra.intake")
+                presence = tg.create_task(self._presence_loop(), name="asyncmigfra.presence")
                 mqtt = tg.create_task(self.transport.run(self._on_message), name="asyncmigfra.mqtt")
                 await self._stop.wait()
                 self._arm_hard_exit()
@@ -284,6 +300,7 @@ class Agent:
                 self.dispatcher.close()
                 await dispatcher
                 intake.cancel()
+                presence.cancel()
                 await asyncio.wait({intake})
                 self._answer_leftovers()
                 self._publish_status("offline")

@@ -349,3 +349,18 @@ async def test_message_larger_than_the_queue_is_refused_with_a_reason(mosquitto)
         )
         assert {e["code"] for e in r["list"]} == {"busy"}
         assert "split it" in r["list"][0]["details"]
+
+
+async def test_retained_status_shows_running_tasks(mosquitto):
+    """The fleet view (`asyncmigfra status`) reads only retained topics: the agent re-publishes
+    its status when the number of running tasks changes."""
+    opts = {
+        "stop-delay": 3.0,
+        "domains": [{"name": "v", "vcpus": 1, "memory": 1024, "state": "running"}],
+    }
+    async with agent_and_scheduler(mosquitto.port, hv_type="fake", hv_options=opts) as (_, sched):
+        await sched.wait_for(lambda: [s for s in sched.statuses if s.get("tasks") == 0], 10)
+        await sched.publish("id: busy-1\ntask: stop vm\nlist:\n  - vm-name: v\n")
+        await sched.wait_for(lambda: [s for s in sched.statuses if s.get("tasks") == 1], 10)
+        await sched.result_for("busy-1", 10)
+        await sched.wait_for(lambda: [s for s in sched.statuses[-1:] if s.get("tasks") == 0], 10)

@@ -138,7 +138,7 @@ def test_status_table_and_json_lines(shared_served, capsys):
     code, out, _ = run(shared_served, capsys, "status")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["HOST", "STATE", "VERSION", "HYPERVISOR", "SINCE"]
+    assert lines[0].split() == ["HOST", "STATE", "VERSION", "HYPERVISOR", "TASKS", "SINCE"]
     assert [ln.split()[:2] for ln in lines[1:]] == [["host-a", "online"], ["host-b", "online"]]
     assert "\x1b" not in out  # not a terminal: plain text
     code, out, _ = run(shared_served, capsys, "--json", "--mqtt-protocol", "3.1.1", "status")

@@ -310,12 +310,13 @@ def _show_agents(out: Out, conn: Connection, agents: Mapping[str, Mapping[str, A
             str(agents[h].get("state", "?")),
             str(agents[h].get("version", "?")),
             str(agents[h].get("hypervisor", "?")),
+            str(agents[h].get("tasks", "?")),
             str(agents[h].get("since", "?")),
         ]
         for h in hosts
     ]
     out.table(
-        ["HOST", "STATE", "VERSION", "HYPERVISOR", "SINCE"],
+        ["HOST", "STATE", "VERSION", "HYPERVISOR", "TASKS", "SINCE"],
         rows,
         title=f"Agents on {conn.where} ({conn.topic('+', 'status')})" if out.tty else None,
         styles={1: out.state_styles()},
