@@ -9,7 +9,7 @@ nox.options.reuse_existing_virtualenvs = True
 PY = "3.11"
 
 
-def _install(session: nox.Session, *groups: str, extras: str = "libvirt,demo") -> None:
+def _install(session: nox.Session, *groups: str, extras: str = "libvirt,demo,pscom") -> None:
     session.install("--upgrade", "pip")
     args = ["-e", f".[{extras}]"]
     for g in groups:
