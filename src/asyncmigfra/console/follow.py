@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from asyncmigfra.console.exits import INTERRUPTED, CliError
-from asyncmigfra.console.output import Out, event_fields, fmt_bytes, fmt_rate
+from asyncmigfra.console.output import Out, event_fields, fmt_bytes, rate_parts
 from asyncmigfra.console.session import Interrupt, Lost, Message, Session
 from asyncmigfra.console.tasks import cancel_task, fresh_id, succeeded
 
@@ -110,14 +110,7 @@ class MigrationView:
             parts.append(f"remaining {fmt_bytes(remaining)}")
         if "memory-total" in p:
             parts.append(f"of {fmt_bytes(p['memory-total'])}")
-        if "transfer-rate" in p:
-            parts.append(f"rate {fmt_rate(p['transfer-rate'])}")
-        if "dirty-rate" in p:
-            parts.append(f"dirty {fmt_rate(p['dirty-rate'])}")
-        if "expected-downtime" in p:
-            parts.append(f"expected downtime {p['expected-downtime']} ms")
-        if "max-downtime" in p:
-            parts.append(f"target {p['max-downtime']} ms")
+        parts.extend(rate_parts(p))
         return "   ".join(parts) if parts else "waiting for the first statistics..."
 
     def action_text(self) -> str:

@@ -59,6 +59,21 @@ def local_time(stamp: object) -> str:
     return when.astimezone().strftime("%H:%M:%S.%f")[:-3]
 
 
+def rate_parts(p: Mapping[str, Any]) -> list[str]:
+    """Transfer and dirty rate, expected downtime and target of a progress event, as shown
+    by both the plain lines and the live view."""
+    parts = []
+    if "transfer-rate" in p:
+        parts.append(f"rate {fmt_rate(p['transfer-rate'])}")
+    if "dirty-rate" in p:
+        parts.append(f"dirty {fmt_rate(p['dirty-rate'])}")
+    if "expected-downtime" in p:
+        parts.append(f"expected downtime {p['expected-downtime']} ms")
+    if "max-downtime" in p:
+        parts.append(f"target {p['max-downtime']} ms")
+    return parts
+
+
 def event_fields(doc: Mapping[str, Any]) -> str:
     """The interesting part of an event, one line (``watch`` and the plain follow view)."""
     kind = doc.get("event")
@@ -67,14 +82,7 @@ def event_fields(doc: Mapping[str, Any]) -> str:
         parts.append(f"pass {doc.get('iteration', 0)}")
         if "data-remaining" in doc:
             parts.append(f"remaining {fmt_bytes(doc['data-remaining'])}")
-        if "transfer-rate" in doc:
-            parts.append(f"rate {fmt_rate(doc['transfer-rate'])}")
-        if "dirty-rate" in doc:
-            parts.append(f"dirty {fmt_rate(doc['dirty-rate'])}")
-        if "expected-downtime" in doc:
-            parts.append(f"expected downtime {doc['expected-downtime']} ms")
-        if "max-downtime" in doc:
-            parts.append(f"target {doc['max-downtime']} ms")
+        parts.extend(rate_parts(doc))
         if "downtime" in doc:
             parts.append(f"downtime {doc['downtime']} ms")
         if "action" in doc:
