@@ -49,7 +49,18 @@ from asyncmigfra.timing import TimeMeasurement
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-__all__ = ["ConvergencePolicy", "MigrationPlan", "follow_adopted", "migrate", "plan_migration"]
+__all__ = [
+    "ConvergencePolicy",
+    "EngineContext",
+    "MigrationPlan",
+    "carry_out",
+    "check_pscom",
+    "follow_adopted",
+    "memory_of",
+    "migrate",
+    "plan_for",
+    "plan_migration",
+]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -75,7 +86,14 @@ class EngineContext(Protocol):
 
     def measure(self, tag: str) -> AbstractContextManager[None]: ...
 
+    def record(self, tag: str, seconds: float) -> None: ...
+
     def progress(self, fields: dict[str, object]) -> None: ...
+
+    def companion(self, vm_name: str) -> EngineContext:
+        """A context for another VM of the same task (a swap partner): its events carry that
+        VM's name and its time-measurement tags the suffix ``-<vm>``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +276,7 @@ class _Progress:
         return out
 
 
-async def _memory_of(hypervisor: Hypervisor, vm_name: str) -> int:
+async def memory_of(hypervisor: Hypervisor, vm_name: str) -> int:
     """Guest memory (KiB) for the default completion timeout; 0 when the back-end does not
     list it (``begin_migration`` reports a missing VM with its own error)."""
     for dom in await hypervisor.list_domains():
@@ -275,20 +293,37 @@ async def migrate(
     settings: Settings,
     bus: MessageBus | None = None,
 ) -> MigrationResult:
-    """Migrate one VM; on success ``ctx.extra`` gets ``destination`` (and ``retries``)."""
-    params = spec.parameter
-    # Not built yet (they need the destination's side of the work); refusing is honest, a
-    # silent skip would leave MPI processes running or a guest paused on the destination.
-    if params.swap_with is not None:
-        raise NotSupported("swap-with is not supported by this agent version yet")
-    if params.pscom_hook_procs not in (None, 0) and bus is None:
-        raise NotSupported("pscom-hook-procs needs the agent's MQTT connection")
-    plan = await _plan(spec, hypervisor=hypervisor, settings=settings)
+    """Migrate one VM; on success ``ctx.extra`` gets ``destination`` (and ``retries``).
+    (``swap-with`` is :func:`asyncmigfra.swapping.swap`.)"""
+    check_pscom(spec, bus)
+    plan = await plan_for(spec, hypervisor=hypervisor, settings=settings)
     # Pre-checks come before anything touches the VM (devices included): a failure leaves
     # it exactly as it was.
     ctx.phase("pre-checks")
     with ctx.measure("pre-checks"):
         await hypervisor.check_migration(plan.request)
+    return await carry_out(plan, spec, ctx, hypervisor=hypervisor, settings=settings, bus=bus)
+
+
+def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
+    """Refuse a pscom hook that cannot run: a silent skip would leave MPI processes running
+    through the migration."""
+    if spec.parameter.pscom_hook_procs not in (None, 0) and bus is None:
+        raise NotSupported("pscom-hook-procs needs the agent's MQTT connection")
+
+
+async def carry_out(
+    plan: MigrationPlan,
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    bus: MessageBus | None,
+) -> MigrationResult:
+    """Everything after the pre-checks: pscom suspend, devices out, the migration (with its
+    retries), the destination's steps, pscom resume. ``hypervisor`` acts on the VM's host."""
+    params = spec.parameter
     vm = spec.vm_name
     pscom = await _pscom_hook(params.pscom_hook_procs, vm, bus, settings)
     if pscom is not None:
@@ -517,14 +552,17 @@ async def follow_adopted(
 ) -> MigrationResult:
     """Follow a migration job that a previous agent run started (peer-to-peer jobs belong to
     libvirtd and outlive the agent) to its end, with progress, policy and timeout."""
-    plan = await _plan(spec, hypervisor=hypervisor, settings=settings)
+    plan = await plan_for(spec, hypervisor=hypervisor, settings=settings)
     ctx.phase("adopted")
     result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings, adopted=job)
     return _arrived(spec, result, ctx)
 
 
-async def _plan(spec: MigrateSpec, *, hypervisor: Hypervisor, settings: Settings) -> MigrationPlan:
-    memory = await _memory_of(hypervisor, spec.vm_name)
+async def plan_for(
+    spec: MigrateSpec, *, hypervisor: Hypervisor, settings: Settings, memory: int | None = None
+) -> MigrationPlan:
+    if memory is None:
+        memory = await memory_of(hypervisor, spec.vm_name)
     return plan_migration(
         spec,
         defaults=settings.migration,
@@ -538,7 +576,7 @@ def _arrived(spec: MigrateSpec, result: MigrationResult, ctx: EngineContext) -> 
     """Record where the VM runs now and the downtime libvirt measured."""
     ctx.extra["destination"] = spec.destination
     if result.downtime is not None:
-        ctx.timer.record("downtime", result.downtime / 1000.0)
+        ctx.record("downtime", result.downtime / 1000.0)
     return result
 
 

@@ -31,6 +31,7 @@ from asyncmigfra.model import (
     SuspendSpec,
 )
 from asyncmigfra.settings import Settings
+from asyncmigfra.swapping import swap
 from asyncmigfra.timing import TimeMeasurement
 
 __all__ = ["SubtaskContext", "error_entry", "reconcile_subtask", "run_subtask"]
@@ -52,13 +53,36 @@ class SubtaskContext:
     extra: dict[str, object] = field(default_factory=dict)
     #: The broker connection for hooks (pscom, MQTT hooks); ``None``: no hooks over MQTT.
     bus: MessageBus | None = None
+    #: Appended to every time-measurement tag (``-<vm>`` in a swap's halves).
+    suffix: str = ""
 
     def phase(self, name: str) -> None:
         self.current_phase = name
         self.events.phase(self.task_id, self.vm_name, name)
 
     def measure(self, tag: str) -> AbstractContextManager[None]:
-        return self.timer.measure(tag)
+        return self.timer.measure(self._tag(tag))
+
+    def record(self, tag: str, seconds: float) -> None:
+        self.timer.record(self._tag(tag), seconds)
+
+    def _tag(self, tag: str) -> str:
+        if not self.suffix or tag.endswith(self.suffix):
+            return tag
+        return tag + self.suffix
+
+    def companion(self, vm_name: str) -> SubtaskContext:
+        """A context for one VM of a task that moves two (a swap's halves): events under that
+        VM's name, tags suffixed ``-<vm>`` (the original's swap tags), its own ``extra``, the
+        same timer and broker connection."""
+        return SubtaskContext(
+            task_id=self.task_id,
+            vm_name=vm_name,
+            events=self.events,
+            timer=self.timer,
+            bus=self.bus,
+            suffix=f"-{vm_name}",
+        )
 
     def progress(self, fields: dict[str, object]) -> None:
         self.events.progress(self.task_id, self.vm_name, fields)
@@ -149,6 +173,8 @@ async def _operate(
             await hypervisor.resume(vm_name, ctx)
         case RepinSpec():
             await hypervisor.repin(vm_name, spec.vcpu_map, ctx)
+        case MigrateSpec() if spec.parameter.swap_with is not None:
+            await swap(spec, ctx, hypervisor=hypervisor, settings=settings, bus=ctx.bus)
         case MigrateSpec():
             await migrate(spec, ctx, hypervisor=hypervisor, settings=settings, bus=ctx.bus)
         case _:  # pragma: no cover - the dispatcher routes the others

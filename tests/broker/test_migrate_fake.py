@@ -287,23 +287,6 @@ async def test_evacuate_without_destinations_answers_no_destination(mosquitto):
         assert (await sched.call("task: status\n"))["result"] == "status"
 
 
-@pytest.mark.parametrize(
-    ("parameter", "what"),
-    [
-        pytest.param("  swap-with:\n    vm-name: other\n", "swap-with", id="swap-with"),
-    ],
-)
-async def test_unbuilt_migration_companions_are_refused_not_skipped(mosquitto, parameter, what):
-    async with two_hosts(mosquitto.port, [_dom("c")]) as (_, sched, shared):
-        src, dest = shared["names"]
-        r = await sched.call(
-            f"task: migrate vm\nvm-name: c\ndestination: {dest}\nparameter:\n{parameter}"
-        )
-        assert (r["status"], r["code"]) == ("error", "not-supported")
-        assert what in r["details"]
-        assert _cluster(shared).locate("c") == src
-
-
 async def test_pre_check_failure_leaves_the_vm_untouched(mosquitto):
     """A domain of the same name already active on the destination: ``incompatible-
     destination`` from the pre-checks, before anything is touched."""

@@ -2,9 +2,9 @@
 
 ``rig_agents`` runs one in-process agent per rig host (``rig-a``, ``rig-b``) with the
 ``libvirt`` back-end: ``uri`` is the host's own socket and ``hosts:`` tells each agent how to
-reach the other (unix socket for itself, TCP over the veth for its libvirtd, the migration
-stream address) — exactly the config an operator writes for hosts that need explicit
-addresses. ``scheduler`` (tests/harness.py) then talks to them only through MQTT.
+reach every rig host (unix socket, TCP over the veth for the libvirtd's peer-to-peer
+connection, the migration stream address) — exactly the config an operator writes for hosts
+that need explicit addresses. ``scheduler`` (tests/harness.py) then talks to them only through MQTT.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from rig import Host, Rig, domain_xml
 
 
 def libvirt_options(rig: Rig, me: Host, **extra: object) -> dict[str, object]:
+    # Every host, this one included: a swap's second half is a migration *to* this host,
+    # started on the partner's libvirtd, which needs this host's p2p and migration addresses.
     hosts = {
         h.name: {"uri": h.local_uri, "p2p-uri": h.p2p_uri, "migrate-uri": h.migrate_uri}
         for h in rig.hosts
-        if h is not me
     }
     return {"uri": me.local_uri, "hosts": hosts, "stop-timeout": 5, **extra}
 
@@ -79,10 +80,16 @@ async def rig_agents(
 
 
 def start_task(
-    name: str, kernel: Path, *, memory_mib: int = 128, vcpus: int = 1, **keys: str
+    name: str,
+    kernel: Path,
+    *,
+    memory_mib: int = 128,
+    vcpus: int = 1,
+    balloon: bool = False,
+    **keys: str,
 ) -> str:
     """A ``start vm`` message carrying a rig guest's domain XML (as a YAML block scalar)."""
-    xml = domain_xml(name, kernel, memory_mib, vcpus)
+    xml = domain_xml(name, kernel, memory_mib, vcpus, balloon=balloon)
     block = "\n".join("      " + line for line in xml.strip().splitlines())
     extra = "".join(f"    {k}: {v}\n" for k, v in keys.items())
     return (

@@ -3,6 +3,7 @@ vcpu-map repin on the destination (spec 1.7) and swap-with."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from agents import rig_agents
 
 import libvirt
-from rig import Rig
+from rig import Rig, wait_counter_above
 
 pytestmark = [pytest.mark.rig, pytest.mark.broker]
 
@@ -37,3 +38,49 @@ async def test_vcpu_map_migrates_paused_repins_on_b_and_resumes(
             conn.close()
         phases = [e["phase"] for e in agents.to_a.events_for(r["id"], "phase")]
         assert phases.index("migrating") < phases.index("repin")
+
+
+async def test_swap_with_trades_two_real_guests_between_a_and_b(
+    mosquitto, rig: Rig, start_guest: Callable[..., Any]
+):
+    """Spec 1.7 swap-with on real QEMU: one guest A->B and one B->A at the same time, both
+    guests keep counting, the timed result names both halves (spec 9.2's duplicate tag)."""
+    one = start_guest("idle")
+    two = start_guest("dirty16", host=rig.b)
+    before = {
+        "one": await asyncio.to_thread(wait_counter_above, one, 0),
+        "two": await asyncio.to_thread(wait_counter_above, two, 0),
+    }
+    async with rig_agents(mosquitto.port, rig) as agents:
+        r = await agents.to_a.call(
+            f"task: migrate vm\nvm-name: {one.name()}\ndestination: {rig.b.name}\n"
+            "time-measurement: true\nparameter:\n  migration-type: post-copy\n"
+            f"  swap-with:\n    vm-name: {two.name()}\n",
+            90,
+        )
+    assert (r["status"], r["destination"]) == ("success", rig.b.name), r
+    assert r["swap-with"] == {
+        "vm-name": two.name(),
+        "status": "success",
+        "destination": rig.a.name,
+        "order": "parallel",
+    }
+    tags = set(r["time-measurement"])
+    assert {f"migrate-{one.name()}", f"migrate-{two.name()}", "migrate", "pre-checks"} <= tags
+    for host, dom, key in ((rig.b, one, "one"), (rig.a, two, "two")):
+        conn = libvirt.open(host.local_uri)
+        try:
+            moved = conn.lookupByName(dom.name())
+            assert moved.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            await asyncio.to_thread(wait_counter_above, moved, before[key].counter)
+        finally:
+            conn.close()
+    for host, dom in ((rig.a, one), (rig.b, two)):
+        conn = libvirt.open(host.local_uri)
+        try:
+            active = {
+                d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            }
+        finally:
+            conn.close()
+        assert dom.name() not in active  # the old copy is gone

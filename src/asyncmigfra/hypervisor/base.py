@@ -219,10 +219,11 @@ class Hypervisor(Protocol):
         """Set a running guest's current memory (balloon target, KiB), live only."""
         ...
 
-    async def check_migration(self, request: MigrationRequest) -> None:
+    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
         """Pre-checks before anything is touched: the destination is reachable (else
         ``ConnectionFailed``), has no active domain of that name, accepts the guest's CPU and
-        machine type and has the memory (else ``IncompatibleDestination``)."""
+        machine type and (unless ``memory`` is false: a swap weighs both VMs itself) has the
+        memory (else ``IncompatibleDestination``)."""
 
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
         """Check the VM, start the job and return its handle (raises before anything moved)."""

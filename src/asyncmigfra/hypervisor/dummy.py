@@ -118,7 +118,7 @@ class DummyHypervisor:
     async def set_memory(self, vm_name: str, kib: int, ctx: OpContext) -> None:
         self._check()
 
-    async def check_migration(self, request: MigrationRequest) -> None:
+    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
         self._check()
 
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:

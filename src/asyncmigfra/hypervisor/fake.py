@@ -1312,7 +1312,7 @@ class FakeHypervisor:
             for i in range(dom.vcpus)
         )
 
-    async def check_migration(self, request: MigrationRequest) -> None:
+    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
         """The pre-checks a real destination allows: reachable, no active domain of that
         name, enough free memory (CPU and machine type always match in the simulation)."""
         dom = self._domain(request.vm_name)
@@ -1329,7 +1329,7 @@ class FakeHypervisor:
                 f"a domain named '{dom.name}' is already active on {dest.name}"
             )
         free = dest.free_memory()
-        if request.mode != "offline" and dom.memory > free:
+        if memory and request.mode != "offline" and dom.memory > free:
             raise IncompatibleDestination(
                 f"not enough free memory on {dest.name}: {dom.memory} KiB needed, {free} KiB free"
             )

@@ -1751,6 +1751,8 @@ class LibvirtHypervisor:
         self._jobs: set[LibvirtMigrationJob] = set()
         #: ``True`` for a view made by :meth:`on_host` (it owns nothing it could close).
         self._view = False
+        #: The agent's own instance (views keep pointing at it).
+        self._home: LibvirtHypervisor = self
 
     def __repr__(self) -> str:
         return f"LibvirtHypervisor(uri={self.uri!r})"
@@ -1760,6 +1762,8 @@ class LibvirtHypervisor:
         (``remote_uri(host)``); it shares the pool, the threads and the event hub."""
         if host == self.hostname:
             return self
+        if host == self._home.hostname:
+            return self._home  # a view's way back (a swap partner migrating here)
         view = copy.copy(self)
         view.uri = self.remote_uri(host)
         view.hostname = host
@@ -2439,10 +2443,11 @@ class LibvirtHypervisor:
 
     # ---- migration -----------------------------------------------------------------------
 
-    async def check_migration(self, request: MigrationRequest) -> None:
+    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
         """Pre-checks against the destination, before the VM is touched (see
         :func:`_guest_facts` and :func:`_destination_facts`): reachable, no active domain of
-        that name, the guest's machine type and CPU model accepted, enough free memory."""
+        that name, the guest's machine type and CPU model accepted, enough free memory
+        (unless ``memory`` is false: a swap decides that for both VMs together)."""
         uri = self._local_uri(request.driver)
         guest = await self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name))
         target = await self.resolve_destination(
@@ -2466,7 +2471,8 @@ class LibvirtHypervisor:
         if dest.cpu_compare == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
             raise IncompatibleDestination(f"the guest CPU model is not usable on {where}")
         if (
-            request.mode != "offline"
+            memory
+            and request.mode != "offline"
             and dest.free_kib is not None
             and guest.memory_kib > dest.free_kib
         ):
