@@ -8,12 +8,14 @@ Fixture API (every test in this directory is marked ``pytest.mark.rig``):
   ``p2p_uri`` (how the *other* libvirtd reaches this one), ``migrate_uri`` (QEMU's migration
   stream), ``ip``, ``uuid``, ``log`` and ``qemu_log(domain)``. ``rig.mode`` is ``netns`` or
   ``loopback`` (the 127.0.0.2/127.0.0.3 fallback).
-* ``guests`` (session): ``{"idle" | "dirty16" | "dirty64" | "dirty16slow": Path}``, the built
-  test kernels (see ``tests/rig/guest.S``).
+* ``guests`` (session): ``{"idle" | "dirty16" | "dirty64" | "dirty16slow" | "balloon": Path}``,
+  the built test kernels (see ``tests/rig/guest.S``).
 * ``rig_conns``: ``{host name: libvirt.virConnect}``, opened for the test and closed after it.
-* ``start_guest(variant="idle", *, host=None, name=None, memory_mib=128, persistent=True)``:
-  defines and starts a guest (on ``rig.a`` by default) and returns its ``virDomain``; every
-  guest it started is destroyed and undefined on *both* hosts afterwards, wherever it went.
+* ``start_guest(variant="idle", *, host=None, name=None, memory_mib=128, persistent=True,
+  balloon=None)``: defines and starts a guest (on ``rig.a`` by default) and returns its
+  ``virDomain``; every guest it started is destroyed and undefined on *both* hosts afterwards,
+  wherever it went. ``balloon``: give it a virtio balloon (default: if the variant answers one,
+  i.e. for ``"balloon"``).
 
 When the rig cannot run here (not root, a Debian package missing) the tests are skipped with
 the reason, except when ``CI`` is set: then they fail, so that a green CI means they ran.
@@ -39,7 +41,16 @@ from typing import Any, NoReturn
 
 import pytest
 
-from rig import Host, Rig, RigUnavailable, build_guests, domain_xml, ensure_system, remove_domain
+from rig import (
+    VARIANTS,
+    Host,
+    Rig,
+    RigUnavailable,
+    build_guests,
+    domain_xml,
+    ensure_system,
+    remove_domain,
+)
 
 HERE = Path(__file__).resolve().parent
 IN_CI = bool(os.environ.get("CI"))
@@ -169,11 +180,16 @@ def start_guest(rig: Rig, guests: dict[str, Path]) -> Iterator[Callable[..., Any
         name: str | None = None,
         memory_mib: int = 128,
         persistent: bool = True,
+        balloon: bool | None = None,
     ) -> Any:
         host = host or rig.a
         name = name or f"t-{variant}-{uuid.uuid4().hex[:8]}"
         xml = domain_xml(
-            name, guests[variant], memory_mib, serial_log=f"/var/log/libvirt/qemu/{name}.serial"
+            name,
+            guests[variant],
+            memory_mib,
+            serial_log=f"/var/log/libvirt/qemu/{name}.serial",
+            balloon=VARIANTS[variant].balloon if balloon is None else balloon,
         )
         if host.name not in conns:
             conns[host.name] = libvirt.open(host.local_uri)

@@ -107,6 +107,82 @@ def test_p2p_live_migration_there_and_back(
     print(f"migration A->B {there:.2f} s, B->A {back:.2f} s")
 
 
+def _query_balloon(dom: Any) -> str:
+    import libvirt_qemu  # noqa: PLC0415
+
+    return str(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-balloon"}', 0))
+
+
+def _wait_current_kib(dom: Any, kib: int, timeout: float = 10.0) -> float:
+    """Poll until libvirt reports ``kib`` as the domain's current memory; return the wait."""
+    t0 = time.monotonic()
+    while (current := dom.info()[2]) != kib:
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(
+                f"current memory stuck at {current} KiB (wanted {kib});"
+                f" query-balloon: {_query_balloon(dom)}"
+            )
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_balloon_guest_follows_set_memory_across_migration(
+    rig: Rig, rig_conns: dict[str, Any], start_guest: Callable[..., Any]
+) -> None:
+    import libvirt  # noqa: PLC0415
+
+    live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    dom = start_guest("balloon", memory_mib=128)
+    name = dom.name()
+    first = wait_counter_above(dom, 0)
+    assert first.booted
+    assert first.balloon_io, f"the guest found no virtio balloon on PCI bus 0: {first}"
+    assert rig.a.serial_log(name).read_text().startswith("RB")
+    assert "<memballoon model='virtio'>" in dom.XMLDesc(0)
+    assert dom.info()[1:3] == [131072, 131072]
+
+    dom.setMemoryFlags(64 * 1024, live)
+    down = _wait_current_kib(dom, 65536)
+    assert "<currentMemory unit='KiB'>65536</currentMemory>" in dom.XMLDesc(0)
+    assert json.loads(_query_balloon(dom))["return"] == {"actual": 64 << 20}
+    before = wait_counter_above(dom, first.counter)
+
+    migrate_p2p(dom, rig.b)
+    assert name not in _names(rig_conns["rig-a"])
+    dom_b = rig_conns["rig-b"].lookupByName(name)
+    # the balloon state moved with the guest: still 64 MiB on B, and the guest still answers
+    assert dom_b.info()[2] == 65536
+    assert json.loads(_query_balloon(dom_b))["return"] == {"actual": 64 << 20}
+    on_b = read_state(dom_b)
+    assert on_b.booted
+    assert on_b.counter >= before.counter
+    assert on_b.balloon_io == first.balloon_io
+
+    dom_b.setMemoryFlags(128 * 1024, live)
+    up = _wait_current_kib(dom_b, 131072)
+    assert "<currentMemory unit='KiB'>131072</currentMemory>" in dom_b.XMLDesc(0)
+    assert json.loads(_query_balloon(dom_b))["return"] == {"actual": 128 << 20}
+    wait_counter_above(dom_b, on_b.counter)
+    print(f"balloon 128->64 MiB on A in {down:.2f} s, 64->128 MiB on B in {up:.2f} s")
+
+
+def test_balloon_without_the_guest_driver_changes_nothing(start_guest: Callable[..., Any]) -> None:
+    """The control: it is the ``balloon`` guest that answers, not libvirt or QEMU alone."""
+    import libvirt  # noqa: PLC0415
+
+    dom = start_guest("idle", balloon=True)
+    first = wait_counter_above(dom, 0)
+    assert first.booted
+    assert first.balloon_io == 0
+    assert "<memballoon model='virtio'>" in dom.XMLDesc(0)
+    dom.setMemoryFlags(64 * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    # the balloon guest answers within a pass; give this one a few hundred
+    later = read_state(dom).counter + 300
+    wait_counter_above(dom, later)
+    assert dom.info()[2] == 131072
+    assert json.loads(_query_balloon(dom))["return"] == {"actual": 128 << 20}
+
+
 # --- teardown, the guard and the start-up sweep --------------------------------------------
 # These take the session rig down for their duration and bring it up again afterwards.
 

@@ -11,6 +11,11 @@ Reading the guest's state: :func:`read_state` asks QEMU's monitor for the state 
 keeps at guest-physical 0x200000 (see ``guest.S``). The pass counter there is what tests compare
 before and after a migration: if it keeps counting on the destination from where it was on the
 source, the guest's memory and CPU state really moved.
+
+Ballooning: the ``balloon`` variant (``BALLOON=1`` in ``guest.S``) answers a virtio balloon: it
+sets the balloon's ``actual`` to its target on every pass, so ``virDomainSetMemoryFlags`` on a
+domain made with ``domain_xml(..., balloon=True)`` changes the domain's current memory
+(``dom.info()[2]``) within a pass or two. It gives no memory back for real.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class Variant:
     dirty_mib: int
     spin: int
     doc: str
+    #: BALLOON=1: follows a virtio balloon's target (needs ``domain_xml(..., balloon=True)``)
+    balloon: bool = False
 
 
 #: The variants. Rates are TCG on the project's CI machine kind (2 cores), about +-30 %.
@@ -53,6 +60,7 @@ VARIANTS: dict[str, Variant] = {
     "dirty16": Variant(16, 0, "rewrites 16 MiB per pass, as fast as TCG allows (~3000/s)"),
     "dirty64": Variant(64, 0, "rewrites 64 MiB per pass; needs memory_mib >= 72"),
     "dirty16slow": Variant(16, 200_000, "16 MiB per pass, ~2 passes/s (~32 MiB/s)"),
+    "balloon": Variant(0, 0, "idle, plus a cooperative virtio balloon driver", balloon=True),
 }
 
 # Assembler and linker flags. `-N` keeps the ELF compact (the multiboot header must be within
@@ -74,7 +82,7 @@ _LD = (
 
 def _digest(source: bytes, name: str, variant: Variant) -> str:
     h = hashlib.sha256()
-    knobs = f"{variant.dirty_mib}:{variant.spin}"
+    knobs = f"{variant.dirty_mib}:{variant.spin}:{int(variant.balloon)}"
     for part in (source, name.encode(), knobs.encode(), repr((_AS, _LD)).encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
@@ -103,7 +111,11 @@ def _assemble(variant: Variant, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         obj = Path(tmp) / "guest.o"
         elf = Path(tmp) / "guest.elf"
-        defsyms = ("--defsym", f"DIRTY_MIB={variant.dirty_mib}", "--defsym", f"SPIN={variant.spin}")
+        defsyms = (
+            *("--defsym", f"DIRTY_MIB={variant.dirty_mib}"),
+            *("--defsym", f"SPIN={variant.spin}"),
+            *("--defsym", f"BALLOON={int(variant.balloon)}"),
+        )
         for cmd in (
             [*_AS, *defsyms, "-o", str(obj), str(SOURCE)],
             [*_LD, "-o", str(elf), str(obj)],
@@ -121,6 +133,7 @@ def domain_xml(
     vcpus: int = 1,
     *,
     serial_log: str | None = None,
+    balloon: bool = False,
 ) -> str:
     """Domain XML for a rig guest: TCG, direct kernel boot, no disk, no network.
 
@@ -128,8 +141,11 @@ def domain_xml(
       guest hangs or QEMU asserts on MSRs), and TCG boots this guest in well under a second.
     * ``<cpu check='none'>`` with a fixed model keeps the guest CPU identical on both hosts, so
       a migration never fails a CPU compatibility check.
-    * No USB controller, balloon, graphics, disk or NIC: nothing to migrate but RAM and CPU,
-      and nothing that could reach a network.
+    * No USB controller, graphics, disk or NIC: nothing to migrate but RAM and CPU, and
+      nothing that could reach a network.
+    * No balloon either (``<memballoon model='none'/>``), unless ``balloon``: then a virtio
+      balloon (and ``<currentMemory>`` = ``memory_mib``), which only the ``balloon`` variant
+      answers; with another variant ``setMemoryFlags`` is accepted but changes nothing.
     * ``serial_log`` is a path *inside the host* (e.g. ``/var/log/libvirt/qemu/x.serial``,
       i.e. under that host's state dir); each host writes its own file, so after a migration
       the destination's file continues the output. Default: serial to null.
@@ -143,9 +159,11 @@ def domain_xml(
         if serial_log
         else "<serial type='null'/>"
     )
+    current = f"\n  <currentMemory unit='MiB'>{memory_mib}</currentMemory>" if balloon else ""
+    balloon_model = "virtio" if balloon else "none"
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
-  <memory unit='MiB'>{memory_mib}</memory>
+  <memory unit='MiB'>{memory_mib}</memory>{current}
   <vcpu>{vcpus}</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -160,7 +178,7 @@ def domain_xml(
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <controller type='usb' model='none'/>
     {serial}
-    <memballoon model='none'/>
+    <memballoon model='{balloon_model}'/>
   </devices>
 </domain>
 """
@@ -174,6 +192,8 @@ class GuestState:
     signature: int
     dirty_mib: int
     spin: int
+    #: ``balloon`` variant: the balloon's I/O base the guest found (0: none, or another variant)
+    balloon_io: int = 0
 
     @property
     def booted(self) -> bool:
@@ -189,10 +209,12 @@ def read_state(dom: Any) -> GuestState:
     import libvirt_qemu  # noqa: PLC0415 - only needed with a real rig
 
     out = libvirt_qemu.qemuMonitorCommand(
-        dom, f"xp /4wx {STATE_ADDR:#x}", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        dom, f"xp /5wx {STATE_ADDR:#x}", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
     )
-    # "0000000000200000: 0x00000316 0xb007ab1e 0x00000000 0x00000000"
-    words = [int(w, 16) for w in out.split(":", 1)[1].split()[:4]]
+    # "0000000000200000: 0x00000316 0xb007ab1e 0x00000000 0x00000000\r\n
+    #  0000000000200010: 0x0000c0c0"
+    lines = [line.split(":", 1)[1] for line in out.splitlines() if ":" in line]
+    words = [int(w, 16) for line in lines for w in line.split()][:5]
     return GuestState(*words)
 
 
