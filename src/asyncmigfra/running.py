@@ -9,13 +9,14 @@ dispatcher, which asked for it, turns it into ``code: cancelled``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from asyncmigfra.errors import InvalidTask, NotSupported, TaskError
+from asyncmigfra.errors import InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.events import Events
 from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import DomainState, Hypervisor
@@ -213,7 +214,13 @@ async def reconcile_subtask(
     try:
         with ctx.timer.measure("overall"):
             state = await _state_of(hypervisor, name)
-            if isinstance(spec, MigrateSpec):
+            if isinstance(spec, MigrateSpec) and spec.parameter.swap_with is not None:
+                entry = await _reconcile_swap(
+                    spec, ctx, state, hypervisor=hypervisor, settings=settings
+                )
+                if entry is not None:
+                    return entry
+            elif isinstance(spec, MigrateSpec):
                 adopt = getattr(hypervisor, "adopt_migration", None)
                 job = await adopt(name) if adopt is not None and state is not None else None
                 if job is not None:
@@ -229,6 +236,46 @@ async def reconcile_subtask(
     except TaskError as exc:
         return error_entry(name, exc, ctx.timer)
     return await run_subtask(spec, ctx, hypervisor=hypervisor, settings=settings, vm_name=name)
+
+
+async def _reconcile_swap(
+    spec: MigrateSpec,
+    ctx: SubtaskContext,
+    state: DomainState | None,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+) -> ResultEntry | None:
+    """A swap the agent was running when it stopped. Its own VM's job, if it still runs, is
+    followed to its end first; then the swap is done when the two VMs have traded places, runs
+    again (``None``) when neither moved, and is otherwise reported as interrupted, saying where
+    each VM is. Nothing is moved back on a guess."""
+    assert spec.parameter.swap_with is not None
+    partner = spec.parameter.swap_with.vm_name
+    adopt = getattr(hypervisor, "adopt_migration", None)
+    job = await adopt(spec.vm_name) if adopt is not None and state is not None else None
+    if job is not None:
+        own = replace(spec, parameter=replace(spec.parameter, swap_with=None))
+        with contextlib.suppress(TaskError):  # where the VM ended up is checked below
+            await follow_adopted(own, job, ctx, hypervisor=hypervisor, settings=settings)
+        state = await _state_of(hypervisor, spec.vm_name)
+    partner_here = await _state_of(hypervisor, partner) is not None
+    if state is not None and not partner_here:
+        return None  # neither moved: the swap runs now
+    if state is None and partner_here:
+        ctx.extra["destination"] = spec.destination
+        ctx.extra["swap-with"] = {
+            "vm-name": partner,
+            "status": "success",
+            "destination": settings.hostname,
+        }
+        return _success(spec.vm_name, ctx, note="the swap finished while the agent was restarting")
+    where = "here" if state is not None else f"on {spec.destination}"
+    where_partner = "here" if partner_here else f"still on {spec.destination}"
+    raise MigrationFailed(
+        f"the swap was interrupted by an agent restart: {spec.vm_name} is {where}, "
+        f"{partner} is {where_partner}; nothing was moved back"
+    )
 
 
 async def _state_of(hypervisor: Hypervisor, vm_name: str) -> DomainState | None:
