@@ -27,11 +27,14 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from asyncmigfra.errors import ConfigError
 
 __all__ = [
+    "HOOK_POINTS",
     "AgentSettings",
+    "HookSettings",
     "HypervisorSettings",
     "LimitsSettings",
     "LoggingSettings",
     "MigrationDefaults",
+    "MqttHookSettings",
     "MqttSettings",
     "PscomSettings",
     "Settings",
@@ -226,6 +229,68 @@ class ShutdownSettings:
     hard_exit_after: float = 30.0
 
 
+#: Where a ``hooks:`` entry can run: around a migration (on its source agent), before a
+#: ``start vm`` and after a ``stop vm``.
+HOOK_POINTS: tuple[str, ...] = ("before-migrate", "after-migrate", "before-start", "after-stop")
+#: The points that have a destination (``on: destination`` applies to these only).
+MIGRATE_HOOK_POINTS: tuple[str, ...] = ("before-migrate", "after-migrate")
+#: Placeholders an MQTT hook's topics may contain (replaced per call).
+HOOK_TOPIC_PLACEHOLDERS: tuple[str, ...] = ("<host>", "<vm_name>", "<hook>")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MqttHookSettings:
+    """``hooks[N].mqtt``: a hook answered by a request/response exchange over the broker."""
+
+    #: Published to (no wildcards); ``<host>``, ``<vm_name>`` and ``<hook>`` are replaced.
+    request_topic: str
+    #: Subscribed to while the hook waits (``+``/``#`` allowed); same placeholders.
+    response_topic: str
+    #: QoS of the request and of the response subscription.
+    qos: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HookSettings:
+    """One ``hooks:`` entry: a command, an MQTT request or a built-in step around a task.
+
+    Exactly one of ``command``, ``mqtt`` and ``builtin`` is set.
+    """
+
+    #: ``[a-z0-9][a-z0-9-]*``, at most 64 characters, unique; phase ``hook:<name>`` and
+    #: time-measurement tag ``hook-<name>``.
+    name: str
+    #: The points it runs at (a subset of :data:`HOOK_POINTS`, in the configured order).
+    when: tuple[str, ...]
+    #: Which host a migrate-point hook is about (``ASYNCMIGFRA_HOST``, ``<host>``).
+    on: Literal["source", "destination"] = "source"
+    #: An argv tuple, or a string run with ``/bin/sh -c``.
+    command: tuple[str, ...] | str | None = None
+    mqtt: MqttHookSettings | None = None
+    #: A step the agent implements itself; ``when`` is then fixed.
+    builtin: Literal["reduce-memory"] | None = None
+    #: ``reduce-memory``: the guest's memory during the migration as a percentage of its
+    #: current memory (``memory: 50%``) ...
+    memory_percent: float | None = None
+    #: ... or in MiB (``memory: 2048``). One of the two is set for ``reduce-memory``.
+    memory_mib: int | None = None
+    #: s the command or the MQTT answer may take.
+    timeout: float = 30.0
+    #: ``fail``: a failure fails the task (``hook-failed``); ``warn``: logged and reported.
+    policy: Literal["fail", "warn"] = "fail"
+
+    def memory_target_mib(self, current_mib: float) -> int:
+        """``reduce-memory``: the MiB to balloon a guest with ``current_mib`` down to (never
+        more than it has now, at least 1)."""
+        if self.memory_mib is not None:
+            target = float(self.memory_mib)
+        elif self.memory_percent is not None:
+            target = current_mib * self.memory_percent / 100
+        else:
+            target = current_mib
+        return max(1, int(min(target, current_mib)))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     #: The agent's name: the ``host:`` of its events and the ``<hostname>`` of its topics.
@@ -238,6 +303,8 @@ class Settings:
     migration: MigrationDefaults = field(default_factory=MigrationDefaults)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
+    #: ``hooks:``, in the configured order (the order they run in).
+    hooks: tuple[HookSettings, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,11 +347,30 @@ _RENAMED: dict[tuple[type, str], str] = {
 }
 
 #: Fields the generic converter leaves alone; their section code reads them.
-_HANDLED_ELSEWHERE: frozenset[tuple[type, str]] = frozenset({(MqttSettings, "password")})
+_HANDLED_ELSEWHERE: frozenset[tuple[type, str]] = frozenset(
+    {
+        (MqttSettings, "password"),
+        (HookSettings, "when"),
+        (HookSettings, "command"),
+        (HookSettings, "mqtt"),
+        (HookSettings, "memory_percent"),
+        (HookSettings, "memory_mib"),
+    }
+)
 
 #: Extra wire keys a section accepts besides its fields.
 _PASSWORD_KEYS = ("password", "password-file", "password-env")
 _COMMUNICATOR_EXTRA = ("type", *_PASSWORD_KEYS)
+#: Wire keys of a ``hooks:`` entry that its own code reads.
+_HOOK_EXTRA = ("when", "command", "mqtt", "memory")
+#: What a hook runs: exactly one of these keys.
+_HOOK_KINDS = ("command", "mqtt", "builtin")
+_HOOK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
+_HOOK_NAME_MAX = 64
+_PLACEHOLDER_RE = re.compile(r"<[A-Za-z_][A-Za-z0-9_-]*>")
+#: ``reduce-memory``'s default target and its smallest absolute one.
+_REDUCE_MEMORY_DEFAULT_PERCENT = 50.0
+_REDUCE_MEMORY_MIN_MIB = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +435,8 @@ _RANGES: dict[tuple[type, str], _Range] = {
     # 0: abort running work at once on SIGTERM.
     (ShutdownSettings, "grace_period"): _NON_NEGATIVE,
     (ShutdownSettings, "hard_exit_after"): _DELAY,
+    (HookSettings, "timeout"): _DELAY,
+    (MqttHookSettings, "qos"): _QOS,
 }
 
 
@@ -738,6 +826,192 @@ def _pscom(raw: object, ctx: _Context) -> PscomSettings:
     return settings
 
 
+def _hook_when(raw: object, path: str) -> tuple[str, ...]:
+    """``when``: one point or a non-empty list of them, duplicates dropped, order kept."""
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items:
+        raise ConfigError(
+            f"expected one or a list of {', '.join(HOOK_POINTS)}, got {_show(raw)}", path=path
+        )
+    points: list[str] = []
+    for index, item in enumerate(items):
+        where = f"{path}[{index}]" if isinstance(raw, list) else path
+        point = item.strip().lower() if isinstance(item, str) else item
+        if point not in HOOK_POINTS:
+            hint = _did_you_mean(point, HOOK_POINTS) if isinstance(point, str) else ""
+            raise ConfigError(
+                f"expected one of {', '.join(HOOK_POINTS)}, got {_show(item)}{hint}", path=where
+            )
+        assert isinstance(point, str)
+        if point not in points:
+            points.append(point)
+    return tuple(points)
+
+
+def _hook_command(raw: object, path: str) -> tuple[str, ...] | str:
+    """``command``: a non-empty argv list (integers become text) or a shell command line."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            raise ConfigError("must not be empty", path=path)
+        if "\0" in raw:
+            raise ConfigError("must not contain NUL", path=path)
+        return raw
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(
+            f"expected a non-empty list (argv) or a string (run with /bin/sh -c), got {_show(raw)}",
+            path=path,
+        )
+    argv: list[str] = []
+    for index, item in enumerate(raw):
+        where = f"{path}[{index}]"
+        word = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
+        if not isinstance(word, str):
+            raise ConfigError(f"expected a string, got {_show(item)}", path=where)
+        if "\0" in word:
+            raise ConfigError("must not contain NUL", path=where)
+        argv.append(word)
+    if not argv[0].strip():
+        raise ConfigError("the program name must not be empty", path=f"{path}[0]")
+    return tuple(argv)
+
+
+def _check_hook_placeholders(topic: str, path: str) -> None:
+    """Only ``<host>``, ``<vm_name>`` and ``<hook>`` are replaced: any other ``<...>`` is a
+    typo that would otherwise end up in the topic literally."""
+    for match in _PLACEHOLDER_RE.finditer(topic):
+        word = match.group(0)
+        if word not in HOOK_TOPIC_PLACEHOLDERS:
+            hint = _did_you_mean(word, HOOK_TOPIC_PLACEHOLDERS) or (
+                f" (known: {', '.join(HOOK_TOPIC_PLACEHOLDERS)})"
+            )
+            raise ConfigError(f"unknown placeholder {word!r}{hint}", path=path)
+
+
+def _hook_mqtt(raw: object, path: str, ctx: _Context) -> MqttHookSettings:
+    """``mqtt``: both topics are required; the request topic is published to exactly."""
+    kwargs, _ = _section(MqttHookSettings, raw, path, ctx)
+    for attr in ("request_topic", "response_topic"):
+        if attr not in kwargs:
+            raise ConfigError("missing", path=_join(path, _wire_name(MqttHookSettings, attr)))
+    settings = MqttHookSettings(**kwargs)
+    request_path = _join(path, "request-topic")
+    response_path = _join(path, "response-topic")
+    _check_topic_name(settings.request_topic, request_path)
+    _check_topic_filter(settings.response_topic, response_path)
+    _check_hook_placeholders(settings.request_topic, request_path)
+    _check_hook_placeholders(settings.response_topic, response_path)
+    return settings
+
+
+def _hook_memory(raw: object, path: str) -> dict[str, Any]:
+    """``memory``: ``"N%"`` of the current memory (1..100) or MiB as an integer (>= 16)."""
+    if isinstance(raw, str) and raw.strip().endswith("%"):
+        number = raw.strip()[:-1].strip()
+        if not _FLOAT_RE.match(number):
+            raise ConfigError(f"expected N% or MiB, got {_show(raw)}", path=path)
+        percent = float(number)
+        if not 1 <= percent <= 100:
+            raise ConfigError(f"must be between 1% and 100%, got {_num(percent)}%", path=path)
+        return {"memory_percent": percent}
+    if isinstance(raw, str) and _INT_RE.match(raw.strip()):
+        raw = int(raw)
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise ConfigError(
+            f"expected a percentage (50%) or MiB as an integer, got {_show(raw)}", path=path
+        )
+    if raw < _REDUCE_MEMORY_MIN_MIB:
+        raise ConfigError(f"must be at least {_REDUCE_MEMORY_MIN_MIB} MiB, got {raw}", path=path)
+    return {"memory_mib": raw}
+
+
+def _hook(raw: object, path: str, ctx: _Context) -> HookSettings:
+    """One ``hooks:`` entry."""
+    kwargs, extras = _section(HookSettings, raw, path, ctx, extra=_HOOK_EXTRA)
+    mapping = _as_map(raw, path)
+    kinds = [key for key in _HOOK_KINDS if mapping.get(key) is not None]
+    if len(kinds) != 1:
+        got = ", ".join(kinds) if kinds else "none"
+        raise ConfigError(f"set exactly one of {', '.join(_HOOK_KINDS)} (got {got})", path=path)
+    name = kwargs.get("name")
+    if name is None:
+        raise ConfigError("missing", path=_join(path, "name"))
+    if not _HOOK_NAME_RE.match(name) or len(name) > _HOOK_NAME_MAX:
+        raise ConfigError(
+            f"expected lower-case letters, digits and '-' (not first), at most "
+            f"{_HOOK_NAME_MAX} characters, got {_show(name)}",
+            path=_join(path, "name"),
+        )
+    when_path = _join(path, "when")
+    if kinds[0] == "builtin":
+        fixed = MIGRATE_HOOK_POINTS
+        if extras.get("when") is not None:
+            when = _hook_when(extras["when"], when_path)
+            if set(when) != set(fixed):
+                raise ConfigError(
+                    f"{kwargs['builtin']} always runs at {' and '.join(fixed)}; leave `when` out",
+                    path=when_path,
+                )
+        kwargs["when"] = fixed
+        if kwargs.get("on") == "destination":
+            raise ConfigError(
+                f"{kwargs['builtin']} chooses its hosts itself; leave `on` out",
+                path=_join(path, "on"),
+            )
+        memory = extras.get("memory")
+        if memory is None:
+            kwargs["memory_percent"] = _REDUCE_MEMORY_DEFAULT_PERCENT
+        else:
+            kwargs.update(_hook_memory(memory, _join(path, "memory")))
+    else:
+        if "memory" in extras:
+            raise ConfigError("only for builtin: reduce-memory", path=_join(path, "memory"))
+        if extras.get("when") is None:
+            raise ConfigError(f"missing: one or more of {', '.join(HOOK_POINTS)}", path=when_path)
+        kwargs["when"] = _hook_when(extras["when"], when_path)
+        if kwargs.get("on") == "destination":
+            others = [point for point in kwargs["when"] if point not in MIGRATE_HOOK_POINTS]
+            if others:
+                raise ConfigError(
+                    f"destination applies to {' and '.join(MIGRATE_HOOK_POINTS)} only, not to "
+                    f"{', '.join(others)} (configure a separate hook for those)",
+                    path=_join(path, "on"),
+                )
+        if kinds[0] == "command":
+            kwargs["command"] = _hook_command(extras["command"], _join(path, "command"))
+        else:
+            kwargs["mqtt"] = _hook_mqtt(extras["mqtt"], _join(path, "mqtt"), ctx)
+    return HookSettings(**kwargs)
+
+
+def _hooks(raw: object, ctx: _Context) -> tuple[HookSettings, ...]:
+    """``hooks``: a list of hooks, unique by name, at most one of each builtin."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"expected a list of hooks, got {_show(raw)}", path="hooks")
+    hooks: list[HookSettings] = []
+    names: dict[str, int] = {}
+    builtins: dict[str, int] = {}
+    for index, item in enumerate(raw):
+        path = f"hooks[{index}]"
+        hook = _hook(item, path, ctx)
+        if hook.name in names:
+            raise ConfigError(
+                f"{hook.name!r} is already the name of hooks[{names[hook.name]}]",
+                path=f"{path}.name",
+            )
+        names[hook.name] = index
+        if hook.builtin is not None:
+            if hook.builtin in builtins:
+                raise ConfigError(
+                    f"{hook.builtin} is already configured by hooks[{builtins[hook.builtin]}]",
+                    path=f"{path}.builtin",
+                )
+            builtins[hook.builtin] = index
+        hooks.append(hook)
+    return tuple(hooks)
+
+
 def _settings(tree: Mapping[str, object], ctx: _Context) -> Settings:
     """Build every section; the tree's top-level keys are already checked."""
 
@@ -754,6 +1028,7 @@ def _settings(tree: Mapping[str, object], ctx: _Context) -> Settings:
         migration=MigrationDefaults(**plain(MigrationDefaults, "migration")),
         logging=LoggingSettings(**plain(LoggingSettings, "logging")),
         shutdown=ShutdownSettings(**plain(ShutdownSettings, "shutdown")),
+        hooks=_hooks(tree.get("hooks"), ctx),
     )
 
 

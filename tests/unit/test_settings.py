@@ -18,10 +18,12 @@ from asyncmigfra import settings as settings_module
 from asyncmigfra.errors import ConfigError
 from asyncmigfra.settings import (
     AgentSettings,
+    HookSettings,
     HypervisorSettings,
     LimitsSettings,
     LoggingSettings,
     MigrationDefaults,
+    MqttHookSettings,
     MqttSettings,
     PscomSettings,
     Settings,
@@ -54,8 +56,9 @@ def config_error(text: str, **kwargs: Any) -> ConfigError:
 
 
 def attr_path(obj: object, dotted: str) -> object:
+    """``mqtt.port``; a number indexes a sequence (``hooks.0.name``)."""
     for part in dotted.split("."):
-        obj = getattr(obj, part)
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)  # type: ignore[index]
     return obj
 
 
@@ -397,6 +400,10 @@ def test_spec_1_10_pscom_topics_configurable() -> None:
 # --- every new key --------------------------------------------------------------------------------
 
 
+#: The smallest valid command hook and MQTT map, for the rows below.
+HOOK = "name: h, when: before-start, command: x"
+MQTT = "request-topic: r/<host>, response-topic: s/+/<vm_name>"
+
 #: One row per configurable key: (YAML, attribute path, the value it must give).
 NEW_KEYS = [
     pytest.param("hostname: n5", "hostname", "n5", id="hostname"),
@@ -582,6 +589,81 @@ NEW_KEYS = [
     pytest.param(
         "shutdown: {hard-exit-after: 5}", "shutdown.hard_exit_after", 5.0, id="hard-exit-after"
     ),
+    # hooks
+    pytest.param(f"hooks: [{{{HOOK}}}]", "hooks.0.name", "h", id="hook-name"),
+    pytest.param(f"hooks: [{{{HOOK}}}]", "hooks.0.when", ("before-start",), id="hook-when-one"),
+    pytest.param(
+        "hooks: [{name: h, when: [after-stop, before-start, after-stop], command: x}]",
+        "hooks.0.when",
+        ("after-stop", "before-start"),
+        id="hook-when-list",
+    ),
+    pytest.param(
+        "hooks: [{name: h, when: after-migrate, on: destination, command: x}]",
+        "hooks.0.on",
+        "destination",
+        id="hook-on",
+    ),
+    pytest.param(f"hooks: [{{{HOOK}}}]", "hooks.0.on", "source", id="hook-on-default"),
+    pytest.param(f"hooks: [{{{HOOK}}}]", "hooks.0.command", "x", id="hook-command-string"),
+    pytest.param(
+        "hooks: [{name: h, when: before-start, command: [/bin/drain, --fast, 5]}]",
+        "hooks.0.command",
+        ("/bin/drain", "--fast", "5"),
+        id="hook-command-argv",
+    ),
+    pytest.param(f"hooks: [{{{HOOK}, timeout: 2.5}}]", "hooks.0.timeout", 2.5, id="hook-timeout"),
+    pytest.param(f"hooks: [{{{HOOK}}}]", "hooks.0.timeout", 30.0, id="hook-timeout-default"),
+    pytest.param(f"hooks: [{{{HOOK}, policy: warn}}]", "hooks.0.policy", "warn", id="hook-policy"),
+    pytest.param(f"hooks: [{{{HOOK}}}]", "hooks.0.policy", "fail", id="hook-policy-default"),
+    pytest.param(
+        f"hooks: [{{name: h, when: after-migrate, mqtt: {{{MQTT}}}}}]",
+        "hooks.0.mqtt",
+        MqttHookSettings(request_topic="r/<host>", response_topic="s/+/<vm_name>"),
+        id="hook-mqtt",
+    ),
+    pytest.param(
+        f"hooks: [{{name: h, when: after-migrate, mqtt: {{{MQTT}}}}}]",
+        "hooks.0.mqtt.request_topic",
+        "r/<host>",
+        id="hook-mqtt-request-topic",
+    ),
+    pytest.param(
+        f"hooks: [{{name: h, when: after-migrate, mqtt: {{{MQTT}}}}}]",
+        "hooks.0.mqtt.response_topic",
+        "s/+/<vm_name>",
+        id="hook-mqtt-response-topic",
+    ),
+    pytest.param(
+        f"hooks: [{{name: h, when: after-migrate, mqtt: {{{MQTT}, qos: 2}}}}]",
+        "hooks.0.mqtt.qos",
+        2,
+        id="hook-mqtt-qos",
+    ),
+    pytest.param(
+        "hooks: [{name: s, builtin: reduce-memory}]",
+        "hooks.0.builtin",
+        "reduce-memory",
+        id="hook-builtin",
+    ),
+    pytest.param(
+        "hooks: [{name: s, builtin: reduce-memory}]",
+        "hooks.0.memory_percent",
+        50.0,
+        id="hook-memory-default",
+    ),
+    pytest.param(
+        "hooks: [{name: s, builtin: reduce-memory, memory: 12.5%}]",
+        "hooks.0.memory_percent",
+        12.5,
+        id="hook-memory-percent",
+    ),
+    pytest.param(
+        "hooks: [{name: s, builtin: reduce-memory, memory: 2048}]",
+        "hooks.0.memory_mib",
+        2048,
+        id="hook-memory-mib",
+    ),
 ]
 
 
@@ -616,6 +698,8 @@ def test_new_key_table_covers_every_field() -> None:
             if (name, f.name) not in {("mqtt", "password"), ("hypervisor", "options")}
         }
         | {"mqtt.tls.insecure"}
+        | {f"hooks.0.{f.name}" for f in dataclasses.fields(HookSettings)}
+        | {f"hooks.0.mqtt.{f.name}" for f in dataclasses.fields(MqttHookSettings)}
     )
 
     assert expected - covered == set()
@@ -1173,6 +1257,364 @@ def test_tls_errors_name_the_key(tls: str, path: str, fragment: str, tmp_path: P
     assert fragment in str(error)
 
 
+# --- hooks ----------------------------------------------------------------------------------------
+
+
+def test_hooks_default_to_none() -> None:
+    assert load("").hooks == ()
+    assert load("hooks:\n").hooks == ()
+    assert load("hooks: []\n").hooks == ()
+
+
+def test_hooks_full_example() -> None:
+    """The issue's example, in order."""
+    settings = load(
+        """\
+        hooks:
+          - name: drain-storage
+            when: [before-migrate]
+            on: source
+            command: ["/usr/local/bin/drain", "--fast"]
+            timeout: 30
+            policy: fail
+          - name: notify-dcim
+            when: [after-migrate]
+            on: destination
+            mqtt:
+              request-topic: dcim/<host>/hooks/request
+              response-topic: dcim/<host>/hooks/response
+              qos: 1
+            timeout: 10
+            policy: warn
+          - name: shrink
+            builtin: reduce-memory
+            memory: 50%
+            policy: warn
+          - name: log-<hostname>
+            when: [before-start, after-stop]
+            command: logger -t asyncmigfra "$ASYNCMIGFRA_POINT <hostname>"
+        """
+    )
+
+    assert settings.hooks == (
+        HookSettings(
+            name="drain-storage",
+            when=("before-migrate",),
+            command=("/usr/local/bin/drain", "--fast"),
+        ),
+        HookSettings(
+            name="notify-dcim",
+            when=("after-migrate",),
+            on="destination",
+            mqtt=MqttHookSettings(
+                request_topic="dcim/<host>/hooks/request",
+                response_topic="dcim/<host>/hooks/response",
+            ),
+            timeout=10.0,
+            policy="warn",
+        ),
+        HookSettings(
+            name="shrink",
+            when=("before-migrate", "after-migrate"),
+            builtin="reduce-memory",
+            memory_percent=50.0,
+            policy="warn",
+        ),
+        HookSettings(
+            name="log-node1",
+            when=("before-start", "after-stop"),
+            command='logger -t asyncmigfra "$ASYNCMIGFRA_POINT node1"',
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        pytest.param("", id="absent"),
+        pytest.param("when: [before-migrate, after-migrate]", id="both"),
+        pytest.param("when: [after-migrate, before-migrate]", id="both-reversed"),
+    ],
+)
+def test_reduce_memory_points_are_fixed(when: str) -> None:
+    hook = load(f"hooks: [{{name: s, builtin: reduce-memory, {when}}}]").hooks[0]
+
+    assert hook.when == ("before-migrate", "after-migrate")
+
+
+def test_default_settings_accepts_hooks() -> None:
+    hooks = (HookSettings(name="a", when=("after-stop",), command="true"),)
+
+    assert default_settings(hostname="n", hooks=hooks).hooks == hooks
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "hooks: {name: a}", "hooks: expected a list of hooks, got {'name': 'a'}", id="map"
+        ),
+        pytest.param("hooks: [drain]", "hooks[0]: expected a map, got 'drain'", id="scalar-entry"),
+        pytest.param(
+            "hooks: [{name: a, when: before-start, command: x}, {name: b, when: x, comand: y}]",
+            "hooks[1].comand: unknown key; did you mean 'command'?",
+            id="unknown-key",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-migrate, mqtt: {request-topic: r, response_topic: s}}]",
+            "hooks[0].mqtt.response_topic: unknown key; did you mean 'response-topic'?",
+            id="unknown-mqtt-key",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: before-start}]",
+            "hooks[0]: set exactly one of command, mqtt, builtin (got none)",
+            id="no-kind",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: before-start, command: x, mqtt: {}}]",
+            "hooks[0]: set exactly one of command, mqtt, builtin (got command, mqtt)",
+            id="two-kinds",
+        ),
+        pytest.param(
+            "hooks: [{name: a, command: x, builtin: reduce-memory}]",
+            "hooks[0]: set exactly one of command, mqtt, builtin (got command, builtin)",
+            id="command-and-builtin",
+        ),
+        pytest.param(
+            "hooks: [{when: before-start, command: x}]", "hooks[0].name: missing", id="no-name"
+        ),
+        pytest.param(
+            "hooks: [{name: Drain, when: before-start, command: x}]",
+            "hooks[0].name: expected lower-case letters, digits and '-' (not first), at most 64"
+            " characters, got 'Drain'",
+            id="name-upper-case",
+        ),
+        pytest.param(
+            "hooks: [{name: -a, when: before-start, command: x}]",
+            "hooks[0].name: expected lower-case letters, digits and '-' (not first), at most 64"
+            " characters, got '-a'",
+            id="name-dash-first",
+        ),
+        pytest.param(
+            f"hooks: [{{name: {'a' * 65}, when: before-start, command: x}}]",
+            "hooks[0].name: expected lower-case letters, digits and '-' (not first), at most 64"
+            f" characters, got '{'a' * 56}...",
+            id="name-too-long",
+        ),
+        pytest.param(
+            "hooks: [{name: 7, when: before-start, command: x}]",
+            "hooks[0].name: expected a string, got 7",
+            id="name-type",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: before-start, command: x},"
+            " {name: b, when: after-stop, command: y}, {name: a, when: after-stop, command: z}]",
+            "hooks[2].name: 'a' is already the name of hooks[0]",
+            id="duplicate-name",
+        ),
+        pytest.param(
+            "hooks: [{name: a, command: x}]",
+            "hooks[0].when: missing: one or more of before-migrate, after-migrate, before-start,"
+            " after-stop",
+            id="no-when",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: [], command: x}]",
+            "hooks[0].when: expected one or a list of before-migrate, after-migrate, before-start,"
+            " after-stop, got []",
+            id="when-empty",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: before-strat, command: x}]",
+            "hooks[0].when: expected one of before-migrate, after-migrate, before-start,"
+            " after-stop, got 'before-strat'; did you mean 'before-start'?",
+            id="when-typo",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: [after-stop, 3], command: x}]",
+            "hooks[0].when[1]: expected one of before-migrate, after-migrate, before-start,"
+            " after-stop, got 3",
+            id="when-item-type",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, on: dest, command: x}]",
+            "hooks[0].on: expected one of 'source', 'destination', got 'dest'; did you mean"
+            " 'destination'?",
+            id="on-value",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: [after-migrate, after-stop], on: destination, command: x}]",
+            "hooks[0].on: destination applies to before-migrate and after-migrate only, not to"
+            " after-stop (configure a separate hook for those)",
+            id="on-destination-at-stop",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: x, policy: warm}]",
+            "hooks[0].policy: expected one of 'fail', 'warn', got 'warm'; did you mean 'warn'?",
+            id="policy",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: x, timeout: 0}]",
+            "hooks[0].timeout: must be greater than 0, got 0",
+            id="timeout-zero",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: x, timeout: soon}]",
+            "hooks[0].timeout: expected a number, got 'soon'",
+            id="timeout-type",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: []}]",
+            "hooks[0].command: expected a non-empty list (argv) or a string (run with /bin/sh -c),"
+            " got []",
+            id="command-empty-list",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: ' '}]",
+            "hooks[0].command: must not be empty",
+            id="command-blank",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: [x, {y: 1}]}]",
+            "hooks[0].command[1]: expected a string, got {'y': 1}",
+            id="command-item-type",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: ['', x]}]",
+            "hooks[0].command[0]: the program name must not be empty",
+            id="command-empty-program",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: {x: 1}}]",
+            "hooks[0].command: expected a non-empty list (argv) or a string (run with /bin/sh -c),"
+            " got {'x': 1}",
+            id="command-map",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, mqtt: {response-topic: s}}]",
+            "hooks[0].mqtt.request-topic: missing",
+            id="mqtt-no-request-topic",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, mqtt: {request-topic: r}}]",
+            "hooks[0].mqtt.response-topic: missing",
+            id="mqtt-no-response-topic",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, mqtt: {request-topic: r/#, response-topic: s}}]",
+            "hooks[0].mqtt.request-topic: must not contain the wildcards '+' or '#': 'r/#'",
+            id="mqtt-request-wildcard",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, mqtt: {request-topic: r, response-topic: s/#/t}}]",
+            "hooks[0].mqtt.response-topic: '#' must be the last level: 's/#/t'",
+            id="mqtt-response-hash",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop,"
+            " mqtt: {request-topic: r/<vm>, response-topic: s}}]",
+            "hooks[0].mqtt.request-topic: unknown placeholder '<vm>'; did you mean '<vm_name>'?",
+            id="mqtt-placeholder-typo",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop,"
+            " mqtt: {request-topic: r, response-topic: s/<zzzzzz>}}]",
+            "hooks[0].mqtt.response-topic: unknown placeholder '<zzzzzz>' (known: <host>,"
+            " <vm_name>, <hook>)",
+            id="mqtt-placeholder-unknown",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, mqtt: {request-topic: r, response-topic: s,"
+            " qos: 3}}]",
+            "hooks[0].mqtt.qos: must be between 0 and 2, got 3",
+            id="mqtt-qos",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, mqtt: [r, s]}]",
+            "hooks[0].mqtt: expected a map, got ['r', 's']",
+            id="mqtt-list",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memry}]",
+            "hooks[0].builtin: expected one of 'reduce-memory', got 'reduce-memry'; did you mean"
+            " 'reduce-memory'?",
+            id="builtin-typo",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, when: before-migrate}]",
+            "hooks[0].when: reduce-memory always runs at before-migrate and after-migrate;"
+            " leave `when` out",
+            id="builtin-when",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, when: [before-migrate, after-migrate,"
+            " before-start]}]",
+            "hooks[0].when: reduce-memory always runs at before-migrate and after-migrate;"
+            " leave `when` out",
+            id="builtin-when-extra",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, on: destination}]",
+            "hooks[0].on: reduce-memory chooses its hosts itself; leave `on` out",
+            id="builtin-on",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory}, {name: b, builtin: reduce-memory}]",
+            "hooks[1].builtin: reduce-memory is already configured by hooks[0]",
+            id="builtin-twice",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, memory: 0%}]",
+            "hooks[0].memory: must be between 1% and 100%, got 0%",
+            id="memory-percent-low",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, memory: 101%}]",
+            "hooks[0].memory: must be between 1% and 100%, got 101%",
+            id="memory-percent-high",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, memory: 15}]",
+            "hooks[0].memory: must be at least 16 MiB, got 15",
+            id="memory-mib-low",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, memory: 2GiB}]",
+            "hooks[0].memory: expected a percentage (50%) or MiB as an integer, got '2GiB'",
+            id="memory-unit",
+        ),
+        pytest.param(
+            "hooks: [{name: a, builtin: reduce-memory, memory: half%}]",
+            "hooks[0].memory: expected N% or MiB, got 'half%'",
+            id="memory-bad-percent",
+        ),
+        pytest.param(
+            "hooks: [{name: a, when: after-stop, command: x, memory: 50%}]",
+            "hooks[0].memory: only for builtin: reduce-memory",
+            id="memory-without-builtin",
+        ),
+    ],
+)
+def test_bad_hooks_name_the_entry(text: str, message: str) -> None:
+    error = config_error(text + "\n")
+
+    assert str(error) == message
+    assert error.path.startswith("hooks")
+
+
+def test_bad_hooks_config_is_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI refuses to start, as for any other configuration error."""
+    from asyncmigfra import cli  # noqa: PLC0415
+
+    path = tmp_path / "agent.yaml"
+    path.write_text("hooks:\n  - name: a\n    when: after-stop\n    comand: x\n")
+
+    assert cli.main(["agent", "--config", str(path), "--hostname", "n1"]) == 2
+    assert "hooks[0].comand: unknown key; did you mean 'command'?" in capsys.readouterr().err
+
+
 # --- the example file -----------------------------------------------------------------------------
 
 
@@ -1189,7 +1631,10 @@ def test_example_file_documents_every_key() -> None:
     text = (CONFIG_DIR / "asyncmigfra.example.yaml").read_text()
     keys = set(settings_module._top_level_keys())
     keys |= set(settings_module._COMMUNICATOR_EXTRA)
+    keys |= set(settings_module._HOOK_EXTRA)
     for cls in (
+        HookSettings,
+        MqttHookSettings,
         MqttSettings,
         TlsSettings,
         PscomSettings,
@@ -1202,9 +1647,30 @@ def test_example_file_documents_every_key() -> None:
         keys |= set(settings_module._field_table(cls))
     keys |= {"type", "driver", "transport", "nodes", "start-timeout", "stop-timeout"}
 
-    missing = {key for key in keys if not re.search(rf"^[\s#]*{re.escape(key)}:", text, re.M)}
+    # A key of a list entry may follow its "- ".
+    missing = {
+        key for key in keys if not re.search(rf"^[\s#]*(?:- )?{re.escape(key)}:", text, re.M)
+    }
 
     assert missing == set()
+
+
+def test_example_file_hook_entries_load() -> None:
+    """The commented-out ``hooks:`` entries of the example are a valid configuration."""
+    text = (CONFIG_DIR / "asyncmigfra.example.yaml").read_text()
+    block = text.split("\nhooks: []", 1)[1].split("\n# Exactly one of", 1)[0]
+    uncommented = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+
+    hooks = load(uncommented).hooks
+
+    assert [(h.name, h.when, h.policy) for h in hooks] == [
+        ("drain-storage", ("before-migrate",), "fail"),
+        ("notify-dcim", ("after-migrate",), "warn"),
+        ("shrink", ("before-migrate", "after-migrate"), "warn"),
+    ]
+    assert hooks[1].mqtt == MqttHookSettings(
+        request_topic="dcim/<host>/hooks/request", response_topic="dcim/<host>/hooks/response"
+    )
 
 
 def test_every_numeric_field_has_a_range() -> None:
@@ -1220,6 +1686,8 @@ def test_every_numeric_field_has_a_range() -> None:
             ShutdownSettings,
             LoggingSettings,
             TlsSettings,
+            HookSettings,
+            MqttHookSettings,
         )
         for _, (name, tp) in settings_module._field_table(cls).items()
         if settings_module._unwrap_optional(tp)[0] in (int, float)

@@ -1,0 +1,584 @@
+"""Configured pre/post hooks: command hooks with real subprocesses, policies, phases, timing.
+
+The MQTT kind runs against a real broker in ``tests/broker/test_userhooks_mqtt.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from asyncmigfra import userhooks
+from asyncmigfra.errors import HookFailed
+from asyncmigfra.settings import HookSettings, MqttHookSettings
+from asyncmigfra.userhooks import HOOK_POINTS, HookCall, HookRunner
+
+
+@dataclass
+class FakeContext:
+    """Records ``phase`` and ``measure`` calls in order (implements ``HookContext``)."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def phase(self, name: str) -> None:
+        self.calls.append(("phase", name))
+
+    @contextmanager
+    def measure(self, tag: str) -> Iterator[None]:
+        self.calls.append(("start", tag))
+        try:
+            yield
+        finally:
+            self.calls.append(("stop", tag))
+
+
+def script(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def hook(name: str, command: tuple[str, ...] | str, **kwargs: object) -> HookSettings:
+    kwargs.setdefault("when", ("before-start",))
+    return HookSettings(name=name, command=command, **kwargs)  # type: ignore[arg-type]
+
+
+START = HookCall(point="before-start", task="start vm", task_id="t-1", vm_name="vm1", source="h1")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie waiting for init does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def gone(*pids: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(alive(pid) for pid in pids):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def read_pids(*files: Path) -> list[int]:
+    return [int(f.read_text().strip()) for f in files]
+
+
+async def wait_file(path: Path, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, f"{path} never written"
+        await asyncio.sleep(0.01)
+
+
+# --- the task's data in the environment -----------------------------------------------------------
+
+
+def env_of(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines)
+
+
+async def test_environment_of_a_migration_hook_on_the_destination(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "env"
+    monkeypatch.setenv("AGENT_OWN_VARIABLE", "kept")
+    cmd = script(tmp_path, "env.sh", f"env | grep -e ^ASYNCMIGFRA_ -e ^AGENT_OWN_ > {out}\n")
+    runner = HookRunner([hook("env", (cmd,), when=("after-migrate",), on="destination")], bus=None)
+    call = HookCall(
+        point="after-migrate",
+        task="migrate vm",
+        task_id="42",
+        vm_name="vm7",
+        source="src-host",
+        destination="dst-host",
+        outcome="error",
+        details="migration-failed: it broke",
+    )
+
+    assert await runner.run(call, FakeContext()) == []
+
+    assert env_of(out) == {
+        "AGENT_OWN_VARIABLE": "kept",
+        "ASYNCMIGFRA_HOOK": "env",
+        "ASYNCMIGFRA_POINT": "after-migrate",
+        "ASYNCMIGFRA_TASK": "migrate vm",
+        "ASYNCMIGFRA_TASK_ID": "42",
+        "ASYNCMIGFRA_VM_NAME": "vm7",
+        "ASYNCMIGFRA_SOURCE": "src-host",
+        "ASYNCMIGFRA_DESTINATION": "dst-host",
+        "ASYNCMIGFRA_HOST": "dst-host",
+        "ASYNCMIGFRA_OUTCOME": "error",
+        "ASYNCMIGFRA_DETAILS": "migration-failed: it broke",
+    }
+
+
+async def test_environment_of_a_start_hook_has_no_stale_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Variables the call does not set are absent even if the agent's environment has them."""
+    out = tmp_path / "env"
+    monkeypatch.setenv("ASYNCMIGFRA_DESTINATION", "stale")
+    monkeypatch.setenv("ASYNCMIGFRA_OUTCOME", "stale")
+    cmd = script(tmp_path, "env.sh", f"env | grep ^ASYNCMIGFRA_ > {out}\n")
+    runner = HookRunner([hook("env", (cmd,))], bus=None)
+    call = HookCall(point="before-start", task="start vm", task_id=None, vm_name="v", source="h")
+
+    await runner.run(call, FakeContext())
+
+    assert env_of(out) == {
+        "ASYNCMIGFRA_HOOK": "env",
+        "ASYNCMIGFRA_POINT": "before-start",
+        "ASYNCMIGFRA_TASK": "start vm",
+        "ASYNCMIGFRA_TASK_ID": "",
+        "ASYNCMIGFRA_VM_NAME": "v",
+        "ASYNCMIGFRA_SOURCE": "h",
+        "ASYNCMIGFRA_HOST": "h",
+    }
+
+
+async def test_on_source_host_is_the_source(tmp_path: Path) -> None:
+    out = tmp_path / "host"
+    runner = HookRunner(
+        [hook("h", f'echo "$ASYNCMIGFRA_HOST" > {out}', when=("before-migrate",))], bus=None
+    )
+    call = HookCall(
+        point="before-migrate",
+        task="migrate vm",
+        task_id=None,
+        vm_name="v",
+        source="a",
+        destination="b",
+    )
+
+    await runner.run(call, FakeContext())
+
+    assert out.read_text() == "a\n"
+
+
+async def test_on_destination_without_a_destination_fails(tmp_path: Path) -> None:
+    runner = HookRunner([hook("h", "true", when=("before-migrate",), on="destination")], bus=None)
+    call = HookCall(
+        point="before-migrate", task="migrate vm", task_id=None, vm_name="v", source="a"
+    )
+
+    with pytest.raises(HookFailed, match=r"^hook h \(before-migrate\) failed: on: destination"):
+        await runner.run(call, FakeContext())
+
+
+async def test_stdin_is_dev_null(tmp_path: Path) -> None:
+    out = tmp_path / "stdin"
+    runner = HookRunner([hook("in", f"readlink /proc/self/fd/0 > {out}; cat")], bus=None)
+
+    await asyncio.wait_for(runner.run(START, FakeContext()), 5)
+
+    assert out.read_text() == "/dev/null\n"
+
+
+async def test_runs_in_a_session_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "stat"
+    runner = HookRunner([hook("sid", f"echo $$ > {out}; cat /proc/$$/stat >> {out}")], bus=None)
+
+    await runner.run(START, FakeContext())
+
+    pid, stat = out.read_text().split("\n", 1)
+    # pid (comm) state ppid pgrp session ...
+    _, pgrp, session = stat.rpartition(")")[2].split()[1:4]
+    assert pgrp == session == pid
+    assert int(session) != os.getsid(0)
+
+
+# --- argv and shell forms -------------------------------------------------------------------------
+
+
+async def test_argv_form_is_not_run_through_a_shell(tmp_path: Path) -> None:
+    out = tmp_path / "args"
+    cmd = script(tmp_path, "args.sh", f"printf '%s\\n' \"$@\" > {out}\n")
+    runner = HookRunner([hook("argv", (cmd, "a b", "$HOME", "*"))], bus=None)
+
+    await runner.run(START, FakeContext())
+
+    assert out.read_text().splitlines() == ["a b", "$HOME", "*"]
+
+
+async def test_string_form_is_run_with_sh_c(tmp_path: Path) -> None:
+    out = tmp_path / "shell"
+    runner = HookRunner(
+        [hook("shell", f'for w in one two; do echo "$w-$ASYNCMIGFRA_VM_NAME"; done > {out}')],
+        bus=None,
+    )
+
+    await runner.run(START, FakeContext())
+
+    assert out.read_text() == "one-vm1\ntwo-vm1\n"
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+async def test_exit_status_and_last_stderr_line(tmp_path: Path) -> None:
+    body = "echo on stdout\necho 'first problem' >&2\necho 'disk full' >&2\necho '  ' >&2\nexit 3\n"
+    runner = HookRunner([hook("drain", (script(tmp_path, "f.sh", body),))], bus=None)
+
+    with pytest.raises(HookFailed) as info:
+        await runner.run(START, FakeContext())
+
+    assert str(info.value) == "hook drain (before-start) failed: exit status 3: disk full"
+    assert info.value.code == "hook-failed"
+
+
+async def test_exit_status_falls_back_to_stdout(tmp_path: Path) -> None:
+    runner = HookRunner([hook("x", "echo 'only stdout'; echo; exit 1")], bus=None)
+
+    with pytest.raises(HookFailed, match=r"failed: exit status 1: only stdout$"):
+        await runner.run(START, FakeContext())
+
+
+async def test_exit_status_without_output(tmp_path: Path) -> None:
+    runner = HookRunner([hook("x", "exit 7")], bus=None)
+
+    with pytest.raises(HookFailed, match=r"failed: exit status 7$"):
+        await runner.run(START, FakeContext())
+
+
+async def test_killed_by_a_signal(tmp_path: Path) -> None:
+    runner = HookRunner([hook("x", "kill -KILL $$")], bus=None)
+
+    with pytest.raises(HookFailed, match=r"failed: killed by SIGKILL$"):
+        await runner.run(START, FakeContext())
+
+
+async def test_long_output_keeps_its_end(tmp_path: Path) -> None:
+    """1 MiB of stderr: the failure still names the last line."""
+    runner = HookRunner(
+        [
+            hook(
+                "x",
+                "head -c 1048576 /dev/zero | tr '\\0' 'x' >&2; echo >&2; echo the end >&2; exit 2",
+            )
+        ],
+        bus=None,
+    )
+
+    with pytest.raises(HookFailed, match=r"failed: exit status 2: the end$"):
+        await runner.run(START, FakeContext())
+
+
+def test_output_tail_is_bounded() -> None:
+    capture = userhooks._Capture(asyncio.new_event_loop())
+    try:
+        for _ in range(100):
+            capture.pipe_data_received(2, b"y" * 1000)
+        capture.pipe_data_received(2, b"\nlast\n")
+
+        assert len(capture.tails[2]) == userhooks.OUTPUT_TAIL_BYTES
+        assert capture.last_line() == "last"
+    finally:
+        capture.exited.get_loop().close()
+
+
+async def test_missing_executable_is_a_failure(tmp_path: Path) -> None:
+    runner = HookRunner([hook("nope", (str(tmp_path / "no-such-program"), "x"))], bus=None)
+
+    with pytest.raises(HookFailed) as info:
+        await runner.run(START, FakeContext())
+
+    assert str(info.value) == (
+        f"hook nope (before-start) failed: cannot run {tmp_path / 'no-such-program'}: "
+        "No such file or directory"
+    )
+
+
+async def test_not_executable_is_a_failure(tmp_path: Path) -> None:
+    path = tmp_path / "plain.txt"
+    path.write_text("echo hi\n")
+    runner = HookRunner([hook("plain", (str(path),))], bus=None)
+
+    with pytest.raises(HookFailed, match=r"cannot run .*plain.txt: Permission denied$"):
+        await runner.run(START, FakeContext())
+
+
+# --- timeouts and cancellation: no process survives -----------------------------------------------
+
+
+GROUP_SCRIPT = """\
+sleep 60 &
+echo $! > {child}
+echo $$ > {leader}
+wait
+"""
+
+
+async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    child, leader = tmp_path / "child", tmp_path / "leader"
+    cmd = script(tmp_path, "g.sh", GROUP_SCRIPT.format(child=child, leader=leader))
+    runner = HookRunner([hook("slow", (cmd,), timeout=0.5)], bus=None)
+    started = time.monotonic()
+
+    with pytest.raises(HookFailed) as info:
+        await runner.run(START, FakeContext())
+
+    assert str(info.value) == "hook slow (before-start) failed: no answer within 0.5 s"
+    assert time.monotonic() - started < 2.5  # SIGTERM sufficed: no 2 s wait for SIGKILL
+    pids = read_pids(child, leader)
+    assert await gone(*pids), pids
+
+
+async def test_timeout_escalates_to_sigkill(tmp_path: Path) -> None:
+    """A command that ignores SIGTERM (and its child) is killed 2 s later."""
+    child, leader = tmp_path / "child", tmp_path / "leader"
+    body = "trap '' TERM\n" + GROUP_SCRIPT.format(child=child, leader=leader)
+    runner = HookRunner(
+        [hook("stubborn", (script(tmp_path, "g.sh", body),), timeout=0.3)], bus=None
+    )
+    started = time.monotonic()
+
+    with pytest.raises(HookFailed, match=r"no answer within 0.3 s$"):
+        await runner.run(START, FakeContext())
+
+    elapsed = time.monotonic() - started
+    assert userhooks.KILL_GRACE <= elapsed < userhooks.KILL_GRACE + 2
+    pids = read_pids(child, leader)
+    assert await gone(*pids), pids
+
+
+async def test_cancellation_kills_the_command_and_propagates(tmp_path: Path) -> None:
+    child, leader = tmp_path / "child", tmp_path / "leader"
+    cmd = script(tmp_path, "g.sh", GROUP_SCRIPT.format(child=child, leader=leader))
+    after = tmp_path / "after"
+    runner = HookRunner(
+        [hook("slow", (cmd,), timeout=30), hook("later", f"touch {after}")], bus=None
+    )
+    ctx = FakeContext()
+    task = asyncio.create_task(runner.run(START, ctx))
+    await wait_file(leader)
+    await wait_file(child)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+
+    pids = read_pids(child, leader)
+    assert await gone(*pids), pids
+    assert not after.exists()
+    assert ctx.calls == [("phase", "hook:slow"), ("start", "hook-slow"), ("stop", "hook-slow")]
+
+
+async def test_child_left_holding_the_output_does_not_delay_success(tmp_path: Path) -> None:
+    """The hook exited 0; a background child still holding its stdout is not waited for."""
+    child = tmp_path / "child"
+    runner = HookRunner([hook("bg", f"sleep 60 & echo $! > {child}; exit 0")], bus=None)
+    started = time.monotonic()
+    try:
+        assert await runner.run(START, FakeContext()) == []
+        assert time.monotonic() - started < userhooks.DRAIN_GRACE + 1.5
+    finally:
+        (pid,) = read_pids(child)
+        os.kill(pid, signal.SIGKILL)
+
+
+# --- policies, order, phases and timing -----------------------------------------------------------
+
+
+async def test_fail_policy_stops_later_hooks_warn_policy_goes_on(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    hooks = [
+        hook("a-warn", "echo a >> " + str(ran) + "; echo nope >&2; exit 1", policy="warn"),
+        hook("b-ok", f"echo b >> {ran}"),
+        hook("c-fail", f"echo c >> {ran}; echo broken >&2; exit 4", policy="fail"),
+        hook("d-never", f"echo d >> {ran}"),
+    ]
+    ctx = FakeContext()
+
+    with capture_logs() as logs, pytest.raises(HookFailed) as info:
+        await HookRunner(hooks, bus=None).run(START, ctx)
+
+    assert str(info.value) == "hook c-fail (before-start) failed: exit status 4: broken"
+    assert ran.read_text().split() == ["a", "b", "c"]
+    assert [name for kind, name in ctx.calls if kind == "phase"] == [
+        "hook:a-warn",
+        "hook:b-ok",
+        "hook:c-fail",
+    ]
+    failed = [entry for entry in logs if entry["event"] == "hook.failed"]
+    assert [(e["hook"], e["policy"], e["log_level"]) for e in failed] == [
+        ("a-warn", "warn", "warning"),
+        ("c-fail", "fail", "warning"),
+    ]
+    assert failed[0]["error"] == "hook a-warn (before-start) failed: exit status 1: nope"
+
+
+async def test_warnings_are_returned_in_order(tmp_path: Path) -> None:
+    hooks = [
+        hook("one", "echo first >&2; exit 1", policy="warn"),
+        hook("two", "true", policy="warn"),
+        hook("three", (str(tmp_path / "missing"),), policy="warn"),
+    ]
+
+    warnings = await HookRunner(hooks, bus=None).run(START, FakeContext())
+
+    assert warnings == [
+        "hook one (before-start) failed: exit status 1: first",
+        f"hook three (before-start) failed: cannot run {tmp_path / 'missing'}: "
+        "No such file or directory",
+    ]
+
+
+async def test_each_hook_is_a_phase_and_a_measurement(tmp_path: Path) -> None:
+    ctx = FakeContext()
+    hooks = [
+        hook("first", "true", when=("before-start", "after-stop")),
+        hook("elsewhere", "exit 1", when=("after-stop",)),
+        hook("second", "true"),
+    ]
+
+    assert await HookRunner(hooks, bus=None).run(START, ctx) == []
+
+    assert ctx.calls == [
+        ("phase", "hook:first"),
+        ("start", "hook-first"),
+        ("stop", "hook-first"),
+        ("phase", "hook:second"),
+        ("start", "hook-second"),
+        ("stop", "hook-second"),
+    ]
+
+
+async def test_measurement_spans_the_command(tmp_path: Path) -> None:
+    """The timer runs while the command runs (its stop comes after the command ended)."""
+    marks: list[tuple[str, float]] = []
+
+    class TimedContext(FakeContext):
+        @contextmanager
+        def measure(self, tag: str) -> Iterator[None]:
+            marks.append(("start", time.monotonic()))
+            yield
+            marks.append(("stop", time.monotonic()))
+
+    await HookRunner([hook("nap", "sleep 0.3")], bus=None).run(START, TimedContext())
+
+    (_, start), (_, stop) = marks
+    assert stop - start >= 0.3
+
+
+async def test_builtin_hooks_are_not_run(tmp_path: Path) -> None:
+    shrink = HookSettings(
+        name="shrink",
+        when=("before-migrate", "after-migrate"),
+        builtin="reduce-memory",
+        memory_percent=50.0,
+    )
+    ctx = FakeContext()
+    call = HookCall(
+        point="before-migrate",
+        task="migrate vm",
+        task_id=None,
+        vm_name="v",
+        source="a",
+        destination="b",
+    )
+
+    assert await HookRunner([shrink], bus=None).run(call, ctx) == []
+    assert ctx.calls == []
+
+
+async def test_mqtt_hook_without_a_bus_fails() -> None:
+    mqtt = HookSettings(
+        name="dcim",
+        when=("before-start",),
+        mqtt=MqttHookSettings(request_topic="a/req", response_topic="a/resp"),
+    )
+
+    with pytest.raises(HookFailed) as info:
+        await HookRunner([mqtt], bus=None).run(START, FakeContext())
+
+    assert str(info.value) == ("hook dcim (before-start) failed: needs the agent's MQTT connection")
+
+
+async def test_unknown_point_is_a_programming_error() -> None:
+    call = HookCall(point="before-lunch", task="start vm", task_id=None, vm_name="v", source="h")
+
+    with pytest.raises(ValueError, match="unknown hook point 'before-lunch'"):
+        await HookRunner([], bus=None).run(call, FakeContext())
+
+
+# --- wants and builtin ----------------------------------------------------------------------------
+
+
+def test_wants_and_builtin() -> None:
+    shrink = HookSettings(
+        name="shrink",
+        when=("before-migrate", "after-migrate"),
+        builtin="reduce-memory",
+        memory_mib=1024,
+    )
+    stop = hook("after", "true", when=("after-stop",))
+    runner = HookRunner([shrink, stop], bus=None)
+
+    assert {point: runner.wants(point) for point in HOOK_POINTS} == {
+        "before-migrate": False,  # only a builtin there
+        "after-migrate": False,
+        "before-start": False,
+        "after-stop": True,
+    }
+    assert runner.builtin("reduce-memory") is shrink
+    assert runner.builtin("something-else") is None
+    assert HookRunner([], bus=None).builtin("reduce-memory") is None
+    with pytest.raises(ValueError, match="unknown hook point"):
+        runner.wants("before-everything")
+
+
+def test_memory_target() -> None:
+    percent = HookSettings(
+        name="s", when=("before-migrate",), builtin="reduce-memory", memory_percent=25.0
+    )
+    mib = HookSettings(name="s", when=("before-migrate",), builtin="reduce-memory", memory_mib=512)
+
+    assert percent.memory_target_mib(4096) == 1024
+    assert mib.memory_target_mib(4096) == 512
+    assert mib.memory_target_mib(256) == 256  # never more than the guest has
+
+
+def test_request_payload_leaves_out_what_is_unset() -> None:
+    mqtt = HookSettings(
+        name="dcim",
+        when=("after-migrate",),
+        on="destination",
+        mqtt=MqttHookSettings(request_topic="a", response_topic="b"),
+    )
+    call = HookCall(
+        point="after-migrate",
+        task="migrate vm",
+        task_id=None,
+        vm_name="v",
+        source="s",
+        destination="d",
+        outcome="success",
+    )
+
+    assert userhooks.hook_request(mqtt, call, "abc") == {
+        "request-id": "abc",
+        "hook": "dcim",
+        "point": "after-migrate",
+        "task": "migrate vm",
+        "vm-name": "v",
+        "source": "s",
+        "destination": "d",
+        "host": "d",
+        "outcome": "success",
+    }
