@@ -64,6 +64,9 @@ def agent_settings(
         agent=replace(base.agent, state_dir="none"),
     )
     for section, values in sections.items():
+        if isinstance(values, tuple):  # a list section (``hooks``): replaced as a whole
+            settings = replace(settings, **{section: values})
+            continue
         settings = replace(settings, **{section: replace(getattr(settings, section), **values)})
     return settings
 

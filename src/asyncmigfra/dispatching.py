@@ -67,6 +67,7 @@ from asyncmigfra.rendering import parse_error_result
 from asyncmigfra.running import SubtaskContext, error_entry, reconcile_subtask, run_subtask
 from asyncmigfra.settings import Settings
 from asyncmigfra.timing import TimeMeasurement
+from asyncmigfra.userhooks import HookRunner
 
 __all__ = ["Dispatcher", "DispatcherStats", "Reply"]
 
@@ -209,6 +210,7 @@ class Dispatcher:
     ) -> None:
         self._hv = hypervisor
         self._bus = bus
+        self._hooks = HookRunner(settings.hooks, bus=bus) if settings.hooks else None
         self._journal = journal
         self._settings = settings
         self._events = events
@@ -556,6 +558,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
+            hooks=self._hooks,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -575,6 +578,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
+            hooks=self._hooks,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):

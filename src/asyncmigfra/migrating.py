@@ -20,9 +20,11 @@ and this engine owns the rest:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from asyncio import FIRST_COMPLETED
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -31,6 +33,7 @@ from asyncmigfra.errors import (
     ConnectionFailed,
     HookFailed,
     NotSupported,
+    TaskError,
     TaskTimeout,
     VmNotFound,
 )
@@ -43,8 +46,9 @@ from asyncmigfra.hypervisor.base import (
     MigrationResult,
 )
 from asyncmigfra.model import MigrateSpec, MigrationParams, PciId, VcpuMap
-from asyncmigfra.settings import MigrationDefaults, Settings
+from asyncmigfra.settings import HookSettings, MigrationDefaults, Settings
 from asyncmigfra.timing import TimeMeasurement
+from asyncmigfra.userhooks import HookCall, HookRunner
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -89,6 +93,11 @@ class EngineContext(Protocol):
     def record(self, tag: str, seconds: float) -> None: ...
 
     def progress(self, fields: dict[str, object]) -> None: ...
+
+    @property
+    def hooks(self) -> HookRunner | None:
+        """The configured hooks (``None``: none)."""
+        ...
 
     def companion(self, vm_name: str) -> EngineContext:
         """A context for another VM of the same task (a swap partner): its events carry that
@@ -302,7 +311,15 @@ async def migrate(
     ctx.phase("pre-checks")
     with ctx.measure("pre-checks"):
         await hypervisor.check_migration(plan.request)
-    return await carry_out(plan, spec, ctx, hypervisor=hypervisor, settings=settings, bus=bus)
+    return await carry_out(
+        plan,
+        spec,
+        ctx,
+        hypervisor=hypervisor,
+        settings=settings,
+        bus=bus,
+        source=settings.hostname,
+    )
 
 
 def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
@@ -320,9 +337,55 @@ async def carry_out(
     hypervisor: Hypervisor,
     settings: Settings,
     bus: MessageBus | None,
+    source: str,
 ) -> MigrationResult:
-    """Everything after the pre-checks: pscom suspend, devices out, the migration (with its
-    retries), the destination's steps, pscom resume. ``hypervisor`` acts on the VM's host."""
+    """Everything after the pre-checks: ``before-migrate`` hooks, ``reduce-memory``, pscom
+    suspend, devices out, the migration (with its retries), the destination's steps, pscom
+    resume, memory back, ``after-migrate`` hooks. ``hypervisor`` acts on the VM's host,
+    ``source`` names it."""
+    hooks = ctx.hooks
+    call = HookCall(
+        point="before-migrate",
+        task="migrate vm",
+        task_id=ctx.task_id,
+        vm_name=spec.vm_name,
+        source=source,
+        destination=spec.destination,
+    )
+    warnings: list[str] = []
+    if hooks is not None:
+        warnings += await hooks.run(call, ctx)  # policy fail: raises, nothing touched yet
+    balloon = await _shrink(hooks, hypervisor, spec.vm_name, ctx, warnings)
+    try:
+        result = await _suspended_move(
+            plan, spec, ctx, hypervisor=hypervisor, settings=settings, bus=bus
+        )
+    except BaseException as exc:
+        # Where the VM is now: on the destination when the failure came after its arrival.
+        there = hypervisor.on_host(spec.destination) if "destination" in ctx.extra else hypervisor
+        after = replace(call, point="after-migrate", outcome="error", details=_why(exc))
+        await _unwind(_after_failure(hooks, balloon, there, after, ctx))
+        raise
+    if balloon is not None:
+        await _restore(balloon, hypervisor.on_host(spec.destination), ctx, warnings, arrived=True)
+    if hooks is not None:
+        warnings += await hooks.run(replace(call, point="after-migrate", outcome="success"), ctx)
+    if warnings:
+        note = ctx.extra.get("details")
+        ctx.extra["details"] = "; ".join([str(note), *warnings] if note else warnings)
+    return result
+
+
+async def _suspended_move(
+    plan: MigrationPlan,
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    bus: MessageBus | None,
+) -> MigrationResult:
+    """The move with the VM's MPI processes suspended around it (pscom hook)."""
     params = spec.parameter
     vm = spec.vm_name
     pscom = await _pscom_hook(params.pscom_hook_procs, vm, bus, settings)
@@ -343,6 +406,152 @@ async def carry_out(
                 f"failed: {exc}"
             ) from exc
     return result
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return str(exc) or exc.__class__.__name__
+
+
+#: Unwinding steps still running after their task was cancelled again (kept referenced).
+_UNWINDING: set[asyncio.Future[None]] = set()
+
+
+async def _unwind(step: Coroutine[None, None, None]) -> None:
+    """Run a clean-up step on an error path: shielded from cancellation (each part is bounded
+    by its own timeout), failures only logged: the error being handled is what the task
+    reports."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _UNWINDING.add(task)
+        task.add_done_callback(_UNWINDING.discard)
+        raise
+    except Exception as exc:  # noqa: BLE001 - logged; the original error is reported
+        log.error("migration.unwind_failed", error=str(exc))  # noqa: TRY400
+
+
+async def _after_failure(
+    hooks: HookRunner | None,
+    balloon: _Balloon | None,
+    there: Hypervisor,
+    call: HookCall,
+    ctx: EngineContext,
+) -> None:
+    """After a failed (or cancelled) migration: memory back where the VM is, then the
+    ``after-migrate`` hooks with ``outcome: error``; their failures are logged only."""
+    if balloon is not None:
+        warnings: list[str] = []
+        with contextlib.suppress(HookFailed):
+            await _restore(balloon, there, ctx, warnings, arrived=False)
+    if hooks is not None:
+        try:
+            await hooks.run(call, ctx)
+        except HookFailed as exc:
+            log.error("hook.failed_after_failure", error=str(exc))  # noqa: TRY400
+
+
+# ---- reduce-memory (built-in hook) ---------------------------------------------------------
+
+#: s without any change in the guest's memory after which ballooning down stops waiting (a
+#: guest without a balloon driver never answers).
+BALLOON_STALL = 3.0
+#: s between two looks at the guest's memory while it balloons down.
+BALLOON_POLL = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Balloon:
+    """A guest ballooned down before its migration: what to give back afterwards."""
+
+    hook: HookSettings
+    vm: str
+    #: KiB the guest had before.
+    original: int
+
+
+async def _shrink(
+    hooks: HookRunner | None,
+    host: Hypervisor,
+    vm: str,
+    ctx: EngineContext,
+    warnings: list[str],
+) -> _Balloon | None:
+    """``reduce-memory``: balloon the guest down to the hook's target and wait (bounded by the
+    hook's ``timeout``, and by :data:`BALLOON_STALL` without progress) until it got there, so
+    the migration copies less. ``None``: nothing to give back."""
+    hook = hooks.builtin("reduce-memory") if hooks is not None else None
+    if hook is None:
+        return None
+    balloon: _Balloon | None = None
+    ctx.phase(f"hook:{hook.name}")
+    try:
+        with ctx.measure(f"hook-{hook.name}"):
+            current = await memory_of(host, vm)
+            if current <= 0:
+                raise HookFailed(f"the size of {vm} is unknown")
+            target = hook.memory_target_mib(current / 1024) * 1024
+            if target >= current:
+                return None
+            await host.set_memory(vm, target, ctx)
+            balloon = _Balloon(hook, vm, current)
+            reached = await _wait_for_balloon(host, vm, target, current, hook.timeout)
+            log.info("balloon.reduced", before=current, target=target, reached=reached)
+            if reached > target + max(1024, target // 50):
+                raise HookFailed(
+                    f"the guest gave back {current - reached} of {current - target} KiB "
+                    f"within {hook.timeout:g} s (is a balloon driver running in it?)"
+                )
+    except TaskError as exc:
+        text = f"hook {hook.name} (before-migrate) failed: {exc}"
+        log.warning("hook.failed", hook=hook.name, point="before-migrate", error=text)
+        if hook.policy == "fail":
+            if balloon is not None:
+                with contextlib.suppress(HookFailed):
+                    await _restore(balloon, host, ctx, [], arrived=False)
+            raise HookFailed(text) from exc
+        warnings.append(text)
+    return balloon
+
+
+async def _wait_for_balloon(
+    host: Hypervisor, vm: str, target: int, start: int, limit: float
+) -> int:
+    """The guest's memory (KiB) once it reached ``target``, stopped moving, or after ``limit``
+    seconds."""
+    deadline = time.monotonic() + limit
+    last, last_change = start, time.monotonic()
+    while True:
+        now = await memory_of(host, vm)
+        tick = time.monotonic()
+        if now != last:
+            last, last_change = now, tick
+        if now <= target or tick >= deadline or tick - last_change >= BALLOON_STALL:
+            return now
+        await asyncio.sleep(BALLOON_POLL)
+
+
+async def _restore(
+    balloon: _Balloon, there: Hypervisor, ctx: EngineContext, warnings: list[str], *, arrived: bool
+) -> None:
+    """Give the guest its memory back (on the destination, or on the source after a failure).
+    Not waited for: the guest grows on its own time."""
+    hook = balloon.hook
+    ctx.phase(f"hook:{hook.name}")
+    try:
+        with ctx.measure(f"hook-{hook.name}"):
+            async with asyncio.timeout(hook.timeout):
+                await there.set_memory(balloon.vm, balloon.original, ctx)
+    except (TaskError, TimeoutError) as exc:
+        reason = str(exc) or f"no answer within {hook.timeout:g} s"
+        where = f"the VM migrated to {ctx.extra.get('destination')} but " if arrived else ""
+        text = f"{where}hook {hook.name} (after-migrate) failed: {reason}"
+        log.warning("hook.failed", hook=hook.name, point="after-migrate", error=text)
+        if hook.policy == "fail":
+            raise HookFailed(text) from exc
+        warnings.append(text)
 
 
 async def _pscom_hook(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from asyncmigfra.errors import InvalidTask, MigrationFailed, NotSupported, TaskError
+from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.events import Events
 from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import DomainState, Hypervisor
@@ -34,6 +34,7 @@ from asyncmigfra.model import (
 from asyncmigfra.settings import Settings
 from asyncmigfra.swapping import swap
 from asyncmigfra.timing import TimeMeasurement
+from asyncmigfra.userhooks import HookCall, HookRunner
 
 __all__ = ["SubtaskContext", "error_entry", "reconcile_subtask", "run_subtask"]
 
@@ -56,6 +57,8 @@ class SubtaskContext:
     bus: MessageBus | None = None
     #: Appended to every time-measurement tag (``-<vm>`` in a swap's halves).
     suffix: str = ""
+    #: The configured ``hooks:`` (``None``: none configured).
+    hooks: HookRunner | None = None
 
     def phase(self, name: str) -> None:
         self.current_phase = name
@@ -83,6 +86,7 @@ class SubtaskContext:
             timer=self.timer,
             bus=self.bus,
             suffix=f"-{vm_name}",
+            hooks=self.hooks,
         )
 
     def progress(self, fields: dict[str, object]) -> None:
@@ -157,17 +161,28 @@ async def _operate(
                 raise InvalidTask(
                     "XML description is missing which is required to create a transient domain."
                 )
+            await _hooks(ctx, _call("before-start", "start vm", ctx, vm_name, settings))
             await hypervisor.start(spec, ctx)
         case StopSpec():
             if not vm_name:
                 raise InvalidTask("Neither vm-name or regex is defined in stop task.")
-            await hypervisor.stop(
-                vm_name,
-                ctx,
-                force=spec.force,
-                undefine=spec.undefine,
-                force_after_timeout=spec.force_after_timeout,
-            )
+            call = _call("after-stop", "stop vm", ctx, vm_name, settings)
+            try:
+                await hypervisor.stop(
+                    vm_name,
+                    ctx,
+                    force=spec.force,
+                    undefine=spec.undefine,
+                    force_after_timeout=spec.force_after_timeout,
+                )
+            except TaskError as exc:
+                failed = replace(call, outcome="error", details=str(exc))
+                try:
+                    await _hooks(ctx, failed)
+                except HookFailed as hook_exc:  # the stop's own error is what is reported
+                    log.error("hook.failed_after_failure", error=str(hook_exc))  # noqa: TRY400
+                raise
+            await _hooks(ctx, replace(call, outcome="success"))
         case SuspendSpec():
             await hypervisor.suspend(vm_name, ctx)
         case ResumeSpec():
@@ -180,6 +195,22 @@ async def _operate(
             await migrate(spec, ctx, hypervisor=hypervisor, settings=settings, bus=ctx.bus)
         case _:  # pragma: no cover - the dispatcher routes the others
             raise NotSupported(f"{type(spec).__name__} cannot run as a single-VM subtask")
+
+
+def _call(point: str, task: str, ctx: SubtaskContext, vm_name: str, settings: Settings) -> HookCall:
+    return HookCall(
+        point=point, task=task, task_id=ctx.task_id, vm_name=vm_name, source=settings.hostname
+    )
+
+
+async def _hooks(ctx: SubtaskContext, call: HookCall) -> None:
+    """Run the configured hooks of ``call.point``; ``warn`` failures go into ``details``."""
+    if ctx.hooks is None or not ctx.hooks.wants(call.point):
+        return
+    warnings = await ctx.hooks.run(call, ctx)
+    if warnings:
+        note = ctx.extra.get("details")
+        ctx.extra["details"] = "; ".join([str(note), *warnings] if note else warnings)
 
 
 #: The state each operation leaves a VM in: when a recovered subtask finds it there, the work

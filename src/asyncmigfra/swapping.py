@@ -175,7 +175,13 @@ async def _run(half: _Half, *, settings: Settings, bus: MessageBus | None) -> No
     structlog.contextvars.bind_contextvars(vm=half.vm)
     try:
         half.result = await carry_out(
-            half.plan, half.spec, half.ctx, hypervisor=half.host, settings=settings, bus=bus
+            half.plan,
+            half.spec,
+            half.ctx,
+            hypervisor=half.host,
+            settings=settings,
+            bus=bus,
+            source=half.source,
         )
     except TaskError as exc:
         half.error = exc

@@ -1,5 +1,5 @@
 """Migration companions on real QEMU guests between the rig's libvirtds, through MQTT: the
-vcpu-map repin on the destination (spec 1.7) and swap-with."""
+vcpu-map repin on the destination (spec 1.7), swap-with and the reduce-memory hook."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from agents import rig_agents
 
 import libvirt
+from asyncmigfra.settings import settings_from_text
 from rig import Rig, wait_counter_above
 
 pytestmark = [pytest.mark.rig, pytest.mark.broker]
@@ -84,3 +85,53 @@ async def test_swap_with_trades_two_real_guests_between_a_and_b(
         finally:
             conn.close()
         assert dom.name() not in active  # the old copy is gone
+
+
+async def test_reduce_memory_balloons_a_real_guest_down_for_its_migration_and_back_on_b(
+    mosquitto, rig: Rig, start_guest: Callable[..., Any]
+):
+    """The built-in ``reduce-memory`` hook on real QEMU: the rig's balloon guest (a cooperative
+    virtio balloon, tests/rig/guest.S) is ballooned to half its memory on A before the copy and
+    given all of it back on B after."""
+    dom = start_guest("balloon")
+    name = dom.name()
+    await asyncio.to_thread(wait_counter_above, dom, 0)
+    config = settings_from_text(
+        "hooks:\n  - name: shrink\n    builtin: reduce-memory\n    memory: 50%\n", hostname="h"
+    ).hooks
+    seen: list[int] = []
+
+    async def watch_a() -> None:
+        while True:
+            try:
+                seen.append(int((await asyncio.to_thread(dom.info))[2]))
+            except libvirt.libvirtError:
+                return  # gone from A
+            await asyncio.sleep(0.02)
+
+    async with rig_agents(mosquitto.port, rig, hooks=config) as agents:
+        watcher = asyncio.create_task(watch_a())
+        r = await agents.to_a.call(
+            f"task: migrate vm\nvm-name: {name}\ndestination: {rig.b.name}\n"
+            "time-measurement: true\nparameter:\n  migration-type: live\n",
+            60,
+        )
+        watcher.cancel()
+    assert (r["status"], r["destination"]) == ("success", rig.b.name), r
+    assert "details" not in r, r  # no warning: the guest gave its memory back in time
+    assert "hook-shrink" in r["time-measurement"]
+    assert seen[0] == 128 * 1024
+    assert min(seen) == 64 * 1024, sorted(set(seen))
+    conn = libvirt.open(rig.b.local_uri)
+    try:
+        moved = conn.lookupByName(name)
+        for _ in range(100):  # the guest grows back on its own time (bounded: 10 s)
+            if moved.info()[2] == 128 * 1024:
+                break
+            await asyncio.sleep(0.1)
+        assert moved.info()[2] == 128 * 1024
+    finally:
+        conn.close()
+    phases = [e["phase"] for e in agents.to_a.events_for(r["id"], "phase")]
+    assert phases.count("hook:shrink") == 2
+    assert phases.index("hook:shrink") < phases.index("migrating")

@@ -269,7 +269,8 @@ class FakeDomain:
             name=self.name,
             state=self._state,
             vcpus=self.vcpus,
-            memory=self.memory,
+            # Like libvirt's current memory: what the balloon left the guest.
+            memory=self.memory if self.balloon is None else self.balloon,
             persistent=self.persistent,
         )
 
@@ -519,7 +520,8 @@ class FakeMigrationJob:
         self._link_bw = link
         requested = request.bandwidth
         self._bw = min(link, requested * _MIB) if requested else link
-        self._mem = domain.memory * _KIB
+        # Pages the balloon took from the guest are not sent (QEMU skips them).
+        self._mem = (domain.memory if domain.balloon is None else domain.balloon) * _KIB
         self._max_downtime = (
             float(request.initial_downtime)
             if request.initial_downtime is not None
@@ -1270,7 +1272,8 @@ class FakeHypervisor:
         dom.state = DomainState.RUNNING
 
     async def set_memory(self, vm_name: str, kib: int, ctx: OpContext) -> None:
-        """Record the balloon target (``FakeDomain.balloon``); the size stays ``memory``."""
+        """Set the balloon target (``FakeDomain.balloon``): the guest reports it as its current
+        memory at once, and a migration copies only that much; the size stays ``memory``."""
         await self._enter("set-memory")
         dom = self._domain(vm_name)
         if dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
