@@ -59,9 +59,13 @@ class SubtaskContext:
     suffix: str = ""
     #: The configured ``hooks:`` (``None``: none configured).
     hooks: HookRunner | None = None
+    #: The task's own context, for a companion (its phases show in ``status`` too).
+    parent: SubtaskContext | None = None
 
     def phase(self, name: str) -> None:
         self.current_phase = name
+        if self.parent is not None:
+            self.parent.current_phase = name
         self.events.phase(self.task_id, self.vm_name, name)
 
     def measure(self, tag: str) -> AbstractContextManager[None]:
@@ -87,6 +91,7 @@ class SubtaskContext:
             bus=self.bus,
             suffix=f"-{vm_name}",
             hooks=self.hooks,
+            parent=self,
         )
 
     def progress(self, fields: dict[str, object]) -> None:
