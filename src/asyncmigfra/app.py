@@ -292,6 +292,12 @@ class Agent:
                 intake = tg.create_task(self._intake_loop(), name="asyncmigfra.intake")
                 presence = tg.create_task(self._presence_loop(), name="asyncmigfra.presence")
                 mqtt = tg.create_task(self.transport.run(self._on_message), name="asyncmigfra.mqtt")
+                hooks = self.dispatcher.hooks
+                serving = (
+                    tg.create_task(hooks.serve(), name="asyncmigfra.hooks")
+                    if hooks is not None and hooks.serves_peers
+                    else None
+                )
                 await self._stop.wait()
                 self._arm_hard_exit()
                 self._publish_status("draining")
@@ -301,6 +307,8 @@ class Agent:
                 await dispatcher
                 intake.cancel()
                 presence.cancel()
+                if serving is not None:
+                    serving.cancel()
                 await asyncio.wait({intake})
                 self._answer_leftovers()
                 self._publish_status("offline")

@@ -210,7 +210,17 @@ class Dispatcher:
     ) -> None:
         self._hv = hypervisor
         self._bus = bus
-        self._hooks = HookRunner(settings.hooks, bus=bus) if settings.hooks else None
+        #: The configured hooks (``None``: none); ``app`` runs its ``serve`` for other agents.
+        self.hooks = (
+            HookRunner(
+                settings.hooks,
+                bus=bus,
+                hostname=settings.hostname,
+                task_topic=settings.mqtt.task_topic,
+            )
+            if settings.hooks
+            else None
+        )
         self._journal = journal
         self._settings = settings
         self._events = events
@@ -558,7 +568,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
-            hooks=self._hooks,
+            hooks=self.hooks,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -578,7 +588,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
-            hooks=self._hooks,
+            hooks=self.hooks,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):

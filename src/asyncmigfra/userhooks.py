@@ -325,17 +325,35 @@ async def _run_mqtt(hook: HookSettings, call: HookCall, bus: MessageBus | None) 
     if bus is None:
         raise _Failure("needs the agent's MQTT connection")
     values = {"<host>": _host(hook, call), "<vm_name>": call.vm_name, "<hook>": hook.name}
-    request_topic = _fill(settings.request_topic, values)
-    response_topic = _fill(settings.response_topic, values)
     request_id = uuid.uuid4().hex
-    payload = json.dumps(hook_request(hook, call, request_id)).encode()
+    await _exchange(
+        bus,
+        _fill(settings.request_topic, values),
+        _fill(settings.response_topic, values),
+        settings.qos,
+        hook_request(hook, call, request_id),
+        limit=hook.timeout,
+    )
+
+
+async def _exchange(
+    bus: MessageBus,
+    request_topic: str,
+    response_topic: str,
+    qos: int,
+    request: Mapping[str, str],
+    *,
+    limit: float,
+) -> None:
+    """Publish ``request`` and wait (``limit`` s) for the answer with its ``request-id``."""
+    payload = json.dumps(request).encode()
     try:
-        async with asyncio.timeout(hook.timeout):
-            async with bus.subscription(response_topic, settings.qos) as queue:
-                await bus.send(request_topic, payload, settings.qos)
-                status, details = await _wait_answer(queue, request_id)
+        async with asyncio.timeout(limit):
+            async with bus.subscription(response_topic, qos) as queue:
+                await bus.send(request_topic, payload, qos)
+                status, details = await _wait_answer(queue, request["request-id"])
     except TimeoutError:
-        raise _Failure(f"no answer within {hook.timeout:g} s") from None
+        raise _Failure(f"no answer within {limit:g} s") from None
     except _Failure:
         raise
     except Exception as exc:
@@ -343,6 +361,45 @@ async def _run_mqtt(hook: HookSettings, call: HookCall, bus: MessageBus | None) 
         raise _Failure(f"MQTT: {exc}") from exc
     if status != "success":
         raise _Failure(f"answered error: {details}" if details else "answered error")
+
+
+# --- command hooks on the destination's agent --------------------------------------------------
+#
+# A command hook with ``on: destination`` runs on the destination host, by its own agent: the
+# source's agent asks it over MQTT on its hook topic (the task topic's sibling ``hook``), and the
+# destination's agent runs the hook *of that name from its own configuration* and answers on the
+# source's ``hook/response`` topic. No command travels over the wire.
+
+#: s added to a hook's timeout for the round trip to the destination's agent.
+PEER_MARGIN = 2.0
+#: Hook requests of other agents run at once at most this many at a time.
+PEER_CONCURRENCY = 8
+_REQUEST_ID_MAX = 64
+
+
+def hook_topic_of(task_topic: str) -> str:
+    """``fast/migfra/<host>/task`` -> ``fast/migfra/<host>/hook``."""
+    head, slash, _ = task_topic.rpartition("/")
+    return f"{head}/hook" if slash else f"{task_topic}/hook"
+
+
+def peer_hook_topic(own_topic: str, hostname: str, peer: str) -> str | None:
+    """Another agent's hook topic: this agent's with its host-name level replaced (``None``
+    when the host name is not exactly one level of it)."""
+    levels = own_topic.split("/")
+    if levels.count(hostname) != 1 or any(char in peer for char in "+#/\0"):
+        return None
+    return "/".join(peer if level == hostname else level for level in levels)
+
+
+def _on_peer(hook: HookSettings, call: HookCall) -> bool:
+    return (
+        hook.command is not None
+        and hook.on == "destination"
+        and call.point in MIGRATE_HOOK_POINTS
+        and call.destination is not None
+        and call.destination != call.source
+    )
 
 
 async def _wait_answer(queue: asyncio.Queue[tuple[str, bytes]], request_id: str) -> tuple[str, str]:
@@ -360,9 +417,29 @@ async def _wait_answer(queue: asyncio.Queue[tuple[str, bytes]], request_id: str)
 class HookRunner:
     """Runs the configured hooks of one agent (one instance serves every task)."""
 
-    def __init__(self, hooks: Sequence[HookSettings], *, bus: MessageBus | None) -> None:
+    def __init__(
+        self,
+        hooks: Sequence[HookSettings],
+        *,
+        bus: MessageBus | None,
+        hostname: str | None = None,
+        task_topic: str | None = None,
+    ) -> None:
         self._hooks = tuple(hooks)
         self._bus = bus
+        self._hostname = hostname
+        #: Where this agent answers other agents' hook requests (``None``: it does not).
+        self._topic = hook_topic_of(task_topic) if task_topic is not None else None
+        self._serving: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(PEER_CONCURRENCY)
+
+    @property
+    def serves_peers(self) -> bool:
+        """Whether other agents may ask this one to run a hook (an ``on: destination``
+        command hook is configured)."""
+        return self._topic is not None and any(
+            h.command is not None and h.on == "destination" for h in self._hooks
+        )
 
     def _check_point(self, point: str) -> None:
         if point not in HOOK_POINTS:
@@ -392,7 +469,9 @@ class HookRunner:
             started = time.monotonic()
             try:
                 with ctx.measure(f"hook-{hook.name}"):
-                    if hook.command is not None:
+                    if _on_peer(hook, call):
+                        await self._run_on_peer(hook, call)
+                    elif hook.command is not None:
                         await _run_command(hook, call)
                     else:
                         await _run_mqtt(hook, call, self._bus)
@@ -418,3 +497,133 @@ class HookRunner:
                 seconds=round(time.monotonic() - started, 3),
             )
         return warnings
+
+    # ---- on: destination command hooks -------------------------------------------------------
+
+    async def _run_on_peer(self, hook: HookSettings, call: HookCall) -> None:
+        """Ask the destination's agent to run its hook of this name."""
+        assert call.destination is not None
+        if self._bus is None or self._topic is None or self._hostname is None:
+            raise _Failure("on: destination needs the agent's MQTT connection")
+        peer = peer_hook_topic(self._topic, self._hostname, call.destination)
+        if peer is None:
+            raise _Failure(
+                f"cannot tell {call.destination}'s hook topic: {self._hostname!r} is not one "
+                f"level of this agent's {self._topic!r}"
+            )
+        request_id = uuid.uuid4().hex
+        await _exchange(
+            self._bus,
+            peer,
+            f"{self._topic}/response",
+            1,
+            hook_request(hook, call, request_id),
+            limit=hook.timeout + PEER_MARGIN,
+        )
+
+    async def serve(self) -> None:
+        """Answer other agents' requests for ``on: destination`` command hooks until
+        cancelled. Each runs the hook of that name from *this* agent's configuration."""
+        if not self.serves_peers:
+            return
+        assert self._bus is not None
+        assert self._topic is not None
+        try:
+            while True:
+                try:
+                    async with self._bus.subscription(self._topic, 1) as queue:
+                        log.info("hook.serving", topic=self._topic)
+                        while True:
+                            _, raw = await queue.get()
+                            await self._slots.acquire()  # a flood waits, it does not pile up
+                            task = asyncio.create_task(self._serve_one(raw))
+                            self._serving.add(task)
+                            task.add_done_callback(self._served)
+                except Exception as exc:  # noqa: BLE001 - never take the agent down; retry
+                    log.error("hook.serving_failed", error=str(exc))  # noqa: TRY400
+                    await asyncio.sleep(1.0)
+        finally:
+            for task in list(self._serving):
+                task.cancel()
+            if self._serving:
+                await asyncio.gather(*self._serving, return_exceptions=True)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hook.serve_failed", error=str(task.exception()))
+
+    async def _serve_one(self, raw: bytes) -> None:
+        request = _peer_request(raw)
+        if request is None:
+            log.warning("hook.request_ignored", reason="unreadable", size=len(raw))
+            return
+        assert self._topic is not None
+        assert self._hostname is not None
+        assert self._bus is not None
+        reply_to = peer_hook_topic(self._topic, self._hostname, request["source"])
+        if reply_to is None:
+            log.warning("hook.request_ignored", reason="bad source", source=request["source"])
+            return
+        status, details = "success", ""
+        try:
+            hook, call = self._peer_call(request)
+            log.info("hook.peer_request", hook=hook.name, source=call.source, vm=call.vm_name)
+            await _run_command(hook, call)
+        except _Failure as exc:
+            status, details = "error", str(exc)
+        answer = {"request-id": request["request-id"], "status": status}
+        if details:
+            answer["details"] = f"on {self._hostname}: {details}"
+        await self._bus.send(f"{reply_to}/response", json.dumps(answer).encode(), 1)
+
+    def _peer_call(self, request: Mapping[str, str]) -> tuple[HookSettings, HookCall]:
+        name, point = request["hook"], request["point"]
+        if request.get("destination") != self._hostname:
+            raise _Failure(f"this is {self._hostname}, not {request.get('destination')}")
+        for hook in self._hooks:
+            if (
+                hook.name == name
+                and hook.command is not None
+                and hook.on == "destination"
+                and point in hook.when
+            ):
+                break
+        else:
+            raise _Failure(f"no command hook {name!r} with on: destination for {point}")
+        call = HookCall(
+            point=point,
+            task=request.get("task", "migrate vm"),
+            task_id=request.get("id"),
+            vm_name=request["vm-name"],
+            source=request["source"],
+            destination=self._hostname,
+            outcome=request.get("outcome"),
+            details=request.get("details"),
+        )
+        return hook, call
+
+
+def _peer_request(raw: bytes) -> dict[str, str] | None:
+    """Another agent's hook request, checked: a flat map of short strings with the keys this
+    needs, a known migrate point and a plain request id; ``None`` otherwise."""
+    if len(raw) > MAX_RESPONSE_BYTES:
+        return None
+    try:
+        document: object = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in document.items()
+    ):
+        return None
+    required = ("request-id", "hook", "point", "vm-name", "source")
+    if any(not document.get(key) for key in required):
+        return None
+    rid = document["request-id"]
+    if len(rid) > _REQUEST_ID_MAX or not rid.isalnum():
+        return None
+    if document["point"] not in MIGRATE_HOOK_POINTS:
+        return None
+    return document

@@ -194,3 +194,75 @@ async def test_reduce_memory_balloons_down_for_the_copy_and_back_on_the_destinat
         assert totals == {GIB * 1024}, totals
         dom = shared["fake-cluster"].domain(dest, "h8")
         assert dom.balloon == 4 * GIB
+
+
+async def test_a_destination_hook_runs_on_the_destination_by_its_own_agent(mosquitto, tmp_path):
+    """``on: destination`` command hooks are run by the destination's agent, with the command
+    from *its* configuration (here a different script than the source's): nothing but the
+    hook's name and the task's data travels."""
+    here = hooks(
+        "- name: fence\n  when: [before-migrate]\n  on: destination\n  timeout: 5\n"
+        f"  command: {recorder(tmp_path, 'source-copy')}\n"
+    )
+    there = hooks(
+        "- name: fence\n  when: [before-migrate]\n  on: destination\n  timeout: 5\n"
+        f"  command: {recorder(tmp_path, 'fence')}\n"
+    )
+    async with two_hosts(mosquitto.port, [_dom("h9")], hooks=here, b_sections={"hooks": there}) as (
+        _,
+        sched,
+        shared,
+    ):
+        src, dest = shared["names"]
+        # Garbage on the destination's hook topic is ignored; it keeps serving.
+        for junk in (b"", b"not json", b"[1]", b'{"request-id": "x"}', b"{" * 5000):
+            await sched.publish(junk, topic=f"fast/migfra/{dest}/hook")
+        r = await sched.call(_migrate("h9", dest), timeout=20)
+        assert (r["status"], r["destination"]) == ("success", dest), r
+        assert "hook-fence" in r["time-measurement"]
+    assert calls(tmp_path, "source-copy") == []
+    (ran,) = calls(tmp_path, "fence")
+    assert ran["ASYNCMIGFRA_HOST"] == dest
+    assert (ran["ASYNCMIGFRA_SOURCE"], ran["ASYNCMIGFRA_DESTINATION"]) == (src, dest)
+    assert (ran["ASYNCMIGFRA_VM_NAME"], ran["ASYNCMIGFRA_POINT"]) == ("h9", "before-migrate")
+    assert ran["ASYNCMIGFRA_TASK_ID"] == r["id"]
+
+
+async def test_a_destination_without_that_hook_answers_an_error(mosquitto, tmp_path):
+    here = hooks(
+        "- name: fence\n  when: [before-migrate]\n  on: destination\n  timeout: 5\n"
+        f"  command: {recorder(tmp_path, 'fence')}\n"
+    )
+    other = hooks(
+        "- name: other\n  when: before-migrate\n  on: destination\n"
+        f"  command: {recorder(tmp_path, 'o')}\n"
+    )
+    async with two_hosts(
+        mosquitto.port, [_dom("h10")], hooks=here, b_sections={"hooks": other}
+    ) as (_, sched, shared):
+        src, dest = shared["names"]
+        r = await sched.call(_migrate("h10", dest), timeout=20)
+        assert (r["status"], r["code"]) == ("error", "hook-failed"), r
+        assert r["details"] == (
+            f"hook fence (before-migrate) failed: answered error: on {dest}: no command hook "
+            "'fence' with on: destination for before-migrate"
+        )
+        (where,) = shared["fake-cluster"].locate("h10")
+        assert where == src
+    assert calls(tmp_path, "fence") == []
+
+
+async def test_a_destination_agent_that_serves_no_hooks_is_a_timeout(mosquitto, tmp_path):
+    here = hooks(
+        "- name: fence\n  when: [before-migrate]\n  on: destination\n  timeout: 0.3\n"
+        f"  command: {recorder(tmp_path, 'fence')}\n"
+    )
+    async with two_hosts(mosquitto.port, [_dom("h11")], hooks=here, b_sections={"hooks": ()}) as (
+        _,
+        sched,
+        shared,
+    ):
+        _, dest = shared["names"]
+        r = await sched.call(_migrate("h11", dest), timeout=20)
+        assert (r["status"], r["code"]) == ("error", "hook-failed"), r
+        assert r["details"] == "hook fence (before-migrate) failed: no answer within 2.3 s"

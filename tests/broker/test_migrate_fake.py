@@ -33,9 +33,11 @@ async def two_hosts(
     *,
     bandwidth: int = 2000,
     time_scale: float = 1.0,
+    b_sections: dict[str, Any] | None = None,
     **sections: Any,
 ) -> AsyncIterator[tuple[Agent, Scheduler, dict[str, object]]]:
-    """Agents ``a-*`` (with ``domains``) and ``b-*`` sharing one fake cluster."""
+    """Agents ``a-*`` (with ``domains``) and ``b-*`` sharing one fake cluster (``b_sections``
+    replaces sections for ``b-*`` only)."""
     shared: dict[str, object] = {}
     sa = agent_settings(port, hv_type="fake", **sections)
     name_a = sa.hostname
@@ -45,7 +47,13 @@ async def two_hosts(
     opts_a = {"host": name_a, "peers": {name_b: spec}, "domains": domains, **common}
     opts_b = {"host": name_b, "peers": {name_a: spec}, **common}
     sa = replace(sa, hypervisor=HypervisorSettings(type="fake", options=opts_a))
-    sb = agent_settings(port, hostname=name_b, hv_type="fake", hv_options=opts_b, **sections)
+    sb = agent_settings(
+        port,
+        hostname=name_b,
+        hv_type="fake",
+        hv_options=opts_b,
+        **{**sections, **(b_sections or {})},
+    )
     prefix = sa.mqtt.task_topic.rsplit("/", 1)[0]
     async with (
         scheduler(port, prefix) as sched,

@@ -20,7 +20,13 @@ from structlog.testing import capture_logs
 from asyncmigfra import userhooks
 from asyncmigfra.errors import HookFailed
 from asyncmigfra.settings import HookSettings, MqttHookSettings
-from asyncmigfra.userhooks import HOOK_POINTS, HookCall, HookRunner
+from asyncmigfra.userhooks import (
+    HOOK_POINTS,
+    HookCall,
+    HookRunner,
+    hook_topic_of,
+    peer_hook_topic,
+)
 
 
 @dataclass
@@ -99,7 +105,9 @@ async def test_environment_of_a_migration_hook_on_the_destination(
     out = tmp_path / "env"
     monkeypatch.setenv("AGENT_OWN_VARIABLE", "kept")
     cmd = script(tmp_path, "env.sh", f"env | grep -e ^ASYNCMIGFRA_ -e ^AGENT_OWN_ > {out}\n")
-    runner = HookRunner([hook("env", (cmd,), when=("after-migrate",), on="destination")], bus=None)
+    # On the destination the hook is run by that host's agent (HookRunner.serve), which hands
+    # the call to the same command runner as a local hook.
+    on_dest = hook("env", (cmd,), when=("after-migrate",), on="destination")
     call = HookCall(
         point="after-migrate",
         task="migrate vm",
@@ -111,7 +119,7 @@ async def test_environment_of_a_migration_hook_on_the_destination(
         details="migration-failed: it broke",
     )
 
-    assert await runner.run(call, FakeContext()) == []
+    await userhooks._run_command(on_dest, call)
 
     assert env_of(out) == {
         "AGENT_OWN_VARIABLE": "kept",
@@ -126,6 +134,11 @@ async def test_environment_of_a_migration_hook_on_the_destination(
         "ASYNCMIGFRA_OUTCOME": "error",
         "ASYNCMIGFRA_DETAILS": "migration-failed: it broke",
     }
+    # The source's agent does not run it itself; without a broker it cannot ask.
+    out.unlink()
+    with pytest.raises(HookFailed, match="on: destination needs the agent's MQTT connection"):
+        await HookRunner([on_dest], bus=None).run(call, FakeContext())
+    assert not out.exists()
 
 
 async def test_environment_of_a_start_hook_has_no_stale_variables(
@@ -582,3 +595,15 @@ def test_request_payload_leaves_out_what_is_unset() -> None:
         "host": "d",
         "outcome": "success",
     }
+
+
+def test_hook_topics_of_peers_are_derived_from_the_own_topic():
+    own = hook_topic_of("fast/migfra/node1/task")
+    assert own == "fast/migfra/node1/hook"
+    assert peer_hook_topic(own, "node1", "node2") == "fast/migfra/node2/hook"
+    assert hook_topic_of("single") == "single/hook"
+    # The host name must be exactly one level; a peer name cannot widen a topic.
+    assert peer_hook_topic("site/x/hook", "node1", "node2") is None
+    assert peer_hook_topic("n/n/hook", "n", "m") is None
+    for bad in ("a+b", "#", "a/b", "a\0b"):
+        assert peer_hook_topic(own, "node1", bad) is None
