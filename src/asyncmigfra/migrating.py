@@ -353,15 +353,18 @@ async def carry_out(
         destination=spec.destination,
     )
     warnings: list[str] = []
-    if hooks is not None:
-        warnings += await hooks.run(call, ctx)  # policy fail: raises, nothing touched yet
-    balloon = await _shrink(hooks, hypervisor, spec.vm_name, ctx, warnings)
+    balloon: _Balloon | None = None
     try:
+        if hooks is not None:
+            warnings += await hooks.run(call, ctx)  # policy fail: raises, VM not touched yet
+        balloon = await _shrink(hooks, hypervisor, spec.vm_name, ctx, warnings)
         result = await _suspended_move(
             plan, spec, ctx, hypervisor=hypervisor, settings=settings, bus=bus
         )
     except BaseException as exc:
-        # Where the VM is now: on the destination when the failure came after its arrival.
+        # The after-migrate hooks run whenever the before-migrate ones started (a drain gets
+        # its undrain), with outcome error. Where the VM is now: on the destination when the
+        # failure came after its arrival.
         there = hypervisor.on_host(spec.destination) if "destination" in ctx.extra else hypervisor
         after = replace(call, point="after-migrate", outcome="error", details=_why(exc))
         await _unwind(_after_failure(hooks, balloon, there, after, ctx))
@@ -497,7 +500,11 @@ async def _shrink(
                 return None
             await host.set_memory(vm, target, ctx)
             balloon = _Balloon(hook, vm, current)
-            reached = await _wait_for_balloon(host, vm, target, current, hook.timeout)
+            try:
+                reached = await _wait_for_balloon(host, vm, target, current, hook.timeout)
+            except asyncio.CancelledError:
+                await _unwind(_restore(balloon, host, ctx, [], arrived=False))
+                raise
             log.info("balloon.reduced", before=current, target=target, reached=reached)
             if reached > target + max(1024, target // 50):
                 raise HookFailed(

@@ -90,6 +90,7 @@ async def test_a_failing_before_hook_with_policy_fail_leaves_the_vm_untouched(mo
     config = hooks(
         "- name: gate\n  when: before-migrate\n"
         f"  command: {recorder(tmp_path, 'gate', exit_status=3)}\n"
+        f"- name: ungate\n  when: after-migrate\n  command: {recorder(tmp_path, 'ungate')}\n"
     )
     async with two_hosts(mosquitto.port, [_dom("h2")], hooks=config) as (_, sched, shared):
         src, dest = shared["names"]
@@ -101,6 +102,10 @@ async def test_a_failing_before_hook_with_policy_fail_leaves_the_vm_untouched(mo
         assert "migrating" not in _phases(sched, r["id"])
         (where,) = shared["fake-cluster"].locate("h2")
         assert where == src
+    # The after-migrate hooks still run (a drain gets its undrain), told what went wrong.
+    (after,) = calls(tmp_path, "ungate")
+    assert after["ASYNCMIGFRA_OUTCOME"] == "error"
+    assert after["ASYNCMIGFRA_DETAILS"] == r["details"]
 
 
 async def test_a_warn_hook_failure_is_reported_in_details_of_a_success(mosquitto, tmp_path):
@@ -266,3 +271,25 @@ async def test_a_destination_agent_that_serves_no_hooks_is_a_timeout(mosquitto, 
         r = await sched.call(_migrate("h11", dest), timeout=20)
         assert (r["status"], r["code"]) == ("error", "hook-failed"), r
         assert r["details"] == "hook fence (before-migrate) failed: no answer within 2.3 s"
+
+
+@pytest.mark.parametrize("policy", ["fail", "warn"])
+async def test_reduce_memory_that_cannot_balloon_follows_its_policy(mosquitto, policy):
+    config = hooks(f"- name: shrink\n  builtin: reduce-memory\n  policy: {policy}\n")
+    async with two_hosts(mosquitto.port, [_dom("h12", memory=2 * GIB)], hooks=config) as (
+        agent,
+        sched,
+        shared,
+    ):
+        src, dest = shared["names"]
+        agent.hypervisor.inject("set-memory")  # type: ignore[attr-defined]
+        r = await sched.call(_migrate("h12", dest), timeout=20)
+        (where,) = shared["fake-cluster"].locate("h12")
+        reason = "hook shrink (before-migrate) failed: injected failure"
+        if policy == "fail":
+            assert (r["status"], r["code"], r["details"]) == ("error", "hook-failed", reason), r
+            assert where == src
+        else:
+            assert (r["status"], r["details"]) == ("success", reason), r
+            assert where == dest
+        assert shared["fake-cluster"].domain(where, "h12").balloon is None  # never shrunk
