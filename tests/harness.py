@@ -11,7 +11,8 @@ import contextlib
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -179,3 +180,21 @@ async def agent_and_scheduler(
         running_agent(settings, shared=shared) as agent,
     ):
         yield agent, sched
+
+
+@dataclass
+class RecordingContext:
+    """Records ``phase`` and ``measure`` calls in order (a ``HookContext`` for unit tests)."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def phase(self, name: str) -> None:
+        self.calls.append(("phase", name))
+
+    @contextmanager
+    def measure(self, tag: str) -> Iterator[None]:
+        self.calls.append(("start", tag))
+        try:
+            yield
+        finally:
+            self.calls.append(("stop", tag))

@@ -8,8 +8,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,28 +17,13 @@ from asyncmigfra.errors import HookFailed
 from asyncmigfra.mqtt import MqttTransport, ToolClient
 from asyncmigfra.settings import HookSettings, MqttHookSettings
 from asyncmigfra.userhooks import HookCall, HookRunner
+from harness import RecordingContext as FakeContext
 from harness import agent_settings
 
 pytestmark = pytest.mark.broker
 
 #: Answers to one request: the request map -> the payloads to publish on the response topic.
 Answer = Callable[[dict[str, str]], list[bytes]]
-
-
-@dataclass
-class FakeContext:
-    calls: list[tuple[str, str]] = field(default_factory=list)
-
-    def phase(self, name: str) -> None:
-        self.calls.append(("phase", name))
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        self.calls.append(("start", tag))
-        try:
-            yield
-        finally:
-            self.calls.append(("stop", tag))
 
 
 @dataclass
@@ -73,6 +57,13 @@ async def responder(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def vm1_responder(
+    port: int, prefix: str, answer: Answer
+) -> contextlib.AbstractAsyncContextManager[Responder]:
+    """The responder for :data:`CALL` with :func:`mqtt_hook`'s topics."""
+    return responder(port, f"{prefix}/src/vm1/notify/request", f"{prefix}/src/z/response", answer)
 
 
 @contextlib.asynccontextmanager
@@ -253,9 +244,7 @@ async def test_only_wrong_ids_is_a_timeout(mosquitto):
     wrong = lambda _: [json.dumps({"request-id": "nope", "status": "success"}).encode()]  # noqa: E731
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port, f"{prefix}/src/vm1/notify/request", f"{prefix}/src/z/response", wrong
-        ) as r,
+        vm1_responder(mosquitto.port, prefix, wrong) as r,
     ):
         with pytest.raises(HookFailed) as info:
             await HookRunner([mqtt_hook(prefix, timeout=0.5)], bus=bus).run(CALL, FakeContext())
@@ -327,12 +316,7 @@ async def test_no_answer_is_a_timeout(mosquitto):
     prefix = _prefix()
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port,
-            f"{prefix}/src/vm1/notify/request",
-            f"{prefix}/src/z/response",
-            lambda _: [],
-        ) as r,
+        vm1_responder(mosquitto.port, prefix, lambda _: []) as r,
     ):
         started = time.monotonic()
         with pytest.raises(HookFailed) as info:
@@ -358,12 +342,7 @@ async def test_cancellation_removes_the_subscription(mosquitto):
     prefix = _prefix()
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port,
-            f"{prefix}/src/vm1/notify/request",
-            f"{prefix}/src/z/response",
-            lambda _: [],
-        ) as r,
+        vm1_responder(mosquitto.port, prefix, lambda _: []) as r,
     ):
         task = asyncio.create_task(
             HookRunner([mqtt_hook(prefix, timeout=30)], bus=bus).run(CALL, FakeContext())

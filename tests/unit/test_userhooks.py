@@ -11,7 +11,6 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -27,24 +26,7 @@ from asyncmigfra.userhooks import (
     hook_topic_of,
     peer_hook_topic,
 )
-
-
-@dataclass
-class FakeContext:
-    """Records ``phase`` and ``measure`` calls in order (implements ``HookContext``)."""
-
-    calls: list[tuple[str, str]] = field(default_factory=list)
-
-    def phase(self, name: str) -> None:
-        self.calls.append(("phase", name))
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        self.calls.append(("start", tag))
-        try:
-            yield
-        finally:
-            self.calls.append(("stop", tag))
+from harness import RecordingContext as FakeContext
 
 
 def script(tmp_path: Path, name: str, body: str) -> str:
