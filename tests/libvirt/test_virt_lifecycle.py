@@ -394,14 +394,18 @@ async def test_repin(hv: LibvirtHypervisor, ctx: Ctx) -> None:
 
 async def test_set_memory_live_balloon_target(hv: LibvirtHypervisor, ctx: Ctx) -> None:
     # libvirt's test driver implements setMemoryFlags(AFFECT_LIVE); real QEMU needs a balloon
-    # driver in the guest (the rig's guests have none, so it is not shown there).
+    # driver in the guest (tests/real: the rig's `balloon` guest).
     before = {d.name: d.memory for d in await hv.list_domains()}["vm1"]
+    assert await hv.current_memory("vm1") == before
     await hv.set_memory("vm1", before // 2, ctx)
     assert {d.name: d.memory for d in await hv.list_domains()}["vm1"] == before // 2
+    assert await hv.current_memory("vm1") == before // 2
     await hv.set_memory("vm1", before, ctx)
     assert {d.name: d.memory for d in await hv.list_domains()}["vm1"] == before
     with pytest.raises(VmNotFound):
         await hv.set_memory("ghost", 1024, ctx)
+    with pytest.raises(VmNotFound):
+        await hv.current_memory("ghost")
 
 
 async def test_repin_shut_off_domain(hv: LibvirtHypervisor, ctx: Ctx) -> None:

@@ -980,9 +980,11 @@ async def test_bad_max_downtime(a: FakeHypervisor, b: FakeHypervisor) -> None:
 
 
 async def test_set_memory_records_the_balloon_target(a: FakeHypervisor) -> None:
+    assert await a.current_memory("idle") == GiB_KIB
     await a.set_memory("idle", 512 * 1024, Ctx())
     assert a.host.domains["idle"].balloon == 512 * 1024
     assert a.host.domains["idle"].memory == GiB_KIB  # the size does not change
+    assert await a.current_memory("idle") == 512 * 1024
     with pytest.raises(HypervisorError, match="outside"):
         await a.set_memory("idle", 2 * GiB_KIB, Ctx())
     with pytest.raises(WrongState):

@@ -219,6 +219,12 @@ class Hypervisor(Protocol):
         """Set a running guest's current memory (balloon target, KiB), live only."""
         ...
 
+    async def current_memory(self, vm_name: str) -> int:
+        """The memory (KiB) a running guest has now, as its balloon reports it live (libvirt:
+        ``memoryStats()['actual']``, which asks QEMU, rather than the current memory libvirt
+        caches from QEMU's BALLOON_CHANGE events, which QEMU sends at most once a second)."""
+        ...
+
     async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
         """Pre-checks before anything is touched: the destination is reachable (else
         ``ConnectionFailed``), has no active domain of that name, accepts the guest's CPU and

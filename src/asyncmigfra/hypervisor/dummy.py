@@ -118,6 +118,10 @@ class DummyHypervisor:
     async def set_memory(self, vm_name: str, kib: int, ctx: OpContext) -> None:
         self._check()
 
+    async def current_memory(self, vm_name: str) -> int:
+        self._check()
+        return 0
+
     async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
         self._check()
 

@@ -1284,6 +1284,12 @@ class FakeHypervisor:
             )
         dom.balloon = kib
 
+    async def current_memory(self, vm_name: str) -> int:
+        """What the balloon left the guest (``memory`` when it was never set)."""
+        await self._enter("current-memory")
+        dom = self._domain(vm_name)
+        return dom.memory if dom.balloon is None else dom.balloon
+
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         await self._enter("repin")
         dom = self._domain(vm_name)

@@ -2421,6 +2421,20 @@ class LibvirtHypervisor:
 
         await self._mapped(self.uri, op, "Error setting memory: ")
 
+    async def current_memory(self, vm_name: str) -> int:
+        """``memoryStats()['actual']`` (QEMU's live balloon value), else ``info()`` (drivers
+        without memory statistics, a guest without a balloon device)."""
+
+        def op(conn: Any) -> int:
+            dom = conn.lookupByName(vm_name)
+            try:
+                actual = dom.memoryStats().get("actual")
+            except libvirt.libvirtError:
+                actual = None
+            return int(actual) if actual else int(dom.info()[2])
+
+        return await self._mapped(self.uri, op)
+
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         """Pin live and in the config for a running persistent domain, live for a transient
         one, in the config for a shut-off one."""
