@@ -227,6 +227,16 @@ class _Progress:
     percent: float = 0.0
     started: float = field(default_factory=time.monotonic)
     last: JobStats | None = None
+    #: ``time.monotonic()`` when ``last`` was taken.
+    last_at: float = 0.0
+
+    def elapsed(self) -> float:
+        """s since the job started, on the back-end's clock (its samples' ``elapsed``) carried
+        forward by the wall clock since the last sample, so it never goes backwards."""
+        now = time.monotonic()
+        if self.last is None:
+            return now - self.started
+        return self.last.elapsed + (now - self.last_at)
 
     def fields(
         self, stats: JobStats | None, *, phase: str, action: str | None, downtime: int | None
@@ -234,6 +244,7 @@ class _Progress:
         out: dict[str, object] = {"phase": phase}
         if stats is not None:
             self.last = stats
+            self.last_at = time.monotonic()
             total = stats.memory_processed + stats.memory_remaining
             if total > 0:
                 pct = 100.0 * stats.memory_processed / total
@@ -257,7 +268,7 @@ class _Progress:
             out.update(
                 {
                     "iteration": 0,
-                    "elapsed": round(time.monotonic() - self.started, 3),
+                    "elapsed": round(self.elapsed(), 3),
                     "percent": round(self.percent, 1),
                 }
             )
@@ -272,7 +283,7 @@ class _Progress:
         last = self.last
         out: dict[str, object] = {"phase": "completed"}
         out["iteration"] = last.iteration if last else 0
-        out["elapsed"] = round(time.monotonic() - self.started, 3)
+        out["elapsed"] = round(self.elapsed(), 3)
         out["percent"] = 100.0
         if last is not None:
             out["memory-total"] = last.memory_total
@@ -492,7 +503,7 @@ async def _shrink(
     ctx.phase(f"hook:{hook.name}")
     try:
         with ctx.measure(f"hook-{hook.name}"):
-            current = await memory_of(host, vm)
+            current = await host.current_memory(vm)
             if current <= 0:
                 raise HookFailed(f"the size of {vm} is unknown")
             target = hook.memory_target_mib(current / 1024) * 1024
@@ -531,7 +542,7 @@ async def _wait_for_balloon(
     deadline = time.monotonic() + limit
     last, last_change = start, time.monotonic()
     while True:
-        now = await memory_of(host, vm)
+        now = await host.current_memory(vm)
         tick = time.monotonic()
         if now != last:
             last, last_change = now, tick

@@ -123,6 +123,16 @@ def test_percent_never_decreases_and_stays_below_100_until_done():
     assert progress.final(downtime=300)["percent"] == 100.0
 
 
+def test_elapsed_never_goes_backwards_into_the_final_event():
+    """The back-end's clock (a fake with a time scale runs ahead of the wall clock) carries
+    on into the last event instead of jumping back to wall-clock time."""
+    progress = _Progress(max_downtime=None)
+    sampled = progress.fields(stats(5, 1 << 20), phase="migrating", action=None, downtime=None)
+    assert sampled["elapsed"] == 5.0
+    final = progress.final(downtime=None)
+    assert 5.0 <= float(final["elapsed"]) < 6.0  # type: ignore[arg-type]
+
+
 def test_time_measurement_accumulates_repeated_tags_and_reports_running_ones():
     timer = TimeMeasurement(enabled=True)
     with timer.measure("migrate"):
