@@ -513,6 +513,8 @@ class Dispatcher:
             exc = TaskCancelled(run.cancel_reason)
             timer = run.ctx.timer if run.ctx else None
             entry = error_entry(run.spec.result_name, exc, timer)
+            if run.ctx is not None:  # what the operation recorded (a swap's partner outcome)
+                entry.extra = {k: v for k, v in run.ctx.extra.items() if k != "details"}
             self._report(job, entry, time.monotonic() - (run.started or job.received))
             return [entry]
         except Exception as exc:

@@ -126,12 +126,22 @@ async def swap(
         order, first = await _prepare(halves, hypervisor=hypervisor, settings=settings)
     log.info("swap.planned", partner=partner.vm_name, order=order, first=first.vm)
     with ctx.measure("migrate"):
-        if order == "parallel":
-            await _parallel(halves, settings=settings, bus=bus)
-        else:
-            second = halves[1] if first is halves[0] else halves[0]
-            await _sequential(first, second, settings=settings, bus=bus)
-    return _report(halves, ctx, order)
+        try:
+            if order == "parallel":
+                await _parallel(halves, settings=settings, bus=bus)
+            else:
+                second = halves[1] if first is halves[0] else halves[0]
+                await _sequential(first, second, settings=settings, bus=bus)
+        except asyncio.CancelledError:
+            # The cancelled entry still says what became of VM 2.
+            for half in halves:
+                if half.result is None and half.error is None:
+                    half.stopped = True
+                    half.error = TaskCancelled(f"cancelled; {half.vm} stays on {half.source}")
+            _record(halves, ctx, order)
+            raise
+    _record(halves, ctx, order)
+    return _outcome(halves)
 
 
 async def _prepare(
@@ -234,8 +244,8 @@ async def _sequential(
     await _run(second, settings=settings, bus=bus)
 
 
-def _report(halves: list[_Half], ctx: EngineContext, order: Order) -> MigrationResult:
-    """Both outcomes into the result: VM 1's at the top, VM 2's under ``swap-with``."""
+def _record(halves: list[_Half], ctx: EngineContext, order: Order) -> None:
+    """Both outcomes into the result: VM 1's keys at the top, VM 2's under ``swap-with``."""
     ours, theirs = halves
     for key, value in ours.ctx.extra.items():
         ctx.extra[key] = value
@@ -250,6 +260,11 @@ def _report(halves: list[_Half], ctx: EngineContext, order: Order) -> MigrationR
         sub[key] = value
     sub["order"] = order
     ctx.extra["swap-with"] = sub
+
+
+def _outcome(halves: list[_Half]) -> MigrationResult:
+    """VM 1's result, or the error to report: VM 1's own failure first, else VM 2's."""
+    ours, theirs = halves
     if ours.error is not None and not ours.stopped:
         if theirs.error is not None and not theirs.stopped:
             raise type(ours.error)(f"{ours.error}; swap-with {theirs.vm}: {theirs.error}")

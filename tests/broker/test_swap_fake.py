@@ -159,6 +159,13 @@ async def test_cancel_during_a_swap_leaves_both_where_they_were(mosquitto):
         assert r["list"][0]["status"] == "success", r
         rm = await sched.result_for("sw", timeout=30)
         assert (rm["status"], rm["code"]) == ("error", "cancelled"), rm
+        assert rm["swap-with"] == {
+            "vm-name": "y2",
+            "status": "error",
+            "code": "cancelled",
+            "details": f"cancelled; y2 stays on {dest}",
+            "order": "parallel",
+        }
         assert (_where(shared, "y1"), _where(shared, "y2")) == (src, dest)
         assert not _cluster(shared).jobs  # both jobs aborted, nothing left running
 
