@@ -220,6 +220,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     mig.add_argument("--auto-converge", action="store_true", help="let QEMU throttle the guest")
     mig.add_argument(
+        "--swap-with",
+        metavar="VM2",
+        help="swap: VM2 (running on B) comes to A while VM goes to B (parameter swap-with)",
+    )
+    mig.add_argument(
         "--follow",
         action="store_true",
         help="live progress, Ctrl-C offers to cancel, a summary with the real downtime",
@@ -403,6 +408,7 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
             destination=args.destination,
             params=params,
             follow=args.follow,
+            swap_with=args.swap_with,
             **common,
         )
     if cmd == "start":

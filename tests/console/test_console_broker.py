@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import select
 import signal
 import subprocess
@@ -225,6 +226,45 @@ def test_migrate_json_and_plain_follow(shared_served, capsys):
     assert "web-2 migrated from host-b to host-a" in lines
     assert any(ln.startswith("  downtime     ") and "ms" in ln for ln in lines)
     assert "\x1b" not in out
+
+
+def test_migrate_swap_with_follow_moves_both_vms(served, capsys):
+    """``--swap-with``: web-1 goes host-a -> host-b while web-2 comes back; the plain view
+    names the VM on each line, the summary reports both moves and the order."""
+    # A swap needs a VM on the destination: send web-2 there first.
+    code, _, err = run(served, capsys, "migrate", "web-2", "--from", "host-a", "--to", "host-b")
+    assert code == 0, err
+    code, out, err = run(
+        served, capsys, "migrate", "web-1", "--from", "host-a", "--to", "host-b",
+        "--swap-with", "web-2", "--live", "--follow",
+    )  # fmt: skip
+    assert code == 0, out + err
+    lines = out.splitlines()
+    assert lines[0].startswith(
+        "Swapping web-1 (host-a -> host-b) with web-2 (host-b -> host-a)  (live, id migrate-"
+    )
+    progress = [ln.split()[2] for ln in lines if " progress  " in ln]
+    assert {"web-1", "web-2"} <= set(progress), lines
+    assert any(re.search(r"web-1\s+progress  completed 100\.0 %", ln) for ln in lines)
+    assert any(re.search(r"web-2\s+progress  completed 100\.0 %", ln) for ln in lines)
+    assert "web-1 migrated from host-a to host-b" in lines
+    assert "web-2 migrated from host-b to host-a" in lines
+    assert "  order        parallel" in lines
+    assert any(re.fullmatch(r"  downtime     web-1 [\d.]+ ms; web-2 [\d.]+ ms", ln) for ln in lines)
+    assert "\x1b" not in out
+    # Where are they now?
+    for host, vm in (("host-b", "web-1"), ("host-a", "web-2")):
+        code, out, _ = run(served, capsys, "status", host, "--json")
+        assert json.loads(out)["list"][0]["status"] == "success"
+        assert vm in {e["vm-name"] for e in json.loads(out)["list"]}
+    # A swap whose partner is not on the destination fails (exit 1), and says so for both.
+    code, out, _ = run(
+        served, capsys, "migrate", "web-1", "--from", "host-b", "--to", "host-a",
+        "--swap-with", "nope", "--follow",
+    )  # fmt: skip
+    assert code == 1
+    assert "web-1 was NOT migrated: vm-not-found: " in out
+    assert "nope was NOT migrated: the swap ended before its half started" in out
 
 
 def test_migrate_failure_without_follow_exit_1(shared_served, capsys):

@@ -7,6 +7,7 @@ import socket
 import time
 
 import pytest
+from rich.console import Console
 
 from asyncmigfra import cli
 from asyncmigfra.console.connection import Connection, parse_broker, read_password
@@ -16,12 +17,14 @@ from asyncmigfra.console.output import Out, event_fields, fmt_bytes
 from asyncmigfra.console.tasks import (
     ensure_id,
     evacuate_task,
+    failures,
     list_task,
     migrate_task,
     start_task,
     succeeded,
 )
 from asyncmigfra.errors import TaskRejected
+from asyncmigfra.model import SwapWith
 from asyncmigfra.parsing import parse_task
 
 GIB = 1024**3
@@ -200,6 +203,16 @@ def test_task_builders_parse_as_intended():
         "suspend",
         True,
     )
+    # swap-with: a nested map, its value quoted like the others (a VM named "0012" stays a
+    # string), read back by the agent's parser as a SwapWith.
+    payload = migrate_task(
+        "m-2", "web-1", "host-b", {"migration-type": "live", "swap-with": {"vm-name": "0012"}}
+    )
+    assert b'parameter:\n  migration-type: "live"\n  swap-with:\n    vm-name: "0012"\n' in payload
+    (spec,) = parse_task(payload).subtasks
+    assert spec.parameter.swap_with == SwapWith(vm_name="0012")  # type: ignore[attr-defined]
+    assert spec.parameter.migration_type == "live"  # type: ignore[attr-defined]
+    assert b"swap-with" not in migrate_task("m-3", "v", "b", {"swap-with": {"vm-name": None}})
     m = parse_task(list_task("stop vm", "s-1", ["a", "0012"], force=True, undefine=False))
     assert [s.result_name for s in m.subtasks] == ["a", "0012"]
     assert m.subtasks[0].force  # type: ignore[attr-defined]
@@ -305,3 +318,260 @@ def test_out_json_lines():
     out.json_line({"a": 1, "b": "ü"})
     assert buf.getvalue() == '{"a": 1, "b": "ü"}\n'
     assert not out.tty
+
+
+# ------------------------------------------------------------------------------ swap view
+
+
+def _progress(vm: str, pct: float, iteration: int, **extra: object) -> dict:
+    return {
+        "event": "progress",
+        "id": "t",
+        "vm-name": vm,
+        "phase": "migrating",
+        "percent": pct,
+        "iteration": iteration,
+        "memory-total": 2 * GIB,
+        "data-remaining": GIB,
+        **extra,
+    }
+
+
+def _swap_view() -> MigrationView:
+    return MigrationView(
+        vm="web-1", source="host-a", destination="host-b", task_id="t",
+        migration_type="live", swap_with="web-2",
+    )  # fmt: skip
+
+
+def test_swap_view_keeps_one_lane_per_vm():
+    """The two halves' events share the task id; each goes to its own VM's bar."""
+    v = _swap_view()
+    assert v.header() == (
+        "Swapping web-1 (host-a -> host-b) with web-2 (host-b -> host-a)  (live, id t)"
+    )
+    events = [
+        {"event": "accepted", "id": "t", "task": "migrate vm", "vm-names": ["web-1"]},
+        {"event": "phase", "id": "t", "vm-name": "web-1", "phase": "pre-checks"},
+        {"event": "phase", "id": "t", "vm-name": "web-1", "phase": "migrating"},
+        {"event": "phase", "id": "t", "vm-name": "web-2", "phase": "migrating"},
+        _progress("web-1", 10.0, 1),
+        _progress("web-2", 40.0, 1),
+        _progress("web-1", 20.0, 1),
+        _progress("web-2", 80.0, 2, action="raise-downtime", **{"max-downtime": 53}),
+        {**_progress("web-2", 100.0, 2, downtime=12.5), "phase": "completed"},
+        _progress("web-1", 30.0, 1),
+        {"event": "error", "id": "t", "vm-name": "web-2", "code": "hook-failed", "details": "x"},
+    ]
+    plain = []
+    for doc in events:
+        v.feed(doc)
+        plain.append(v.plain(doc).split(None, 2)[2])  # without the elapsed time
+    one, two = v.lanes["web-1"], v.lanes["web-2"]
+    assert (one.source, one.destination, two.source, two.destination) == (
+        "host-a", "host-b", "host-b", "host-a",
+    )  # fmt: skip
+    assert one.percents == [10.0, 20.0, 30.0]
+    assert two.percents == [40.0, 80.0, 100.0]
+    assert (one.phase, two.phase) == ("migrating", "completed")
+    assert (one.passes, two.passes) == (1, 2)
+    assert (one.actions, two.actions) == ([], ["raise-downtime to 53 ms"])
+    assert (one.final_downtime, two.final_downtime) == (None, 12.5)
+    # The one-VM names are VM 1's lane.
+    assert (v.percents, v.percent, v.phase) == ([10.0, 20.0, 30.0], 30.0, "migrating")
+    assert v.action_text() == "web-1: none; web-2: raise-downtime to 53 ms"
+    assert v.notes == ["web-2: error: hook-failed: x"]
+    # Plain lines name the VM of each event ("-" for the task's own events).
+    assert plain[0] == "-      accepted  migrate vm [web-1]"
+    assert plain[3] == "web-2  phase     migrating"
+    assert plain[4].startswith("web-1  progress  migrating  10.0 %  pass 1")
+    assert plain[5].startswith("web-2  progress  migrating  40.0 %  pass 1")
+    assert plain[8].startswith("web-2  progress  completed 100.0 %  pass 2")
+
+
+def test_swap_view_renders_one_bar_per_vm():
+    v = _swap_view()
+    v.feed(_progress("web-1", 25.0, 1))
+    v.feed(_progress("web-2", 75.0, 3))
+    buf = io.StringIO()
+    Console(file=buf, width=160, color_system=None).print(v)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("Swapping web-1 (host-a -> host-b) with web-2")
+    bar1 = next(ln for ln in lines if ln.startswith("web-1 host-a -> host-b "))
+    bar2 = next(ln for ln in lines if ln.startswith("web-2 host-b -> host-a "))
+    assert bar1.endswith(" 25.0 % pass 1 phase migrating")
+    assert bar2.endswith(" 75.0 % pass 3 phase migrating")
+    assert "web-1  remaining 1.0 GiB   of 2.0 GiB" in lines
+    assert "web-2  actions: none" in lines
+    assert any(ln.startswith("elapsed ") for ln in lines)
+    # The one-VM view is unchanged: a single bar with its elapsed time.
+    one = MigrationView(vm="v", source="a", destination="b", task_id="t")
+    one.feed(_progress("v", 50.0, 2))
+    buf = io.StringIO()
+    Console(file=buf, width=160, color_system=None).print(one)
+    text = buf.getvalue()
+    assert "Migrating v from a to b  (agent's default type, id t)" in text
+    assert " 50.0 % pass 2 elapsed " in text
+    assert "web" not in text
+
+
+def _summary(v: MigrationView, result: dict) -> list[str]:
+    return [t for t, _ in v.summary(result, 3.0)]
+
+
+def test_swap_summary_reports_both_moves_and_the_order():
+    v = _swap_view()
+    v.feed({**_progress("web-1", 100.0, 3), "phase": "completed"})
+    v.feed({**_progress("web-2", 100.0, 1, downtime=9.0), "phase": "completed"})
+    result = {
+        "result": "vm migrated", "vm-name": "web-1", "status": "success",
+        "time-measurement": {"migrate-web-1": 2.3, "downtime-web-1": 0.0151, "migrate-web-2": 1.3,
+                             "migrate": 2.4, "overall": 2.5},
+        "destination": "host-b",
+        "swap-with": {"vm-name": "web-2", "status": "success", "destination": "host-a",
+                      "order": "sequential"},
+        "id": "t",
+    }  # fmt: skip
+    assert _summary(v, result) == [
+        "web-1 migrated from host-a to host-b",
+        "web-2 migrated from host-b to host-a",
+        "  order        sequential",
+        "  total time   3.00 s  (agent: migrate 2.400 s, overall 2.500 s)",
+        "  downtime     web-1 15.1 ms; web-2 9 ms (final progress event)",
+        "  passes       web-1 3, web-2 1",
+        "  actions      web-1: none; web-2: none",
+    ]
+    assert v.ok(result)
+    assert succeeded(result)
+
+
+_FAILED_HALVES = {
+    # VM 2's repin failed after it arrived; VM 1 moved (protocol §3.6).
+    "partner-failed-after-arrival": (
+        {"status": "error", "code": "hook-failed", "destination": "host-b",
+         "details": "swap-with web-2: repin failed: bad map",
+         "swap-with": {"vm-name": "web-2", "status": "error", "code": "hook-failed",
+                       "details": "repin failed: bad map", "destination": "host-a",
+                       "order": "parallel"}},
+        ["web-1 migrated from host-a to host-b",
+         "web-2 moved from host-b to host-a, but: hook-failed: repin failed: bad map",
+         "  order        parallel"],
+    ),
+    # VM 1 failed; VM 2's half was stopped and stays home.
+    "vm1-failed-partner-stopped": (
+        {"status": "error", "code": "migration-failed", "details": "Migration failed: boom",
+         "swap-with": {"vm-name": "web-2", "status": "error", "code": "cancelled",
+                       "details": "stopped because the migration of web-1 failed; web-2 stays"
+                                  " on host-b", "order": "parallel"}},
+        ["web-1 was NOT migrated: migration-failed: Migration failed: boom",
+         "  web-1 stays on host-a",
+         "web-2 was NOT migrated: cancelled: stopped because the migration of web-1 failed;"
+         " web-2 stays on host-b",
+         "  order        parallel"],
+    ),
+    # VM 2 failed; VM 1 was stopped: the top-level details carry both, VM 2's first.
+    "partner-failed-vm1-stopped": (
+        {"status": "error", "code": "migration-failed",
+         "details": "swap-with web-2: Migration failed: boom; stopped because the migration of"
+                    " web-2 failed; web-1 stays on host-a",
+         "swap-with": {"vm-name": "web-2", "status": "error", "code": "migration-failed",
+                       "details": "Migration failed: boom", "order": "sequential"}},
+        ["web-1 was NOT migrated: stopped because the migration of web-2 failed; web-1 stays"
+         " on host-a",
+         "web-2 was NOT migrated: migration-failed: Migration failed: boom",
+         "  web-2 stays on host-b",
+         "  order        sequential"],
+    ),
+    # Both failed.
+    "both-failed": (
+        {"status": "error", "code": "timeout",
+         "details": "Migration timed out; swap-with web-2: Migration failed: boom",
+         "swap-with": {"vm-name": "web-2", "status": "error", "code": "migration-failed",
+                       "details": "Migration failed: boom", "order": "parallel"}},
+        ["web-1 was NOT migrated: timeout: Migration timed out",
+         "  web-1 stays on host-a",
+         "web-2 was NOT migrated: migration-failed: Migration failed: boom",
+         "  web-2 stays on host-b",
+         "  order        parallel"],
+    ),
+    # Refused in the pre-checks: no swap-with map, nothing moved.
+    "refused-before-anything-moved": (
+        {"status": "error", "code": "incompatible-destination",
+         "details": "neither host has room"},
+        ["web-1 was NOT migrated: incompatible-destination: neither host has room",
+         "web-2 was NOT migrated: the swap ended before its half started"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_FAILED_HALVES))
+def test_swap_summary_reports_the_failure_of_either_half(case):
+    fields, expected = _FAILED_HALVES[case]
+    result = {"result": "vm migrated", "vm-name": "web-1", **fields, "id": "t"}
+    lines = _summary(_swap_view(), result)
+    assert lines[: len(expected)] == expected
+    assert lines[len(expected)].startswith("  total time   3.00 s")
+    assert not _swap_view().ok(result)
+    assert not succeeded(result)
+
+
+def test_swap_summary_without_a_swap_with_map_goes_by_vm2s_events():
+    """A cancelled swap's result may carry VM 1 only: VM 2's line then says what its own
+    events showed (running: stopped with the task and stays; completed: it arrived)."""
+    cancelled = {"result": "vm migrated", "vm-name": "web-1", "status": "error",
+                 "code": "cancelled", "details": "cancelled by task 'c-1'", "id": "t"}  # fmt: skip
+    v = _swap_view()
+    v.feed(_progress("web-1", 5.0, 1))
+    v.feed(_progress("web-2", 10.0, 1))
+    v.cancel_answer = "accepted by host-a (running)"
+    assert _summary(v, cancelled) == [
+        "web-1 was NOT migrated: cancelled: cancelled by task 'c-1'",
+        "  web-1 stays on host-a",
+        "web-2 was NOT migrated: the task ended with cancelled",
+        "  web-2 stays on host-b",
+        "  total time   3.00 s",
+        "  passes       web-1 1, web-2 1",
+        "  actions      web-1: none; web-2: none",
+        "  cancel       accepted by host-a (running)",
+    ]
+    v.feed({**_progress("web-2", 100.0, 1), "phase": "completed"})
+    assert _summary(v, cancelled)[2] == (
+        "web-2: the result reports no outcome for it; its last progress event said completed"
+        " (host-b -> host-a)"
+    )
+    assert not v.ok(cancelled)
+
+
+def test_swap_exit_status_needs_both_halves():
+    """The agent already sets the top-level status to error when either half failed; the
+    client does not rely on it, and a swap whose result says nothing of VM 2 is no success."""
+    half = {"vm-name": "web-2", "status": "error", "code": "x", "details": "y"}
+    doc = {"result": "vm migrated", "status": "success", "swap-with": half}
+    assert not succeeded(doc)
+    assert failures(doc) == ["web-2: x: y"]
+    plain = {"result": "vm migrated", "status": "success", "destination": "host-b"}
+    assert succeeded(plain)
+    assert not _swap_view().ok(plain)
+    assert _summary(_swap_view(), plain)[:2] == [
+        "web-1 migrated from host-a to host-b",
+        "web-2 was NOT migrated: the result reports no outcome for it (does the agent know"
+        " swap-with?)",
+    ]
+    assert MigrationView(vm="v", source="a", destination="b", task_id="t").ok(plain)
+
+
+def test_migrate_swap_with_option():
+    args = cli._parser().parse_args(
+        ["migrate", "web-1", "--from", "a", "--to", "b", "--swap-with", "web-2", "--follow"]
+    )
+    assert (args.vm, args.swap_with, args.follow) == ("web-1", "web-2", True)
+    assert cli._parser().parse_args(["migrate", "v", "--from", "a", "--to", "b"]).swap_with is None
+
+
+def test_swap_with_itself_is_a_usage_error(capsys):
+    # Refused before any connection is made (the broker port is closed).
+    port = _closed_port()
+    code = cli.main(["migrate", "v", "--from", "a", "--to", "b", "--swap-with", "v",
+                     "--broker", f"127.0.0.1:{port}"])  # fmt: skip
+    assert code == USAGE
+    assert "--swap-with: 'v' cannot swap with itself" in capsys.readouterr().err

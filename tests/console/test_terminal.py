@@ -53,6 +53,45 @@ def test_migrate_follow_shows_the_bar_advancing_and_a_summary(served: Served, te
     assert re.search(r"actions\s+", screen)
 
 
+_SWAP_BAR = re.compile(
+    r"^(web-[12]) +(host-[ab] -> host-[ab]) [━╸╺─ -]{10,}\s+(\d{1,3}\.\d) % pass \d+ phase",
+    re.MULTILINE,
+)
+
+
+def test_migrate_swap_with_follow_shows_one_bar_per_vm(served: Served, terminal: Terminal):
+    assert served.cli("migrate", "web-2", "--from", "host-a", "--to", "host-b").returncode == 0
+    terminal.run(
+        served.command(
+            "migrate", "web-1", "--from", "host-a", "--to", "host-b", "--swap-with", "web-2",
+            "--live", "--bandwidth", "500", "--follow",
+        )
+    )  # fmt: skip
+    seen: dict[str, list[float]] = {"web-1": [], "web-2": []}
+    routes: set[tuple[str, str]] = set()
+
+    def record(screen: str) -> None:
+        bars = _SWAP_BAR.findall(screen)
+        assert len({vm for vm, _, _ in bars}) == len(bars), screen  # one bar per VM
+        for vm, route, pct in bars:
+            routes.add((vm, route))
+            if not seen[vm] or seen[vm][-1] != float(pct):
+                seen[vm].append(float(pct))
+
+    screen = terminal.wait_for(lambda s: exit_code(s) is not None, 30, every=record)
+    assert exit_code(screen) == 0, screen
+    assert routes == {("web-1", "host-a -> host-b"), ("web-2", "host-b -> host-a")}
+    for vm, pcts in seen.items():
+        assert len({p for p in pcts if p < 100}) >= 2, f"{vm}'s bar never moved: {seen}"
+        assert pcts == sorted(pcts), seen
+        assert pcts[-1] == 100.0
+    assert "Swapping web-1 (host-a -> host-b) with web-2 (host-b -> host-a)  (live, id" in screen
+    assert "web-1 migrated from host-a to host-b" in screen
+    assert "web-2 migrated from host-b to host-a" in screen
+    assert re.search(r"order\s+parallel", screen)
+    assert re.search(r"passes\s+web-1 \d+, web-2 \d+", screen)
+
+
 def test_ctrl_c_offers_cancel_and_cancelling_keeps_the_vm_on_the_source(
     served: Served, terminal: Terminal
 ):

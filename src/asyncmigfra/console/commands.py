@@ -135,8 +135,16 @@ async def migrate(
     follow: bool,
     limit: float | None,
     force: bool,
+    swap_with: str | None = None,
 ) -> int:
-    """``migrate vm`` on ``source``; with ``follow`` the live view, Ctrl-C and a summary."""
+    """``migrate vm`` on ``source``; with ``follow`` the live view, Ctrl-C and a summary.
+
+    ``swap_with``: a VM on ``destination`` that comes to ``source`` meanwhile
+    (``parameter.swap-with``); the view then shows both VMs and the summary both outcomes."""
+    if swap_with is not None:
+        if swap_with == vm:
+            raise CliError(USAGE, f"--swap-with: {vm!r} cannot swap with itself")
+        params = {**params, "swap-with": {"vm-name": swap_with}}
     task_id = fresh_id("migrate")
     payload = migrate_task(task_id, vm, destination, params)
     if not follow:
@@ -149,6 +157,7 @@ async def migrate(
         destination=destination,
         task_id=task_id,
         migration_type=None if mtype is None else str(mtype),
+        swap_with=swap_with,
     )
     async with open_session(conn) as session:
         await session.subscribe_host(source)
@@ -162,7 +171,7 @@ async def migrate(
     else:
         for text, style in view.summary(result.doc, wall):
             out.line(text, style)
-    return OK if succeeded(result.doc) else FAILED
+    return OK if view.ok(result.doc) else FAILED
 
 
 async def start(

@@ -8,6 +8,12 @@ downtime target, switched to post-copy, suspended the guest). The summary adds t
 the ``downtime`` of the final ``completed`` progress event (ms), so a person sees the real
 cost of the switchover, not an estimate.
 
+A swap (``--swap-with``, protocol §3.6) moves two VMs under one task id; each half's
+``phase`` and ``progress`` events carry its own ``vm-name``. The view keeps one lane (bar,
+statistics, actions) per VM, fed by that name, so the two never mix; plain lines name the VM;
+the summary reports VM 1 from the result's top level and VM 2 from its ``swap-with`` map,
+with the order (``parallel`` or ``sequential``) and either half's failure.
+
 Ctrl-C does not kill the client: it stops the live display and asks whether to cancel the
 migration. "y" publishes ``task: cancel`` with ``target: <id>`` and keeps waiting for the
 migration's own result, which then says whether the VM stayed on the source (``cancelled``)
@@ -34,46 +40,39 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
     from rich.live import Live
 
-__all__ = ["MigrationView", "follow_migration"]
+__all__ = ["MigrationView", "VmLane", "follow_migration"]
 
 #: Codes after which the protocol guarantees the guest still runs on the source (§3.6, §6).
 _STAYS_ON_SOURCE = frozenset({"cancelled", "timeout", "migration-failed"})
 
 
 @dataclass
-class MigrationView:
-    """Everything known about one migration, fed with its events; renders itself for rich."""
+class VmLane:
+    """One VM's move as its events tell it: phase, progress, the agent's actions. A plain
+    migration has one lane; a swap two, fed by the ``vm-name`` of each event."""
 
     vm: str
     source: str
     destination: str
-    task_id: str
-    migration_type: str | None = None
-    started: float = field(default_factory=time.monotonic)
     phase: str = "sent"
     progress: dict[str, Any] | None = None
     percents: list[float] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     #: Downtime (ms) from the final ``completed`` progress event.
     final_downtime: float | None = None
-    cancel_id: str | None = None
-    cancel_answer: str | None = None
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
 
     @property
     def percent(self) -> float:
         return self.percents[-1] if self.percents else 0.0
 
+    @property
+    def passes(self) -> int:
+        return int((self.progress or {}).get("iteration", 0) or 0)
+
     def feed(self, doc: Mapping[str, Any]) -> None:
-        """Take one event of this task into account."""
+        """A ``phase`` or ``progress`` event of this VM."""
         kind = doc.get("event")
-        if kind == "accepted":
-            self.phase = "accepted"
-        elif kind == "phase":
+        if kind == "phase":
             self.phase = str(doc.get("phase", "?"))
             if self.phase == "retry-wait":
                 self.actions.append("retry")
@@ -90,17 +89,6 @@ class MigrationView:
                 self.actions.append(str(action))
             if doc.get("phase") == "completed" and isinstance(doc.get("downtime"), int | float):
                 self.final_downtime = float(doc["downtime"])
-        elif kind in {"error", "rejected"}:
-            self.notes.append(f"{kind}: {doc.get('code', '?')}: {doc.get('details', '')}")
-
-    # ------------------------------------------------------------------ text
-
-    def header(self) -> str:
-        kind = self.migration_type or "agent's default type"
-        return (
-            f"Migrating {self.vm} from {self.source} to {self.destination}"
-            f"  ({kind}, id {self.task_id})"
-        )
 
     def stats(self) -> str:
         p = self.progress or {}
@@ -116,16 +104,129 @@ class MigrationView:
     def action_text(self) -> str:
         return ", ".join(self.actions) if self.actions else "none"
 
+
+@dataclass
+class MigrationView:
+    """Everything known about one migration (or a swap: ``swap_with`` names the VM that
+    comes from ``destination`` to ``source``), fed with its events; renders itself for
+    rich."""
+
+    vm: str
+    source: str
+    destination: str
+    task_id: str
+    migration_type: str | None = None
+    #: The partner of a swap (``parameter.swap-with.vm-name``); ``None``: one VM moves.
+    swap_with: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    notes: list[str] = field(default_factory=list)
+    cancel_id: str | None = None
+    cancel_answer: str | None = None
+    #: One lane per VM in play, VM 1 first.
+    lanes: dict[str, VmLane] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lanes = {self.vm: VmLane(self.vm, self.source, self.destination)}
+        if self.swap_with is not None:
+            self.lanes[self.swap_with] = VmLane(self.swap_with, self.destination, self.source)
+
+    # VM 1's lane, under the names the one-VM view has always had.
+
+    @property
+    def main(self) -> VmLane:
+        return self.lanes[self.vm]
+
+    @property
+    def phase(self) -> str:
+        return self.main.phase
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        return self.main.progress
+
+    @property
+    def percents(self) -> list[float]:
+        return self.main.percents
+
+    @property
+    def actions(self) -> list[str]:
+        return self.main.actions
+
+    @property
+    def final_downtime(self) -> float | None:
+        return self.main.final_downtime
+
+    @property
+    def percent(self) -> float:
+        return self.main.percent
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def _lane(self, doc: Mapping[str, Any]) -> VmLane:
+        """The lane of the event's ``vm-name``; VM 1's for anything else (a one-VM view
+        takes every event of the task, whatever it names)."""
+        return self.lanes.get(str(doc.get("vm-name")), self.main)
+
+    def feed(self, doc: Mapping[str, Any]) -> None:
+        """Take one event of this task into account."""
+        kind = doc.get("event")
+        if kind == "accepted":
+            for lane in self.lanes.values():
+                lane.phase = "accepted"
+        elif kind in {"phase", "progress"}:
+            self._lane(doc).feed(doc)
+        elif kind in {"error", "rejected"}:
+            who = f"{doc['vm-name']}: " if self.swap_with is not None and "vm-name" in doc else ""
+            self.notes.append(f"{who}{kind}: {doc.get('code', '?')}: {doc.get('details', '')}")
+
+    # ------------------------------------------------------------------ text
+
+    def header(self) -> str:
+        kind = self.migration_type or "agent's default type"
+        if self.swap_with is not None:
+            return (
+                f"Swapping {self.vm} ({self.source} -> {self.destination}) with"
+                f" {self.swap_with} ({self.destination} -> {self.source})"
+                f"  ({kind}, id {self.task_id})"
+            )
+        return (
+            f"Migrating {self.vm} from {self.source} to {self.destination}"
+            f"  ({kind}, id {self.task_id})"
+        )
+
+    def stats(self) -> str:
+        return self.main.stats()
+
+    def action_text(self) -> str:
+        if self.swap_with is None:
+            return self.main.action_text()
+        return "; ".join(f"{lane.vm}: {lane.action_text()}" for lane in self.lanes.values())
+
+    def _name_width(self) -> int:
+        return max(len(vm) for vm in self.lanes)
+
     def plain(self, doc: Mapping[str, Any]) -> str:
-        """One line per event for a pipe or a log file."""
-        return f"{self.elapsed:7.1f} s  {doc.get('event', '?'):<8}  {event_fields(doc)}"
+        """One line per event for a pipe or a log file (with the VM's name in a swap)."""
+        who = ""
+        if self.swap_with is not None:
+            who = f"{doc.get('vm-name', '-')!s:<{self._name_width()}}  "
+        return f"{self.elapsed:7.1f} s  {who}{doc.get('event', '?'):<8}  {event_fields(doc)}"
+
+    def ok(self, result: Mapping[str, Any]) -> bool:
+        """The migration (both halves of a swap, whose result must report VM 2) succeeded."""
+        if self.swap_with is not None and not isinstance(result.get("swap-with"), Mapping):
+            return False
+        return succeeded(result)
 
     def summary(self, result: Mapping[str, Any], wall: float) -> list[tuple[str, str]]:
         """(text, rich style) lines for the end of the migration."""
+        if self.swap_with is not None:
+            return self._swap_summary(result, wall)
         ok = succeeded(result)
         lines: list[tuple[str, str]] = []
-        tm = result.get("time-measurement")
-        tm = tm if isinstance(tm, Mapping) else {}
+        tm = _timings(result)
         if ok:
             dest = result.get("destination", self.destination)
             lines.append((f"{self.vm} migrated from {self.source} to {dest}", "bold green"))
@@ -134,14 +235,7 @@ class MigrationView:
             lines.append((f"{self.vm} was NOT migrated: {why}", "bold red"))
             if result.get("code") in _STAYS_ON_SOURCE:
                 lines.append((f"  {self.vm} stays on {self.source}", "yellow"))
-        agent = ", ".join(
-            f"{k} {float(v):.3f} s"
-            for k, v in tm.items()
-            if k in {"overall", "migrate"} and isinstance(v, int | float)
-        )
-        lines.append(
-            (f"  total time   {wall:.2f} s" + (f"  (agent: {agent})" if agent else ""), "")
-        )
+        lines.append(_total_line(tm, wall))
         downtime = tm.get("downtime")
         parts = []
         if isinstance(downtime, int | float):
@@ -164,6 +258,93 @@ class MigrationView:
             lines.append((f"  cancel       {self.cancel_answer}", ""))
         return lines
 
+    def _swap_summary(self, result: Mapping[str, Any], wall: float) -> list[tuple[str, str]]:
+        """Both outcomes of a swap: VM 1 from the result's top level, VM 2 from its
+        ``swap-with`` map (protocol §3.6)."""
+        partner = self.lanes[str(self.swap_with)]
+        raw = result.get("swap-with")
+        sub: Mapping[str, Any] | None = raw if isinstance(raw, Mapping) else None
+        tm = _timings(result)
+        lines: list[tuple[str, str]] = []
+        # VM 1. The top-level status is ``error`` when either half failed; details starting
+        # with ``swap-with <vm2>: `` are VM 2's failure, with VM 1's own note (stopped, not
+        # started) after it, if any.
+        prefix = f"swap-with {partner.vm}: "
+        details = str(result.get("details", ""))
+        moved = result.get("destination")
+        own: str | None = None
+        if result.get("status") != "success":
+            if details.startswith(prefix):
+                theirs = str((sub or {}).get("details", ""))
+                note = details.removeprefix(prefix).removeprefix(theirs).removeprefix("; ")
+                if moved is None:
+                    own = note or f"stopped because the migration of {partner.vm} failed"
+            else:
+                mine = details.partition(f"; {prefix}")[0]
+                own = f"{result.get('code', 'error')}: {mine}"
+        elif moved is None:
+            moved = self.destination
+        lines.extend(_outcome(self.main, moved, own, str(result.get("code", ""))))
+        # VM 2.
+        if sub is None:
+            lines.extend(self._unreported(partner, result))
+        else:
+            moved = sub.get("destination")
+            own = None
+            if sub.get("status") != "success":
+                own = f"{sub.get('code', 'error')}: {sub.get('details', '')}"
+            elif moved is None:
+                moved = partner.destination
+            lines.extend(_outcome(partner, moved, own, str(sub.get("code", ""))))
+            lines.append((f"  order        {sub.get('order', '?')}", ""))
+        lines.append(_total_line(tm, wall))
+        parts = []
+        for lane in self.lanes.values():
+            downtime = tm.get(f"downtime-{lane.vm}")
+            if isinstance(downtime, int | float):
+                parts.append(f"{lane.vm} {float(downtime) * 1000:.1f} ms")
+            elif lane.final_downtime is not None:
+                parts.append(f"{lane.vm} {lane.final_downtime:g} ms (final progress event)")
+        if parts:
+            lines.append(("  downtime     " + "; ".join(parts), ""))
+        if any(lane.progress is not None for lane in self.lanes.values()):
+            passes = ", ".join(f"{lane.vm} {lane.passes}" for lane in self.lanes.values())
+            lines.append((f"  passes       {passes}", ""))
+        lines.append((f"  actions      {self.action_text()}", ""))
+        retries = [(self.vm, result.get("retries")), (partner.vm, (sub or {}).get("retries"))]
+        if any(n is not None for _, n in retries):
+            text = ", ".join(f"{vm} {n or 0}" for vm, n in retries)
+            lines.append((f"  retries      {text}", ""))
+        if self.ok(result) and result.get("details"):
+            lines.append((f"  note         {result['details']}", "yellow"))
+        if self.cancel_answer:
+            lines.append((f"  cancel       {self.cancel_answer}", ""))
+        return lines
+
+    @staticmethod
+    def _unreported(lane: VmLane, result: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """VM 2 of a result without a ``swap-with`` map (a refusal in the pre-checks; a
+        cancelled swap): what its own events said is all there is to go on."""
+        vm = lane.vm
+        if result.get("status") == "success":
+            why = "the result reports no outcome for it (does the agent know swap-with?)"
+            return [(f"{vm} was NOT migrated: {why}", "bold red")]
+        if lane.progress is None and lane.phase in {"sent", "accepted"}:
+            return [(f"{vm} was NOT migrated: the swap ended before its half started", "bold red")]
+        if lane.phase == "completed":
+            return [
+                (
+                    f"{vm}: the result reports no outcome for it; its last progress event said"
+                    f" completed ({lane.source} -> {lane.destination})",
+                    "bold yellow",
+                )
+            ]
+        code = str(result.get("code", "error"))
+        lines = [(f"{vm} was NOT migrated: the task ended with {code}", "bold red")]
+        if code in _STAYS_ON_SOURCE:  # a cancel or failure stops both halves (§3.6)
+            lines.append((f"  {vm} stays on {lane.source}", "yellow"))
+        return lines
+
     # ------------------------------------------------------------------ rich
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -172,19 +353,45 @@ class MigrationView:
         from rich.text import Text  # noqa: PLC0415
 
         yield Text(self.header(), style="bold")
-        bar = Table.grid(padding=(0, 1))
-        bar.add_row(
-            ProgressBar(
-                total=100.0, completed=self.percent, width=max(10, min(60, options.max_width - 60))
-            ),
-            Text(f"{self.percent:5.1f} %", style="bold"),
-            Text(f"pass {(self.progress or {}).get('iteration', 0)}"),
-            Text(f"elapsed {self.elapsed:.1f} s"),
-            Text(f"phase {self.phase}", style="blue"),
-        )
-        yield bar
-        yield Text(self.stats())
-        yield Text(f"actions: {self.action_text()}")
+        if self.swap_with is None:
+            bar = Table.grid(padding=(0, 1))
+            bar.add_row(
+                ProgressBar(
+                    total=100.0,
+                    completed=self.percent,
+                    width=max(10, min(60, options.max_width - 60)),
+                ),
+                Text(f"{self.percent:5.1f} %", style="bold"),
+                Text(f"pass {(self.progress or {}).get('iteration', 0)}"),
+                Text(f"elapsed {self.elapsed:.1f} s"),
+                Text(f"phase {self.phase}", style="blue"),
+            )
+            yield bar
+            yield Text(self.stats())
+            yield Text(f"actions: {self.action_text()}")
+        else:
+            # One bar per VM: the two halves run at their own pace (or one after the other).
+            width = self._name_width()
+            bars = Table.grid(padding=(0, 1))
+            for lane in self.lanes.values():
+                bars.add_row(
+                    Text(f"{lane.vm:<{width}}", style="bold"),
+                    Text(f"{lane.source} -> {lane.destination}"),
+                    ProgressBar(
+                        total=100.0,
+                        completed=lane.percent,
+                        width=max(10, min(50, options.max_width - 80)),
+                    ),
+                    Text(f"{lane.percent:5.1f} %", style="bold"),
+                    Text(f"pass {lane.passes}"),
+                    Text(f"phase {lane.phase}", style="blue"),
+                )
+            yield bars
+            for lane in self.lanes.values():
+                yield Text(f"{lane.vm:<{width}}  {lane.stats()}")
+            for lane in self.lanes.values():
+                yield Text(f"{lane.vm:<{width}}  actions: {lane.action_text()}")
+            yield Text(f"elapsed {self.elapsed:.1f} s")
         for note in self.notes[-3:]:
             yield Text(note, style="red")
         if self.cancel_id:
@@ -193,6 +400,36 @@ class MigrationView:
                 + (f": {self.cancel_answer}" if self.cancel_answer else "; waiting for the agent"),
                 style="yellow",
             )
+
+
+def _timings(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    tm = result.get("time-measurement")
+    return tm if isinstance(tm, Mapping) else {}
+
+
+def _total_line(tm: Mapping[str, Any], wall: float) -> tuple[str, str]:
+    agent = ", ".join(
+        f"{k} {float(v):.3f} s"
+        for k, v in tm.items()
+        if k in {"overall", "migrate"} and isinstance(v, int | float)
+    )
+    return (f"  total time   {wall:.2f} s" + (f"  (agent: {agent})" if agent else ""), "")
+
+
+def _outcome(lane: VmLane, moved: object, failure: str | None, code: str) -> list[tuple[str, str]]:
+    """The summary line(s) of one VM of a swap: where it went, or why it did not."""
+    if moved is not None and failure is None:
+        return [(f"{lane.vm} migrated from {lane.source} to {moved}", "bold green")]
+    if moved is not None:
+        return [(f"{lane.vm} moved from {lane.source} to {moved}, but: {failure}", "bold red")]
+    lines = [(f"{lane.vm} was NOT migrated: {failure}", "bold red")]
+    stays = f"stays on {lane.source}"
+    # A half stopped because the other failed stays where it was (protocol §3.6).
+    if (code in _STAYS_ON_SOURCE or "stopped because" in str(failure)) and stays not in str(
+        failure
+    ):
+        lines.append((f"  {lane.vm} {stays}", "yellow"))
+    return lines
 
 
 class _Display:

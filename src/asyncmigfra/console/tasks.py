@@ -87,27 +87,43 @@ def start_task(task_id: str, vms: Sequence[str], xmls: Sequence[str], *, probe: 
     return _finish(lines)
 
 
-def _parameters(params: Mapping[str, object]) -> list[str]:
+def _scalar(value: object) -> str:
+    if value is True:
+        return "true"
+    if isinstance(value, float):
+        return _seconds(value)
+    if isinstance(value, int):
+        return str(value)
+    return _q(str(value))
+
+
+def _map_lines(params: Mapping[str, object], indent: int) -> list[str]:
+    """``key: value`` lines at ``indent``; a nested map (``swap-with``) becomes a block map
+    one level deeper, left out when all its values are left out."""
+    pad = " " * indent
     lines = []
     for key, value in params.items():
         if value is None or value is False:
             continue
-        if value is True:
-            text = "true"
-        elif isinstance(value, float):
-            text = _seconds(value)
-        elif isinstance(value, int):
-            text = str(value)
-        else:
-            text = _q(str(value))
-        lines.append(f"  {key}: {text}")
+        if isinstance(value, Mapping):
+            inner = _map_lines(value, indent + 2)
+            if inner:
+                lines.extend([f"{pad}{key}:", *inner])
+            continue
+        lines.append(f"{pad}{key}: {_scalar(value)}")
+    return lines
+
+
+def _parameters(params: Mapping[str, object]) -> list[str]:
+    lines = _map_lines(params, 2)
     return ["parameter:", *lines] if lines else []
 
 
 def migrate_task(task_id: str, vm: str, destination: str, params: Mapping[str, object]) -> bytes:
     """``migrate vm`` with ``time-measurement: true`` (the summary shows the agent's timings
     and the measured downtime) and the given ``parameter`` keys (``None``/``False`` left out,
-    so the agent's configured defaults apply)."""
+    so the agent's configured defaults apply; a map value such as ``swap-with: {vm-name: ...}``
+    is written as a nested block map)."""
     lines = [
         *_header("migrate vm", task_id),
         f"vm-name: {_q(vm)}",
@@ -195,16 +211,24 @@ def _entries(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def succeeded(doc: Mapping[str, Any]) -> bool:
     """Every entry has ``status: success`` (an empty ``list: []`` is a success, e.g. an
-    evacuation of an empty host); ``result: unknown`` never is."""
+    evacuation of an empty host); ``result: unknown`` never is. A swap's ``swap-with`` map
+    must say ``success`` too (the agent already sets the top-level ``status: error`` when
+    either half failed; this does not rely on it)."""
     if doc.get("result") == "unknown":
+        return False
+    swap = doc.get("swap-with")
+    if isinstance(swap, Mapping) and swap.get("status") != "success":
         return False
     return all(e.get("status") == "success" for e in _entries(doc))
 
 
 def failures(doc: Mapping[str, Any]) -> list[str]:
-    """``vm: code: details`` for every failed entry, for people."""
+    """``vm: code: details`` for every failed entry (and a swap's failed ``swap-with``
+    half), for people."""
     out = []
-    for e in _entries(doc):
+    swap = doc.get("swap-with")
+    halves = [swap] if isinstance(swap, Mapping) else []
+    for e in [*_entries(doc), *halves]:
         if e.get("status") != "success":
             out.append(f"{e.get('vm-name', '?')}: {e.get('code', 'error')}: {e.get('details', '')}")
     return out
