@@ -9,6 +9,11 @@ hypervisor, as the original's figures were taken. Figures are printed, not asser
 libvirt calls for lifecycle operations and migrations; see ``bench/rig_bench.py``, which also
 runs on its own as ``python -m bench.rig_bench [--quick]``.
 
+``--companions`` adds the migration companions' figures (configured hooks, ``reduce-memory``,
+``swap-with``) on two in-process ``fake`` agents, and with ``--rig`` also on the rig; see
+``bench/companions.py``, which also runs on its own as ``python -m bench.companions
+[--quick] [--no-rig]``.
+
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
 Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
@@ -342,6 +347,14 @@ async def amain(args: argparse.Namespace) -> None:
 
             print("\n== rig: the agent against direct libvirt calls (bench/rig_bench.py)")
             await run_rig_benchmarks(port, Plan.from_args(args))
+        if args.companions:
+            # Imported only here, as the rig benchmarks (it imports them).
+            from bench.companions import Plan as CompanionsPlan  # noqa: PLC0415
+            from bench.companions import run_companions  # noqa: PLC0415
+
+            print("\n== migration companions (bench/companions.py)")
+            args.no_rig = not args.rig
+            await run_companions(port, CompanionsPlan.from_args(args))
     if args.fleet:
         # Its own broker: 200 agents' connections and traffic, apart from the figures above.
         import argparse as _argparse  # noqa: PLC0415
@@ -366,6 +379,12 @@ def main() -> None:
         "--rig",
         action="store_true",
         help="also run the rig benchmarks (real libvirtd + QEMU; root): bench/rig_bench.py",
+    )
+    p.add_argument(
+        "--companions",
+        action="store_true",
+        help="also run the migration companions benchmarks (hooks, reduce-memory, swap-with;"
+        " on the rig too with --rig): bench/companions.py",
     )
     p.add_argument(
         "--fleet",
