@@ -70,6 +70,7 @@ from bench.rig_bench import (
     qemu_version,
     ratio,
     sched,
+    standalone,
     table,
 )
 
@@ -81,8 +82,7 @@ from agents import rig_agent_settings
 from test_userhooks_mqtt import reply, responder
 
 import libvirt
-from asyncmigfra.logs import configure_logging
-from asyncmigfra.settings import HookSettings, LoggingSettings, settings_from_text
+from asyncmigfra.settings import HookSettings, settings_from_text
 from harness import agent_settings, running_agent
 from rig import (
     Rig,
@@ -874,17 +874,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    from bench.__main__ import mosquitto  # noqa: PLC0415 - its module is also `python -m bench`
-
-    p = argparse.ArgumentParser(
-        prog="python -m bench.companions", description=__doc__.split("\n")[0]
+    standalone(
+        "companions",
+        __doc__,
+        "fewer migrations and rounds",
+        add_arguments,
+        lambda port, args: run_companions(port, Plan.from_args(args)),
     )
-    p.add_argument("--quick", action="store_true", help="fewer migrations and rounds")
-    add_arguments(p)
-    plan = Plan.from_args(p.parse_args())
-    configure_logging(LoggingSettings(level="warning"))
-    with mosquitto() as port:
-        asyncio.run(run_companions(port, plan))
 
 
 if __name__ == "__main__":

@@ -1314,18 +1314,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main() -> None:
+def standalone(
+    module: str,
+    doc: str,
+    quick_help: str,
+    add: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[int, argparse.Namespace], Awaitable[None]],
+) -> None:
+    """``python -m bench.<module>``: parse the arguments, start mosquitto, run."""
     from bench.__main__ import mosquitto  # noqa: PLC0415 - its module is also `python -m bench`
 
     p = argparse.ArgumentParser(
-        prog="python -m bench.rig_bench", description=__doc__.split("\n")[0]
+        prog=f"python -m bench.{module}", description=doc.split("\n", maxsplit=1)[0]
     )
-    p.add_argument("--quick", action="store_true", help="fewer rounds, shorter caps (~2 min)")
-    add_arguments(p)
-    plan = Plan.from_args(p.parse_args())
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    add(p)
+    args = p.parse_args()
     configure_logging(LoggingSettings(level="warning"))
     with mosquitto() as port:
-        asyncio.run(run_rig_benchmarks(port, plan))
+        asyncio.run(run(port, args))
+
+
+def main() -> None:
+    standalone(
+        "rig_bench",
+        __doc__,
+        "fewer rounds, shorter caps (~2 min)",
+        add_arguments,
+        lambda port, args: run_rig_benchmarks(port, Plan.from_args(args)),
+    )
 
 
 if __name__ == "__main__":
