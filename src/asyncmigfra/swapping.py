@@ -181,18 +181,17 @@ async def _run(half: _Half, *, settings: Settings, bus: MessageBus | None) -> No
     """One half; its outcome lands in ``half.result`` or ``half.error`` (cancellation of the
     half itself propagates, so the caller can tell a stopped half from a failed one)."""
     assert half.plan is not None
-    # This task's own copy of the context: its log lines name its VM.
-    structlog.contextvars.bind_contextvars(vm=half.vm)
     try:
-        half.result = await carry_out(
-            half.plan,
-            half.spec,
-            half.ctx,
-            hypervisor=half.host,
-            settings=settings,
-            bus=bus,
-            source=half.source,
-        )
+        with structlog.contextvars.bound_contextvars(vm=half.vm):  # its log lines name its VM
+            half.result = await carry_out(
+                half.plan,
+                half.spec,
+                half.ctx,
+                hypervisor=half.host,
+                settings=settings,
+                bus=bus,
+                source=half.source,
+            )
     except TaskError as exc:
         half.error = exc
     except Exception as exc:
