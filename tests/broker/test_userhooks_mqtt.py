@@ -187,12 +187,7 @@ async def test_error_answer_fails_the_task(mosquitto):
     prefix = _prefix()
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port,
-            f"{prefix}/src/vm1/notify/request",
-            f"{prefix}/src/z/response",
-            reply("error", details="rack is full"),
-        ),
+        vm1_responder(mosquitto.port, prefix, reply("error", details="rack is full")),
     ):
         with pytest.raises(HookFailed) as info:
             await HookRunner([mqtt_hook(prefix)], bus=bus).run(CALL, FakeContext())
@@ -205,12 +200,7 @@ async def test_error_answer_with_warn_policy_is_a_warning(mosquitto):
     prefix = _prefix()
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port,
-            f"{prefix}/src/vm1/notify/request",
-            f"{prefix}/src/z/response",
-            reply("error"),
-        ),
+        vm1_responder(mosquitto.port, prefix, reply("error")),
     ):
         warnings = await HookRunner([mqtt_hook(prefix, policy="warn")], bus=bus).run(
             CALL, FakeContext()
@@ -229,12 +219,7 @@ async def test_answers_to_other_requests_are_ignored(mosquitto):
 
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port,
-            f"{prefix}/src/vm1/notify/request",
-            f"{prefix}/src/z/response",
-            other_then_ours,
-        ),
+        vm1_responder(mosquitto.port, prefix, other_then_ours),
     ):
         assert await HookRunner([mqtt_hook(prefix)], bus=bus).run(CALL, FakeContext()) == []
 
@@ -259,12 +244,7 @@ async def test_yaml_answer_is_accepted(mosquitto):
     ]
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port,
-            f"{prefix}/src/vm1/notify/request",
-            f"{prefix}/src/z/response",
-            yaml_answer,
-        ),
+        vm1_responder(mosquitto.port, prefix, yaml_answer),
     ):
         assert await HookRunner([mqtt_hook(prefix)], bus=bus).run(CALL, FakeContext()) == []
 
@@ -302,9 +282,7 @@ async def test_bad_answers_fail(mosquitto, answer: Answer, reason: str):
     prefix = _prefix()
     async with (
         agent_bus(mosquitto.port) as bus,
-        responder(
-            mosquitto.port, f"{prefix}/src/vm1/notify/request", f"{prefix}/src/z/response", answer
-        ),
+        vm1_responder(mosquitto.port, prefix, answer),
     ):
         with pytest.raises(HookFailed) as info:
             await HookRunner([mqtt_hook(prefix)], bus=bus).run(CALL, FakeContext())
