@@ -45,7 +45,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -58,6 +58,7 @@ from bench.rig_bench import (
     Reply,
     RigConns,
     Sched,
+    agent_pair,
     cache_dir,
     check,
     failed,
@@ -69,16 +70,17 @@ from bench.rig_bench import (
     prefix_of,
     qemu_version,
     ratio,
+    rig_conns,
     sched,
     standalone,
     table,
+    timed_section,
 )
 
 # bench.rig_bench put tests/ and tests/real on the path; the MQTT hook responder is a broker test's.
 if str(ROOT / "tests" / "broker") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests" / "broker"))
 
-from agents import rig_agent_settings
 from test_userhooks_mqtt import reply, responder
 
 import libvirt
@@ -573,8 +575,6 @@ async def bench_reduce_rig(
     port: int, rig: Rig, conns: RigConns, plain: tuple[Sched, Sched], kernel: Path, rounds: int
 ) -> None:
     config = hooks("- name: shrink\n  builtin: reduce-memory\n  memory: 25%\n")
-    sa = rig_agent_settings(port, rig, rig.a, hooks=config)
-    sb = rig_agent_settings(port, rig, rig.b, hooks=config)
     name = f"bench-balloon-{uuid.uuid4().hex[:6]}"
     back_to_back = "with reduce-memory 25%, legs back to back"
     settled = f"with reduce-memory 25%, {SETTLE:g} s pause before each leg"
@@ -587,12 +587,7 @@ async def bench_reduce_rig(
 
     try:
         await asyncio.to_thread(start)
-        async with (
-            sched(port, prefix_of(sa)) as h_a,
-            sched(port, prefix_of(sb)) as h_b,
-            running_agent(sa),
-            running_agent(sb),
-        ):
+        async with agent_pair(port, rig, hooks=config) as (h_a, h_b):
             sets = {"without": plain, back_to_back: (h_a, h_b), settled: (h_a, h_b)}
 
             async def trip(label: str, record: bool) -> None:
@@ -751,40 +746,19 @@ async def run_rig(port: int, plan: Plan) -> None:
 
 
 async def rig_sections(port: int, rig: Rig, guests: dict[str, Path], plan: Plan) -> None:
-    conns = RigConns(rig)
-    await asyncio.to_thread(conns.open)
-    try:
-        sa = rig_agent_settings(port, rig, rig.a)
-        sb = rig_agent_settings(port, rig, rig.b)
-        async with (
-            sched(port, prefix_of(sa)) as to_a,
-            sched(port, prefix_of(sb)) as to_b,
-            running_agent(sa),
-            running_agent(sb),
-        ):
-            steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-                (
-                    "3a. swap-with",
-                    lambda: bench_swap(
-                        rig, conns, to_a, to_b, guests, plan.swap_variants, plan.swap_rounds
-                    ),
-                ),
-                (
-                    "3b. reduce-memory on the rig",
-                    lambda: bench_reduce_rig(
-                        port, rig, conns, (to_a, to_b), guests["balloon"], plan.balloon_rounds
-                    ),
-                ),
-            ]
-            for label, step in steps:
-                t0 = time.perf_counter()
-                try:
-                    await step()
-                except Exception as exc:
-                    failed(label, exc)
-                print(f"  ({label}: {time.perf_counter() - t0:.1f} s)")
-    finally:
-        await asyncio.to_thread(conns.close)
+    async with rig_conns(rig) as conns, agent_pair(port, rig) as (to_a, to_b):
+        await timed_section(
+            "3a. swap-with",
+            lambda: bench_swap(
+                rig, conns, to_a, to_b, guests, plan.swap_variants, plan.swap_rounds
+            ),
+        )
+        await timed_section(
+            "3b. reduce-memory on the rig",
+            lambda: bench_reduce_rig(
+                port, rig, conns, (to_a, to_b), guests["balloon"], plan.balloon_rounds
+            ),
+        )
 
 
 # --------------------------------------------------------------------------- running it
@@ -844,12 +818,7 @@ async def run_companions(port: int, plan: Plan) -> None:
             ("1. hook overhead", lambda: bench_hook_overhead(port, plan.hook_migrations)),
             ("2. reduce-memory on the fake", lambda: bench_reduce_fake(port, plan.reduce_rounds)),
         ):
-            t0 = time.perf_counter()
-            try:
-                await step()
-            except Exception as exc:
-                failed(label, exc)
-            print(f"  ({label}: {time.perf_counter() - t0:.1f} s)")
+            await timed_section(label, step)
         if plan.rig:
             await run_rig(port, plan)
     finally:

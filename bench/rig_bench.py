@@ -1237,19 +1237,46 @@ def qemu_version(uri: str) -> str:
         conn.close()
 
 
-async def rig_sections(port: int, rig: Rig, guests: dict[str, Path], plan: Plan) -> None:
+@contextlib.asynccontextmanager
+async def rig_conns(rig: Rig) -> AsyncIterator[RigConns]:
+    """The direct runs' libvirt connections to both rig hosts, closed on every exit path."""
     conns = RigConns(rig)
     await asyncio.to_thread(conns.open)
     try:
-        sa = rig_agent_settings(port, rig, rig.a)
-        sb = rig_agent_settings(port, rig, rig.b)
-        async with (
-            sched(port, prefix_of(sa)) as to_a,
-            sched(port, prefix_of(sb)) as to_b,
-            running_agent(sa),
-            running_agent(sb),
-        ):
-            for key, label, coro in (
+        yield conns
+    finally:
+        await asyncio.to_thread(conns.close)
+
+
+@contextlib.asynccontextmanager
+async def agent_pair(port: int, rig: Rig, **sections: Any) -> AsyncIterator[tuple[Sched, Sched]]:
+    """One agent per rig host (configured as tests/real/agents.py does, plus ``sections``)
+    and a scheduler client for each."""
+    sa = rig_agent_settings(port, rig, rig.a, **sections)
+    sb = rig_agent_settings(port, rig, rig.b, **sections)
+    async with (
+        sched(port, prefix_of(sa)) as to_a,
+        sched(port, prefix_of(sb)) as to_b,
+        running_agent(sa),
+        running_agent(sb),
+    ):
+        yield to_a, to_b
+
+
+async def timed_section(label: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Run one section; a failure is reported (``failed``) and the next section runs."""
+    t0 = time.perf_counter()
+    try:
+        await step()
+    except Exception as exc:
+        failed(label, exc)
+    print(f"  ({label}: {time.perf_counter() - t0:.1f} s)")
+
+
+async def rig_sections(port: int, rig: Rig, guests: dict[str, Path], plan: Plan) -> None:
+    async with rig_conns(rig) as conns:
+        async with agent_pair(port, rig) as (to_a, to_b):
+            for key, label, step in (
                 (
                     "1b",
                     "1b. lifecycle on the rig",
@@ -1268,18 +1295,12 @@ async def rig_sections(port: int, rig: Rig, guests: dict[str, Path], plan: Plan)
                     lambda: bench_dirty_capped(rig, conns, to_a, guests["dirty16"], plan.cap),
                 ),
             ):
-                if key not in plan.only:
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    await coro()
-                except Exception as exc:
-                    failed(label, exc)
-                print(f"  ({label}: {time.perf_counter() - t0:.1f} s)")
+                if key in plan.only:
+                    await timed_section(label, step)
         if "2c" in plan.only:
-            t0 = time.perf_counter()
-            try:
-                await bench_loop_lag(
+            await timed_section(
+                "2c. event-loop lag",
+                lambda: bench_loop_lag(
                     port,
                     rig,
                     conns,
@@ -1287,12 +1308,8 @@ async def rig_sections(port: int, rig: Rig, guests: dict[str, Path], plan: Plan)
                     plan.lag_variant,
                     plan.lag_guests,
                     baseline=3.0,
-                )
-            except Exception as exc:
-                failed("2c. event-loop lag", exc)
-            print(f"  (2c. event-loop lag: {time.perf_counter() - t0:.1f} s)")
-    finally:
-        await asyncio.to_thread(conns.close)
+                ),
+            )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
