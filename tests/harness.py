@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def leaked_sockets() -> list[str]:
+    """Collect garbage and return what the ResourceWarnings said about unclosed sockets.
+
+    A socket nobody closed is only noticed when it is collected; this makes that happen
+    now, inside the test that caused it, instead of failing whichever test runs later.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, ResourceWarning) and "socket" in str(w.message)
+    ]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -89,6 +89,35 @@ def map_mqtt_errors() -> Iterator[None]:
         raise TransportError(str(exc)) from exc
 
 
+def close_orphaned_sockets(exc: BaseException) -> int:
+    """Close the sockets a failed connect left behind; return how many were closed.
+
+    paho-mqtt 2.x does not close its socket when the TLS handshake or the hostname check
+    fails: the socket is only referenced by the frames in the exception's traceback and
+    stays open until the cycle collector finds it (an agent retrying a bad certificate
+    would hold one descriptor per attempt until then). This walks the exception chain
+    (aiomqtt re-raises ``from None``, so the original is the ``__context__``) and closes
+    every socket still held by those frames. Closing an already closed socket is a no-op.
+    """
+    closed = 0
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        tb = current.__traceback__
+        while tb is not None:
+            for value in list(tb.tb_frame.f_locals.values()):
+                if isinstance(value, socket.socket) and value.fileno() != -1:
+                    value.close()
+                    closed += 1
+            tb = tb.tb_next
+    return closed
+
+
 def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     tls = settings.tls
     if tls is None:
@@ -203,6 +232,7 @@ class MqttTransport:
                         if not self._route_extra(message):
                             handler(_incoming(message))
             except aiomqtt.MqttError as exc:
+                close_orphaned_sockets(exc)
                 self._connected.clear()
                 attempt += 1
                 delay = min(s.reconnect_max_delay, s.reconnect_min_delay * 2 ** min(attempt, 16))
@@ -399,8 +429,11 @@ class ToolClient:
         self.v5 = protocol == "5"
 
     async def __aenter__(self) -> ToolClient:
-        with map_mqtt_errors():
+        try:
             await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            close_orphaned_sockets(exc)
+            raise TransportError(str(exc)) from exc
         return self
 
     async def __aexit__(self, *exc: object) -> None:
