@@ -7,6 +7,7 @@ then fails the run instead of silently skipping, so a green CI means the real pa
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import os
 import shutil
@@ -110,6 +111,19 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_garbage_per_module() -> Iterator[None]:
+    """Collect garbage when a module's tests are done.
+
+    A socket or file nobody closed is reported (ResourceWarning, an error here) only when the
+    collector frees it, which otherwise happens at a random later moment and fails whatever
+    test runs then (CI, stop 10). Collecting here pins the failure to the module's last test.
+    Once per module, not per test: a collection costs tens of milliseconds.
+    """
+    yield
+    gc.collect()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
