@@ -130,6 +130,13 @@ class Scheduler:
                     return found
                 await self._changed.wait()
 
+    async def state(self, state: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until the agent's presence has reported ``state``; every such status."""
+        found: list[dict[str, Any]] = await self.wait_for(
+            lambda: [s for s in self.statuses if s["state"] == state], timeout
+        )
+        return found
+
     async def result_for(self, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
             return next((r for r in self.results if str(r.get("id")) == task_id), None)

@@ -126,12 +126,10 @@ async def test_status_retained_online_then_offline(mosquitto):
     prefix = settings.mqtt.task_topic.rsplit("/", 1)[0]
     async with scheduler(mosquitto.port, prefix) as sched:
         async with running_agent(settings):
-            online = await sched.wait_for(
-                lambda: [s for s in sched.statuses if s["state"] == "online"]
-            )
+            online = await sched.state("online")
             assert online[0]["host"] == settings.hostname
             assert online[0]["hypervisor"] == "dummy"
-        await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "offline"])
+        await sched.state("offline")
     # A late subscriber sees the retained last state.
     async with scheduler(mosquitto.port, prefix) as late:
         last = await late.wait_for(lambda: late.statuses)

@@ -58,7 +58,7 @@ async def test_original_config_with_dummy_answers_like_the_original(mosquitto, t
     proc = start_agent(original_config(tmp_path, mosquitto.port), host)
     try:
         async with scheduler(mosquitto.port, f"fast/migfra/{host}") as sched:
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "online"], 20)
+            await sched.state("online", 20)
             r = await sched.call("task: start vm\nvm-configurations:\n  - vm-name: vm1\n")
             assert r["result"] == "vm started"
             assert r["list"] == [{"vm-name": "vm1", "status": "success"}]
@@ -72,7 +72,7 @@ async def test_original_config_with_dummy_answers_like_the_original(mosquitto, t
             assert r["list"] == []
             # SIGTERM: graceful, retained offline status, exit 0.
             proc.send_signal(signal.SIGTERM)
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "offline"], 20)
+            await sched.state("offline", 20)
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
         if proc.poll() is None:
@@ -85,11 +85,9 @@ async def test_killed_agent_leaves_offline_will(mosquitto, tmp_path):
     proc = start_agent(original_config(tmp_path, mosquitto.port), host)
     try:
         async with scheduler(mosquitto.port, f"fast/migfra/{host}") as sched:
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "online"], 20)
+            await sched.state("online", 20)
             proc.kill()
-            offline = await sched.wait_for(
-                lambda: [s for s in sched.statuses if s["state"] == "offline"], 20
-            )
+            offline = await sched.state("offline", 20)
             assert offline[0]["host"] == host
     finally:
         if proc.poll() is None:

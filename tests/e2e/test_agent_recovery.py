@@ -48,7 +48,7 @@ async def test_killed_agent_delivers_every_accepted_task_after_restart(mosquitto
     proc = start(conf, host, log)
     try:
         async with scheduler(mosquitto.port, f"fast/migfra/{host}") as sched:
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "online"], 20)
+            await sched.state("online", 20)
             # One task is running (a 3 s boot), one waits behind it in the same VM lane.
             await sched.publish(
                 "id: running\ntask: start vm\nvm-configurations:\n"

@@ -46,19 +46,17 @@ async def test_sigterm_drains_running_work_then_goes_offline(mosquitto, tmp_path
     proc = start(tmp_path, mosquitto.port, host, delay=1.5, grace=20)
     try:
         async with scheduler(mosquitto.port, f"fast/migfra/{host}") as sched:
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "online"], 20)
+            await sched.state("online", 20)
             await sched.publish("id: running\n" + START)
             await sched.wait_for(lambda: sched.events_for("running", "phase"), 10)
             proc.send_signal(signal.SIGTERM)
-            await sched.wait_for(
-                lambda: [s for s in sched.statuses if s["state"] == "draining"], 10
-            )
+            await sched.state("draining", 10)
             late = await sched.call("task: suspend vm\nlist:\n  - vm-name: slow\n")
             assert late["list"][0]["code"] == "busy"
             assert "shutting down" in late["list"][0]["details"]
             r = await sched.result_for("running", 20)
             assert r["list"][0]["status"] == "success"
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "offline"], 20)
+            await sched.state("offline", 20)
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
         if proc.poll() is None:
@@ -71,17 +69,15 @@ async def test_second_sigterm_cancels_running_work_and_answers_it(mosquitto, tmp
     proc = start(tmp_path, mosquitto.port, host, delay=30, grace=60)
     try:
         async with scheduler(mosquitto.port, f"fast/migfra/{host}") as sched:
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "online"], 20)
+            await sched.state("online", 20)
             await sched.publish("id: long\n" + START)
             await sched.wait_for(lambda: sched.events_for("long", "phase"), 10)
             proc.send_signal(signal.SIGTERM)
-            await sched.wait_for(
-                lambda: [s for s in sched.statuses if s["state"] == "draining"], 10
-            )
+            await sched.state("draining", 10)
             proc.send_signal(signal.SIGTERM)
             r = await sched.result_for("long", 20)
             assert r["list"][0]["code"] == "cancelled"
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "offline"], 20)
+            await sched.state("offline", 20)
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
         if proc.poll() is None:

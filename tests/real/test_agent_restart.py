@@ -63,7 +63,7 @@ async def test_agent_killed_during_p2p_migration_reports_the_outcome_after_resta
     proc = spawn(conf, log)
     try:
         async with scheduler(mosquitto.port, f"{prefix}/rig-a") as sched:
-            await sched.wait_for(lambda: [s for s in sched.statuses if s["state"] == "online"], 30)
+            await sched.state("online", 30)
             # Slow enough to outlive the agent: 8 MiB/s, converging only once the downtime
             # target has been raised a few steps.
             await sched.publish(

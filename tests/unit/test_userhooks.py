@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,14 @@ def hook(name: str, command: tuple[str, ...] | str, **kwargs: object) -> HookSet
 
 
 START = HookCall(point="before-start", task="start vm", task_id="t-1", vm_name="vm1", source="h1")
+MIGRATE = HookCall(
+    point="before-migrate",
+    task="migrate vm",
+    task_id=None,
+    vm_name="v",
+    source="a",
+    destination="b",
+)
 
 
 def alive(pid: int) -> bool:
@@ -152,14 +161,7 @@ async def test_on_source_host_is_the_source(tmp_path: Path) -> None:
     runner = HookRunner(
         [hook("h", f'echo "$ASYNCMIGFRA_HOST" > {out}', when=("before-migrate",))], bus=None
     )
-    call = HookCall(
-        point="before-migrate",
-        task="migrate vm",
-        task_id=None,
-        vm_name="v",
-        source="a",
-        destination="b",
-    )
+    call = MIGRATE
 
     await runner.run(call, FakeContext())
 
@@ -168,9 +170,7 @@ async def test_on_source_host_is_the_source(tmp_path: Path) -> None:
 
 async def test_on_destination_without_a_destination_fails(tmp_path: Path) -> None:
     runner = HookRunner([hook("h", "true", when=("before-migrate",), on="destination")], bus=None)
-    call = HookCall(
-        point="before-migrate", task="migrate vm", task_id=None, vm_name="v", source="a"
-    )
+    call = replace(MIGRATE, destination=None)
 
     with pytest.raises(HookFailed, match=r"^hook h \(before-migrate\) failed: on: destination"):
         await runner.run(call, FakeContext())
@@ -479,14 +479,7 @@ async def test_builtin_hooks_are_not_run(tmp_path: Path) -> None:
         memory_percent=50.0,
     )
     ctx = FakeContext()
-    call = HookCall(
-        point="before-migrate",
-        task="migrate vm",
-        task_id=None,
-        vm_name="v",
-        source="a",
-        destination="b",
-    )
+    call = MIGRATE
 
     assert await HookRunner([shrink], bus=None).run(call, ctx) == []
     assert ctx.calls == []
