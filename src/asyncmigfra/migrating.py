@@ -78,6 +78,8 @@ STALL = 0.9
 HOPELESS_RATE = 0.85
 #: Iterations to wait at the maximum downtime before switching to post-copy.
 STALLS_BEFORE_POSTCOPY = 2
+#: s a steering call that failed waits for the job's end before it counts as a failure.
+STEER_SETTLE = 1.0
 
 
 class EngineContext(Protocol):
@@ -191,15 +193,35 @@ class ConvergencePolicy:
             return True
         return stats.expected_downtime > self.max_downtime
 
+    def _within_target(self, stats: JobStats) -> bool:
+        # The hypervisor switches over at the end of a pass whose rest fits the downtime
+        # target: a pass that leaves the same few pages of an idle guest is converging, not
+        # stalling, and stepping the target up then only races the job's end.
+        target = self.downtime
+        expected = stats.expected_downtime
+        return target is not None and expected is not None and expected <= target
+
     @property
     def downtime(self) -> int | None:
         """The current target (ms); ``None`` while the hypervisor's default applies."""
         return self.schedule[self.step] if self.schedule else None
 
+    def revert(self, action: str) -> None:
+        """Forget ``action``: the hypervisor refused it (the job ended, or it cannot)."""
+        if action == "raise-downtime" and self.step > 0:
+            self.step -= 1
+        elif action == "post-copy":
+            self.post_copy_started = False
+
     def on_iteration(self, stats: JobStats) -> str | None:
         """Return the action to take now (``raise-downtime``, ``post-copy``) or ``None``."""
         remaining = stats.memory_remaining
-        stalled = self.last_remaining is not None and remaining >= self.last_remaining * STALL
+        stalled = (
+            self.last_remaining is not None
+            and remaining > 0
+            and remaining >= self.last_remaining * STALL
+            and not self._within_target(stats)
+        )
         self.last_remaining = remaining
         if stats.iteration < 2 or not stalled or self.post_copy_started:
             return None
@@ -888,10 +910,10 @@ async def _watch(
         stats = await job.stats()
         if new_iteration is not None and stats is not None:
             iteration = new_iteration
-            action = await _apply(policy.on_iteration(stats), job, policy, ctx)
+            action = await _apply(policy.on_iteration(stats), job, done, policy, ctx)
         if time.monotonic() >= deadline and not timed_out:
             timed_out = True
-            action = await _on_timeout(plan, job, policy, ctx)
+            action = await _on_timeout(plan, job, done, policy, ctx)
         if policy.post_copy_started:
             phase = "post-copy"
         ctx.progress(progress.fields(stats, phase=phase, action=action, downtime=policy.downtime))
@@ -922,36 +944,76 @@ async def _settle(done: asyncio.Future[MigrationResult]) -> None:
         done.exception()  # mark retrieved; the caller reads the result
 
 
+async def _steer(
+    action: str,
+    call: Coroutine[None, None, None],
+    done: asyncio.Future[MigrationResult],
+    policy: ConvergencePolicy,
+) -> bool:
+    """Run one steering call on the job; ``True`` when it took effect.
+
+    A sample and the call that acts on it are two round trips, and the job may end between
+    them: the domain has then left the source and libvirt answers "no domain" or "not
+    migrating". That is no failure (the job's own outcome decides), so a refused call waits
+    briefly for the job's end before it is judged. A call refused while the job still runs
+    is logged and the copy goes on as it was, still bounded by the completion timeout.
+    Either way the policy forgets the action at once, so a cancel arriving meanwhile
+    aborts the job instead of waiting for a post-copy that never began.
+    """
+    try:
+        await call
+    except TaskError as exc:
+        policy.revert(action)
+        await asyncio.wait({done}, timeout=STEER_SETTLE)
+        if done.done():
+            log.info("migration.steering_after_end", action=action, error=str(exc))
+        else:
+            log.warning("migration.steering_failed", action=action, error=str(exc))
+        return False
+    return True
+
+
 async def _apply(
-    action: str | None, job: MigrationJob, policy: ConvergencePolicy, ctx: EngineContext
+    action: str | None,
+    job: MigrationJob,
+    done: asyncio.Future[MigrationResult],
+    policy: ConvergencePolicy,
+    ctx: EngineContext,
 ) -> str | None:
     if action == "raise-downtime" and policy.downtime is not None:
-        await job.set_max_downtime(policy.downtime)
+        if not await _steer(action, job.set_max_downtime(policy.downtime), done, policy):
+            return None
         log.info("migration.downtime_raised", downtime=policy.downtime)
     elif action == "post-copy":
+        if not await _steer(action, job.start_post_copy(), done, policy):
+            return None
         ctx.phase("post-copy")
-        await job.start_post_copy()
         log.info("migration.post_copy_started")
     return action
 
 
 async def _on_timeout(
-    plan: MigrationPlan, job: MigrationJob, policy: ConvergencePolicy, ctx: EngineContext
-) -> str:
+    plan: MigrationPlan,
+    job: MigrationJob,
+    done: asyncio.Future[MigrationResult],
+    policy: ConvergencePolicy,
+    ctx: EngineContext,
+) -> str | None:
     action = plan.timeout_action
     log.warning("migration.completion_timeout", action=action, limit=plan.completion_timeout)
     if policy.post_copy_started:
         # Nothing can stop post-copy; it finishes on its own (and fast).
         return "post-copy"
-    if action == "post-copy" and plan.request.mode == "post-copy" and not policy.post_copy_started:
+    if action == "post-copy" and plan.request.mode == "post-copy":
         policy.post_copy_started = True
-        ctx.phase("post-copy")
-        await job.start_post_copy()
-        return "post-copy"
-    if action == "suspend":
+        if await _steer(action, job.start_post_copy(), done, policy):
+            ctx.phase("post-copy")
+            return "post-copy"
+    elif action == "suspend" and await _steer(action, job.suspend_source(), done, policy):
         ctx.phase("suspended-copy")
-        await job.suspend_source()
         return "suspend"
+    if done.done():
+        return None  # the job ended on its own meanwhile; its outcome decides
     async with asyncio.timeout(ABORT_TIMEOUT):
         await job.abort()
     raise TaskTimeout(

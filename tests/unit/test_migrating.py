@@ -199,3 +199,36 @@ def test_a_dirty_rate_levelling_off_just_under_the_link_rate_is_hopeless_too():
     policy = ConvergencePolicy(max_downtime=300, post_copy_allowed=True)
     policy.on_iteration(hot(1, 1000, dirty=89, rate=100, expected=2000))
     assert policy.on_iteration(hot(2, 1000, dirty=89, rate=100, expected=2000)) == "post-copy"
+
+
+def test_a_pass_that_leaves_nothing_is_no_stall():
+    policy = ConvergencePolicy(max_downtime=500, post_copy_allowed=True)
+    actions = [policy.on_iteration(stats(i, 0)) for i in range(1, 8)]
+    assert actions == [None] * 7
+    assert policy.step == 0
+
+
+def test_a_pass_whose_rest_fits_the_downtime_target_is_converging_not_stalling():
+    """An idle guest leaves the same few pages every pass; the hypervisor switches over at
+    the end of such a pass, so stepping the target up would only race the job's end."""
+    policy = ConvergencePolicy(max_downtime=500, post_copy_allowed=True)
+    assert policy.downtime is not None
+    fits = policy.downtime
+    actions = [
+        policy.on_iteration(hot(i, 200, dirty=1, rate=100, expected=fits)) for i in range(1, 6)
+    ]
+    assert actions == [None] * 5
+    assert policy.on_iteration(hot(6, 200, dirty=1, rate=100, expected=fits + 1)) == (
+        "raise-downtime"
+    )
+
+
+def test_revert_forgets_a_refused_action():
+    policy = ConvergencePolicy(max_downtime=500, post_copy_allowed=True)
+    policy.on_iteration(stats(1, 1000))
+    assert policy.on_iteration(stats(2, 1000)) == "raise-downtime"
+    policy.revert("raise-downtime")
+    assert policy.step == 0
+    policy.post_copy_started = True
+    policy.revert("post-copy")
+    assert policy.post_copy_started is False
