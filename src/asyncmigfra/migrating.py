@@ -907,8 +907,13 @@ async def _watch(
         new_iteration = waiter.result() if waiter.done() and not waiter.cancelled() else None
         if done.done():
             return
-        stats = await job.stats()
-        if new_iteration is not None and stats is not None:
+        stats, fresh = await _sample(job, done)
+        if done.done():
+            return
+        if not fresh:
+            # The event repeats the last figures; the pass is judged once a sample succeeds.
+            stats = progress.last
+        elif new_iteration is not None and stats is not None:
             iteration = new_iteration
             action = await _apply(policy.on_iteration(stats), job, done, policy, ctx)
         if time.monotonic() >= deadline and not timed_out:
@@ -942,6 +947,21 @@ async def _settle(done: asyncio.Future[MigrationResult]) -> None:
             done.cancel()
     if done.done() and not done.cancelled():
         done.exception()  # mark retrieved; the caller reads the result
+
+
+async def _sample(
+    job: MigrationJob, done: asyncio.Future[MigrationResult]
+) -> tuple[JobStats | None, bool]:
+    """The job's statistics and whether they could be read now (``fresh``). Sampling only
+    informs: a failed sample (the job ending under it, a connection hiccup) never fails the
+    task, whose outcome is the job's own, and no policy decision is taken on it."""
+    try:
+        return await job.stats(), True
+    except TaskError as exc:
+        await asyncio.wait({done}, timeout=STEER_SETTLE)
+        if not done.done():
+            log.warning("migration.sample_failed", error=str(exc))
+        return None, False
 
 
 async def _steer(

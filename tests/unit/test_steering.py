@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from asyncmigfra import migrating
-from asyncmigfra.errors import TaskCancelled, TaskTimeout, VmNotFound, WrongState
+from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout, VmNotFound, WrongState
 from asyncmigfra.hypervisor.base import JobStats, MigrationRequest, MigrationResult
 from asyncmigfra.migrating import MigrationPlan, _downtime_schedule, _migrate_once
 from asyncmigfra.settings import Settings
@@ -72,6 +72,8 @@ class ScriptedJob:
         self.end_on = end_on
         self.pass_time = pass_time
         self.calls: list[str] = []
+        #: Raised by the next ``stats()`` calls, one each (``end_on="stats"`` ends the job first).
+        self.stats_errors: list[Exception] = []
         self.ended = asyncio.Event()
         self.outcome: MigrationResult | Exception = MigrationResult(iterations=1)
         self._started = asyncio.get_running_loop().time()
@@ -97,6 +99,11 @@ class ScriptedJob:
             raise self.refuse[name]
 
     async def stats(self) -> JobStats | None:
+        if self.stats_errors:
+            self.calls.append("stats")
+            if self.end_on == "stats":
+                self.finish(MigrationResult(iterations=self.iteration))
+            raise self.stats_errors.pop(0)
         return JobStats(
             phase="migrating",
             iteration=self.iteration,
@@ -246,3 +253,37 @@ async def test_a_timeout_action_refused_because_the_job_ended_is_no_failure(mode
 def first_step_above(max_downtime: int | None) -> int:
     assert max_downtime is not None
     return _downtime_schedule(max_downtime)[1]
+
+
+async def test_a_sample_failing_as_the_job_ends_is_no_failure():
+    job = ScriptedJob(end_on="stats")
+    job.stats_errors = [GONE]
+    ctx = Context()
+    result = await run(plan(), job, ctx)
+    assert job.calls == ["stats"]
+    assert result.iterations >= 1
+    assert ctx.events[-1]["percent"] == 100
+
+
+async def test_samples_failing_while_the_job_runs_neither_fail_it_nor_go_backwards():
+    """A connection hiccup: two samples fail, the events repeat the last figures, and the
+    policy judges the pass once a sample succeeds again."""
+    job = ScriptedJob(pass_time=0.05)
+    ctx = Context()
+    task = asyncio.ensure_future(run(plan(), job, ctx))
+    async with asyncio.timeout(5):
+        while not ctx.events:
+            await asyncio.sleep(0.01)
+        steps = job.calls.count("set_max_downtime")
+        assert steps < 4, "a step is left for the policy to take after the hiccup"
+        job.stats_errors = [ConnectionFailed("Error getting job statistics: end of file")] * 2
+        while job.stats_errors:
+            await asyncio.sleep(0.01)
+        while job.calls.count("set_max_downtime") == steps:
+            await asyncio.sleep(0.01)
+    job.finish(MigrationResult(iterations=job.iteration))
+    await task
+    assert job.calls.count("stats") == 2
+    iterations = [e["iteration"] for e in ctx.events if "memory-total" in e]
+    assert iterations == sorted(iterations), "no event goes backwards"
+    assert all(e["iteration"] != 0 for e in ctx.events[2:]), "a failed sample is no restart"
