@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -49,6 +50,8 @@ KILL_GRACE = 2.0
 #: s to read the rest of a command's output after it exited (a child it left behind may keep
 #: the pipes open; the hook's result does not wait for it).
 DRAIN_GRACE = 0.5
+#: s a cancelled task waits for its command's start to finish, so it can stop what started.
+SPAWN_LIMIT = 5.0
 #: Bytes of an MQTT answer that are parsed; a longer one is a bad response.
 MAX_RESPONSE_BYTES = 64 * 1024
 #: Characters of a reason (an error line, the answer's details) kept in the failure text.
@@ -219,6 +222,23 @@ async def _stop_group(transport: asyncio.SubprocessTransport, capture: _Capture)
     await asyncio.shield(capture.exited)
 
 
+async def _stop_spawned(
+    spawn: asyncio.Future[tuple[asyncio.SubprocessTransport, Any]], capture: _Capture
+) -> None:
+    """Cancelled while the command was being started: let the start finish, then stop the
+    whole group. asyncio's own clean-up of a cancelled start (Python 3.11) kills only the
+    leader and then waits until every process holding the output pipes has exited, which a
+    background child of the hook can make last as long as that child runs."""
+    done, _ = await asyncio.wait({spawn}, timeout=SPAWN_LIMIT)
+    if not done or spawn.cancelled() or spawn.exception() is not None:
+        return  # it never started (or hangs starting): nothing of it runs that we could stop
+    transport, _ = spawn.result()
+    try:
+        await _stop_group(transport, capture)
+    finally:
+        transport.close()
+
+
 async def _run_command(hook: HookSettings, call: HookCall) -> None:
     command = hook.command
     assert command is not None
@@ -227,8 +247,8 @@ async def _run_command(hook: HookSettings, call: HookCall) -> None:
     env.update(hook_environment(hook, call))
     loop = asyncio.get_running_loop()
     capture = _Capture(loop)
-    try:
-        transport, _ = await loop.subprocess_exec(
+    spawn = asyncio.ensure_future(
+        loop.subprocess_exec(
             lambda: capture,
             *argv,
             stdin=subprocess.DEVNULL,
@@ -237,6 +257,12 @@ async def _run_command(hook: HookSettings, call: HookCall) -> None:
             env=env,
             start_new_session=True,
         )
+    )
+    try:
+        transport, _ = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        await _stop_spawned(spawn, capture)
+        raise
     except OSError as exc:
         raise _Failure(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
     except ValueError as exc:  # pragma: no cover - e.g. a NUL the settings loader let through

@@ -6,6 +6,7 @@ The MQTT kind runs against a real broker in ``tests/broker/test_userhooks_mqtt.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -372,6 +374,43 @@ async def test_cancellation_kills_the_command_and_propagates(tmp_path: Path) -> 
     assert await gone(*pids), pids
     assert not after.exists()
     assert ctx.calls == [("phase", "hook:slow"), ("start", "hook-slow"), ("stop", "hook-slow")]
+
+
+async def test_cancel_while_the_command_starts_does_not_wait_for_its_children(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found under load: a cancel that lands while asyncio still connects the command's pipes
+    hit asyncio's own clean-up (Python 3.11), which kills only the leader and then waits
+    until every process holding the pipes is gone, here a 60 s background child. The start
+    is now let finish and the whole group stopped. The pipes' connection is held back until
+    the child runs, so the cancel always lands in that window."""
+    child, leader = tmp_path / "child", tmp_path / "leader"
+    cmd = script(tmp_path, "g.sh", GROUP_SCRIPT.format(child=child, leader=leader))
+    loop = asyncio.get_running_loop()
+    connect = loop.connect_read_pipe
+    connecting = asyncio.Event()
+
+    async def connect_late(*args: Any, **kwargs: Any) -> Any:
+        connecting.set()
+        await wait_file(child)
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "connect_read_pipe", connect_late)
+    runner = HookRunner([hook("slow", (cmd,), timeout=30)], bus=None)
+    task = asyncio.create_task(runner.run(START, FakeContext()))
+    await connecting.wait()
+    await wait_file(child)
+    await wait_file(leader)
+    pids = read_pids(child, leader)
+    try:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        assert await gone(*pids), pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_child_left_holding_the_output_does_not_delay_success(tmp_path: Path) -> None:
