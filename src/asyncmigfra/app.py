@@ -39,6 +39,7 @@ from asyncmigfra.journal import Journal, JournalRecord
 from asyncmigfra.model import ResultMessage, TaskMessage
 from asyncmigfra.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.parsing import parse_task
+from asyncmigfra.peerlanes import LaneServer
 from asyncmigfra.publishing import EventPublisher, Publisher
 from asyncmigfra.rendering import render_event, render_result
 from asyncmigfra.settings import Settings
@@ -116,6 +117,13 @@ class Agent:
             on_quit=self.request_stop,
             journal=self.journal,
             bus=self.transport,
+        )
+        #: Holds of this agent's VM lanes for other agents' swaps.
+        self.lanes = LaneServer(
+            bus=self.transport,
+            hostname=settings.hostname,
+            task_topic=settings.mqtt.task_topic,
+            keeper=self.dispatcher,
         )
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         self.ready = asyncio.Event()
@@ -298,6 +306,7 @@ class Agent:
                     if hooks is not None and hooks.serves_peers
                     else None
                 )
+                lanes = tg.create_task(self.lanes.serve(), name="asyncmigfra.lanes")
                 await self._stop.wait()
                 self._arm_hard_exit()
                 self._publish_status("draining")
@@ -309,6 +318,7 @@ class Agent:
                 presence.cancel()
                 if serving is not None:
                     serving.cancel()
+                lanes.cancel()
                 await asyncio.wait({intake})
                 self._answer_leftovers()
                 self._publish_status("offline")

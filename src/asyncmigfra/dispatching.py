@@ -282,6 +282,16 @@ class Dispatcher:
     def draining(self) -> bool:
         return self._draining
 
+    def hold_lane(self, vm_name: str) -> Callable[[], None] | str:
+        """Take ``vm_name``'s lane for another agent (a swap moving this agent's VM, see
+        ``peerlanes``): the function that gives it back, or why it cannot be had now. Only an
+        empty lane is taken, so a hold never waits and never overtakes work already here."""
+        if self._draining:
+            return "the agent is shutting down"
+        if self._lanes.busy(vm_name):
+            return f"a task of this agent runs or waits on {vm_name}"
+        return self._lanes.reserve(vm_name).release
+
     def statistics(self) -> DispatcherStats:
         return DispatcherStats(
             jobs=len(self._jobs),

@@ -26,7 +26,14 @@ import structlog
 from asyncmigfra.errors import HookFailed, NotSupported
 from asyncmigfra.settings import PscomSettings
 
-__all__ = ["HookContext", "MessageBus", "PscomHook", "count_processes"]
+__all__ = [
+    "HookContext",
+    "MessageBus",
+    "PscomHook",
+    "count_processes",
+    "peer_topic",
+    "sibling_topic",
+]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -37,6 +44,23 @@ PSCOM_SECONDS_PER_PROCESS = 10.0
 
 #: Resumes still running after their task was cancelled a second time (kept referenced).
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def sibling_topic(task_topic: str, name: str) -> str:
+    """``fast/migfra/<host>/task`` -> ``fast/migfra/<host>/<name>`` (an agent's own topic for
+    requests from other agents: ``hook``, ``lane``)."""
+    head, slash, _ = task_topic.rpartition("/")
+    return f"{head}/{name}" if slash else f"{task_topic}/{name}"
+
+
+def peer_topic(own_topic: str, hostname: str, peer: str) -> str | None:
+    """Another agent's topic: ``own_topic`` with its host-name level replaced (``None`` when
+    the host name is not exactly one level of it, or ``peer`` is no plain topic level, so a
+    peer's name can never widen a topic)."""
+    levels = own_topic.split("/")
+    if levels.count(hostname) != 1 or not peer or any(char in peer for char in "+#/\0"):
+        return None
+    return "/".join(peer if level == hostname else level for level in levels)
 
 
 class MessageBus(Protocol):

@@ -208,6 +208,11 @@ class MigrationDefaults:
     max_incoming: int = 2
     #: s to wait for the guest to release each hot-unplugged device (PCI, ivshmem).
     device_timeout: float = 10.0
+    #: A swap holds VM 2's lane on the destination's agent: ``best-effort`` goes on
+    #: uncoordinated (and says so) when that agent does not answer, ``required`` refuses.
+    swap_lock: Literal["off", "best-effort", "required"] = "best-effort"
+    #: s to wait for the destination's agent to answer a lane hold.
+    swap_lock_timeout: float = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -432,6 +437,7 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MigrationDefaults, "max_outgoing"): _COUNT,
     (MigrationDefaults, "max_incoming"): _COUNT,
     (MigrationDefaults, "device_timeout"): _DELAY,
+    (MigrationDefaults, "swap_lock_timeout"): _DELAY,
     # 0: abort running work at once on SIGTERM.
     (ShutdownSettings, "grace_period"): _NON_NEGATIVE,
     (ShutdownSettings, "hard_exit_after"): _DELAY,

@@ -23,6 +23,11 @@ goes there and VM 2 comes here. How:
   cannot be undone; nothing is migrated back automatically. The entry of ``vm-name`` carries
   the failure's ``code`` and ``details``; its ``swap-with:`` map has VM 2's own ``status``,
   ``destination``, ``code`` and ``details``, and the ``order`` used.
+* **VM 2's lane is held on the destination's agent** for the whole swap (``peerlanes``), so
+  that agent runs no task of its own on VM 2 meanwhile; a task it has on VM 2 already makes
+  the swap ``busy`` before anything moves. ``migration.swap-lock`` decides what happens when
+  that agent does not answer: ``best-effort`` goes on and says so in ``details``,
+  ``required`` refuses, ``off`` does not ask.
 * VM 2's half runs on the destination's libvirtd through this agent's connection to it
   (``Hypervisor.on_host``), peer-to-peer back to this host: the destination's daemon must
   reach this host (``hypervisor.hosts.<this host>`` when it needs explicit addresses).
@@ -31,6 +36,7 @@ goes there and VM 2 comes here. How:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -55,6 +61,7 @@ from asyncmigfra.migrating import (
     plan_for,
 )
 from asyncmigfra.model import MigrateSpec
+from asyncmigfra.peerlanes import hold_peer_lane
 from asyncmigfra.settings import Settings
 
 __all__ = ["swap"]
@@ -117,6 +124,41 @@ async def swap(
     )
     check_pscom(ours, bus)
     check_pscom(theirs, bus)
+    uncoordinated: str | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.migration.swap_lock != "off":
+            ctx.phase("peer-lane")
+            with ctx.measure("peer-lane"):
+                hold = hold_peer_lane(
+                    bus,
+                    task_topic=settings.mqtt.task_topic,
+                    hostname=here,
+                    peer=there,
+                    vm_name=partner.vm_name,
+                    mode=settings.migration.swap_lock,
+                    answer_within=settings.migration.swap_lock_timeout,
+                )
+                uncoordinated = await stack.enter_async_context(hold)
+        result = await _swap_held(
+            ours, theirs, ctx, hypervisor=hypervisor, settings=settings, bus=bus
+        )
+    if uncoordinated is not None:
+        details = ctx.extra.get("details")
+        ctx.extra["details"] = f"{details}; {uncoordinated}" if details else uncoordinated
+    return result
+
+
+async def _swap_held(
+    ours: MigrateSpec,
+    theirs: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    bus: MessageBus | None,
+) -> MigrationResult:
+    """The swap proper, while VM 2's lane is held on the destination's agent."""
+    here, there = settings.hostname, ours.destination
     ctx.phase("pre-checks")
     with ctx.measure("pre-checks"):
         halves = [
@@ -124,7 +166,7 @@ async def swap(
             _Half(theirs, hypervisor.on_host(there), there, ctx.companion(theirs.vm_name)),
         ]
         order, first = await _prepare(halves, hypervisor=hypervisor, settings=settings)
-    log.info("swap.planned", partner=partner.vm_name, order=order, first=first.vm)
+    log.info("swap.planned", partner=theirs.vm_name, order=order, first=first.vm)
     with ctx.measure("migrate"):
         try:
             if order == "parallel":

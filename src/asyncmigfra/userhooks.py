@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import HookContext, MessageBus
+from asyncmigfra.hooks import HookContext, MessageBus, peer_topic, sibling_topic
 from asyncmigfra.parsing import load_yaml
 from asyncmigfra.settings import HOOK_POINTS, MIGRATE_HOOK_POINTS, HookSettings
 
@@ -405,17 +405,7 @@ _REQUEST_ID_MAX = 64
 
 def hook_topic_of(task_topic: str) -> str:
     """``fast/migfra/<host>/task`` -> ``fast/migfra/<host>/hook``."""
-    head, slash, _ = task_topic.rpartition("/")
-    return f"{head}/hook" if slash else f"{task_topic}/hook"
-
-
-def peer_hook_topic(own_topic: str, hostname: str, peer: str) -> str | None:
-    """Another agent's hook topic: this agent's with its host-name level replaced (``None``
-    when the host name is not exactly one level of it)."""
-    levels = own_topic.split("/")
-    if levels.count(hostname) != 1 or any(char in peer for char in "+#/\0"):
-        return None
-    return "/".join(peer if level == hostname else level for level in levels)
+    return sibling_topic(task_topic, "hook")
 
 
 def _on_peer(hook: HookSettings, call: HookCall) -> bool:
@@ -531,7 +521,7 @@ class HookRunner:
         assert call.destination is not None
         if self._bus is None or self._topic is None or self._hostname is None:
             raise _Failure("on: destination needs the agent's MQTT connection")
-        peer = peer_hook_topic(self._topic, self._hostname, call.destination)
+        peer = peer_topic(self._topic, self._hostname, call.destination)
         if peer is None:
             raise _Failure(
                 f"cannot tell {call.destination}'s hook topic: {self._hostname!r} is not one "
@@ -588,7 +578,7 @@ class HookRunner:
         assert self._topic is not None
         assert self._hostname is not None
         assert self._bus is not None
-        reply_to = peer_hook_topic(self._topic, self._hostname, request["source"])
+        reply_to = peer_topic(self._topic, self._hostname, request["source"])
         if reply_to is None:
             log.warning("hook.request_ignored", reason="bad source", source=request["source"])
             return

@@ -37,7 +37,7 @@ async def two_hosts(
     **sections: Any,
 ) -> AsyncIterator[tuple[Agent, Scheduler, dict[str, object]]]:
     """Agents ``a-*`` (with ``domains``) and ``b-*`` sharing one fake cluster (``b_sections``
-    replaces sections for ``b-*`` only)."""
+    replaces sections for ``b-*`` only); ``shared["agent-b"]`` is the second agent."""
     shared: dict[str, object] = {}
     sa = agent_settings(port, hv_type="fake", **sections)
     name_a = sa.hostname
@@ -58,9 +58,10 @@ async def two_hosts(
     async with (
         scheduler(port, prefix) as sched,
         running_agent(sa, shared=shared) as agent_a,
-        running_agent(sb, shared=shared),
+        running_agent(sb, shared=shared) as agent_b,
     ):
         shared["names"] = (name_a, name_b)
+        shared["agent-b"] = agent_b
         yield agent_a, sched, shared
 
 

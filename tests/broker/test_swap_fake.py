@@ -108,7 +108,7 @@ async def test_swap_where_neither_host_has_room_is_refused_before_anything_moves
         assert "u1 needs 4194304 KiB" in r["details"]
         assert (_where(shared, "u1"), _where(shared, "u2")) == (src, dest)
         phases = {e["phase"] for e in sched.events_for(r["id"], "phase")}
-        assert phases == {"pre-checks"}
+        assert phases == {"peer-lane", "pre-checks"}
 
 
 async def test_a_failed_partner_half_is_reported_not_swallowed(mosquitto):

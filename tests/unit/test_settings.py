@@ -579,6 +579,15 @@ NEW_KEYS = [
     pytest.param(
         "migration: {device-timeout: 2.5}", "migration.device_timeout", 2.5, id="device-timeout"
     ),
+    pytest.param(
+        "migration: {swap-lock: required}", "migration.swap_lock", "required", id="swap-lock"
+    ),
+    pytest.param(
+        "migration: {swap-lock-timeout: 0.5}",
+        "migration.swap_lock_timeout",
+        0.5,
+        id="swap-lock-timeout",
+    ),
     # logging, shutdown
     pytest.param("logging: {format: json}", "logging.format", "json", id="logging-format"),
     pytest.param("logging: {level: debug}", "logging.level", "debug", id="logging-level"),

@@ -21,13 +21,13 @@ from structlog.testing import capture_logs
 
 from asyncmigfra import userhooks
 from asyncmigfra.errors import HookFailed
+from asyncmigfra.hooks import peer_topic
 from asyncmigfra.settings import HookSettings, MqttHookSettings
 from asyncmigfra.userhooks import (
     HOOK_POINTS,
     HookCall,
     HookRunner,
     hook_topic_of,
-    peer_hook_topic,
 )
 from harness import RecordingContext as FakeContext
 
@@ -614,10 +614,10 @@ def test_request_payload_leaves_out_what_is_unset() -> None:
 def test_hook_topics_of_peers_are_derived_from_the_own_topic():
     own = hook_topic_of("fast/migfra/node1/task")
     assert own == "fast/migfra/node1/hook"
-    assert peer_hook_topic(own, "node1", "node2") == "fast/migfra/node2/hook"
+    assert peer_topic(own, "node1", "node2") == "fast/migfra/node2/hook"
     assert hook_topic_of("single") == "single/hook"
     # The host name must be exactly one level; a peer name cannot widen a topic.
-    assert peer_hook_topic("site/x/hook", "node1", "node2") is None
-    assert peer_hook_topic("n/n/hook", "n", "m") is None
+    assert peer_topic("site/x/hook", "node1", "node2") is None
+    assert peer_topic("n/n/hook", "n", "m") is None
     for bad in ("a+b", "#", "a/b", "a\0b"):
-        assert peer_hook_topic(own, "node1", bad) is None
+        assert peer_topic(own, "node1", bad) is None
