@@ -13,6 +13,8 @@ it: publish the task (QoS 2), wait for the result.
 2. ``reduce-memory`` (``fake``): an 8 GiB guest dirtying 200 MiB/s over a 1000 MiB/s link,
    with and without the built-in hook (``memory: 25%``): simulated migration time and the
    size of the copy.
+2b. ``swap-with`` lane hold (``fake``): swaps back and forth with ``migration.swap-lock`` off
+   and ``best-effort``: what holding VM 2's lane on the destination's agent costs a swap.
 3. On the rig (real libvirtd + QEMU/TCG, ``tests/rig``; needs root; ``--no-rig`` skips it):
    a. ``swap-with`` of guest X on rig-a with guest Y on rig-b as one task (parallel) against
       the same exchange as two sequential ``migrate vm`` tasks, rounds interleaved; each
@@ -84,6 +86,8 @@ if str(ROOT / "tests" / "broker") not in sys.path:
 from test_userhooks_mqtt import reply, responder
 
 import libvirt
+from asyncmigfra.hypervisor.base import DomainState
+from asyncmigfra.hypervisor.fake import FakeDomain
 from asyncmigfra.settings import HookSettings, settings_from_text
 from harness import agent_settings, running_agent
 from rig import (
@@ -143,6 +147,7 @@ async def fake_pair(
     time_scale: float,
     configured: tuple[HookSettings, ...] = (),
     progress_interval: float = 0.5,
+    migration: dict[str, Any] | None = None,
 ) -> AsyncIterator[FakePair]:
     """Two ``fake`` agents sharing one simulated cluster (as ``two_hosts`` in
     tests/broker/test_migrate_fake.py, but with a YAML-free scheduler client per agent: that
@@ -168,6 +173,7 @@ async def fake_pair(
             hv_options=options,
             hooks=configured,
             agent={"progress_interval": progress_interval},
+            migration=migration or {},
         )
 
     sa, sb = settings(a, b, domains), settings(b, a, [])
@@ -182,6 +188,51 @@ async def fake_pair(
 
 def fake_guest(name: str, mib: int, dirty: float = 0) -> dict[str, Any]:
     return {"name": name, "vcpus": 1, "memory": mib * 1024, "state": "running", "dirty-rate": dirty}
+
+
+# --------------------------------------------------------------------------- 2b. swap lane hold
+
+
+async def bench_swap_lock(port: int, n: int, warmup: int = 4) -> None:
+    """What holding VM 2's lane on the destination's agent costs a swap: swaps back and forth
+    between two fake agents (1 GiB guests; fast link and time scale as in section 1, so the
+    simulated migrations take well under a millisecond), with ``migration.swap-lock`` off
+    and on."""
+    rows = []
+    for mode in ("off", "best-effort"):
+        run = uuid.uuid4().hex[:6]
+        x, y = f"lx-{run}", f"ly-{run}"
+        async with fake_pair(
+            port,
+            [fake_guest(x, 1024)],
+            bandwidth=100_000,
+            time_scale=1000.0,
+            migration={"swap_lock": mode},
+        ) as pair:
+            cluster: Any = pair.shared["fake-cluster"]
+            cluster.hosts[pair.b].domains[y] = FakeDomain(
+                name=y, state=DomainState.RUNNING, vcpus=1, memory=KIB_PER_GIB
+            )
+            wall: list[float] = []
+            held: list[float] = []
+            for i in range(warmup + n):
+                to, dest = pair.leg(i)  # X goes there and Y comes back, every time
+                r = await to.call(swap_body(x, dest, y), 60)
+                swapped(r, f"swap ({mode})")
+                if i >= warmup:
+                    wall.append(r.ms)
+                    held.append(tags(r).get("peer-lane", 0.0) * 1000)
+        rows.append([mode, n, fmt(med(wall), 2), fmt(med(held), 2), fmt(max(held), 2)])
+    table(
+        f"2b. swap-with lane hold on the fake: {n} swaps back and forth per mode",
+        ["migration.swap-lock", "swaps", "swap task p50 ms", "peer-lane tag p50 ms", "max ms"],
+        rows,
+    )
+    note(
+        "swap task = publish -> result of one swap task between two in-process fake agents on\n"
+        "one mosquitto. peer-lane = the hold's round trip to the destination's agent (its\n"
+        "time-measurement tag); the release at the end is not waited for."
+    )
 
 
 # --------------------------------------------------------------------------- 1. hook overhead
@@ -817,6 +868,7 @@ async def run_companions(port: int, plan: Plan) -> None:
         for label, step in (
             ("1. hook overhead", lambda: bench_hook_overhead(port, plan.hook_migrations)),
             ("2. reduce-memory on the fake", lambda: bench_reduce_fake(port, plan.reduce_rounds)),
+            ("2b. swap lane hold", lambda: bench_swap_lock(port, plan.hook_migrations)),
         ):
             await timed_section(label, step)
         if plan.rig:
