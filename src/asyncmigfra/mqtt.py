@@ -26,6 +26,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiomqtt
 import structlog
@@ -41,6 +42,7 @@ __all__ = ["Delivery", "Incoming", "MqttTransport", "Outgoing", "ToolClient", "T
 log = structlog.stdlib.get_logger(__name__)
 
 MQTT_ERR_NO_CONN = MQTTErrorCode.MQTT_ERR_NO_CONN
+_T = TypeVar("_T")
 
 
 class TransportError(AsyncmigfraError):
@@ -79,6 +81,24 @@ class Delivery:
     @property
     def done(self) -> bool:
         return bool(self._info.is_published())  # type: ignore[attr-defined]
+
+
+async def honour_cancel(call: Awaitable[_T]) -> _T:
+    """Await one aiomqtt call, re-raising a cancellation that the call swallowed.
+
+    aiomqtt waits for the broker's acknowledgement with ``asyncio.wait_for``, which in
+    Python 3.11 returns the result and drops a cancellation that arrives as the
+    acknowledgement does (CPython gh-86296, fixed in 3.12). The task then runs on as if never
+    cancelled, e.g. an agent's server loop that its shutdown just cancelled waits forever. So
+    a cancel request that is still pending after the call (``Task.cancelling()`` grew, and
+    nothing uncancelled it) is raised here.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    result = await call
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result
 
 
 @contextmanager
@@ -218,9 +238,9 @@ class MqttTransport:
             try:
                 async with client:
                     for topic, qos in self._subscriptions:
-                        await client.subscribe(topic, qos=qos)
+                        await honour_cancel(client.subscribe(topic, qos=qos))
                     for topic, qos in {(t, q) for t, q, _ in self._extra}:
-                        await client.subscribe(topic, qos=qos)
+                        await honour_cancel(client.subscribe(topic, qos=qos))
                     self._subscribed = True
                     self._connected.set()
                     self.connects += 1
@@ -279,7 +299,7 @@ class MqttTransport:
             client = self._client
             assert client is not None
             with map_mqtt_errors():
-                await client.subscribe(topic, qos=qos)
+                await honour_cancel(client.subscribe(topic, qos=qos))
             yield queue
         finally:
             self._extra.remove(entry)
@@ -292,7 +312,7 @@ class MqttTransport:
             return
         try:
             async with asyncio.timeout(5.0):
-                await client.unsubscribe(topic)
+                await honour_cancel(client.unsubscribe(topic))
         except (aiomqtt.MqttError, TimeoutError) as exc:
             log.warning("mqtt.unsubscribe_failed", topic=topic, error=str(exc))
 
@@ -322,13 +342,15 @@ class MqttTransport:
             client = self._client
             assert client is not None
             try:
-                await client.publish(
-                    topic,
-                    msg.payload,
-                    qos=msg.qos,
-                    retain=msg.retain,
-                    properties=props,
-                    timeout=math.inf,
+                await honour_cancel(
+                    client.publish(
+                        topic,
+                        msg.payload,
+                        qos=msg.qos,
+                        retain=msg.retain,
+                        properties=props,
+                        timeout=math.inf,
+                    )
                 )
             except aiomqtt.MqttCodeError as exc:
                 if exc.rc == MQTT_ERR_NO_CONN and msg.qos > 0:
@@ -371,7 +393,7 @@ class MqttTransport:
             return
         with map_mqtt_errors():
             for topic, _ in self._subscriptions:
-                await client.unsubscribe(topic)
+                await honour_cancel(client.unsubscribe(topic))
 
 
 def _incoming(message: aiomqtt.Message) -> Incoming:
@@ -442,7 +464,7 @@ class ToolClient:
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         with map_mqtt_errors():
-            await self._client.subscribe(topic, qos=qos)
+            await honour_cancel(self._client.subscribe(topic, qos=qos))
 
     async def publish(
         self,
@@ -462,7 +484,9 @@ class ToolClient:
             if correlation_data is not None:
                 props.CorrelationData = correlation_data
         with map_mqtt_errors():
-            await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            await honour_cancel(
+                self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            )
 
     async def messages(self) -> AsyncIterator[Incoming]:
         with map_mqtt_errors():

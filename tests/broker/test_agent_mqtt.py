@@ -362,3 +362,19 @@ async def test_retained_status_shows_running_tasks(mosquitto):
         await sched.wait_for(lambda: [s for s in sched.statuses if s.get("tasks") == 1], 10)
         await sched.result_for("busy-1", 10)
         await sched.wait_for(lambda: [s for s in sched.statuses[-1:] if s.get("tasks") == 0], 10)
+
+
+async def test_an_agent_stopped_while_it_subscribes_stops(mosquitto):
+    """Found by the full suite: a stop that met a subscription's acknowledgement was lost
+    (Python 3.11's ``wait_for`` inside aiomqtt), and the agent never exited. Stop right after
+    connecting, at varying points of the start-up's subscriptions, many times."""
+    for i in range(40):
+        agent = Agent(agent_settings(mosquitto.port, hv_type="fake"))
+        run = asyncio.create_task(agent.run())
+        async with asyncio.timeout(10):
+            await agent.transport.wait_connected()
+        for _ in range(i % 8):
+            await asyncio.sleep(0)
+        agent.request_stop()
+        async with asyncio.timeout(5):
+            assert await run == 0, f"run {i}"
