@@ -92,6 +92,10 @@ def agent_config(path: Path, port: int) -> Path:
         # such task ends as hook-failed when this deadline passes (default: 10 s per process).
         "pscom-handler:\n"
         "  timeout: 0.2\n"
+        # Fuzzed swaps ask the destination's agent for a lane hold; none runs here, so each
+        # goes on uncoordinated when this passes (default: 2 s).
+        "migration:\n"
+        "  swap-lock-timeout: 0.2\n"
         "logging:\n"
         "  format: json\n"
         "  level: warning\n"
