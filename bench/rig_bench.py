@@ -978,8 +978,9 @@ async def bench_loop_lag(
         "migration": {"max_outgoing": n, "max_incoming": n},
         "agent": {"progress_interval": 0.1},
     }
-    sa = rig_agent_settings(port, rig, rig.a, **sections)
-    sb = rig_agent_settings(port, rig, rig.b, **sections)
+    run = uuid.uuid4().hex[:6]
+    sa = rig_agent_settings(port, rig, rig.a, run=run, **sections)
+    sb = rig_agent_settings(port, rig, rig.b, run=run, **sections)
     windows: list[LagWindow] = []
     outcomes: dict[str, list[tuple[float, str]]] = {}
 
@@ -1252,8 +1253,9 @@ async def rig_conns(rig: Rig) -> AsyncIterator[RigConns]:
 async def agent_pair(port: int, rig: Rig, **sections: Any) -> AsyncIterator[tuple[Sched, Sched]]:
     """One agent per rig host (configured as tests/real/agents.py does, plus ``sections``)
     and a scheduler client for each."""
-    sa = rig_agent_settings(port, rig, rig.a, **sections)
-    sb = rig_agent_settings(port, rig, rig.b, **sections)
+    run = uuid.uuid4().hex[:6]
+    sa = rig_agent_settings(port, rig, rig.a, run=run, **sections)
+    sb = rig_agent_settings(port, rig, rig.b, run=run, **sections)
     async with (
         sched(port, prefix_of(sa)) as to_a,
         sched(port, prefix_of(sb)) as to_b,

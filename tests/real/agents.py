@@ -33,13 +33,21 @@ def libvirt_options(rig: Rig, me: Host, **extra: object) -> dict[str, object]:
 
 
 def rig_agent_settings(
-    port: int, rig: Rig, me: Host, *, hv: Mapping[str, object] | None = None, **sections: Any
+    port: int,
+    rig: Rig,
+    me: Host,
+    *,
+    run: str,
+    hv: Mapping[str, object] | None = None,
+    **sections: Any,
 ) -> Settings:
+    """An agent for rig host ``me``. Unique topics per test run (the rig's host names are
+    fixed, the broker is shared): ``rig-<run>/<host>/...``. The agents of one run share that
+    prefix, as a cluster's agents share ``fast/migfra``, so they find each other's topics
+    (a swap's lane hold, ``on: destination`` hooks)."""
     settings = agent_settings(port, hostname=me.name, hv_type="dummy", **sections)
     options = libvirt_options(rig, me, **dict(hv or {}))
     settings = replace(settings, hypervisor=HypervisorSettings(type="libvirt", options=options))
-    # Unique topics per test run: the rig's host names are fixed, the broker is shared.
-    run = uuid.uuid4().hex[:6]
     mqtt = settings.mqtt
     return replace(
         settings,
@@ -66,8 +74,9 @@ class RigAgents:
 async def rig_agents(
     port: int, rig: Rig, *, hv: Mapping[str, object] | None = None, **sections: Any
 ) -> AsyncIterator[RigAgents]:
-    sa = rig_agent_settings(port, rig, rig.a, hv=hv, **sections)
-    sb = rig_agent_settings(port, rig, rig.b, hv=hv, **sections)
+    run = uuid.uuid4().hex[:6]
+    sa = rig_agent_settings(port, rig, rig.a, run=run, hv=hv, **sections)
+    sb = rig_agent_settings(port, rig, rig.b, run=run, hv=hv, **sections)
     prefix_a = sa.mqtt.task_topic.rsplit("/", 1)[0]
     prefix_b = sb.mqtt.task_topic.rsplit("/", 1)[0]
     async with (

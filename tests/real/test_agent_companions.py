@@ -68,6 +68,9 @@ async def test_swap_with_trades_two_real_guests_between_a_and_b(
     }
     tags = set(r["time-measurement"])
     assert {f"migrate-{one.name()}", f"migrate-{two.name()}", "migrate", "pre-checks"} <= tags
+    # rig-b's agent held the partner's lane for the swap (no "not coordinated" details).
+    assert "peer-lane" in tags
+    assert "details" not in r, r
     for host, dom, key in ((rig.b, one, "one"), (rig.a, two, "two")):
         conn = libvirt.open(host.local_uri)
         try:
