@@ -17,9 +17,10 @@ The engine reaches MQTT only through :class:`MessageBus`, implemented by the tra
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,6 +32,7 @@ __all__ = [
     "MessageBus",
     "PscomHook",
     "count_processes",
+    "json_map",
     "peer_topic",
     "sibling_topic",
 ]
@@ -61,6 +63,18 @@ def peer_topic(own_topic: str, hostname: str, peer: str) -> str | None:
     if levels.count(hostname) != 1 or not peer or any(char in peer for char in "+#/\0"):
         return None
     return "/".join(peer if level == hostname else level for level in levels)
+
+
+def json_map(raw: bytes, limit: int) -> dict[Any, Any] | None:
+    """``raw`` as a JSON object, or ``None`` when it is longer than ``limit`` bytes, not JSON
+    or not an object (another agent's request or answer, checked further by the caller)."""
+    if len(raw) > limit:
+        return None
+    try:
+        document: object = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 class MessageBus(Protocol):

@@ -40,7 +40,7 @@ from typing import Literal, Protocol
 import structlog
 
 from asyncmigfra.errors import Busy, ConnectionFailed
-from asyncmigfra.hooks import MessageBus, peer_topic, sibling_topic
+from asyncmigfra.hooks import MessageBus, json_map, peer_topic, sibling_topic
 
 __all__ = [
     "LANE_QOS",
@@ -93,13 +93,8 @@ class _Hold:
 def _request(raw: bytes) -> dict[str, str] | None:
     """A peer's request, checked: a flat map of short strings with the keys its ``op``
     needs; ``None`` otherwise."""
-    if len(raw) > MAX_REQUEST_BYTES:
-        return None
-    try:
-        document: object = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or not all(
+    document = json_map(raw, MAX_REQUEST_BYTES)
+    if document is None or not all(
         isinstance(k, str) and isinstance(v, str) and len(v) <= _NAME_MAX
         for k, v in document.items()
     ):
@@ -249,13 +244,8 @@ async def _ask(
 
 
 def _answer_to(raw: bytes, request_id: str) -> tuple[str, str] | None:
-    if len(raw) > MAX_REQUEST_BYTES:
-        return None
-    try:
-        document: object = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or document.get("request-id") != request_id:
+    document = json_map(raw, MAX_REQUEST_BYTES)
+    if document is None or document.get("request-id") != request_id:
         return None
     status, details = document.get("status"), document.get("details", "")
     if not isinstance(status, str) or not isinstance(details, str):

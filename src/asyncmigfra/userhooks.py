@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import HookContext, MessageBus, peer_topic, sibling_topic
+from asyncmigfra.hooks import HookContext, MessageBus, json_map, peer_topic, sibling_topic
 from asyncmigfra.parsing import load_yaml
 from asyncmigfra.settings import HOOK_POINTS, MIGRATE_HOOK_POINTS, HookSettings
 
@@ -624,13 +624,8 @@ class HookRunner:
 def _peer_request(raw: bytes) -> dict[str, str] | None:
     """Another agent's hook request, checked: a flat map of short strings with the keys this
     needs, a known migrate point and a plain request id; ``None`` otherwise."""
-    if len(raw) > MAX_RESPONSE_BYTES:
-        return None
-    try:
-        document: object = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or not all(
+    document = json_map(raw, MAX_RESPONSE_BYTES)
+    if document is None or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in document.items()
     ):
         return None
