@@ -230,8 +230,13 @@ async def _stop_spawned(
     leader and then waits until every process holding the output pipes has exited, which a
     background child of the hook can make last as long as that child runs."""
     done, _ = await asyncio.wait({spawn}, timeout=SPAWN_LIMIT)
-    if not done or spawn.cancelled() or spawn.exception() is not None:
-        return  # it never started (or hangs starting): nothing of it runs that we could stop
+    if not done:
+        # Hangs starting: hand it to asyncio's own clean-up rather than leave it unowned.
+        log.warning("hook.start_abandoned", limit=SPAWN_LIMIT)
+        spawn.cancel()
+        return
+    if spawn.cancelled() or spawn.exception() is not None:
+        return  # it never started: nothing of it runs that we could stop
     transport, _ = spawn.result()
     try:
         await _stop_group(transport, capture)
