@@ -298,7 +298,9 @@ class HookSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    #: The agent's name: the ``host:`` of its events and the ``<hostname>`` of its topics.
+    #: The agent's name (extensions.md "Identity"): the ``host:`` of its events, results and
+    #: presence, the ``<hostname>`` of its configuration, its journal directory and the name
+    #: its peers use for it.
     hostname: str = "localhost"
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
@@ -318,8 +320,13 @@ class Settings:
 # How a file becomes a ``Settings``:
 #
 # 1. The text is parsed once with ruamel's safe loader (duplicate keys are an error).
-# 2. The top-level ``hostname`` is resolved (argument, then file, then ``gethostname()``) and
-#    every literal ``<hostname>`` is replaced with it. The original replaced it in the *text*;
+# 2. The agent's name is resolved (argument, then the file's ``hostname``, then the literal
+#    host level of ``communicator.subscribe-topic``, then ``gethostname()``) and every literal
+#    ``<hostname>`` is replaced with it. So two agents on one machine configured only with
+#    ``subscribe-topic: fast/migfra/node-a/task`` and ``.../node-b/task`` are ``node-a`` and
+#    ``node-b`` everywhere, their ``id: fast-migfra-<hostname>`` included. (For every file whose
+#    topics use ``<hostname>`` the name is the machine's, as in the original.)
+#    The original replaced it in the *text*;
 #    we replace it in every string scalar and key of the parsed tree instead, which gives the
 #    same result for every file the original accepted (yaml-cpp reads all scalars as text) but
 #    cannot change the YAML structure or turn a quoted id into a number when the host name
@@ -1060,8 +1067,26 @@ def _check_hostname(name: str, origin: str) -> str:
     return name
 
 
-def _resolve_hostname(argument: str | None, from_file: object) -> str:
-    """``--hostname`` wins, then the file's ``hostname:``, then ``socket.gethostname()``."""
+def _name_from_topic(task_topic: object) -> str | None:
+    """The host level of a task topic shaped ``<prefix>/<name>/task`` with a literal name
+    (``fast/migfra/node-a/task`` gives ``node-a``); ``None`` for any other shape, or when
+    that level is ``<hostname>`` or could not name an agent."""
+    if not isinstance(task_topic, str):
+        return None
+    levels = task_topic.split("/")
+    if len(levels) < 3 or levels[-1] != "task" or not any(levels[:-2]):
+        return None
+    name = levels[-2]
+    if _HOSTNAME_PLACEHOLDER in name or not _HOSTNAME_RE.match(name) or len(name) > 255:
+        return None
+    return name
+
+
+def _resolve_hostname(argument: str | None, tree: Mapping[str, object]) -> str:
+    """The agent's name (extensions.md "Identity"): ``--hostname``, else the file's
+    ``hostname:``, else the task topic's host level (``communicator.subscribe-topic``
+    shaped ``<prefix>/<name>/task``), else ``socket.gethostname()``."""
+    from_file = tree.get("hostname")
     file_name: str | None = None
     if from_file is not None:
         if not isinstance(from_file, str):
@@ -1071,6 +1096,11 @@ def _resolve_hostname(argument: str | None, from_file: object) -> str:
         return _check_hostname(argument, "the --hostname")
     if file_name is not None:
         return file_name
+    communicator = tree.get("communicator")
+    if isinstance(communicator, Mapping):
+        from_topic = _name_from_topic(communicator.get("subscribe-topic"))
+        if from_topic is not None:
+            return from_topic
     return _check_hostname(
         socket.gethostname(), "the machine's host name (set hostname: or --hostname)"
     )
@@ -1152,7 +1182,7 @@ def settings_from_text(
     tree = _as_map(document, "")
     top = _top_level_keys()
     _check_keys(tree, top, "")
-    name = _resolve_hostname(hostname, tree.get("hostname"))
+    name = _resolve_hostname(hostname, tree)
     substituted = _substitute(tree, name)
     assert isinstance(substituted, dict)
     directory = Path(base_dir) if base_dir is not None else Path()

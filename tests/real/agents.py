@@ -10,6 +10,7 @@ that need explicit addresses. ``scheduler`` (tests/harness.py) then talks to the
 from __future__ import annotations
 
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncmigfra.app import Agent
-from asyncmigfra.settings import HypervisorSettings, Settings
+from asyncmigfra.settings import HypervisorSettings, Settings, settings_from_text
 from harness import Scheduler, agent_settings, running_agent, scheduler
 from rig import Host, Rig, domain_xml
 
@@ -44,20 +45,31 @@ def rig_agent_settings(
     """An agent for rig host ``me``. Unique topics per test run (the rig's host names are
     fixed, the broker is shared): ``rig-<run>/<host>/...``. The agents of one run share that
     prefix, as a cluster's agents share ``fast/migfra``, so they find each other's topics
-    (a swap's lane hold, ``on: destination`` hooks)."""
-    settings = agent_settings(port, hostname=me.name, hv_type="dummy", **sections)
+    (a swap's lane hold, ``on: destination`` hooks).
+
+    The agent's name is not configured: as in an original ``migfra.conf``, only its topics
+    name it (extensions.md "Identity"), while the machine the agents run on has another host
+    name. So every rig test (migrations, swaps, destination hooks) runs on derived names."""
+    identity = settings_from_text(
+        "communicator:\n"
+        f"  id: fast-migfra-<hostname>-{run}\n"
+        f"  subscribe-topic: rig-{run}/{me.name}/task\n"
+        f"  publish-topic: rig-{run}/{me.name}/result\n"
+    )
+    assert identity.hostname == me.name != socket.gethostname(), identity.hostname
+    settings = agent_settings(port, hostname=identity.hostname, hv_type="dummy", **sections)
     options = libvirt_options(rig, me, **dict(hv or {}))
     settings = replace(settings, hypervisor=HypervisorSettings(type="libvirt", options=options))
-    mqtt = settings.mqtt
+    mine = identity.mqtt
     return replace(
         settings,
         mqtt=replace(
-            mqtt,
-            client_id=f"{mqtt.client_id}-{run}",
-            task_topic=f"rig-{run}/{me.name}/task",
-            result_topic=f"rig-{run}/{me.name}/result",
-            event_topic=f"rig-{run}/{me.name}/event",
-            status_topic=f"rig-{run}/{me.name}/status",
+            settings.mqtt,
+            client_id=mine.client_id,
+            task_topic=mine.task_topic,
+            result_topic=mine.result_topic,
+            event_topic=mine.event_topic,
+            status_topic=mine.status_topic,
         ),
     )
 

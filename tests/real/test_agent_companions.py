@@ -4,6 +4,7 @@ vcpu-map repin on the destination (spec 1.7), swap-with and the reduce-memory ho
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,11 @@ async def test_swap_with_trades_two_real_guests_between_a_and_b(
         "two": await asyncio.to_thread(wait_counter_above, two, 0),
     }
     async with rig_agents(mosquitto.port, rig) as agents:
+        # The agents are named only by their topics (rig-<run>/rig-a/task), and the machine
+        # they run on is neither (issue 12: a swap used to look for "this host" by it).
+        names = (agents.a.settings.hostname, agents.b.settings.hostname)
+        assert names == (rig.a.name, rig.b.name)
+        assert socket.gethostname() not in names
         r = await agents.to_a.call(
             f"task: migrate vm\nvm-name: {one.name()}\ndestination: {rig.b.name}\n"
             "time-measurement: true\nparameter:\n  migration-type: post-copy\n"

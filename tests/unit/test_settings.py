@@ -298,6 +298,60 @@ def test_bad_hostname_rejected(argument: str | None, text: str) -> None:
     assert info.value.path == "hostname"
 
 
+ORIGINAL_FORMAT = (
+    "communicator:\n  type: mqtt\n  id: fast-migfra-<hostname>\n"
+    "  subscribe-topic: {topic}\n  publish-topic: fast/migfra/<hostname>/result\n"
+    "  host: localhost\n  port: 1883\n  keepalive: 60\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        pytest.param("fast/migfra/node-a/task", "node-a", id="original-shape"),
+        pytest.param("site/rack1/n1/task", "n1", id="longer-prefix"),
+        pytest.param("fast/migfra/<hostname>/task", "machine", id="placeholder"),
+        pytest.param("node-a/task", "machine", id="no-prefix"),
+        pytest.param("/node-a/task", "machine", id="empty-prefix"),
+        pytest.param("fast/migfra/node-a/tasks", "machine", id="not-task"),
+        pytest.param("fast/migfra/node <a>/task", "machine", id="not-a-name"),
+        pytest.param("fast/migfra/n-<hostname>/task", "machine", id="partial-placeholder"),
+    ],
+)
+def test_identity_from_the_task_topic(topic: str, expected: str) -> None:
+    """extensions.md "Identity": without ``hostname``, a task topic ``<prefix>/<name>/task``
+    names the agent, and ``<hostname>`` everywhere else in the file is that name."""
+    settings = settings_from_text(ORIGINAL_FORMAT.format(topic=topic))
+
+    assert settings.hostname == expected
+    assert settings.mqtt.client_id == f"fast-migfra-{expected}"
+    assert settings.mqtt.result_topic == f"fast/migfra/{expected}/result"
+
+
+def test_two_agents_on_one_machine_differ_by_their_topics() -> None:
+    a = settings_from_text(ORIGINAL_FORMAT.format(topic="fast/migfra/node-a/task"))
+    b = settings_from_text(ORIGINAL_FORMAT.format(topic="fast/migfra/node-b/task"))
+
+    assert (a.hostname, b.hostname) == ("node-a", "node-b")
+    assert a.mqtt.client_id != b.mqtt.client_id
+    assert a.mqtt.status_topic == "fast/migfra/node-a/status"
+
+
+@pytest.mark.parametrize(
+    ("argument", "in_file", "expected"),
+    [
+        pytest.param("cli", "file", "cli", id="argument-first"),
+        pytest.param(None, "file", "file", id="file-before-topic"),
+        pytest.param(None, None, "node-a", id="topic-before-machine"),
+    ],
+)
+def test_identity_order(argument: str | None, in_file: str | None, expected: str) -> None:
+    text = ORIGINAL_FORMAT.format(topic="fast/migfra/node-a/task")
+    if in_file:
+        text = f"hostname: {in_file}\n{text}"
+    assert settings_from_text(text, hostname=argument).hostname == expected
+
+
 def test_bad_machine_hostname_points_to_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("socket.gethostname", lambda: "weird host")
 
