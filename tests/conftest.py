@@ -106,6 +106,51 @@ def private_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.stop(kill=True)
 
 
+@dataclass
+class SmallDisk:
+    """A tmpfs of a few hundred KiB the test owns: fill it, free it, make it read-only."""
+
+    path: Path
+
+    def fill(self, *, leave: int = 0) -> None:
+        """Write a filler file until the disk is full, then give ``leave`` bytes back."""
+        with (self.path / "filler").open("wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+            if leave:
+                f.truncate(max(0, f.tell() - leave))
+
+    def free(self) -> None:
+        (self.path / "filler").unlink(missing_ok=True)
+
+    def read_only(self) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 1 MiB tmpfs mounted for the test (needs root; required in CI)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield SmallDisk(where)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()

@@ -31,11 +31,11 @@ import structlog
 
 from asyncmigfra import __version__
 from asyncmigfra.dispatching import Dispatcher, Reply
-from asyncmigfra.errors import TaskRejected
+from asyncmigfra.errors import StartupError, TaskRejected
 from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
-from asyncmigfra.journal import Journal, JournalRecord
+from asyncmigfra.journal import Journal, JournalRecord, journal_state
 from asyncmigfra.model import ResultMessage, TaskMessage
 from asyncmigfra.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.parsing import parse_task
@@ -57,12 +57,21 @@ _FLUSH_TIMEOUT = 10.0
 
 
 def resolve_state_dir(settings: Settings) -> Path | None:
-    """The journal directory from ``agent.state-dir`` (``auto``, ``none`` or a path)."""
+    """The journal directory from ``agent.state-dir`` (``auto``, ``none`` or a path).
+
+    ``auto`` is one directory per agent name: ``$STATE_DIRECTORY/<name>`` when systemd's
+    ``StateDirectory=`` set it, else ``/var/lib/asyncmigfra/<name>`` for root, else
+    ``$XDG_STATE_HOME/asyncmigfra/<name>`` (``~/.local/state``).
+    """
     value = settings.agent.state_dir
     if value.lower() == "none":
         return None
     if value.lower() != "auto":
         return Path(value)
+    # systemd may list several directories (colon-separated); the first is ours.
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd) / settings.hostname
     if os.geteuid() == 0:
         return Path("/var/lib/asyncmigfra") / settings.hostname
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -94,6 +103,8 @@ class Agent:
         self._stop_count = 0
         self._state = "online"
         self._since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        state_dir = resolve_state_dir(settings)
+        self.journal = Journal(state_dir) if state_dir is not None else None
         mqtt = settings.mqtt
         self.transport = MqttTransport(
             mqtt,
@@ -107,8 +118,6 @@ class Agent:
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
         )
-        state_dir = resolve_state_dir(settings)
-        self.journal = Journal(state_dir) if state_dir is not None else None
         self.dispatcher = Dispatcher(
             hypervisor=self.hypervisor,
             settings=settings,
@@ -150,6 +159,7 @@ class Agent:
                 "since": self._since,
                 # Running subtasks, so a fleet view needs nothing but the retained topics.
                 "tasks": self.dispatcher.running if hasattr(self, "dispatcher") else 0,
+                "journal": journal_state(self.journal),
             }
         )
 
@@ -162,12 +172,13 @@ class Agent:
         )
 
     async def _presence_loop(self) -> None:
-        """Re-publish the retained status when the number of running tasks changed (at most
-        every ``_PRESENCE_INTERVAL`` s), so ``asyncmigfra status`` shows it for every agent."""
-        last = self.dispatcher.running
+        """Re-publish the retained status when the number of running tasks or the journal's
+        state changed (checked every ``_PRESENCE_INTERVAL`` s), so ``asyncmigfra status``
+        shows it for every agent."""
+        last = (self.dispatcher.running, journal_state(self.journal))
         while True:
             await asyncio.sleep(_PRESENCE_INTERVAL)
-            now = self.dispatcher.running
+            now = (self.dispatcher.running, journal_state(self.journal))
             if now != last and self.transport.is_connected and self._state == "online":
                 last = now
                 self._publish_status("online")
@@ -282,8 +293,14 @@ class Agent:
         if self._signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-        await self.hypervisor.open()
+        # The journal first: an agent whose journal another agent holds touches nothing.
         records = await self.journal.open() if self.journal is not None else []
+        try:
+            await self.hypervisor.open()
+        except BaseException:
+            if self.journal is not None:
+                await self.journal.close()
+            raise
         log.info(
             "agent.starting",
             host=self.settings.hostname,
@@ -329,6 +346,9 @@ class Agent:
                     log.warning("agent.flush_incomplete", backlog=self.publisher.backlog)
                 publisher.cancel()
                 mqtt.cancel()
+        except* StartupError as group:
+            # The agent cannot go on (its client id is in use): one line, exit 2 (cli).
+            raise group.exceptions[0] from None
         finally:
             if self._signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,7 +25,7 @@ from typing import Any
 
 from asyncmigfra import __version__
 from asyncmigfra.console.exits import EPILOG as _EPILOG
-from asyncmigfra.errors import ConfigError
+from asyncmigfra.errors import ConfigError, StartupError
 
 __all__ = ["main"]
 
@@ -327,6 +327,9 @@ def _agent(args: argparse.Namespace) -> int:
         return asyncio.run(run())
     except ConfigError as exc:  # a back-end checks its options when it is built
         print(f"asyncmigfra: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:  # journal locked or unusable, client id in use
+        print(f"asyncmigfra: cannot run: {exc}", file=sys.stderr)
         return 2
 
 

@@ -45,12 +45,13 @@ from asyncmigfra.errors import (
     TaskCancelled,
     TaskError,
     TaskRejected,
+    Unavailable,
     WrongState,
 )
 from asyncmigfra.events import Events
 from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import DomainInfo, Hypervisor
-from asyncmigfra.journal import Journal
+from asyncmigfra.journal import Journal, journal_state
 from asyncmigfra.model import (
     CancelSpec,
     EvacuateSpec,
@@ -187,10 +188,11 @@ class _Job:
     started: bool = False
     #: Top-level result keys (an evacuation's own ``time-measurement``).
     header: dict[str, object] = field(default_factory=dict)
-    #: The journal write of this job; its result is published only after it (so the
-    #: ``accepted`` event, sent when the write is durable, always comes first).
+    #: The journal write of this job: the job starts, and ``accepted`` goes out, only once
+    #: it is durable; if it fails, the job is refused with ``unavailable``.
     journaled: asyncio.Future[None] | None = None
-    accepted_sent: bool = False
+    #: The journal write that marks the job ``running``; its work begins once it committed.
+    marked: asyncio.Future[None] | None = None
     received: float = field(default_factory=time.monotonic)
 
 
@@ -393,22 +395,8 @@ class Dispatcher:
                 response_topic=reply.response_topic if reply else None,
                 correlation=reply.correlation_data if reply else None,
             )
-            written.add_done_callback(lambda f: self._journaled(f, job))
             job.journaled = written
-        else:
-            self._accepted(job)
         self._spawn(self._run_job(job), f"job[{msg.id or job.key[:8]}]")
-
-    def _accepted(self, job: _Job) -> None:
-        if not job.accepted_sent:
-            job.accepted_sent = True
-            msg = job.msg
-            self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
-
-    def _journaled(self, written: asyncio.Future[None], job: _Job) -> None:
-        if written.cancelled() or written.exception() is not None:
-            log.error("journal.record_failed", task_id=job.msg.id, error=str(written.exception()))
-        self._accepted(job)
 
     def _spawn(self, coro: object, name: str) -> None:
         assert self._tg is not None, "Dispatcher.run() is not running"
@@ -457,6 +445,16 @@ class Dispatcher:
         )
 
     async def _run_job(self, job: _Job) -> None:
+        if job.journaled is not None:
+            # Nothing of the task runs, and no other event of it goes out, before its record
+            # is durable and ``accepted`` is handed to the publisher (protocol.md §1.4).
+            try:
+                await job.journaled
+            except Exception as exc:  # noqa: BLE001 - every failed write means the same
+                self._unavailable(job, str(exc))
+                return
+        msg = job.msg
+        self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
         entries_by_run: dict[int, list[ResultEntry]] = {}
         try:
             async with asyncio.TaskGroup() as tg:
@@ -479,14 +477,24 @@ class Dispatcher:
         if job.dedupe is not None:
             self._finished[job.dedupe] = (time.monotonic(), result)
             self._expire_finished()
-        if job.journaled is not None:
-            # The result never overtakes ``accepted`` (sent once the record is durable).
-            if not job.journaled.done():
-                await asyncio.wait({job.journaled})
-            self._accepted(job)
         self._deliver(result, job.reply, job.key)
 
-    def _finish(self, job: _Job) -> None:
+    def _unavailable(self, job: _Job, reason: str) -> None:
+        """The job's record could not be written: refuse it (``unavailable``), nothing ran."""
+        log.error("task.unavailable", task_id=job.msg.id, error=reason)
+        for run in job.runs:
+            if run.ticket is not None:
+                run.ticket.release()
+            run.state = "done"
+        self.queued -= len(job.runs)
+        self._finish(job, completed=False)
+        details = (
+            f"the agent's journal cannot write ({reason}), so it cannot promise a result: "
+            "nothing was done; send the task again later or to another agent"
+        )
+        self._refuse(job.msg, job.reply, Unavailable.code, details)
+
+    def _finish(self, job: _Job, *, completed: bool = True) -> None:
         self._jobs.discard(job)
         if job.msg.id:
             jobs = self._by_id.get(job.msg.id, [])
@@ -496,7 +504,7 @@ class Dispatcher:
                 self._by_id.pop(job.msg.id, None)
         if job.dedupe is not None:
             self._running_keys.discard(job.dedupe)
-        self.completed += 1
+        self.completed += completed
         if not self._jobs:
             self._idle.set()
 
@@ -563,7 +571,13 @@ class Dispatcher:
             if not job.started:
                 job.started = True
                 if self._journal is not None:
-                    self._journal.running(job.key)
+                    job.marked = self._journal.running(job.key)
+            if job.marked is not None and not job.marked.done():
+                # Work begins only once a restart would reconcile it, not run it again.
+                try:
+                    await job.marked
+                except Exception as exc:  # noqa: BLE001 - accepted is a promise: go on
+                    log.warning("journal.running_not_recorded", task_id=job.msg.id, error=str(exc))
             with structlog.contextvars.bound_contextvars(
                 task_id=job.msg.id, vm=spec.result_name, task=job.msg.kind.value
             ):
@@ -853,6 +867,7 @@ class Dispatcher:
             "version": __version__,
             "hypervisor": self._hv.kind,
             "state": "draining" if self._draining else "online",
+            "journal": journal_state(self._journal),
             "uptime": round(now - self._started, 3),
             "tasks": tasks,
         }

@@ -10,6 +10,8 @@ it is logged with its traceback and reported as ``hypervisor-error``.
 
     AsyncmigfraError                 base; never raised directly
     ├── ConfigError                  bad or unknown configuration key (startup only; exit code 2)
+    ├── StartupError                 the agent cannot run: journal locked or unusable, client id
+    │                                in use (exit code 2)
     ├── TaskRejected                 a message that cannot become a task (result: unknown)
     └── TaskError                    one subtask failed; ``code`` is the wire code
         ├── InvalidTask              invalid-message (a per-VM input problem, e.g. no name in XML)
@@ -24,7 +26,8 @@ it is logged with its traceback and reported as ``hypervisor-error``.
         ├── TaskTimeout              timeout
         ├── TaskCancelled            cancelled
         ├── HookFailed               hook-failed
-        └── NotSupported             not-supported
+        ├── NotSupported             not-supported
+        └── Unavailable              unavailable         (retryable: nothing was done)
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ __all__ = [
     "MigrationFailed",
     "NoDestination",
     "NotSupported",
+    "StartupError",
     "TaskCancelled",
     "TaskError",
     "TaskRejected",
     "TaskTimeout",
+    "Unavailable",
     "VmNotFound",
     "WrongState",
 ]
@@ -68,6 +73,7 @@ CODES: dict[str, str] = {
     "cancelled": "a cancel task stopped it",
     "hook-failed": "a pre/post step failed",
     "not-supported": "the configured hypervisor cannot do this",
+    "unavailable": "the agent cannot keep its promise now (its journal cannot write); retry later",
 }
 
 
@@ -84,6 +90,11 @@ class ConfigError(AsyncmigfraError):
     def __init__(self, message: str, *, path: str = "") -> None:
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class StartupError(AsyncmigfraError):
+    """The agent cannot run: its journal is locked by another agent or unusable, or another
+    client uses its client id. The CLI prints the one-line message and exits 2."""
 
 
 class TaskRejected(AsyncmigfraError):
@@ -162,3 +173,11 @@ class HookFailed(TaskError):
 
 class NotSupported(TaskError):
     code = "not-supported"
+
+
+class Unavailable(TaskError):
+    """The agent cannot keep its promise now: its journal cannot write (disk full, I/O
+    error, read-only). Nothing was done; the task can be sent again later or elsewhere."""
+
+    code = "unavailable"
+    retryable = True

@@ -12,19 +12,34 @@ On start-up the agent reads what a previous run left (:meth:`Journal.recover`): 
 never started run again; tasks that were running are reconciled with the hypervisor; results
 that were owed are published again. Delivered rows are pruned after a retention time.
 
+One journal belongs to one agent: the agent holds an exclusive lock (``flock`` on
+``directory/lock``, which also names the holder's PID) for its whole life, so a second agent
+pointed at the same directory refuses to start instead of recovering, and answering, the
+first one's tasks. A journal that cannot be used at start-up (locked, corrupt, unreadable,
+read-only) raises :class:`~asyncmigfra.errors.StartupError` with a one-line reason and what to
+do. A write that fails later (disk full, I/O error) fails only the writes it carried: the
+``accepted`` record's future raises :class:`JournalWriteFailed` (the dispatcher refuses that
+task with ``unavailable``), :attr:`Journal.failing` says so until a write succeeds again.
+
 All SQLite work happens in one dedicated thread. Writes are batched: everything queued while
 the previous transaction committed goes into the next one (group commit), so a burst of
 tasks costs one fsync, not one each. Only the ``accepted`` record is fsynced
-(``synchronous=FULL``): it is the promise. The later state changes (running, finished,
-delivered) are committed with ``synchronous=NORMAL`` (durable across a crash of the agent,
-not of the machine) and coalesced for a few milliseconds; if the machine dies before they
-reach the disk, recovery finds the task ``running`` and reconciles it with the hypervisor,
-which gives the same answer. One fsync per task instead of four (measured: 0.45 ms each).
+(``synchronous=FULL``): it is the promise. The later state changes are committed with
+``synchronous=NORMAL`` (durable across a crash of the agent, not of the machine). The task's
+work begins only once its ``running`` mark is committed (not fsynced, no coalescing wait), so
+a restart after a crash of the agent reconciles a task that had begun instead of running it
+again; ``finished`` and ``delivered`` are coalesced for a few milliseconds. If the machine
+dies before they reach the disk, recovery finds the task ``accepted`` (run again) or
+``running`` (reconciled with the hypervisor) and publishes its result. One fsync per task
+instead of four (measured: 0.45 ms each).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -34,7 +49,9 @@ from typing import Final, Literal, TypeVar
 
 import structlog
 
-__all__ = ["Journal", "JournalRecord"]
+from asyncmigfra.errors import StartupError
+
+__all__ = ["Journal", "JournalRecord", "JournalWriteFailed", "journal_state"]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -69,11 +86,32 @@ class JournalRecord:
     accepted_at: float
 
 
+class JournalWriteFailed(Exception):
+    """A journal write did not reach the disk; ``str()`` is SQLite's reason."""
+
+
 #: (sql, parameters, future to resolve after the commit, must be fsynced)
 _Op = tuple[str, tuple[object, ...], "asyncio.Future[None] | None", bool]
 _FINISHED: Final = "UPDATE tasks SET state = 'finished', result = ?, updated_at = ? WHERE key = ?"
 #: s to wait for more non-urgent writes before committing them.
 _COALESCE = 0.02
+#: s between test writes while writes fail and no task writes (so ``failing`` clears by
+#: itself once the disk has room again).
+_PROBE_INTERVAL = 2.0
+
+
+def _probe() -> list[_Op]:
+    """A test write that needs room on the disk and leaves nothing behind."""
+    row = ("probe", None, b"", None, None, 0.0, 0.0)
+    return [
+        (
+            "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, 'delivered', NULL, ?, ?)",
+            row,
+            None,
+            True,
+        ),
+        ("DELETE FROM tasks WHERE key = 'probe'", (), None, True),
+    ]
 
 
 class Journal:
@@ -89,13 +127,21 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._durable = True
         self.commits = 0
+        #: The last write failed (disk full, I/O error); cleared by the next one that succeeds.
+        self.failing = False
 
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> list[JournalRecord]:
-        """Open (creating it if needed) and return what a previous run left unfinished."""
+        """Lock and open (creating it if needed); return what a previous run left unfinished.
+
+        Raises:
+            StartupError: another agent holds the lock, or the journal is corrupt,
+                unreadable or read-only (the message says which, and what to do).
+        """
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[list[JournalRecord]] = self._loop.create_future()
         self._thread = threading.Thread(
@@ -114,6 +160,7 @@ class Journal:
         thread = self._thread
         await asyncio.to_thread(thread.join)
         self._thread = None
+        self._unlock()
 
     # ------------------------------------------------------------------ writes
 
@@ -135,11 +182,15 @@ class Journal:
             durable=True,
         )
 
-    def running(self, key: str) -> None:
-        self._submit(
+    def running(self, key: str) -> asyncio.Future[None]:
+        """Record that the task's work begins; the future resolves once it is committed
+        (not fsynced: it must survive a crash of the agent, which is what tells recovery to
+        reconcile the task rather than run it again)."""
+        return self._submit(
             "UPDATE tasks SET state = 'running', updated_at = ? WHERE key = ? "
             "AND state = 'accepted'",
             (time.time(), key),
+            wait=True,
         )
 
     def finished(self, key: str, result: bytes) -> None:
@@ -166,10 +217,10 @@ class Journal:
                 fut.set_exception(RuntimeError("the journal is closed"))
                 return fut
             self._ops.append((sql, params, fut if wait else None, durable))
-            # Wake the writer for what must be on disk now, or when it sleeps with nothing
+            # Wake the writer for what somebody waits for, or when it sleeps with nothing
             # to do; other writes wait in the batch (notifying for each would end the
             # coalescing wait at once).
-            if durable or len(self._ops) == 1:
+            if wait or len(self._ops) == 1:
                 self._cond.notify()
         if not wait:
             fut.set_result(None)
@@ -181,8 +232,10 @@ class Journal:
         loop = self._loop
         assert loop is not None
         try:
+            self._lock()
             records = self._open_db()
         except Exception as exc:  # noqa: BLE001 - reported to the awaiting caller
+            self._unlock()
             loop.call_soon_threadsafe(_set_exception, ready, exc)
             return
         loop.call_soon_threadsafe(_set_result, ready, records)
@@ -191,38 +244,129 @@ class Journal:
         while True:
             with self._cond:
                 while not self._ops and not self._closing:
-                    self._cond.wait()
-                if not self._closing and not any(op[3] for op in self._ops):
+                    if not self._cond.wait(_PROBE_INTERVAL if self.failing else None):
+                        break  # failing and idle: try whether writes work again
+                if not self._closing and self._ops and all(op[2] is None for op in self._ops):
                     # Nothing urgent: let a few more state changes join this transaction.
                     self._cond.wait(_COALESCE)
                 ops, self._ops = self._ops, []
                 closing = self._closing
             if ops:
                 self._commit(db, ops, loop)
+            elif self.failing and not closing:
+                self._commit(db, _probe(), loop, probe=True)
             if closing and not self._ops:
                 break
         db.close()
 
+    def _lock(self) -> None:
+        """Take the agent's exclusive lock on the directory, or say who holds it."""
+        directory = self._directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot use the journal directory {directory}: {exc.strerror or exc}; make it "
+                "writable for the agent's user or set agent.state-dir"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError(
+                f"the journal directory {directory} is in use by another agent (PID {holder}); "
+                "give each agent its own name or agent.state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
     def _open_db(self) -> list[JournalRecord]:
-        self._directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        cutoff = time.time() - self._retention
-        db.execute("DELETE FROM tasks WHERE state = 'delivered' AND updated_at < ?", (cutoff,))
-        rows = db.execute(
-            "SELECT key, task_id, payload, response_topic, correlation, state, result, "
-            "accepted_at FROM tasks WHERE state != 'delivered' ORDER BY accepted_at"
-        ).fetchall()
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else '?'}")
+            db.executescript(_SCHEMA)
+            cutoff = time.time() - self._retention
+            db.execute("DELETE FROM tasks WHERE state = 'delivered' AND updated_at < ?", (cutoff,))
+            rows = db.execute(
+                "SELECT key, task_id, payload, response_topic, correlation, state, result, "
+                "accepted_at FROM tasks WHERE state != 'delivered' ORDER BY accepted_at"
+            ).fetchall()
+            records = [JournalRecord(*row) for row in rows]
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            raise StartupError(self._unusable(exc)) from None
         self._db = db
-        return [JournalRecord(*row) for row in rows]
+        return records
+
+    def _unusable(self, exc: sqlite3.Error) -> str:
+        """One line: why the journal cannot be opened, and what to do."""
+        reason = str(exc) or exc.__class__.__name__
+        if isinstance(exc, sqlite3.OperationalError) and (
+            "readonly" in reason or "unable to open" in reason or "disk I/O" in reason
+        ):
+            return (
+                f"the journal {self.path} cannot be opened for writing ({reason}); make "
+                f"{self._directory} writable for the agent's user, or set agent.state-dir"
+            )
+        if isinstance(exc, sqlite3.OperationalError) and "full" in reason:
+            return f"the journal {self.path} cannot be written ({reason}); free disk space"
+        return (
+            f"the journal {self.path} is damaged ({reason}); move it aside to start with an "
+            "empty journal (the tasks it holds are then not recovered)"
+        )
 
     def _commit(
-        self, db: sqlite3.Connection, ops: list[_Op], loop: asyncio.AbstractEventLoop
+        self,
+        db: sqlite3.Connection,
+        ops: list[_Op],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        probe: bool = False,
     ) -> None:
-        error: BaseException | None = None
+        """One transaction for the batch. If it fails, each write is tried on its own, so
+        one that cannot be written (a large payload on a full disk) fails only itself."""
         durable = any(op[3] for op in ops)
+        error = self._transaction(db, ops, durable)
+        if error is None:
+            outcomes: list[Exception | None] = [None] * len(ops)
+        elif len(ops) == 1 or probe:
+            outcomes = [error] * len(ops)
+        else:
+            outcomes = [self._transaction(db, [op], op[3]) for op in ops]
+        failed = [e for e in outcomes if e is not None]
+        if not failed and self.failing:
+            log.info("journal.write_recovered")
+        elif failed and not (probe and self.failing):  # a failing probe is no news
+            log.error(
+                "journal.write_failed", error=str(failed[0]), failed=len(failed), ops=len(ops)
+            )
+        self.failing = bool(failed)
+        for (_, _, fut, _), outcome in zip(ops, outcomes, strict=True):
+            if fut is None:
+                continue
+            if outcome is None:
+                loop.call_soon_threadsafe(_set_result, fut, None)
+            else:
+                failure = JournalWriteFailed(str(outcome) or outcome.__class__.__name__)
+                loop.call_soon_threadsafe(_set_exception, fut, failure)
+
+    def _transaction(
+        self, db: sqlite3.Connection, ops: list[_Op], durable: bool
+    ) -> Exception | None:
         try:
             if durable != self._durable:
                 db.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
@@ -233,16 +377,19 @@ class Journal:
             db.execute("COMMIT")
             self.commits += 1
         except Exception as exc:  # noqa: BLE001 - the writer thread must survive any bad row
-            error = exc
-            log.error("journal.write_failed", error=repr(exc), ops=len(ops))  # noqa: TRY400
             if db.in_transaction:
-                db.execute("ROLLBACK")
-        for _, _, fut, _ in ops:
-            if fut is not None:
-                if error is None:
-                    loop.call_soon_threadsafe(_set_result, fut, None)
-                else:
-                    loop.call_soon_threadsafe(_set_exception, fut, error)
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            return exc
+        return None
+
+
+def journal_state(journal: Journal | None) -> str:
+    """What presence and ``status`` say: ``ok``, ``failing`` (writes fail, so tasks are
+    refused with ``unavailable``) or ``off`` (``agent.state-dir: none``)."""
+    if journal is None:
+        return "off"
+    return "failing" if journal.failing else "ok"
 
 
 def _set_result(fut: asyncio.Future[T], value: T) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
-from asyncmigfra.journal import Journal
+import pytest
+import structlog
+
+from asyncmigfra.errors import StartupError
+from asyncmigfra.journal import Journal, JournalWriteFailed
 
 
 async def test_records_survive_a_reopen_with_their_state(tmp_path):
@@ -64,3 +69,106 @@ async def test_writes_after_close_fail_cleanly(tmp_path):
     fut = j.accepted("k", task_id="t", payload=b"p", response_topic=None, correlation=None)
     assert fut.done()
     assert isinstance(fut.exception(), RuntimeError)
+
+
+# --------------------------------------------------------------------------------------------
+# One journal, one agent: the lock, and journals that cannot be used
+
+
+async def test_a_second_journal_on_the_same_directory_names_the_holder(tmp_path):
+    first = Journal(tmp_path)
+    await first.open()
+    second = Journal(tmp_path)
+    with pytest.raises(StartupError) as err:
+        await second.open()
+    message = str(err.value)
+    assert str(tmp_path) in message
+    assert f"PID {os.getpid()}" in message
+    assert "\n" not in message
+    await first.close()
+    # The lock goes with its holder: the directory can be used again.
+    assert await second.open() == []
+    await second.close()
+
+
+async def test_a_damaged_journal_is_refused_with_what_to_do(tmp_path):
+    (tmp_path / "journal.sqlite").write_bytes(b"this is no database " * 300)
+    with pytest.raises(StartupError, match=r"damaged.*move it aside") as err:
+        await Journal(tmp_path).open()
+    assert "journal.sqlite" in str(err.value)
+    # The refused journal does not keep the lock.
+    j = Journal(tmp_path / "other")
+    await j.open()
+    await j.close()
+
+
+async def test_a_truncated_journal_is_refused(tmp_path):
+    j = Journal(tmp_path)
+    await j.open()
+    for i in range(50):
+        await j.accepted(
+            f"k{i}", task_id=None, payload=b"x" * 4000, response_topic=None, correlation=None
+        )
+    await j.close()
+    path = tmp_path / "journal.sqlite"
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\xff" * 4096 + data[4196:])
+    with pytest.raises(StartupError, match="damaged"):
+        await Journal(tmp_path).open()
+
+
+async def test_a_read_only_journal_is_refused_with_what_to_do(small_disk):
+    state = small_disk.path / "state"
+    j = Journal(state)
+    await j.open()
+    await j.close()
+    small_disk.read_only()
+    with pytest.raises(StartupError, match="writable for the agent's user") as err:
+        await Journal(state).open()
+    assert str(state) in str(err.value)
+
+
+async def test_a_full_disk_fails_only_the_writes_that_need_room_and_recovers(small_disk):
+    j = Journal(small_disk.path / "state")
+    await j.open()
+    await j.accepted("k0", task_id="0", payload=b"p", response_topic=None, correlation=None)
+    small_disk.fill()
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(JournalWriteFailed, match="full"):
+            await j.accepted(
+                "big", task_id="1", payload=b"x" * 300_000, response_topic=None, correlation=None
+            )
+        assert j.failing
+        await asyncio.sleep(4.5)  # two failing test writes: no news, not logged
+        small_disk.free()
+        # Nobody writes, yet the journal finds out by itself that it can write again.
+        async with asyncio.timeout(10):
+            while j.failing:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # no test writes once it works
+    assert [e["event"] for e in logs] == ["journal.write_failed", "journal.write_recovered"]
+    await j.accepted(
+        "big", task_id="1", payload=b"x" * 300_000, response_topic=None, correlation=None
+    )
+    await j.close()
+    again = Journal(small_disk.path / "state")
+    assert {r.key for r in await again.open()} == {"k0", "big"}
+    await again.close()
+
+
+async def test_one_failing_write_does_not_fail_the_others_of_its_batch(small_disk):
+    j = Journal(small_disk.path / "state")
+    await j.open()
+    small_disk.fill(leave=64 * 1024)  # room for a small record, not for a 300 kB one
+    big = j.accepted(
+        "big", task_id="b", payload=b"x" * 300_000, response_topic=None, correlation=None
+    )
+    small = j.accepted("small", task_id="s", payload=b"p", response_topic=None, correlation=None)
+    outcomes = await asyncio.gather(big, small, return_exceptions=True)
+    assert isinstance(outcomes[0], JournalWriteFailed)
+    assert outcomes[1] is None
+    small_disk.free()
+    await j.close()
+    again = Journal(small_disk.path / "state")
+    assert [r.key for r in await again.open()] == ["small"]
+    await again.close()

@@ -338,12 +338,10 @@ def test_event_and_presence_examples_are_real_renderings(block: Block) -> None:
         if "code" in doc:
             assert doc["code"] in errors.CODES
     else:
-        # Older captures predate `tasks`; the key order is fixed either way.
-        assert list(doc) in (
-            ["state", "host", "version", "hypervisor", "since"],
-            ["state", "host", "version", "hypervisor", "since", "tasks"],
-        )
+        # Every key the agent publishes, in its order (app.Agent._status_payload).
+        assert list(doc) == ["state", "host", "version", "hypervisor", "since", "tasks", "journal"]
         assert doc["state"] in {"online", "draining", "offline"}
+        assert doc["journal"] in {"ok", "failing", "off"}
     assert render_event(doc).decode() == block.text
 
 

@@ -40,7 +40,8 @@ INTERRUPTED: Final = 130
 
 EPILOG: Final = """\
 exit codes:
-  agent      0 clean shutdown, 2 bad configuration, 3 the shutdown hung (last-resort timer)
+  agent      0 clean shutdown, 2 bad configuration, journal locked by another agent or
+             unusable, client id in use; 3 the shutdown hung (last-resort timer)
   clients    0 every entry of the result succeeded (status, watch: no error)
              1 the agent answered and at least one entry failed (also result: unknown,
                busy, a cancelled migration)
