@@ -14,11 +14,16 @@ spec section 3):
   acknowledged the message or the caller is cancelled (at-least-once).
 * **Errors translated at the edge**: ``aiomqtt.MqttError`` never leaves this module; callers see
   :class:`TransportError`.
+* **Client id clashes are reported, not ping-ponged.** Two clients with one client id take the
+  session from each other on every reconnect. Each takeover is one ``mqtt.client_id_in_use``
+  error, the next reconnect waits a few seconds, and after ``takeover_limit`` of them within
+  ``takeover_window`` :meth:`MqttTransport.run` raises :class:`ClientIdInUse` (exit code 2).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import random
 import socket
@@ -33,11 +38,20 @@ import structlog
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from asyncmigfra.errors import AsyncmigfraError
+from asyncmigfra.errors import AsyncmigfraError, StartupError
 from asyncmigfra.settings import MqttSettings
 
-__all__ = ["Delivery", "Incoming", "MqttTransport", "Outgoing", "ToolClient", "TransportError"]
+__all__ = [
+    "ClientIdInUse",
+    "Delivery",
+    "Incoming",
+    "MqttTransport",
+    "Outgoing",
+    "ToolClient",
+    "TransportError",
+]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -47,6 +61,22 @@ _T = TypeVar("_T")
 
 class TransportError(AsyncmigfraError):
     """The broker could not be reached or refused an operation."""
+
+
+class ClientIdInUse(StartupError):
+    """Another client keeps taking the agent's MQTT session over: it connects with the same
+    client id. Raised by :meth:`MqttTransport.run` after ``takeover_limit`` takeovers within
+    ``takeover_window``; the agent exits with code 2."""
+
+    def __init__(self, client_id: str, count: int, window: float) -> None:
+        self.client_id = client_id
+        self.count = count
+        self.window = window
+        super().__init__(
+            f"MQTT client id {client_id!r} is in use: another client took the session over "
+            f"{count} times within {window:g} s; give every agent its own communicator.id "
+            "(or set communicator.takeover-limit: 0 to keep retrying)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +168,70 @@ def close_orphaned_sockets(exc: BaseException) -> int:
     return closed
 
 
+# Session takeovers (a second client connecting with the agent's client id), as measured
+# against mosquitto 2.0.11: the broker closes the old connection the moment the new CONNECT
+# arrives, for MQTT 3.1.1 *and* 5, without sending anything; paho then reports "Unspecified
+# error" (0x80, its code for a lost connection). mosquitto 2.0.15 and later (as the MQTT 5
+# spec asks of every broker) send MQTT 5 clients DISCONNECT "Session taken over" (0x8E) first
+# (mosquitto commit 351911bd, issue #2607). Both reach
+# us as aiomqtt's "Disconnected during message iteration", raised from the
+# ``MqttCodeError(reason)`` its ``on_disconnect`` created.
+
+#: MQTT 5 DISCONNECT reason "Session taken over": certain evidence of a takeover.
+SESSION_TAKEN_OVER = 0x8E
+#: paho's reason for a connection the peer closed without a DISCONNECT (or an MQTT 5
+#: DISCONNECT "Unspecified error"). Not keep-alive timeouts (0x8D) or protocol errors (0x82).
+_CONNECTION_CLOSED = 0x80
+#: s a reconnect after a takeover waits at least (``reconnect_max_delay`` if that is smaller),
+#: jittered up to 20% more: the two clients then take turns every few seconds, not twice a
+#: second, and ``takeover_limit`` (5) takeovers still fit into ``takeover_window`` (60 s)
+#: when both clients count every one (4 rounds of two waits <= 48 s).
+_TAKEOVER_DELAY = 5.0
+
+
+def disconnect_reason(exc: BaseException) -> int | None:
+    """The MQTT reason code behind a disconnect error (``exc`` or an exception it was raised
+    from or during), ``None`` when there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, aiomqtt.MqttCodeError) and isinstance(current.rc, ReasonCode):
+            return int(current.rc.value)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def suspect_takeover_within(settings: MqttSettings) -> float:
+    """s after connect and subscribe within which a connection the broker closed without a
+    reason counts as a (suspected) takeover.
+
+    The other client, when it retries like this agent, reconnects at most
+    ``2 * reconnect_min_delay`` after it lost the session (1 s with the defaults), plus its
+    connect; a takeover therefore ends our connection that soon. A broker restart, a
+    network failure or a broker limit ends connections that have been up for longer (one
+    that happens within this time is counted too: only repeated ones end the agent).
+    """
+    return max(2.0, 2 * settings.reconnect_min_delay + 1.0)
+
+
+def takeover_evidence(exc: BaseException, lifetime: float | None, within: float) -> str | None:
+    """Why the disconnect ``exc`` is a session takeover, or ``None`` when it is not one.
+
+    ``lifetime`` is how long the connection had been up after connect and subscribe
+    (``None``: the connection failed before that).
+    """
+    reason = disconnect_reason(exc)
+    if reason == SESSION_TAKEN_OVER:
+        return "the broker sent DISCONNECT 0x8E (session taken over)"
+    if reason == _CONNECTION_CLOSED and lifetime is not None and lifetime < within:
+        return (
+            f"the broker closed the connection {lifetime:.2f} s after connect and subscribe "
+            "without a reason (suspected takeover)"
+        )
+    return None
+
+
 def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     tls = settings.tls
     if tls is None:
@@ -176,6 +270,8 @@ class MqttTransport:
         #: Extra subscriptions (hooks): [topic filter, QoS, queue of (topic, payload)].
         self._extra: list[tuple[str, int, asyncio.Queue[tuple[str, bytes]]]] = []
         self.connects = 0
+        #: Session takeovers seen (all of them, not only those within the window).
+        self.takeovers = 0
 
     @property
     def is_connected(self) -> bool:
@@ -229,18 +325,29 @@ class MqttTransport:
         paho then keeps its session state, and QoS 1/2 messages that were in flight or
         published while disconnected are sent again after the reconnect, so the pending
         ``publish`` calls complete instead of being lost with a discarded client.
+
+        A session takeover (another client connected with the same client id, see
+        :func:`takeover_evidence`) is logged as one ``mqtt.client_id_in_use`` error and
+        followed by a longer wait; the ``takeover_limit``-th within ``takeover_window``
+        raises :class:`ClientIdInUse` instead.
         """
         attempt = 0
         s = self._settings
         client = self._make_client()
         self._client = client
+        loop = asyncio.get_running_loop()
+        suspect_within = suspect_takeover_within(s)
+        takeovers: collections.deque[float] = collections.deque()
         while True:
+            #: When this connection was up (connected and subscribed), in loop time.
+            up_since: float | None = None
             try:
                 async with client:
                     for topic, qos in self._subscriptions:
                         await honour_cancel(client.subscribe(topic, qos=qos))
                     for topic, qos in {(t, q) for t, q, _ in self._extra}:
                         await honour_cancel(client.subscribe(topic, qos=qos))
+                    up_since = loop.time()
                     self._subscribed = True
                     self._connected.set()
                     self.connects += 1
@@ -255,6 +362,12 @@ class MqttTransport:
                 close_orphaned_sockets(exc)
                 self._connected.clear()
                 attempt += 1
+                now = loop.time()
+                lifetime = None if up_since is None else now - up_since
+                evidence = takeover_evidence(exc, lifetime, suspect_within)
+                if evidence is not None:
+                    await self._after_takeover(evidence, takeovers, now)
+                    continue
                 delay = min(s.reconnect_max_delay, s.reconnect_min_delay * 2 ** min(attempt, 16))
                 delay = random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not crypto
                 log.warning(
@@ -266,6 +379,36 @@ class MqttTransport:
                 await asyncio.sleep(delay)
             finally:
                 self._connected.clear()
+
+    async def _after_takeover(
+        self, evidence: str, takeovers: collections.deque[float], now: float
+    ) -> None:
+        """Count one takeover at ``now`` (``takeovers``: the times of those in the window),
+        log it, then raise :class:`ClientIdInUse` at the limit or wait before reconnecting."""
+        s = self._settings
+        self.takeovers += 1
+        takeovers.append(now)
+        while takeovers and takeovers[0] <= now - s.takeover_window:
+            takeovers.popleft()
+        count = len(takeovers)
+        give_up = s.takeover_limit > 0 and count >= s.takeover_limit
+        base = min(_TAKEOVER_DELAY, s.reconnect_max_delay)
+        delay = random.uniform(base, base * 1.2)  # noqa: S311 - jitter, not crypto
+        log.error(
+            "mqtt.client_id_in_use",
+            client_id=s.client_id,
+            count=count,
+            limit=s.takeover_limit,
+            window=s.takeover_window,
+            evidence=evidence,
+            action="exit" if give_up else "reconnect",
+            delay=None if give_up else round(delay, 3),
+            hint="another client connected with the same client id (communicator.id); "
+            "give every agent its own",
+        )
+        if give_up:
+            raise ClientIdInUse(s.client_id, count, s.takeover_window)
+        await asyncio.sleep(delay)
 
     def _route_extra(self, message: aiomqtt.Message) -> bool:
         """Hand ``message`` to every extra subscription it matches (not to the task handler,

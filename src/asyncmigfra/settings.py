@@ -87,6 +87,11 @@ class MqttSettings:
     session_expiry: int = 86400
     #: QoS of ``progress`` events (others use 1).
     progress_qos: int = 0
+    #: Session takeovers (another client connected with ``client_id``) within
+    #: ``takeover_window`` after which the agent gives up (exit code 2); 0: never give up.
+    takeover_limit: int = 5
+    #: s over which takeovers are counted for ``takeover_limit``.
+    takeover_window: float = 60.0
 
 
 #: The original's two process counts (spec 1.10), tried in this order.
@@ -421,6 +426,9 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MqttSettings, "reconnect_max_delay"): _DELAY,
     (MqttSettings, "session_expiry"): _Range(low=0, high=0xFFFFFFFF),
     (MqttSettings, "progress_qos"): _QOS,
+    # 0: log every takeover but never give up.
+    (MqttSettings, "takeover_limit"): _NON_NEGATIVE,
+    (MqttSettings, "takeover_window"): _DELAY,
     (PscomSettings, "qos"): _QOS,
     (PscomSettings, "timeout"): _DELAY,
     (PscomSettings, "ssh_port"): _Range(low=1, high=65535),

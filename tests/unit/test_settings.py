@@ -501,6 +501,12 @@ NEW_KEYS = [
         "communicator: {session-expiry: 0}", "mqtt.session_expiry", 0, id="session-expiry"
     ),
     pytest.param("communicator: {progress-qos: 1}", "mqtt.progress_qos", 1, id="progress-qos"),
+    pytest.param(
+        "communicator: {takeover-limit: 0}", "mqtt.takeover_limit", 0, id="takeover-limit"
+    ),
+    pytest.param(
+        "communicator: {takeover-window: 30}", "mqtt.takeover_window", 30.0, id="takeover-window"
+    ),
     # hypervisor
     pytest.param("hypervisor: {type: libvirt}", "hypervisor.type", "libvirt", id="hypervisor-type"),
     pytest.param(
