@@ -94,11 +94,17 @@ def proc_usage(pid: int) -> tuple[float, int]:
 
 
 @contextmanager
-def agent_process(port: int, host: str) -> Iterator[subprocess.Popen[bytes]]:
+def agent_process(
+    port: int, host: str, *, src: Path | None = None, journal: bool | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The agent as a process; ``src``: run the package from that checkout's ``src``
+    instead (``--baseline``); ``journal``: on or off (default: ``BENCH_STATE_DIR``)."""
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "migfra.conf"
         # BENCH_STATE_DIR=none measures without the journal.
         state_dir = os.environ.get("BENCH_STATE_DIR", f"{tmp}/state")
+        if journal is not None:
+            state_dir = f"{tmp}/state" if journal else "none"
         conf.write_text(
             "communicator:\n  type: mqtt\n  id: bench-<hostname>\n"
             "  subscribe-topic: fast/migfra/<hostname>/task\n"
@@ -110,9 +116,13 @@ def agent_process(port: int, host: str) -> Iterator[subprocess.Popen[bytes]]:
             "limits:\n  max-queued-tasks: 100000\n"
             f"agent:\n  state-dir: {state_dir}\n"
         )
+        env = dict(os.environ)
+        if src is not None:
+            env["PYTHONPATH"] = str(src / "src")
         proc = subprocess.Popen(
             [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],
             stdout=subprocess.DEVNULL,
+            env=env,
         )
         try:
             yield proc
@@ -319,6 +329,55 @@ async def bench_loop_lag(port: int, quick: bool) -> dict[str, Any]:
     }
 
 
+async def measure_agent(
+    port: int, *, src: Path | None, journal: bool, n_seq: int, n_tput: int
+) -> tuple[float, float]:
+    """(p50 ms of sequential tasks, tasks/s with 20 in flight) of one agent process."""
+    host = f"cmp-{uuid.uuid4().hex[:6]}"
+    with agent_process(port, host, src=src, journal=journal):
+        async with connected(port, host) as c:
+            for i in range(30):  # warm-up
+                await c.send(START_ONE.format(i=i))
+            lat = [await c.send(START_ONE.format(i=i)) for i in range(n_seq)]
+            sem = asyncio.Semaphore(20)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    await c.send(START_ONE.format(i=i))
+
+            t0 = time.perf_counter()
+            async with asyncio.TaskGroup() as tg:
+                for i in range(n_tput):
+                    tg.create_task(one(i))
+            return pct(lat, 0.5), n_tput / (time.perf_counter() - t0)
+
+
+async def bench_baseline(port: int, baseline: Path, quick: bool) -> dict[str, Any]:
+    """This checkout against another one (``--baseline DIR``, e.g. a ``git worktree`` of the
+    commit before a change), journal on and off, rounds interleaved; medians and ratios."""
+    rounds, n_seq, n_tput = (2, 200, 600) if quick else (5, 500, 2000)
+    figures: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for journal in (True, False):
+            for name, src in (("baseline", baseline), ("this", None)):
+                got = await measure_agent(
+                    port, src=src, journal=journal, n_seq=n_seq, n_tput=n_tput
+                )
+                figures.setdefault((name, journal), []).append(got)
+    out: dict[str, Any] = {"rounds": rounds, "sequential": n_seq, "throughput_tasks": n_tput}
+    for journal in (True, False):
+        label = "journal_on" if journal else "journal_off"
+        row: dict[str, Any] = {}
+        for name in ("baseline", "this"):
+            runs = figures[(name, journal)]
+            row[f"{name}_p50_ms"] = round(statistics.median(r[0] for r in runs), 3)
+            row[f"{name}_tasks_per_s"] = round(statistics.median(r[1] for r in runs), 1)
+        row["p50_ratio"] = round(row["this_p50_ms"] / row["baseline_p50_ms"], 3)
+        row["throughput_ratio"] = round(row["this_tasks_per_s"] / row["baseline_tasks_per_s"], 3)
+        out[label] = row
+    return out
+
+
 def show(title: str, data: dict[str, Any]) -> None:
     print(f"\n== {title}")
     for k, v in data.items():
@@ -333,6 +392,12 @@ def show(title: str, data: dict[str, Any]) -> None:
 async def amain(args: argparse.Namespace) -> None:
     configure_logging(LoggingSettings(level="warning"))
     with mosquitto() as port:
+        if args.baseline is not None:
+            show(
+                f"this checkout against {args.baseline} (dummy, agent as a process)",
+                await bench_baseline(port, args.baseline, args.quick),
+            )
+            return
         show(
             "dummy hypervisor through mosquitto (agent as a process)",
             await bench_dummy(port, args.quick),
@@ -385,6 +450,13 @@ def main() -> None:
         action="store_true",
         help="also run the migration companions benchmarks (hooks, reduce-memory, swap-with;"
         " on the rig too with --rig): bench/companions.py",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="only compare this checkout's agent with the one in DIR (e.g. `git worktree add"
+        " /tmp/base HEAD~1`), journal on and off, interleaved",
     )
     p.add_argument(
         "--fleet",
