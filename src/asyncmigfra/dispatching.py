@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 import uuid
 from collections import deque
@@ -40,7 +39,6 @@ import structlog
 
 from asyncmigfra import __version__
 from asyncmigfra.errors import (
-    InvalidTask,
     NoDestination,
     TaskCancelled,
     TaskError,
@@ -63,6 +61,7 @@ from asyncmigfra.model import (
     TaskKind,
     TaskMessage,
 )
+from asyncmigfra.patterns import MAX_PATTERN, matching_names
 from asyncmigfra.placement import Capacity, VmSize, place
 from asyncmigfra.rendering import parse_error_result
 from asyncmigfra.running import SubtaskContext, error_entry, reconcile_subtask, run_subtask
@@ -77,8 +76,6 @@ log = structlog.stdlib.get_logger(__name__)
 _SHUTTING_DOWN = "the agent is shutting down; send the task again later"
 #: Finished tasks remembered for duplicate detection, at most.
 _MAX_REMEMBERED = 100_000
-#: Longest ``regex`` of a stop task (compiling runs on the event loop).
-_MAX_REGEX = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,17 +656,12 @@ class Dispatcher:
     async def _stop_regex(self, job: _Job, run: _Run, spec: StopSpec) -> list[ResultEntry]:
         """Stop every active domain whose name fully matches; one entry per VM (spec 1.4)."""
         assert spec.regex is not None
-        if len(spec.regex) > _MAX_REGEX:
-            err = InvalidTask(f"the regex is longer than {_MAX_REGEX} characters")
-            return [self._failed(job, spec.regex[:80], err)]
         try:
-            pattern = re.compile(spec.regex)
             domains = await self._hv.list_domains(active_only=True)
-        except (re.error, OverflowError, RecursionError) as exc:
-            return [self._failed(job, spec.regex, InvalidTask(f"invalid regex: {exc}"))]
+            # RE2 (linear time, bounded memory), in a worker thread: no pattern stalls the loop.
+            names = await asyncio.to_thread(matching_names, spec.regex, [d.name for d in domains])
         except TaskError as exc:
-            return [self._failed(job, spec.regex, exc)]
-        names = [d.name for d in domains if pattern.fullmatch(d.name)]
+            return [self._failed(job, spec.regex[:MAX_PATTERN], exc)]
         if not names:
             return [ResultEntry(vm_name=spec.regex, status="success", details=None)]
         return list(await asyncio.gather(*(self._lane_stop(job, run, spec, n) for n in names)))
