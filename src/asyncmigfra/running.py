@@ -19,6 +19,7 @@ import structlog
 from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.events import Events
 from asyncmigfra.hooks import MessageBus
+from asyncmigfra.hostpolicy import HostPolicy
 from asyncmigfra.hypervisor.base import DomainState, Hypervisor
 from asyncmigfra.migrating import follow_adopted, migrate
 from asyncmigfra.model import (
@@ -154,6 +155,8 @@ async def _operate(
     settings: Settings,
     vm_name: str,
 ) -> None:
+    policy = HostPolicy.from_settings(settings)
+    policy.check_subtask(spec)  # driver and transport: the configuration decides
     match spec:
         case StartSpec():
             if spec.name_error:
@@ -166,6 +169,8 @@ async def _operate(
                 raise InvalidTask(
                     "XML description is missing which is required to create a transient domain."
                 )
+            pools = await hypervisor.storage_paths() if policy.needs_pool_paths(spec) else ()
+            policy.check_start(spec, pools)  # host devices and the domain XML
             await _hooks(ctx, _call("before-start", "start vm", ctx, vm_name, settings))
             await hypervisor.start(spec, ctx)
         case StopSpec():

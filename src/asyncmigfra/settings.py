@@ -30,6 +30,7 @@ __all__ = [
     "HOOK_POINTS",
     "AgentSettings",
     "HookSettings",
+    "HostDevice",
     "HypervisorSettings",
     "LimitsSettings",
     "LoggingSettings",
@@ -168,6 +169,17 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HostDevice:
+    """One entry of ``agent.host-devices``: a PCI vendor and device id (``pci-ids``, a
+    hostdev given by vendor and product) or a PCI address (``devs``, a hostdev's address)."""
+
+    vendor: int | None = None
+    device: int | None = None
+    #: ``dddd:bb:ss.f``, lower case.
+    address: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentSettings:
     """``agent``: behaviour switches."""
 
@@ -181,6 +193,19 @@ class AgentSettings:
     #: else ``$XDG_STATE_HOME/asyncmigfra/<hostname>`` (``~/.local/state``); ``none``: no
     #: journal (accepted tasks are then lost if the agent dies).
     state_dir: str = "auto"
+    #: The only host devices a task may attach (``pci-ids``, ``devs``, hostdevs in XML);
+    #: empty: none (as Nova's ``device_spec``).
+    host_devices: tuple[HostDevice, ...] = ()
+    #: ``strict``: refuse domain XML with ``qemu:`` elements, host devices not in
+    #: ``host-devices`` and host files outside ``xml-allowed-paths``; ``trusted``: take any.
+    xml_policy: Literal["strict", "trusted"] = "strict"
+    #: Directories whose files domain XML may use (disks, kernels, sockets, ...); ``None``:
+    #: ``/var/lib/libvirt/images`` and the directories of the host's storage pools.
+    xml_allowed_paths: tuple[str, ...] | None = None
+    #: The ``driver`` values a task may name; ``None``: the configured driver only.
+    allowed_drivers: tuple[str, ...] | None = None
+    #: The ``transport`` values a migration may name; ``None``: the configured one only.
+    allowed_transports: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -636,11 +661,65 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
             f"expected {_expected(inner)}, got {_show(value)}{hint}",
             path=path,
         )
+    if get_origin(inner) is tuple:
+        (item_type, _) = get_args(inner)
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list, got {_show(value)}", path=path)
+        if item_type is HostDevice:
+            return tuple(_host_device(item, f"{path}[{i}]") for i, item in enumerate(value))
+        return tuple(_convert(item, item_type, f"{path}[{i}]", ctx) for i, item in enumerate(value))
     if inner is TlsSettings:
         if value is False:
             return None
         return _tls({} if value is True else value, path, ctx)
     raise AssertionError(f"no converter for {tp!r} at {path}")  # pragma: no cover
+
+
+_PCI_ADDRESS_RE = re.compile(
+    r"(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])\Z"
+)
+
+
+def _pci_id(value: object, path: str) -> int:
+    """A vendor or device id: hex text as ``lspci -nn`` prints it (``'8086'``), or ``0x8086``."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip().lower().removeprefix("0x")
+        if re.fullmatch(r"[0-9a-f]{1,4}", text):
+            number = int(text, 16)
+    if number is None or not 0 <= number <= 0xFFFF:
+        raise ConfigError(
+            f"expected a PCI id as lspci prints it ('8086' or 0x8086), got {_show(value)}",
+            path=path,
+        )
+    return number
+
+
+def _host_device(raw: object, path: str) -> HostDevice:
+    """``{vendor, device}`` or ``{address}``."""
+    mapping = _as_map(raw, path)
+    _check_keys(mapping, ["vendor", "device", "address"], path)
+    if "address" in mapping:
+        if len(mapping) != 1:
+            raise ConfigError("an address entry has no vendor or device", path=path)
+        text = mapping["address"]
+        match = _PCI_ADDRESS_RE.match(text.strip()) if isinstance(text, str) else None
+        if match is None or int(match.group(3), 16) > 0x1F:
+            raise ConfigError(
+                f"expected a PCI address [DDDD:]BB:SS.F, got {_show(text)}",
+                path=_join(path, "address"),
+            )
+        domain, bus, slot, function = match.groups()
+        address = f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(slot, 16):02x}.{function}"
+        return HostDevice(address=address)
+    if set(mapping) != {"vendor", "device"}:
+        raise ConfigError("expected {vendor, device} or {address}", path=path)
+    return HostDevice(
+        vendor=_pci_id(mapping["vendor"], _join(path, "vendor")),
+        device=_pci_id(mapping["device"], _join(path, "device")),
+    )
 
 
 def _section(
@@ -1045,12 +1124,29 @@ def _settings(tree: Mapping[str, object], ctx: _Context) -> Settings:
         hypervisor=_hypervisor(tree.get("hypervisor")),
         pscom=_pscom(tree.get("pscom-handler"), ctx),
         limits=LimitsSettings(**plain(LimitsSettings, "limits")),
-        agent=AgentSettings(**plain(AgentSettings, "agent")),
+        agent=_agent(plain(AgentSettings, "agent")),
         migration=MigrationDefaults(**plain(MigrationDefaults, "migration")),
         logging=LoggingSettings(**plain(LoggingSettings, "logging")),
         shutdown=ShutdownSettings(**plain(ShutdownSettings, "shutdown")),
         hooks=_hooks(tree.get("hooks"), ctx),
     )
+
+
+def _agent(kwargs: dict[str, Any]) -> AgentSettings:
+    for i, directory in enumerate(kwargs.get("xml_allowed_paths") or ()):
+        if not directory.startswith("/") or "\0" in directory:
+            raise ConfigError(
+                f"expected an absolute directory, got {_show(directory)}",
+                path=f"agent.xml-allowed-paths[{i}]",
+            )
+    for key in ("allowed_drivers", "allowed_transports"):
+        for i, word in enumerate(kwargs.get(key) or ()):
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", word):
+                raise ConfigError(
+                    f"expected a driver or transport name, got {_show(word)}",
+                    path=f"agent.{key.replace('_', '-')}[{i}]",
+                )
+    return AgentSettings(**kwargs)
 
 
 def _top_level_keys() -> dict[str, str]:

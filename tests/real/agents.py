@@ -100,6 +100,12 @@ async def rig_agents(
         yield RigAgents(a=a, b=b, to_a=to_a, to_b=to_b)
 
 
+def allow_guests(guests: Mapping[str, Path]) -> dict[str, object]:
+    """The ``agent`` section that lets domain XML boot the rig's guest kernels under the
+    default ``xml-policy: strict`` (they live in the rig's cache, not a storage pool)."""
+    return {"xml_allowed_paths": tuple(sorted({str(p.parent) for p in guests.values()}))}
+
+
 def start_task(
     name: str,
     kernel: Path,

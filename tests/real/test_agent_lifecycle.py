@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from agents import rig_agents, start_task
+from agents import allow_guests, rig_agents, start_task
 
 import libvirt
 from rig import Rig, read_state, remove_domain, wait_counter_above
@@ -33,7 +33,7 @@ async def test_start_from_xml_suspend_resume_repin_status_stop(
     mosquitto, rig: Rig, guests, rig_conns, vm_name
 ):
     conn = rig_conns[rig.a.name]
-    async with rig_agents(mosquitto.port, rig) as agents:
+    async with rig_agents(mosquitto.port, rig, agent=allow_guests(guests)) as agents:
         sched = agents.to_a
         r = await sched.call(
             start_task(vm_name, guests["idle"], **{"time-measurement": "true"}), 60
@@ -103,7 +103,7 @@ async def test_stop_regex_reports_each_vm(mosquitto, rig: Rig, guests, rig_conns
     tag = uuid.uuid4().hex[:6]
     names = [f"rx-{tag}-{i}" for i in range(2)]
     try:
-        async with rig_agents(mosquitto.port, rig) as agents:
+        async with rig_agents(mosquitto.port, rig, agent=allow_guests(guests)) as agents:
             for name in names:
                 r = await agents.to_a.call(start_task(name, guests["idle"]), 60)
                 assert r["list"][0]["status"] == "success", r
@@ -119,7 +119,7 @@ async def test_stop_regex_reports_each_vm(mosquitto, rig: Rig, guests, rig_conns
 
 async def test_libvirtd_restart_between_two_tasks(mosquitto, rig: Rig, guests, vm_name):
     """The agent keeps one connection; after libvirtd restarts, the next task still works."""
-    async with rig_agents(mosquitto.port, rig) as agents:
+    async with rig_agents(mosquitto.port, rig, agent=allow_guests(guests)) as agents:
         r = await agents.to_a.call(start_task(vm_name, guests["idle"]), 60)
         assert r["list"][0]["status"] == "success", r
         await asyncio.to_thread(rig.restart_daemon, rig.a)
@@ -128,3 +128,38 @@ async def test_libvirtd_restart_between_two_tasks(mosquitto, rig: Rig, guests, v
         r = await agents.to_a.call("task: status\n")
         states = {e["vm-name"]: e["state"] for e in r["list"]}
         assert states[vm_name] == "paused"
+
+
+async def test_strict_policy_keeps_the_host_s_devices_and_files(
+    mosquitto, rig: Rig, guests, rig_conns, vm_name
+):
+    """issue 13: by default a task gets no host device and no host file on real libvirt:
+    the host's disk controller (``devs``), a disk on /etc/shadow and raw QEMU arguments are
+    refused before libvirt sees them; nothing is defined. Listed, the kernel boots."""
+    conn = rig_conns[rig.a.name]
+    shadow = start_task(vm_name, guests["idle"]).replace(
+        "<devices>",
+        "<devices><disk type='file' device='disk'><source file='/etc/shadow'/>"
+        "<target dev='vda' bus='virtio'/></disk>",
+    )
+    assert "/etc/shadow" in shadow
+    commandline = start_task(vm_name, guests["idle"]).replace(
+        "<domain type='qemu'>",
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+        "<qemu:commandline><qemu:arg value='-S'/></qemu:commandline>",
+    )
+    devs = start_task(vm_name, guests["idle"], devs="[{pci-addr: '0000:00:1f.2'}]")
+    async with rig_agents(mosquitto.port, rig, agent=allow_guests(guests)) as agents:
+        for task, expected in (
+            (shadow, "'/etc/shadow' outside agent.xml-allowed-paths"),
+            (commandline, "<qemu:commandline>"),
+            (devs, "devs 0000:00:1f.2: not in agent.host-devices"),
+        ):
+            r = await agents.to_a.call(task, 30)
+            (entry,) = r["list"]
+            assert (entry["status"], entry["code"]) == ("error", "not-supported"), r
+            assert expected in entry["details"]
+            assert vm_name not in [d.name() for d in conn.listAllDomains()]
+        # The kernel's directory is allowed, so the same guest without them starts.
+        r = await agents.to_a.call(start_task(vm_name, guests["idle"]), 60)
+        assert r["list"][0]["status"] == "success", r

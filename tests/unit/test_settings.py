@@ -19,6 +19,7 @@ from asyncmigfra.errors import ConfigError
 from asyncmigfra.settings import (
     AgentSettings,
     HookSettings,
+    HostDevice,
     HypervisorSettings,
     LimitsSettings,
     LoggingSettings,
@@ -505,6 +506,31 @@ NEW_KEYS = [
         "communicator: {takeover-limit: 0}", "mqtt.takeover_limit", 0, id="takeover-limit"
     ),
     pytest.param(
+        "agent: {host-devices: [{vendor: '8086', device: 0x10fb}, {address: '00:1f.2'}]}",
+        "agent.host_devices",
+        (HostDevice(vendor=0x8086, device=0x10FB), HostDevice(address="0000:00:1f.2")),
+        id="host-devices",
+    ),
+    pytest.param("agent: {xml-policy: trusted}", "agent.xml_policy", "trusted", id="xml-policy"),
+    pytest.param(
+        "agent: {xml-allowed-paths: [/srv/images]}",
+        "agent.xml_allowed_paths",
+        ("/srv/images",),
+        id="xml-allowed-paths",
+    ),
+    pytest.param(
+        "agent: {allowed-drivers: [qemu, lxc]}",
+        "agent.allowed_drivers",
+        ("qemu", "lxc"),
+        id="allowed-drivers",
+    ),
+    pytest.param(
+        "agent: {allowed-transports: [ssh, tls]}",
+        "agent.allowed_transports",
+        ("ssh", "tls"),
+        id="allowed-transports",
+    ),
+    pytest.param(
         "communicator: {takeover-window: 30}", "mqtt.takeover_window", 30.0, id="takeover-window"
     ),
     # hypervisor
@@ -859,6 +885,42 @@ def test_protocol_aliases(value: str, expected: str) -> None:
             "communicator: {progress-qos: 3}",
             "communicator.progress-qos: must be between 0 and 2, got 3",
             id="progress-qos",
+        ),
+        pytest.param(
+            "agent: {host-devices: [{vendor: '8086'}]}",
+            "agent.host-devices[0]: expected {vendor, device} or {address}",
+            id="host-device-half",
+        ),
+        pytest.param(
+            "agent: {host-devices: [{address: '00:1f'}]}",
+            "agent.host-devices[0].address: expected a PCI address [DDDD:]BB:SS.F, got '00:1f'",
+            id="host-device-address",
+        ),
+        pytest.param(
+            "agent: {host-devices: [{vendor: xyz, device: '1'}]}",
+            "agent.host-devices[0].vendor: expected a PCI id as lspci prints it ('8086' or 0x8086),"
+            " got 'xyz'",
+            id="host-device-vendor",
+        ),
+        pytest.param(
+            "agent: {host-devices: {vendor: '1', device: '1'}}",
+            "agent.host-devices: expected a list, got {'vendor': '1', 'device': '1'}",
+            id="host-devices-not-a-list",
+        ),
+        pytest.param(
+            "agent: {xml-allowed-paths: [images]}",
+            "agent.xml-allowed-paths[0]: expected an absolute directory, got 'images'",
+            id="relative-allowed-path",
+        ),
+        pytest.param(
+            "agent: {allowed-drivers: ['qemu+ext']}",
+            "agent.allowed-drivers[0]: expected a driver or transport name, got 'qemu+ext'",
+            id="bad-driver",
+        ),
+        pytest.param(
+            "agent: {xml-policy: lax}",
+            "agent.xml-policy: expected one of 'strict', 'trusted', got 'lax'",
+            id="xml-policy",
         ),
         pytest.param(
             "communicator: {session-expiry: -1}",

@@ -238,6 +238,11 @@ class Hypervisor(Protocol):
 
     async def host_info(self) -> HostInfo: ...
 
+    async def storage_paths(self) -> tuple[str, ...]:
+        """The directories of the host's storage pools (where images may live); the default
+        of ``agent.xml-allowed-paths`` besides ``/var/lib/libvirt/images``."""
+        ...
+
     async def host_load(self, host: str) -> HostLoad:
         """CPUs, memory and what runs on ``host`` (a migration destination), for placement.
         Raises ``ConnectionFailed`` when it cannot be reached."""

@@ -133,6 +133,9 @@ class DummyHypervisor:
         self._check()
         return []
 
+    async def storage_paths(self) -> tuple[str, ...]:
+        return ()
+
     async def host_info(self) -> HostInfo:
         self._check()
         return HostInfo(

@@ -1420,6 +1420,10 @@ class FakeHypervisor:
             d.info() for _, d in sorted(self.host.domains.items()) if d.active or not active_only
         ]
 
+    async def storage_paths(self) -> tuple[str, ...]:
+        """The fake host has no storage pools."""
+        return ()
+
     async def host_info(self) -> HostInfo:
         await self._enter("host-info")
         self.cluster.sync()

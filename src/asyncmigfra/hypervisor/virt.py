@@ -2621,6 +2621,20 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             raise ConnectionFailed(f"cannot read the load of {host}: {_message(exc)}") from exc
 
+    async def storage_paths(self) -> tuple[str, ...]:
+        """The target paths of the host's active storage pools (``dir`` pools' directories,
+        ``logical`` pools' ``/dev/<vg>``, ...)."""
+
+        def op(conn: Any) -> tuple[str, ...]:
+            paths: list[str] = []
+            for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")  # noqa: S314
+                if target and target.startswith("/"):
+                    paths.append(target)
+            return tuple(paths)
+
+        return await self._mapped(self.uri, op, "Error listing storage pools: ")
+
     async def host_info(self) -> HostInfo:
         """``hostname``: the agent's configured name (libvirt's ``getHostname()`` when
         empty); CPUs; memory and free memory (KiB) from the node's memory statistics over
