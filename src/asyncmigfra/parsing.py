@@ -292,7 +292,7 @@ class _Composer:
         root = self.stack[0].node if self.stack else self.root
         if isinstance(root, _Map):
             node = root.items.get("id")
-            if isinstance(node, _Scalar) and not node.null:
+            if isinstance(node, _Scalar) and not node.null and valid_task_id(node.text):
                 return node.text
         return None
 
@@ -799,6 +799,8 @@ def _describe(node: _Node | None) -> str:
     if node.null:
         return "found null"
     text = node.text if len(node.text) <= 40 else node.text[:40] + "..."
+    # What is echoed shows control and bidirectional characters as escapes, never raw.
+    text = _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return f"found '{text}'"
 
 
@@ -868,12 +870,17 @@ def _convert_str(ctx: _Ctx, node: _Node, path: str) -> str:
     return _scalar_text(ctx, node, path, "expected a string")
 
 
+#: Characters no name or id from the wire may hold: C0 and C1 controls (ESC among them), DEL,
+#: line and paragraph separators, and the bidirectional controls that make a terminal show
+#: text in another order than it is (U+202E "RIGHT-TO-LEFT OVERRIDE" and its kin).
+_UNSAFE_CHARS: Final = "\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE: Final = re.compile(f"[{_UNSAFE_CHARS}]")
 #: VM names: libvirt accepts almost anything, but a name also ends up in topics, log lines,
-#: file names and URIs. Refused: control characters, ``/``, a leading ``-`` or ``.``, and
-#: more than 200 characters.
-_VM_NAME: Final = re.compile(
-    r"[^\x00-\x1f\x7f-\x9f/.\-\u2028\u2029][^\x00-\x1f\x7f-\x9f/\u2028\u2029]{0,199}"
-)
+#: file names and URIs. Refused: control and bidirectional characters, ``/``, a leading
+#: ``-`` or ``.``, and more than 200 characters.
+_VM_NAME: Final = re.compile(f"[^{_UNSAFE_CHARS}/.\\-][^{_UNSAFE_CHARS}/]{{0,199}}")
+#: Longest task ``id`` (characters).
+MAX_TASK_ID: Final = 256
 #: Host names (and IPv4/IPv6 literals) as they go into ``<driver>+<transport>://<host>/``:
 #: nothing that could add a path, a query (``?command=...``) or credentials to the URI.
 _HOST: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]")
@@ -883,14 +890,30 @@ _DRIVER: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 TRANSPORTS: Final = ("ssh", "libssh", "libssh2", "tcp", "tls")
 
 
+_TASK_ID_EXPECTED: Final = (
+    f"expected an id of at most {MAX_TASK_ID} characters without control or bidirectional "
+    "characters"
+)
+
+
+def valid_task_id(task_id: str) -> bool:
+    """A task id can be echoed, remembered and shown: bounded, no control characters."""
+    return len(task_id) <= MAX_TASK_ID and _UNSAFE.search(task_id) is None
+
+
 def valid_vm_name(name: str) -> bool:
     return _VM_NAME.fullmatch(name) is not None
+
+
+_VM_NAME_EXPECTED: Final = (
+    "expected a VM name (1-200 characters, no control or bidirectional characters, no '/')"
+)
 
 
 def _convert_vm_name(ctx: _Ctx, node: _Node, path: str) -> str:
     text = _scalar_text(ctx, node, path, "expected a string")
     if not valid_vm_name(text):
-        ctx.bad(path, "expected a VM name (1-200 characters, no control characters or '/')", node)
+        ctx.bad(path, _VM_NAME_EXPECTED, node)
     return text
 
 
@@ -1361,6 +1384,9 @@ def _build(root: _Node | None) -> TaskMessage:
     ctx = _Ctx(None, root.line, root.col)
     id_node = root.items.get("id")
     if isinstance(id_node, _Scalar) and not id_node.null:
+        if not valid_task_id(id_node.text):
+            # Not echoed: it is the id itself that cannot be shown or remembered.
+            ctx.bad("id", _TASK_ID_EXPECTED, id_node)
         ctx.task_id = id_node.text
     task_node = root.items.get("task")
     if task_node is None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -1108,6 +1109,14 @@ WEIRD_SUFFIXES = [
 ]  # fmt: skip
 
 
+#: What an id may not be (docs/protocol.md §3.1): longer than 256 characters, or holding C0/C1
+#: controls, DEL, line/paragraph separators or bidirectional controls.
+MAX_ID = 256
+UNSAFE_IN_ID = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
 def fam_weird_id(r: random.Random, tid: str) -> Case:
     """Ids the agent must echo exactly (rendered double-quoted with escapes)."""
     weird = tid + r.choice(WEIRD_SUFFIXES)
@@ -1115,6 +1124,18 @@ def fam_weird_id(r: random.Random, tid: str) -> Case:
         weird = r.choice(WEIRD_SUFFIXES).lstrip() + tid
     msg = valid_message(r, tid)
     msg.tree["id"] = dq(weird)
+    if len(weird) > MAX_ID or UNSAFE_IN_ID.search(weird):
+        # Ids are bounded and hold no control or bidirectional characters (issue 13): the
+        # message is refused, and the id is not echoed.
+        return _case(
+            "weird-id",
+            msg.text(),
+            weird,
+            "none",
+            outcome="reject",
+            code="invalid-message",
+            note=repr(weird)[:40],
+        )
     if any("\ud800" <= ch <= "\udfff" for ch in weird):
         # A lone surrogate is not a character: the whole message is refused, and the id
         # (which holds it) cannot be echoed.

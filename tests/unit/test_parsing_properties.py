@@ -26,6 +26,7 @@ from asyncmigfra.parsing import (
     _Node,
     _Scalar,
     parse_task,
+    valid_task_id,
     valid_vm_name,
 )
 from asyncmigfra.rendering import render_event
@@ -311,12 +312,13 @@ any_text = st.text(max_size=40)
 # The fields that name things are validated (VM names, host names, transports): generate
 # only what is valid there; other characters are covered by the rejection tests.
 vm_names = st.text(max_size=40).filter(valid_vm_name)
+task_ids = st.text(max_size=40).filter(valid_task_id)
 hosts = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,30}", fullmatch=True)
 transports = st.sampled_from(TRANSPORTS)
 
 
 @PROPS
-@given(vm_name=vm_names, destination=hosts, task_id=any_text, transport=transports)
+@given(vm_name=vm_names, destination=hosts, task_id=task_ids, transport=transports)
 def test_spec_1_7_rendered_migrate_round_trips(
     vm_name: str, destination: str, task_id: str, transport: str
 ) -> None:
