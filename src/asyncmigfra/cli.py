@@ -459,13 +459,14 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
 
 
 def _client(args: argparse.Namespace) -> int:
+    from asyncmigfra.terminal import safe  # noqa: PLC0415
     from asyncmigfra.console.exits import INTERRUPTED, CliError  # noqa: PLC0415
 
     try:
         call = _client_call(args)
         return asyncio.run(call())
-    except CliError as exc:
-        print(f"asyncmigfra: {exc.message}", file=sys.stderr)
+    except CliError as exc:  # the message may quote wire values: escaped, as all output
+        print(f"asyncmigfra: {safe(exc.message)}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:  # Ctrl-C before or after the session caught it
         print("asyncmigfra: interrupted", file=sys.stderr)

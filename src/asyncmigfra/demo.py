@@ -33,6 +33,7 @@ from asyncmigfra.settings import (
     Settings,
     default_settings,
 )
+from asyncmigfra.terminal import safe
 
 __all__ = ["SERVE_DOMAINS", "run_demo", "run_serve"]
 
@@ -209,12 +210,20 @@ class _Console:
     def __init__(self, *, quiet: bool) -> None:
         self.quiet = quiet
 
+    """The demo's output: its own lines with values from the broker (a foreign broker with
+    ``--broker``), each escaped as the CLI escapes them (``asyncmigfra.terminal``)."""
+
     def say(self, text: str) -> None:
         if not self.quiet:
-            print(text, flush=True)
+            print(_shown(text), flush=True)
 
     def result(self, text: str) -> None:
-        print(text, flush=True)
+        print(_shown(text), flush=True)
+
+
+def _shown(text: str) -> str:
+    """Each line escaped: the demo's own line breaks stay, nothing from the wire acts."""
+    return "\n".join(safe(line) for line in text.split("\n"))
 
 
 async def run_demo(*, broker: str | None = None, quiet: bool = False) -> int:

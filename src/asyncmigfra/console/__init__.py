@@ -14,6 +14,8 @@ Modules:
 * :mod:`~asyncmigfra.console.session` — one broker connection with a single inbox of
   results, events, presence messages and Ctrl-C presses;
 * :mod:`~asyncmigfra.console.tasks` — task payloads (pure) and how a result is judged;
+* (:mod:`asyncmigfra.terminal`, below the console so the demo uses it too: untrusted text
+  never reaches a terminal raw, the one escaping function every output path goes through;)
 * :mod:`~asyncmigfra.console.output` — rich on a terminal, plain text in a pipe, JSON lines;
 * :mod:`~asyncmigfra.console.follow` — the live migration view and its summary;
 * :mod:`~asyncmigfra.console.commands` — the commands themselves.

@@ -19,7 +19,7 @@ from typing import Any
 from asyncmigfra.console.connection import Connection
 from asyncmigfra.console.exits import FAILED, OK, USAGE, CliError
 from asyncmigfra.console.follow import MigrationView, follow_migration
-from asyncmigfra.console.output import Out, fmt_bytes
+from asyncmigfra.console.output import Out, fmt_bytes, number
 from asyncmigfra.console.session import Interrupt, Lost, Message, Session, open_session
 from asyncmigfra.console.tasks import (
     cancel_task,
@@ -332,16 +332,26 @@ def _show_agents(out: Out, conn: Connection, agents: Mapping[str, Mapping[str, A
     )
 
 
+def _maps(value: object) -> list[Mapping[str, Any]]:
+    """The maps of a list from the wire (anything else: none)."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _seconds(value: object) -> str:
+    n = number(value)
+    return "?" if n is None else f"{n:.1f} s"
+
+
 def _show_host(out: Out, host: str, doc: Mapping[str, Any], presence: Mapping[str, Any]) -> None:
-    uptime = doc.get("uptime")
-    up = f"  up {float(uptime):.1f} s" if isinstance(uptime, int | float) else ""
+    uptime = number(doc.get("uptime"))
+    up = "" if uptime is None else f"  up {uptime:.1f} s"
     since = f" (since {presence['since']})" if "since" in presence else ""
     out.line(
         f"{doc.get('host', host)}: {doc.get('state', '?')}  asyncmigfra {doc.get('version', '?')}"
         f"  hypervisor {doc.get('hypervisor', '?')}{up}{since}",
         "bold",
     )
-    tasks = [t for t in doc.get("tasks") or [] if isinstance(t, Mapping)]
+    tasks = _maps(doc.get("tasks"))
     if tasks:
         out.table(
             ["ID", "TASK", "VM", "PHASE", "ELAPSED"],
@@ -351,7 +361,7 @@ def _show_host(out: Out, host: str, doc: Mapping[str, Any], presence: Mapping[st
                     str(t.get("task", "?")),
                     str(t.get("vm-name", "-")),
                     str(t.get("phase", "?")),
-                    f"{float(t['elapsed']):.1f} s" if "elapsed" in t else "?",
+                    _seconds(t.get("elapsed")),
                 ]
                 for t in tasks
             ],
@@ -359,7 +369,7 @@ def _show_host(out: Out, host: str, doc: Mapping[str, Any], presence: Mapping[st
         )
     else:
         out.line("Tasks: none queued or running")
-    entries = [e for e in doc.get("list") or [] if isinstance(e, Mapping)]
+    entries = _maps(doc.get("list"))
     errors = [e for e in entries if e.get("status") != "success"]
     domains = [e for e in entries if e.get("status") == "success"]
     for e in errors:

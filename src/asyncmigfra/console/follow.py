@@ -19,6 +19,12 @@ migration. "y" publishes ``task: cancel`` with ``target: <id>`` and keeps waitin
 migration's own result, which then says whether the VM stayed on the source (``cancelled``)
 or, in post-copy, had already moved (success, with a note). Anything else resumes the
 view; a second Ctrl-C at the prompt leaves without cancelling.
+
+Almost everything shown here comes from the wire (phases, actions, codes, details, VM names
+of events, the result). Plain lines and the summary are written with :class:`Out`, which
+escapes them; the live view builds its rich text only with
+:func:`~asyncmigfra.terminal.safe_text`, and pads names by their escaped width
+(:func:`~asyncmigfra.terminal.ljust`).
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from asyncmigfra.console.exits import INTERRUPTED, CliError
-from asyncmigfra.console.output import Out, event_fields, fmt_bytes, rate_parts
+from asyncmigfra.console.output import Out, event_fields, fmt_bytes, number, rate_parts
 from asyncmigfra.console.session import Interrupt, Lost, Message, Session
 from asyncmigfra.console.tasks import cancel_task, fresh_id, succeeded
+from asyncmigfra.terminal import ljust, safe, safe_text
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -67,11 +74,12 @@ class VmLane:
 
     @property
     def passes(self) -> int:
-        return int((self.progress or {}).get("iteration", 0) or 0)
+        n = number((self.progress or {}).get("iteration", 0))
+        return 0 if n is None else int(n)
 
     def feed(self, doc: Mapping[str, Any]) -> None:
         """A ``phase`` or ``progress`` event of this VM."""
-        kind = doc.get("event")
+        kind = str(doc.get("event"))  # (wire: any type; a list is not hashable)
         if kind == "phase":
             self.phase = str(doc.get("phase", "?"))
             if self.phase == "retry-wait":
@@ -79,16 +87,17 @@ class VmLane:
         elif kind == "progress":
             self.progress = dict(doc)
             self.phase = str(doc.get("phase", self.phase))
-            pct = doc.get("percent")
-            if isinstance(pct, int | float):
-                self.percents.append(float(pct))
+            pct = number(doc.get("percent"))
+            if pct is not None:
+                self.percents.append(pct)
             action = doc.get("action")
             if action == "raise-downtime" and "max-downtime" in doc:
                 self.actions.append(f"raise-downtime to {doc['max-downtime']} ms")
             elif action:
                 self.actions.append(str(action))
-            if doc.get("phase") == "completed" and isinstance(doc.get("downtime"), int | float):
-                self.final_downtime = float(doc["downtime"])
+            downtime = number(doc.get("downtime"))
+            if doc.get("phase") == "completed" and downtime is not None:
+                self.final_downtime = downtime
 
     def stats(self) -> str:
         p = self.progress or {}
@@ -171,7 +180,7 @@ class MigrationView:
 
     def feed(self, doc: Mapping[str, Any]) -> None:
         """Take one event of this task into account."""
-        kind = doc.get("event")
+        kind = str(doc.get("event"))  # (wire: any type; a list is not hashable)
         if kind == "accepted":
             for lane in self.lanes.values():
                 lane.phase = "accepted"
@@ -205,14 +214,15 @@ class MigrationView:
         return "; ".join(f"{lane.vm}: {lane.action_text()}" for lane in self.lanes.values())
 
     def _name_width(self) -> int:
-        return max(len(vm) for vm in self.lanes)
+        return max(len(safe(vm)) for vm in self.lanes)
 
     def plain(self, doc: Mapping[str, Any]) -> str:
         """One line per event for a pipe or a log file (with the VM's name in a swap)."""
         who = ""
         if self.swap_with is not None:
-            who = f"{doc.get('vm-name', '-')!s:<{self._name_width()}}  "
-        return f"{self.elapsed:7.1f} s  {who}{doc.get('event', '?'):<8}  {event_fields(doc)}"
+            who = f"{ljust(doc.get('vm-name', '-'), self._name_width())}  "
+        kind = ljust(doc.get("event", "?"), 8)
+        return f"{self.elapsed:7.1f} s  {who}{kind}  {event_fields(doc)}"
 
     def ok(self, result: Mapping[str, Any]) -> bool:
         """The migration (both halves of a swap, whose result must report VM 2) succeeded."""
@@ -233,7 +243,7 @@ class MigrationView:
         else:
             why = f"{result.get('code', 'error')}: {result.get('details', '')}"
             lines.append((f"{self.vm} was NOT migrated: {why}", "bold red"))
-            if result.get("code") in _STAYS_ON_SOURCE:
+            if str(result.get("code")) in _STAYS_ON_SOURCE:
                 lines.append((f"  {self.vm} stays on {self.source}", "yellow"))
         lines.append(_total_line(tm, wall))
         downtime = tm.get("downtime")
@@ -350,56 +360,60 @@ class MigrationView:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         from rich.progress_bar import ProgressBar  # noqa: PLC0415
         from rich.table import Table  # noqa: PLC0415
-        from rich.text import Text  # noqa: PLC0415
 
-        yield Text(self.header(), style="bold")
+        yield safe_text(self.header(), style="bold")
         if self.swap_with is None:
             bar = Table.grid(padding=(0, 1))
             bar.add_row(
                 ProgressBar(
                     total=100.0,
-                    completed=self.percent,
+                    completed=_bar(self.percent),
                     width=max(10, min(60, options.max_width - 60)),
                 ),
-                Text(f"{self.percent:5.1f} %", style="bold"),
-                Text(f"pass {(self.progress or {}).get('iteration', 0)}"),
-                Text(f"elapsed {self.elapsed:.1f} s"),
-                Text(f"phase {self.phase}", style="blue"),
+                safe_text(f"{self.percent:5.1f} %", style="bold"),
+                safe_text(f"pass {(self.progress or {}).get('iteration', 0)}"),
+                safe_text(f"elapsed {self.elapsed:.1f} s"),
+                safe_text(f"phase {self.phase}", style="blue"),
             )
             yield bar
-            yield Text(self.stats())
-            yield Text(f"actions: {self.action_text()}")
+            yield safe_text(self.stats())
+            yield safe_text(f"actions: {self.action_text()}")
         else:
             # One bar per VM: the two halves run at their own pace (or one after the other).
             width = self._name_width()
             bars = Table.grid(padding=(0, 1))
             for lane in self.lanes.values():
                 bars.add_row(
-                    Text(f"{lane.vm:<{width}}", style="bold"),
-                    Text(f"{lane.source} -> {lane.destination}"),
+                    safe_text(ljust(lane.vm, width), style="bold"),
+                    safe_text(f"{lane.source} -> {lane.destination}"),
                     ProgressBar(
                         total=100.0,
-                        completed=lane.percent,
+                        completed=_bar(lane.percent),
                         width=max(10, min(50, options.max_width - 80)),
                     ),
-                    Text(f"{lane.percent:5.1f} %", style="bold"),
-                    Text(f"pass {lane.passes}"),
-                    Text(f"phase {lane.phase}", style="blue"),
+                    safe_text(f"{lane.percent:5.1f} %", style="bold"),
+                    safe_text(f"pass {lane.passes}"),
+                    safe_text(f"phase {lane.phase}", style="blue"),
                 )
             yield bars
             for lane in self.lanes.values():
-                yield Text(f"{lane.vm:<{width}}  {lane.stats()}")
+                yield safe_text(f"{ljust(lane.vm, width)}  {lane.stats()}")
             for lane in self.lanes.values():
-                yield Text(f"{lane.vm:<{width}}  actions: {lane.action_text()}")
-            yield Text(f"elapsed {self.elapsed:.1f} s")
+                yield safe_text(f"{ljust(lane.vm, width)}  actions: {lane.action_text()}")
+            yield safe_text(f"elapsed {self.elapsed:.1f} s")
         for note in self.notes[-3:]:
-            yield Text(note, style="red")
+            yield safe_text(note, style="red")
         if self.cancel_id:
-            yield Text(
+            yield safe_text(
                 f"cancel requested (task {self.cancel_id})"
                 + (f": {self.cancel_answer}" if self.cancel_answer else "; waiting for the agent"),
                 style="yellow",
             )
+
+
+def _bar(percent: float) -> float:
+    """A percentage the progress bar can draw (an agent may send -5 or 1e300)."""
+    return min(100.0, max(0.0, percent))
 
 
 def _timings(result: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -496,8 +510,12 @@ async def follow_migration(
             view.feed(item.doc)
             display.event(item.doc)
         elif item.kind == "result" and view.cancel_id and item.id == view.cancel_id:
-            entries = item.doc.get("list") or []
-            first = entries[0] if entries and isinstance(entries[0], Mapping) else {}
+            entries = item.doc.get("list")
+            first = (
+                entries[0]
+                if isinstance(entries, list) and entries and isinstance(entries[0], Mapping)
+                else {}
+            )
             if first.get("status") == "success":
                 view.cancel_answer = f"accepted by {host} ({first.get('state', '?')})"
             else:
@@ -537,8 +555,7 @@ async def _ask_cancel(session: Session, out: Out, view: MigrationView, on_item: 
         return
     if not sys.stdin.isatty():
         raise CliError(INTERRUPTED, f"interrupted: {hint}")
-    out.err.write("\nCancel the migration? [y/N] ")
-    out.err.flush()
+    out.prompt("Cancel the migration? [y/N] ")
     answer = _read_line()
     try:
         while True:
@@ -550,13 +567,14 @@ async def _ask_cancel(session: Session, out: Out, view: MigrationView, on_item: 
                 break
             item = getter.result()
             if isinstance(item, Interrupt):
-                out.err.write("\n")
+                out.note("")
                 raise CliError(INTERRUPTED, f"left without cancelling: {hint}")
             if isinstance(item, Message) and item.kind == "event":
                 on_item(item)
                 continue
             if isinstance(item, Lost | Message):
-                out.err.write("\n(the migration has news; not cancelling)\n")
+                out.note("")
+                out.note("(the migration has news; not cancelling)")
                 session.push_back(item)
                 return
     finally:

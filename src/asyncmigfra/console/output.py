@@ -7,15 +7,25 @@ per line that they can parse without knowing our layout. Diagnostics and prompts
 stderr in every mode, so stdout stays machine-readable with ``--json``.
 
 rich is imported only in terminal mode, which keeps the other modes fast to start.
+
+Every string written here goes through :func:`~asyncmigfra.terminal.safe` (or
+:func:`~asyncmigfra.terminal.json_safe` for ``--json``) at the moment it is written,
+in every mode: anyone who can publish on the broker chooses most of what the CLI prints, and
+must not be able to send escape sequences to the user's terminal. :class:`Out` is the only
+writer of the client commands; :mod:`asyncmigfra.terminal` says what is escaped, how,
+and why.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
+
+from asyncmigfra.terminal import json_safe, safe
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -26,16 +36,30 @@ __all__ = [
     "fmt_bytes",
     "fmt_rate",
     "local_time",
+    "number",
 ]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
-def fmt_bytes(value: object) -> str:
-    """``1073741824`` -> ``1.0 GiB``; ``?`` for anything that is not a number."""
+def number(value: object) -> float | None:
+    """``value`` if it is a finite number (not a bool), else ``None``: wire values are
+    whatever the publisher sent, and a string, ``.nan`` or ``.inf`` must not end the
+    command with a traceback."""
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        n = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return n if math.isfinite(n) else None
+
+
+def fmt_bytes(value: object) -> str:
+    """``1073741824`` -> ``1.0 GiB``; ``?`` for anything that is not a finite number."""
+    n = number(value)
+    if n is None:
         return "?"
-    n = float(value)
     for unit in _UNITS:
         if abs(n) < 1024 or unit == _UNITS[-1]:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -54,9 +78,9 @@ def local_time(stamp: object) -> str:
         return "--:--:--.---"
     try:
         when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
+        return when.astimezone().strftime("%H:%M:%S.%f")[:-3]
+    except (ValueError, OverflowError):  # not a time; or year 1 moved out of range
         return stamp
-    return when.astimezone().strftime("%H:%M:%S.%f")[:-3]
 
 
 def rate_parts(p: Mapping[str, Any]) -> list[str]:
@@ -76,9 +100,11 @@ def rate_parts(p: Mapping[str, Any]) -> list[str]:
 
 def event_fields(doc: Mapping[str, Any]) -> str:
     """The interesting part of an event, one line (``watch`` and the plain follow view)."""
-    kind = doc.get("event")
+    kind = str(doc.get("event"))  # (wire: any type; a list is not hashable)
     if kind == "progress":
-        parts = [f"{doc.get('phase', '?')} {float(doc.get('percent', 0) or 0):5.1f} %"]
+        pct = number(doc.get("percent", 0) or 0)
+        percent = "    ?" if pct is None else f"{pct:5.1f}"
+        parts = [f"{doc.get('phase', '?')} {percent} %"]
         parts.append(f"pass {doc.get('iteration', 0)}")
         if "data-remaining" in doc:
             parts.append(f"remaining {fmt_bytes(doc['data-remaining'])}")
@@ -145,28 +171,43 @@ class Out:
     # ------------------------------------------------------------------ primitives
 
     def line(self, text: str = "", style: str | None = None) -> None:
+        """One line on stdout (``text`` is escaped; ``style`` is the CLI's own)."""
+        self._line(safe(text), style)
+
+    def _line(self, shown: str, style: str | None = None) -> None:
+        """A line that is already escaped."""
         if self.tty:
             from rich.text import Text  # noqa: PLC0415
 
-            self.console.print(Text(text, style=style or ""), soft_wrap=True)
+            self.console.print(Text(shown, style=style or ""), soft_wrap=True)
         else:
-            print(text, file=self.stream, flush=True)
+            print(shown, file=self.stream, flush=True)
 
     def json_line(self, obj: object) -> None:
-        print(json.dumps(obj, default=str, ensure_ascii=False), file=self.stream, flush=True)
+        """One JSON document on one line; every character a terminal could take for a
+        control is a JSON ``\\u`` escape (the same value for a JSON parser)."""
+        text = json.dumps(obj, default=str, ensure_ascii=False)
+        print(json_safe(text), file=self.stream, flush=True)
 
     def raw(self, payload: bytes) -> None:
-        """A payload exactly as the agent published it (YAML), ``...`` line included."""
-        text = payload.decode("utf-8", errors="replace")
-        self.stream.write(text if text.endswith("\n") else text + "\n")
+        """A payload as the agent published it (YAML), ``...`` line included; each line
+        escaped (its line breaks stay, a CR, tab or bidi control in it is shown escaped)."""
+        text = payload.decode("utf-8", errors="replace").removesuffix("\n")
+        shown = "\n".join(safe(line) for line in text.split("\n"))
+        self.stream.write(shown + "\n")
         self.stream.flush()
 
     def note(self, text: str) -> None:
         """A diagnostic for people: stderr in every mode."""
-        print(text, file=self.err, flush=True)
+        print(safe(text), file=self.err, flush=True)
 
     def error(self, text: str) -> None:
-        print(f"asyncmigfra: {text}", file=self.err, flush=True)
+        print(f"asyncmigfra: {safe(text)}", file=self.err, flush=True)
+
+    def prompt(self, question: str) -> None:
+        """A question on stderr on a line of its own, the answer typed after it."""
+        self.err.write("\n" + safe(question))
+        self.err.flush()
 
     # ------------------------------------------------------------------ composites
 
@@ -180,17 +221,24 @@ class Out:
     ) -> None:
         """A table: rich at a terminal; else space-aligned columns with a header line.
 
-        ``styles`` maps a column index to ``{cell text: rich style}`` (state colours)."""
+        Every cell is escaped, so a newline or a tab in a value cannot add a row or shift a
+        column. ``styles`` maps a column index to ``{cell text: rich style}`` (state
+        colours)."""
+        shown = [[safe(cell) for cell in row] for row in rows]
         if self.tty:
             from rich.table import Table  # noqa: PLC0415
             from rich.text import Text  # noqa: PLC0415
 
-            table = Table(title=title, title_justify="left", header_style="bold")
+            table = Table(
+                title=None if title is None else Text(safe(title)),
+                title_justify="left",
+                header_style="bold",
+            )
             for col in columns:
-                table.add_column(col)
-            for row in rows:
+                table.add_column(Text(safe(col)))
+            for raw, row in zip(rows, shown, strict=True):
                 cells = [
-                    Text(cell, style=(styles or {}).get(i, {}).get(cell, ""))
+                    Text(cell, style=(styles or {}).get(i, {}).get(raw[i], ""))
                     for i, cell in enumerate(row)
                 ]
                 table.add_row(*cells)
@@ -198,25 +246,26 @@ class Out:
             return
         if title:
             self.line(title)
-        widths = [len(c) for c in columns]
-        for row in rows:
+        header = [safe(c) for c in columns]
+        widths = [len(c) for c in header]
+        for row in shown:
             widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-        for row in [list(columns), *rows]:
-            self.line("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        for row in [header, *shown]:
+            self._line("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
     def event(self, host: str, doc: Mapping[str, Any]) -> None:
-        """One ``watch`` line: time, host, vm, event, id, details."""
+        """One ``watch`` line: time, host, vm, event, id, details (each escaped)."""
         kind = str(doc.get("event", "?"))
         cols = [
-            local_time(doc.get("time")),
-            str(doc.get("host", host)),
-            str(doc.get("vm-name", "-")),
-            kind,
-            str(doc.get("id", "-")),
-            event_fields(doc),
+            safe(local_time(doc.get("time"))),
+            safe(doc.get("host", host)),
+            safe(doc.get("vm-name", "-")),
+            safe(kind),
+            safe(doc.get("id", "-")),
+            safe(event_fields(doc)),
         ]
         if not self.tty:
-            self.line("  ".join(cols))
+            self._line("  ".join(cols))
             return
         from rich.text import Text  # noqa: PLC0415
 
@@ -224,7 +273,7 @@ class Out:
         text.append(cols[0], style="dim")
         text.append(f"  {cols[1]:<10}", style="bold")
         text.append(f"  {cols[2]:<12}")
-        text.append(f"  {kind:<9}", style=_EVENT_STYLE.get(kind, ""))
+        text.append(f"  {cols[3]:<9}", style=_EVENT_STYLE.get(kind, ""))
         text.append(f"  {cols[4]}", style="dim")
         text.append(f"  {cols[5]}", style=_EVENT_STYLE.get(kind, "") if kind != "done" else "")
         self.console.print(text, soft_wrap=True)
