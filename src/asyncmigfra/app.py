@@ -20,9 +20,11 @@ hangs past ``shutdown.hard-exit-after``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import signal
+import socket
 import threading
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -101,10 +103,14 @@ class Agent:
         self._signals = install_signal_handlers
         self._stop = asyncio.Event()
         self._stop_count = 0
+        #: Why the agent stops on its own (its client id is in use): raised after shutdown.
+        self._fatal: StartupError | None = None
         self._state = "online"
         self._since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         state_dir = resolve_state_dir(settings)
-        self.journal = Journal(state_dir) if state_dir is not None else None
+        self.journal = (
+            Journal(state_dir, owner=settings.hostname) if state_dir is not None else None
+        )
         mqtt = settings.mqtt
         self.transport = MqttTransport(
             mqtt,
@@ -295,6 +301,7 @@ class Agent:
                 loop.add_signal_handler(sig, self.request_stop)
         # The journal first: an agent whose journal another agent holds touches nothing.
         records = await self.journal.open() if self.journal is not None else []
+        self._warn_of_an_earlier_journal()
         try:
             await self.hypervisor.open()
         except BaseException:
@@ -316,7 +323,7 @@ class Agent:
                 self._recover(records)
                 intake = tg.create_task(self._intake_loop(), name="asyncmigfra.intake")
                 presence = tg.create_task(self._presence_loop(), name="asyncmigfra.presence")
-                mqtt = tg.create_task(self.transport.run(self._on_message), name="asyncmigfra.mqtt")
+                mqtt = tg.create_task(self._connection(), name="asyncmigfra.mqtt")
                 hooks = self.dispatcher.hooks
                 serving = (
                     tg.create_task(hooks.serve(), name="asyncmigfra.hooks")
@@ -340,15 +347,14 @@ class Agent:
                 self._answer_leftovers()
                 self._publish_status("offline")
                 try:
-                    async with asyncio.timeout(_FLUSH_TIMEOUT):
+                    # Without a connection (given up: the client id is taken) nothing can
+                    # flush; the journal keeps the results owed for the next run.
+                    async with asyncio.timeout(_FLUSH_TIMEOUT if self._fatal is None else 0):
                         await self.publisher.wait_idle()
                 except TimeoutError:
                     log.warning("agent.flush_incomplete", backlog=self.publisher.backlog)
                 publisher.cancel()
                 mqtt.cancel()
-        except* StartupError as group:
-            # The agent cannot go on (its client id is in use): one line, exit 2 (cli).
-            raise group.exceptions[0] from None
         finally:
             if self._signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -357,7 +363,42 @@ class Agent:
             if self.journal is not None:
                 await self.journal.close()
         log.info("agent.stopped")
+        if self._fatal is not None:
+            raise self._fatal  # one line, exit 2 (cli)
         return 0
+
+    async def _connection(self) -> None:
+        """The broker connection. If it cannot go on (another client keeps taking over the
+        client id), the agent shuts down as on SIGTERM, so running work still ends with a
+        result, and then exits 2."""
+        try:
+            await self.transport.run(self._on_message)
+        except StartupError as exc:
+            self._fatal = exc
+            log.error("agent.cannot_continue", reason=str(exc))  # noqa: TRY400 - said in one line
+            self.request_stop()
+
+    def _warn_of_an_earlier_journal(self) -> None:
+        """Before identity came from the task topic, an agent was named by the machine: an
+        agent whose name now differs from the machine's may have left its journal (and
+        results it still owes) under the machine's name. Say so; moving it is the
+        operator's call (docs/operations.md "Upgrading")."""
+        settings = self.settings
+        machine = socket.gethostname()
+        if self.journal is None or settings.agent.state_dir.lower() != "auto":
+            return
+        if machine == settings.hostname:
+            return
+        earlier = resolve_state_dir(dataclasses.replace(settings, hostname=machine))
+        if earlier is not None and (earlier / "journal.sqlite").exists():
+            log.warning(
+                "journal.earlier_location",
+                path=str(earlier),
+                now=str(self.journal.path.parent),
+                hint=f"this agent is {settings.hostname!r} (from its configuration); a journal "
+                f"named after the machine ({machine!r}) exists: if this agent used it before, "
+                "stop the agent and move its files here",
+            )
 
     def _arm_hard_exit(self) -> None:
         """Last resort: end the process if shutdown hangs (a stuck libvirt thread)."""

@@ -74,6 +74,17 @@ __all__ = ["Dispatcher", "DispatcherStats", "Reply"]
 log = structlog.stdlib.get_logger(__name__)
 
 _SHUTTING_DOWN = "the agent is shutting down; send the task again later"
+#: s a task waits for its journal record before it is refused with ``unavailable``.
+JOURNAL_DEADLINE = 10.0
+
+
+def _unavailable(reason: str) -> str:
+    return (
+        f"the agent's journal cannot write ({reason}), so it cannot promise a result: "
+        "nothing was done; send the task again later or to another agent"
+    )
+
+
 #: Finished tasks remembered for duplicate detection, at most.
 _MAX_REMEMBERED = 100_000
 
@@ -190,6 +201,12 @@ class _Job:
     journaled: asyncio.Future[None] | None = None
     #: The journal write that marks the job ``running``; its work begins once it committed.
     marked: asyncio.Future[None] | None = None
+    #: ``accepted`` went out (the record is durable); before that a cancel withdraws the job.
+    accepted: bool = False
+    #: The task running :meth:`Dispatcher._run_job`.
+    runner: asyncio.Task[None] | None = None
+    #: Events about this job held back until its ``accepted`` (or refusal) went out.
+    after_accepted: list[Callable[[], None]] = field(default_factory=list)
     received: float = field(default_factory=time.monotonic)
 
 
@@ -236,7 +253,8 @@ class Dispatcher:
         self._inbound: dict[str, tuple[int, int]] = {}
         self._jobs: set[_Job] = set()
         self._by_id: dict[str, list[_Job]] = {}
-        self._running_keys: set[tuple[str, str]] = set()
+        #: (id, payload digest) -> the job running it (duplicate detection).
+        self._running_keys: dict[tuple[str, str], _Job] = {}
         self._finished: dict[tuple[str, str], tuple[float, ResultMessage]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -381,7 +399,7 @@ class Dispatcher:
         if msg.id:
             self._by_id.setdefault(msg.id, []).append(job)
         if dedupe is not None:
-            self._running_keys.add(dedupe)
+            self._running_keys[dedupe] = job
         if self._journal is not None and journal_key is None:
             # ``accepted`` goes out once the record is durable: from then on a result is owed
             # even across a crash.
@@ -393,21 +411,24 @@ class Dispatcher:
                 correlation=reply.correlation_data if reply else None,
             )
             job.journaled = written
-        self._spawn(self._run_job(job), f"job[{msg.id or job.key[:8]}]")
+        job.runner = self._spawn(self._run_job(job), f"job[{msg.id or job.key[:8]}]")
 
-    def _spawn(self, coro: object, name: str) -> None:
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
         assert self._tg is not None, "Dispatcher.run() is not running"
-        self._tg.create_task(coro, name=f"asyncmigfra.{name}")  # type: ignore[arg-type]
+        return self._tg.create_task(coro, name=f"asyncmigfra.{name}")  # type: ignore[arg-type]
 
     def _duplicate(self, key: tuple[str, str], msg: TaskMessage, reply: Reply | None) -> bool:
         now = time.monotonic()
-        if key in self._running_keys:
+        running = self._running_keys.get(key)
+        if running is not None:
             log.info("task.duplicate_running", task_id=msg.id)
-            self._events.rejected(
-                msg.id,
-                code="busy",
-                details=f"task '{msg.id}' is already running; its result follows once",
-            )
+            details = f"task '{msg.id}' is already running; its result follows once"
+            if running.accepted:
+                self._events.rejected(msg.id, code="busy", details=details)
+            else:  # not before the first copy's ``accepted`` (or its refusal)
+                running.after_accepted.append(
+                    lambda: self._events.rejected(msg.id, code="busy", details=details)
+                )
             return True
         seen = self._finished.get(key)
         if seen is not None and now - seen[0] <= self._settings.limits.dedupe_window:
@@ -442,16 +463,12 @@ class Dispatcher:
         )
 
     async def _run_job(self, job: _Job) -> None:
-        if job.journaled is not None:
-            # Nothing of the task runs, and no other event of it goes out, before its record
-            # is durable and ``accepted`` is handed to the publisher (protocol.md §1.4).
-            try:
-                await job.journaled
-            except Exception as exc:  # noqa: BLE001 - every failed write means the same
-                self._unavailable(job, str(exc))
-                return
+        if job.journaled is not None and not await self._journaled(job):
+            return
+        job.accepted = True
         msg = job.msg
         self._events.accepted(msg.id, task=msg.kind.value, vm_names=msg.vm_names)
+        self._flush_after_accepted(job)
         entries_by_run: dict[int, list[ResultEntry]] = {}
         try:
             async with asyncio.TaskGroup() as tg:
@@ -476,20 +493,58 @@ class Dispatcher:
             self._expire_finished()
         self._deliver(result, job.reply, job.key)
 
-    def _unavailable(self, job: _Job, reason: str) -> None:
-        """The job's record could not be written: refuse it (``unavailable``), nothing ran."""
-        log.error("task.unavailable", task_id=job.msg.id, error=reason)
+    async def _journaled(self, job: _Job) -> bool:
+        """Wait until the job's record is durable. Nothing of the task runs, and no other
+        event of it goes out, before that (protocol.md §1.4). A write that fails or takes
+        longer than ``JOURNAL_DEADLINE`` refuses the job (``unavailable``), and a cancel (or
+        the shutdown) before it withdraws the job; either way the record is withdrawn, so a
+        write that still lands later is not run after a restart. ``True``: accepted."""
+        assert job.journaled is not None
+        try:
+            async with asyncio.timeout(JOURNAL_DEADLINE):
+                await asyncio.shield(job.journaled)
+        except TimeoutError:
+            self._withdraw(job)
+            self._refuse_unrun(
+                job, Unavailable.code, _unavailable(f"no write within {JOURNAL_DEADLINE:g} s")
+            )
+            return False
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            reason = next((r.cancel_reason for r in job.runs if r.cancel_reason), None)
+            if reason is None or task is None:
+                raise
+            task.uncancel()
+            self._withdraw(job)
+            self._refuse_unrun(job, TaskCancelled.code, reason)
+            return False
+        except Exception as exc:  # noqa: BLE001 - every failed write means the same
+            self._refuse_unrun(job, Unavailable.code, _unavailable(str(exc)))
+            return False
+        return True
+
+    def _withdraw(self, job: _Job) -> None:
+        if self._journal is not None:
+            self._journal.withdrawn(job.key)
+
+    def _refuse_unrun(self, job: _Job, code: str, details: str) -> None:
+        """Answer a job that never started (no ``accepted`` went out): one entry per
+        subtask with ``code``, a ``rejected`` event; its lanes and counters are freed."""
+        log.error("task.refused", task_id=job.msg.id, code=code, details=details)
         for run in job.runs:
             if run.ticket is not None:
                 run.ticket.release()
             run.state = "done"
         self.queued -= len(job.runs)
         self._finish(job, completed=False)
-        details = (
-            f"the agent's journal cannot write ({reason}), so it cannot promise a result: "
-            "nothing was done; send the task again later or to another agent"
-        )
-        self._refuse(job.msg, job.reply, Unavailable.code, details)
+        self._refuse(job.msg, job.reply, code, details)
+        self._flush_after_accepted(job)
+
+    @staticmethod
+    def _flush_after_accepted(job: _Job) -> None:
+        pending, job.after_accepted = job.after_accepted, []
+        for emit in pending:
+            emit()
 
     def _finish(self, job: _Job, *, completed: bool = True) -> None:
         self._jobs.discard(job)
@@ -500,7 +555,7 @@ class Dispatcher:
             if not jobs:
                 self._by_id.pop(job.msg.id, None)
         if job.dedupe is not None:
-            self._running_keys.discard(job.dedupe)
+            self._running_keys.pop(job.dedupe, None)
         self.completed += completed
         if not self._jobs:
             self._idle.set()
@@ -572,7 +627,7 @@ class Dispatcher:
             if job.marked is not None and not job.marked.done():
                 # Work begins only once a restart would reconcile it, not run it again.
                 try:
-                    await job.marked
+                    await asyncio.shield(job.marked)
                 except Exception as exc:  # noqa: BLE001 - accepted is a promise: go on
                     log.warning("journal.running_not_recorded", task_id=job.msg.id, error=str(exc))
             with structlog.contextvars.bound_contextvars(
@@ -799,6 +854,8 @@ class Dispatcher:
 
     def _cancel_job(self, job: _Job, reason: str) -> list[_Run]:
         affected = []
+        if not job.accepted and job.runner is not None:
+            job.runner.cancel()  # still waiting for its journal record: withdrawn
         for run in job.runs:
             if run.state == "done" or run.cancel_reason is not None:
                 continue

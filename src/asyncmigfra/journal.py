@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import sqlite3
@@ -71,6 +72,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE INDEX IF NOT EXISTS tasks_updated ON tasks(updated_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -92,7 +95,25 @@ class JournalWriteFailed(Exception):
 
 #: (sql, parameters, future to resolve after the commit, must be fsynced)
 _Op = tuple[str, tuple[object, ...], "asyncio.Future[None] | None", bool]
+_ACCEPTED: Final = "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, 'accepted', NULL, ?, ?)"
 _FINISHED: Final = "UPDATE tasks SET state = 'finished', result = ?, updated_at = ? WHERE key = ?"
+#: Delivered records kept at most (ids and times, their payloads are already gone).
+MAX_DELIVERED: Final = 100_000
+#: Commits between two prunings.
+_PRUNE_EVERY: Final = 10_000
+_PRUNE: Final = (
+    "DELETE FROM tasks WHERE state = 'delivered' AND (updated_at < ? OR key IN "
+    "(SELECT key FROM tasks WHERE state = 'delivered' ORDER BY updated_at DESC "
+    "LIMIT -1 OFFSET ?))"
+)
+#: s :meth:`Journal.close` waits for the writer to commit what is queued.
+CLOSE_TIMEOUT: Final = 5.0
+#: s a transaction may take before :attr:`Journal.failing` says so (a hung disk).
+STALL_AFTER: Final = 5.0
+#: SQLite's primary result codes that matter here.
+_SQLITE_FULL = 13
+_SQLITE_IOERR = 10
+_SQLITE_NOT_WRITABLE = frozenset({3, 8, 14})  # PERM, READONLY, CANTOPEN
 #: s to wait for more non-urgent writes before committing them.
 _COALESCE = 0.02
 #: s between test writes while writes fail and no task writes (so ``failing`` clears by
@@ -100,26 +121,45 @@ _COALESCE = 0.02
 _PROBE_INTERVAL = 2.0
 
 
-def _probe() -> list[_Op]:
-    """A test write that needs room on the disk and leaves nothing behind."""
-    row = ("probe", None, b"", None, None, 0.0, 0.0)
+def _probe(size: int) -> list[_Op]:
+    """A test write that needs ``size`` bytes of room and leaves nothing behind."""
+    row = ("probe", None, b"\0" * size, None, None, 0.0, 0.0)
     return [
-        (
-            "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, 'delivered', NULL, ?, ?)",
-            row,
-            None,
-            True,
-        ),
+        (_ACCEPTED, row, None, True),
         ("DELETE FROM tasks WHERE key = 'probe'", (), None, True),
     ]
+
+
+def _payload_size(params: tuple[object, ...]) -> int:
+    payload = params[2]
+    return len(payload) if isinstance(payload, bytes) else 0
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def _advice(errno_value: int | None, directory: Path) -> str:
+    """What to do about a journal directory that cannot be used."""
+    if errno_value == errno.ENOSPC or _disk_full(directory):
+        return "free disk space"
+    return f"make {directory} writable for the agent's user, or set agent.state-dir"
 
 
 class Journal:
     """A durable task journal in ``directory/journal.sqlite``."""
 
-    def __init__(self, directory: Path, *, retention: float = 86400.0) -> None:
+    def __init__(
+        self, directory: Path, *, owner: str | None = None, retention: float = 86400.0
+    ) -> None:
         self.path = directory / "journal.sqlite"
         self._directory = directory
+        #: The agent name the journal belongs to (recorded when it is created, checked after).
+        self._owner = owner
         self._retention = retention
         self._ops: list[_Op] = []
         self._cond = threading.Condition()
@@ -130,8 +170,21 @@ class Journal:
         self._lock_fd: int | None = None
         self._durable = True
         self.commits = 0
-        #: The last write failed (disk full, I/O error); cleared by the next one that succeeds.
-        self.failing = False
+        #: The last write failed (disk full, I/O error); cleared once one as large works.
+        self._write_failed = False
+        #: Bytes of the largest ``accepted`` payload that could not be written: the test
+        #: write needs that much room before the journal says it works again.
+        self._probe_bytes = 0
+        #: ``time.monotonic()`` when the transaction under way began (``None``: none).
+        self._busy_since: float | None = None
+        self._next_prune = _PRUNE_EVERY
+
+    @property
+    def failing(self) -> bool:
+        """Writes fail (disk full, I/O error), or one has been under way for more than
+        ``STALL_AFTER`` s (a hung disk)."""
+        busy = self._busy_since
+        return self._write_failed or (busy is not None and time.monotonic() - busy > STALL_AFTER)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,8 +211,13 @@ class Journal:
             self._closing = True
             self._cond.notify()
         thread = self._thread
-        await asyncio.to_thread(thread.join)
+        await asyncio.to_thread(thread.join, CLOSE_TIMEOUT)
         self._thread = None
+        if thread.is_alive():
+            # A hung disk: the process ends without it (the thread is a daemon); the lock
+            # goes with the process, and what was not written is recovered as documented.
+            log.error("journal.close_abandoned", path=str(self.path), waited=CLOSE_TIMEOUT)
+            return
         self._unlock()
 
     # ------------------------------------------------------------------ writes
@@ -176,7 +234,7 @@ class Journal:
         """Record an accepted message; the future resolves once it is on disk."""
         now = time.time()
         return self._submit(
-            "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, 'accepted', NULL, ?, ?)",
+            _ACCEPTED,
             (key, task_id, payload, response_topic, correlation, now, now),
             wait=True,
             durable=True,
@@ -192,6 +250,12 @@ class Journal:
             (time.time(), key),
             wait=True,
         )
+
+    def withdrawn(self, key: str) -> None:
+        """The task was refused before it was accepted (its write failed, took too long, or
+        a cancel came first): its record goes, also if a stalled write lands after all
+        (writes run in order)."""
+        self._submit("DELETE FROM tasks WHERE key = ?", (key,))
 
     def finished(self, key: str, result: bytes) -> None:
         self._submit(_FINISHED, (result, time.time(), key))
@@ -244,7 +308,7 @@ class Journal:
         while True:
             with self._cond:
                 while not self._ops and not self._closing:
-                    if not self._cond.wait(_PROBE_INTERVAL if self.failing else None):
+                    if not self._cond.wait(_PROBE_INTERVAL if self._write_failed else None):
                         break  # failing and idle: try whether writes work again
                 if not self._closing and self._ops and all(op[2] is None for op in self._ops):
                     # Nothing urgent: let a few more state changes join this transaction.
@@ -253,8 +317,12 @@ class Journal:
                 closing = self._closing
             if ops:
                 self._commit(db, ops, loop)
-            elif self.failing and not closing:
-                self._commit(db, _probe(), loop, probe=True)
+                if self.commits >= self._next_prune:
+                    self._next_prune = self.commits + _PRUNE_EVERY
+                    with contextlib.suppress(sqlite3.Error):
+                        self._prune(db)
+            elif self._write_failed and not closing:
+                self._commit(db, _probe(self._probe_bytes), loop, probe=True)
             if closing and not self._ops:
                 break
         db.close()
@@ -262,25 +330,31 @@ class Journal:
     def _lock(self) -> None:
         """Take the agent's exclusive lock on the directory, or say who holds it."""
         directory = self._directory
+        fd: int | None = None
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise StartupError(
+                    f"the journal directory {directory} is in use by another agent "
+                    f"(PID {holder}); give each agent its own name or agent.state-dir"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:
+            if fd is not None:
+                os.close(fd)
             raise StartupError(
-                f"cannot use the journal directory {directory}: {exc.strerror or exc}; make it "
-                "writable for the agent's user or set agent.state-dir"
+                f"cannot use the journal directory {directory}: {exc.strerror or exc}; "
+                + _advice(exc.errno, directory)
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StartupError(
-                f"the journal directory {directory} is in use by another agent (PID {holder}); "
-                "give each agent its own name or agent.state-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except StartupError:
+            if fd is not None:
+                os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -298,8 +372,8 @@ class Journal:
             if check is None or check[0] != "ok":
                 raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else '?'}")
             db.executescript(_SCHEMA)
-            cutoff = time.time() - self._retention
-            db.execute("DELETE FROM tasks WHERE state = 'delivered' AND updated_at < ?", (cutoff,))
+            self._check_owner(db)
+            self._prune(db)
             rows = db.execute(
                 "SELECT key, task_id, payload, response_topic, correlation, state, result, "
                 "accepted_at FROM tasks WHERE state != 'delivered' ORDER BY accepted_at"
@@ -312,18 +386,38 @@ class Journal:
         self._db = db
         return records
 
+    def _prune(self, db: sqlite3.Connection) -> None:
+        """Forget delivered records past the retention time, and all but the newest
+        ``MAX_DELIVERED`` (what the journal keeps stays bounded at any task rate)."""
+        cutoff = time.time() - self._retention
+        db.execute(_PRUNE, (cutoff, MAX_DELIVERED))
+
+    def _check_owner(self, db: sqlite3.Connection) -> None:
+        """Record the owner in a new journal; refuse one that belongs to another agent (its
+        tasks are owed on that agent's topics, by that agent's hypervisor)."""
+        if self._owner is None:
+            return
+        row = db.execute("SELECT value FROM meta WHERE key = 'agent'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('agent', ?)", (self._owner,))
+        elif row[0] != self._owner:
+            raise StartupError(
+                f"the journal {self.path} belongs to the agent {row[0]!r}, not to "
+                f"{self._owner!r}; give each agent its own agent.state-dir (or move the "
+                "directory aside if that agent is gone for good)"
+            )
+
     def _unusable(self, exc: sqlite3.Error) -> str:
         """One line: why the journal cannot be opened, and what to do."""
         reason = str(exc) or exc.__class__.__name__
-        if isinstance(exc, sqlite3.OperationalError) and (
-            "readonly" in reason or "unable to open" in reason or "disk I/O" in reason
-        ):
-            return (
-                f"the journal {self.path} cannot be opened for writing ({reason}); make "
-                f"{self._directory} writable for the agent's user, or set agent.state-dir"
-            )
-        if isinstance(exc, sqlite3.OperationalError) and "full" in reason:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary == _SQLITE_FULL or (primary == _SQLITE_IOERR and _disk_full(self._directory)):
             return f"the journal {self.path} cannot be written ({reason}); free disk space"
+        if primary in _SQLITE_NOT_WRITABLE or primary == _SQLITE_IOERR:
+            return f"the journal {self.path} cannot be opened for writing ({reason}); " + _advice(
+                None, self._directory
+            )
         return (
             f"the journal {self.path} is damaged ({reason}); move it aside to start with an "
             "empty journal (the tasks it holds are then not recovered)"
@@ -340,21 +434,33 @@ class Journal:
         """One transaction for the batch. If it fails, each write is tried on its own, so
         one that cannot be written (a large payload on a full disk) fails only itself."""
         durable = any(op[3] for op in ops)
-        error = self._transaction(db, ops, durable)
-        if error is None:
-            outcomes: list[Exception | None] = [None] * len(ops)
-        elif len(ops) == 1 or probe:
-            outcomes = [error] * len(ops)
-        else:
-            outcomes = [self._transaction(db, [op], op[3]) for op in ops]
+        self._busy_since = time.monotonic()
+        try:
+            error = self._transaction(db, ops, durable)
+            if error is None:
+                outcomes: list[Exception | None] = [None] * len(ops)
+            elif len(ops) == 1 or probe:
+                outcomes = [error] * len(ops)
+            else:
+                outcomes = [self._transaction(db, [op], op[3]) for op in ops]
+        finally:
+            self._busy_since = None
         failed = [e for e in outcomes if e is not None]
-        if not failed and self.failing:
+        if failed:
+            if not self._write_failed:  # logged when writes start failing, not per write
+                log.error(
+                    "journal.write_failed", error=str(failed[0]), failed=len(failed), ops=len(ops)
+                )
+            self._write_failed = True
+            for (sql, params, _, _), outcome in zip(ops, outcomes, strict=True):
+                if outcome is not None and sql is _ACCEPTED:
+                    self._probe_bytes = max(self._probe_bytes, _payload_size(params))
+        elif self._write_failed and (probe or self._fits_again(ops)):
+            # Working again once a write as large as the one that failed works (the test
+            # write is that large): a small record fitting on a full disk is no news.
             log.info("journal.write_recovered")
-        elif failed and not (probe and self.failing):  # a failing probe is no news
-            log.error(
-                "journal.write_failed", error=str(failed[0]), failed=len(failed), ops=len(ops)
-            )
-        self.failing = bool(failed)
+            self._write_failed = False
+            self._probe_bytes = 0
         for (_, _, fut, _), outcome in zip(ops, outcomes, strict=True):
             if fut is None:
                 continue
@@ -363,6 +469,12 @@ class Journal:
             else:
                 failure = JournalWriteFailed(str(outcome) or outcome.__class__.__name__)
                 loop.call_soon_threadsafe(_set_exception, fut, failure)
+
+    def _fits_again(self, ops: list[_Op]) -> bool:
+        return any(
+            sql is _ACCEPTED and _payload_size(params) >= self._probe_bytes
+            for sql, params, _, _ in ops
+        )
 
     def _transaction(
         self, db: sqlite3.Connection, ops: list[_Op], durable: bool

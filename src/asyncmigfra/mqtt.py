@@ -184,8 +184,9 @@ SESSION_TAKEN_OVER = 0x8E
 _CONNECTION_CLOSED = 0x80
 #: s a reconnect after a takeover waits at least (``reconnect_max_delay`` if that is smaller),
 #: jittered up to 20% more: the two clients then take turns every few seconds, not twice a
-#: second, and ``takeover_limit`` (5) takeovers still fit into ``takeover_window`` (60 s)
-#: when both clients count every one (4 rounds of two waits <= 48 s).
+#: second. Both count every takeover; the one that lost first (the newcomer) reaches
+#: ``takeover_limit`` (5) first, about 45 s into the clash with the defaults (within the
+#: 60 s ``takeover_window``), and the other then keeps its session.
 _TAKEOVER_DELAY = 5.0
 
 
@@ -202,17 +203,24 @@ def disconnect_reason(exc: BaseException) -> int | None:
     return None
 
 
+def takeover_delay(settings: MqttSettings) -> float:
+    """s a reconnect after a takeover waits at least (jittered up to 20 % more)."""
+    return min(_TAKEOVER_DELAY, settings.reconnect_max_delay)
+
+
 def suspect_takeover_within(settings: MqttSettings) -> float:
     """s after connect and subscribe within which a connection the broker closed without a
     reason counts as a (suspected) takeover.
 
-    The other client, when it retries like this agent, reconnects at most
-    ``2 * reconnect_min_delay`` after it lost the session (1 s with the defaults), plus its
-    connect; a takeover therefore ends our connection that soon. A broker restart, a
-    network failure or a broker limit ends connections that have been up for longer (one
-    that happens within this time is counted too: only repeated ones end the agent).
+    Two agents with one client id take turns: the one that just lost the session waits
+    :func:`takeover_delay` (at most 20 % more), then connects and closes the other's
+    connection, which had been up about that long. So the window is longer than that wait
+    plus a reconnect: both agents see every takeover, the established one too (9 s with the
+    defaults). A broker restart, a network failure or a broker limit ends connections that
+    have been up for longer, mostly; one that happens within this time counts too, and only
+    ``takeover-limit`` of them within ``takeover-window`` end the agent.
     """
-    return max(2.0, 2 * settings.reconnect_min_delay + 1.0)
+    return takeover_delay(settings) * 1.2 + 2 * settings.reconnect_min_delay + 2.0
 
 
 def takeover_evidence(exc: BaseException, lifetime: float | None, within: float) -> str | None:
@@ -272,6 +280,9 @@ class MqttTransport:
         self.connects = 0
         #: Session takeovers seen (all of them, not only those within the window).
         self.takeovers = 0
+        #: Messages on topics this transport never subscribed to (dropped).
+        self.foreign = 0
+        self._foreign_topics: set[str] = set()
 
     @property
     def is_connected(self) -> bool:
@@ -356,8 +367,12 @@ class MqttTransport:
                     if self._on_connected is not None:
                         await self._on_connected()
                     async for message in client.messages:
-                        if not self._route_extra(message):
+                        if self._route_extra(message):
+                            continue
+                        if any(message.topic.matches(t) for t, _ in self._subscriptions):
                             handler(_incoming(message))
+                        else:
+                            self._foreign(message.topic.value)
             except aiomqtt.MqttError as exc:
                 close_orphaned_sockets(exc)
                 self._connected.clear()
@@ -392,7 +407,7 @@ class MqttTransport:
             takeovers.popleft()
         count = len(takeovers)
         give_up = s.takeover_limit > 0 and count >= s.takeover_limit
-        base = min(_TAKEOVER_DELAY, s.reconnect_max_delay)
+        base = takeover_delay(s)
         delay = random.uniform(base, base * 1.2)  # noqa: S311 - jitter, not crypto
         log.error(
             "mqtt.client_id_in_use",
@@ -409,6 +424,21 @@ class MqttTransport:
         if give_up:
             raise ClientIdInUse(s.client_id, count, s.takeover_window)
         await asyncio.sleep(delay)
+
+    def _foreign(self, topic: str) -> None:
+        """A message on a topic this agent never subscribed to: a persistent session the
+        broker shared with another client of the same client id delivers that client's
+        subscriptions too. Never a task of this agent: dropped, logged once per topic."""
+        self.foreign += 1
+        if topic not in self._foreign_topics and len(self._foreign_topics) < 100:
+            self._foreign_topics.add(topic)
+            log.error(
+                "mqtt.foreign_message",
+                topic=topic,
+                client_id=self._settings.client_id,
+                hint="the broker session of this client id holds another client's "
+                "subscriptions: give every agent its own communicator.id",
+            )
 
     def _route_extra(self, message: aiomqtt.Message) -> bool:
         """Hand ``message`` to every extra subscription it matches (not to the task handler,

@@ -111,8 +111,11 @@ def test_connect_failures_are_no_takeover() -> None:
 
 
 def test_the_suspect_window_covers_a_peer_that_retries_like_us() -> None:
-    assert suspect_takeover_within(MqttSettings()) == 2.0
-    assert suspect_takeover_within(MqttSettings(reconnect_min_delay=3.0)) == 7.0
+    # Longer than the other client's takeover wait (5 s, up to 6 s with jitter) plus its
+    # reconnect: the established client sees every takeover too, not only the newcomer.
+    assert suspect_takeover_within(MqttSettings()) == pytest.approx(9.0)
+    assert suspect_takeover_within(MqttSettings(reconnect_min_delay=3.0)) == pytest.approx(14.0)
+    assert suspect_takeover_within(MqttSettings(reconnect_max_delay=1.0)) == pytest.approx(4.2)
 
 
 def test_client_id_in_use_is_a_startup_error_with_one_line() -> None:
@@ -326,3 +329,93 @@ async def test_mqtt5_session_taken_over_is_recognised_by_its_reason_code() -> No
     assert "0x8E" in event["evidence"]
     assert event["action"] == "exit"
     assert event["count"] == 1
+
+
+@pytest.mark.broker
+async def test_the_established_client_sees_the_clash_too(mosquitto: Any) -> None:
+    """The one that was connected first is taken over after the newcomer's takeover wait;
+    that is within the suspect window, so it logs the clash as well (the review's case)."""
+    s = settings(mosquitto.port, "established", "5", takeover_limit=0)
+    first, second = transport(s), transport(s)
+    with capture_logs() as logs:
+        a = asyncio.create_task(first.run(lambda _: None))
+        await wait_until(lambda: first.connects >= 1)
+        await asyncio.sleep(suspect_takeover_within(s) + 0.5)  # well established
+        b = asyncio.create_task(second.run(lambda _: None))
+        try:
+            await wait_until(lambda: first.takeovers >= 2 and second.takeovers >= 2, 20)
+        finally:
+            await stop(a, b)
+    assert len(clashes(logs)) == first.takeovers + second.takeovers
+
+
+@pytest.mark.broker
+async def test_another_client_s_subscriptions_in_a_shared_session_are_never_tasks(
+    mosquitto: Any,
+) -> None:
+    """A persistent session that another client of the same id used holds its subscriptions
+    too: their messages are dropped (and logged), never handed on as tasks."""
+    other = settings(mosquitto.port, "shared-session", task_topic="p/node-b/task")
+    mine = settings(mosquitto.port, "shared-session", task_topic="p/node-a/task")
+    b = transport(other)
+    run_b = asyncio.create_task(b.run(lambda _: None))
+    await wait_until(lambda: b.connects >= 1)
+    await stop(run_b)  # node-b's subscription stays in the broker's session
+    got: list[str] = []
+    a = transport(mine)
+    with capture_logs() as logs:
+        run_a = asyncio.create_task(a.run(lambda m: got.append(m.topic)))
+        try:
+            await wait_until(lambda: a.connects >= 1)
+            async with ToolClient("127.0.0.1", mosquitto.port) as pub:
+                await pub.publish("p/node-b/task", b"task: quit\n", qos=1)
+                await pub.publish("p/node-a/task", b"task: status\n", qos=1)
+            await wait_until(lambda: got and a.foreign >= 1)
+        finally:
+            await stop(run_a)
+    assert got == ["p/node-a/task"]
+    foreign = [e for e in logs if e["event"] == "mqtt.foreign_message"]
+    assert [e["topic"] for e in foreign] == ["p/node-b/task"]
+
+
+@pytest.mark.broker
+async def test_an_agent_whose_client_id_is_taken_drains_before_it_exits(
+    mosquitto: Any, tmp_path: Any
+) -> None:
+    """At the limit the agent shuts down as on SIGTERM: the running task still finishes and
+    its result is kept as owed in the journal (the broker is out of reach for it now), then
+    ``Agent.run`` raises ``ClientIdInUse`` (the CLI exits 2)."""
+    from asyncmigfra.app import Agent  # noqa: PLC0415
+    from asyncmigfra.journal import Journal  # noqa: PLC0415
+    from harness import agent_settings, scheduler  # noqa: PLC0415
+
+    base = agent_settings(
+        mosquitto.port,
+        hv_type="fake",
+        hv_options={
+            "start-delay": 2,
+            "domains": [{"name": "slow", "vcpus": 1, "memory": 1024, "state": "shutoff"}],
+        },
+        mqtt={"takeover_limit": 1, "reconnect_max_delay": 1.0},
+        agent={"state_dir": str(tmp_path / "state")},
+    )
+    agent = Agent(base)
+    prefix = base.mqtt.task_topic.rsplit("/", 1)[0]
+    async with scheduler(mosquitto.port, prefix) as sched:
+        run = asyncio.create_task(agent.run())
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        await sched.publish(
+            "id: long\ntask: start vm\nvm-configurations:\n"
+            "  - vm-name: slow\n    probe-with-ssh: false\n"
+        )
+        await sched.wait_for(lambda: sched.events_for("long", "phase"), 10)
+        # Another client takes the session (the agent's connection is young: a takeover).
+        async with ToolClient("127.0.0.1", mosquitto.port, client_id=base.mqtt.client_id):
+            with pytest.raises(ClientIdInUse):
+                await asyncio.wait_for(run, 20)
+    journal = Journal(tmp_path / "state")
+    records = await journal.open()
+    await journal.close()
+    assert [(r.task_id, r.state) for r in records] == [("long", "finished")]
+    assert records[0].result is not None
+    assert b"status: success" in records[0].result

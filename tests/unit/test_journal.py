@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 import structlog
@@ -172,3 +173,104 @@ async def test_one_failing_write_does_not_fail_the_others_of_its_batch(small_dis
     again = Journal(small_disk.path / "state")
     assert [r.key for r in await again.open()] == ["small"]
     await again.close()
+
+
+async def test_a_journal_of_another_agent_is_refused(tmp_path):
+    first = Journal(tmp_path, owner="node-a")
+    await first.open()
+    await first.accepted("k", task_id="t", payload=b"p", response_topic=None, correlation=None)
+    await first.close()
+    with pytest.raises(StartupError, match="belongs to the agent 'node-a', not to 'node-b'"):
+        await Journal(tmp_path, owner="node-b").open()
+    again = Journal(tmp_path, owner="node-a")
+    assert [r.key for r in await again.open()] == ["k"]
+    await again.close()
+
+
+async def test_a_fresh_journal_on_a_full_disk_says_so_in_one_line(small_disk):
+    small_disk.fill()
+    with pytest.raises(StartupError) as err:
+        await Journal(small_disk.path / "state").open()
+    message = str(err.value)
+    assert "free disk space" in message
+    assert "\n" not in message
+
+
+async def test_small_writes_fitting_on_a_full_disk_do_not_say_it_works_again(small_disk):
+    """The review's flap: a tiny test write fits where task records do not."""
+    j = Journal(small_disk.path / "state")
+    await j.open()
+    small_disk.fill(leave=64 * 1024)
+    with structlog.testing.capture_logs() as logs:
+        for i in range(2):
+            with pytest.raises(JournalWriteFailed):
+                await j.accepted(
+                    f"big{i}",
+                    task_id=None,
+                    payload=b"x" * 300_000,
+                    response_topic=None,
+                    correlation=None,
+                )
+        await j.accepted("small", task_id=None, payload=b"p", response_topic=None, correlation=None)
+        await asyncio.sleep(2.5)  # a test write of the failed size does not fit either
+        assert j.failing
+        small_disk.free()
+        async with asyncio.timeout(10):
+            while j.failing:
+                await asyncio.sleep(0.05)
+    assert [e["event"] for e in logs] == ["journal.write_failed", "journal.write_recovered"]
+    await j.close()
+
+
+async def test_a_hung_write_is_reported_as_failing(tmp_path, monkeypatch):
+    j = Journal(tmp_path)
+    await j.open()
+    release = threading.Event()
+    original = Journal._transaction
+
+    def slow(self, db, ops, durable):
+        release.wait(10)
+        return original(self, db, ops, durable)
+
+    monkeypatch.setattr(Journal, "_transaction", slow)
+    monkeypatch.setattr("asyncmigfra.journal.STALL_AFTER", 0.2)
+    fut = j.accepted("k", task_id=None, payload=b"p", response_topic=None, correlation=None)
+    await asyncio.sleep(0.5)
+    assert j.failing
+    assert not fut.done()
+    release.set()
+    await fut
+    assert not j.failing
+    await j.close()
+
+
+async def test_a_withdrawn_record_is_gone_even_if_its_write_lands_late(tmp_path):
+    j = Journal(tmp_path)
+    await j.open()
+    written = j.accepted("k", task_id="t", payload=b"p", response_topic=None, correlation=None)
+    j.withdrawn("k")
+    await written
+    await j.close()
+    again = Journal(tmp_path)
+    assert await again.open() == []
+    await again.close()
+
+
+async def test_delivered_records_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr("asyncmigfra.journal.MAX_DELIVERED", 10)
+    j = Journal(tmp_path)
+    await j.open()
+    for i in range(30):
+        await j.accepted(
+            f"k{i}", task_id=str(i), payload=b"p", response_topic=None, correlation=None
+        )
+        j.delivered(f"k{i}")
+    await j.close()
+    again = Journal(tmp_path)
+    await again.open()
+    await again.close()
+    import sqlite3  # noqa: PLC0415
+
+    with sqlite3.connect(tmp_path / "journal.sqlite") as db:
+        kept = [row[0] for row in db.execute("SELECT task_id FROM tasks ORDER BY updated_at")]
+    assert kept == [str(i) for i in range(20, 30)]
