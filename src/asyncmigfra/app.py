@@ -20,6 +20,7 @@ hangs past ``shutdown.hard-exit-after``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import datetime as dt
 import os
@@ -28,6 +29,7 @@ import socket
 import threading
 from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -56,6 +58,23 @@ _THREAD_PARSE_BYTES = 64 * 1024
 _PRESENCE_INTERVAL = 2.0
 #: s the publisher gets to flush at shutdown.
 _FLUSH_TIMEOUT = 10.0
+
+
+def _trim_heap() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc); a no-op elsewhere."""
+    trim = _MALLOC_TRIM
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 def resolve_state_dir(settings: Settings) -> Path | None:
@@ -141,6 +160,11 @@ class Agent:
             keeper=self.dispatcher,
         )
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
+        #: Bytes of the payloads in ``_intake`` (bounded by ``limits.max-intake-bytes``).
+        self._intake_bytes = 0
+        #: Heap trims still due after large messages (the last one a tick after the burst,
+        #: when the MQTT client's buffers are gone too).
+        self._trims_due = 0
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ control
@@ -184,6 +208,11 @@ class Agent:
         last = (self.dispatcher.running, journal_state(self.journal))
         while True:
             await asyncio.sleep(_PRESENCE_INTERVAL)
+            if self._trims_due and self._intake.empty():
+                # Large messages came and went: give their freed heap back to the system
+                # (glibc keeps it; 200 1 MB messages left ~100 MB of RSS behind).
+                self._trims_due -= 1
+                await asyncio.to_thread(_trim_heap)
             now = (self.dispatcher.running, journal_state(self.journal))
             if now != last and self.transport.is_connected and self._state == "online":
                 last = now
@@ -197,12 +226,31 @@ class Agent:
     # ------------------------------------------------------------------ data path
 
     def _on_message(self, message: Incoming) -> None:
+        size = len(message.payload)
+        if size >= _THREAD_PARSE_BYTES:
+            self._trims_due = 2
+        budget = self.settings.limits.max_intake_bytes
+        if self._intake_bytes + size > budget and self._intake_bytes > 0:
+            # A flood of large messages: answered at once, unread, so what waits for the
+            # parser (and the memory it takes) stays bounded.
+            self._dispatch(
+                message,
+                TaskRejected(
+                    "busy",
+                    f"the agent has {self._intake_bytes} bytes of messages waiting to be read "
+                    f"(limits.max-intake-bytes: {budget}); send the task again later",
+                ),
+            )
+            return
+        self._intake_bytes += size
         self._intake.put_nowait(message)
 
     async def _intake_loop(self) -> None:
         while True:
             message = await self._intake.get()
-            if len(message.payload) >= _THREAD_PARSE_BYTES:
+            self._intake_bytes -= len(message.payload)
+            large = len(message.payload) >= _THREAD_PARSE_BYTES
+            if large:
                 # Large payloads are parsed off the loop; order is kept (one at a time).
                 parsed = await asyncio.to_thread(self._parse, message.payload)
             else:
@@ -213,6 +261,7 @@ class Agent:
         """Answer messages that arrived after intake stopped (the dispatcher refuses them)."""
         while not self._intake.empty():
             message = self._intake.get_nowait()
+            self._intake_bytes -= len(message.payload)
             self._dispatch(message, self._parse(message.payload))
 
     def _parse(self, payload: bytes) -> TaskMessage | TaskRejected:

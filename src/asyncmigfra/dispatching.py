@@ -78,6 +78,14 @@ _SHUTTING_DOWN = "the agent is shutting down; send the task again later"
 JOURNAL_DEADLINE = 10.0
 
 
+def _estimated_bytes(key: tuple[str, str], result: ResultMessage) -> int:
+    """About what a remembered result costs in memory (its strings and a per-object toll)."""
+    cost = 400 + len(key[0]) + len(key[1])
+    for entry in result.entries:
+        cost += 300 + len(entry.vm_name) + len(entry.details or "") + 100 * len(entry.extra)
+    return cost
+
+
 def _unavailable(reason: str) -> str:
     return (
         f"the agent's journal cannot write ({reason}), so it cannot promise a result: "
@@ -87,6 +95,9 @@ def _unavailable(reason: str) -> str:
 
 #: Finished tasks remembered for duplicate detection, at most.
 _MAX_REMEMBERED = 100_000
+#: Bytes (estimated) of remembered results, at most: ids are bounded (256 characters), but a
+#: result with many entries and long details is not.
+_MAX_REMEMBERED_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +266,9 @@ class Dispatcher:
         self._by_id: dict[str, list[_Job]] = {}
         #: (id, payload digest) -> the job running it (duplicate detection).
         self._running_keys: dict[tuple[str, str], _Job] = {}
-        self._finished: dict[tuple[str, str], tuple[float, ResultMessage]] = {}
+        #: (id, digest) -> (when, result, estimated bytes), oldest first.
+        self._finished: dict[tuple[str, str], tuple[float, ResultMessage, int]] = {}
+        self._remembered_bytes = 0
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()
@@ -489,8 +502,7 @@ class Dispatcher:
         entries = [e for run in job.runs for e in entries_by_run.get(run.index, [])]
         result = self._result(job.msg, entries, job.header)
         if job.dedupe is not None:
-            self._finished[job.dedupe] = (time.monotonic(), result)
-            self._expire_finished()
+            self._remember(job.dedupe, result)
         self._deliver(result, job.reply, job.key)
 
     async def _journaled(self, job: _Job) -> bool:
@@ -560,16 +572,27 @@ class Dispatcher:
         if not self._jobs:
             self._idle.set()
 
-    def _expire_finished(self) -> None:
+    def _remember(self, key: tuple[str, str], result: ResultMessage) -> None:
+        """Keep ``result`` for duplicates of its task, within the window, the count and the
+        byte budget (oldest forgotten first)."""
+        cost = _estimated_bytes(key, result)
+        old = self._finished.pop(key, None)
+        if old is not None:
+            self._remembered_bytes -= old[2]
+        self._finished[key] = (time.monotonic(), result, cost)
+        self._remembered_bytes += cost
         window = self._settings.limits.dedupe_window
         now = time.monotonic()
-        while len(self._finished) > _MAX_REMEMBERED:  # bounded by count too, not only time
-            del self._finished[next(iter(self._finished))]
         while self._finished:
-            key, (when, _) = next(iter(self._finished.items()))
-            if now - when <= window:
+            oldest, (when, _, size) = next(iter(self._finished.items()))
+            if (
+                now - when <= window
+                and len(self._finished) <= _MAX_REMEMBERED
+                and self._remembered_bytes <= _MAX_REMEMBERED_BYTES
+            ):
                 break
-            del self._finished[key]
+            del self._finished[oldest]
+            self._remembered_bytes -= size
 
     async def _guarded(self, job: _Job, run: _Run) -> list[ResultEntry]:
         """Run one subtask; a cancellation we asked for becomes a ``cancelled`` entry."""

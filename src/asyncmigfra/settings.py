@@ -158,6 +158,9 @@ class LimitsSettings:
     max_queued_tasks: int = 4096
     #: Bytes.
     max_message_size: int = 1024 * 1024
+    #: Bytes of received messages waiting to be read; past it, messages are answered
+    #: ``busy`` unread (a flood of large messages cannot take the agent's memory).
+    max_intake_bytes: int = 16 * 1024 * 1024
     #: Subtasks in one message.
     max_subtasks: int = 1000
     #: s a task id is remembered to refuse running it twice.
@@ -462,6 +465,7 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (LimitsSettings, "max_queued_tasks"): _COUNT,
     # An MQTT packet cannot be larger than 256 MiB.
     (LimitsSettings, "max_message_size"): _Range(low=1, high=268_435_455),
+    (LimitsSettings, "max_intake_bytes"): _Range(low=1),
     (LimitsSettings, "max_subtasks"): _COUNT,
     (LimitsSettings, "dedupe_window"): _DELAY,
     (LimitsSettings, "max_yaml_nodes"): _COUNT,

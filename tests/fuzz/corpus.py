@@ -1166,7 +1166,33 @@ HOSTILE_REGEXES = [
     "'" + "(" * 1000 + "x" + ")" * 1000 + "'", "'" + "(a|" * 200 + "b" + ")" * 200 + "'",
     "'x{0,65535}'", "'.*'", "''", "'\\d+'", "'(?i)WEB-.*'", "'[^\\x00-\\x7f]+'",
     "'" + "a" * 20_000 + "'",
+    # issue 13: froze the agent for 135 s under Python's re; RE2 refuses what it cannot do
+    "'" + "(.*)" * 15 + "X'", "'" + "(.*)" * 64 + "X'", "'(vm)\\1'", "'(?=vm)vm1'",
 ]  # fmt: skip
+
+#: Tasks that ask for what belongs to the host (issue 13): each is accepted as a message and
+#: refused per VM (``not-supported``) by the default policy.
+HOST_GRABS = [
+    ("start vm", "vm-configurations:\n  - vm-name: g1\n    devs: [{pci-addr: '0000:00:1f.2'}]\n"),
+    ("start vm", "vm-configurations:\n  - vm-name: g1\n"
+                 "    pci-ids: [{vendor: 0x8086, device: 0x2922}]\n"),
+    ("start vm", "vm-configurations:\n  - xml: \"<domain><name>g1</name><devices><disk type='file'>"
+                 "<source file='/etc/shadow'/><target dev='vda'/></disk></devices></domain>\"\n"),
+    ("start vm", "vm-configurations:\n  - xml: \"<domain xmlns:qemu='http://libvirt.org/schemas/"
+                 "domain/qemu/1.0'><name>g1</name><qemu:commandline><qemu:arg value='-S'/>"
+                 "</qemu:commandline></domain>\"\n"),
+    ("stop vm", "list:\n  - vm-name: g1\n    driver: lxc\n"),
+    ("migrate vm", "vm-name: g1\ndestination: b\nparameter:\n  transport: tcp\n"),
+]  # fmt: skip
+
+
+def fam_host_grab(r: random.Random, tid: str) -> Case:
+    task, body = r.choice(HOST_GRABS)
+    text = f"id: {tid}\ntask: {task}\n{body}"
+    result = {"start vm": "vm started", "stop vm": "vm stopped", "migrate vm": "vm migrated"}
+    return _case(
+        "host-grab", text, tid, "exact", outcome="accept", result=result[task], note=body[:40]
+    )
 
 
 def fam_regex(r: random.Random, tid: str) -> Case:
@@ -1319,6 +1345,7 @@ _FAMILIES: dict[str, tuple[float, Family]] = {
     "bad-id": (2.0, fam_bad_id),
     "weird-id": (2.5, fam_weird_id),
     "regex": (1.0, fam_regex),
+    "host-grab": (1.0, fam_host_grab),
     "unicode": (2.5, fam_unicode),
     "tags": (1.5, fam_tags),
 }

@@ -44,7 +44,7 @@ def test_corpus_is_large_distinct_and_covers_every_kind_of_damage(corpus):
     assert families >= {
         "valid", "flip", "null", "truncate", "mutate", "dupkey", "unknown-task", "multidoc",
         "anchors", "alias-bomb", "deep", "huge", "oversize", "binary", "bad-utf8",
-        "not-a-task", "bad-id", "weird-id", "regex", "unicode", "tags",
+        "not-a-task", "bad-id", "weird-id", "regex", "host-grab", "unicode", "tags",
     }  # fmt: skip
     valid_kinds = {c.result for c in corpus if c.family == "valid"}
     assert valid_kinds == set(RESULT_NAMES.values()), "a valid message of every task type"

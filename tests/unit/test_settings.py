@@ -511,6 +511,9 @@ NEW_KEYS = [
         (HostDevice(vendor=0x8086, device=0x10FB), HostDevice(address="0000:00:1f.2")),
         id="host-devices",
     ),
+    pytest.param(
+        "limits: {max-intake-bytes: 4096}", "limits.max_intake_bytes", 4096, id="max-intake-bytes"
+    ),
     pytest.param("agent: {xml-policy: trusted}", "agent.xml_policy", "trusted", id="xml-policy"),
     pytest.param(
         "agent: {xml-allowed-paths: [/srv/images]}",
