@@ -9,6 +9,7 @@ dispatcher, which asked for it, turns it into ``code: cancelled``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from contextlib import AbstractContextManager
@@ -38,6 +39,9 @@ from asyncmigfra.timing import TimeMeasurement
 from asyncmigfra.userhooks import HookCall, HookRunner
 
 __all__ = ["SubtaskContext", "error_entry", "reconcile_subtask", "run_subtask"]
+
+#: Domain XML at least this long is checked in a worker thread (the loop never waits on it).
+_THREAD_XML_CHARS = 32 * 1024
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -170,7 +174,10 @@ async def _operate(
                     "XML description is missing which is required to create a transient domain."
                 )
             pools = await hypervisor.storage_paths() if policy.needs_pool_paths(spec) else ()
-            policy.check_start(spec, pools)  # host devices and the domain XML
+            if spec.xml is not None and len(spec.xml) >= _THREAD_XML_CHARS:
+                await asyncio.to_thread(policy.check_start, spec, pools)  # off the loop
+            else:
+                policy.check_start(spec, pools)  # host devices and the domain XML
             await _hooks(ctx, _call("before-start", "start vm", ctx, vm_name, settings))
             await hypervisor.start(spec, ctx)
         case StopSpec():
