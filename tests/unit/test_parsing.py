@@ -1238,3 +1238,29 @@ def test_a_huge_block_list_is_refused_from_the_fast_path() -> None:
         parse(body, max_size=10 * 1024 * 1024)
     assert time.perf_counter() - t0 < 2.0
     assert "more than 100000 nodes" in err.value.details
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param('"x\\e[2J\\e[Hweb-1 migrated"', id="esc-sequence"),
+        pytest.param('"x\\e]52;c;ZXZpbA==\\a"', id="osc-52"),
+        pytest.param('"x\\u202eevil"', id="bidi-override"),
+        pytest.param('"x\\rfake"', id="carriage-return"),
+        pytest.param("x" * 257, id="too-long"),
+    ],
+)
+def test_ids_that_cannot_be_shown_or_remembered_are_refused(raw: str) -> None:
+    """issue 13: an id is echoed everywhere; one that would take a terminal over, or cost
+    a megabyte per remembered task, is refused and not echoed."""
+    with pytest.raises(TaskRejected) as err:
+        parse(f"id: {raw}\ntask: status\n")
+    assert err.value.code == "invalid-message"
+    assert err.value.task_id is None
+    assert "id: expected an id of at most 256 characters" in err.value.details
+    assert "\x1b" not in err.value.details
+    assert "\u202e" not in err.value.details
+
+
+def test_a_256_character_id_is_fine() -> None:
+    assert parse("id: " + "x" * 256 + "\ntask: status\n").id == "x" * 256
