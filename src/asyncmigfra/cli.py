@@ -459,8 +459,8 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
 
 
 def _client(args: argparse.Namespace) -> int:
-    from asyncmigfra.terminal import safe  # noqa: PLC0415
     from asyncmigfra.console.exits import INTERRUPTED, CliError  # noqa: PLC0415
+    from asyncmigfra.terminal import safe  # noqa: PLC0415
 
     try:
         call = _client_call(args)

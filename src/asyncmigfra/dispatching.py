@@ -238,16 +238,7 @@ class Dispatcher:
         self._hv = hypervisor
         self._bus = bus
         #: The configured hooks (``None``: none); ``app`` runs its ``serve`` for other agents.
-        self.hooks = (
-            HookRunner(
-                settings.hooks,
-                bus=bus,
-                hostname=settings.hostname,
-                task_topic=settings.mqtt.task_topic,
-            )
-            if settings.hooks
-            else None
-        )
+        self.hooks = HookRunner.from_settings(settings, bus=bus) if settings.hooks else None
         self._journal = journal
         self._settings = settings
         self._events = events

@@ -6,20 +6,30 @@ migrate VM 2 in the middle of the swap. Here the swapping agent asks the destina
 to hold VM 2's lane for it, the way Nova refuses a second operation on an instance whose
 ``task_state`` is set:
 
-* **request** (JSON, QoS 1) on the destination's lane topic, the task topic's sibling
-  ``lane`` (``fast/migfra/<dest>/lane``): ``op`` (``hold``, ``renew``, ``release``),
-  ``request-id``, ``hold-id``, ``vm-name``, ``source`` (the asking agent's host name) and,
-  with ``hold``, ``lease`` (s);
-* **answer** on the source's ``lane/response`` topic: ``request-id``, ``status`` (``held``,
-  ``busy``, ``renewed``, ``released``, ``error``) and ``details``.
+* **request** (JSON, QoS 1) on the destination's lane topic *with the asking agent's name as
+  the last level* (``fast/migfra/<dest>/lane/<source>``, :class:`asyncmigfra.hooks.PeerTopics`):
+  ``op`` (``hold``, ``renew``, ``release``), ``request-id``, ``hold-id``, ``vm-name``,
+  ``source`` (the asking agent's name, which must be the topic's) and, with ``hold`` and
+  ``renew``, ``lease`` (s);
+* **answer** on ``fast/migfra/<source>/lane-response/<dest>``: ``request-id``, ``status``
+  (``held``, ``busy``, ``renewed``, ``released``, ``error``) and ``details``.
+
+The broker's ACL lets only agent S publish a topic whose last level is S
+(``config/mosquitto.acl.example``), so the serving agent knows who asks from the topic alone,
+and the asking agent hears answers only from the agent it asked. A hold belongs to the agent
+that took it: only that agent renews or releases it. Every field is checked
+(:func:`parse_request`); junk is logged once and answered ``error`` when it has a readable
+``request-id``, else ignored.
 
 The destination's agent grants a hold only when VM 2's lane is empty (no task of its own runs
-or waits on VM 2) and it is not shutting down; otherwise it answers ``busy`` and the swap is
-refused before anything moves. A granted hold sits at the front of VM 2's lane: a task that
-arrives for VM 2 meanwhile queues behind it and runs after the swap. The hold ends with a
-``release``, or when its lease runs out without a ``renew`` (the swapping agent died), or
-when the holding agent stops. Holds live in memory only: after a restart of the destination's
-agent a ``renew`` answers ``error`` and the swap goes on, logged.
+or waits on VM 2), it is not shutting down, the asking agent has fewer than
+:data:`MAX_HOLDS_PER_SOURCE` holds there and all agents together fewer than :data:`MAX_HOLDS`;
+otherwise it answers ``busy`` and the swap is refused before anything moves. A granted hold
+sits at the front of VM 2's lane: a task that arrives for VM 2 meanwhile queues behind it and
+runs after the swap. The hold ends with a ``release``, or when its lease runs out without a
+``renew`` (the swapping agent died), or when the holding agent stops. Holds live in memory
+only: after a restart of the destination's agent a ``renew`` answers ``error`` and the swap
+goes on, logged.
 
 Only the destination's agent runs anything here; the request carries no command.
 """
@@ -32,22 +42,37 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import structlog
 
 from asyncmigfra.errors import Busy, ConnectionFailed
-from asyncmigfra.hooks import MessageBus, json_map, peer_topic, sibling_topic
+from asyncmigfra.hooks import (
+    JunkLog,
+    MessageBus,
+    PeerRefusal,
+    PeerTopics,
+    flat_map,
+    json_map,
+    safe_text,
+    shown,
+    sibling_topic,
+    valid_peer_id,
+    valid_peer_vm_name,
+)
 
 __all__ = [
     "LANE_QOS",
     "LaneKeeper",
+    "LaneRequest",
     "LaneServer",
     "hold_peer_lane",
     "lane_topic_of",
+    "lane_topics",
+    "parse_request",
 ]
 
 log = structlog.stdlib.get_logger(__name__)
@@ -55,23 +80,39 @@ log = structlog.stdlib.get_logger(__name__)
 LANE_QOS = 1
 #: s a hold lives without a renewal (the holder renews every third of it).
 LEASE = 30.0
-#: s a requested lease is capped at.
+#: s a requested lease is at least and at most (a lease outside is moved to the bound).
+MIN_LEASE = 1.0
 MAX_LEASE = 300.0
 #: Holds one agent grants at once (to all its peers together).
 MAX_HOLDS = 256
-#: Bytes of a request; larger ones are ignored.
+#: Holds one agent grants to any *one* peer at once (a swap holds one lane; a peer's swaps at
+#: once are bounded by its own ``migration.max-outgoing``, 2 by default).
+MAX_HOLDS_PER_SOURCE = 16
+#: Bytes of a request or an answer; larger ones are junk.
 MAX_REQUEST_BYTES = 4096
+#: Keys of a request or an answer.
+MAX_KEYS = 16
+#: Characters of a string value in a request.
+MAX_VALUE_CHARS = 256
+#: Characters of an answer's ``details`` kept (escaped) in this agent's result.
+MAX_DETAILS_CHARS = 500
 #: s a release (and an answer) waits for the broker before it is given up.
 RELEASE_LIMIT = 2.0
-_ID_MAX = 64
-_NAME_MAX = 256
+OPS = ("hold", "renew", "release")
+STATUSES = frozenset({"held", "busy", "renewed", "released", "error"})
 
 LockMode = Literal["off", "best-effort", "required"]
 
 
 def lane_topic_of(task_topic: str) -> str:
-    """``fast/migfra/<host>/task`` -> ``fast/migfra/<host>/lane``."""
+    """``fast/migfra/<host>/task`` -> ``fast/migfra/<host>/lane`` (the prefix of this agent's
+    lane requests, ``.../lane/<source>``)."""
     return sibling_topic(task_topic, "lane")
+
+
+def lane_topics(task_topic: str, hostname: str) -> PeerTopics | None:
+    """This agent's lane topics (``None``: ``hostname`` is not one level of the task topic)."""
+    return PeerTopics.of(task_topic, hostname, "lane")
 
 
 class LaneKeeper(Protocol):
@@ -82,6 +123,80 @@ class LaneKeeper(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class LaneRequest:
+    """A checked lane request; its sender is the topic's."""
+
+    op: Literal["hold", "renew", "release"]
+    request_id: str
+    hold_id: str
+    vm_name: str
+    #: s, within [:data:`MIN_LEASE`, :data:`MAX_LEASE`]
+    lease: float = LEASE
+
+
+def _lease(value: object, rid: str) -> float:
+    """``lease``: a number of seconds (JSON number or decimal text), finite and > 0, moved
+    into [MIN_LEASE, MAX_LEASE]."""
+    if value is None:
+        return LEASE
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and len(value) <= 32:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise PeerRefusal(rid, f"lease must be a number of seconds > 0, got {shown(value)}")
+    return min(max(number, MIN_LEASE), MAX_LEASE)
+
+
+def parse_request(raw: bytes, sender: str, *, peers: Collection[str] | None = None) -> LaneRequest:
+    """A lane request of agent ``sender`` (the topic's last level), checked; ``peers``: the
+    only senders served (``None``: any).
+
+    Raises:
+        PeerRefusal: junk, or a sender not in ``peers`` (answerable when its ``request-id``
+        could be read).
+    """
+    document = flat_map(raw, MAX_REQUEST_BYTES, max_keys=MAX_KEYS)
+    rid = str(document["request-id"])
+    if peers is not None and sender not in peers:
+        raise PeerRefusal(rid, f"{sender} is not a peer of this agent")
+    for key, value in document.items():
+        if key != "lease" and not (isinstance(value, str) and len(value) <= MAX_VALUE_CHARS):
+            limit = MAX_VALUE_CHARS
+            raise PeerRefusal(
+                rid, f"values must be text of at most {limit} characters, {shown(key)} is not"
+            )
+    op = document.get("op")
+    if op not in OPS:
+        raise PeerRefusal(rid, f"op must be one of {', '.join(OPS)}, got {shown(op)}")
+    hold_id = document.get("hold-id")
+    if not valid_peer_id(hold_id):
+        raise PeerRefusal(rid, f"hold-id must be 1-64 letters and digits, got {shown(hold_id)}")
+    vm = document.get("vm-name")
+    if not valid_peer_vm_name(vm):
+        raise PeerRefusal(rid, f"vm-name is not a valid VM name: {shown(vm)}")
+    source = document.get("source", sender)
+    if source != sender:
+        # The topic is the proof (the broker pins it to the sender's user name); a request
+        # that says otherwise is a forgery or a bug, and is refused.
+        raise PeerRefusal(rid, f"source {shown(source)} is not the sender {sender}")
+    assert isinstance(hold_id, str)
+    assert isinstance(vm, str)
+    lease = _lease(document.get("lease"), rid) if op != "release" else LEASE
+    return LaneRequest(
+        op=cast(Literal["hold", "renew", "release"], op),
+        request_id=rid,
+        hold_id=hold_id,
+        vm_name=vm,
+        lease=lease,
+    )
+
+
 @dataclass(slots=True)
 class _Hold:
     source: str
@@ -90,122 +205,128 @@ class _Hold:
     expiry: asyncio.TimerHandle | None = None
 
 
-def _request(raw: bytes) -> dict[str, str] | None:
-    """A peer's request, checked: a flat map of short strings with the keys its ``op``
-    needs; ``None`` otherwise."""
-    document = json_map(raw, MAX_REQUEST_BYTES)
-    if document is None or not all(
-        isinstance(k, str) and isinstance(v, str) and len(v) <= _NAME_MAX
-        for k, v in document.items()
-    ):
-        return None
-    if document.get("op") not in ("hold", "renew", "release"):
-        return None
-    for key in ("request-id", "hold-id"):
-        value = document.get(key, "")
-        if not value or len(value) > _ID_MAX or not value.isalnum():
-            return None
-    if not document.get("vm-name") or not document.get("source"):
-        return None
-    return document
-
-
 class LaneServer:
-    """Answers other agents' lane requests for this agent's VMs."""
+    """Answers other agents' lane requests for this agent's VMs.
+
+    ``peers``: the only agents whose requests are served (``None``: every agent the broker
+    lets publish on this agent's lane topic).
+    """
 
     def __init__(
-        self, *, bus: MessageBus, hostname: str, task_topic: str, keeper: LaneKeeper
+        self,
+        *,
+        bus: MessageBus,
+        hostname: str,
+        task_topic: str,
+        keeper: LaneKeeper,
+        peers: Collection[str] | None = None,
     ) -> None:
         self._bus = bus
         self._hostname = hostname
-        self._topic = lane_topic_of(task_topic)
+        self._topics = lane_topics(task_topic, hostname)
         self._keeper = keeper
-        self._holds: dict[str, _Hold] = {}
+        self._peers = frozenset(peers) if peers is not None else None
+        #: (source, hold id) -> the hold
+        self._holds: dict[tuple[str, str], _Hold] = {}
+        self._junk = JunkLog()
 
     @property
-    def holds(self) -> dict[str, str]:
-        """hold id -> VM name, of the holds granted now."""
-        return {hold_id: hold.vm_name for hold_id, hold in self._holds.items()}
+    def holds(self) -> dict[tuple[str, str], str]:
+        """(holding agent, hold id) -> VM name, of the holds granted now."""
+        return {key: hold.vm_name for key, hold in self._holds.items()}
 
     async def serve(self) -> None:
         """Answer requests until cancelled; every hold is given back on the way out."""
+        if self._topics is None:
+            log.error(
+                "lanes.not_serving",
+                hostname=self._hostname,
+                reason="the host name is not exactly one level of the task topic",
+            )
+            return
         try:
             while True:
                 try:
-                    async with self._bus.subscription(self._topic, LANE_QOS) as queue:
-                        log.info("lanes.serving", topic=self._topic)
+                    async with self._bus.subscription(self._topics.requests, LANE_QOS) as queue:
+                        log.info("lanes.serving", topic=self._topics.requests)
                         while True:
-                            _, raw = await queue.get()
-                            await self._answer(raw)
+                            topic, raw = await queue.get()
+                            await self._answer(topic, raw)
                 except Exception as exc:  # noqa: BLE001 - never take the agent down; retry
                     log.error("lanes.serving_failed", error=str(exc))  # noqa: TRY400
                     await asyncio.sleep(1.0)
         finally:
-            for hold_id in list(self._holds):
-                self._end(hold_id, reason="agent stopping")
+            for key in list(self._holds):
+                self._end(key, reason="agent stopping")
 
-    async def _answer(self, raw: bytes) -> None:
-        request = _request(raw)
-        if request is None:
-            log.warning("lanes.request_ignored", reason="unreadable", size=len(raw))
+    async def _answer(self, topic: str, raw: bytes) -> None:
+        assert self._topics is not None
+        sender = self._topics.sender(topic)
+        if sender is None:
+            self._junk("lanes.request_ignored", reason="not a request topic", topic=shown(topic))
             return
-        reply_to = peer_topic(self._topic, self._hostname, request["source"])
-        if reply_to is None:
-            log.warning("lanes.request_ignored", reason="bad source", source=request["source"])
-            return
-        status, details = self._decide(request)
-        answer = {"request-id": request["request-id"], "status": status}
+        try:
+            request = parse_request(raw, sender, peers=self._peers)
+        except PeerRefusal as refusal:
+            self._junk("lanes.request_refused", reason=refusal.reason, sender=sender)
+            if refusal.request_id is None:
+                return
+            status, details, rid = "error", refusal.reason, refusal.request_id
+        else:
+            status, details = self._decide(sender, request)
+            rid = request.request_id
+        answer = {"request-id": rid, "status": status}
         if details:
             answer["details"] = f"on {self._hostname}: {details}"
+        reply_to = self._topics.answer_to(sender)
+        assert reply_to is not None  # the sender is a peer name
         try:
             async with asyncio.timeout(RELEASE_LIMIT):  # the peer waits no longer than that
-                await self._bus.send(f"{reply_to}/response", json.dumps(answer).encode(), LANE_QOS)
+                await self._bus.send(reply_to, json.dumps(answer).encode(), LANE_QOS)
         except Exception as exc:  # noqa: BLE001 - the peer asks again or gives up
             log.warning("lanes.answer_failed", error=str(exc))
 
-    def _decide(self, request: Mapping[str, str]) -> tuple[str, str]:
-        op, hold_id, vm = request["op"], request["hold-id"], request["vm-name"]
-        hold = self._holds.get(hold_id)
-        if hold is not None and (hold.vm_name, hold.source) != (vm, request["source"]):
-            return "error", f"hold {hold_id} is not {request['source']}'s hold of {vm}"
-        if op == "release":
+    def _decide(self, sender: str, request: LaneRequest) -> tuple[str, str]:
+        key = (sender, request.hold_id)
+        vm = request.vm_name
+        hold = self._holds.get(key)
+        if hold is not None and hold.vm_name != vm:
+            return "error", f"hold {request.hold_id} of {sender} is not on {vm}"
+        if request.op == "release":
             if hold is not None:
-                self._end(hold_id, reason="released")
+                self._end(key, reason="released")
             return "released", ""
-        if op == "renew":
+        if request.op == "renew":
             if hold is None:
-                return "error", f"no hold {hold_id} on {vm} (it expired, or the agent restarted)"
-            self._arm(hold_id, hold, self._lease(request))
+                return "error", (
+                    f"no hold {request.hold_id} of {sender} on {vm} "
+                    "(it expired, or the agent restarted)"
+                )
+            self._arm(key, hold, request.lease)
             return "renewed", ""
         if hold is not None:  # the same hold asked again (a QoS 1 duplicate)
             return "held", ""
         if len(self._holds) >= MAX_HOLDS:
             return "busy", f"{MAX_HOLDS} lane holds are granted already"
+        if sum(1 for source, _ in self._holds if source == sender) >= MAX_HOLDS_PER_SOURCE:
+            return "busy", f"{sender} has {MAX_HOLDS_PER_SOURCE} lane holds here already"
         taken = self._keeper.hold_lane(vm)
         if isinstance(taken, str):
             return "busy", taken
-        hold = _Hold(source=request["source"], vm_name=vm, release=taken)
-        self._holds[hold_id] = hold
-        self._arm(hold_id, hold, self._lease(request))
-        log.info("lanes.held", vm=vm, holder=hold.source, hold_id=hold_id)
+        hold = _Hold(source=sender, vm_name=vm, release=taken)
+        self._holds[key] = hold
+        self._arm(key, hold, request.lease)
+        log.info("lanes.held", vm=vm, holder=sender, hold_id=request.hold_id)
         return "held", ""
 
-    @staticmethod
-    def _lease(request: Mapping[str, str]) -> float:
-        try:
-            lease = float(request.get("lease", LEASE))
-        except ValueError:
-            lease = LEASE
-        return min(max(lease, 1.0), MAX_LEASE) if math.isfinite(lease) else LEASE
-
-    def _arm(self, hold_id: str, hold: _Hold, lease: float) -> None:
+    def _arm(self, key: tuple[str, str], hold: _Hold, lease: float) -> None:
         if hold.expiry is not None:
             hold.expiry.cancel()
         loop = asyncio.get_running_loop()
-        hold.expiry = loop.call_later(lease, self._end, hold_id, "lease expired")
+        hold.expiry = loop.call_later(lease, self._end, key, "lease expired")
 
-    def _end(self, hold_id: str, reason: str) -> None:
-        hold = self._holds.pop(hold_id, None)
+    def _end(self, key: tuple[str, str], reason: str) -> None:
+        hold = self._holds.pop(key, None)
         if hold is None:
             return
         if hold.expiry is not None:
@@ -221,20 +342,23 @@ class LaneServer:
 async def _ask(
     bus: MessageBus,
     queue: asyncio.Queue[tuple[str, bytes]],
+    *,
     topic: str,
+    answers: str,
     request: dict[str, str],
     limit: float,
 ) -> tuple[str, str] | None:
-    """Send one request and wait ``limit`` s for its answer: ``(status, details)``, or
-    ``None`` without an answer. A broker problem is an ``error`` answer of this side."""
+    """Send one request to ``topic`` and wait ``limit`` s for its answer on ``answers`` (the
+    asked agent's level): ``(status, details)``, or ``None`` without an answer. A broker
+    problem is an ``error`` answer of this side."""
     rid = uuid.uuid4().hex
     request = {**request, "request-id": rid}
     try:
         async with asyncio.timeout(limit):
             await bus.send(topic, json.dumps(request).encode(), LANE_QOS)
             while True:
-                _, raw = await queue.get()
-                answer = _answer_to(raw, rid)
+                where, raw = await queue.get()
+                answer = _answer_to(where, raw, answers, rid)
                 if answer is not None:
                     return answer
     except TimeoutError:
@@ -243,14 +367,30 @@ async def _ask(
         return "error", f"MQTT: {exc}"
 
 
-def _answer_to(raw: bytes, request_id: str) -> tuple[str, str] | None:
+_ANSWER_JUNK = JunkLog()
+
+
+def _answer_to(topic: str, raw: bytes, answers: str, request_id: str) -> tuple[str, str] | None:
+    """``(status, details)`` when ``raw`` is a well-formed answer to ``request_id`` on the
+    asked agent's ``answers`` topic; ``None`` otherwise (other answers: skipped; junk:
+    logged once)."""
+    if topic != answers:
+        _ANSWER_JUNK("lanes.answer_ignored", reason="not from the agent asked", topic=shown(topic))
+        return None
     document = json_map(raw, MAX_REQUEST_BYTES)
-    if document is None or document.get("request-id") != request_id:
+    if document is None:
+        _ANSWER_JUNK("lanes.answer_ignored", reason="not a JSON object", topic=topic)
         return None
+    if document.get("request-id") != request_id:
+        return None  # an answer to an earlier request (a renewal that came late)
     status, details = document.get("status"), document.get("details", "")
-    if not isinstance(status, str) or not isinstance(details, str):
+    if status not in STATUSES or not isinstance(details, str):
+        _ANSWER_JUNK(
+            "lanes.answer_ignored", reason=f"bad status {shown(status)} or details", topic=topic
+        )
         return None
-    return status, details[: _NAME_MAX * 4]
+    assert isinstance(status, str)
+    return status, safe_text(details, MAX_DETAILS_CHARS)
 
 
 @asynccontextmanager
@@ -277,14 +417,15 @@ async def hold_peer_lane(
     if mode == "off":
         yield None
         return
-    own = lane_topic_of(task_topic)
-    target = peer_topic(own, hostname, peer)
+    topics = lane_topics(task_topic, hostname)
+    target = topics.request_to(peer) if topics is not None else None
+    answers = topics.answers_from(peer) if topics is not None else None
     problem: str | None = None
     if bus is None:
         problem = "this agent has no MQTT connection"
-    elif target is None:
-        problem = f"cannot tell {peer}'s lane topic from {own!r}"
-    if problem is not None or bus is None or target is None:
+    elif target is None or answers is None:
+        problem = f"cannot tell {peer}'s lane topic from {lane_topic_of(task_topic)!r}"
+    if problem is not None or bus is None or target is None or answers is None:
         yield _uncoordinated(mode, peer, vm_name, problem or "")
         return
     hold_id = uuid.uuid4().hex
@@ -292,12 +433,17 @@ async def hold_peer_lane(
     started = time.monotonic()
     async with contextlib.AsyncExitStack() as stack:
         try:
-            queue = await stack.enter_async_context(bus.subscription(f"{own}/response", LANE_QOS))
+            queue = await stack.enter_async_context(bus.subscription(answers, LANE_QOS))
         except Exception as exc:  # noqa: BLE001 - a broker problem: reported like no answer
             yield _uncoordinated(mode, peer, vm_name, f"MQTT: {exc}")
             return
         answer = await _ask(
-            bus, queue, target, {**base, "op": "hold", "lease": f"{lease:g}"}, answer_within
+            bus,
+            queue,
+            topic=target,
+            answers=answers,
+            request={**base, "op": "hold", "lease": f"{lease:g}"},
+            limit=answer_within,
         )
         if answer is None:
             yield _uncoordinated(mode, peer, vm_name, f"no answer within {answer_within:g} s")
@@ -312,7 +458,7 @@ async def hold_peer_lane(
             "lanes.holding", vm=vm_name, peer=peer, seconds=round(time.monotonic() - started, 4)
         )
         renewing = asyncio.create_task(
-            _renew(bus, queue, target, base, lease=lease, answer_within=answer_within),
+            _renew(bus, queue, target, answers, base, lease=lease, answer_within=answer_within),
             name=f"lane-renew-{vm_name}",
         )
         try:
@@ -337,6 +483,7 @@ async def _renew(
     bus: MessageBus,
     queue: asyncio.Queue[tuple[str, bytes]],
     target: str,
+    answers: str,
     base: dict[str, str],
     *,
     lease: float,
@@ -347,7 +494,12 @@ async def _renew(
         await asyncio.sleep(lease / 3)
         try:
             answer = await _ask(
-                bus, queue, target, {**base, "op": "renew", "lease": f"{lease:g}"}, answer_within
+                bus,
+                queue,
+                topic=target,
+                answers=answers,
+                request={**base, "op": "renew", "lease": f"{lease:g}"},
+                limit=answer_within,
             )
         except Exception as exc:  # noqa: BLE001 - try again at the next renewal
             log.warning("lanes.renew_failed", vm=base["vm-name"], error=str(exc))

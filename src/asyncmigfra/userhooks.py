@@ -11,9 +11,21 @@ with the task's data in ``ASYNCMIGFRA_*`` environment variables. Only the last 4
 stdout and of stderr are kept. On a timeout or a cancellation the whole process group gets
 SIGTERM, then SIGKILL 2 s later, so nothing the hook started outlives it.
 
+The command's environment is the agent's without its secrets (:func:`hook_base_environment`):
+no variable named in :data:`SECRET_VARIABLES`, none holding the MQTT password (so neither
+``communicator.password-env``'s variable nor a copy of it), none of the ``ASYNCMIGFRA_*``
+names the runner sets itself.
+
 **MQTT hooks** publish a JSON request with a fresh ``request-id`` and wait for the answer
 with that id on the response topic (``status: success`` or ``status: error``), through the
 same :class:`asyncmigfra.hooks.MessageBus` as the pscom hook.
+
+**Command hooks on the destination** (``on: destination``) are run by the destination's agent:
+the request goes to ``<prefix>/<dest>/hook/<source>`` and the answer comes back on
+``<prefix>/<source>/hook-response/<dest>`` (:class:`asyncmigfra.hooks.PeerTopics`: the sender
+is the last level, which the broker's ACL pins to its user name). The serving agent takes the
+source from the topic, checks every field (:func:`parse_peer_request`) and runs only a hook
+of its own configuration.
 
 Built-in hooks (``builtin: reduce-memory``) are only looked up here (:meth:`HookRunner.builtin`);
 the migration engine implements them.
@@ -24,22 +36,47 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import HookContext, MessageBus, json_map, peer_topic, sibling_topic
+from asyncmigfra.hooks import (
+    HookContext,
+    JunkLog,
+    MessageBus,
+    PeerRefusal,
+    PeerTopics,
+    clean_text,
+    flat_map,
+    safe_text,
+    shown,
+    sibling_topic,
+    valid_peer_vm_name,
+    valid_task_id,
+)
 from asyncmigfra.parsing import load_yaml
-from asyncmigfra.settings import HOOK_POINTS, MIGRATE_HOOK_POINTS, HookSettings
+from asyncmigfra.settings import HOOK_POINTS, MIGRATE_HOOK_POINTS, HookSettings, Settings
 
-__all__ = ["HOOK_POINTS", "HookCall", "HookRunner", "hook_environment", "hook_request"]
+__all__ = [
+    "HOOK_POINTS",
+    "SECRET_VARIABLES",
+    "HookCall",
+    "HookRunner",
+    "PeerHookRequest",
+    "hook_base_environment",
+    "hook_environment",
+    "hook_request",
+    "hook_topics",
+    "parse_peer_request",
+]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -56,6 +93,10 @@ SPAWN_LIMIT = 5.0
 MAX_RESPONSE_BYTES = 64 * 1024
 #: Characters of a reason (an error line, the answer's details) kept in the failure text.
 MAX_REASON_CHARS = 500
+
+#: Variables never passed on to a command: the MQTT password of the agent and of its tools
+#: (``asyncmigfra`` console commands read ``ASYNCMIGFRA_MQTT_PASSWORD``).
+SECRET_VARIABLES: Final = ("ASYNCMIGFRA_MQTT_PASSWORD",)
 
 #: Environment variables the runner sets; inherited ones of these names are dropped first.
 _ENV_NAMES = (
@@ -128,6 +169,31 @@ def hook_environment(hook: HookSettings, call: HookCall) -> dict[str, str]:
     if call.details is not None:
         env["ASYNCMIGFRA_DETAILS"] = call.details
     return {key: _text(value) for key, value in env.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Hidden:
+    """What a command must not see: variables by name, and any variable with a secret value."""
+
+    names: frozenset[str] = frozenset(SECRET_VARIABLES)
+    values: frozenset[str] = frozenset()
+
+
+def hook_base_environment(
+    environ: Mapping[str, str],
+    *,
+    secret_names: Iterable[str] = (),
+    secret_values: Iterable[str] = (),
+) -> dict[str, str]:
+    """The agent's environment as a command gets it, before the ``ASYNCMIGFRA_*`` task data:
+    without :data:`SECRET_VARIABLES`, ``secret_names``, any variable whose value is one of
+    ``secret_values`` (the MQTT password, however it came: ``password-env`` names a variable
+    that holds it) and the runner's own names."""
+    names = {*SECRET_VARIABLES, *secret_names, *_ENV_NAMES}
+    values = {value for value in secret_values if value}
+    return {
+        key: value for key, value in environ.items() if key not in names and value not in values
+    }
 
 
 def hook_request(hook: HookSettings, call: HookCall, request_id: str) -> dict[str, str]:
@@ -244,11 +310,11 @@ async def _stop_spawned(
         transport.close()
 
 
-async def _run_command(hook: HookSettings, call: HookCall) -> None:
+async def _run_command(hook: HookSettings, call: HookCall, hidden: _Hidden = _Hidden()) -> None:
     command = hook.command
     assert command is not None
     argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
-    env = {key: value for key, value in os.environ.items() if key not in _ENV_NAMES}
+    env = hook_base_environment(os.environ, secret_names=hidden.names, secret_values=hidden.values)
     env.update(hook_environment(hook, call))
     loop = asyncio.get_running_loop()
     capture = _Capture(loop)
@@ -344,7 +410,7 @@ def _answer(payload: bytes, request_id: str) -> tuple[str, str] | None:
     if details is None:
         text = ""
     elif isinstance(details, str | int | float | bool):
-        text = _clip(str(details))
+        text = _clip(safe_text(str(details), 4 * MAX_REASON_CHARS))
     else:
         raise _Failure("bad response: details must be text")
     return str(status), text
@@ -375,14 +441,18 @@ async def _exchange(
     request: Mapping[str, str],
     *,
     limit: float,
+    exact: bool = False,
 ) -> None:
-    """Publish ``request`` and wait (``limit`` s) for the answer with its ``request-id``."""
+    """Publish ``request`` and wait (``limit`` s) for the answer with its ``request-id``
+    (``exact``: only on ``response_topic`` itself, the asked agent's answer topic)."""
     payload = json.dumps(request).encode()
     try:
         async with asyncio.timeout(limit):
             async with bus.subscription(response_topic, qos) as queue:
                 await bus.send(request_topic, payload, qos)
-                status, details = await _wait_answer(queue, request["request-id"])
+                status, details = await _wait_answer(
+                    queue, request["request-id"], response_topic if exact else None
+                )
     except TimeoutError:
         raise _Failure(f"no answer within {limit:g} s") from None
     except _Failure:
@@ -397,20 +467,39 @@ async def _exchange(
 # --- command hooks on the destination's agent --------------------------------------------------
 #
 # A command hook with ``on: destination`` runs on the destination host, by its own agent: the
-# source's agent asks it over MQTT on its hook topic (the task topic's sibling ``hook``), and the
-# destination's agent runs the hook *of that name from its own configuration* and answers on the
-# source's ``hook/response`` topic. No command travels over the wire.
+# source's agent asks it over MQTT on ``<prefix>/<dest>/hook/<source>`` (the sibling ``hook`` of
+# the task topic, the sender as the last level), and the destination's agent runs the hook *of
+# that name from its own configuration* and answers on ``<prefix>/<source>/hook-response/<dest>``.
+# No command travels over the wire; the broker's ACL pins the last level to the sender's user.
 
 #: s added to a hook's timeout for the round trip to the destination's agent.
 PEER_MARGIN = 2.0
-#: Hook requests of other agents run at once at most this many at a time.
+#: Hook requests of other agents run at once at most this many at a time ...
 PEER_CONCURRENCY = 8
-_REQUEST_ID_MAX = 64
+#: ... and at most this many of one agent (a source's migrations to one destination at once
+#: are bounded by its ``migration.max-outgoing``, 2 by default, each with its own hooks).
+PEER_CONCURRENCY_PER_SOURCE = 4
+#: Bytes of a hook request of another agent; a longer one is junk.
+MAX_PEER_REQUEST_BYTES = 16 * 1024
+#: Keys of such a request.
+MAX_PEER_KEYS = 32
+#: Characters of its ``details`` (the migration's error at ``after-migrate``).
+MAX_PEER_DETAILS = 2000
+#: Characters of any other value.
+MAX_PEER_VALUE = 256
+#: A hook's name (the settings' rule).
+_HOOK_NAME: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
 def hook_topic_of(task_topic: str) -> str:
-    """``fast/migfra/<host>/task`` -> ``fast/migfra/<host>/hook``."""
+    """``fast/migfra/<host>/task`` -> ``fast/migfra/<host>/hook`` (the prefix of this agent's
+    hook requests, ``.../hook/<source>``)."""
     return sibling_topic(task_topic, "hook")
+
+
+def hook_topics(task_topic: str, hostname: str) -> PeerTopics | None:
+    """This agent's hook topics (``None``: ``hostname`` is not one level of the task topic)."""
+    return PeerTopics.of(task_topic, hostname, "hook")
 
 
 def _on_peer(hook: HookSettings, call: HookCall) -> bool:
@@ -423,20 +512,131 @@ def _on_peer(hook: HookSettings, call: HookCall) -> bool:
     )
 
 
-async def _wait_answer(queue: asyncio.Queue[tuple[str, bytes]], request_id: str) -> tuple[str, str]:
-    """The first answer to ``request_id`` on ``queue``; answers to other requests are skipped."""
+_ANSWER_JUNK = JunkLog()
+
+
+async def _wait_answer(
+    queue: asyncio.Queue[tuple[str, bytes]], request_id: str, topic: str | None = None
+) -> tuple[str, str]:
+    """The first answer to ``request_id`` on ``queue`` (only on ``topic`` when given); answers
+    to other requests are skipped."""
     while True:
-        _, raw = await queue.get()
+        where, raw = await queue.get()
+        if topic is not None and where != topic:
+            _ANSWER_JUNK(
+                "hook.answer_ignored", reason="not from the agent asked", topic=shown(where)
+            )
+            continue
         answer = _answer(raw, request_id)
         if answer is not None:
             return answer
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHookRequest:
+    """Another agent's request to run one of this agent's ``on: destination`` command hooks,
+    checked (:func:`parse_peer_request`); the source is the topic's sender."""
+
+    request_id: str
+    hook: str
+    point: str
+    task_id: str | None
+    vm_name: str
+    outcome: str | None = None
+    details: str | None = None
+
+
+def parse_peer_request(
+    raw: bytes, sender: str, hostname: str, *, peers: Collection[str] | None = None
+) -> PeerHookRequest:
+    """A hook request of agent ``sender`` (the topic's last level) to this agent
+    (``hostname``), checked like a task's fields: a flat JSON object of at most
+    :data:`MAX_PEER_REQUEST_BYTES` bytes whose values are strings; ``request-id`` 1-64
+    letters and digits; ``hook`` a hook name; ``point`` a migrate point; ``task`` (if given)
+    ``migrate vm``; ``id`` (if given) a task id; ``vm-name`` a VM name as in tasks (no
+    control or bidirectional characters, no ``/``, at most 200 characters); ``source`` (if
+    given) the sender; ``destination`` (and ``host``, if given) this agent; ``outcome`` only
+    at ``after-migrate``, ``success`` or ``error``; ``details`` text without control
+    characters of at most :data:`MAX_PEER_DETAILS` characters. ``peers``: the only senders
+    served (``None``: any).
+
+    Raises:
+        PeerRefusal: the request is not run (answerable when its ``request-id`` is readable).
+    """
+    document = flat_map(raw, MAX_PEER_REQUEST_BYTES, max_keys=MAX_PEER_KEYS)
+    rid = str(document["request-id"])
+    if peers is not None and sender not in peers:
+        raise PeerRefusal(rid, f"{sender} is not a peer of this agent")
+    for key, value in document.items():
+        limit = MAX_PEER_DETAILS if key == "details" else MAX_PEER_VALUE
+        if not (isinstance(value, str) and len(value) <= limit):
+            raise PeerRefusal(
+                rid, f"values must be text of at most {limit} characters, {shown(key)} is not"
+            )
+
+    def text(key: str) -> str | None:
+        value = document.get(key)
+        assert value is None or isinstance(value, str)
+        return value
+
+    name, point, vm = text("hook"), text("point"), text("vm-name")
+    if name is None or _HOOK_NAME.fullmatch(name) is None:
+        raise PeerRefusal(rid, f"hook must be a hook name, got {shown(name)}")
+    if point not in MIGRATE_HOOK_POINTS:
+        raise PeerRefusal(rid, f"point must be one of {', '.join(MIGRATE_HOOK_POINTS)}")
+    if text("task") not in (None, "migrate vm"):
+        raise PeerRefusal(rid, f"task must be 'migrate vm', got {shown(text('task'))}")
+    task_id = text("id")
+    if task_id is not None and not valid_task_id(task_id):
+        raise PeerRefusal(rid, f"id is not a valid task id: {shown(task_id)}")
+    if not valid_peer_vm_name(vm):
+        raise PeerRefusal(rid, f"vm-name is not a valid VM name: {shown(vm)}")
+    if text("source") not in (None, sender):
+        # The topic is the proof (the broker pins it to the sender's user name).
+        raise PeerRefusal(rid, f"source {shown(text('source'))} is not the sender {sender}")
+    if text("destination") != hostname or text("host") not in (None, hostname):
+        raise PeerRefusal(rid, f"this is {hostname}, not {shown(text('destination'))}")
+    outcome = text("outcome")
+    if outcome is not None and (point != "after-migrate" or outcome not in ("success", "error")):
+        raise PeerRefusal(
+            rid, f"outcome must be success or error after-migrate, got {shown(outcome)}"
+        )
+    details = text("details")
+    if details is not None and not clean_text(details, MAX_PEER_DETAILS):
+        raise PeerRefusal(rid, "details must be text without control characters")
+    assert name is not None
+    assert vm is not None
+    return PeerHookRequest(
+        request_id=rid,
+        hook=name,
+        point=point,
+        task_id=task_id,
+        vm_name=vm,
+        outcome=outcome,
+        details=details,
+    )
+
+
+def _peer_request_of(hook: HookSettings, call: HookCall, request_id: str) -> dict[str, str]:
+    """What this agent sends to the destination's agent: :func:`hook_request`, with the
+    details escaped and clipped so that the request passes :func:`parse_peer_request`."""
+    request = hook_request(hook, call, request_id)
+    if "details" in request:
+        request["details"] = safe_text(request["details"], MAX_PEER_DETAILS)
+    return request
 
 
 # --- the runner --------------------------------------------------------------------------------
 
 
 class HookRunner:
-    """Runs the configured hooks of one agent (one instance serves every task)."""
+    """Runs the configured hooks of one agent (one instance serves every task).
+
+    ``secret_names`` and ``secret_values`` are kept from every command's environment on top
+    of :data:`SECRET_VARIABLES` (:func:`hook_base_environment`; :meth:`from_settings` passes
+    the MQTT password). ``peers``: the only agents whose hook requests are served (``None``:
+    every agent the broker lets publish on this agent's hook topic).
+    """
 
     def __init__(
         self,
@@ -445,20 +645,50 @@ class HookRunner:
         bus: MessageBus | None,
         hostname: str | None = None,
         task_topic: str | None = None,
+        secret_names: Iterable[str] = (),
+        secret_values: Iterable[str] = (),
+        peers: Collection[str] | None = None,
     ) -> None:
         self._hooks = tuple(hooks)
         self._bus = bus
         self._hostname = hostname
-        #: Where this agent answers other agents' hook requests (``None``: it does not).
-        self._topic = hook_topic_of(task_topic) if task_topic is not None else None
+        #: This agent's hook topics (``None``: it neither asks nor serves other agents).
+        self._topics = (
+            hook_topics(task_topic, hostname)
+            if task_topic is not None and hostname is not None
+            else None
+        )
+        self._task_topic = task_topic
+        self._hidden = _Hidden(
+            names=frozenset({*SECRET_VARIABLES, *secret_names}),
+            values=frozenset(value for value in secret_values if value),
+        )
+        self._peers = frozenset(peers) if peers is not None else None
         self._serving: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(PEER_CONCURRENCY)
+        #: sender -> its requests running now; (sender, request id) of those.
+        self._per_source: dict[str, int] = {}
+        self._running: set[tuple[str, str]] = set()
+        self._junk = JunkLog()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, bus: MessageBus | None) -> HookRunner:
+        """The runner of an agent with ``settings``: its hooks, its name and topics, and its
+        MQTT password kept from every command (also when ``password-env`` names it)."""
+        password = settings.mqtt.password
+        return cls(
+            settings.hooks,
+            bus=bus,
+            hostname=settings.hostname,
+            task_topic=settings.mqtt.task_topic,
+            secret_values=(password,) if password else (),
+        )
 
     @property
     def serves_peers(self) -> bool:
         """Whether other agents may ask this one to run a hook (an ``on: destination``
         command hook is configured)."""
-        return self._topic is not None and any(
+        return self._task_topic is not None and any(
             h.command is not None and h.on == "destination" for h in self._hooks
         )
 
@@ -493,7 +723,7 @@ class HookRunner:
                     if _on_peer(hook, call):
                         await self._run_on_peer(hook, call)
                     elif hook.command is not None:
-                        await _run_command(hook, call)
+                        await _run_command(hook, call, self._hidden)
                     else:
                         await _run_mqtt(hook, call, self._bus)
             except _Failure as exc:
@@ -524,22 +754,26 @@ class HookRunner:
     async def _run_on_peer(self, hook: HookSettings, call: HookCall) -> None:
         """Ask the destination's agent to run its hook of this name."""
         assert call.destination is not None
-        if self._bus is None or self._topic is None or self._hostname is None:
+        if self._bus is None or self._task_topic is None or self._hostname is None:
             raise _Failure("on: destination needs the agent's MQTT connection")
-        peer = peer_topic(self._topic, self._hostname, call.destination)
-        if peer is None:
+        topics = self._topics
+        peer = topics.request_to(call.destination) if topics is not None else None
+        answers = topics.answers_from(call.destination) if topics is not None else None
+        if peer is None or answers is None:
             raise _Failure(
-                f"cannot tell {call.destination}'s hook topic: {self._hostname!r} is not one "
-                f"level of this agent's {self._topic!r}"
+                f"cannot tell {shown(call.destination)}'s hook topic: {self._hostname!r} is not "
+                f"one level of this agent's {hook_topic_of(self._task_topic)!r}, or that is no "
+                "agent name"
             )
         request_id = uuid.uuid4().hex
         await _exchange(
             self._bus,
             peer,
-            f"{self._topic}/response",
+            answers,
             1,
-            hook_request(hook, call, request_id),
+            _peer_request_of(hook, call, request_id),
             limit=hook.timeout + PEER_MARGIN,
+            exact=True,
         )
 
     async def serve(self) -> None:
@@ -548,16 +782,30 @@ class HookRunner:
         if not self.serves_peers:
             return
         assert self._bus is not None
-        assert self._topic is not None
+        if self._topics is None:
+            log.error(
+                "hook.not_serving",
+                hostname=self._hostname,
+                reason="the host name is not exactly one level of the task topic",
+            )
+            return
         try:
             while True:
                 try:
-                    async with self._bus.subscription(self._topic, 1) as queue:
-                        log.info("hook.serving", topic=self._topic)
+                    async with self._bus.subscription(self._topics.requests, 1) as queue:
+                        log.info("hook.serving", topic=self._topics.requests)
                         while True:
-                            _, raw = await queue.get()
+                            topic, raw = await queue.get()
+                            sender = self._topics.sender(topic)
+                            if sender is None:
+                                self._junk(
+                                    "hook.request_ignored",
+                                    reason="not a request topic",
+                                    topic=shown(topic),
+                                )
+                                continue
                             await self._slots.acquire()  # a flood waits, it does not pile up
-                            task = asyncio.create_task(self._serve_one(raw))
+                            task = asyncio.create_task(self._serve_one(sender, raw))
                             self._serving.add(task)
                             task.add_done_callback(self._served)
                 except Exception as exc:  # noqa: BLE001 - never take the agent down; retry
@@ -575,71 +823,68 @@ class HookRunner:
         if not task.cancelled() and task.exception() is not None:
             log.error("hook.serve_failed", error=str(task.exception()))
 
-    async def _serve_one(self, raw: bytes) -> None:
-        request = _peer_request(raw)
-        if request is None:
-            log.warning("hook.request_ignored", reason="unreadable", size=len(raw))
-            return
-        assert self._topic is not None
+    async def _serve_one(self, sender: str, raw: bytes) -> None:
+        assert self._topics is not None
         assert self._hostname is not None
         assert self._bus is not None
-        reply_to = peer_topic(self._topic, self._hostname, request["source"])
-        if reply_to is None:
-            log.warning("hook.request_ignored", reason="bad source", source=request["source"])
-            return
+        reply_to = self._topics.answer_to(sender)
+        assert reply_to is not None  # the sender is a peer name
         status, details = "success", ""
         try:
-            hook, call = self._peer_call(request)
-            log.info("hook.peer_request", hook=hook.name, source=call.source, vm=call.vm_name)
-            await _run_command(hook, call)
-        except _Failure as exc:
-            status, details = "error", str(exc)
-        answer = {"request-id": request["request-id"], "status": status}
+            request = parse_peer_request(raw, sender, self._hostname, peers=self._peers)
+        except PeerRefusal as refusal:
+            self._junk("hook.request_refused", reason=refusal.reason, sender=sender)
+            if refusal.request_id is None:
+                return
+            rid, status, details = refusal.request_id, "error", refusal.reason
+        else:
+            rid = request.request_id
+            key = (sender, rid)
+            if key in self._running:
+                return  # a QoS 1 duplicate of a request that runs: its answer comes
+            if self._per_source.get(sender, 0) >= PEER_CONCURRENCY_PER_SOURCE:
+                status = "error"
+                details = f"{PEER_CONCURRENCY_PER_SOURCE} hooks of {sender} run here already"
+            else:
+                self._running.add(key)
+                self._per_source[sender] = self._per_source.get(sender, 0) + 1
+                try:
+                    await self._run_for_peer(sender, request)
+                except _Failure as exc:
+                    status, details = "error", str(exc)
+                finally:
+                    self._running.discard(key)
+                    self._per_source[sender] -= 1
+                    if not self._per_source[sender]:
+                        del self._per_source[sender]
+        answer = {"request-id": rid, "status": status}
         if details:
             answer["details"] = f"on {self._hostname}: {details}"
-        await self._bus.send(f"{reply_to}/response", json.dumps(answer).encode(), 1)
+        await self._bus.send(reply_to, json.dumps(answer).encode(), 1)
 
-    def _peer_call(self, request: Mapping[str, str]) -> tuple[HookSettings, HookCall]:
-        name, point = request["hook"], request["point"]
-        if request.get("destination") != self._hostname:
-            raise _Failure(f"this is {self._hostname}, not {request.get('destination')}")
+    async def _run_for_peer(self, sender: str, request: PeerHookRequest) -> None:
+        """Run this agent's own hook of the requested name for ``sender``."""
         for hook in self._hooks:
             if (
-                hook.name == name
+                hook.name == request.hook
                 and hook.command is not None
                 and hook.on == "destination"
-                and point in hook.when
+                and request.point in hook.when
             ):
                 break
         else:
-            raise _Failure(f"no command hook {name!r} with on: destination for {point}")
+            raise _Failure(
+                f"no command hook {request.hook!r} with on: destination for {request.point}"
+            )
         call = HookCall(
-            point=point,
-            task=request.get("task", "migrate vm"),
-            task_id=request.get("id"),
-            vm_name=request["vm-name"],
-            source=request["source"],
+            point=request.point,
+            task="migrate vm",
+            task_id=request.task_id,
+            vm_name=request.vm_name,
+            source=sender,
             destination=self._hostname,
-            outcome=request.get("outcome"),
-            details=request.get("details"),
+            outcome=request.outcome,
+            details=request.details,
         )
-        return hook, call
-
-
-def _peer_request(raw: bytes) -> dict[str, str] | None:
-    """Another agent's hook request, checked: a flat map of short strings with the keys this
-    needs, a known migrate point and a plain request id; ``None`` otherwise."""
-    document = json_map(raw, MAX_RESPONSE_BYTES)
-    if document is None or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in document.items()
-    ):
-        return None
-    required = ("request-id", "hook", "point", "vm-name", "source")
-    if any(not document.get(key) for key in required):
-        return None
-    rid = document["request-id"]
-    if len(rid) > _REQUEST_ID_MAX or not rid.isalnum():
-        return None
-    if document["point"] not in MIGRATE_HOOK_POINTS:
-        return None
-    return document
+        log.info("hook.peer_request", hook=hook.name, source=sender, vm=request.vm_name)
+        await _run_command(hook, call, self._hidden)

@@ -219,9 +219,10 @@ async def test_a_destination_hook_runs_on_the_destination_by_its_own_agent(mosqu
         shared,
     ):
         src, dest = shared["names"]
-        # Garbage on the destination's hook topic is ignored; it keeps serving.
+        # Garbage on the destination's hook topics is ignored; it keeps serving.
         for junk in (b"", b"not json", b"[1]", b'{"request-id": "x"}', b"{" * 5000):
-            await sched.publish(junk, topic=f"fast/migfra/{dest}/hook")
+            for topic in (f"{dest}/hook/{src}", f"{dest}/hook", f"{dest}/hook/{src}/x"):
+                await sched.publish(junk, topic=f"fast/migfra/{topic}")
         r = await sched.call(_migrate("h9", dest), timeout=20)
         assert (r["status"], r["destination"]) == ("success", dest), r
         assert "hook-fence" in r["time-measurement"]

@@ -39,7 +39,7 @@ import ssl
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,15 +160,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), USERS)
 
 
-@pytest.fixture(scope="module")
-def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+@contextlib.contextmanager
+def secure_broker_running(
+    pki: Pki, directory: Path, users: Sequence[str], acl: str
+) -> Iterator[SecureBroker]:
+    """mosquitto with ``config/mosquitto.example.conf`` (paths, port and logging replaced),
+    the ACL text ``acl`` and a random password for each of ``users``."""
     binary = need("mosquitto", "TLS/ACL tests")
     passwd = need("mosquitto_passwd", "the broker's password file")
-    directory = tmp_path_factory.mktemp("secure-broker")
     # Random passwords: a password found in a log cannot come from anywhere else.
-    passwords = {user: f"pw-{secrets.token_urlsafe(18)}" for user in USERS}
+    passwords = {user: f"pw-{secrets.token_urlsafe(18)}" for user in users}
     password_file = directory / "passwd"
-    for i, user in enumerate(USERS):
+    for i, user in enumerate(users):
         create = ["-c"] if i == 0 else []
         subprocess.run(
             [passwd, *create, "-b", str(password_file), user, passwords[user]],
@@ -177,8 +180,8 @@ def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             timeout=30,
         )
     password_file.chmod(0o600)
-    acl = directory / "acl"
-    acl.write_text((ROOT / "config" / "mosquitto.acl.example").read_text())
+    acl_file = directory / "acl"
+    acl_file.write_text(acl)
     port = free_port()
     log = directory / "mosquitto.log"
     conf = derive_config(
@@ -189,7 +192,7 @@ def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "certfile": str(pki.server.cert),
             "keyfile": str(pki.server.key),
             "password_file": str(password_file),
-            "acl_file": str(acl),
+            "acl_file": str(acl_file),
             "persistence_location": f"{directory}/",
             "log_dest": f"file {log}",
             # "all" includes the debug lines that record ACL denials.
@@ -211,6 +214,13 @@ def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    acl = (ROOT / "config" / "mosquitto.acl.example").read_text()
+    with secure_broker_running(pki, tmp_path_factory.mktemp("secure-broker"), USERS, acl) as sb:
+        yield sb
 
 
 @pytest.fixture

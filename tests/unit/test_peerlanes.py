@@ -1,6 +1,8 @@
 """The lane-hold protocol between agents (``peerlanes``) over an in-memory bus: the server's
-decisions, leases, renewals, releases and its answers to junk; the asking side's outcomes.
-The same exchange over a real mosquitto between two agents: tests/broker/test_swap_lanes.py."""
+decisions, leases, renewals, releases and its answers to junk; the asking side's outcomes;
+that the sender is the topic's last level (never a JSON field), every field is checked, and
+holds are bounded per sender. The same exchange over a real mosquitto between two agents:
+tests/broker/test_swap_lanes.py; with the example ACL: tests/security/test_peer_acl.py."""
 
 from __future__ import annotations
 
@@ -15,20 +17,59 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from asyncmigfra import peerlanes
+from asyncmigfra import hooks, peerlanes
 from asyncmigfra.errors import Busy, ConnectionFailed
+from asyncmigfra.hooks import PeerRefusal, topic_matches
 from asyncmigfra.mqtt import TransportError
-from asyncmigfra.peerlanes import LaneServer, hold_peer_lane, lane_topic_of
+from asyncmigfra.peerlanes import (
+    MAX_HOLDS_PER_SOURCE,
+    LaneServer,
+    hold_peer_lane,
+    lane_topic_of,
+    lane_topics,
+    parse_request,
+)
 
 A_TASKS = "fast/migfra/a/task"
 B_TASKS = "fast/migfra/b/task"
-B_LANE = "fast/migfra/b/lane"
-A_ANSWERS = "fast/migfra/a/lane/response"
+B_REQUESTS = "fast/migfra/b/lane/+"
+
+
+def request_topic(sender: str = "a") -> str:
+    """Where ``sender`` asks agent ``b``."""
+    return f"fast/migfra/b/lane/{sender}"
+
+
+def answer_topic(sender: str = "a") -> str:
+    """Where ``b`` answers ``sender``."""
+    return f"fast/migfra/{sender}/lane-response/b"
+
+
+#: The exact values of the hostile review, and their kin.
+HOSTILE_VM_NAMES = [
+    "../../etc/cron.d/x\n$(touch /tmp/pwned)",
+    "../../etc/cron.d/x",
+    "a/b",
+    "x\n$(id)",
+    "-rf",
+    ".hidden",
+    "",
+    "x" * 201,
+    "a\x00b",
+    "a\x1b[2Jb",
+    "a\x7fb",
+    "a\x85b",
+    "a\u2028b",
+    "evil\u202egnp.exe",
+    "a\u202ab",
+    "a\u2066b",
+    "a\u2069b",
+]
 
 
 @dataclass
 class Bus:
-    """Delivers every message to the queues subscribed to exactly its topic."""
+    """Delivers every message to the queues whose filter matches its topic (MQTT's rules)."""
 
     queues: dict[str, list[asyncio.Queue[tuple[str, bytes]]]] = field(default_factory=dict)
     sent: list[tuple[str, dict[str, str]]] = field(default_factory=list)
@@ -46,10 +87,16 @@ class Bus:
 
     async def send(self, topic: str, payload: bytes, qos: int) -> None:
         self.sent.append((topic, json.loads(payload)))
+        self.deliver(topic, payload)
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        """What the broker does with a publish (also one the test forges)."""
         if topic in self.deaf:
             return
-        for queue in self.queues.get(topic, []):
-            queue.put_nowait((topic, payload))
+        for pattern, queues in self.queues.items():
+            if topic_matches(pattern, topic):
+                for queue in queues:
+                    queue.put_nowait((topic, payload))
 
 
 @dataclass
@@ -67,10 +114,10 @@ class Keeper:
 
 
 @asynccontextmanager
-async def serving(bus: Bus, keeper: Keeper) -> AsyncIterator[LaneServer]:
-    server = LaneServer(bus=bus, hostname="b", task_topic=B_TASKS, keeper=keeper)
+async def serving(bus: Bus, keeper: Keeper, **kw: object) -> AsyncIterator[LaneServer]:
+    server = LaneServer(bus=bus, hostname="b", task_topic=B_TASKS, keeper=keeper, **kw)  # type: ignore[arg-type]
     task = asyncio.create_task(server.serve())
-    while B_LANE not in bus.queues:
+    while B_REQUESTS not in bus.queues:
         await asyncio.sleep(0)
     try:
         yield server
@@ -79,17 +126,24 @@ async def serving(bus: Bus, keeper: Keeper) -> AsyncIterator[LaneServer]:
         await asyncio.wait({task})
 
 
-async def ask(bus: Bus, request: dict[str, str]) -> dict[str, str]:
-    """Send one raw request as agent ``a`` and return the answer."""
-    async with bus.subscription(A_ANSWERS, 1) as queue:
-        await bus.send(B_LANE, json.dumps(request).encode(), 1)
+async def ask(bus: Bus, request: dict[str, object], sender: str = "a") -> dict[str, str]:
+    """Send one raw request as agent ``sender`` (its topic level) and return the answer."""
+    async with bus.subscription(answer_topic(sender), 1) as queue:
+        bus.deliver(request_topic(sender), json.dumps(request).encode())
         async with asyncio.timeout(2):
             _, raw = await queue.get()
     answer: dict[str, str] = json.loads(raw)
     return answer
 
 
-def request(op: str, hold_id: str = "h1", vm: str = "v2", **extra: str) -> dict[str, str]:
+async def no_answer(bus: Bus, payload: bytes, sender: str = "a", within: float = 0.1) -> None:
+    async with bus.subscription(answer_topic(sender), 1) as queue:
+        bus.deliver(request_topic(sender), payload)
+        await asyncio.sleep(within)
+        assert queue.empty(), queue.get_nowait()
+
+
+def request(op: str, hold_id: str = "h1", vm: str = "v2", **extra: object) -> dict[str, object]:
     return {
         "op": op,
         "request-id": f"r{op}",
@@ -112,9 +166,85 @@ def hold(bus: Bus, mode: str = "best-effort", **kw: object):  # type: ignore[no-
     )
 
 
-def test_the_lane_topic_is_the_task_topics_sibling():
+# --- topics ---------------------------------------------------------------------------------------
+
+
+def test_the_sender_is_the_last_level_of_every_lane_topic():
     assert lane_topic_of("fast/migfra/node1/task") == "fast/migfra/node1/lane"
     assert lane_topic_of("single") == "single/lane"
+    a = lane_topics(A_TASKS, "a")
+    assert a is not None
+    assert a.request_to("b") == "fast/migfra/b/lane/a"
+    assert a.answers_from("b") == "fast/migfra/a/lane-response/b"
+    b = lane_topics(B_TASKS, "b")
+    assert b is not None
+    assert b.requests == "fast/migfra/b/lane/+"
+    assert b.answer_to("a") == a.answers_from("b")
+    assert b.sender(a.request_to("b") or "") == "a"
+    # Another prefix shape: the host level is wherever the host name is.
+    site = lane_topics("site/node1/tasks/in", "node1")
+    assert site is not None
+    assert site.request_to("node2") == "site/node2/tasks/lane/node1"
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "fast/migfra/b/lane",  # the old request topic
+        "fast/migfra/b/lane/response",  # from an agent named `response` (no answer topic now)
+        "fast/migfra/c/lane/a",  # to another agent
+        "fast/migfra/b/lane/a/response",  # one level deeper (a user name with a '/')
+        "fast/migfra/b/lane-response/a",  # an answer, not a request
+        "fast/migfra/b/hook/a",  # another kind
+        "fast/migfra/b/lane/b",  # from itself
+        "fast/migfra/b/lane/",  # empty sender
+        "fast/migfra/b/lane/a b",  # no agent name
+        "xfast/migfra/b/lane/a",
+    ],
+)
+def test_only_a_request_to_this_agent_has_a_sender(topic):
+    b = lane_topics(B_TASKS, "b")
+    assert b is not None
+    expected = "response" if topic == "fast/migfra/b/lane/response" else None
+    assert b.sender(topic) == expected
+
+
+@pytest.mark.parametrize("name", ["response", "hook", "lane-response", "hook-response", "task"])
+def test_no_agent_name_makes_one_kind_of_topic_look_like_another(name):
+    """Requests and answers differ in their kind level, which no sender level can change."""
+    b = lane_topics(B_TASKS, "b")
+    other = lane_topics(f"fast/migfra/{name}/task", name)
+    assert b is not None
+    assert other is not None
+    req = other.request_to("b")
+    ans = b.answer_to(name)
+    assert req is not None
+    assert ans is not None
+    assert b.sender(req) == name
+    assert other.sender(ans) is None, "an answer is never a request"
+    assert not topic_matches(b.requests, ans)
+    assert not topic_matches(other.requests, ans)
+
+
+@pytest.mark.parametrize("peer", ["a+b", "#", "+", "a/b", "a\0b", "", "b", "a b", "[::1]"])
+def test_a_peer_name_can_never_widen_or_deepen_a_topic(peer):
+    a = lane_topics(A_TASKS, "a")
+    assert a is not None
+    if peer == "b":
+        assert a.request_to(peer) == "fast/migfra/b/lane/a"
+        return
+    assert a.request_to(peer) is None
+    assert a.answers_from(peer) is None
+
+
+def test_an_agent_whose_name_is_not_one_level_has_no_lane_topics():
+    assert lane_topics("site/x/task", "node1") is None
+    assert lane_topics("n/n/task", "n") is None
+    assert lane_topics("fast/migfra/migfra/task", "migfra") is None  # two levels of that name
+    assert lane_topics(A_TASKS, "a/b") is None
+
+
+# --- the server -----------------------------------------------------------------------------------
 
 
 async def test_a_hold_takes_the_lane_until_it_is_released():
@@ -122,7 +252,7 @@ async def test_a_hold_takes_the_lane_until_it_is_released():
     async with serving(bus, keeper) as server:
         assert (await ask(bus, request("hold")))["status"] == "held"
         assert keeper.held == ["v2"]
-        assert server.holds == {"h1": "v2"}
+        assert server.holds == {("a", "h1"): "v2"}
         # A QoS 1 duplicate of the same hold is answered the same, and takes nothing more.
         assert (await ask(bus, request("hold")))["status"] == "held"
         assert keeper.held == ["v2"]
@@ -130,6 +260,21 @@ async def test_a_hold_takes_the_lane_until_it_is_released():
         assert (await ask(bus, request("release")))["status"] == "released"
         assert keeper.held == []
         assert (await ask(bus, request("release")))["status"] == "released"  # idempotent
+    answers = [topic for topic, _ in bus.sent]
+    assert set(answers) == {answer_topic("a")}, "every answer goes to the sender's topic"
+
+
+async def test_the_json_source_may_be_left_out_but_never_disagree():
+    bus, keeper = Bus(), Keeper()
+    async with serving(bus, keeper) as server:
+        plain = request("hold")
+        del plain["source"]
+        assert (await ask(bus, plain))["status"] == "held"
+        forged = request("hold", "h2", "v3", source="c")
+        answer = await ask(bus, forged)
+        assert answer["status"] == "error"
+        assert answer["details"] == "on b: source 'c' is not the sender a"
+        assert server.holds == {("a", "h1"): "v2"}
 
 
 async def test_a_vm_with_work_on_it_is_busy():
@@ -143,12 +288,12 @@ async def test_a_vm_with_work_on_it_is_busy():
     }
 
 
-async def test_a_hold_whose_lease_runs_out_is_given_back(monkeypatch):
+async def test_a_hold_whose_lease_runs_out_is_given_back():
     bus, keeper = Bus(), Keeper()
     async with serving(bus, keeper) as server:
         assert (await ask(bus, request("hold", lease="1")))["status"] == "held"
         await asyncio.sleep(0.6)
-        assert (await ask(bus, request("renew", lease="1")))["status"] == "renewed"
+        assert (await ask(bus, request("renew", lease=1)))["status"] == "renewed"
         await asyncio.sleep(0.6)
         assert keeper.held == ["v2"], "the renewal moved the end"
         async with asyncio.timeout(2):
@@ -169,14 +314,109 @@ async def test_stopping_the_server_gives_every_hold_back():
     assert keeper.held == []
 
 
-async def test_another_agent_cannot_release_or_renew_a_hold():
+async def test_another_agent_can_neither_release_nor_renew_a_hold():
+    """The holder is the topic's sender: c, knowing a's hold id and VM, changes nothing."""
+    bus, keeper = Bus(), Keeper()
+    async with serving(bus, keeper) as server:
+        await ask(bus, request("hold"))
+        # With its own name in the JSON: its own (non-existent) hold.
+        theirs = {"source": "c"}
+        assert (await ask(bus, request("release") | theirs, "c"))["status"] == "released"
+        renew = await ask(bus, request("renew") | theirs, "c")
+        assert renew["status"] == "error"
+        assert "no hold h1 of c" in renew["details"]
+        # With a's name in the JSON: refused as a forgery.
+        for op in ("release", "renew"):
+            forged = await ask(bus, request(op), "c")
+            assert forged["status"] == "error"
+            assert forged["details"] == "on b: source 'a' is not the sender c"
+        # The same hold id for another VM is no hold of a's either.
+        other = await ask(bus, request("release", vm="v9"))
+        assert other["status"] == "error"
+        assert keeper.held == ["v2"]
+        assert server.holds == {("a", "h1"): "v2"}
+
+
+async def test_holds_are_bounded_per_sender_and_the_review_flood_blocks_nobody_else():
+    """The hostile review: 256 holds made every swap of a VM fail with busy. Now one sender
+    gets at most MAX_HOLDS_PER_SOURCE at once, and holds of another VM or another sender
+    still work."""
+    bus, keeper = Bus(), Keeper()
+    async with serving(bus, keeper) as server:
+        statuses = []
+        for i in range(256):
+            answer = await ask(bus, request("hold", f"m{i}", f"vm{i}", source="mallory"), "mallory")
+            statuses.append(answer["status"])
+        assert statuses.count("held") == MAX_HOLDS_PER_SOURCE
+        assert statuses.count("busy") == 256 - MAX_HOLDS_PER_SOURCE
+        assert len(server.holds) == MAX_HOLDS_PER_SOURCE
+        # An agent whose VM the flood did not take gets its hold at once.
+        assert (await ask(bus, request("hold", "h1", "vm200")))["status"] == "held"
+        # And the flood cannot hold in a's name: refused.
+        forged = await ask(bus, request("hold", "x1", "vm201"), "mallory")
+        assert forged["status"] == "error"
+        # Released holds free the sender's places again.
+        assert (await ask(bus, request("release", "m0", "vm0", source="mallory"), "mallory"))[
+            "status"
+        ] == "released"
+        again = await ask(bus, request("hold", "m999", "vm999", source="mallory"), "mallory")
+        assert again["status"] == "held"
+
+
+async def test_only_configured_peers_are_served():
+    bus, keeper = Bus(), Keeper()
+    async with serving(bus, keeper, peers={"a"}):
+        assert (await ask(bus, request("hold")))["status"] == "held"
+        answer = await ask(bus, request("hold", "h2", "v3", source="c"), "c")
+        assert keeper.held == ["v2"]
+    assert answer["status"] == "error"
+    assert answer["details"] == "on b: c is not a peer of this agent"
+
+
+@pytest.mark.parametrize("vm", HOSTILE_VM_NAMES)
+async def test_hostile_vm_names_are_refused(vm):
     bus, keeper = Bus(), Keeper()
     async with serving(bus, keeper):
-        await ask(bus, request("hold"))
-        other = request("release") | {"vm-name": "v9"}
-        answer = await ask(bus, other)
-        assert answer["status"] == "error"
-        assert keeper.held == ["v2"]
+        answer = await ask(bus, request("hold", vm=vm))
+    assert answer["status"] == "error"
+    assert answer["details"].startswith("on b: vm-name is not a valid VM name: ")
+    assert keeper.held == []
+    # What is echoed shows no control or bidirectional character raw.
+    assert answer["details"].isprintable()
+    assert not any(
+        "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069" for c in answer["details"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"op": "steal"}, "op must be one of hold, renew, release, got 'steal'"),
+        ({"hold-id": "h/x"}, "hold-id must be 1-64 letters and digits"),
+        ({"hold-id": "h" * 65}, "hold-id must be 1-64 letters and digits"),
+        ({"hold-id": "\u0663"}, "hold-id must be 1-64 letters and digits"),  # a non-ASCII digit
+        ({"vm-name": 5}, "values must be text of at most 256 characters, 'vm-name' is not"),
+        ({"vm-name": None}, "values must be text of at most 256 characters, 'vm-name' is not"),
+        ({"lease": "nan"}, "lease must be a number of seconds > 0, got 'nan'"),
+        ({"lease": "inf"}, "lease must be a number of seconds > 0"),
+        ({"lease": "x"}, "lease must be a number of seconds > 0"),
+        ({"lease": -1}, "lease must be a number of seconds > 0"),
+        ({"lease": True}, "lease must be a number of seconds > 0"),
+        ({"lease": "1" * 40}, "lease must be a number of seconds > 0"),
+        ({"vm-name": ["v"]}, "values must be scalars, 'vm-name' is not"),
+        ({"x": {"nested": 1}}, "values must be scalars, 'x' is not"),
+        ({f"k{i}": "v" for i in range(20)}, "more than 16 keys"),
+        ({"details": "d" * 300}, "values must be text of at most 256 characters, 'details' is not"),
+    ],
+)
+async def test_junk_with_a_request_id_is_answered_error(extra, reason):
+    bus, keeper = Bus(), Keeper()
+    async with serving(bus, keeper):
+        answer = await ask(bus, request("hold") | extra)
+        assert keeper.held == []
+        assert (await ask(bus, request("hold")))["status"] == "held", "it keeps serving"
+    assert (answer["request-id"], answer["status"]) == ("rhold", "error")
+    assert answer["details"].startswith(f"on b: {reason}"), answer
 
 
 @pytest.mark.parametrize(
@@ -184,40 +424,65 @@ async def test_another_agent_cannot_release_or_renew_a_hold():
     [
         b"not json",
         b"[1, 2]",
-        json.dumps(
-            {"op": "steal", "request-id": "r", "hold-id": "h", "vm-name": "v", "source": "a"}
-        ).encode(),
-        json.dumps(
-            {"op": "hold", "request-id": "r/x", "hold-id": "h", "vm-name": "v", "source": "a"}
-        ).encode(),
-        json.dumps(
-            {"op": "hold", "request-id": "r", "hold-id": "h", "vm-name": "v", "source": "+"}
-        ).encode(),
-        json.dumps({"op": "hold", "request-id": "r", "hold-id": "h", "vm-name": "v"}).encode(),
-        json.dumps(
-            {"op": "hold", "request-id": "r", "hold-id": "h", "vm-name": 5, "source": "a"}
-        ).encode(),
+        b"",
+        b"\xff\xfe",
+        json.dumps({"op": "hold", "hold-id": "h", "vm-name": "v"}).encode(),
+        json.dumps({"op": "hold", "request-id": "r/x", "hold-id": "h", "vm-name": "v"}).encode(),
+        json.dumps({"op": "hold", "request-id": 7, "hold-id": "h", "vm-name": "v"}).encode(),
         b"{" * 100_000,
+        b"[" * 5000 + b"]" * 5000,
+        b'{"request-id": "' + b"1" * 5000 + b'"}',
     ],
     ids=[
         "not-json",
         "not-a-map",
-        "unknown-op",
-        "bad-id",
-        "wildcard-source",
-        "no-source",
-        "number",
+        "empty",
+        "not-utf8",
+        "no-request-id",
+        "bad-request-id",
+        "number-id",
         "huge",
+        "deep",
+        "long-id",
     ],
 )
-async def test_junk_is_ignored_and_the_server_keeps_serving(payload):
+async def test_unanswerable_junk_is_ignored_and_the_server_keeps_serving(payload):
     bus, keeper = Bus(), Keeper()
     async with serving(bus, keeper):
-        for queue in bus.queues[B_LANE]:
-            queue.put_nowait((B_LANE, payload))
+        await no_answer(bus, payload)
+        # Also on topics that are no request to this agent.
+        bus.deliver("fast/migfra/b/lane/a/deeper", json.dumps(request("hold")).encode())
         assert (await ask(bus, request("hold")))["status"] == "held"
-    answers = [m for topic, m in bus.sent if topic.endswith("/response")]
+    answers = [m for topic, m in bus.sent if "/lane-response/" in topic]
     assert [a["request-id"] for a in answers] == ["rhold"], "junk got no answer"
+
+
+async def test_junk_is_logged_once():
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    bus, keeper = Bus(), Keeper()
+    with capture_logs() as logs:
+        async with serving(bus, keeper):
+            for _ in range(50):
+                await no_answer(bus, b"not json", within=0)
+            await ask(bus, request("hold"))
+    refused = [e for e in logs if e["event"] == "lanes.request_refused"]
+    assert len(refused) == 1, refused
+    assert refused[0]["sender"] == "a"
+
+
+def test_leases_are_bounded():
+    def lease(value: object) -> float:
+        return parse_request(json.dumps(request("hold", lease=value)).encode(), "a").lease
+
+    assert lease("0.01") == 1.0
+    assert lease("1e9") == peerlanes.MAX_LEASE
+    assert lease(45) == 45.0
+    assert lease("7.5") == 7.5
+    assert parse_request(json.dumps(request("hold")).encode(), "a").lease == peerlanes.LEASE
+
+
+# --- the asking side ------------------------------------------------------------------------------
 
 
 async def test_the_asking_side_holds_renews_and_releases():
@@ -229,17 +494,56 @@ async def test_the_asking_side_holds_renews_and_releases():
             async with asyncio.timeout(3):  # a renewal every third of the lease
                 while not any(m.get("op") == "renew" for _, m in bus.sent):
                     await asyncio.sleep(0.05)
-        ops = [m["op"] for topic, m in bus.sent if topic == B_LANE]
+        ops = [m["op"] for topic, m in bus.sent if topic == request_topic("a")]
         assert ops == ["hold", "renew", "release"]
         async with asyncio.timeout(1):
             while keeper.held:
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # the answer goes out right after the lane is given back
-        assert [m["status"] for topic, m in bus.sent if topic == A_ANSWERS] == [
+        assert [m["status"] for topic, m in bus.sent if topic == answer_topic("a")] == [
             "held",
             "renewed",
             "released",
         ]
+
+
+async def test_the_asking_side_hears_only_the_agent_it_asked():
+    """An answer with the right request id from another agent's level is not taken."""
+    bus = Bus(deaf={request_topic("a")})  # b never hears the request
+    sent = asyncio.Event()
+    original = bus.send
+
+    async def send(topic: str, payload: bytes, qos: int) -> None:
+        await original(topic, payload, qos)
+        rid = json.loads(payload)["request-id"]
+        forged = json.dumps({"request-id": rid, "status": "held"}).encode()
+        # c answers in its own name, and (as if the ACL let it) on a deeper level of b's.
+        bus.deliver("fast/migfra/a/lane-response/c", forged)
+        bus.deliver("fast/migfra/a/lane-response/b/x", forged)
+        sent.set()
+
+    bus.send = send  # type: ignore[method-assign]
+    async with hold(bus, answer_within=0.3) as uncoordinated:
+        assert sent.is_set()
+        assert uncoordinated == "not coordinated with b's agent (no answer within 0.3 s)"
+
+
+def test_answers_are_checked():
+    mine = "fast/migfra/a/lane-response/b"
+
+    def answer(doc: object, topic: str = mine) -> tuple[str, str] | None:
+        return peerlanes._answer_to(topic, json.dumps(doc).encode(), mine, "r1")
+
+    assert answer({"request-id": "r1", "status": "held"}) == ("held", "")
+    assert answer({"request-id": "r1", "status": "held"}, "fast/migfra/a/lane-response/c") is None
+    assert answer({"request-id": "r2", "status": "held"}) is None
+    assert answer({"request-id": "r1", "status": "granted"}) is None
+    assert answer({"request-id": "r1", "status": "busy", "details": ["x"]}) is None
+    busy = answer({"request-id": "r1", "status": "busy", "details": "x\u202ey\n" + "z" * 900})
+    assert busy is not None
+    assert busy[1].startswith("x\\u202ey\\u000a")
+    assert len(busy[1]) == peerlanes.MAX_DETAILS_CHARS
+    assert peerlanes._answer_to(mine, b"\xff", mine, "r1") is None
 
 
 async def test_the_asking_side_gets_busy_when_the_vm_has_work():
@@ -252,7 +556,7 @@ async def test_the_asking_side_gets_busy_when_the_vm_has_work():
 
 @pytest.mark.parametrize("mode", ["best-effort", "required"])
 async def test_nobody_answering(mode):
-    bus = Bus(deaf={B_LANE})
+    bus = Bus(deaf={request_topic("a")})
     if mode == "required":
         with pytest.raises(ConnectionFailed, match=r"no answer within 0\.2 s"):
             async with hold(bus, mode, answer_within=0.2):
@@ -280,25 +584,18 @@ async def test_no_bus_and_an_unusable_topic_are_reported():
         answer_within=0.2,
     ) as uncoordinated:
         assert uncoordinated == "not coordinated with b's agent (this agent has no MQTT connection)"
-    with pytest.raises(ConnectionFailed, match="cannot tell b's lane topic"):
-        async with hold_peer_lane(
-            Bus(),  # type: ignore[arg-type]
-            task_topic="site/x/task",
-            hostname="a",
-            peer="b",
-            vm_name="v2",
-            mode="required",
-            answer_within=0.2,
-        ):
-            pytest.fail("the block must not run")
-
-
-def test_leases_are_bounded():
-    assert LaneServer._lease({"lease": "0.01"}) == 1.0
-    assert LaneServer._lease({"lease": "1e9"}) == peerlanes.MAX_LEASE
-    assert LaneServer._lease({"lease": "nan"}) == peerlanes.LEASE
-    assert LaneServer._lease({"lease": "x"}) == peerlanes.LEASE
-    assert LaneServer._lease({}) == peerlanes.LEASE
+    for task_topic, peer in (("site/x/task", "b"), (A_TASKS, "b/c"), (A_TASKS, "+")):
+        with pytest.raises(ConnectionFailed, match=r"cannot tell .*'s lane topic"):
+            async with hold_peer_lane(
+                Bus(),  # type: ignore[arg-type]
+                task_topic=task_topic,
+                hostname="a",
+                peer=peer,
+                vm_name="v2",
+                mode="required",
+                answer_within=0.2,
+            ):
+                pytest.fail("the block must not run")
 
 
 class BrokenBus(Bus):
@@ -328,25 +625,63 @@ async def test_a_broker_failure_is_reported_not_raised(where):
             pytest.fail("the block must not run")
 
 
+# --- properties -----------------------------------------------------------------------------------
+
+
+def _checked(raw: bytes, sender: str = "a") -> peerlanes.LaneRequest | None:
+    refusal: PeerRefusal | None = None
+    try:
+        return parse_request(raw, sender)
+    except PeerRefusal as exc:
+        refusal = exc
+    assert refusal.reason
+    assert refusal.request_id is None or refusal.request_id.isascii()
+    return None
+
+
 @given(st.binary(max_size=600) | st.text(max_size=300).map(str.encode))
 @hyp_settings(max_examples=300, deadline=None)
-def test_any_bytes_are_a_request_or_nothing_never_an_exception(raw):
-    parsed = peerlanes._request(raw)
+def test_any_bytes_are_a_request_or_a_refusal_never_an_exception(raw):
+    parsed = _checked(raw)
     if parsed is not None:
-        assert parsed["op"] in ("hold", "renew", "release")
-        assert parsed["request-id"].isalnum()
+        assert parsed.op in ("hold", "renew", "release")
+        assert parsed.request_id.isascii()
+        assert parsed.request_id.isalnum()
 
 
 @given(
     st.dictionaries(
         st.sampled_from(["op", "request-id", "hold-id", "vm-name", "source", "lease", "x"]),
-        st.one_of(st.text(max_size=20), st.integers(), st.none(), st.lists(st.text(), max_size=2)),
+        st.one_of(
+            st.text(max_size=20),
+            st.sampled_from(["hold", "renew", "release", "a", "r1", "h1", "v1", "../x", "5"]),
+            st.integers(),
+            st.floats(),
+            st.none(),
+            st.booleans(),
+            st.lists(st.text(), max_size=2),
+        ),
     )
 )
-@hyp_settings(max_examples=300, deadline=None)
-def test_any_json_map_is_a_checked_request_or_nothing(document):
-    parsed = peerlanes._request(json.dumps(document).encode())
+@hyp_settings(max_examples=500, deadline=None)
+def test_any_json_map_is_a_checked_request_or_a_refusal(document):
+    parsed = _checked(json.dumps(document).encode())
     if parsed is not None:
-        assert all(isinstance(v, str) for v in parsed.values())
-        assert parsed["vm-name"]
-        assert parsed["source"]
+        assert document.get("source", "a") == "a"
+        assert parsed.vm_name == document["vm-name"]
+        assert "/" not in parsed.vm_name
+        assert parsed.vm_name.isprintable()
+        assert peerlanes.MIN_LEASE <= parsed.lease <= peerlanes.MAX_LEASE
+
+
+@given(st.text(min_size=1, max_size=250))
+@hyp_settings(max_examples=500, deadline=None)
+def test_a_vm_name_is_taken_only_when_a_task_could_name_it(vm):
+    from asyncmigfra.parsing import valid_vm_name  # noqa: PLC0415
+
+    parsed = _checked(json.dumps(request("hold", vm=vm)).encode())
+    if parsed is not None:
+        assert valid_vm_name(vm)
+        assert hooks._UNSAFE.search(vm) is None
+    elif valid_vm_name(vm) and hooks._UNSAFE.search(vm) is None:
+        pytest.fail(f"refused a valid name {vm!r}")

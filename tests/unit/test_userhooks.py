@@ -28,6 +28,7 @@ from asyncmigfra.userhooks import (
     HookCall,
     HookRunner,
     hook_topic_of,
+    hook_topics,
 )
 from harness import RecordingContext as FakeContext
 
@@ -612,12 +613,24 @@ def test_request_payload_leaves_out_what_is_unset() -> None:
 
 
 def test_hook_topics_of_peers_are_derived_from_the_own_topic():
-    own = hook_topic_of("fast/migfra/node1/task")
-    assert own == "fast/migfra/node1/hook"
-    assert peer_topic(own, "node1", "node2") == "fast/migfra/node2/hook"
+    assert hook_topic_of("fast/migfra/node1/task") == "fast/migfra/node1/hook"
     assert hook_topic_of("single") == "single/hook"
+    own = hook_topics("fast/migfra/node1/task", "node1")
+    assert own is not None
+    # Requests name their sender last, answers their answering agent last.
+    assert own.request_to("node2") == "fast/migfra/node2/hook/node1"
+    assert own.requests == "fast/migfra/node1/hook/+"
+    assert own.answers_from("node2") == "fast/migfra/node1/hook-response/node2"
+    assert own.answer_to("node2") == "fast/migfra/node2/hook-response/node1"
+    assert own.sender("fast/migfra/node1/hook/node2") == "node2"
+    assert own.sender("fast/migfra/node1/hook") is None
+    assert own.sender("fast/migfra/node1/hook/node2/response") is None
+    assert peer_topic("fast/migfra/node1/hook", "node1", "node2") == "fast/migfra/node2/hook"
     # The host name must be exactly one level; a peer name cannot widen a topic.
+    assert hook_topics("site/x/task", "node1") is None
+    assert hook_topics("n/n/task", "n") is None
     assert peer_topic("site/x/hook", "node1", "node2") is None
-    assert peer_topic("n/n/hook", "n", "m") is None
-    for bad in ("a+b", "#", "a/b", "a\0b"):
-        assert peer_topic(own, "node1", bad) is None
+    for bad in ("a+b", "#", "a/b", "a\0b", "", "node1"):
+        assert own.request_to(bad) is None
+        if bad != "node1":
+            assert peer_topic("fast/migfra/node1/hook", "node1", bad) is None
