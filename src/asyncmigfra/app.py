@@ -351,6 +351,16 @@ class Agent:
         # The journal first: an agent whose journal another agent holds touches nothing.
         records = await self.journal.open() if self.journal is not None else []
         self._warn_of_an_earlier_journal()
+        username = self.settings.mqtt.username
+        if username is not None and username != self.settings.hostname:
+            log.warning(
+                "agent.username_is_not_the_name",
+                username=username,
+                name=self.settings.hostname,
+                hint="messages to other agents (swap lane holds, destination hooks) carry the "
+                "agent's name as their sender, and the example ACL lets a user send only its "
+                "own name: set communicator.username to the agent's name",
+            )
         try:
             await self.hypervisor.open()
         except BaseException:
