@@ -274,7 +274,11 @@ class Agent:
                 max_depth=limits.max_yaml_depth,
             )
         except TaskRejected as exc:
-            return exc
+            # Kept as a value, so without its traceback: the parser's frames hold the whole
+            # payload and its scalars, and form cycles that only a full collection frees
+            # (200 refused 1 MB messages kept ~120 MiB alive for minutes).
+            exc.__cause__ = exc.__context__ = None
+            return exc.with_traceback(None)
         if len(task.subtasks) > limits.max_subtasks:
             return TaskRejected(
                 "invalid-message",

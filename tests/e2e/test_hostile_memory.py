@@ -1,6 +1,8 @@
 """What hostile tasks cost the agent stays bounded (issue 13): 200 tasks with 1 MB ids grew
 its RSS from 42 to 475 MB (the duplicate cache) and the journal to 310 MB. Ids are now
-refused past 256 characters, and remembered results are bounded in bytes."""
+refused past 256 characters, remembered results are bounded in bytes, what waits unread is
+bounded (``limits.max-intake-bytes``), and a refusal is kept without its traceback (whose parser
+frames held each payload in cycles only a full collection frees: CI saw 50 MiB stay)."""
 
 from __future__ import annotations
 
