@@ -119,6 +119,9 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(_LEVELS[settings.level])
+    # Python warnings (a library's deprecation notice at import, for example) become entries
+    # of logger ``py.warnings`` instead of raw lines on stderr that break the JSON log.
+    logging.captureWarnings(True)
 
     structlog.configure(
         processors=[

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +37,7 @@ def _restore_logging() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def configure(stream: io.StringIO, **settings: Any) -> None:
@@ -215,3 +217,17 @@ def test_logger_created_before_configuration_follows_it() -> None:
     log.info("agent.started")
 
     assert json_lines(stream)[0]["logger"] == "asyncmigfra.early"
+
+
+def test_a_python_warning_is_a_log_entry_not_a_raw_line() -> None:
+    # A library's deprecation notice at import (asyncssh under a newer cryptography) once went
+    # to stderr raw and broke the agent's JSON log.
+    stream = io.StringIO()
+    configure(stream, format="json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("DSA is deprecated", UserWarning, stacklevel=1)
+    [entry] = json_lines(stream)
+    assert entry["logger"] == "py.warnings"
+    assert entry["level"] == "warning"
+    assert "DSA is deprecated" in entry["event"]
