@@ -68,6 +68,7 @@ from ruamel.yaml.events import (
 )
 from ruamel.yaml.reader import ReaderError
 
+from asyncmigfra.domxml import first_element_text
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import (
     CancelSpec,
@@ -780,7 +781,6 @@ _SECONDS: Final = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _PCI_ADDR: Final = re.compile(
     r"(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])"
 )
-_XML_NAME: Final = re.compile(r"<name>(.*?)</name>", re.DOTALL)
 _XML_ENTITIES: Final = {"&quot;": '"', "&apos;": "'"}
 
 UINT32_MAX: Final = 0xFFFF_FFFF
@@ -1122,8 +1122,8 @@ def _resolve_start_name(vm_name: str | None, xml: str | None) -> tuple[str, str 
         return vm_name, None
     if xml is None:
         return "", "vm-name is not valid."
-    match = _XML_NAME.search(xml)
-    name = _xml_unescape(match.group(1), _XML_ENTITIES).strip() if match else ""
+    text = first_element_text(xml, "name")
+    name = _xml_unescape(text, _XML_ENTITIES).strip() if text is not None else ""
     if not name:
         return "", "Could not find vm-name in xml."
     if not valid_vm_name(name):

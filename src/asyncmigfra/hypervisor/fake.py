@@ -60,6 +60,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Literal
 
+from asyncmigfra.domxml import first_element, first_name_text
 from asyncmigfra.errors import (
     Busy,
     ConfigError,
@@ -409,15 +410,8 @@ _MEMORY_UNITS: dict[str, int] = {
     "t": 1024**4,
     "tib": 1024**4,
 }
-_NAME_RE = re.compile(r"<name>\s*([^<]+?)\s*</name>")
 _UNIT_RE = re.compile(r"""\bunit\s*=\s*["']([^"']*)["']""")
 _CURRENT_RE = re.compile(r"""\bcurrent\s*=\s*["'](\d+)["']""")
-
-
-def _element(xml: str, tag: str) -> tuple[str, str] | None:
-    """(attributes, text) of the first ``<tag ...>text</tag>``."""
-    match = re.search(rf"<{tag}\b([^>]*)>\s*([^<]*?)\s*</{tag}>", xml)
-    return (match.group(1), match.group(2)) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,10 +428,10 @@ def _parse_domain_xml(xml: str) -> _XmlDomain:
     A regex reader rather than an XML parser: the fake must not depend on untrusted XML
     parsing, and these three elements are all it simulates.
     """
-    name_match = _NAME_RE.search(xml)
-    if name_match is None:
+    name = first_name_text(xml)
+    if name is None:
         raise HypervisorError("Error defining domain: XML error: missing domain name information")
-    memory_el = _element(xml, "currentMemory") or _element(xml, "memory")
+    memory_el = first_element(xml, "currentMemory") or first_element(xml, "memory")
     if memory_el is None:
         raise HypervisorError(
             "Error defining domain: XML error: Memory size must be specified via <memory>"
@@ -451,14 +445,14 @@ def _parse_domain_xml(xml: str) -> _XmlDomain:
         )
     memory = int(text) * _MEMORY_UNITS[unit] // _KIB
     vcpus = 1
-    vcpu_el = _element(xml, "vcpu")
+    vcpu_el = first_element(xml, "vcpu")
     if vcpu_el is not None:
         current = _CURRENT_RE.search(vcpu_el[0])
         count = current.group(1) if current else vcpu_el[1]
         if not count.isdigit() or int(count) < 1:
             raise HypervisorError(f"Error defining domain: XML error: invalid vcpu count {count!r}")
         vcpus = int(count)
-    return _XmlDomain(name=name_match.group(1), memory=memory, vcpus=vcpus)
+    return _XmlDomain(name=name, memory=memory, vcpus=vcpus)
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ from xml.sax.saxutils import escape, quoteattr
 import structlog
 
 import libvirt
+from asyncmigfra.domxml import first_name_text
 from asyncmigfra.errors import (
     Busy,
     ConfigError,
@@ -935,12 +936,8 @@ def _attach_fn(name: str, device_xml: str) -> Callable[[Any], None]:
     return attach
 
 
-_NAME_RE = re.compile(r"<name>\s*([^<]+?)\s*</name>")
-
-
 def _xml_name(xml: str) -> str | None:
-    match = _NAME_RE.search(xml)
-    return match.group(1) if match else None
+    return first_name_text(xml)
 
 
 def _hostdev_xml(addr: PciAddress) -> str:
