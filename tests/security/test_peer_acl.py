@@ -49,13 +49,18 @@ def hostile(where: Path) -> str:
 
 
 def acl_with_pscom() -> str:
-    """The example ACL with its commented pscom lines for the agents uncommented."""
+    """The example ACL with its commented pscom lines for the agents uncommented, and its
+    commented VM-user block filled in for ``VM_USER``, as its comments tell an operator."""
     lines = (ROOT / "config" / "mosquitto.acl.example").read_text().splitlines()
     out = [
-        line[1:] if line.startswith("#pattern ") and " fast/pscom/" in line else line
+        line[1:]
+        if line.startswith("#pattern ") and " fast/pscom/" in line
+        else line[1:].replace("<vm>", VM_USER)
+        if line.startswith(("#user <vm>", "#topic deny ")) and line.endswith("<vm>")
+        else line
         for line in lines
     ]
-    assert sum(a != b for a, b in zip(lines, out, strict=True)) == 2, "the example changed"
+    assert sum(a != b for a, b in zip(lines, out, strict=True)) == 7, "the example changed"
     return "\n".join(out) + "\n"
 
 
@@ -282,6 +287,26 @@ async def test_the_scheduler_cannot_act_as_an_agent(broker, tmp_path):
         await scheduler.client.publish("fast/pscom/peer-vm1/any_proc/request", b"suspend")
         await settle()
         assert len(sb.denied_publishes(sched_id)) == 4
+        assert agent1.lanes.holds == {}
+        assert not record.exists()
+
+
+async def test_a_vms_processes_cannot_act_as_an_agent(broker, tmp_path):
+    """The processes in a guest log in as the VM's user: with the example's VM-user block they
+    can hold no lane and ask for no hook in the VM's name."""
+    sb = broker
+    hooks, record = fence_hook(tmp_path)
+    procs, procs_id = client(sb, VM_USER)
+    async with (
+        running_agent(agent_settings(sb, NODE1, hooks)) as agent1,
+        listening(procs, f"fast/pscom/{VM_USER}/+/request") as guest,
+    ):
+        for kind, payload in (("hook", hook_request()), ("lane", lane_request("hold", "g1"))):
+            await guest.client.publish(f"fast/migfra/{NODE1}/{kind}/{VM_USER}", payload, qos=1)
+        for kind in ("hook-response", "lane-response"):
+            await guest.client.publish(f"fast/migfra/{NODE1}/{kind}/{VM_USER}", b"{}", qos=1)
+        await settle()
+        assert len(sb.denied_publishes(procs_id)) == 4
         assert agent1.lanes.holds == {}
         assert not record.exists()
 
