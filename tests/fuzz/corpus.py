@@ -1105,7 +1105,8 @@ WEIRD_SUFFIXES = [
     "\u2028ls", "\u2029ps", "\x85nel", "\ufeffbom", "\x00nul", "\x01ctl", "\x7fdel",
     "\ud800", "\udfff", "\U0001f600", "\u202eevil", "é", "日本", "---", "...", " ", "0012",
     "yes", "~", "&a", "*a", "!tag", "%", "@", "`", "{x}", "[y]", ",", "?", "|", ">",
-    "\uffff", "\ufffe", "x" * 10_000,
+    "\uffff", "\ufffe", "x" * 10_000, "\x1b[2J\x1b[Hsuccess", "\x1b]52;c;cHduZWQ=\x07",
+    "\x9b31m", "\r\x1b[Kdone", "\u2066iso",
 ]  # fmt: skip
 
 
@@ -1181,6 +1182,10 @@ HOST_GRABS = [
     ("start vm", "vm-configurations:\n  - xml: \"<domain xmlns:qemu='http://libvirt.org/schemas/"
                  "domain/qemu/1.0'><name>g1</name><qemu:commandline><qemu:arg value='-S'/>"
                  "</qemu:commandline></domain>\"\n"),
+    # the regexes that read names from domain XML backtracked for seconds on these shapes
+    ("start vm", "vm-configurations:\n  - xml: '" + "<name>" * 8000 + "'\n"),
+    ("start vm", "vm-configurations:\n  - vm-name: g1\n    xml: '<domain><name>" + " " * 3000
+                 + "<a/></name><memory>" + " " * 3000 + "</domain>'\n"),
     ("stop vm", "list:\n  - vm-name: g1\n    driver: lxc\n"),
     ("migrate vm", "vm-name: g1\ndestination: b\nparameter:\n  transport: tcp\n"),
 ]  # fmt: skip
