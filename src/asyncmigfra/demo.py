@@ -146,6 +146,14 @@ async def _online(agents: list[Agent], where: str) -> str | None:
     return None
 
 
+async def _stop(agents: list[Agent], runs: list[asyncio.Task[int]]) -> list[int]:
+    """Stop the agents gracefully and wait for them, also when the demo itself failed (its
+    output pipe closed, say): cancelled, they would log warnings about their torn session."""
+    for a in agents:
+        a.request_stop()
+    return [await r for r in runs]
+
+
 def agent_settings(
     name: str,
     host: str,
@@ -237,13 +245,13 @@ async def run_serve(
                     tg.create_task(a.run(), name=f"demo.serve[{a.settings.hostname}]")
                     for a in agents
                 ]
-                failed = await _online(agents, f"{host}:{port}")
-                if failed is None:
-                    _serve_banner(host, port, protocol, prefix)
-                    await stop.wait()
-                for a in agents:
-                    a.request_stop()
-                codes = [await r for r in runs]
+                try:
+                    failed = await _online(agents, f"{host}:{port}")
+                    if failed is None:
+                        _serve_banner(host, port, protocol, prefix)
+                        await stop.wait()
+                finally:
+                    codes = await _stop(agents, runs)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -366,9 +374,7 @@ async def _scenario(host: str, port: int, protocol: str, out: _Console) -> int:
         except* TimeoutError:
             failed = f"no result within {RESULT_TIMEOUT:g} s from the agents at {host}:{port}"
         finally:
-            for a in agents:
-                a.request_stop()
-        codes = [await r for r in runs]
+            codes = await _stop(agents, runs)
     if failed is not None:
         raise DemoError(failed)
     return 0 if ok and not any(codes) else 1
