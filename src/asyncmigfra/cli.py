@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -66,6 +68,13 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
     return value
 
 
@@ -179,11 +188,31 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level"
     )
 
-    demo = sub.add_parser("demo", help="two fake hosts, one live migration, in under 30 s")
+    demo = sub.add_parser(
+        "demo",
+        help="two fake hosts, one live migration, in under 30 s",
+        description="Two agents on fake hosts and one live migration through a real MQTT"
+        " broker: an embedded one (amqtt, on 127.0.0.1; it speaks MQTT 3.1.1 only) unless"
+        " --broker names one. A broker that cannot be reached ends the demo with one line and"
+        " exit 2.",
+    )
     demo.add_argument(
         "--broker",
         default=argparse.SUPPRESS,
-        help="HOST[:PORT] of an MQTT broker (default: an embedded one)",
+        metavar="HOST[:PORT]",
+        help="an MQTT broker to use (default: the embedded one, MQTT 3.1.1)",
+    )
+    demo.add_argument(
+        "--port",
+        type=_port,
+        metavar="N",
+        help="the embedded broker listens on 127.0.0.1:N (default: a free port)",
+    )
+    demo.add_argument(
+        "--mqtt-protocol",
+        choices=["5", "3.1.1"],
+        default=argparse.SUPPRESS,
+        help="MQTT version for --broker (default 5); the embedded broker speaks only 3.1.1",
     )
     demo.add_argument("--quiet", action="store_true", help="print only the results")
     demo.add_argument(
@@ -333,14 +362,42 @@ def _agent(args: argparse.Namespace) -> int:
         return 2
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from asyncmigfra.demo import run_demo, run_serve  # noqa: PLC0415
+def _demo_broker(args: argparse.Namespace) -> tuple[str, int] | None:
+    """``--broker`` of the demo as (host, port), ``None`` for the embedded broker."""
+    from asyncmigfra.console.connection import parse_broker  # noqa: PLC0415
+    from asyncmigfra.console.exits import USAGE, CliError  # noqa: PLC0415
 
-    broker = getattr(args, "broker", None)
-    if args.serve:
-        prefix = getattr(args, "topic_prefix", None) or "fast/migfra"
-        return asyncio.run(run_serve(broker=broker, prefix=prefix))
-    return asyncio.run(run_demo(broker=broker, quiet=args.quiet))
+    if getattr(args, "broker", None) is None:
+        return None
+    if args.port is not None:
+        raise CliError(USAGE, "--port is the embedded broker's; with --broker give HOST:PORT")
+    return parse_broker(args.broker)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The demo; its options are read before the connection defaults are filled in, so that
+    an explicit ``--mqtt-protocol 5`` is told apart from the default."""
+    from asyncmigfra.console.exits import BROKER, CliError  # noqa: PLC0415
+    from asyncmigfra.demo import DemoError, run_demo, run_serve  # noqa: PLC0415
+    from asyncmigfra.terminal import safe  # noqa: PLC0415
+
+    protocol = getattr(args, "mqtt_protocol", None)
+    try:
+        broker = _demo_broker(args)
+        if args.serve:
+            prefix = getattr(args, "topic_prefix", None) or "fast/migfra"
+            return asyncio.run(
+                run_serve(broker=broker, prefix=prefix, port=args.port, protocol=protocol)
+            )
+        return asyncio.run(
+            run_demo(broker=broker, quiet=args.quiet, port=args.port, protocol=protocol)
+        )
+    except CliError as exc:
+        print(f"asyncmigfra: {safe(exc.message)}", file=sys.stderr)
+        return exc.code
+    except DemoError as exc:  # the broker's words, a host name: escaped
+        print(f"asyncmigfra: {safe(str(exc))}", file=sys.stderr)
+        return BROKER
 
 
 # ------------------------------------------------------------------------------ clients
@@ -474,15 +531,43 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; a closed stdout (``| head``) ends any command quietly with
+    :data:`~asyncmigfra.console.exits.CLOSED_PIPE`."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        return _closed_pipe()
+    except BaseExceptionGroup as group:  # raised in a task of the command's TaskGroup
+        if group.split(BrokenPipeError)[1] is not None:
+            raise
+        return _closed_pipe()
+    return code
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away: nothing more to say to anyone. stdout now writes to
+    /dev/null, so that the interpreter's final flush of what is left in its buffer does not
+    fail again (the pattern the Python docs recommend, signal module: "Note on SIGPIPE")."""
+    from asyncmigfra.console.exits import CLOSED_PIPE  # noqa: PLC0415
+
+    with contextlib.suppress(OSError, ValueError):  # stdout closed or replaced
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return CLOSED_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for key, value in _CONN_DEFAULTS.items():
-        if not hasattr(args, key):
-            setattr(args, key, value)
     if args.command == "agent":
         return _agent(args)
     if args.command == "demo":
         return _demo(args)
+    for key, value in _CONN_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
     if args.command is None:
         parser.print_help()
         return 2

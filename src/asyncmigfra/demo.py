@@ -1,9 +1,14 @@
 """``asyncmigfra demo``: two agents on fake hosts, a VM started, live-migrated and stopped.
 
 Everything goes through a real MQTT broker exactly as a scheduler would use it: an embedded
-amqtt broker in this process (MQTT 3.1.1) unless ``--broker HOST[:PORT]`` names one. The two
-agents (``host-a``, ``host-b``) share one simulated cluster (the ``fake`` hypervisor), so the
-VM really leaves host-a and runs on host-b afterwards.
+amqtt broker in this process (MQTT 3.1.1 only; a core dependency, so a plain ``pip install``
+runs the demo) unless ``--broker HOST[:PORT]`` names one. The two agents (``host-a``,
+``host-b``) share one simulated cluster (the ``fake`` hypervisor), so the VM really leaves
+host-a and runs on host-b afterwards.
+
+A broker that cannot be reached (or refuses us) ends the demo at once with
+:class:`DemoError`, which the CLI prints as one line and exit code 2, as the client commands
+do: a probe connects before any agent starts, because an agent would keep reconnecting.
 
 ``asyncmigfra demo --serve`` runs the same two agents with a few VMs and no scenario, until
 SIGINT/SIGTERM: a cluster to try the client commands on (``status``, ``migrate --follow``,
@@ -26,7 +31,7 @@ from typing import Any
 
 from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
-from asyncmigfra.mqtt import ToolClient
+from asyncmigfra.mqtt import ToolClient, TransportError
 from asyncmigfra.settings import (
     HypervisorSettings,
     LoggingSettings,
@@ -35,10 +40,24 @@ from asyncmigfra.settings import (
 )
 from asyncmigfra.terminal import safe
 
-__all__ = ["SERVE_DOMAINS", "run_demo", "run_serve"]
+__all__ = ["SERVE_DOMAINS", "DemoError", "run_demo", "run_serve"]
 
 VM = "demo-vm"
 GIB = 1024 * 1024  # KiB
+#: s the agents get to come online on the broker.
+READY_TIMEOUT = 10.0
+#: s the demo waits for each task's result.
+RESULT_TIMEOUT = 20.0
+#: What ``--mqtt-protocol 5`` without ``--broker`` is told.
+EMBEDDED_V5 = (
+    "the embedded broker (amqtt) speaks only MQTT 3.1.1: drop --mqtt-protocol 5,"
+    " or name an MQTT 5 broker with --broker HOST[:PORT]"
+)
+
+
+class DemoError(Exception):
+    """Ends the demo before or instead of its scenario: the CLI prints the one-line message
+    (escaped) and exits 2, like a client command that cannot reach the broker."""
 
 
 def _free_port() -> int:
@@ -49,15 +68,17 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def embedded_broker() -> AsyncIterator[tuple[str, int]]:
-    """An amqtt broker on a free loopback port, in this event loop (MQTT 3.1.1 only)."""
+async def embedded_broker(port: int | None = None) -> AsyncIterator[tuple[str, int]]:
+    """An amqtt broker on loopback ``port`` (default: a free one), in this event loop (MQTT
+    3.1.1 only). :class:`DemoError` when it cannot listen there."""
     import logging  # noqa: PLC0415
 
     from amqtt.broker import Broker  # noqa: PLC0415
+    from amqtt.errors import BrokerError  # noqa: PLC0415
 
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    port = _free_port()
+    port = port or _free_port()
     broker = Broker(
         {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
@@ -66,11 +87,71 @@ async def embedded_broker() -> AsyncIterator[tuple[str, int]]:
             },
         }
     )
-    await broker.start()
+    amqtt_log = logging.getLogger("amqtt")
+    amqtt_log.setLevel(logging.CRITICAL)  # a port in use is our one line, not its traceback
+    try:
+        await broker.start()
+    except BrokerError as exc:
+        raise DemoError(f"cannot listen on 127.0.0.1:{port}: {exc.__cause__ or exc}") from None
+    finally:
+        amqtt_log.setLevel(logging.ERROR)
     try:
         yield "127.0.0.1", port
     finally:
         await broker.shutdown()
+
+
+async def _broker(
+    stack: contextlib.AsyncExitStack,
+    broker: tuple[str, int] | None,
+    *,
+    port: int | None,
+    protocol: str | None,
+) -> tuple[str, int, str]:
+    """(host, port, protocol) of the broker the demo uses: the embedded one (started on
+    ``stack``), else ``broker`` after a probe connection succeeded (MQTT 5 unless
+    ``protocol`` says otherwise)."""
+    if broker is None:
+        if protocol == "5":
+            raise DemoError(EMBEDDED_V5)
+        host, listening = await stack.enter_async_context(embedded_broker(port))
+        return host, listening, "3.1.1"
+    host, port = broker
+    protocol = protocol or "5"
+    started = time.monotonic()
+    client = ToolClient(
+        host, port, client_id=f"demo-probe-{uuid.uuid4().hex[:6]}", protocol=protocol
+    )
+    try:
+        async with client:
+            pass
+    except TransportError as exc:
+        reason = str(exc) or f"timed out after {time.monotonic() - started:.0f} s"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise DemoError(f"cannot reach the MQTT broker at {where}: {reason}") from None
+    return host, port, protocol
+
+
+async def _online(agents: list[Agent], where: str) -> str | None:
+    """Wait until every agent is online; else what went wrong (the caller stops them)."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            for a in agents:
+                await a.ready.wait()
+    except TimeoutError:
+        return (
+            f"the agents did not come online within {READY_TIMEOUT:g} s"
+            f" on the MQTT broker at {where}"
+        )
+    return None
+
+
+async def _stop(agents: list[Agent], runs: list[asyncio.Task[int]]) -> list[int]:
+    """Stop the agents gracefully and wait for them, also when the demo itself failed (its
+    output pipe closed, say): cancelled, they would log warnings about their torn session."""
+    for a in agents:
+        a.request_stop()
+    return [await r for r in runs]
 
 
 def agent_settings(
@@ -117,11 +198,19 @@ SERVE_DOMAINS: tuple[Mapping[str, object], ...] = (
 )
 
 
-async def run_serve(*, broker: str | None = None, prefix: str = "fast/migfra") -> int:
+async def run_serve(
+    *,
+    broker: tuple[str, int] | None = None,
+    prefix: str = "fast/migfra",
+    port: int | None = None,
+    protocol: str | None = None,
+) -> int:
     """Run agents host-a (with :data:`SERVE_DOMAINS`) and host-b until SIGINT or SIGTERM.
 
-    Prints where they are and how to reach them, then ``ready`` once both are online (a
-    line scripts and tests can wait for). Exit 0 after both agents shut down gracefully.
+    ``broker``: (host, port) of an MQTT broker, else an embedded one on loopback ``port``
+    (default: a free port). Prints where they are and how to reach them, then ``ready`` once
+    both are online (a line scripts and tests can wait for). Exit 0 after both agents shut
+    down gracefully; :class:`DemoError` when the broker cannot be reached.
     """
     configure_logging(LoggingSettings(level="warning", format="console"))
     loop = asyncio.get_running_loop()
@@ -130,13 +219,7 @@ async def run_serve(*, broker: str | None = None, prefix: str = "fast/migfra") -
         loop.add_signal_handler(sig, stop.set)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            if broker is None:
-                host, port = await stack.enter_async_context(embedded_broker())
-                protocol = "3.1.1"
-            else:
-                host, _, p = broker.partition(":")
-                port = int(p or 1883)
-                protocol = "5"
+            host, port, protocol = await _broker(stack, broker, port=port, protocol=protocol)
             spec = {"cpus": 16, "memory": 64 * GIB}
             common = {"bandwidth": 1000, "time-scale": 1.0}
             opts_a = {
@@ -162,17 +245,18 @@ async def run_serve(*, broker: str | None = None, prefix: str = "fast/migfra") -
                     tg.create_task(a.run(), name=f"demo.serve[{a.settings.hostname}]")
                     for a in agents
                 ]
-                async with asyncio.timeout(10):
-                    for a in agents:
-                        await a.ready.wait()
-                _serve_banner(host, port, protocol, prefix)
-                await stop.wait()
-                for a in agents:
-                    a.request_stop()
-                codes = [await r for r in runs]
+                try:
+                    failed = await _online(agents, f"{host}:{port}")
+                    if failed is None:
+                        _serve_banner(host, port, protocol, prefix)
+                        await stop.wait()
+                finally:
+                    codes = await _stop(agents, runs)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    if failed is not None:
+        raise DemoError(failed)
     return 0 if not any(codes) else 1
 
 
@@ -226,20 +310,24 @@ def _shown(text: str) -> str:
     return "\n".join(safe(line) for line in text.split("\n"))
 
 
-async def run_demo(*, broker: str | None = None, quiet: bool = False) -> int:
+async def run_demo(
+    *,
+    broker: tuple[str, int] | None = None,
+    quiet: bool = False,
+    port: int | None = None,
+    protocol: str | None = None,
+) -> int:
+    """The scenario: 0 when every task succeeded, 1 when one failed; :class:`DemoError`
+    when the broker cannot be reached or stops answering."""
     configure_logging(LoggingSettings(level="warning", format="console"))
     started = time.monotonic()
     out = _Console(quiet=quiet)
     async with contextlib.AsyncExitStack() as stack:
+        host, port, protocol = await _broker(stack, broker, port=port, protocol=protocol)
         if broker is None:
-            host, port = await stack.enter_async_context(embedded_broker())
-            protocol = "3.1.1"
-            out.say(f"embedded MQTT broker (amqtt) on {host}:{port}")
+            out.say(f"embedded MQTT broker (amqtt, MQTT 3.1.1) on {host}:{port}")
         else:
-            host, _, p = broker.partition(":")
-            port = int(p or 1883)
-            protocol = "5"
-            out.say(f"using MQTT broker {host}:{port}")
+            out.say(f"using MQTT broker {host}:{port} (MQTT {protocol})")
         code = await _scenario(host, port, protocol, out)
     out.say(f"demo finished in {time.monotonic() - started:.1f} s")
     return code
@@ -271,18 +359,24 @@ async def _scenario(host: str, port: int, protocol: str, out: _Console) -> int:
             agent_settings("host-b", host, port, protocol=protocol, options=opts_b), shared=shared
         ),
     ]
+    ok = False
     async with asyncio.TaskGroup() as tg:
         runs = [tg.create_task(a.run(), name=f"demo.agent[{a.settings.hostname}]") for a in agents]
-        async with asyncio.timeout(10):
-            for a in agents:
-                await a.ready.wait()
-        out.say("agents host-a and host-b are online (fake hypervisor, one simulated cluster)")
+        failed = await _online(agents, f"{host}:{port}")
         try:
-            ok = await _drive(host, port, protocol, out)
+            if failed is None:
+                out.say(
+                    "agents host-a and host-b are online (fake hypervisor, one simulated cluster)"
+                )
+                ok = await _drive(host, port, protocol, out)
+        except* TransportError as group:
+            failed = f"lost the MQTT broker at {host}:{port}: {group.exceptions[0]}"
+        except* TimeoutError:
+            failed = f"no result within {RESULT_TIMEOUT:g} s from the agents at {host}:{port}"
         finally:
-            for a in agents:
-                a.request_stop()
-        codes = [await r for r in runs]
+            codes = await _stop(agents, runs)
+    if failed is not None:
+        raise DemoError(failed)
     return 0 if ok and not any(codes) else 1
 
 
@@ -336,7 +430,7 @@ async def _drive(host: str, port: int, protocol: str, out: _Console) -> bool:
             waiters[tid] = fut
             out.say(f"\n>>> {label} (id {tid}) -> fast/migfra/{target}/task")
             await client.publish(f"fast/migfra/{target}/task", f"id: {tid}\n{body}".encode(), qos=2)
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(RESULT_TIMEOUT):
                 doc = await fut
             out.result(_summarise(doc))
             return doc

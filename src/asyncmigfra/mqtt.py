@@ -51,6 +51,7 @@ __all__ = [
     "Outgoing",
     "ToolClient",
     "TransportError",
+    "V5_REFUSED_HINT",
 ]
 
 log = structlog.stdlib.get_logger(__name__)
@@ -587,6 +588,14 @@ def _incoming(message: aiomqtt.Message) -> Incoming:
     )
 
 
+#: Added to a tool's connect error when the broker refuses MQTT 5 (CONNACK 0x84, "Unsupported
+#: protocol version"): what amqtt, the demo's embedded broker, answers.
+V5_REFUSED_HINT = (
+    "the broker does not speak MQTT 5 (the embedded broker of `asyncmigfra demo` speaks"
+    " only MQTT 3.1.1); use --mqtt-protocol 3.1.1"
+)
+
+
 class ToolClient:
     """A plain client for tools (CLI, demo, benchmarks, tests) with the same socket options.
 
@@ -628,7 +637,10 @@ class ToolClient:
             await self._client.__aenter__()
         except aiomqtt.MqttError as exc:
             close_orphaned_sockets(exc)
-            raise TransportError(str(exc)) from exc
+            reason = str(exc)
+            if self.v5 and isinstance(exc, aiomqtt.MqttCodeError) and exc.rc == 132:
+                reason += f": {V5_REFUSED_HINT}"
+            raise TransportError(reason) from exc
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -11,6 +11,7 @@ from typing import Final
 
 __all__ = [
     "BROKER",
+    "CLOSED_PIPE",
     "EPILOG",
     "FAILED",
     "INTERRUPTED",
@@ -37,6 +38,10 @@ OFFLINE: Final = 3
 TIMEOUT: Final = 4
 #: Ctrl-C before the result arrived (the task keeps running on the agent).
 INTERRUPTED: Final = 130
+#: stdout was closed by its reader (``| head``), any command: it ends at once, printing
+#: nothing more and no traceback (a task it sent keeps running on the agent). 141 = 128 +
+#: SIGPIPE, what the shell reports for a program that the closed pipe ended.
+CLOSED_PIPE: Final = 141
 
 EPILOG: Final = """\
 exit codes:
@@ -50,6 +55,10 @@ exit codes:
                sends anyway), or went offline before answering
              4 no result within --timeout
            130 interrupted with Ctrl-C (the task keeps running on the agent)
+  demo       0 every task succeeded, 1 one failed; 2 bad usage, cannot reach the MQTT broker
+             or listen on --port (the embedded broker speaks MQTT 3.1.1 only)
+  all      141 stdout was closed by its reader (e.g. `| head`): the command ends quietly
+             (a task it sent keeps running on the agent)
 
 environment:
   ASYNCMIGFRA_MQTT_PASSWORD   the MQTT password when --password-file is not given
