@@ -441,16 +441,14 @@ def _connection(args: argparse.Namespace, argv: Sequence[str] = ()) -> Any:
     )
 
 
-def _client_call(
-    args: argparse.Namespace, argv: Sequence[str] = ()
-) -> Callable[[], Coroutine[Any, Any, int]]:
+def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, int]]:
     """The coroutine function for the client command in ``args`` (built before the loop runs
-    so that usage errors never open a connection). ``argv``: the command line, for hints."""
+    so that usage errors never open a connection)."""
     from asyncmigfra.console import commands as c  # noqa: PLC0415
     from asyncmigfra.console.output import Out  # noqa: PLC0415
     from asyncmigfra.console.taskfile import prepare  # noqa: PLC0415
 
-    conn = _connection(args, argv)
+    conn = _connection(args, getattr(args, "argv", ()))
     out = Out(json_mode=args.json)
     cmd = args.command
     common: dict[str, Any] = {
@@ -540,8 +538,9 @@ def _client(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from asyncmigfra.console.exits import INTERRUPTED, CliError  # noqa: PLC0415
     from asyncmigfra.terminal import safe  # noqa: PLC0415
 
+    args.argv = tuple(argv)  # the command line, for hints that repeat it
     try:
-        call = _client_call(args, argv)
+        call = _client_call(args)
         return asyncio.run(call())
     except CliError as exc:  # the message may quote wire values: escaped, as all output
         print(f"asyncmigfra: {safe(exc.message)}", file=sys.stderr)

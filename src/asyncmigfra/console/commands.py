@@ -256,12 +256,7 @@ async def migrate(
             USAGE, f"migrate: {vm} cannot be migrated from {source} to itself (--to {destination})"
         )
     if source is None:
-        source = await locate_vm(conn, out, vm, limit=limit)
-        if source == destination:
-            raise CliError(
-                USAGE,
-                f"migrate: {vm} is already on {destination} (found there; --to {destination})",
-            )
+        source = await locate_vm(conn, out, vm, destination=destination, limit=limit)
     task_id = fresh_id("migrate")
     payload = migrate_task(task_id, vm, destination, params)
     if not follow:

@@ -62,8 +62,11 @@ async def _ask(session: Session, hosts: list[str], deadline: float) -> dict[str,
     return answers
 
 
-async def locate_vm(conn: Connection, out: Out, vm: str, *, limit: float | None) -> str:
-    """The host that runs ``vm``, found by asking every online agent for its domains."""
+async def locate_vm(
+    conn: Connection, out: Out, vm: str, *, destination: str, limit: float | None
+) -> str:
+    """The host that runs ``vm``, found by asking every online agent for its domains (exit 2
+    when it is ``destination``, where it cannot be migrated to)."""
     async with open_session(conn) as session:
         agents = await session.gather_presence()
         hosts = sorted(h for h, doc in agents.items() if doc.get("state") != "offline")
@@ -82,6 +85,10 @@ async def locate_vm(conn: Connection, out: Out, vm: str, *, limit: float | None)
             found = {active[0]: found[active[0]]}
     if len(found) == 1:
         ((host, state),) = found.items()
+        if host == destination:
+            raise CliError(
+                USAGE, f"migrate: {vm} is already on {host} ({state}; --to {destination})"
+            )
         out.note(f"{vm} is on {host} ({state}): migrating it from there")
         return host
     if found:

@@ -45,7 +45,10 @@ async def watch(
     async with open_session(conn) as session:
         for kind in kinds:
             await session.subscribe(conn.topic(host or "+", kind))
-        out.note(f"watching {conn.topic(host or '+', 'event')}, result and status (Ctrl-C ends)")
+        out.note(
+            f"watching {conn.topic(host or '+', 'event')} (Ctrl-C ends),"
+            " with the results and presence changes"
+        )
         while True:
             item = await session.get()
             if isinstance(item, Interrupt):
