@@ -2,8 +2,8 @@
 
 ``asyncmigfra agent`` runs an agent; ``asyncmigfra demo`` shows one live migration (and
 ``demo --serve`` keeps two fake hosts running to try the client commands on). The client
-commands (``send``, ``migrate``, ``start``, ``stop``, ``suspend``, ``resume``, ``cancel``,
-``evacuate``, ``status``, ``watch``) are implemented in :mod:`asyncmigfra.console`; this
+commands (``send``, ``migrate``, ``start``, ``stop``, ``suspend``, ``resume``, ``repin``,
+``cancel``, ``evacuate``, ``status``, ``watch``) are implemented in :mod:`asyncmigfra.console`; this
 module only parses arguments.
 
 The connection options (``--broker``, ``--mqtt-protocol``, TLS, credentials, ``--json``,
@@ -76,6 +76,30 @@ def _port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
     return value
+
+
+#: Host CPUs a CPU list may name (libvirt's own limit is far lower on real hosts).
+_MAX_CPU = 4096
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    """``0,2-3`` -> (0, 2, 3): the host CPUs one vCPU may run on."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a CPU list: {text!r} (use numbers and ranges: 0,2-3)"
+            ) from None
+        if lo < 0 or hi < lo or hi >= _MAX_CPU:
+            raise argparse.ArgumentTypeError(
+                f"not a CPU list: {text!r} (a range is low-high, CPUs 0-{_MAX_CPU - 1})"
+            )
+        cpus.extend(range(lo, hi + 1))
+    return tuple(cpus)
 
 
 def _connection_options(p: argparse.ArgumentParser) -> None:
@@ -230,11 +254,23 @@ def _parser() -> argparse.ArgumentParser:
 
     send = client("send", "publish a task file and print its result")
     send.add_argument("file", metavar="FILE", help="a YAML task (examples/tasks/), - for stdin")
+    send.add_argument(
+        "--new-id",
+        action="store_true",
+        help="send it with a fresh id (the file's own id is replaced in what is sent): an"
+        " agent runs a task with the same id and content only once, and answers a repeat"
+        " with the remembered result",
+    )
     _addressed(send)
 
     mig = client("migrate", "migrate a VM, optionally with a live progress view")
     mig.add_argument("vm", metavar="VM")
-    mig.add_argument("--from", dest="source", required=True, metavar="A", help="source host")
+    mig.add_argument(
+        "--from",
+        dest="source",
+        metavar="A",
+        help="source host (default: the one online agent that has the VM)",
+    )
     mig.add_argument("--to", dest="destination", required=True, metavar="B", help="destination")
     _migration_type(mig)
     mig.add_argument("--max-downtime", type=_positive_int, metavar="MS", help="downtime limit")
@@ -294,6 +330,19 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("vms", nargs="+", metavar="VM")
         _addressed(s)
 
+    rp = client("repin", "pin the vCPUs of a VM to host CPUs")
+    rp.add_argument("vm", metavar="VM")
+    rp.add_argument(
+        "cpus",
+        nargs="+",
+        type=_cpu_list,
+        metavar="CPUS",
+        help="one per vCPU, in order: the host CPUs it may run on (0,2-3); vCPUs beyond"
+        " the list keep their pinning",
+    )
+    rp.add_argument("--follow", action="store_true", help="show the task's events as they come")
+    _addressed(rp)
+
     c = client("cancel", "cancel a queued or running task")
     c.add_argument("target", metavar="ID", help="the id of the task to cancel")
     _addressed(c)
@@ -317,10 +366,12 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("host", nargs="?", metavar="HOST")
     _addressed(stat, host=False)
 
-    w = client("watch", "a live stream of the cluster's events (Ctrl-C ends)")
+    w = client("watch", "a live stream of the cluster's events, results and presence (Ctrl-C ends)")
     w.add_argument("--host", metavar="NAME", help="only this agent")
-    w.add_argument("--vm", metavar="VM", help="only events about this VM")
-    w.add_argument("--id", dest="task_id", metavar="ID", help="only events of this task")
+    w.add_argument("--vm", metavar="VM", help="only events and results about this VM")
+    w.add_argument(
+        "--id", dest="task_id", metavar="ID", help="only events and results of this task"
+    )
     return p
 
 
@@ -403,7 +454,23 @@ def _demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ clients
 
 
-def _connection(args: argparse.Namespace) -> Any:
+def _given_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The connection options the user gave, as options again (for the commands that hints
+    suggest: they must reach the same broker, as the same user, under the same prefix)."""
+    words: list[str] = []
+    for key, default in _CONN_DEFAULTS.items():
+        value = getattr(args, key)
+        if key == "json" or value == default:
+            continue
+        option = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(option)
+        else:
+            words.extend([option, f"{value:g}" if isinstance(value, float) else str(value)])
+    return tuple(words)
+
+
+def _connection(args: argparse.Namespace, argv: Sequence[str] = ()) -> Any:
     from asyncmigfra.console.connection import (  # noqa: PLC0415
         Connection,
         parse_broker,
@@ -432,6 +499,8 @@ def _connection(args: argparse.Namespace) -> Any:
         tls=tls,
         prefix=prefix,
         wait=args.wait,
+        options=_given_options(args),
+        command_line=tuple(argv),
     )
 
 
@@ -440,8 +509,9 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
     so that usage errors never open a connection)."""
     from asyncmigfra.console import commands as c  # noqa: PLC0415
     from asyncmigfra.console.output import Out  # noqa: PLC0415
+    from asyncmigfra.console.taskfile import prepare  # noqa: PLC0415
 
-    conn = _connection(args)
+    conn = _connection(args, getattr(args, "argv", ()))
     out = Out(json_mode=args.json)
     cmd = args.command
     common: dict[str, Any] = {
@@ -449,8 +519,10 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
         "force": getattr(args, "force", False),
     }
     if cmd == "send":
-        payload = c.read_task_file(args.file)
-        return lambda: c.send(conn, out, payload=payload, host=args.host, **common)
+        name = "stdin" if args.file == "-" else args.file
+        task = prepare(c.read_task_file(args.file), name=name, new_id=args.new_id)
+        again = conn.command("send", args.file, "--host", args.host, "--new-id")
+        return lambda: c.send(conn, out, task=task, host=args.host, again=again, **common)
     if cmd == "migrate":
         params: dict[str, object] = {
             "migration-type": args.migration_type,
@@ -492,6 +564,16 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
         return lambda: c.suspend_resume(
             conn, out, task=f"{cmd} vm", vms=args.vms, host=args.host, **common
         )
+    if cmd == "repin":
+        return lambda: c.repin(
+            conn,
+            out,
+            vm=args.vm,
+            vcpu_map=args.cpus,
+            host=args.host,
+            follow=args.follow,
+            **common,
+        )
     if cmd == "cancel":
         return lambda: c.cancel(conn, out, target=args.target, host=args.host, **common)
     if cmd == "evacuate":
@@ -515,10 +597,11 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
     raise AssertionError(cmd)  # pragma: no cover - argparse restricts the choices
 
 
-def _client(args: argparse.Namespace) -> int:
+def _client(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from asyncmigfra.console.exits import INTERRUPTED, CliError  # noqa: PLC0415
     from asyncmigfra.terminal import safe  # noqa: PLC0415
 
+    args.argv = tuple(argv)  # the command line, for hints that repeat it
     try:
         call = _client_call(args)
         return asyncio.run(call())
@@ -571,4 +654,4 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return _client(args)
+    return _client(args, sys.argv[1:] if argv is None else argv)

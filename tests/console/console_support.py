@@ -91,6 +91,29 @@ class Served:
         return shlex.join([*CLI, *args, *self.conn])
 
 
+def hint_after(marker: str, text: str) -> str:
+    """The command a message suggests: what follows ``marker`` up to the end of its line
+    (or a closing parenthesis that ends the line)."""
+    line = next(ln for ln in text.splitlines() if marker in ln)
+    command = line.split(marker, 1)[1].strip()
+    return command.removesuffix(")") if command.count(")") > command.count("(") else command
+
+
+def paste(command: str, *, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command line as a person would paste it into a shell: split as a POSIX shell
+    does, with ``asyncmigfra`` as this interpreter's ``-m asyncmigfra``; nothing added."""
+    import shlex  # noqa: PLC0415
+
+    words = shlex.split(command)
+    assert words[0] == "asyncmigfra", command
+    out = subprocess.run(
+        [*CLI, *words[1:]], capture_output=True, timeout=timeout, check=False, env=env()
+    )
+    return subprocess.CompletedProcess(
+        out.args, out.returncode, out.stdout.decode(), out.stderr.decode()
+    )
+
+
 @contextlib.contextmanager
 def served_cluster(port: int, tmp: Path) -> Iterator[Served]:
     s = Served(port=port, prefix=f"t{uuid.uuid4().hex[:8]}/migfra", log=tmp / "serve.log")

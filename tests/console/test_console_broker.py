@@ -8,6 +8,7 @@ import io
 import json
 import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,17 @@ import uuid
 
 import pytest
 import yaml
-from console_support import CLI, ROOT, Served, env, free_port, need, start_broker
+from console_support import (
+    CLI,
+    ROOT,
+    Served,
+    env,
+    free_port,
+    hint_after,
+    need,
+    paste,
+    start_broker,
+)
 
 from asyncmigfra import cli
 from asyncmigfra.mqtt import ToolClient
@@ -304,16 +315,16 @@ def test_ctrl_c_while_waiting_exit_130_and_the_hint_cancels_it(shared_served):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == 130
-        hint = f"asyncmigfra cancel {task_id} --host host-a"
-        assert (
-            f"interrupted: task {task_id!r} keeps running on 'host-a' (cancel it with: {hint})"
-            in err.decode()
-        )
+        assert f"interrupted: task {task_id!r} keeps running on 'host-a'" in err.decode()
+        hint = hint_after("(cancel it with: ", err.decode())
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-    out = shared_served.cli("cancel", task_id, "--host", "host-a", "--json")
+    # The hint is pasted as it is: it carries the broker and the topic prefix.
+    assert hint == shlex.join(["asyncmigfra", "cancel", task_id, "--host", "host-a",
+                               *shared_served.conn])  # fmt: skip
+    out = paste(hint + " --json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["list"] == [
         {"vm-name": "db-1", "status": "success", "state": "running"}
@@ -355,11 +366,14 @@ def test_watch_json_filtered_until_ctrl_c(shared_served):
         assert b"watching" in proc.stderr.readline()
         for vm in ("other", "target"):
             assert shared_served.cli("stop", vm, "--host", "host-a").returncode == 1
-        seen = _read_json_lines(proc, lambda s: any(e["event"] == "done" for e in s))
-        assert [e["event"] for e in seen] == ["accepted", "error", "done"]
-        assert all(e["host"] == "host-a" for e in seen)
-        assert seen[0]["vm-names"] == ["target"]
-        assert seen[1]["vm-name"] == "target"
+        seen = _read_json_lines(proc, lambda s: any("result" in e for e in s))
+        *events, result = seen
+        assert [e["event"] for e in events] == ["accepted", "error", "done"]
+        assert all(e["host"] == "host-a" for e in events)
+        assert events[0]["vm-names"] == ["target"]
+        assert events[1]["vm-name"] == "target"
+        # The result is shown too (a result has no host field; the topic says where).
+        assert (result["result"], result["list"][0]["vm-name"]) == ("vm stopped", "target")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     finally:

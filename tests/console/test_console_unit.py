@@ -15,7 +15,6 @@ from asyncmigfra.console.exits import USAGE, CliError
 from asyncmigfra.console.follow import MigrationView
 from asyncmigfra.console.output import Out, event_fields, fmt_bytes
 from asyncmigfra.console.tasks import (
-    ensure_id,
     evacuate_task,
     failures,
     list_task,
@@ -23,7 +22,6 @@ from asyncmigfra.console.tasks import (
     start_task,
     succeeded,
 )
-from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import SwapWith
 from asyncmigfra.parsing import parse_task
 
@@ -125,54 +123,6 @@ def test_broker_unreachable_exit_2(capsys):
 
 
 # ------------------------------------------------------------------------------ payloads
-
-
-def test_ensure_id_keeps_an_existing_id():
-    payload = b"# comment\n---\ntask: status\nid: 0012\n...\n"
-    assert ensure_id(payload) == (payload, "0012", False)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "task: status\n",
-        "# a comment\n---\ntask: stop vm\nlist:\n  - vm-name: a\n    force: yes\n...\n",
-        '%YAML 1.2\n--- # c\ntask: status\nid: ""\n',
-        "{task: status}\n",
-        "task: start vm\nvm-configurations:\n  - vm-name: a\n    memory: 010\n",
-    ],
-)
-def test_ensure_id_inserts_one_the_agent_reads(text):
-    payload, task_id, added = ensure_id(text.encode())
-    assert added
-    assert task_id.startswith("send-")
-    msg = parse_task(payload)
-    assert msg.id == task_id
-    # The file is not re-serialised: only the id was added.
-    assert (
-        payload.decode().replace(f'id: "{task_id}"\n', "", 1).replace(f'id: "{task_id}", ', "", 1)
-        == text
-    )
-    if "memory: 010" in text:  # so yaml-cpp's octal keeps its meaning
-        assert msg.subtasks[0].memory == 8  # type: ignore[attr-defined]
-
-
-def test_ensure_id_refuses_what_the_agent_cannot_read():
-    with pytest.raises(CliError) as err:
-        ensure_id(b"task: status\nvm-name: \xff\n")
-    assert err.value.code == USAGE
-
-
-@pytest.mark.parametrize("text", [b"task: [unclosed\n", b"- a\n- b\n", b"[1, 2]\n", b""])
-def test_ensure_id_on_a_broken_task_still_gets_an_answer(text):
-    """With the id first, the agent reads it even from a broken message and answers
-    ``result: unknown`` with it: worth sending (exit 1, the agent's own error text), not a
-    usage error."""
-    payload, task_id, added = ensure_id(text)
-    assert added
-    with pytest.raises(TaskRejected) as err:
-        parse_task(payload)
-    assert err.value.task_id == task_id
 
 
 def test_task_builders_parse_as_intended():

@@ -10,28 +10,31 @@ retained presence so a dead agent is reported instead of waited for forever.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from asyncmigfra.console.connection import Connection
 from asyncmigfra.console.exits import FAILED, OK, USAGE, CliError
+from asyncmigfra.console.fleet import locate_vm
 from asyncmigfra.console.follow import MigrationView, follow_migration
 from asyncmigfra.console.output import Out, fmt_bytes, number
-from asyncmigfra.console.session import Interrupt, Lost, Message, Session, open_session
+from asyncmigfra.console.session import Message, Session, open_session
+from asyncmigfra.console.taskfile import TaskFile, read_task_file
 from asyncmigfra.console.tasks import (
     cancel_task,
-    ensure_id,
     evacuate_task,
     fresh_id,
     list_task,
     migrate_task,
+    repin_task,
     start_task,
     status_task,
     succeeded,
 )
+from asyncmigfra.console.watching import watch
 
 __all__ = [
     "read_task_file",
@@ -39,6 +42,7 @@ __all__ = [
     "cancel",
     "evacuate",
     "migrate",
+    "repin",
     "send",
     "start",
     "status",
@@ -72,6 +76,47 @@ async def _announce(session: Session, out: Out, host: str, *, force: bool) -> No
         )
 
 
+#: Tasks that cannot be cancelled (answered at once): no cancel hint for them.
+_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit"})
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the agent said about *this* send of a task before its result."""
+
+    accepted: bool = False
+    rejected: Mapping[str, Any] | None = None
+
+    def take(self, item: Message, host: str, task_id: str) -> None:
+        if item.kind != "event" or item.host != host or item.id != task_id:
+            return
+        if item.doc.get("event") == "accepted":
+            self.accepted = True
+        elif item.doc.get("event") == "rejected" and self.rejected is None:
+            self.rejected = item.doc
+
+    def earlier(self, result: Mapping[str, Any]) -> str | None:
+        """Whether ``result`` answers an earlier message with the same id (protocol §7.4):
+        ``"finished"`` (the agent's remembered result, re-sent without running anything),
+        ``"running"`` (this copy was refused as busy; the first one's result), or ``None``."""
+        if self.accepted:
+            return None
+        if self.rejected is None:
+            return "finished"
+        code = self.rejected.get("code")
+        own = result.get("result") == "unknown" or any(
+            e.get("code") == code for e in _entries(result)
+        )
+        return None if own else "running"
+
+
+def _entries(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    items = doc.get("list")
+    if isinstance(items, list):
+        return [e for e in items if isinstance(e, Mapping)]
+    return [doc]
+
+
 async def _request(
     conn: Connection,
     out: Out,
@@ -81,24 +126,66 @@ async def _request(
     *,
     limit: float | None,
     force: bool,
+    show_id: bool = False,
+    kind: str | None = None,
+    follow: bool = False,
+    again: str | None = None,
 ) -> int:
+    """Publish one task to ``host`` and print its result.
+
+    ``show_id``: print the id once the task was published. ``kind``: the task (no cancel hint
+    for one that cannot be cancelled). ``follow``: print the task's events as they come.
+    ``again``: a command that runs the task again with a fresh id, for when the result turns
+    out to be the remembered one of an earlier message with this id (``send``)."""
+    seen = _Seen()
+
+    def on_item(item: Message) -> None:
+        seen.take(item, host, task_id)
+        if follow and item.kind == "event" and item.host == host and item.id == task_id:
+            if out.json:
+                out.json_line(item.doc)
+            else:
+                out.event(host, item.doc)
+
+    events = follow or (again is not None and kind != "status")
     async with open_session(conn) as session:
-        await session.subscribe_host(host, events=False)
+        await session.subscribe_host(host, events=events)
         await _announce(session, out, host, force=force)
         await session.publish_task(host, payload)
-        result = await session.wait_result(host, task_id, limit=limit)
-    return _show_result(out, result)
+        if show_id:
+            out.note(f"task id: {task_id}")
+        result = await session.wait_result(
+            host,
+            task_id,
+            limit=limit,
+            on_item=on_item,
+            cancellable=kind not in _NOT_CANCELLABLE,
+        )
+    code = _show_result(out, result)
+    if events and again is not None:
+        _tell_replay(out, seen.earlier(result.doc), task_id, host, again)
+    return code
+
+
+def _tell_replay(out: Out, earlier: str | None, task_id: str, host: str, again: str) -> None:
+    if earlier == "finished":
+        out.note(
+            f"note: this is the remembered result of an earlier task with id {task_id!r}:"
+            f" {host} already ran this task (same id and content) and did not run it again"
+            " (duplicates, protocol §7.4)"
+        )
+    elif earlier == "running":
+        out.note(
+            f"note: an earlier task with id {task_id!r} (same id and content) was still"
+            f" running on {host}: this result is that task's; yours was not run again"
+            " (duplicates, protocol §7.4)"
+        )
+    else:
+        return
+    out.note(f"to run it again, with a fresh id: {again}")
 
 
 # ------------------------------------------------------------------------------ inputs
-
-
-def read_task_file(path: str) -> bytes:
-    """The task file's bytes (``-``: stdin), read before connecting: a typo is a usage error."""
-    try:
-        return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise CliError(USAGE, f"cannot read the task file: {exc}") from None
 
 
 def read_xml_files(paths: Sequence[str]) -> list[str]:
@@ -115,13 +202,30 @@ def read_xml_files(paths: Sequence[str]) -> list[str]:
 
 
 async def send(
-    conn: Connection, out: Out, *, payload: bytes, host: str, limit: float | None, force: bool
+    conn: Connection,
+    out: Out,
+    *,
+    task: TaskFile,
+    host: str,
+    limit: float | None,
+    force: bool,
+    again: str,
 ) -> int:
-    """Publish a task file as it is (a fresh id only when it has none) and print its result."""
-    payload, task_id, added = ensure_id(payload)
-    if added:
-        out.note(f"task id: {task_id}")
-    return await _request(conn, out, host, payload, task_id, limit=limit, force=force)
+    """Publish a task file as it is (a fresh id only when it has none, or with ``--new-id``)
+    and print its result; say so when the agent answers with the remembered result of an
+    earlier message with the same id. ``again``: the command that sends it with a new id."""
+    return await _request(
+        conn,
+        out,
+        host,
+        task.payload,
+        task.id,
+        limit=limit,
+        force=force,
+        show_id=task.added,
+        kind=task.task,
+        again=again,
+    )
 
 
 async def migrate(
@@ -129,7 +233,7 @@ async def migrate(
     out: Out,
     *,
     vm: str,
-    source: str,
+    source: str | None,
     destination: str,
     params: Mapping[str, object],
     follow: bool,
@@ -139,17 +243,26 @@ async def migrate(
 ) -> int:
     """``migrate vm`` on ``source``; with ``follow`` the live view, Ctrl-C and a summary.
 
-    ``swap_with``: a VM on ``destination`` that comes to ``source`` meanwhile
-    (``parameter.swap-with``); the view then shows both VMs and the summary both outcomes."""
+    ``source`` ``None``: the one online agent whose domains include ``vm`` (exit 2 when
+    none or several do). ``swap_with``: a VM on ``destination`` that comes to ``source``
+    meanwhile (``parameter.swap-with``); the view then shows both VMs and the summary both
+    outcomes."""
     if swap_with is not None:
         if swap_with == vm:
             raise CliError(USAGE, f"--swap-with: {vm!r} cannot swap with itself")
         params = {**params, "swap-with": {"vm-name": swap_with}}
+    if source == destination:
+        raise CliError(
+            USAGE, f"migrate: {vm} cannot be migrated from {source} to itself (--to {destination})"
+        )
+    if source is None:
+        source = await locate_vm(conn, out, vm, destination=destination, limit=limit)
     task_id = fresh_id("migrate")
     payload = migrate_task(task_id, vm, destination, params)
     if not follow:
-        out.note(f"task id: {task_id}")
-        return await _request(conn, out, source, payload, task_id, limit=limit, force=force)
+        return await _request(
+            conn, out, source, payload, task_id, limit=limit, force=force, show_id=True
+        )
     mtype = params.get("migration-type")
     view = MigrationView(
         vm=vm,
@@ -227,7 +340,29 @@ async def cancel(
 ) -> int:
     task_id = fresh_id("cancel")
     payload = cancel_task(task_id, target)
-    return await _request(conn, out, host, payload, task_id, limit=limit, force=force)
+    return await _request(
+        conn, out, host, payload, task_id, limit=limit, force=force, kind="cancel"
+    )
+
+
+async def repin(
+    conn: Connection,
+    out: Out,
+    *,
+    vm: str,
+    vcpu_map: Sequence[Sequence[int]],
+    host: str,
+    follow: bool,
+    limit: float | None,
+    force: bool,
+) -> int:
+    """``repin vm``: pin vCPU *i* of ``vm`` to the host CPUs ``vcpu_map[i]``; with ``follow``
+    the task's events as they come."""
+    task_id = fresh_id("repin")
+    payload = repin_task(task_id, vm, vcpu_map)
+    return await _request(
+        conn, out, host, payload, task_id, limit=limit, force=force, show_id=True, follow=follow
+    )
 
 
 async def evacuate(
@@ -241,9 +376,8 @@ async def evacuate(
     force: bool,
 ) -> int:
     task_id = fresh_id("evacuate")
-    out.note(f"task id: {task_id}")
     payload = evacuate_task(task_id, destinations, params)
-    return await _request(conn, out, host, payload, task_id, limit=limit, force=force)
+    return await _request(conn, out, host, payload, task_id, limit=limit, force=force, show_id=True)
 
 
 async def status(
@@ -261,7 +395,7 @@ async def status(
         await session.subscribe_host(host, events=False)
         await session.check_online(host, force=force)
         await session.publish_task(host, status_task(task_id))
-        result = await session.wait_result(host, task_id, limit=limit)
+        result = await session.wait_result(host, task_id, limit=limit, cancellable=False)
         presence = session.presence.get(host, {})
     if out.json:
         out.json_line(result.doc)
@@ -270,38 +404,7 @@ async def status(
     return OK if succeeded(result.doc) else FAILED
 
 
-async def watch(
-    conn: Connection, out: Out, *, host: str | None, vm: str | None, task_id: str | None
-) -> int:
-    """Events across the cluster (or of one host), filtered, until Ctrl-C (exit 0)."""
-    topic = conn.topic(host or "+", "event")
-    async with open_session(conn) as session:
-        await session.subscribe(topic)
-        out.note(f"watching {topic} (Ctrl-C ends)")
-        while True:
-            item = await session.get()
-            if isinstance(item, Interrupt):
-                return OK
-            if isinstance(item, Lost):
-                raise session.lost(item)
-            if item.kind != "event" or not _matches(item.doc, vm=vm, task_id=task_id):
-                continue
-            if out.json:
-                out.json_line(item.doc)
-            else:
-                out.event(item.host, item.doc)
-
-
 # ------------------------------------------------------------------------------ rendering
-
-
-def _matches(doc: Mapping[str, Any], *, vm: str | None, task_id: str | None) -> bool:
-    if task_id is not None and str(doc.get("id")) != task_id:
-        return False
-    if vm is None:
-        return True
-    names = doc.get("vm-names")
-    return str(doc.get("vm-name")) == vm or (isinstance(names, list) and vm in map(str, names))
 
 
 def _show_agents(out: Out, conn: Connection, agents: Mapping[str, Mapping[str, Any]]) -> None:

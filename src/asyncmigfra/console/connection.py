@@ -12,6 +12,7 @@ Topics follow the agent's defaults (docs/protocol.md §1.1): ``<prefix>/<host>/t
 from __future__ import annotations
 
 import os
+import shlex
 import ssl
 import uuid
 from dataclasses import dataclass, field
@@ -104,6 +105,23 @@ class Connection:
     #: s: how long ``status`` gathers retained presence, and how long a command waits for
     #: an agent's retained status before calling it absent.
     wait: float = 0.5
+    #: The connection options as the user gave them (``--broker b --topic-prefix p``...):
+    #: every command a hint suggests carries them, so it can be pasted as it is.
+    options: tuple[str, ...] = ()
+    #: The whole command line as the user gave it (after the program name), for hints that
+    #: repeat it with one option more; empty when not known.
+    command_line: tuple[str, ...] = ()
+
+    def command(self, *words: str) -> str:
+        """``asyncmigfra <words> <connection options>``, quoted for a POSIX shell."""
+        return shlex.join(["asyncmigfra", *words, *self.options])
+
+    def again_with(self, option: str) -> str:
+        """The user's command line with ``option`` added (a hint to paste), or, when it is
+        not known, ``add <option>``."""
+        if not self.command_line:
+            return f"add {option}"
+        return "run: " + shlex.join(["asyncmigfra", *self.command_line, option])
 
     @property
     def where(self) -> str:

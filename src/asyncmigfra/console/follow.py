@@ -546,7 +546,7 @@ async def _ask_cancel(session: Session, out: Out, view: MigrationView, on_item: 
     broker or a presence change ends the prompt and is handled by the caller."""
     hint = (
         f"task {view.task_id!r} keeps running on {view.source!r}"
-        f" (cancel it with: asyncmigfra cancel {view.task_id} --host {view.source})"
+        f" (cancel it with: {session.cancel_command(view.task_id, view.source)})"
     )
     if view.cancel_id is not None:
         out.note(

@@ -37,6 +37,9 @@ __all__ = [
     "fmt_rate",
     "local_time",
     "number",
+    "result_fields",
+    "result_ok",
+    "result_vms",
 ]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -128,6 +131,40 @@ def event_fields(doc: Mapping[str, Any]) -> str:
         return f"{doc.get('status', '?')}{took}"
     known = {"event", "id", "host", "time", "vm-name"}
     return "  ".join(f"{k}={v}" for k, v in doc.items() if k not in known)
+
+
+def _entries(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    items = doc.get("list")
+    if isinstance(items, list):
+        return [e for e in items if isinstance(e, Mapping)]
+    return [doc]
+
+
+def result_vms(doc: Mapping[str, Any]) -> list[str]:
+    """The VM names a result is about."""
+    return [str(e["vm-name"]) for e in _entries(doc) if "vm-name" in e]
+
+
+def result_ok(doc: Mapping[str, Any]) -> bool:
+    return doc.get("result") != "unknown" and all(
+        e.get("status") == "success" for e in _entries(doc)
+    )
+
+
+def result_fields(doc: Mapping[str, Any]) -> str:
+    """A result in one line (``watch``): its kind, then each entry's outcome."""
+    parts = [str(doc.get("result", "?"))]
+    for e in _entries(doc):
+        status = str(e.get("status", "?"))
+        what = f"{e.get('vm-name', '?')} {status}"
+        if status != "success":
+            what += f" {e.get('code', '?')}: {e.get('details', '')}"
+        parts.append(what)
+    return "  ".join(parts)
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().strftime("%H:%M:%S.%f")[:-3]
 
 
 _EVENT_STYLE = {
@@ -256,14 +293,42 @@ class Out:
     def event(self, host: str, doc: Mapping[str, Any]) -> None:
         """One ``watch`` line: time, host, vm, event, id, details (each escaped)."""
         kind = str(doc.get("event", "?"))
-        cols = [
-            safe(local_time(doc.get("time"))),
-            safe(doc.get("host", host)),
-            safe(doc.get("vm-name", "-")),
-            safe(kind),
-            safe(doc.get("id", "-")),
-            safe(event_fields(doc)),
-        ]
+        self._watch_line(
+            [
+                local_time(doc.get("time")),
+                doc.get("host", host),
+                doc.get("vm-name", "-"),
+                kind,
+                doc.get("id", "-"),
+                event_fields(doc),
+            ],
+            _EVENT_STYLE.get(kind, ""),
+            detail_style=_EVENT_STYLE.get(kind, "") if kind != "done" else "",
+        )
+
+    def result(self, host: str, doc: Mapping[str, Any]) -> None:
+        """A ``watch`` line for a result (results carry no time: the time it arrived)."""
+        ok = result_ok(doc)
+        self._watch_line(
+            [_now(), host, ", ".join(result_vms(doc)) or "-", "result", doc.get("id", "-"),
+             result_fields(doc)],
+            "bold green" if ok else "bold red",
+            detail_style="" if ok else "red",
+        )  # fmt: skip
+
+    def presence(self, host: str, doc: Mapping[str, Any]) -> None:
+        """A ``watch`` line for a presence change (an agent started, drains, went away)."""
+        state = str(doc.get("state", "?"))
+        parts = [state]
+        parts.extend(f"{k} {doc[k]}" for k in ("version", "hypervisor", "since") if k in doc)
+        self._watch_line(
+            [_now(), doc.get("host", host), "-", "presence", "-", "  ".join(parts)],
+            _STATE_STYLE.get(state, ""),
+            detail_style=_STATE_STYLE.get(state, ""),
+        )
+
+    def _watch_line(self, values: Sequence[object], style: str, *, detail_style: str) -> None:
+        cols = [safe(v) for v in values]
         if not self.tty:
             self._line("  ".join(cols))
             return
@@ -273,9 +338,9 @@ class Out:
         text.append(cols[0], style="dim")
         text.append(f"  {cols[1]:<10}", style="bold")
         text.append(f"  {cols[2]:<12}")
-        text.append(f"  {cols[3]:<9}", style=_EVENT_STYLE.get(kind, ""))
+        text.append(f"  {cols[3]:<9}", style=style)
         text.append(f"  {cols[4]}", style="dim")
-        text.append(f"  {cols[5]}", style=_EVENT_STYLE.get(kind, "") if kind != "done" else "")
+        text.append(f"  {cols[5]}", style=detail_style)
         self.console.print(text, soft_wrap=True)
 
     @staticmethod

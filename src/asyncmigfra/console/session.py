@@ -183,17 +183,19 @@ class Session:
         doc = self.presence.get(host)
         if force:
             return doc
+        anyway = self.conn.again_with("--send-offline")
         if doc is None:
             raise CliError(
                 OFFLINE,
                 f"no agent named {host!r}: nothing retained on {self.conn.topic(host, 'status')}"
-                " (check the name with `asyncmigfra status`; --force sends anyway)",
+                f"; check the name with: {self.conn.command('status')}"
+                f"; to send anyway (its session keeps the task), {anyway}",
             )
         if doc.get("state") == "offline":
             raise CliError(
                 OFFLINE,
                 f"host {host!r} is offline (its retained status says so; the agent last started"
-                f" {doc.get('since', '?')}); --force queues the task for when it returns",
+                f" {doc.get('since', '?')}); to queue the task for when it returns, {anyway}",
             )
         return doc
 
@@ -205,14 +207,17 @@ class Session:
         limit: float | None,
         on_item: Callable[[Message], None] | None = None,
         on_interrupt: Callable[[Interrupt], Awaitable[None]] | None = None,
+        cancellable: bool = True,
     ) -> Message:
         """Read the inbox until ``host`` publishes the result for ``task_id``.
 
         Every other message goes to ``on_item`` (events, other results). Ctrl-C goes to
         ``on_interrupt`` when given (it may raise to leave), else it ends the wait. Ends with a
         :class:`CliError` on Ctrl-C (130), a lost broker (2), the agent going offline without
-        answering (3) or after ``limit`` seconds (4).
+        answering (3) or after ``limit`` seconds (4); the message says how to cancel the task
+        when it is ``cancellable`` (not a ``status`` or a ``cancel``).
         """
+        cancel = self.cancel_command(task_id, host)
         loop = asyncio.get_running_loop()
         deadline = None if limit is None else loop.time() + limit
         offline_at: float | None = None
@@ -230,8 +235,8 @@ class Session:
                     )
                 raise CliError(
                     TIMEOUT,
-                    f"no result for task {task_id!r} from {host!r} within {limit or 0:g} s;"
-                    f" it may still run (cancel: asyncmigfra cancel {task_id} --host {host})",
+                    f"no result for task {task_id!r} from {host!r} within {limit or 0:g} s"
+                    + (f"; it may still run (cancel it with: {cancel})" if cancellable else ""),
                 )
             if isinstance(item, Lost):
                 raise self.lost(item)
@@ -242,7 +247,9 @@ class Session:
                 raise CliError(
                     INTERRUPTED,
                     f"interrupted: task {task_id!r} keeps running on {host!r}"
-                    f" (cancel it with: asyncmigfra cancel {task_id} --host {host})",
+                    f" (cancel it with: {cancel})"
+                    if cancellable
+                    else f"interrupted before {host!r} answered task {task_id!r}",
                 )
             if item.kind == "result" and item.host == host and item.id == task_id:
                 return item
@@ -253,6 +260,11 @@ class Session:
                 offline_at = loop.time() if state == "offline" else None
             if on_item is not None:
                 on_item(item)
+
+    def cancel_command(self, task_id: str, host: str) -> str:
+        """The command that cancels ``task_id`` on ``host``, with every connection option the
+        user gave (a hint to paste as it is)."""
+        return self.conn.command("cancel", task_id, "--host", host)
 
     async def gather_presence(self) -> dict[str, dict[str, Any]]:
         """All retained presence messages seen within ``conn.wait`` (``status`` without HOST)."""

@@ -1,14 +1,9 @@
-"""Task payloads for the shortcut commands, ids for ``send``, and how a result is judged.
+"""Task payloads for the shortcut commands, fresh ids, and how a result is judged.
 
 Pure functions, no I/O. Payloads are written as YAML text by hand, not dumped from a dict:
 values are JSON-quoted strings (a JSON string is a valid YAML double-quoted scalar, so a VM
 named ``on`` or ``0012`` stays a string for the agent's yaml-cpp rules) and plain integers.
-
-``send`` must not rewrite the user's file (comments, ``0x`` numbers, yaml-cpp's octal ``010``
-would all change meaning through a load/dump round trip), so a missing id is *inserted* as
-the first key of the top-level map — the first occurrence of a key wins (protocol §2.1), so
-it also overrides an empty ``id: ""`` — and the agent's own parser then confirms that the
-agent will read exactly that id. Without a readable id the result could not be correlated.
+(``send``'s task files: :mod:`asyncmigfra.console.taskfile`.)
 """
 
 from __future__ import annotations
@@ -18,18 +13,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from asyncmigfra.console.exits import USAGE, CliError
-from asyncmigfra.errors import TaskRejected
-from asyncmigfra.parsing import parse_task
-
 __all__ = [
     "cancel_task",
-    "ensure_id",
     "evacuate_task",
     "failures",
     "fresh_id",
     "list_task",
     "migrate_task",
+    "repin_task",
     "start_task",
     "status_task",
     "succeeded",
@@ -144,59 +135,10 @@ def evacuate_task(task_id: str, destinations: Sequence[str], params: Mapping[str
     return _finish(lines)
 
 
-# -------------------------------------------------------------------------------- send
-
-
-def _agent_id(payload: bytes) -> tuple[str | None, TaskRejected | None]:
-    """The id the agent will read from ``payload`` (and its rejection, if it rejects it)."""
-    try:
-        return parse_task(payload).id, None
-    except TaskRejected as exc:
-        return exc.task_id, exc
-
-
-def _insert_id(text: str, task_id: str) -> str:
-    lines = text.splitlines(keepends=True)
-    i = 0
-    while i < len(lines):
-        s = lines[i].strip()
-        if not s or s.startswith(("#", "%", "--- #")) or s == "---":
-            i += 1
-            continue
-        break
-    head, rest = "".join(lines[:i]), "".join(lines[i:])
-    if head and not head.endswith("\n"):
-        head += "\n"
-    stripped = rest.lstrip()
-    if stripped.startswith("{"):  # a flow map: the id becomes its first key
-        at = len(rest) - len(stripped) + 1
-        return f"{head}{rest[:at]}id: {_q(task_id)}, {rest[at:]}"
-    indent = rest[: len(rest) - len(rest.lstrip(" "))]
-    return f"{head}{indent}id: {_q(task_id)}\n{rest}"
-
-
-def ensure_id(payload: bytes) -> tuple[bytes, str, bool]:
-    """(payload to publish, its id, whether the id was added).
-
-    A task that already has an id is sent unchanged. Otherwise a fresh id is inserted and
-    the agent's parser must read it back. Raises :class:`CliError` (usage) when no id can be
-    read, since the agent's answer could then not be told apart from others: the message of
-    the agent's parser says why (for example a YAML syntax error).
-    """
-    task_id, rejected = _agent_id(payload)
-    if task_id:
-        return payload, task_id, False
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CliError(USAGE, "the task file is not UTF-8") from None
-    new_id = fresh_id("send")
-    changed = _insert_id(text, new_id).encode()
-    task_id, rejected = _agent_id(changed)
-    if task_id != new_id:
-        why = rejected.details if rejected is not None else "the id was not read back"
-        raise CliError(USAGE, f"cannot give this task an id the agent would read: {why}")
-    return changed, new_id, True
+def repin_task(task_id: str, vm: str, vcpu_map: Sequence[Sequence[int]]) -> bytes:
+    """``repin vm``: entry *i* of ``vcpu_map`` is the host CPUs vCPU *i* may run on."""
+    rows = ", ".join("[" + ", ".join(str(cpu) for cpu in row) + "]" for row in vcpu_map)
+    return _finish([*_header("repin vm", task_id), f"vm-name: {_q(vm)}", f"vcpu-map: [{rows}]"])
 
 
 # -------------------------------------------------------------------------------- results
