@@ -32,6 +32,7 @@ import structlog
 from asyncmigfra.errors import (
     ConnectionFailed,
     HookFailed,
+    IncompatibleDestination,
     NotSupported,
     TaskError,
     TaskTimeout,
@@ -343,6 +344,7 @@ async def migrate(
     # it exactly as it was.
     ctx.phase("pre-checks")
     with ctx.measure("pre-checks"):
+        check_not_here(spec.destination, settings.hostname)
         await hypervisor.check_migration(plan.request)
     return await carry_out(
         plan,
@@ -353,6 +355,17 @@ async def migrate(
         bus=bus,
         source=settings.hostname,
     )
+
+
+def check_not_here(destination: str, hostname: str) -> None:
+    """Refuse a destination that names this agent's own host: libvirt would refuse it only
+    after the devices were detached ("Attempt to migrate guest to the same host"). An
+    address that reaches this host under another name is the back-end's pre-check."""
+    if destination == hostname:
+        raise IncompatibleDestination(
+            f"destination {destination} is this agent's own host: a VM cannot migrate to the"
+            " host it runs on"
+        )
 
 
 def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
