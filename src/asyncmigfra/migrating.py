@@ -59,7 +59,9 @@ __all__ = [
     "EngineContext",
     "MigrationPlan",
     "carry_out",
+    "check_not_here",
     "check_pscom",
+    "estimate_eta",
     "follow_adopted",
     "memory_of",
     "migrate",
@@ -242,6 +244,22 @@ class ConvergencePolicy:
         return None
 
 
+def estimate_eta(stats: JobStats) -> float | None:
+    """The remaining time (s, 1 decimal) of a running job, as progress events carry it in
+    ``eta`` (protocol §5.5): the data still to send divided by the rate at which it shrinks,
+    the transfer rate minus the dirty rate (in post-copy the whole transfer rate: dirtied
+    pages no longer need sending again). ``None`` when that rate is not positive (the copy
+    does not converge at this rate: no honest estimate) or the job reported no rate."""
+    if stats.transfer_rate <= 0:
+        return None
+    shrinking = stats.transfer_rate
+    if stats.phase != "post-copy":
+        shrinking -= stats.dirty_rate
+    if shrinking <= 0:
+        return None
+    return round(max(0, stats.data_remaining) / shrinking, 1)
+
+
 @dataclass(slots=True)
 class _Progress:
     """Turns job samples into progress event fields; ``percent`` never decreases."""
@@ -287,6 +305,9 @@ class _Progress:
             )
             if stats.expected_downtime is not None:
                 out["expected-downtime"] = round(stats.expected_downtime, 1)
+            eta = estimate_eta(stats)
+            if eta is not None:
+                out["eta"] = eta
         else:
             out.update(
                 {
@@ -314,6 +335,7 @@ class _Progress:
             out["memory-remaining"] = 0
             out["data-remaining"] = 0
             out["transfer-rate"] = last.transfer_rate
+        out["eta"] = 0.0
         if downtime is not None:
             out["max-downtime"] = downtime
         return out
