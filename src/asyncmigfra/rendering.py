@@ -193,11 +193,13 @@ def _header_items(header: Mapping[str, object]) -> list[tuple[str, object]]:
     items: list[tuple[str, object]] = []
     for key, value in header.items():
         if key == "time-measurement" and isinstance(value, Mapping):
-            value = {
+            fixed = {
                 tag: _Fixed(seconds) if isinstance(seconds, float) else seconds
                 for tag, seconds in value.items()
             }
-        items.append((key, value))
+            items.append((key, fixed))
+        else:
+            items.append((key, value))
     return items
 
 

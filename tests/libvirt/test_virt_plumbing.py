@@ -388,7 +388,7 @@ def test_host_uuid_is_what_the_same_host_pre_check_compares() -> None:
         def __init__(self, caps: str) -> None:
             self.caps = caps
 
-        def getCapabilities(self) -> str:  # noqa: N802 - libvirt's name
+        def getCapabilities(self) -> str:
             return self.caps
 
     caps = "<capabilities><host><uuid> 0A1B2C3D-0000-4000-8000-00000000ABCD </uuid></host>"

@@ -158,6 +158,7 @@ async def migrate(
         task_id=task_id,
         migration_type=None if mtype is None else str(mtype),
         swap_with=swap_with,
+        max_downtime=params.get("max-downtime"),
     )
     async with open_session(conn) as session:
         await session.subscribe_host(source)
@@ -239,11 +240,28 @@ async def evacuate(
     params: Mapping[str, object],
     limit: float | None,
     force: bool,
+    follow: bool = False,
 ) -> int:
     task_id = fresh_id("evacuate")
-    out.note(f"task id: {task_id}")
     payload = evacuate_task(task_id, destinations, params)
-    return await _request(conn, out, host, payload, task_id, limit=limit, force=force)
+    if not follow:
+        out.note(f"task id: {task_id}")
+        return await _request(conn, out, host, payload, task_id, limit=limit, force=force)
+    from asyncmigfra.console.evacuation import EvacuationView  # noqa: PLC0415
+
+    view = EvacuationView(host, destinations, task_id, max_downtime=params.get("max-downtime"))
+    async with open_session(conn) as session:
+        await session.subscribe_host(host)
+        await _announce(session, out, host, force=force)
+        await session.publish_task(host, payload)
+        view.started = time.monotonic()
+        result = await follow_migration(session, out, view, limit=limit)
+    if out.json:
+        out.json_line(result.doc)
+    else:
+        for text, style in view.summary(result.doc, view.elapsed):
+            out.line(text, style)
+    return OK if view.ok(result.doc) else FAILED
 
 
 async def status(
