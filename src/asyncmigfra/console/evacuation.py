@@ -87,6 +87,7 @@ class EvacuationView:
         if doc.get("event") == "progress" and vm in self.lanes:
             lane = self.lanes[vm]
             parts = progress_parts(doc, lane.percent, maximum=lane.max_downtime)
+            parts = [p for p in parts if not p.startswith("target ")]  # (own line)
             return head + fit(parts, max(20, PLAIN_WIDTH - len(head)))
         return head + event_fields(doc)
 

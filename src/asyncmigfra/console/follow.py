@@ -194,6 +194,7 @@ class MigrationView:
         if doc.get("event") == "progress":
             lane = self._lane(doc)
             parts = progress_parts(doc, lane.percent, maximum=lane.max_downtime)
+            parts = [p for p in parts if not p.startswith("target ")]  # (own line)
             return head + fit(parts, max(20, PLAIN_WIDTH - len(head)))
         return head + event_fields(doc)
 

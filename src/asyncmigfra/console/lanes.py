@@ -138,10 +138,11 @@ def lane_rows(lanes: Iterable[VmLane], cols: int) -> Iterator[Any]:
     lanes = list(lanes)
     width = min(16, max((len(safe(lane.vm)) for lane in lanes), default=1))
     bars = Table.grid(padding=(0, 1))
+    routes = any(lane.destination for lane in lanes)  # (an evacuation's are not known)
     for lane in lanes:
         bars.add_row(
             safe_text(fit([ljust(lane.vm, width)], width), style="bold"),
-            safe_text(fit([f"-> {lane.destination}" if lane.destination else ""], 12)),
+            *([safe_text(fit([f"-> {lane.destination}"], 12))] if routes else []),
             ProgressBar(
                 total=100.0, completed=bar_value(lane.percent), width=max(6, min(40, cols - 72))
             ),
