@@ -360,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--mode", choices=["auto", "compact", "scatter"], help="placement mode")
     ev.add_argument("--max-parallel", type=_positive_int, metavar="N", help="at once")
     _migration_type(ev, offline=False)
+    ev.add_argument(
+        "--follow", action="store_true", help="one live bar per VM, Ctrl-C offers to cancel"
+    )
     _addressed(ev, host=False)
 
     stat = client("status", "agents and their presence; with HOST its tasks and domains")
@@ -588,6 +591,7 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
             host=args.evac_host,
             destinations=args.destinations,
             params=evac,
+            follow=args.follow,
             **common,
         )
     if cmd == "status":

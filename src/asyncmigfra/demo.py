@@ -32,6 +32,7 @@ from typing import Any
 from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
 from asyncmigfra.mqtt import ToolClient, TransportError
+from asyncmigfra.progresstext import ShownPercent, fit, progress_parts
 from asyncmigfra.settings import (
     HypervisorSettings,
     LoggingSettings,
@@ -43,6 +44,8 @@ from asyncmigfra.terminal import safe
 __all__ = ["SERVE_DOMAINS", "DemoError", "run_demo", "run_serve"]
 
 VM = "demo-vm"
+#: ms, the demo migration's ``max-downtime``.
+MAX_DOWNTIME = 300
 GIB = 1024 * 1024  # KiB
 #: s the agents get to come online on the broker.
 READY_TIMEOUT = 10.0
@@ -281,13 +284,9 @@ def _serve_banner(host: str, port: int, protocol: str, prefix: str) -> None:
     )
 
 
-def _bar(percent: float, width: int = 30) -> str:
-    filled = int(width * percent / 100)
+def _bar(percent: float, width: int = 12) -> str:
+    filled = int(width * min(100.0, max(0.0, percent)) / 100)
     return "#" * filled + "-" * (width - filled)
-
-
-def _mib(n: object) -> str:
-    return f"{int(n) / (1024 * 1024):7.1f} MiB" if isinstance(n, int | float) else "      ?"
 
 
 class _Console:
@@ -390,6 +389,7 @@ async def _drive(host: str, port: int, protocol: str, out: _Console) -> bool:
         await client.subscribe("fast/migfra/+/result", qos=1)
         await client.subscribe("fast/migfra/+/event", qos=0)
         results: dict[str, dict[str, Any]] = {}
+        shown: dict[str, ShownPercent] = {}
         waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
         async def pump() -> None:
@@ -405,19 +405,11 @@ async def _drive(host: str, port: int, protocol: str, out: _Console) -> bool:
                     if fut is not None and not fut.done():
                         fut.set_result(doc)
                 elif doc.get("event") == "progress":
-                    pct = float(doc.get("percent", 0))
-                    line = (
-                        f"  [{doc.get('host')}] {doc.get('vm-name')} {_bar(pct)} {pct:5.1f} %"
-                        f"  iter {doc.get('iteration', 0)}"
-                        f"  remaining {_mib(doc.get('memory-remaining'))}"
-                        f"  rate {_mib(doc.get('transfer-rate'))}/s"
-                        f"  dirty {_mib(doc.get('dirty-rate'))}/s"
-                    )
-                    if "expected-downtime" in doc:
-                        line += f"  exp. downtime {doc['expected-downtime']} ms"
-                    if "action" in doc:
-                        line += f"  action: {doc['action']}"
-                    out.say(line)
+                    # The CLI's words and percent (asyncmigfra.progresstext), 80 columns.
+                    pct = shown.setdefault(str(doc.get("id")), ShownPercent()).feed(doc)
+                    head = f"  [{doc.get('host')}] {doc.get('vm-name')} {_bar(pct)} "
+                    parts = progress_parts(doc, pct, maximum=MAX_DOWNTIME, phase=False)
+                    out.say(head + fit(parts, 80 - len(head)))
                 elif doc.get("event") in {"phase", "error"}:
                     extra = doc.get("phase") or f"{doc.get('code')}: {doc.get('details')}"
                     out.say(
@@ -448,7 +440,7 @@ async def _drive(host: str, port: int, protocol: str, out: _Console) -> bool:
                     "host-a",
                     f"task: migrate vm\nvm-name: {VM}\ndestination: host-b\n"
                     "time-measurement: true\nparameter:\n  migration-type: live\n"
-                    "  max-downtime: 300\n",
+                    f"  max-downtime: {MAX_DOWNTIME}\n",
                     f"live-migrate {VM} host-a -> host-b",
                 )
                 r3 = await call("host-b", "task: status\n", "status of host-b")

@@ -221,6 +221,22 @@ class _Job:
     received: float = field(default_factory=time.monotonic)
 
 
+def _audit(msg: TaskMessage, entries: list[ResultEntry], duration: float) -> None:
+    """The audit trail: one ``info`` line per finished task, when its result goes out (task
+    id, kind, VMs, ``success`` or ``error``, the error codes, seconds since it arrived)."""
+    codes = sorted({e.code for e in entries if e.code})
+    failed = any(e.status != "success" for e in entries)
+    log.info(
+        "task.finished",
+        task_id=msg.id,
+        task=msg.kind.value,
+        vms=[e.vm_name for e in entries],
+        result="error" if failed else "success",
+        **({"code": ",".join(codes)} if codes else {}),
+        duration=round(duration, 3),
+    )
+
+
 class Dispatcher:
     """Accepts parsed messages and runs them; results go to ``deliver``."""
 
@@ -494,6 +510,7 @@ class Dispatcher:
         result = self._result(job.msg, entries, job.header)
         if job.dedupe is not None:
             self._remember(job.dedupe, result)
+        _audit(job.msg, entries, time.monotonic() - job.received)
         self._deliver(result, job.reply, job.key)
 
     async def _journaled(self, job: _Job) -> bool:

@@ -32,6 +32,7 @@ import structlog
 from asyncmigfra.errors import (
     ConnectionFailed,
     HookFailed,
+    IncompatibleDestination,
     NotSupported,
     TaskError,
     TaskTimeout,
@@ -58,7 +59,9 @@ __all__ = [
     "EngineContext",
     "MigrationPlan",
     "carry_out",
+    "check_not_here",
     "check_pscom",
+    "estimate_eta",
     "follow_adopted",
     "memory_of",
     "migrate",
@@ -241,6 +244,22 @@ class ConvergencePolicy:
         return None
 
 
+def estimate_eta(stats: JobStats) -> float | None:
+    """The remaining time (s, 1 decimal) of a running job, as progress events carry it in
+    ``eta`` (protocol §5.5): the data still to send divided by the rate at which it shrinks,
+    the transfer rate minus the dirty rate (in post-copy the whole transfer rate: dirtied
+    pages no longer need sending again). ``None`` when that rate is not positive (the copy
+    does not converge at this rate: no honest estimate) or the job reported no rate."""
+    if stats.transfer_rate <= 0:
+        return None
+    shrinking = stats.transfer_rate
+    if stats.phase != "post-copy":
+        shrinking -= stats.dirty_rate
+    if shrinking <= 0:
+        return None
+    return round(max(0, stats.data_remaining) / shrinking, 1)
+
+
 @dataclass(slots=True)
 class _Progress:
     """Turns job samples into progress event fields; ``percent`` never decreases."""
@@ -286,6 +305,9 @@ class _Progress:
             )
             if stats.expected_downtime is not None:
                 out["expected-downtime"] = round(stats.expected_downtime, 1)
+            eta = estimate_eta(stats)
+            if eta is not None:
+                out["eta"] = eta
         else:
             out.update(
                 {
@@ -313,6 +335,7 @@ class _Progress:
             out["memory-remaining"] = 0
             out["data-remaining"] = 0
             out["transfer-rate"] = last.transfer_rate
+        out["eta"] = 0.0
         if downtime is not None:
             out["max-downtime"] = downtime
         return out
@@ -343,6 +366,7 @@ async def migrate(
     # it exactly as it was.
     ctx.phase("pre-checks")
     with ctx.measure("pre-checks"):
+        check_not_here(spec.destination, settings.hostname)
         await hypervisor.check_migration(plan.request)
     return await carry_out(
         plan,
@@ -353,6 +377,17 @@ async def migrate(
         bus=bus,
         source=settings.hostname,
     )
+
+
+def check_not_here(destination: str, hostname: str) -> None:
+    """Refuse a destination that names this agent's own host: libvirt would refuse it only
+    after the devices were detached ("Attempt to migrate guest to the same host"). An
+    address that reaches this host under another name is the back-end's pre-check."""
+    if destination == hostname:
+        raise IncompatibleDestination(
+            f"destination {destination} is this agent's own host: a VM cannot migrate to the"
+            " host it runs on"
+        )
 
 
 def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:

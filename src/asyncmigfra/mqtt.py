@@ -364,7 +364,13 @@ class MqttTransport:
                     self._connected.set()
                     self.connects += 1
                     attempt = 0
-                    log.info("mqtt.connected", host=s.host, port=s.port, client_id=s.client_id)
+                    log.info(
+                        "mqtt.connected",
+                        broker=f"{s.host}:{s.port}",
+                        host=s.host,
+                        port=s.port,
+                        client_id=s.client_id,
+                    )
                     if self._on_connected is not None:
                         await self._on_connected()
                     async for message in client.messages:
@@ -388,6 +394,7 @@ class MqttTransport:
                 delay = random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not crypto
                 log.warning(
                     "mqtt.reconnect_scheduled",
+                    broker=f"{s.host}:{s.port}",
                     error=str(exc),
                     attempt=attempt,
                     delay=round(delay, 3),
@@ -412,6 +419,7 @@ class MqttTransport:
         delay = random.uniform(base, base * 1.2)  # noqa: S311 - jitter, not crypto
         log.error(
             "mqtt.client_id_in_use",
+            broker=f"{s.host}:{s.port}",
             client_id=s.client_id,
             count=count,
             limit=s.takeover_limit,

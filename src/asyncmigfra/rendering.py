@@ -187,6 +187,22 @@ def _entry_items(entry: ResultEntry) -> list[tuple[str, object]]:
     return items
 
 
+def _header_items(header: Mapping[str, object]) -> list[tuple[str, object]]:
+    """The message's top-level keys; its own ``time-measurement`` (an evacuation's) printed
+    with six decimals like every entry's."""
+    items: list[tuple[str, object]] = []
+    for key, value in header.items():
+        if key == "time-measurement" and isinstance(value, Mapping):
+            fixed = {
+                tag: _Fixed(seconds) if isinstance(seconds, float) else seconds
+                for tag, seconds in value.items()
+            }
+            items.append((key, fixed))
+        else:
+            items.append((key, value))
+    return items
+
+
 def render_result(msg: ResultMessage) -> bytes:
     """The one result payload of a task message (spec 1.2 shape, our ``---``/``...`` framing).
 
@@ -195,7 +211,7 @@ def render_result(msg: ResultMessage) -> bytes:
     empty. A key already written to the same map is skipped (first one wins).
     """
     items: list[tuple[object, object]] = [("result", msg.result)]
-    items.extend(msg.header.items())
+    items.extend(_header_items(msg.header))
     if msg.flat and len(msg.entries) == 1:
         items.extend(_entry_items(msg.entries[0]))
     else:

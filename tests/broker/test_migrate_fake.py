@@ -115,6 +115,9 @@ async def test_spec_1_7_live_migration_progress_and_flat_result(mosquitto):
             "max-downtime",
         ):
             assert key in sample
+        # 50 MiB/s dirtied, 1000 MiB/s sent: the agent estimates the time left.
+        assert any(e.get("eta", -1) > 0 for e in progress[:-1])
+        assert progress[-1]["eta"] == 0
         assert _cluster(shared).locate("v") == dest
 
 

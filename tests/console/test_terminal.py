@@ -16,7 +16,9 @@ from console_support import Served, Terminal, exit_code
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
 _PERCENT = re.compile(r"(\d{1,3}\.\d) %")
-_BAR_LINE = re.compile(r"[━╸╺─ -]{20,}\s+(\d{1,3}\.\d) % pass (\d+) elapsed ([\d.]+) s")
+_BAR_LINE = re.compile(
+    r"[━╸╺─ -]{20,}\s+(\d{1,3}\.\d) % pass (\d+) +(?:ETA \S+(?: s)? +)?elapsed ([\d.]+) s"
+)
 
 
 def test_migrate_follow_shows_the_bar_advancing_and_a_summary(served: Served, terminal: Terminal):
@@ -40,21 +42,17 @@ def test_migrate_follow_shows_the_bar_advancing_and_a_summary(served: Served, te
     assert seen == sorted(seen), seen
     assert seen[-1] == 100.0
     assert "Migrating web-1 from host-a to host-b  (live, id migrate-" in screen
-    assert re.search(r"remaining 0 B\s+of 2\.0 GiB\s+rate 500\.0 MiB/s", screen), screen
+    assert re.search(r"remaining 0 B of 2\.0 GiB\s+rate 500 MiB/s", screen), screen
     assert "phase completed" in screen
     assert "web-1 migrated from host-a to host-b" in screen
     assert re.search(r"total time\s+\d+\.\d\d s\s+\(agent: migrate [\d.]+ s, overall", screen)
-    assert re.search(
-        r"downtime\s+[\d.]+ ms \(time-measurement\.downtime 0\.\d{6} s\); final progress"
-        r" event: [\d.]+ ms",
-        screen,
-    ), screen
+    assert re.search(r"^  downtime\s+[\d.]+ ms$", screen, re.MULTILINE), screen
     assert re.search(r"passes\s+\d+", screen)
     assert re.search(r"actions\s+", screen)
 
 
 _SWAP_BAR = re.compile(
-    r"^(web-[12]) +(host-[ab] -> host-[ab]) [━╸╺─ -]{10,}\s+(\d{1,3}\.\d) % pass \d+ phase",
+    r"^(web-[12]) +-> (host-[ab]) +[━╸╺─ -]{6,}\s+(\d{1,3}\.\d) % pass \d+ ",
     re.MULTILINE,
 )
 
@@ -80,7 +78,7 @@ def test_migrate_swap_with_follow_shows_one_bar_per_vm(served: Served, terminal:
 
     screen = terminal.wait_for(lambda s: exit_code(s) is not None, 30, every=record)
     assert exit_code(screen) == 0, screen
-    assert routes == {("web-1", "host-a -> host-b"), ("web-2", "host-b -> host-a")}
+    assert routes == {("web-1", "host-b"), ("web-2", "host-a")}
     for vm, pcts in seen.items():
         assert len({p for p in pcts if p < 100}) >= 2, f"{vm}'s bar never moved: {seen}"
         assert pcts == sorted(pcts), seen

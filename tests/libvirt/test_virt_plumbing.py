@@ -377,3 +377,21 @@ async def test_begin_migration_to_an_unreachable_destination(ctx: Ctx, tmp_path:
 
 async def test_find_running_migrations(hv: LibvirtHypervisor) -> None:
     assert await hv.find_running_migrations() == []  # no job support on the test driver
+
+
+def test_host_uuid_is_what_the_same_host_pre_check_compares() -> None:
+    """Capabilities ``host/uuid`` (libvirt's own same-host criterion), normalised; none from
+    a driver that reports none (the test driver) or unreadable capabilities."""
+    from asyncmigfra.hypervisor.virt import _host_uuid  # noqa: PLC0415
+
+    class Conn:
+        def __init__(self, caps: str) -> None:
+            self.caps = caps
+
+        def getCapabilities(self) -> str:
+            return self.caps
+
+    caps = "<capabilities><host><uuid> 0A1B2C3D-0000-4000-8000-00000000ABCD </uuid></host>"
+    assert _host_uuid(Conn(caps + "</capabilities>")) == "0a1b2c3d-0000-4000-8000-00000000abcd"
+    assert _host_uuid(Conn("<capabilities><host/></capabilities>")) is None
+    assert _host_uuid(Conn("<capabilities")) is None

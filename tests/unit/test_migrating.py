@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from asyncmigfra.hypervisor.base import JobStats
-from asyncmigfra.migrating import ConvergencePolicy, _downtime_schedule, _Progress, plan_migration
+from asyncmigfra.migrating import (
+    ConvergencePolicy,
+    _downtime_schedule,
+    _Progress,
+    estimate_eta,
+    plan_migration,
+)
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import MigrationDefaults
 from asyncmigfra.timing import TimeMeasurement
@@ -121,6 +129,22 @@ def test_percent_never_decreases_and_stays_below_100_until_done():
     assert seen == sorted(seen)
     assert max(seen) <= 99.0
     assert progress.final(downtime=300)["percent"] == 100.0
+
+
+def test_eta_is_what_is_left_over_the_rate_it_shrinks_at_and_absent_when_it_does_not():
+    mib = 1 << 20
+    running = stats(2, 900 * mib)
+    fast = replace(running, transfer_rate=1000 * mib, dirty_rate=100 * mib)
+    assert estimate_eta(fast) == 1.0  # 900 MiB at 1000 - 100 MiB/s
+    post = replace(fast, phase="post-copy", dirty_rate=2000 * mib)
+    assert estimate_eta(post) == 0.9  # post-copy: dirtied pages are not sent again
+    stalled = replace(fast, dirty_rate=1000 * mib)
+    assert estimate_eta(stalled) is None
+    assert estimate_eta(running) is None  # no rate reported yet
+    progress = _Progress(max_downtime=300)
+    assert progress.fields(fast, phase="migrating", action=None, downtime=300)["eta"] == 1.0
+    assert "eta" not in progress.fields(stalled, phase="migrating", action=None, downtime=300)
+    assert progress.final(downtime=300)["eta"] == 0.0
 
 
 def test_elapsed_never_goes_backwards_into_the_final_event():

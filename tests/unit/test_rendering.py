@@ -80,6 +80,31 @@ def test_spec_1_2_vm_migrated_is_flat_byte_for_byte() -> None:
     )
 
 
+def test_evacuation_top_level_time_measurement_has_six_decimals_like_the_entries() -> None:
+    """An evacuation's own ``time-measurement`` (a header key) printed ``%f`` as the
+    entries' are, not ``8.141100011016533e-05``."""
+    msg = ResultMessage(
+        result="node evacuated",
+        entries=[ResultEntry(vm_name="v", status="success", time_measurement={"migrate": 1.5})],
+        header={"time-measurement": {"overall": 8.141100011016533e-05, "placement": 2.0}},
+        id="e",
+    )
+    assert render_result(msg) == (
+        b"---\n"
+        b"result: node evacuated\n"
+        b"time-measurement:\n"
+        b"  overall: 0.000081\n"
+        b"  placement: 2.000000\n"
+        b"list:\n"
+        b"  - vm-name: v\n"
+        b"    status: success\n"
+        b"    time-measurement:\n"
+        b"      migrate: 1.500000\n"
+        b"id: e\n"
+        b"...\n"
+    )
+
+
 def test_spec_1_2_vm_started_uses_list_byte_for_byte() -> None:
     """Spec 1.2's second verified output; ``id: "42"`` is quoted so PyYAML keeps a string,
     and the error entry carries the new ``code``."""

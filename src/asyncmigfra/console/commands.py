@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncmigfra.console.connection import Connection
+from asyncmigfra.console.evacuation import EvacuationView
 from asyncmigfra.console.exits import FAILED, OK, USAGE, CliError
 from asyncmigfra.console.fleet import locate_vm
 from asyncmigfra.console.follow import MigrationView, follow_migration
@@ -271,6 +272,7 @@ async def migrate(
         task_id=task_id,
         migration_type=None if mtype is None else str(mtype),
         swap_with=swap_with,
+        max_downtime=params.get("max-downtime"),
     )
     async with open_session(conn) as session:
         await session.subscribe_host(source)
@@ -374,10 +376,27 @@ async def evacuate(
     params: Mapping[str, object],
     limit: float | None,
     force: bool,
+    follow: bool = False,
 ) -> int:
     task_id = fresh_id("evacuate")
     payload = evacuate_task(task_id, destinations, params)
-    return await _request(conn, out, host, payload, task_id, limit=limit, force=force, show_id=True)
+    if not follow:
+        return await _request(
+            conn, out, host, payload, task_id, limit=limit, force=force, show_id=True
+        )
+    view = EvacuationView(host, destinations, task_id, max_downtime=params.get("max-downtime"))
+    async with open_session(conn) as session:
+        await session.subscribe_host(host)
+        await _announce(session, out, host, force=force)
+        await session.publish_task(host, payload)
+        view.started = time.monotonic()
+        result = await follow_migration(session, out, view, limit=limit)
+    if out.json:
+        out.json_line(result.doc)
+    else:
+        for text, style in view.summary(result.doc, view.elapsed):
+            out.line(text, style)
+    return OK if view.ok(result.doc) else FAILED
 
 
 async def status(

@@ -35,83 +35,45 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asyncmigfra.console.exits import INTERRUPTED, CliError
-from asyncmigfra.console.output import Out, event_fields, fmt_bytes, number, rate_parts
+from asyncmigfra.console.lanes import VmLane, bar_value, lane_rows
+from asyncmigfra.console.output import Out, event_fields
 from asyncmigfra.console.session import Interrupt, Lost, Message, Session
 from asyncmigfra.console.tasks import cancel_task, fresh_id, succeeded
+from asyncmigfra.progresstext import fit, progress_parts
 from asyncmigfra.terminal import ljust, safe, safe_text
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
     from rich.live import Live
 
-__all__ = ["MigrationView", "VmLane", "follow_migration"]
+__all__ = ["PLAIN_WIDTH", "FollowedView", "MigrationView", "VmLane", "follow_migration"]
+
+#: The width plain lines (a pipe, a log file) are fitted to.
+PLAIN_WIDTH = 80
 
 #: Codes after which the protocol guarantees the guest still runs on the source (§3.6, §6).
 _STAYS_ON_SOURCE = frozenset({"cancelled", "timeout", "migration-failed"})
 
 
-@dataclass
-class VmLane:
-    """One VM's move as its events tell it: phase, progress, the agent's actions. A plain
-    migration has one lane; a swap two, fed by the ``vm-name`` of each event."""
+class FollowedView(Protocol):
+    """What :func:`follow_migration` needs of a view: a migration's, or an evacuation's
+    (:class:`~asyncmigfra.console.evacuation.EvacuationView`)."""
 
-    vm: str
+    task_id: str
     source: str
-    destination: str
-    phase: str = "sent"
-    progress: dict[str, Any] | None = None
-    percents: list[float] = field(default_factory=list)
-    actions: list[str] = field(default_factory=list)
-    #: Downtime (ms) from the final ``completed`` progress event.
-    final_downtime: float | None = None
+    cancel_id: str | None
+    cancel_answer: str | None
 
-    @property
-    def percent(self) -> float:
-        return self.percents[-1] if self.percents else 0.0
+    def feed(self, doc: Mapping[str, Any]) -> None: ...
 
-    @property
-    def passes(self) -> int:
-        n = number((self.progress or {}).get("iteration", 0))
-        return 0 if n is None else int(n)
+    def plain_lines(self, doc: Mapping[str, Any]) -> list[str]: ...
 
-    def feed(self, doc: Mapping[str, Any]) -> None:
-        """A ``phase`` or ``progress`` event of this VM."""
-        kind = str(doc.get("event"))  # (wire: any type; a list is not hashable)
-        if kind == "phase":
-            self.phase = str(doc.get("phase", "?"))
-            if self.phase == "retry-wait":
-                self.actions.append("retry")
-        elif kind == "progress":
-            self.progress = dict(doc)
-            self.phase = str(doc.get("phase", self.phase))
-            pct = number(doc.get("percent"))
-            if pct is not None:
-                self.percents.append(pct)
-            action = doc.get("action")
-            if action == "raise-downtime" and "max-downtime" in doc:
-                self.actions.append(f"raise-downtime to {doc['max-downtime']} ms")
-            elif action:
-                self.actions.append(str(action))
-            downtime = number(doc.get("downtime"))
-            if doc.get("phase") == "completed" and downtime is not None:
-                self.final_downtime = downtime
+    def header(self) -> str: ...
 
-    def stats(self) -> str:
-        p = self.progress or {}
-        parts = []
-        remaining = p.get("data-remaining", p.get("memory-remaining"))
-        if remaining is not None:
-            parts.append(f"remaining {fmt_bytes(remaining)}")
-        if "memory-total" in p:
-            parts.append(f"of {fmt_bytes(p['memory-total'])}")
-        parts.extend(rate_parts(p))
-        return "   ".join(parts) if parts else "waiting for the first statistics..."
-
-    def action_text(self) -> str:
-        return ", ".join(self.actions) if self.actions else "none"
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult: ...
 
 
 @dataclass
@@ -127,6 +89,9 @@ class MigrationView:
     migration_type: str | None = None
     #: The partner of a swap (``parameter.swap-with.vm-name``); ``None``: one VM moves.
     swap_with: str | None = None
+    #: The task's ``max-downtime`` (ms) when the client set it (the most the policy raises
+    #: the target to).
+    max_downtime: object = None
     started: float = field(default_factory=time.monotonic)
     notes: list[str] = field(default_factory=list)
     cancel_id: str | None = None
@@ -135,9 +100,12 @@ class MigrationView:
     lanes: dict[str, VmLane] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.lanes = {self.vm: VmLane(self.vm, self.source, self.destination)}
+        most = self.max_downtime
+        self.lanes = {self.vm: VmLane(self.vm, self.source, self.destination, max_downtime=most)}
         if self.swap_with is not None:
-            self.lanes[self.swap_with] = VmLane(self.swap_with, self.destination, self.source)
+            self.lanes[self.swap_with] = VmLane(
+                self.swap_with, self.destination, self.source, max_downtime=most
+            )
 
     # VM 1's lane, under the names the one-VM view has always had.
 
@@ -222,7 +190,26 @@ class MigrationView:
         if self.swap_with is not None:
             who = f"{ljust(doc.get('vm-name', '-'), self._name_width())}  "
         kind = ljust(doc.get("event", "?"), 8)
-        return f"{self.elapsed:7.1f} s  {who}{kind}  {event_fields(doc)}"
+        head = f"{self.elapsed:7.1f} s  {who}{kind}  "
+        if doc.get("event") == "progress":
+            lane = self._lane(doc)
+            parts = progress_parts(doc, lane.percent, maximum=lane.max_downtime)
+            parts = [p for p in parts if not p.startswith("target ")]  # (own line)
+            return head + fit(parts, max(20, PLAIN_WIDTH - len(head)))
+        return head + event_fields(doc)
+
+    def plain_lines(self, doc: Mapping[str, Any]) -> list[str]:
+        """:meth:`plain`, and for a progress event that set a new downtime target a second
+        line with it (``target 30 ms -> max 300 ms``): the progress line has no room for it."""
+        lines = [self.plain(doc)]
+        if doc.get("event") == "progress":
+            target = self._lane(doc).target_change()
+            if target is not None:
+                who = ""
+                if self.swap_with is not None:
+                    who = f"{ljust(doc.get('vm-name', '-'), self._name_width())}  "
+                lines.append(f"{'':11}{who}{'downtime':8}  {target}")
+        return lines
 
     def ok(self, result: Mapping[str, Any]) -> bool:
         """The migration (both halves of a swap, whose result must report VM 2) succeeded."""
@@ -247,16 +234,11 @@ class MigrationView:
                 lines.append((f"  {self.vm} stays on {self.source}", "yellow"))
         lines.append(_total_line(tm, wall))
         downtime = tm.get("downtime")
-        parts = []
+        # One downtime: the result's measurement, else the final progress event's.
         if isinstance(downtime, int | float):
-            parts.append(
-                f"{float(downtime) * 1000:.1f} ms (time-measurement.downtime"
-                f" {float(downtime):.6f} s)"
-            )
-        if self.final_downtime is not None:
-            parts.append(f"final progress event: {self.final_downtime:g} ms")
-        if parts:
-            lines.append(("  downtime     " + "; ".join(parts), ""))
+            lines.append((f"  downtime     {float(downtime) * 1000:.1f} ms", ""))
+        elif self.final_downtime is not None:
+            lines.append((f"  downtime     {self.final_downtime:g} ms", ""))
         if self.progress is not None:
             lines.append((f"  passes       {self.progress.get('iteration', 0)}", ""))
         lines.append((f"  actions      {self.action_text()}", ""))
@@ -361,59 +343,40 @@ class MigrationView:
         from rich.progress_bar import ProgressBar  # noqa: PLC0415
         from rich.table import Table  # noqa: PLC0415
 
-        yield safe_text(self.header(), style="bold")
+        cols = options.max_width
+        yield safe_text(fit([self.header()], cols), style="bold")
         if self.swap_with is None:
+            lane = self.main
             bar = Table.grid(padding=(0, 1))
             bar.add_row(
                 ProgressBar(
                     total=100.0,
-                    completed=_bar(self.percent),
-                    width=max(10, min(60, options.max_width - 60)),
+                    completed=bar_value(lane.percent),
+                    width=max(10, min(60, cols - 62)),
                 ),
-                safe_text(f"{self.percent:5.1f} %", style="bold"),
-                safe_text(f"pass {(self.progress or {}).get('iteration', 0)}"),
+                safe_text(f"{lane.percent:5.1f} %", style="bold"),
+                safe_text(f"pass {lane.passes}"),
+                safe_text(lane.eta()),
                 safe_text(f"elapsed {self.elapsed:.1f} s"),
-                safe_text(f"phase {self.phase}", style="blue"),
+                safe_text(fit([f"phase {lane.phase}"], 16), style="blue"),
             )
             yield bar
-            yield safe_text(self.stats())
-            yield safe_text(f"actions: {self.action_text()}")
+            yield safe_text(lane.stats(cols))
+            downtime = lane.downtime(cols)
+            if downtime is not None:
+                yield safe_text(downtime)
+            yield safe_text(fit([f"actions: {lane.action_text()}"], cols))
         else:
-            # One bar per VM: the two halves run at their own pace (or one after the other).
-            width = self._name_width()
-            bars = Table.grid(padding=(0, 1))
-            for lane in self.lanes.values():
-                bars.add_row(
-                    safe_text(ljust(lane.vm, width), style="bold"),
-                    safe_text(f"{lane.source} -> {lane.destination}"),
-                    ProgressBar(
-                        total=100.0,
-                        completed=_bar(lane.percent),
-                        width=max(10, min(50, options.max_width - 80)),
-                    ),
-                    safe_text(f"{lane.percent:5.1f} %", style="bold"),
-                    safe_text(f"pass {lane.passes}"),
-                    safe_text(f"phase {lane.phase}", style="blue"),
-                )
-            yield bars
-            for lane in self.lanes.values():
-                yield safe_text(f"{ljust(lane.vm, width)}  {lane.stats()}")
-            for lane in self.lanes.values():
-                yield safe_text(f"{ljust(lane.vm, width)}  actions: {lane.action_text()}")
+            yield from lane_rows(self.lanes.values(), cols)
             yield safe_text(f"elapsed {self.elapsed:.1f} s")
         for note in self.notes[-3:]:
-            yield safe_text(note, style="red")
+            yield safe_text(fit([note], cols), style="red")
         if self.cancel_id:
             yield safe_text(
                 f"cancel requested (task {self.cancel_id})"
                 + (f": {self.cancel_answer}" if self.cancel_answer else "; waiting for the agent"),
                 style="yellow",
             )
-
-
-def _bar(percent: float) -> float:
-    """A percentage the progress bar can draw (an agent may send -5 or 1e300)."""
-    return min(100.0, max(0.0, percent))
 
 
 def _timings(result: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -449,7 +412,7 @@ def _outcome(lane: VmLane, moved: object, failure: str | None, code: str) -> lis
 class _Display:
     """The live region at a terminal; a no-op otherwise."""
 
-    def __init__(self, out: Out, view: MigrationView) -> None:
+    def __init__(self, out: Out, view: FollowedView) -> None:
         self.out = out
         self.view = view
         self._live: Live | None = None
@@ -475,7 +438,8 @@ class _Display:
         elif self._live is not None:
             self._live.refresh()
         elif not self.out.tty:
-            self.out.line(self.view.plain(doc))
+            for line in self.view.plain_lines(doc):
+                self.out.line(line)
 
 
 def _read_line() -> asyncio.Future[str]:
@@ -499,9 +463,10 @@ def _read_line() -> asyncio.Future[str]:
 
 
 async def follow_migration(
-    session: Session, out: Out, view: MigrationView, *, limit: float | None
+    session: Session, out: Out, view: FollowedView, *, limit: float | None
 ) -> Message:
-    """Show ``view`` live until the migration's result arrives; returns the result."""
+    """Show ``view`` live until the migration's (or evacuation's) result arrives; returns the
+    result."""
     display = _Display(out, view)
     host = view.source
 
@@ -541,7 +506,7 @@ async def follow_migration(
         display.stop()
 
 
-async def _ask_cancel(session: Session, out: Out, view: MigrationView, on_item: Any) -> None:
+async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: Any) -> None:
     """The Ctrl-C prompt. Events keep being taken in while it waits; a result, a lost
     broker or a presence change ends the prompt and is handled by the caller."""
     hint = (

@@ -1324,8 +1324,11 @@ class FakeHypervisor:
             raise ConnectionFailed(
                 f"unable to connect to server at '{request.destination}': No route to host"
             )
-        if dest is self.host:
-            return  # begin_migration reports it with libvirt's text
+        if dest is self.host:  # (begin_migration reports it with libvirt's text)
+            raise IncompatibleDestination(
+                f"destination {request.destination} is this host ({self.host.name}): a VM"
+                " cannot migrate to the host it runs on"
+            )
         there = dest.domains.get(dom.name)
         if (there is not None and there.active) or dom.name in dest.incoming:
             raise IncompatibleDestination(

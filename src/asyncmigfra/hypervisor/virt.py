@@ -1081,6 +1081,8 @@ class _GuestFacts:
     #: The guest's ``<cpu>`` XML when it names a model (custom mode); ``None`` otherwise.
     cpu_xml: str | None
     memory_kib: int
+    #: The source host's UUID (capabilities ``host/uuid``); ``None`` when not reported.
+    host_uuid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1089,6 +1091,8 @@ class _DestinationFacts:
     machines: frozenset[str]
     cpu_compare: int | None
     free_kib: int | None
+    #: The destination host's UUID (capabilities ``host/uuid``); ``None`` when not reported.
+    host_uuid: str | None = None
 
 
 def _guest_facts(conn: Any, name: str) -> _GuestFacts:
@@ -1106,7 +1110,20 @@ def _guest_facts(conn: Any, name: str) -> _GuestFacts:
         machine=ostype.get("machine") if ostype is not None else None,
         cpu_xml=cpu_xml,
         memory_kib=int(dom.info()[1]),
+        host_uuid=_host_uuid(conn),
     )
+
+
+def _host_uuid(conn: Any) -> str | None:
+    """The host's UUID from its capabilities: what libvirt compares to refuse a migration to
+    the same host ("Attempt to migrate guest to the same host"); ``None`` when the driver
+    reports none (the test driver)."""
+    try:
+        caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 - libvirt's own XML
+    except (libvirt.libvirtError, ET.ParseError):
+        return None
+    text = caps.findtext("host/uuid")
+    return text.strip().lower() if text and text.strip() else None
 
 
 def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
@@ -1117,8 +1134,11 @@ def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
             raise
         name_active = False
     machines: set[str] = set()
+    host_uuid: str | None = None
     with contextlib.suppress(libvirt.libvirtError, ET.ParseError):
         caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 - libvirt's own XML
+        uuid_text = (caps.findtext("host/uuid") or "").strip().lower()
+        host_uuid = uuid_text or None
         for arch in caps.iterfind("guest/arch"):
             if guest.arch and arch.get("name") != guest.arch:
                 continue
@@ -1149,6 +1169,7 @@ def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
         machines=frozenset(machines),
         cpu_compare=cpu_compare,
         free_kib=free_kib,
+        host_uuid=host_uuid,
     )
 
 
@@ -2471,6 +2492,11 @@ class LibvirtHypervisor:
                 f"destination {request.destination} cannot be checked: {_message(exc)}"
             ) from exc
         where = request.destination
+        if guest.host_uuid is not None and guest.host_uuid == dest.host_uuid:
+            raise IncompatibleDestination(
+                f"destination {where} ({target.uri}) is this host (same host UUID"
+                f" {dest.host_uuid}): a VM cannot migrate to the host it runs on"
+            )
         if dest.name_active:
             raise IncompatibleDestination(
                 f"a domain named '{guest.name}' is already active on {where}"

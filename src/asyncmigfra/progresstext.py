@@ -1,0 +1,174 @@
+"""Progress events (protocol §5.5) as words for people: one formatter for the CLI's
+``--follow`` view and the demo, so both say the same thing the same way (``pass``,
+``remaining``, ``rate``, ``dirty``, ``expected downtime``, ``target``, ``ETA``).
+
+Two things here are not a copy of the wire:
+
+* the **percent shown** never overstates. The event's ``percent`` counts bytes sent over all
+  passes and keeps rising while a guest dirties memory as fast as it is sent (67.7 % with
+  1.7 of 2.0 GiB still to copy). :class:`ShownPercent` shows 100 * (1 - remaining / total)
+  of the current state instead: it does not decrease within a memory pass, falls back at the
+  start of a pass to what the guest dirtied again, stays below 100 until the job completed;
+* a line is **fitted** to a width (80 columns by default): the parts are listed most
+  important first and the least important ones are left out until the line fits, so a
+  terminal of 80 columns never wraps it.
+
+Values come from the wire and may be anything: numbers are read with :func:`number`, and
+the caller escapes the text it prints (``asyncmigfra.terminal``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "ShownPercent",
+    "fit",
+    "fmt_eta",
+    "fmt_size",
+    "number",
+    "progress_parts",
+    "remaining_of_total",
+    "target_text",
+]
+
+WIDTH = 80
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def number(value: object) -> float | None:
+    """``value`` if it is a finite number (not a bool), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        n = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return n if math.isfinite(n) else None
+
+
+def fmt_size(value: object) -> str:
+    """Bytes with three significant digits at most: ``1.7 GiB``, ``851 MiB``, ``98.5 MiB``."""
+    n = number(value)
+    if n is None:
+        return "?"
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            if unit == "B":
+                return f"{n:.0f} B"
+            return f"{n:.0f} {unit}" if abs(n) >= 100 else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def fmt_eta(value: object) -> str | None:
+    """``ETA 4.2 s``, ``ETA 3m05s``, ``ETA 2h03m``; ``None`` without an estimate."""
+    n = number(value)
+    if n is None or n < 0:
+        return None
+    if n < 60:
+        return f"ETA {n:.1f} s"
+    s = round(n)
+    if s < 3600:
+        return f"ETA {s // 60}m{s % 60:02d}s"
+    return f"ETA {s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def remaining_of_total(doc: Mapping[str, object]) -> tuple[float, float] | None:
+    """(still to copy, size) in bytes: memory plus disks when the event reports them."""
+    total = number(doc.get("memory-total"))
+    left = number(doc.get("memory-remaining"))
+    if total is None or total <= 0:
+        return None
+    if left is None:  # (an event with only the total still to send)
+        left = number(doc.get("data-remaining"))
+        return None if left is None else (min(total, max(0.0, left)), total)
+    disk_total, disk_left = number(doc.get("disk-total")), number(doc.get("disk-remaining"))
+    if disk_total is not None and disk_left is not None and disk_total > 0:
+        total, left = total + disk_total, left + disk_left
+    return max(0.0, left), total
+
+
+@dataclass
+class ShownPercent:
+    """The percent a person sees: never more than what is really done now (see the module)."""
+
+    value: float = 0.0
+    #: The memory pass ``value`` belongs to.
+    pass_no: object = None
+    #: An event with statistics was seen: events without them change nothing any more.
+    measured: bool = False
+
+    def feed(self, doc: Mapping[str, object]) -> float:
+        """Take a ``progress`` event; the percent to show."""
+        if doc.get("phase") == "completed":
+            self.value = 100.0
+            return self.value
+        state = remaining_of_total(doc)
+        if state is None:
+            # No statistics (before the first sample, offline): the event's own percent,
+            # unless statistics were seen already.
+            wire = number(doc.get("percent"))
+            if not self.measured and wire is not None:
+                self.value = max(self.value, min(99.9, max(0.0, wire)))
+            return self.value
+        left, total = state
+        # (rounded down to the 0.1 shown: rounding up could overstate)
+        honest = math.floor(min(99.9, max(0.0, 100.0 * (1.0 - left / total))) * 10) / 10
+        same_pass = self.measured and doc.get("iteration") == self.pass_no
+        self.value = max(self.value, honest) if same_pass else honest
+        self.pass_no = doc.get("iteration")
+        self.measured = True
+        return self.value
+
+
+def target_text(doc: Mapping[str, object], maximum: object = None) -> str | None:
+    """``target 30 ms -> max 300 ms``: the downtime target set now and, when the caller knows
+    it (the task's ``max-downtime``), the most the convergence policy may raise it to."""
+    target = number(doc.get("max-downtime"))
+    if target is None:
+        return None
+    most = number(maximum)
+    if most is None or most == target:
+        return f"target {target:g} ms" + (" (max)" if most is not None else "")
+    return f"target {target:g} ms -> max {most:g} ms"
+
+
+def progress_parts(
+    doc: Mapping[str, object], percent: float, *, maximum: object = None, phase: bool = True
+) -> list[str]:
+    """The parts of a progress line, most important first."""
+    parts = [f"{doc.get('phase', '?')} {percent:5.1f} %" if phase else f"{percent:5.1f} %"]
+    parts.append(f"pass {doc.get('iteration', 0)}")
+    eta = fmt_eta(doc.get("eta"))
+    if eta is not None and doc.get("phase") != "completed":
+        parts.append(eta)
+    if doc.get("phase") == "completed" and number(doc.get("downtime")) is not None:
+        parts.append(f"downtime {number(doc.get('downtime')):g} ms")
+    if "action" in doc:
+        parts.append(f"action {doc['action']}")
+    state = remaining_of_total(doc)
+    if state is not None:
+        parts.append(f"remaining {fmt_size(state[0])}")
+    if "transfer-rate" in doc:
+        parts.append(f"rate {fmt_size(doc['transfer-rate'])}/s")
+    if "dirty-rate" in doc:
+        parts.append(f"dirty {fmt_size(doc['dirty-rate'])}/s")
+    expected = number(doc.get("expected-downtime"))
+    if expected is not None:
+        parts.append(f"expected downtime {expected:g} ms")
+    target = target_text(doc, maximum)
+    if target is not None:
+        parts.append(target)
+    return parts
+
+
+def fit(parts: Iterable[str], width: int = WIDTH, sep: str = "  ") -> str:
+    """``parts`` joined, the last ones left out until the line is at most ``width`` wide
+    (the first part is kept, cut if it must)."""
+    kept = list(parts)
+    while len(kept) > 1 and len(sep.join(kept)) > width:
+        kept.pop()
+    return sep.join(kept)[: max(0, width)]

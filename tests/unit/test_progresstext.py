@@ -1,0 +1,116 @@
+"""The words of progress shared by the CLI's live view and the demo: a percent that never
+overstates, the ETA, the downtime target with its maximum, lines fitted to 80 columns."""
+
+from __future__ import annotations
+
+from asyncmigfra.console.evacuation import EvacuationView
+from asyncmigfra.progresstext import (
+    ShownPercent,
+    fit,
+    fmt_eta,
+    fmt_size,
+    progress_parts,
+    target_text,
+)
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def _sample(iteration: int, remaining: int, wire: float, **extra: object) -> dict[str, object]:
+    return {
+        "event": "progress",
+        "phase": "migrating",
+        "iteration": iteration,
+        "percent": wire,
+        "memory-total": 2 * GIB,
+        "memory-remaining": remaining,
+        "data-remaining": remaining,
+        **extra,
+    }
+
+
+def test_a_migration_that_does_not_converge_is_not_shown_nearly_done():
+    """The wire's 67.7 % (bytes sent over all passes) with 1.7 of 2.0 GiB left is 15 %."""
+    shown = ShownPercent()
+    assert shown.feed(_sample(1, GIB, 50.0)) == 50.0
+    assert shown.feed(_sample(1, GIB + GIB // 2, 55.0)) == 50.0  # not less within a pass
+    assert shown.feed(_sample(1, GIB // 10, 90.0)) == 95.0
+    # Pass 2 starts with what the guest dirtied again: the percent says so.
+    assert shown.feed(_sample(2, int(1.7 * GIB), 67.7)) == 15.0
+    assert shown.feed(_sample(2, 0, 99.0)) == 99.9  # below 100 until completed
+    assert shown.feed({"event": "progress", "phase": "completed", "iteration": 2}) == 100.0
+
+
+def test_events_without_statistics_use_the_wire_percent_until_statistics_come():
+    shown = ShownPercent()
+    assert shown.feed({"event": "progress", "phase": "migrating", "percent": 0.0}) == 0.0
+    assert shown.feed(_sample(1, GIB, 10.0)) == 50.0
+    assert shown.feed({"event": "progress", "phase": "migrating", "percent": 1e300}) == 50.0
+
+
+def test_storage_counts_with_memory():
+    doc = _sample(1, 0, 50.0, **{"disk-total": 2 * GIB, "disk-remaining": 2 * GIB})
+    assert ShownPercent().feed(doc) == 50.0
+
+
+def test_eta_target_and_sizes():
+    assert (fmt_eta(4.24), fmt_eta(185), fmt_eta(7380)) == ("ETA 4.2 s", "ETA 3m05s", "ETA 2h03m")
+    assert [fmt_eta(None), fmt_eta("soon"), fmt_eta(-1)] == [None, None, None]
+    assert target_text({"max-downtime": 30}, 300) == "target 30 ms -> max 300 ms"
+    assert target_text({"max-downtime": 300}, 300) == "target 300 ms (max)"
+    assert target_text({"max-downtime": 30}) == "target 30 ms"
+    assert target_text({}) is None
+    assert (fmt_size(int(1.7 * GIB)), fmt_size(851 * MIB), fmt_size(0)) == (
+        "1.7 GiB",
+        "851 MiB",
+        "0 B",
+    )
+
+
+def test_a_progress_line_keeps_the_most_important_parts_within_the_width():
+    doc = _sample(
+        3, int(1.7 * GIB), 67.7, eta=75.0,
+        **{"transfer-rate": 1000 * MIB, "dirty-rate": 990 * MIB, "expected-downtime": 1740.0,
+           "max-downtime": 30, "action": "raise-downtime"},
+    )  # fmt: skip
+    parts = progress_parts(doc, 15.0, maximum=300)
+    assert parts[:4] == ["migrating  15.0 %", "pass 3", "ETA 1m15s", "action raise-downtime"]
+    assert "target 30 ms -> max 300 ms" in parts
+    line = fit(parts, 60)
+    assert len(line) <= 60
+    assert line.startswith("migrating  15.0 %  pass 3  ETA 1m15s")
+    assert fit(["x" * 100], 80) == "x" * 80
+
+
+def test_evacuation_view_one_lane_per_vm_and_each_outcome():
+    v = EvacuationView("host-a", ["host-b", "host-c"], "e1")
+    v.feed({"event": "accepted", "id": "e1", "vm-names": []})
+    v.feed({"event": "phase", "id": "e1", "vm-name": "n/a", "phase": "placement"})
+    assert (v.phase, v.lanes) == ("placement", {})
+    v.feed(_sample(1, GIB, 40.0) | {"vm-name": "a1"})
+    v.feed(_sample(1, GIB // 2, 60.0) | {"vm-name": "a2"})
+    v.feed({"event": "done", "vm-name": "a2", "status": "error"})
+    v.feed({"event": "error", "vm-name": "a2", "code": "timeout", "details": "slow"})
+    assert list(v.lanes) == ["a1", "a2"]
+    assert (v.lanes["a1"].percent, v.lanes["a2"].percent) == (50.0, 75.0)
+    assert v.lanes["a2"].phase == "failed"
+    assert v.notes == ["a2: error: timeout: slow"]
+    plain = v.plain(_sample(1, GIB, 40.0) | {"vm-name": "a1"})
+    assert plain.split(None, 2)[2].startswith("a1  progress  migrating  50.0 %  pass 1")
+    result = {
+        "result": "node evacuated",
+        "list": [
+            {"vm-name": "a1", "status": "success", "destination": "host-c"},
+            {"vm-name": "a2", "status": "error", "code": "timeout", "details": "slow"},
+        ],
+        "time-measurement": {"overall": 2.5},
+    }
+    lines = [t for t, _ in v.summary(result, 2.6)]
+    assert lines == [
+        "host-a: 1 of 2 VMs migrated",
+        "a1 migrated to host-c",
+        "a2 was NOT migrated: timeout: slow",
+        "  total time   2.60 s  (agent: overall 2.500 s)",
+    ]
+    assert not v.ok(result)
