@@ -32,14 +32,14 @@ from typing import Any
 from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
 from asyncmigfra.mqtt import ToolClient, TransportError
-from asyncmigfra.progresstext import ShownPercent, fit, progress_parts
+from asyncmigfra.progresstext import ShownPercent, progress_parts
 from asyncmigfra.settings import (
     HypervisorSettings,
     LoggingSettings,
     Settings,
     default_settings,
 )
-from asyncmigfra.terminal import safe
+from asyncmigfra.terminal import fit, safe
 
 __all__ = ["SERVE_DOMAINS", "DemoError", "run_demo", "run_serve"]
 
@@ -409,7 +409,7 @@ async def _drive(host: str, port: int, protocol: str, out: _Console) -> bool:
                     pct = shown.setdefault(str(doc.get("id")), ShownPercent()).feed(doc)
                     head = f"  [{doc.get('host')}] {doc.get('vm-name')} {_bar(pct)} "
                     parts = progress_parts(doc, pct, maximum=MAX_DOWNTIME, phase=False)
-                    out.say(head + fit(parts, 80 - len(head)))
+                    out.say(head + fit(parts, 80 - len(safe(head))))
                 elif doc.get("event") in {"phase", "error"}:
                     extra = doc.get("phase") or f"{doc.get('code')}: {doc.get('details')}"
                     out.say(

@@ -20,12 +20,11 @@ the caller escapes the text it prints (``asyncmigfra.terminal``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
     "ShownPercent",
-    "fit",
     "fmt_eta",
     "fmt_size",
     "number",
@@ -163,12 +162,3 @@ def progress_parts(
     if target is not None:
         parts.append(target)
     return parts
-
-
-def fit(parts: Iterable[str], width: int = WIDTH, sep: str = "  ") -> str:
-    """``parts`` joined, the last ones left out until the line is at most ``width`` wide
-    (the first part is kept, cut if it must)."""
-    kept = list(parts)
-    while len(kept) > 1 and len(sep.join(kept)) > width:
-        kept.pop()
-    return sep.join(kept)[: max(0, width)]

@@ -59,17 +59,19 @@ only C0 with ``ensure_ascii=False``, not DEL, C1 or bidi controls. Other charact
 stay readable.
 
 **Width.** :func:`ljust` pads a value to a column by the width of its escaped form, so a
-hostile name does not shift the columns after it.
+hostile name does not shift the columns after it; :func:`fit` cuts a line to a width the same
+way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from rich.text import Text
 
-__all__ = ["BIDI_CONTROLS", "json_safe", "ljust", "safe", "safe_text", "shown"]
+__all__ = ["BIDI_CONTROLS", "fit", "json_safe", "ljust", "safe", "safe_text", "shown"]
 
 #: Bidirectional formatting characters (ALM, LRM, RLM, LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI,
 #: PDI). They are format characters (``Cf``) and not printable for Python anyway; listed so
@@ -118,6 +120,19 @@ def safe(value: object) -> str:
         else:
             parts.append(_escape(ch))
     return "".join(parts)
+
+
+def fit(parts: Iterable[str], width: int, sep: str = "  ") -> str:
+    """``parts`` joined, the last ones left out until the line is at most ``width`` columns
+    wide *as shown* (escaped: one raw control character takes four columns), the first part
+    kept and cut if it must. The result is still raw text, to be escaped where it is written."""
+    kept = list(parts)
+    while len(kept) > 1 and len(safe(sep.join(kept))) > width:
+        kept.pop()
+    line = sep.join(kept)[: max(0, width)]  # escaping never makes text shorter
+    while line and len(safe(line)) > width:
+        line = line[:-1]
+    return line
 
 
 def ljust(value: object, width: int) -> str:

@@ -110,12 +110,18 @@ def test_migrate_follow_of_forged_events_and_result(mosquitto, prefix, evil, cap
         mosquitto, prefix, capsys, "migrate", "vm1", "--from", "evil", "--to", "b", "--follow"
     )
     assert code == 1, err
-    _shows(out, "accepted", "phase", "pphase", "action", "ecode", "edetails", "code", "details")
+    _shows(out, "accepted", "phase", "action", "ecode", "edetails", "code", "details")
     _shows(err)
     lines = out.splitlines()
     assert lines[0].startswith("Migrating vm1 from evil to b")
     events = [ln for ln in lines if re.match(r" *\d+\.\d s  ", ln)]
     assert len(events) == 4, out  # one plain line per event, LFs or not
+    # A progress line is cut to 80 columns: the hostile phase shows escaped as far as it fits.
+    (progress,) = [ln for ln in events if "  progress  " in ln]
+    assert len(progress) <= 80, progress
+    shown = progress.split("  progress  ", 1)[1]
+    assert len(shown) > 20
+    assert safe(hostile("pphase")).startswith(shown.rstrip(".… ")), progress
     code, out, _ = _cli(
         mosquitto, prefix, capsys,
         "migrate", "vm1", "--from", "evil", "--to", "b", "--follow", "--json",

@@ -174,3 +174,23 @@ async def test_pre_check_failure_touches_nothing(
         phases = [e["phase"] for e in agents.to_a.events_for(r["id"], "phase")]
         assert phases == ["pre-checks"]
         assert where(rig, name) == {"rig-a": (True, True), "rig-b": (True, True)}
+
+
+async def test_migration_to_the_same_host_under_another_name_is_refused(
+    mosquitto, rig: Rig, start_guest: Callable[..., Any]
+):
+    """``rig-a-alias`` reaches rig-a's libvirtd: libvirt's host UUIDs tell it is the same host,
+    so the pre-checks refuse before anything moves (libvirt itself would fail later)."""
+    name = start_guest("idle").name()
+    hosts = {
+        h.name: {"uri": h.local_uri, "p2p-uri": h.p2p_uri, "migrate-uri": h.migrate_uri}
+        for h in rig.hosts
+    }
+    hosts["rig-a-alias"] = hosts[rig.a.name]
+    async with rig_agents(mosquitto.port, rig, hv={"hosts": hosts}) as agents:
+        for dest in (rig.a.name, "rig-a-alias"):
+            r = await agents.to_a.call(migrate_msg(name, dest, **{"migration-type": "live"}), 60)
+            assert (r["status"], r["code"]) == ("error", "incompatible-destination"), r
+            phases = [e["phase"] for e in agents.to_a.events_for(r["id"], "phase")]
+            assert phases == ["pre-checks"]
+        assert where(rig, name) == {"rig-a": (True, True)}

@@ -6,12 +6,12 @@ from __future__ import annotations
 from asyncmigfra.console.evacuation import EvacuationView
 from asyncmigfra.progresstext import (
     ShownPercent,
-    fit,
     fmt_eta,
     fmt_size,
     progress_parts,
     target_text,
 )
+from asyncmigfra.terminal import fit
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -114,3 +114,13 @@ def test_evacuation_view_one_lane_per_vm_and_each_outcome():
         "  total time   2.60 s  (agent: overall 2.500 s)",
     ]
     assert not v.ok(result)
+
+
+def test_fit_counts_the_columns_escaped_text_takes() -> None:
+    # A hostile phase of control characters: each shows as four columns once escaped.
+    from asyncmigfra.terminal import safe  # noqa: PLC0415
+
+    line = fit(["\x1b[2J" * 40, "rate 1 MiB/s"], 80)
+    assert len(safe(line)) <= 80
+    assert len(safe(line)) > 70
+    assert fit(["ok", "\x07" * 100], 80) == "ok"

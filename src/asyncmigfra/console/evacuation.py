@@ -20,8 +20,8 @@ from asyncmigfra.console.follow import PLAIN_WIDTH
 from asyncmigfra.console.lanes import VmLane, lane_rows
 from asyncmigfra.console.output import event_fields
 from asyncmigfra.console.tasks import succeeded
-from asyncmigfra.progresstext import fit, progress_parts
-from asyncmigfra.terminal import ljust, safe, safe_text
+from asyncmigfra.progresstext import progress_parts
+from asyncmigfra.terminal import fit, ljust, safe, safe_text
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -88,7 +88,7 @@ class EvacuationView:
             lane = self.lanes[vm]
             parts = progress_parts(doc, lane.percent, maximum=lane.max_downtime)
             parts = [p for p in parts if not p.startswith("target ")]  # (own line)
-            return head + fit(parts, max(20, PLAIN_WIDTH - len(head)))
+            return head + fit(parts, max(20, PLAIN_WIDTH - len(safe(head))))
         return head + event_fields(doc)
 
     def plain_lines(self, doc: Mapping[str, Any]) -> list[str]:

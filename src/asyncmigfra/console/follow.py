@@ -42,8 +42,8 @@ from asyncmigfra.console.lanes import VmLane, bar_value, lane_rows
 from asyncmigfra.console.output import Out, event_fields
 from asyncmigfra.console.session import Interrupt, Lost, Message, Session
 from asyncmigfra.console.tasks import cancel_task, fresh_id, succeeded
-from asyncmigfra.progresstext import fit, progress_parts
-from asyncmigfra.terminal import ljust, safe, safe_text
+from asyncmigfra.progresstext import progress_parts
+from asyncmigfra.terminal import fit, ljust, safe, safe_text
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -195,7 +195,7 @@ class MigrationView:
             lane = self._lane(doc)
             parts = progress_parts(doc, lane.percent, maximum=lane.max_downtime)
             parts = [p for p in parts if not p.startswith("target ")]  # (own line)
-            return head + fit(parts, max(20, PLAIN_WIDTH - len(head)))
+            return head + fit(parts, max(20, PLAIN_WIDTH - len(safe(head))))
         return head + event_fields(doc)
 
     def plain_lines(self, doc: Mapping[str, Any]) -> list[str]:

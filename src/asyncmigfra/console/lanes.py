@@ -14,13 +14,13 @@ from typing import Any
 
 from asyncmigfra.progresstext import (
     ShownPercent,
-    fit,
     fmt_eta,
     fmt_size,
     number,
     remaining_of_total,
     target_text,
 )
+from asyncmigfra.terminal import fit, ljust, safe, safe_text
 
 __all__ = ["VmLane", "bar_value", "lane_rows"]
 
@@ -132,8 +132,6 @@ def lane_rows(lanes: Iterable[VmLane], cols: int) -> Iterator[Any]:
     at most ``cols`` wide."""
     from rich.progress_bar import ProgressBar  # noqa: PLC0415 - only at a terminal
     from rich.table import Table  # noqa: PLC0415
-
-    from asyncmigfra.terminal import ljust, safe, safe_text  # noqa: PLC0415
 
     lanes = list(lanes)
     width = min(16, max((len(safe(lane.vm)) for lane in lanes), default=1))
