@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 
 from asyncmigfra import cli
+from asyncmigfra.console.arguments import CONN_DEFAULTS, build_parser
 from asyncmigfra.console.connection import Connection, parse_broker, read_password
 from asyncmigfra.console.exits import USAGE, CliError
 from asyncmigfra.console.follow import MigrationView
@@ -79,8 +80,8 @@ def test_connection_options_before_or_after_the_command():
         ["--broker", "b:2", "--json", "status", "--topic-prefix", "x/y"],
         ["status", "--broker", "b:2", "--json", "--topic-prefix", "x/y"],
     ):
-        args = cli._parser().parse_args(argv)
-        for k, v in cli._CONN_DEFAULTS.items():
+        args = build_parser().parse_args(argv)
+        for k, v in CONN_DEFAULTS.items():
             if not hasattr(args, k):
                 setattr(args, k, v)
         conn = cli._connection(args)
@@ -515,11 +516,11 @@ def test_swap_exit_status_needs_both_halves():
 
 
 def test_migrate_swap_with_option():
-    args = cli._parser().parse_args(
+    args = build_parser().parse_args(
         ["migrate", "web-1", "--from", "a", "--to", "b", "--swap-with", "web-2", "--follow"]
     )
     assert (args.vm, args.swap_with, args.follow) == ("web-1", "web-2", True)
-    assert cli._parser().parse_args(["migrate", "v", "--from", "a", "--to", "b"]).swap_with is None
+    assert build_parser().parse_args(["migrate", "v", "--from", "a", "--to", "b"]).swap_with is None
 
 
 def test_swap_with_itself_is_a_usage_error(capsys):

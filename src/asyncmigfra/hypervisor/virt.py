@@ -1081,8 +1081,6 @@ class _GuestFacts:
     #: The guest's ``<cpu>`` XML when it names a model (custom mode); ``None`` otherwise.
     cpu_xml: str | None
     memory_kib: int
-    #: The source host's UUID (capabilities ``host/uuid``); ``None`` when not reported.
-    host_uuid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1110,7 +1108,6 @@ def _guest_facts(conn: Any, name: str) -> _GuestFacts:
         machine=ostype.get("machine") if ostype is not None else None,
         cpu_xml=cpu_xml,
         memory_kib=int(dom.info()[1]),
-        host_uuid=_host_uuid(conn),
     )
 
 
@@ -1767,6 +1764,9 @@ class LibvirtHypervisor:
         )
         self._pci_lock: asyncio.Lock | None = None
         self._jobs: set[LibvirtMigrationJob] = set()
+        #: URI -> the host UUID its capabilities report (``None``: none reported). A host's
+        #: UUID does not change, so each is read once (shared with the views).
+        self._host_uuids: dict[str, str | None] = {}
         #: ``True`` for a view made by :meth:`on_host` (it owns nothing it could close).
         self._view = False
         #: The agent's own instance (views keep pointing at it).
@@ -2482,6 +2482,9 @@ class LibvirtHypervisor:
         (unless ``memory`` is false: a swap decides that for both VMs together)."""
         uri = self._local_uri(request.driver)
         guest = await self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name))
+        if uri not in self._host_uuids:
+            self._host_uuids[uri] = await self._mapped(uri, _host_uuid)
+        here = self._host_uuids[uri]
         target = await self.resolve_destination(
             request.destination, driver=request.driver, transport=request.transport
         )
@@ -2492,7 +2495,7 @@ class LibvirtHypervisor:
                 f"destination {request.destination} cannot be checked: {_message(exc)}"
             ) from exc
         where = request.destination
-        if guest.host_uuid is not None and guest.host_uuid == dest.host_uuid:
+        if here is not None and here == dest.host_uuid:
             raise IncompatibleDestination(
                 f"destination {where} ({target.uri}) is this host (same host UUID"
                 f" {dest.host_uuid}): a VM cannot migrate to the host it runs on"
