@@ -69,7 +69,7 @@ from asyncmigfra.settings import Settings
 from asyncmigfra.timing import TimeMeasurement
 from asyncmigfra.userhooks import HookRunner
 
-__all__ = ["Dispatcher", "DispatcherStats", "Reply"]
+__all__ = ["Dispatcher", "Reply"]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -111,16 +111,6 @@ class Reply:
 #: ``deliver(result, reply, journal_key)``: publish a result; ``journal_key`` names the
 #: journal record it settles (``None`` for answers to messages that were never accepted).
 Deliver = Callable[[ResultMessage, Reply | None, str | None], None]
-
-
-@dataclass(frozen=True, slots=True)
-class DispatcherStats:
-    jobs: int
-    running: int
-    queued: int
-    completed: int
-    rejected: int
-    draining: bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,16 +318,6 @@ class Dispatcher:
         if self._lanes.busy(vm_name):
             return f"a task of this agent runs or waits on {vm_name}"
         return self._lanes.reserve(vm_name).release
-
-    def statistics(self) -> DispatcherStats:
-        return DispatcherStats(
-            jobs=len(self._jobs),
-            running=self.running,
-            queued=self.queued,
-            completed=self.completed,
-            rejected=self.rejected,
-            draining=self._draining,
-        )
 
     # ---------------------------------------------------------------- intake
 

@@ -31,7 +31,7 @@ from structlog.typing import Processor
 
 from asyncmigfra.settings import LoggingSettings
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging"]
 
 #: The name of the root handler this module owns, so a second call replaces it.
 _HANDLER_NAME = "asyncmigfra"
@@ -133,12 +133,3 @@ def configure_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=not testing,
     )
-
-
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    """The logger modules keep as ``log = get_logger(__name__)``.
-
-    It is lazy: creating it at import time is fine, and it picks up the configuration that
-    :func:`configure_logging` installs later.
-    """
-    return structlog.stdlib.get_logger(name)

@@ -505,7 +505,7 @@ class MqttTransport:
     async def wait_connected(self) -> None:
         await self._connected.wait()
 
-    async def publish(self, msg: Outgoing, *, response_topic: str | None = None) -> None:
+    async def publish(self, msg: Outgoing) -> None:
         """Publish ``msg`` once the broker is reachable and wait for its acknowledgement.
 
         paho keeps every QoS 1/2 message in its session until the broker acknowledged it and
@@ -514,7 +514,7 @@ class MqttTransport:
         connection dropped in the meantime (``MQTT_ERR_NO_CONN``) is already queued in paho
         for the reconnect, so it is not published a second time.
         """
-        topic = response_topic or msg.topic
+        topic = msg.topic
         props: Properties | None = None
         if msg.correlation_data is not None and self.v5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -543,7 +543,7 @@ class MqttTransport:
                 continue
             return
 
-    def publish_nowait(self, msg: Outgoing, *, response_topic: str | None = None) -> Delivery:
+    def publish_nowait(self, msg: Outgoing) -> Delivery:
         """Hand ``msg`` to the client's MQTT session at once, without awaiting the broker.
 
         This is the fast path of the publisher (no task, future or timer per message). It is
@@ -561,21 +561,10 @@ class MqttTransport:
         if msg.correlation_data is not None and self.v5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = msg.correlation_data
-        info = paho_client.publish(
-            response_topic or msg.topic, msg.payload, msg.qos, msg.retain, props
-        )
+        info = paho_client.publish(msg.topic, msg.payload, msg.qos, msg.retain, props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
             raise TransportError(f"publish refused by the MQTT client: rc={info.rc}")
         return Delivery(info)
-
-    async def unsubscribe_all(self) -> None:
-        """Stop receiving tasks (graceful shutdown); a no-op while disconnected."""
-        client = self._client
-        if client is None or not self._connected.is_set():
-            return
-        with map_mqtt_errors():
-            for topic, _ in self._subscriptions:
-                await honour_cancel(client.unsubscribe(topic))
 
 
 def _incoming(message: aiomqtt.Message) -> Incoming:

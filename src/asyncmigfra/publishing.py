@@ -28,7 +28,6 @@ log = structlog.stdlib.get_logger(__name__)
 @dataclass(slots=True)
 class _Item:
     msg: Outgoing
-    response_topic: str | None = None
     #: Called once the broker acknowledged the message (the journal marks results delivered).
     on_delivered: Callable[[], None] | None = None
 
@@ -49,13 +48,12 @@ class Publisher:
         msg: Outgoing,
         *,
         droppable: bool = False,
-        response_topic: str | None = None,
         on_delivered: Callable[[], None] | None = None,
     ) -> None:
         if droppable and self._queue.qsize() >= self._max_backlog:
             self.dropped += 1
             return
-        self._queue.put_nowait(_Item(msg, response_topic, on_delivered))
+        self._queue.put_nowait(_Item(msg, on_delivered))
 
     async def run(self) -> None:
         """Hand queued messages to the MQTT session in order, as fast as they come.
@@ -81,12 +79,10 @@ class Publisher:
             if not self._transport.is_connected:
                 await self._transport.wait_connected()
             try:
-                delivery = self._transport.publish_nowait(
-                    item.msg, response_topic=item.response_topic
-                )
+                delivery = self._transport.publish_nowait(item.msg)
             except TransportError as exc:
                 log.warning("mqtt.publish_fallback", error=str(exc))
-                await self._transport.publish(item.msg, response_topic=item.response_topic)
+                await self._transport.publish(item.msg)
                 self.published += 1
                 if item.on_delivered is not None:
                     item.on_delivered()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import structlog
 
-from asyncmigfra.logs import configure_logging, get_logger
+from asyncmigfra.logs import configure_logging
 from asyncmigfra.settings import LoggingSettings
 
 
@@ -53,7 +53,7 @@ def test_json_entry_has_event_level_timestamp_and_context() -> None:
     configure(stream, format="json")
 
     with structlog.contextvars.bound_contextvars(task_id="t-1"):
-        get_logger("asyncmigfra.test").info("task.accepted", vm="vm1")
+        structlog.stdlib.get_logger("asyncmigfra.test").info("task.accepted", vm="vm1")
 
     [entry] = json_lines(stream)
     assert entry["event"] == "task.accepted"
@@ -85,7 +85,7 @@ def test_auto_format_is_json_when_not_a_tty() -> None:
     stream = io.StringIO()
     configure(stream, format="auto")
 
-    get_logger("x").info("agent.started")
+    structlog.stdlib.get_logger("x").info("agent.started")
 
     assert json_lines(stream)[0]["event"] == "agent.started"
 
@@ -100,7 +100,7 @@ def test_auto_format_is_json_when_not_a_tty() -> None:
 def test_console_renderer(stream: io.StringIO, format: str) -> None:
     configure(stream, format=format)
 
-    get_logger("asyncmigfra.test").info("task.accepted", vm="vm1")
+    structlog.stdlib.get_logger("asyncmigfra.test").info("task.accepted", vm="vm1")
     logging.getLogger("mqtt").warning("connection lost")
 
     plain = re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue())  # colours, on a TTY
@@ -117,7 +117,7 @@ def test_console_on_a_pipe_has_no_colour_codes() -> None:
     stream = io.StringIO()
     configure(stream, format="console")
 
-    get_logger("x").warning("agent.degraded")
+    structlog.stdlib.get_logger("x").warning("agent.degraded")
 
     assert "\x1b[" not in stream.getvalue()
 
@@ -134,7 +134,7 @@ def test_console_on_a_pipe_has_no_colour_codes() -> None:
 def test_level_applies_to_structlog_and_stdlib(level: str, emitted: list[str]) -> None:
     stream = io.StringIO()
     configure(stream, format="json", level=level)
-    log = get_logger("x")
+    log = structlog.stdlib.get_logger("x")
 
     log.debug("d")
     log.info("i")
@@ -154,7 +154,7 @@ def test_exceptions_are_structured_without_locals() -> None:
     try:
         raise ValueError(len(password))
     except ValueError:
-        get_logger("x").exception("task.crashed")
+        structlog.stdlib.get_logger("x").exception("task.crashed")
 
     [entry] = json_lines(stream)
     assert [e["exc_type"] for e in entry["exception"]] == ["ValueError"]
@@ -180,7 +180,7 @@ def test_calling_twice_replaces_the_handler() -> None:
     configure(first, format="json")
     configure(second, format="json")
 
-    get_logger("x").info("agent.started")
+    structlog.stdlib.get_logger("x").info("agent.started")
 
     ours = [h for h in logging.getLogger().handlers if h.get_name() == "asyncmigfra"]
     assert len(ours) == 1
@@ -210,7 +210,7 @@ def test_logger_caching_off_in_tests(testing: bool, cached: bool) -> None:
 
 def test_logger_created_before_configuration_follows_it() -> None:
     """Modules create their logger at import time, before the CLI configures logging."""
-    log = get_logger("asyncmigfra.early")
+    log = structlog.stdlib.get_logger("asyncmigfra.early")
     stream = io.StringIO()
     configure(stream, format="json")
 
