@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,47 +40,12 @@ from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
 from asyncmigfra.mqtt import ToolClient
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
+from bench.common import mosquitto, pct
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = os.environ.get("BENCH_MQTT_PROTOCOL", "5")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.01)
-    raise TimeoutError(port)
-
-
-@contextmanager
-def mosquitto() -> Iterator[int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp) / "m.conf"
-        conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-            "persistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n"
-            "log_type error\n"
-        )
-        proc = subprocess.Popen([binary, "-c", str(conf)])
-        try:
-            wait_port(port)
-            yield port
-        finally:
-            proc.terminate()
-            proc.wait()
 
 
 def proc_usage(pid: int) -> tuple[float, int]:
@@ -183,11 +146,6 @@ async def connected(port: int, host: str) -> AsyncIterator[Client]:
                 yield c
             finally:
                 pump.cancel()
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 START_ONE = "task: start vm\nvm-configurations:\n  - vm-name: vm-{i}\n    probe-with-ssh: false\n"

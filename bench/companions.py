@@ -53,6 +53,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.common import pct
 from bench.rig_bench import (
     FAILURES,
     LOCK_WAIT,
@@ -68,7 +69,6 @@ from bench.rig_bench import (
     med,
     migrate_body,
     note,
-    pct,
     prefix_of,
     qemu_version,
     ratio,

@@ -30,7 +30,7 @@ from asyncmigfra.logs import configure_logging
 from asyncmigfra.mqtt import ToolClient
 from asyncmigfra.parsing import load_yaml
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
-from bench.__main__ import mosquitto, pct
+from bench.common import mosquitto, pct
 
 GIB = 1024 * 1024
 DONE = b"---\nevent: done"

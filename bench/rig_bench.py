@@ -60,6 +60,7 @@ import libvirt
 from asyncmigfra.logs import configure_logging
 from asyncmigfra.mqtt import ToolClient
 from asyncmigfra.settings import LoggingSettings
+from bench.common import mosquitto, pct
 
 ROOT = Path(__file__).resolve().parent.parent
 # The rig and the agent helpers live with the tests (imported the way pytest imports them).
@@ -155,11 +156,6 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def spread(values: Sequence[float]) -> str:
     return f"{pct(values, 0.1):.3f}-{pct(values, 0.9):.3f}" if values else "-"
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # --------------------------------------------------------------------------- a scheduler
@@ -1341,8 +1337,6 @@ def standalone(
     run: Callable[[int, argparse.Namespace], Awaitable[None]],
 ) -> None:
     """``python -m bench.<module>``: parse the arguments, start mosquitto, run."""
-    from bench.__main__ import mosquitto  # noqa: PLC0415 - its module is also `python -m bench`
-
     p = argparse.ArgumentParser(
         prog=f"python -m bench.{module}", description=doc.split("\n", maxsplit=1)[0]
     )
