@@ -1,8 +1,8 @@
 """Steps around a task that talk to the world outside the hypervisor: the pscom hook.
 
-**pscom hook** (spec 1.10): before a migration the MPI processes in the guest are told to
+**pscom hook** (protocol §3.6): before a migration the MPI processes in the guest are told to
 ``suspend`` and after it to ``resume``, over MQTT, and the agent waits for one answer per
-process. The differences from the original are on purpose (spec 9):
+process. The differences from the original are on purpose (§9.4):
 
 * one deadline per round (``pscom-handler.timeout``, default 10 s per process) instead of
   10 s per answer serially;
@@ -483,7 +483,7 @@ def _forget(task: asyncio.Task[None]) -> None:
 
 async def count_processes(settings: PscomSettings, vm_name: str) -> int:
     """``pscom-hook-procs: auto``: run ``auto-command`` in the guest over SSH and read the
-    count from the last line of its output (spec 1.10). Any failure is ``hook-failed``."""
+    count from the last line of its output (protocol §3.6). Any failure is ``hook-failed``."""
     try:
         import asyncssh  # noqa: PLC0415 - optional extra
     except ImportError as exc:

@@ -657,7 +657,7 @@ async def _move(
             plan, spec, ctx, hypervisor=hypervisor, settings=settings
         )
     except BaseException:
-        # The VM is still on the source: give it its devices back there (spec 1.7).
+        # The VM is still on the source: give it its devices back there (docs/protocol.md §3.6).
         problems = await reattach_devices(hypervisor, vm, devices, ctx)
         if problems:
             log.error("migration.source_reattach_failed", problems=problems)  # noqa: TRY400
@@ -770,7 +770,7 @@ async def repin_on_destination(
     there: Hypervisor, vm_name: str, vcpu_map: VcpuMap, ctx: EngineContext, *, suffix: str = ""
 ) -> None:
     """Pin the vCPUs of a guest that arrived paused (``MigrationRequest.paused``), then resume
-    it (spec 1.7's repin guard). The guest is resumed even when pinning fails: it is better
+    it (``vcpu-map``, protocol §3.6). The guest is resumed even when pinning fails: it is better
     running unpinned than paused for good; the failure is still ``hook-failed``, and the
     result says where and in which state the guest is."""
     ctx.phase("repin")

@@ -6,7 +6,7 @@ subtasks (``StartSpec`` per ``vm-configurations`` item, ``StopSpec`` per ``list`
 turned into ``_``; ``None`` means "not given" wherever the wire key is optional and the
 default comes from the agent's configuration.
 
-Results keep the original's shape (spec 1.2): :class:`ResultEntry` per subtask, collected
+Results keep the original's shape (protocol §4, §9.5): :class:`ResultEntry` per subtask, collected
 into one :class:`ResultMessage` per task message.
 """
 
@@ -88,7 +88,7 @@ _RESULT_NAMES: dict[TaskKind, str] = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Subtask:
-    """Keys every subtask has (spec 1.1)."""
+    """Keys every subtask has (docs/protocol.md §3.1)."""
 
     time_measurement: bool = False
     concurrent_execution: bool = True
@@ -347,7 +347,7 @@ class ResultMessage:
     result: str
     entries: list[ResultEntry]
     id: str | None = None
-    #: ``True`` only for ``vm migrated``: the single entry goes to the top level (spec 1.2).
+    #: ``True`` only for ``vm migrated``: the single entry goes to the top level (protocol §4.2).
     flat: bool = False
     #: Top-level keys placed after ``result:`` and before the entries (``status`` task).
     header: dict[str, object] = field(default_factory=dict)

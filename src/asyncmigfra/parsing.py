@@ -3,13 +3,13 @@
 Why this module is hand-written instead of ``yaml.safe_load`` + a schema library:
 
 * **yaml-cpp semantics, not YAML 1.1/1.2 resolution.** The original reads every scalar as
-  text and converts it per field (spec 1.1): ``id: 0012`` is the string ``"0012"``, a bool is
+  text and converts it per field (protocol §2.1): ``id: 0012`` is the string ``"0012"``, a bool is
   one of ``y n yes no true false on off`` in three case styles, unsigned integers use C++
   base auto-detection (``0x1F`` hex, ``017`` octal). A resolving loader would already have
   lost that information, so we compose a *node graph* (text + "was it a plain null" + mark)
   and convert each field ourselves.
 * **Wire-compatible error texts.** Schedulers match on the original's ``details`` prefixes
-  (spec 5), e.g. ``Exception while parsing message: yaml-cpp: error at line L, column C: bad
+  (protocol §4.7), e.g. ``Exception while parsing message: yaml-cpp: error at line L, column C: bad
   conversion``. We keep those prefixes and append what was wrong in parentheses.
 * **Hostile input.** A task topic is writable by anyone on the broker. Size, node count
   (aliases expanded: "billion laughs") and nesting depth are bounded, every failure becomes
@@ -1094,7 +1094,7 @@ class _Fields:
         return out
 
     def subtask(self) -> _SubtaskKeys:
-        """The keys of every subtask (spec 1.1)."""
+        """The keys of every subtask (docs/protocol.md §3.1)."""
         return {
             "time_measurement": self.boolean("time-measurement", False),
             "concurrent_execution": self.boolean("concurrent-execution", True),
@@ -1117,7 +1117,7 @@ _EVACUATE_MODES: Final = ("auto", "compact", "scatter")
 
 
 def _resolve_start_name(vm_name: str | None, xml: str | None) -> tuple[str, str | None]:
-    """Spec 1.3, fixed: the first ``<name>`` matched non-greedily, stripped and unescaped."""
+    """Protocol §3.2, §9.3: the first ``<name>`` matched non-greedily, stripped and unescaped."""
     if vm_name is not None:
         return vm_name, None
     if xml is None:
@@ -1292,7 +1292,7 @@ _LIST_TASKS: Final[dict[TaskKind, tuple[str, Callable[[_Fields], Subtask]]]] = {
     TaskKind.RESUME: ("list", _resume),
 }
 
-#: Tasks whose subtask map is the top-level map itself (spec 1.1).
+#: Tasks whose subtask map is the top-level map itself (docs/protocol.md §3.1).
 _SINGLE_TASKS: Final[dict[TaskKind, Callable[[_Fields], Subtask]]] = {
     TaskKind.MIGRATE: _migrate,
     TaskKind.REPIN: _repin,

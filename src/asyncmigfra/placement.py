@@ -2,7 +2,7 @@
 
 The original counted capacity as "CPUs minus number of domains" in a process-wide deque that a
 second evacuation cleared under the first one's feet, and its ``auto`` mode overbooked even
-with ``overbooking: false`` (spec 1.8, 9.5). Here a placement is a pure function of:
+with ``overbooking: false`` (docs/protocol.md §3.7, §9.4). Here a placement is a pure function of:
 
 * the VMs to move (name, vCPUs, memory), largest first so big guests are not stranded;
 * each destination's real capacity: host CPUs and free memory, minus the vCPUs and memory of

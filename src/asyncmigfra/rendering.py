@@ -11,7 +11,7 @@ Why a hand-written emitter instead of a YAML library's dumper:
   escapes (``\\"``, ``\\\\``, ``\\n``, ``\\t``, ``\\uXXXX`` for non-printables and for the
   YAML 1.1 line breaks U+0085/U+2028/U+2029). So ``id: "0012"`` stays a string for a PyYAML
   scheduler, where the original's ``id: 0012`` became the integer 12.
-* **The original's shape (spec 1.2, Appendix A).** Keys in the order ``result``, header keys,
+* **The original's shape (docs/protocol.md §4.2, §9.5).** Keys in the order ``result``, header keys,
   then ``list:`` (or, for ``vm migrated``, the single entry's keys at the top level), ``id``
   last; ``details``/``code``/``time-measurement`` only when set; timings as ``%f``.
 * **Framing.** ``---\\n<body>...\\n``: one explicit document that ``yaml.safe_load`` accepts
@@ -204,7 +204,7 @@ def _header_items(header: Mapping[str, object]) -> list[tuple[str, object]]:
 
 
 def render_result(msg: ResultMessage) -> bytes:
-    """The one result payload of a task message (spec 1.2 shape, our ``---``/``...`` framing).
+    """The one result payload of a task message (§4.2 shape, §2.2 ``---``/``...`` framing).
 
     ``flat`` puts the single entry's keys at the top level (``vm migrated``); a flat message
     without exactly one entry falls back to ``list:``. ``id`` is omitted when ``None`` or
@@ -227,7 +227,7 @@ def render_event(fields: Mapping[str, object]) -> bytes:
 
 
 def parse_error_result(exc: TaskRejected) -> ResultMessage:
-    """The reply to a rejected message: ``result: unknown`` (spec 5) plus ``code`` and ``id``."""
+    """The reply to a rejected message: ``result: unknown`` (§4.7) plus ``code`` and ``id``."""
     return ResultMessage(
         result="unknown",
         entries=[

@@ -95,7 +95,7 @@ class MqttSettings:
     takeover_window: float = 60.0
 
 
-#: The original's two process counts (spec 1.10), tried in this order.
+#: The original's two process counts (docs/protocol.md §3.6, the pscom hook), tried in this order.
 DEFAULT_PSCOM_COUNT_COMMAND = (
     "PATH=$PATH:/opt/parastation/bin; "
     "n=$(psiadmin -d -c 'l p -1' 2>/dev/null | perl -ane 'print if /^ / && $F[5] >= 0'"
@@ -108,7 +108,7 @@ DEFAULT_PSCOM_COUNT_COMMAND = (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PscomSettings:
-    """``pscom-handler``: the ParaStation MPI suspend/resume hook (spec 1.10)."""
+    """``pscom-handler``: the ParaStation MPI suspend/resume hook (docs/protocol.md §3.6)."""
 
     request_topic: str = "fast/pscom/<vm_name>/any_proc/request"
     response_topic: str = "fast/pscom/<vm_name>/+/response"

@@ -1,4 +1,4 @@
-"""``swap-with``: two VMs trade hosts (spec 1.7), fixing what the original got wrong (spec 9).
+"""``swap-with``: two VMs trade hosts (protocol §3.6), fixing what the original got wrong (§9.4).
 
 VM 1 (``vm-name``) runs on this host, VM 2 (``swap-with.vm-name``) on ``destination``. VM 1
 goes there and VM 2 comes here. How:
@@ -16,9 +16,9 @@ goes there and VM 2 comes here. How:
   convergence policy, repin with its own ``vcpu-map``. Its events carry its own ``vm-name``;
   its time-measurement tags end in ``-<vm>`` (``migrate-<vm>``, ``detach-pci-devs-<vm>``,
   ``repin-<vm>`` ...), and ``migrate`` times both, as in the original, without its duplicate
-  ``detach-ivshmem-devs`` tag that failed every timed swap (spec 9.2).
+  ``detach-ivshmem-devs`` tag that failed every timed swap (docs/protocol.md §9.4).
 * **Both outcomes are reported** (the original never looked at its threads' exceptions and
-  reported a failed half as success, spec 9.4). When one half fails, the other is stopped (its
+  reported a failed half as success, §9.4). When one half fails, the other is stopped (its
   job aborted, its VM stays where it was) unless it already arrived or runs post-copy, which
   cannot be undone; nothing is migrated back automatically. The entry of ``vm-name`` carries
   the failure's ``code`` and ``details``; its ``swap-with:`` map has VM 2's own ``status``,

@@ -1,7 +1,7 @@
 """Named timers for a result's ``time-measurement`` map (spec section 2).
 
 The original's fast-lib ``Time_measurement`` threw on a duplicate tag, which made every timed
-swap migration fail (spec 9.2). Here a repeated tag accumulates (a retried step reports its
+swap migration fail (protocol §9.4). Here a repeated tag accumulates (a retried step reports its
 total), and a timer still running when the result is built reports the time so far, as the
 original did.
 """

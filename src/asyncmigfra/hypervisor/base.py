@@ -253,7 +253,7 @@ class Hypervisor(Protocol):
         """Hot-unplug the guest's ivshmem (``<shmem>``) device and wait, up to ``timeout`` s,
         for it to be gone; return its device XML (to reattach), ``None`` when it has none.
         More than one: ``HypervisorError('Found more than one ivshmem device. Only
-        migration of one is supported.')`` (spec 1.7) before anything is touched."""
+        migration of one is supported.')`` (protocol §3.6) before anything is touched."""
 
     async def attach_ivshmem(self, vm_name: str, device_xml: str, ctx: OpContext) -> None:
         """Hot-plug an ivshmem device that :meth:`detach_ivshmem` returned."""
@@ -267,7 +267,7 @@ class Hypervisor(Protocol):
     async def attach_hostdevs(
         self, vm_name: str, counts: Mapping[PciId, int], ctx: OpContext
     ) -> None:
-        """Attach ``counts[id]`` free host devices of each type (spec 1.11's attach by ID)."""
+        """Attach ``counts[id]`` free host devices of each type (``pci-ids``, protocol §3.2)."""
 
     def on_host(self, host: str) -> Hypervisor:
         """The same operations, acting on ``host`` (a migration destination or swap partner)

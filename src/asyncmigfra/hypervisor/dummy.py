@@ -1,4 +1,4 @@
-"""The ``dummy`` back-end: the original's ``Dummy_hypervisor`` (spec 1.12).
+"""The ``dummy`` back-end: the original's ``Dummy_hypervisor`` (docs/protocol.md §3.1, §9.4).
 
 It exists so the whole MQTT path (parse, schedule, answer) can be exercised without any
 hypervisor: with ``never-throw: true`` every operation succeeds at once and changes nothing;

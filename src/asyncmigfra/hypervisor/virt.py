@@ -2116,7 +2116,7 @@ class LibvirtHypervisor:
             assert last is not None
             raise translate_error(last, "No pci device could be attached: ") from last
 
-    # ---- devices around a migration (spec 1.7, 1.11) ----------------------------------
+    # ---- devices around a migration (docs/protocol.md §3.6, §5.4) ---------------------------
 
     async def _migration_devices(
         self, vm_name: str
