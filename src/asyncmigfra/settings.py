@@ -25,6 +25,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from asyncmigfra.errors import ConfigError
+from asyncmigfra.values import BOOL_EXPECTED, parse_bool
 
 __all__ = [
     "HOOK_POINTS",
@@ -601,7 +602,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _expected(tp: Any) -> str:
     """How an error message names what a field wants."""
     if tp is bool:
-        return "true or false"
+        return BOOL_EXPECTED
     if tp is int:
         return "an integer"
     if tp is float:
@@ -620,8 +621,9 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
     """Check ``value`` against the annotation ``tp`` and return it in the field's type.
 
     Quoted numbers are accepted for numeric fields, as yaml-cpp (which reads every scalar as
-    text) accepted them in original migfra.conf files. Booleans must be YAML 1.2 ``true`` or
-    ``false``; ``yes``/``no`` are strings in YAML 1.2 and get a hint.
+    text) accepted them in original migfra.conf files. Booleans are YAML 1.2 ``true`` or
+    ``false`` or any yaml-cpp spelling (``yes``, ``Off``, ``Y``: :mod:`asyncmigfra.values`),
+    which YAML 1.2 loads as strings: the same words as in tasks and ``hypervisor:`` options.
     """
     inner, optional = _unwrap_optional(tp)
     if value is None:
@@ -631,10 +633,10 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
     if inner is bool:
         if isinstance(value, bool):
             return value
-        hint = ""
-        if isinstance(value, str) and value.lower() in {"yes", "no", "on", "off", "y", "n"}:
-            hint = " (YAML 1.2: write true or false)"
-        raise ConfigError(f"expected true or false, got {_show(value)}{hint}", path=path)
+        parsed = parse_bool(value.strip()) if isinstance(value, str) else None
+        if parsed is None:
+            raise ConfigError(f"expected {BOOL_EXPECTED}, got {_show(value)}", path=path)
+        return parsed
     if inner is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -673,6 +675,8 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
             return tuple(_host_device(item, f"{path}[{i}]") for i, item in enumerate(value))
         return tuple(_convert(item, item_type, f"{path}[{i}]", ctx) for i, item in enumerate(value))
     if inner is TlsSettings:
+        if isinstance(value, str) and parse_bool(value.strip()) is not None:
+            value = parse_bool(value.strip())
         if value is False:
             return None
         return _tls({} if value is True else value, path, ctx)
