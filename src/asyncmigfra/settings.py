@@ -25,7 +25,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from asyncmigfra.errors import ConfigError
-from asyncmigfra.values import BOOL_EXPECTED, parse_bool
+from asyncmigfra.values import BOOL_EXPECTED, parse_bool, parse_number
 
 __all__ = [
     "HOOK_POINTS",
@@ -378,7 +378,6 @@ class Settings:
 
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _INT_RE = re.compile(r"[+-]?[0-9]+\Z")
-_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 _HOSTNAME_PLACEHOLDER = "<hostname>"
 _MAX_TOPIC_BYTES = 65535
 
@@ -644,9 +643,7 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
             return int(value)
         raise ConfigError(f"expected an integer, got {_show(value)}", path=path)
     if inner is float:
-        candidate = value
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            candidate = float(value)
+        candidate = parse_number(value) if isinstance(value, str) else value
         if (
             isinstance(candidate, int | float)
             and not isinstance(candidate, bool)
@@ -1015,9 +1012,9 @@ def _hook_memory(raw: object, path: str) -> dict[str, Any]:
     """``memory``: ``"N%"`` of the current memory (1..100) or MiB as an integer (>= 16)."""
     if isinstance(raw, str) and raw.strip().endswith("%"):
         number = raw.strip()[:-1].strip()
-        if not _FLOAT_RE.match(number):
+        percent = parse_number(number)
+        if percent is None:
             raise ConfigError(f"expected N% or MiB, got {_show(raw)}", path=path)
-        percent = float(number)
         if not 1 <= percent <= 100:
             raise ConfigError(f"must be between 1% and 100%, got {_num(percent)}%", path=path)
         return {"memory_percent": percent}

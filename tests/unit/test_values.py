@@ -14,10 +14,11 @@ import pytest
 
 from asyncmigfra.errors import ConfigError, TaskRejected
 from asyncmigfra.hypervisor.dummy import create as create_dummy
+from asyncmigfra.hypervisor.registry import opt_float
 from asyncmigfra.model import StartSpec
 from asyncmigfra.parsing import parse_task
 from asyncmigfra.settings import settings_from_text
-from asyncmigfra.values import BOOL_WORDS, parse_bool
+from asyncmigfra.values import BOOL_WORDS, parse_bool, parse_number
 
 #: Spellings that no reader accepts: yaml-cpp's flexible case allows lower, UPPER and
 #: Capitalized only; numbers and other words are not booleans.
@@ -92,3 +93,35 @@ def test_every_boolean_key_refuses_the_same_spellings(key: str, word: str) -> No
 def test_communicator_tls_switch_takes_the_same_spellings(word: str, enabled: bool) -> None:
     tls = settings_from_text(f"communicator: {{tls: {word}}}\n", hostname="h").mqtt.tls
     assert (tls is not None) is enabled
+
+
+def agent_progress_interval(text: str) -> float:
+    settings = settings_from_text(f'agent: {{progress-interval: "{text}"}}\n', hostname="h")
+    return settings.agent.progress_interval
+
+
+def hypervisor_option_seconds(text: str) -> float:
+    return opt_float(text, "hypervisor.start-timeout", exclusive=True)
+
+
+NUMBER_READERS: dict[str, Callable[[str], float]] = {
+    "agent.progress-interval": agent_progress_interval,
+    "hypervisor option": hypervisor_option_seconds,
+}
+
+
+@pytest.mark.parametrize("key", NUMBER_READERS)
+@pytest.mark.parametrize(
+    ("text", "value"), [("2.5", 2.5), (" 3 ", 3.0), ("1e1", 10.0), ("+4", 4.0), (".5", 0.5)]
+)
+def test_quoted_durations_read_the_same_in_every_section(key: str, text: str, value: float) -> None:
+    assert parse_number(text) == value
+    assert NUMBER_READERS[key](text) == value
+
+
+@pytest.mark.parametrize("key", NUMBER_READERS)
+@pytest.mark.parametrize("text", ["1_000", "inf", "nan", "1e999", "2,5", "\u0661", "0x10", ""])
+def test_quoted_durations_refuse_the_same_text_in_every_section(key: str, text: str) -> None:
+    assert parse_number(text) is None
+    with pytest.raises(ConfigError, match="expected a number"):
+        NUMBER_READERS[key](text)

@@ -22,7 +22,7 @@ from typing import cast
 
 from asyncmigfra.errors import ConfigError
 from asyncmigfra.hypervisor.base import HypervisorFactory
-from asyncmigfra.values import BOOL_EXPECTED, parse_bool
+from asyncmigfra.values import BOOL_EXPECTED, parse_bool, parse_number
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -140,10 +140,7 @@ def opt_float(value: object, path: str, *, minimum: float = 0.0, exclusive: bool
     if isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
+        number = parse_number(value)
     if number is None or not math.isfinite(number):
         raise ConfigError(f"expected a number, got {value!r}", path=path)
     if number < minimum or (exclusive and number == minimum):
