@@ -4,10 +4,10 @@ Why this module is hand-written instead of ``yaml.safe_load`` + a schema library
 
 * **yaml-cpp semantics, not YAML 1.1/1.2 resolution.** The original reads every scalar as
   text and converts it per field (protocol §2.1): ``id: 0012`` is the string ``"0012"``, a bool is
-  one of ``y n yes no true false on off`` in three case styles, unsigned integers use C++
-  base auto-detection (``0x1F`` hex, ``017`` octal). A resolving loader would already have
-  lost that information, so we compose a *node graph* (text + "was it a plain null" + mark)
-  and convert each field ourselves.
+  one of ``y n yes no true false on off`` in three case styles (:mod:`asyncmigfra.values`),
+  unsigned integers use C++ base auto-detection (``0x1F`` hex, ``017`` octal). A resolving
+  loader would already have lost that information, so we compose a *node graph* (text +
+  "was it a plain null" + mark) and convert each field ourselves.
 * **Wire-compatible error texts.** Schedulers match on the original's ``details`` prefixes
   (protocol §4.7), e.g. ``Exception while parsing message: yaml-cpp: error at line L, column C: bad
   conversion``. We keep those prefixes and append what was wrong in parentheses.
@@ -95,6 +95,7 @@ from asyncmigfra.model import (
     TimeoutAction,
     VcpuMap,
 )
+from asyncmigfra.values import BOOL_EXPECTED, parse_bool
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -758,21 +759,6 @@ def _compose(text: str, max_nodes: int, max_depth: int) -> _Node | None:
 # --------------------------------------------------------------------------------------------
 # Field conversion (yaml-cpp scalar rules)
 
-_BOOLS: Final[dict[str, bool]] = {
-    form: value
-    for word, value in (
-        ("y", True),
-        ("yes", True),
-        ("true", True),
-        ("on", True),
-        ("n", False),
-        ("no", False),
-        ("false", False),
-        ("off", False),
-    )
-    for form in (word, word.upper(), word.capitalize())
-}
-
 #: C++ ``operator>>`` with base auto-detection, no sign (negative values are rejected) and
 #: trailing whitespace allowed, as yaml-cpp's ``(stream >> std::ws).eof()`` check does.
 _UINT: Final = re.compile(r"\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))[ \t\n\v\f\r]*")
@@ -859,8 +845,8 @@ def _convert_uint(
 
 
 def _convert_bool(ctx: _Ctx, node: _Node, path: str) -> bool:
-    expected = "expected a boolean (true/false, yes/no, on/off, y/n)"
-    value = _BOOLS.get(_scalar_text(ctx, node, path, expected))
+    expected = f"expected {BOOL_EXPECTED}"
+    value = parse_bool(_scalar_text(ctx, node, path, expected))
     if value is None:
         ctx.bad(path, expected, node)
     return value

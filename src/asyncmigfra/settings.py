@@ -25,6 +25,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from asyncmigfra.errors import ConfigError
+from asyncmigfra.values import BOOL_EXPECTED, parse_bool, parse_number
 
 __all__ = [
     "HOOK_POINTS",
@@ -377,7 +378,6 @@ class Settings:
 
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _INT_RE = re.compile(r"[+-]?[0-9]+\Z")
-_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 _HOSTNAME_PLACEHOLDER = "<hostname>"
 _MAX_TOPIC_BYTES = 65535
 
@@ -601,7 +601,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _expected(tp: Any) -> str:
     """How an error message names what a field wants."""
     if tp is bool:
-        return "true or false"
+        return BOOL_EXPECTED
     if tp is int:
         return "an integer"
     if tp is float:
@@ -620,8 +620,9 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
     """Check ``value`` against the annotation ``tp`` and return it in the field's type.
 
     Quoted numbers are accepted for numeric fields, as yaml-cpp (which reads every scalar as
-    text) accepted them in original migfra.conf files. Booleans must be YAML 1.2 ``true`` or
-    ``false``; ``yes``/``no`` are strings in YAML 1.2 and get a hint.
+    text) accepted them in original migfra.conf files. Booleans are YAML 1.2 ``true`` or
+    ``false`` or any yaml-cpp spelling (``yes``, ``Off``, ``Y``: :mod:`asyncmigfra.values`),
+    which YAML 1.2 loads as strings: the same words as in tasks and ``hypervisor:`` options.
     """
     inner, optional = _unwrap_optional(tp)
     if value is None:
@@ -631,10 +632,10 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
     if inner is bool:
         if isinstance(value, bool):
             return value
-        hint = ""
-        if isinstance(value, str) and value.lower() in {"yes", "no", "on", "off", "y", "n"}:
-            hint = " (YAML 1.2: write true or false)"
-        raise ConfigError(f"expected true or false, got {_show(value)}{hint}", path=path)
+        parsed = parse_bool(value.strip()) if isinstance(value, str) else None
+        if parsed is None:
+            raise ConfigError(f"expected {BOOL_EXPECTED}, got {_show(value)}", path=path)
+        return parsed
     if inner is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -642,9 +643,7 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
             return int(value)
         raise ConfigError(f"expected an integer, got {_show(value)}", path=path)
     if inner is float:
-        candidate = value
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            candidate = float(value)
+        candidate = parse_number(value) if isinstance(value, str) else value
         if (
             isinstance(candidate, int | float)
             and not isinstance(candidate, bool)
@@ -673,6 +672,8 @@ def _convert(value: object, tp: Any, path: str, ctx: _Context) -> object:
             return tuple(_host_device(item, f"{path}[{i}]") for i, item in enumerate(value))
         return tuple(_convert(item, item_type, f"{path}[{i}]", ctx) for i, item in enumerate(value))
     if inner is TlsSettings:
+        if isinstance(value, str) and parse_bool(value.strip()) is not None:
+            value = parse_bool(value.strip())
         if value is False:
             return None
         return _tls({} if value is True else value, path, ctx)
@@ -1011,9 +1012,9 @@ def _hook_memory(raw: object, path: str) -> dict[str, Any]:
     """``memory``: ``"N%"`` of the current memory (1..100) or MiB as an integer (>= 16)."""
     if isinstance(raw, str) and raw.strip().endswith("%"):
         number = raw.strip()[:-1].strip()
-        if not _FLOAT_RE.match(number):
+        percent = parse_number(number)
+        if percent is None:
             raise ConfigError(f"expected N% or MiB, got {_show(raw)}", path=path)
-        percent = float(number)
         if not 1 <= percent <= 100:
             raise ConfigError(f"must be between 1% and 100%, got {_num(percent)}%", path=path)
         return {"memory_percent": percent}

@@ -951,10 +951,10 @@ def test_protocol_aliases(value: str, expected: str) -> None:
             id="delay-order",
         ),
         pytest.param(
-            "communicator: {tls: {insecure: yes}}",
-            "communicator.tls.insecure: expected true or false, got 'yes'"
-            " (YAML 1.2: write true or false)",
-            id="bool-yes",
+            "communicator: {tls: {insecure: yEs}}",
+            "communicator.tls.insecure: expected a boolean (true/false, yes/no, on/off, y/n),"
+            " got 'yEs'",
+            id="bool-mixed-case",
         ),
         pytest.param(
             "communicator: {tls: 5}", "communicator.tls: expected a map, got 5", id="tls-type"
@@ -995,7 +995,7 @@ def test_protocol_aliases(value: str, expected: str) -> None:
         pytest.param("limits: 5", "limits: expected a map, got 5", id="limits-scalar"),
         pytest.param(
             "agent: {allow-quit: 1}",
-            "agent.allow-quit: expected true or false, got 1",
+            "agent.allow-quit: expected a boolean (true/false, yes/no, on/off, y/n), got 1",
             id="bool-int",
         ),
         pytest.param(
@@ -1027,7 +1027,7 @@ def test_protocol_aliases(value: str, expected: str) -> None:
         ),
         pytest.param(
             "migration: {persist: null}",
-            "migration.persist: expected true or false, got nothing",
+            "migration.persist: expected a boolean (true/false, yes/no, on/off, y/n), got nothing",
             id="bool-null",
         ),
         pytest.param(

@@ -8,8 +8,9 @@ that the configuration does not ask for.
 
 The second half of this module holds small converters that back-end factories share to read
 their ``hypervisor:`` options. They accept what the original's yaml-cpp accepted (booleans
-as ``y``/``no``/``On``..., numbers given as strings) as well as the typed values a YAML 1.2
-loader produces, and every error names its key path so the operator knows what to fix.
+as ``y``/``no``/``On``... from :mod:`asyncmigfra.values`, numbers given as strings) as well
+as the typed values a YAML 1.2 loader produces, and every error names its key path so the
+operator knows what to fix.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import cast
 
 from asyncmigfra.errors import ConfigError
 from asyncmigfra.hypervisor.base import HypervisorFactory
+from asyncmigfra.values import BOOL_EXPECTED, parse_bool, parse_number
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -99,9 +101,6 @@ def load_factory(type_name: str) -> HypervisorFactory:
 # --------------------------------------------------------------------------------------------
 # Option converters for back-end factories
 
-_TRUE = frozenset({"y", "yes", "true", "on"})
-_FALSE = frozenset({"n", "no", "false", "off"})
-
 
 def check_keys(
     options: Mapping[str, object],
@@ -121,18 +120,18 @@ def check_keys(
 
 
 def opt_bool(value: object, path: str) -> bool:
-    """A boolean, given as a Python bool or as any yaml-cpp spelling (``y``, ``No``, ``ON``)."""
+    """A boolean: a Python bool or a yaml-cpp spelling (``y``, ``No``, ``ON``), as in tasks.
+
+    The spellings are :data:`asyncmigfra.values.BOOL_WORDS`, the same in every config section;
+    surrounding blanks are ignored as for the other option converters.
+    """
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-    raise ConfigError(
-        f"expected a boolean (true/false, yes/no, on/off, y/n), got {value!r}", path=path
-    )
+        parsed = parse_bool(value.strip())
+        if parsed is not None:
+            return parsed
+    raise ConfigError(f"expected {BOOL_EXPECTED}, got {value!r}", path=path)
 
 
 def opt_float(value: object, path: str, *, minimum: float = 0.0, exclusive: bool = False) -> float:
@@ -141,10 +140,7 @@ def opt_float(value: object, path: str, *, minimum: float = 0.0, exclusive: bool
     if isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
+        number = parse_number(value)
     if number is None or not math.isfinite(number):
         raise ConfigError(f"expected a number, got {value!r}", path=path)
     if number < minimum or (exclusive and number == minimum):
