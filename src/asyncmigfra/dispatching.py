@@ -61,10 +61,11 @@ from asyncmigfra.model import (
     TaskKind,
     TaskMessage,
 )
+from asyncmigfra.outcomes import absorb_cancel, entry_for
 from asyncmigfra.patterns import MAX_PATTERN, matching_names
 from asyncmigfra.placement import Capacity, VmSize, place
 from asyncmigfra.rendering import parse_error_result
-from asyncmigfra.running import SubtaskContext, error_entry, reconcile_subtask, run_subtask
+from asyncmigfra.running import SubtaskContext, reconcile_subtask, run_subtask
 from asyncmigfra.settings import Settings
 from asyncmigfra.timing import TimeMeasurement
 from asyncmigfra.userhooks import HookRunner
@@ -509,14 +510,11 @@ class Dispatcher:
                 job, Unavailable.code, _unavailable(f"no write within {JOURNAL_DEADLINE:g} s")
             )
             return False
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
+        except asyncio.CancelledError as exc:
             reason = next((r.cancel_reason for r in job.runs if r.cancel_reason), None)
-            if reason is None or task is None:
-                raise
-            task.uncancel()
+            cancelled = absorb_cancel(exc, reason)
             self._withdraw(job)
-            self._refuse_unrun(job, TaskCancelled.code, reason)
+            self._refuse_unrun(job, cancelled.code, str(cancelled))
             return False
         except Exception as exc:  # noqa: BLE001 - every failed write means the same
             self._refuse_unrun(job, Unavailable.code, _unavailable(str(exc)))
@@ -586,26 +584,15 @@ class Dispatcher:
         """Run one subtask; a cancellation we asked for becomes a ``cancelled`` entry."""
         try:
             return await self._execute(job, run)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if run.cancel_reason is None or task is None:
-                raise
-            task.uncancel()
-            exc = TaskCancelled(run.cancel_reason)
-            timer = run.ctx.timer if run.ctx else None
-            entry = error_entry(run.spec.result_name, exc, timer)
-            if run.ctx is not None:  # what the operation recorded (a swap's partner outcome)
-                entry.extra = {k: v for k, v in run.ctx.extra.items() if k != "details"}
+        except asyncio.CancelledError as exc:
+            cancelled = absorb_cancel(exc, run.cancel_reason)
+            # What the operation recorded still goes out (a swap's partner outcome).
+            outcome, timer = (run.ctx.outcome, run.ctx.timer) if run.ctx else (None, None)
+            entry = entry_for(run.spec.result_name, cancelled, outcome, timer)
             self._report(job, entry, time.monotonic() - (run.started or job.received))
             return [entry]
-        except Exception as exc:
-            log.exception("task.crashed", task_id=job.msg.id)
-            entry = ResultEntry(
-                vm_name=run.spec.result_name,
-                status="error",
-                code="hypervisor-error",
-                details=f"internal error: {exc.__class__.__name__}: {exc}",
-            )
+        except Exception as exc:  # noqa: BLE001 - the outcome boundary: a bug is an entry
+            entry = entry_for(run.spec.result_name, exc, logger=log, task_id=job.msg.id)
             self._report(job, entry, time.monotonic() - (run.started or job.received))
             return [entry]
         finally:
@@ -715,7 +702,7 @@ class Dispatcher:
         self._events.done(job.msg.id, entry.vm_name, status=entry.status, duration=duration)
 
     def _failed(self, job: _Job, vm_name: str, exc: TaskError) -> ResultEntry:
-        entry = error_entry(vm_name, exc)
+        entry = entry_for(vm_name, exc)
         self._report(job, entry, 0.0)
         return entry
 
@@ -789,12 +776,8 @@ class Dispatcher:
                 await ticket.acquire()
                 async with limit:
                     entry = await self._one(job, run, mspec, name)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if run.cancel_reason is None or task is None:
-                    raise
-                task.uncancel()
-                entry = error_entry(name, TaskCancelled(run.cancel_reason))
+            except asyncio.CancelledError as exc:
+                entry = entry_for(name, absorb_cancel(exc, run.cancel_reason))
                 self._report(job, entry, 0.0)
             finally:
                 ticket.release()
@@ -809,17 +792,14 @@ class Dispatcher:
                     tasks[name] = tg.create_task(
                         move(name, dest), name=f"asyncmigfra.evacuate[{name}->{dest}]"
                     )
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if run.cancel_reason is None or task is None:
-                raise
-            task.uncancel()
+        except asyncio.CancelledError as exc:
+            absorb_cancel(exc, run.cancel_reason)
         entries: dict[str, ResultEntry] = {}
         for name, t in tasks.items():
             if t.done() and not t.cancelled():
                 entries[name] = t.result()
             else:
-                entries[name] = error_entry(name, TaskCancelled(run.cancel_reason or "cancelled"))
+                entries[name] = entry_for(name, TaskCancelled(run.cancel_reason or "cancelled"))
         for name in plan.unplaced:
             err = NoDestination(
                 "No destination host left to evacuate to."
@@ -892,7 +872,7 @@ class Dispatcher:
                 )
         if not entries:
             exc = WrongState(f"task '{spec.target}' is not queued or running")
-            entries.append(error_entry("n/a", exc))
+            entries.append(entry_for("n/a", exc))
         self._events.accepted(msg.id, task=msg.kind.value, vm_names=[])
         self._deliver(self._result(msg, entries), reply, None)
 
@@ -942,7 +922,7 @@ class Dispatcher:
                     )
                 )
         except TaskError as exc:
-            entries.append(error_entry("n/a", exc))
+            entries.append(entry_for("n/a", exc))
         self._deliver(
             ResultMessage(result="status", entries=entries, id=msg.id, header=header), reply, None
         )

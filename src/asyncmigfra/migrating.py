@@ -47,6 +47,7 @@ from asyncmigfra.hypervisor.base import (
     MigrationResult,
 )
 from asyncmigfra.model import MigrateSpec, MigrationParams, PciId, VcpuMap
+from asyncmigfra.outcomes import Outcome
 from asyncmigfra.settings import HookSettings, MigrationDefaults, Settings
 from asyncmigfra.timing import TimeMeasurement
 from asyncmigfra.userhooks import HookCall, HookRunner
@@ -89,7 +90,7 @@ class EngineContext(Protocol):
     task_id: str | None
     vm_name: str
     timer: TimeMeasurement
-    extra: dict[str, object]
+    outcome: Outcome
 
     def phase(self, name: str) -> None: ...
 
@@ -358,7 +359,7 @@ async def migrate(
     settings: Settings,
     bus: MessageBus | None = None,
 ) -> MigrationResult:
-    """Migrate one VM; on success ``ctx.extra`` gets ``destination`` (and ``retries``).
+    """Migrate one VM; on success ``ctx.outcome`` gets ``destination`` (and ``retries``).
     (``swap-with`` is :func:`asyncmigfra.swapping.swap`.)"""
     check_pscom(spec, bus)
     plan = await plan_for(spec, hypervisor=hypervisor, settings=settings)
@@ -433,7 +434,8 @@ async def carry_out(
         # The after-migrate hooks run whenever the before-migrate ones started (a drain gets
         # its undrain), with outcome error. Where the VM is now: on the destination when the
         # failure came after its arrival.
-        there = hypervisor.on_host(spec.destination) if "destination" in ctx.extra else hypervisor
+        arrived = ctx.outcome.destination is not None
+        there = hypervisor.on_host(spec.destination) if arrived else hypervisor
         after = replace(call, point="after-migrate", outcome="error", details=_why(exc))
         await _unwind(_after_failure(hooks, balloon, there, after, ctx))
         raise
@@ -441,9 +443,7 @@ async def carry_out(
         await _restore(balloon, hypervisor.on_host(spec.destination), ctx, warnings, arrived=True)
     if hooks is not None:
         warnings += await hooks.run(replace(call, point="after-migrate", outcome="success"), ctx)
-    if warnings:
-        note = ctx.extra.get("details")
-        ctx.extra["details"] = "; ".join([str(note), *warnings] if note else warnings)
+    ctx.outcome.note(*warnings)
     return result
 
 
@@ -621,7 +621,7 @@ async def _restore(
                 await there.set_memory(balloon.vm, balloon.original, ctx)
     except (TaskError, TimeoutError) as exc:
         reason = str(exc) or f"no answer within {hook.timeout:g} s"
-        where = f"the VM migrated to {ctx.extra.get('destination')} but " if arrived else ""
+        where = f"the VM migrated to {ctx.outcome.destination} but " if arrived else ""
         text = f"{where}hook {hook.name} (after-migrate) failed: {reason}"
         log.warning("hook.failed", hook=hook.name, point="after-migrate", error=text)
         if hook.policy == "fail":
@@ -757,7 +757,7 @@ async def after_arrival(
             failure = exc
     problems = await reattach_devices(there, vm_name, devices, ctx, suffix=suffix)
     if problems:
-        where = ctx.extra.get("destination")
+        where = ctx.outcome.destination
         text = f"the VM migrated to {where} but devices were not reattached: " + "; ".join(problems)
         if failure is not None:
             text = f"{failure}; {text}"
@@ -774,7 +774,7 @@ async def repin_on_destination(
     running unpinned than paused for good; the failure is still ``hook-failed``, and the
     result says where and in which state the guest is."""
     ctx.phase("repin")
-    where = ctx.extra.get("destination")
+    where = ctx.outcome.destination
     with ctx.measure(f"repin{suffix}"):
         pin_error: Exception | None = None
         try:
@@ -785,13 +785,13 @@ async def repin_on_destination(
         try:
             await there.resume(vm_name, ctx)
         except Exception as exc:
-            ctx.extra["state"] = "paused"
+            ctx.outcome.state = "paused"
             raise HookFailed(
                 f"the VM migrated to {where} but stays paused there: resume failed: {exc}"
                 + (f" (repin failed too: {pin_error})" if pin_error else "")
             ) from exc
     if pin_error is not None:
-        ctx.extra["state"] = "running"
+        ctx.outcome.state = "running"
         raise HookFailed(
             f"the VM migrated to {where} and runs there unpinned: repin failed: {pin_error}"
         ) from pin_error
@@ -813,7 +813,7 @@ async def _migrate_with_retries(
             retryable = getattr(exc, "retryable", False)
             if not retryable or attempt >= plan.retries:
                 if attempt:
-                    ctx.extra["retries"] = attempt
+                    ctx.outcome.retries = attempt
                 raise
             attempt += 1
             delay = plan.retry_delay * 2 ** (attempt - 1)
@@ -822,7 +822,7 @@ async def _migrate_with_retries(
             await asyncio.sleep(delay)
             continue
         if attempt:
-            ctx.extra["retries"] = attempt
+            ctx.outcome.retries = attempt
         return _arrived(spec, result, ctx)
 
 
@@ -858,7 +858,7 @@ async def plan_for(
 
 def _arrived(spec: MigrateSpec, result: MigrationResult, ctx: EngineContext) -> MigrationResult:
     """Record where the VM runs now and the downtime libvirt measured."""
-    ctx.extra["destination"] = spec.destination
+    ctx.outcome.destination = spec.destination
     if result.downtime is not None:
         ctx.record("downtime", result.downtime / 1000.0)
     return result
@@ -902,7 +902,7 @@ async def _migrate_once(
             if task is not None:
                 task.uncancel()
             log.warning("migration.cancel_ignored_in_post_copy")
-            ctx.extra["details"] = "cancel arrived during post-copy, which cannot be undone"
+            ctx.outcome.details = "cancel arrived during post-copy, which cannot be undone"
             async with asyncio.timeout(plan.completion_timeout):
                 await asyncio.wait({done})
         finally:

@@ -1,10 +1,11 @@
 """Run one subtask against the hypervisor and turn what happens into a result entry.
 
-This is the boundary where errors become outcomes (kopf's ``execute_handler_once``): every
-:class:`~asyncmigfra.errors.TaskError` becomes ``status: error`` with its ``code``; any other
-exception is a bug, logged with its traceback and reported as ``hypervisor-error`` so one
-broken operation never takes the agent down. Cancellation is not swallowed here: the
-dispatcher, which asked for it, turns it into ``code: cancelled``.
+Errors become outcomes here (kopf's ``execute_handler_once``), through the one boundary
+:func:`asyncmigfra.outcomes.entry_for`: every :class:`~asyncmigfra.errors.TaskError` becomes
+``status: error`` with its ``code``; any other exception is a bug, logged with its traceback
+and reported as ``hypervisor-error`` so one broken operation never takes the agent down.
+Cancellation is not swallowed here: the dispatcher, which asked for it, turns it into
+``code: cancelled`` (:func:`asyncmigfra.outcomes.absorb_cancel`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from asyncmigfra.model import (
     Subtask,
     SuspendSpec,
 )
+from asyncmigfra.outcomes import Outcome, entry_for
 from asyncmigfra.settings import Settings
 from asyncmigfra.swapping import swap
 from asyncmigfra.timing import TimeMeasurement
 from asyncmigfra.userhooks import HookCall, HookRunner
 
-__all__ = ["SubtaskContext", "error_entry", "reconcile_subtask", "run_subtask"]
+__all__ = ["SubtaskContext", "reconcile_subtask", "run_subtask"]
 
 #: Domain XML at least this long is checked in a worker thread (the loop never waits on it).
 _THREAD_XML_CHARS = 32 * 1024
@@ -56,8 +58,8 @@ class SubtaskContext:
     timer: TimeMeasurement
     started: float = field(default_factory=time.monotonic)
     current_phase: str | None = None
-    #: Extra result keys an operation wants in its entry (``destination``, ``retries``).
-    extra: dict[str, object] = field(default_factory=dict)
+    #: What the operation records for its entry (``destination``, ``retries``, notes ...).
+    outcome: Outcome = field(default_factory=Outcome)
     #: The broker connection for hooks (pscom, MQTT hooks); ``None``: no hooks over MQTT.
     bus: MessageBus | None = None
     #: Appended to every time-measurement tag (``-<vm>`` in a swap's halves).
@@ -86,7 +88,7 @@ class SubtaskContext:
 
     def companion(self, vm_name: str) -> SubtaskContext:
         """A context for one VM of a task that moves two (a swap's halves): events under that
-        VM's name, tags suffixed ``-<vm>`` (the original's swap tags), its own ``extra``, the
+        VM's name, tags suffixed ``-<vm>`` (the original's swap tags), its own ``outcome``, the
         same timer and broker connection."""
         return SubtaskContext(
             task_id=self.task_id,
@@ -103,16 +105,6 @@ class SubtaskContext:
         self.events.progress(self.task_id, self.vm_name, fields)
 
 
-def error_entry(vm_name: str, exc: TaskError, timer: TimeMeasurement | None = None) -> ResultEntry:
-    return ResultEntry(
-        vm_name=vm_name,
-        status="error",
-        details=str(exc) or exc.__class__.__name__,
-        code=exc.code,
-        time_measurement=timer.snapshot() if timer else None,
-    )
-
-
 async def run_subtask(
     spec: Subtask,
     ctx: SubtaskContext,
@@ -126,29 +118,11 @@ async def run_subtask(
     try:
         with ctx.timer.measure("overall"):
             await _operate(spec, ctx, hypervisor=hypervisor, settings=settings, vm_name=name)
-    except TaskError as exc:
-        log.info("task.failed", code=exc.code, details=str(exc))
-        entry = error_entry(name, exc, ctx.timer)
-        entry.extra = {k: v for k, v in ctx.extra.items() if k != "details"}
-        return entry
-    except Exception as exc:
-        log.exception("task.crashed")
-        return ResultEntry(
-            vm_name=name,
-            status="error",
-            details=f"internal error: {exc.__class__.__name__}: {exc}",
-            code="hypervisor-error",
-            time_measurement=ctx.timer.snapshot(),
-        )
-    extra = dict(ctx.extra)
-    note = extra.pop("details", None)
-    return ResultEntry(
-        vm_name=name,
-        status="success",
-        details=str(note) if note else None,
-        time_measurement=ctx.timer.snapshot(),
-        extra=extra,
-    )
+    except Exception as exc:  # noqa: BLE001 - the outcome boundary: a bug is an entry
+        if isinstance(exc, TaskError):
+            log.info("task.failed", code=exc.code, details=str(exc))
+        return entry_for(name, exc, ctx.outcome, ctx.timer, logger=log)
+    return entry_for(name, None, ctx.outcome, ctx.timer)
 
 
 async def _operate(
@@ -225,9 +199,7 @@ async def _hooks(ctx: SubtaskContext, call: HookCall) -> None:
     if ctx.hooks is None or not ctx.hooks.wants(call.point):
         return
     warnings = await ctx.hooks.run(call, ctx)
-    if warnings:
-        note = ctx.extra.get("details")
-        ctx.extra["details"] = "; ".join([str(note), *warnings] if note else warnings)
+    ctx.outcome.note(*warnings)
 
 
 #: The state each operation leaves a VM in: when a recovered subtask finds it there, the work
@@ -275,14 +247,14 @@ async def reconcile_subtask(
                     await follow_adopted(spec, job, ctx, hypervisor=hypervisor, settings=settings)
                     return _success(name, ctx, note="adopted after an agent restart")
                 if state is None:
-                    ctx.extra["destination"] = spec.destination
+                    ctx.outcome.destination = spec.destination
                     return _success(
                         name, ctx, note="the VM left this host while the agent was restarting"
                     )
             elif type(spec) in _TARGET_STATE and state in _TARGET_STATE[type(spec)]:
                 return _success(name, ctx, note="already done before the agent restarted")
     except TaskError as exc:
-        return error_entry(name, exc, ctx.timer)
+        return entry_for(name, exc, timer=ctx.timer)
     return await run_subtask(spec, ctx, hypervisor=hypervisor, settings=settings, vm_name=name)
 
 
@@ -311,8 +283,8 @@ async def _reconcile_swap(
     if state is not None and not partner_here:
         return None  # neither moved: the swap runs now
     if state is None and partner_here:
-        ctx.extra["destination"] = spec.destination
-        ctx.extra["swap-with"] = {
+        ctx.outcome.destination = spec.destination
+        ctx.outcome.swap_with = {
             "vm-name": partner,
             "status": "success",
             "destination": settings.hostname,
@@ -334,12 +306,4 @@ async def _state_of(hypervisor: Hypervisor, vm_name: str) -> DomainState | None:
 
 
 def _success(name: str, ctx: SubtaskContext, *, note: str) -> ResultEntry:
-    extra = dict(ctx.extra)
-    extra.pop("details", None)
-    return ResultEntry(
-        vm_name=name,
-        status="success",
-        details=note,
-        time_measurement=ctx.timer.snapshot(),
-        extra=extra,
-    )
+    return entry_for(name, None, ctx.outcome, ctx.timer, details=note)

@@ -43,7 +43,6 @@ from typing import Literal
 import structlog
 
 from asyncmigfra.errors import (
-    HypervisorError,
     IncompatibleDestination,
     InvalidTask,
     NotSupported,
@@ -61,6 +60,7 @@ from asyncmigfra.migrating import (
     plan_for,
 )
 from asyncmigfra.model import MigrateSpec
+from asyncmigfra.outcomes import as_task_error
 from asyncmigfra.peerlanes import hold_peer_lane
 from asyncmigfra.settings import Settings
 
@@ -143,8 +143,7 @@ async def swap(
             ours, theirs, ctx, hypervisor=hypervisor, settings=settings, bus=bus
         )
     if uncoordinated is not None:
-        details = ctx.extra.get("details")
-        ctx.extra["details"] = f"{details}; {uncoordinated}" if details else uncoordinated
+        ctx.outcome.note(uncoordinated)
     return result
 
 
@@ -234,11 +233,8 @@ async def _run(half: _Half, *, settings: Settings, bus: MessageBus | None) -> No
                 bus=bus,
                 source=half.source,
             )
-    except TaskError as exc:
-        half.error = exc
-    except Exception as exc:
-        log.exception("swap.half_crashed", vm=half.vm)
-        half.error = HypervisorError(f"internal error: {exc.__class__.__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a bug is this half's failure, not the swap's end
+        half.error = as_task_error(exc, log, "swap.half_crashed", vm=half.vm)
 
 
 async def _parallel(halves: list[_Half], *, settings: Settings, bus: MessageBus | None) -> None:
@@ -288,19 +284,17 @@ async def _sequential(
 def _record(halves: list[_Half], ctx: EngineContext, order: Order) -> None:
     """Both outcomes into the result: VM 1's keys at the top, VM 2's under ``swap-with``."""
     ours, theirs = halves
-    for key, value in ours.ctx.extra.items():
-        ctx.extra[key] = value
+    ctx.outcome.merge(ours.ctx.outcome)
     sub: dict[str, object] = {"vm-name": theirs.vm}
     sub["status"] = "error" if theirs.error is not None else "success"
     if theirs.error is not None:
         sub["code"] = theirs.error.code
         sub["details"] = str(theirs.error)
-    for key, value in theirs.ctx.extra.items():
-        if key == "details" and "details" in sub:
-            continue
-        sub[key] = value
+    sub.update(theirs.ctx.outcome.keys())
+    if theirs.ctx.outcome.details is not None and "details" not in sub:
+        sub["details"] = theirs.ctx.outcome.details
     sub["order"] = order
-    ctx.extra["swap-with"] = sub
+    ctx.outcome.swap_with = sub
 
 
 def _outcome(halves: list[_Half]) -> MigrationResult:

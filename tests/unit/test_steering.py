@@ -18,6 +18,7 @@ from asyncmigfra import migrating
 from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout, VmNotFound, WrongState
 from asyncmigfra.hypervisor.base import JobStats, MigrationRequest, MigrationResult
 from asyncmigfra.migrating import MigrationPlan, _downtime_schedule, _migrate_once
+from asyncmigfra.outcomes import Outcome
 from asyncmigfra.settings import Settings
 from asyncmigfra.timing import TimeMeasurement
 
@@ -31,7 +32,7 @@ class Context:
     vm_name: str = "v"
     task_id: str | None = "t"
     timer: TimeMeasurement = field(default_factory=lambda: TimeMeasurement(enabled=False))
-    extra: dict[str, object] = field(default_factory=dict)
+    outcome: Outcome = field(default_factory=Outcome)
     phases: list[str] = field(default_factory=list)
     events: list[dict[str, object]] = field(default_factory=list)
     hooks: None = None
