@@ -5,10 +5,10 @@ owned by the job, which is owned by the dispatcher's TaskGroup. The rules:
 
 * **Concurrency.** Subtasks of a message run concurrently; ``concurrent-execution: false`` (on
   the message or on an item) runs that subtask after every earlier one finished, in list
-  order (spec 1.1). One result is published per message when all its subtasks are done.
+  order (protocol §7.1). One result is published per message when all its subtasks are done.
 * **Per-VM order.** Work on the same VM never overlaps: each VM has a FIFO *lane*; a subtask
   reserves its place at submission (synchronously, so the order is the arrival order) and
-  starts when it reaches the front. This is what the original lacked (spec 6).
+  starts when it reaches the front. This is what the original lacked (protocol §7.2).
 * **Limits.** At most ``limits.max-concurrent-tasks`` subtasks run at once; at most
   ``limits.max-queued-tasks`` wait. A message that does not fit is answered at once with
   ``code: busy`` for every entry — never dropped.
@@ -707,7 +707,7 @@ class Dispatcher:
         return entry
 
     async def _stop_regex(self, job: _Job, run: _Run, spec: StopSpec) -> list[ResultEntry]:
-        """Stop every active domain whose name fully matches; one entry per VM (spec 1.4)."""
+        """Stop every active domain whose name fully matches; one entry per VM (protocol §3.3)."""
         assert spec.regex is not None
         try:
             domains = await self._hv.list_domains(active_only=True)
@@ -728,7 +728,7 @@ class Dispatcher:
             ticket.release()
 
     async def _evacuate(self, job: _Job, run: _Run, spec: EvacuateSpec) -> list[ResultEntry]:
-        """Move every active domain away (spec 1.8, see ``placement``): measure the
+        """Move every active domain away (protocol §3.7, see ``placement``): measure the
         destinations, place the VMs, then migrate them, at most ``max-parallel`` at once and
         each destination within its incoming limit (waiting, never failing, for a slot).
         A cancel stops what has not started and aborts what runs; finished moves keep their
