@@ -65,6 +65,17 @@ def test_demo_through_a_reachable_broker_still_runs(mosquitto):
     assert "Traceback" not in done.stderr
 
 
+def test_demo_progress_speaks_the_clis_words_within_80_columns():
+    done = run("demo", timeout=60)
+    assert done.returncode == 0, done.stderr
+    progress = [ln for ln in done.stdout.splitlines() if " % " in ln and "pass " in ln]
+    assert len(progress) >= 3, done.stdout
+    assert all(len(ln) <= 80 for ln in progress), progress
+    assert any("ETA " in ln for ln in progress), progress
+    assert any("target 30 ms -> max" in ln for ln in progress), progress
+    assert not any(word in done.stdout for word in ("iter ", "exp. downtime")), done.stdout
+
+
 def test_demo_usage_errors_are_one_line():
     done = run("demo", "--broker", "127.0.0.1:1883", "--port", "1884")
     assert done.returncode == 2
