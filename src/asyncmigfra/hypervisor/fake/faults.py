@@ -1,0 +1,27 @@
+"""Failure injection of the ``fake`` back-end: which operations can be made to fail.
+
+``fail`` (options) and :meth:`~asyncmigfra.hypervisor.fake.FakeHypervisor.inject` take
+these names; every injected failure carries :data:`INJECTED` as its message.
+"""
+
+from __future__ import annotations
+
+#: Operations that ``fail``/:meth:`FakeHypervisor.inject` can make fail. ``migrate`` fails
+#: ``begin_migration`` itself; ``migrate-midway`` lets the job start and fails it half-way
+#: through the first memory pass with ``MigrationFailed`` (the guest stays on the source).
+FAULT_OPS: tuple[str, ...] = (
+    "start",
+    "stop",
+    "suspend",
+    "resume",
+    "repin",
+    "set-memory",
+    "migrate",
+    "migrate-midway",
+    "detach-device",
+    "attach-device",
+    "list-domains",
+    "host-info",
+)
+
+INJECTED = "injected failure"
