@@ -47,7 +47,6 @@ from asyncmigfra.errors import (
     WrongState,
 )
 from asyncmigfra.events import Events
-from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import DomainInfo, Hypervisor
 from asyncmigfra.journal import Journal, journal_state
 from asyncmigfra.model import (
@@ -63,6 +62,7 @@ from asyncmigfra.model import (
 )
 from asyncmigfra.outcomes import absorb_cancel, entry_for
 from asyncmigfra.patterns import MAX_PATTERN, matching_names
+from asyncmigfra.peers import MessageBus
 from asyncmigfra.placement import Capacity, VmSize, place
 from asyncmigfra.rendering import parse_error_result
 from asyncmigfra.running import SubtaskContext, reconcile_subtask, run_subtask

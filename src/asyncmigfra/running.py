@@ -20,7 +20,6 @@ import structlog
 
 from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.events import Events
-from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hostpolicy import HostPolicy
 from asyncmigfra.hypervisor.base import DomainState, Hypervisor
 from asyncmigfra.migrating import follow_adopted, migrate
@@ -35,6 +34,7 @@ from asyncmigfra.model import (
     SuspendSpec,
 )
 from asyncmigfra.outcomes import Outcome, entry_for
+from asyncmigfra.peers import MessageBus
 from asyncmigfra.settings import Settings
 from asyncmigfra.swapping import swap
 from asyncmigfra.timing import TimeMeasurement
