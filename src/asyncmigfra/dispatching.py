@@ -241,11 +241,12 @@ class Dispatcher:
         on_quit: Callable[[], None],
         journal: Journal | None = None,
         bus: MessageBus | None = None,
+        hooks: HookRunner | None = None,
     ) -> None:
         self._hv = hypervisor
         self._bus = bus
-        #: The configured hooks (``None``: none); ``app`` runs its ``serve`` for other agents.
-        self.hooks = HookRunner.from_settings(settings, bus=bus) if settings.hooks else None
+        #: The configured hooks (``None``: none), built by ``app``, put on every subtask.
+        self._hooks = hooks
         self._journal = journal
         self._settings = settings
         self._events = events
@@ -644,7 +645,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
-            hooks=self.hooks,
+            hooks=self._hooks,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -664,7 +665,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
-            hooks=self.hooks,
+            hooks=self._hooks,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):
