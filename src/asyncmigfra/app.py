@@ -47,6 +47,7 @@ from asyncmigfra.peerlanes import LaneServer
 from asyncmigfra.publishing import EventPublisher, Publisher
 from asyncmigfra.rendering import render_event, render_result
 from asyncmigfra.settings import Settings
+from asyncmigfra.userhooks import HookRunner
 
 __all__ = ["Agent", "build_hypervisor"]
 
@@ -143,6 +144,11 @@ class Agent:
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
         )
+        #: The configured hooks (``None``: none): run by the dispatcher's subtasks, and
+        #: serving other agents' ``on: destination`` requests (:meth:`run`).
+        self.hooks = (
+            HookRunner.from_settings(settings, bus=self.transport) if settings.hooks else None
+        )
         self.dispatcher = Dispatcher(
             hypervisor=self.hypervisor,
             settings=settings,
@@ -151,6 +157,7 @@ class Agent:
             on_quit=self.request_stop,
             journal=self.journal,
             bus=self.transport,
+            hooks=self.hooks,
         )
         #: Holds of this agent's VM lanes for other agents' swaps.
         self.lanes = LaneServer(
@@ -387,7 +394,7 @@ class Agent:
                 intake = tg.create_task(self._intake_loop(), name="asyncmigfra.intake")
                 presence = tg.create_task(self._presence_loop(), name="asyncmigfra.presence")
                 mqtt = tg.create_task(self._connection(), name="asyncmigfra.mqtt")
-                hooks = self.dispatcher.hooks
+                hooks = self.hooks
                 serving = (
                     tg.create_task(hooks.serve(), name="asyncmigfra.hooks")
                     if hooks is not None and hooks.serves_peers

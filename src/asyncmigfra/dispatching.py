@@ -47,7 +47,6 @@ from asyncmigfra.errors import (
     WrongState,
 )
 from asyncmigfra.events import Events
-from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import DomainInfo, Hypervisor
 from asyncmigfra.journal import Journal, journal_state
 from asyncmigfra.model import (
@@ -63,6 +62,7 @@ from asyncmigfra.model import (
 )
 from asyncmigfra.outcomes import absorb_cancel, entry_for
 from asyncmigfra.patterns import MAX_PATTERN, matching_names
+from asyncmigfra.peers import MessageBus
 from asyncmigfra.placement import Capacity, VmSize, place
 from asyncmigfra.rendering import parse_error_result
 from asyncmigfra.running import SubtaskContext, reconcile_subtask, run_subtask
@@ -241,11 +241,12 @@ class Dispatcher:
         on_quit: Callable[[], None],
         journal: Journal | None = None,
         bus: MessageBus | None = None,
+        hooks: HookRunner | None = None,
     ) -> None:
         self._hv = hypervisor
         self._bus = bus
-        #: The configured hooks (``None``: none); ``app`` runs its ``serve`` for other agents.
-        self.hooks = HookRunner.from_settings(settings, bus=bus) if settings.hooks else None
+        #: The configured hooks (``None``: none), built by ``app``, put on every subtask.
+        self._hooks = hooks
         self._journal = journal
         self._settings = settings
         self._events = events
@@ -644,7 +645,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
-            hooks=self.hooks,
+            hooks=self._hooks,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -664,7 +665,7 @@ class Dispatcher:
             events=self._events,
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
-            hooks=self.hooks,
+            hooks=self._hooks,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):

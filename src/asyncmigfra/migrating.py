@@ -38,7 +38,7 @@ from asyncmigfra.errors import (
     TaskTimeout,
     VmNotFound,
 )
-from asyncmigfra.hooks import MessageBus, PscomHook, count_processes
+from asyncmigfra.hooks import PscomHook, count_processes
 from asyncmigfra.hypervisor.base import (
     Hypervisor,
     JobStats,
@@ -48,6 +48,7 @@ from asyncmigfra.hypervisor.base import (
 )
 from asyncmigfra.model import MigrateSpec, MigrationParams, PciId, VcpuMap
 from asyncmigfra.outcomes import Outcome
+from asyncmigfra.peers import MessageBus
 from asyncmigfra.settings import HookSettings, MigrationDefaults, Settings
 from asyncmigfra.timing import TimeMeasurement
 from asyncmigfra.userhooks import HookCall, HookRunner

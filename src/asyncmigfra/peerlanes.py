@@ -7,7 +7,8 @@ to hold VM 2's lane for it, the way Nova refuses a second operation on an instan
 ``task_state`` is set:
 
 * **request** (JSON, QoS 1) on the destination's lane topic *with the asking agent's name as
-  the last level* (``fast/migfra/<dest>/lane/<source>``, :class:`asyncmigfra.hooks.PeerTopics`):
+  the last level* (``fast/migfra/<dest>/lane/<source>``,
+  :class:`asyncmigfra.peers.PeerTopics`):
   ``op`` (``hold``, ``renew``, ``release``), ``request-id``, ``hold-id``, ``vm-name``,
   ``source`` (the asking agent's name, which must be the topic's) and, with ``hold`` and
   ``renew``, ``lease`` (s);
@@ -31,7 +32,9 @@ runs after the swap. The hold ends with a ``release``, or when its lease runs ou
 only: after a restart of the destination's agent a ``renew`` answers ``error`` and the swap
 goes on, logged.
 
-Only the destination's agent runs anything here; the request carries no command.
+Requests and answers go through :func:`asyncmigfra.peers.request` and
+:func:`asyncmigfra.peers.serve`, as destination hooks do. Only the destination's agent runs
+anything here; the request carries no command.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ from typing import Literal, Protocol, cast
 
 import structlog
 
+from asyncmigfra import peers
 from asyncmigfra.errors import Busy, ConnectionFailed
-from asyncmigfra.hooks import (
+from asyncmigfra.peers import (
     JunkLog,
     MessageBus,
     PeerRefusal,
@@ -245,32 +249,27 @@ class LaneServer:
             )
             return
         try:
-            while True:
-                try:
-                    async with self._bus.subscription(self._topics.requests, LANE_QOS) as queue:
-                        log.info("lanes.serving", topic=self._topics.requests)
-                        while True:
-                            topic, raw = await queue.get()
-                            await self._answer(topic, raw)
-                except Exception as exc:  # noqa: BLE001 - never take the agent down; retry
-                    log.error("lanes.serving_failed", error=str(exc))  # noqa: TRY400
-                    await asyncio.sleep(1.0)
+            await peers.serve(
+                self._bus,
+                self._topics,
+                self._answer,
+                qos=LANE_QOS,
+                event="lanes",
+                junk=self._junk,
+                answer_within=RELEASE_LIMIT,  # the peer waits no longer than that
+            )
         finally:
             for key in list(self._holds):
                 self._end(key, reason="agent stopping")
 
-    async def _answer(self, topic: str, raw: bytes) -> None:
-        assert self._topics is not None
-        sender = self._topics.sender(topic)
-        if sender is None:
-            self._junk("lanes.request_ignored", reason="not a request topic", topic=shown(topic))
-            return
+    async def _answer(self, sender: str, raw: bytes) -> dict[str, str] | None:
+        """The answer to ``sender``'s request ``raw`` (``None``: unanswerable junk)."""
         try:
             request = parse_request(raw, sender, peers=self._peers)
         except PeerRefusal as refusal:
             self._junk("lanes.request_refused", reason=refusal.reason, sender=sender)
             if refusal.request_id is None:
-                return
+                return None
             status, details, rid = "error", refusal.reason, refusal.request_id
         else:
             status, details = self._decide(sender, request)
@@ -278,13 +277,7 @@ class LaneServer:
         answer = {"request-id": rid, "status": status}
         if details:
             answer["details"] = f"on {self._hostname}: {details}"
-        reply_to = self._topics.answer_to(sender)
-        assert reply_to is not None  # the sender is a peer name
-        try:
-            async with asyncio.timeout(RELEASE_LIMIT):  # the peer waits no longer than that
-                await self._bus.send(reply_to, json.dumps(answer).encode(), LANE_QOS)
-        except Exception as exc:  # noqa: BLE001 - the peer asks again or gives up
-            log.warning("lanes.answer_failed", error=str(exc))
+        return answer
 
     def _decide(self, sender: str, request: LaneRequest) -> tuple[str, str]:
         key = (sender, request.hold_id)
@@ -351,16 +344,17 @@ async def _ask(
     """Send one request to ``topic`` and wait ``limit`` s for its answer on ``answers`` (the
     asked agent's level): ``(status, details)``, or ``None`` without an answer. A broker
     problem is an ``error`` answer of this side."""
-    rid = uuid.uuid4().hex
-    request = {**request, "request-id": rid}
     try:
-        async with asyncio.timeout(limit):
-            await bus.send(topic, json.dumps(request).encode(), LANE_QOS)
-            while True:
-                where, raw = await queue.get()
-                answer = _answer_to(where, raw, answers, rid)
-                if answer is not None:
-                    return answer
+        return await peers.request(
+            bus,
+            {**request, "request-id": uuid.uuid4().hex},
+            to=topic,
+            answers=answers,
+            qos=LANE_QOS,
+            limit=limit,
+            read=lambda where, raw, rid: _answer_to(where, raw, answers, rid),
+            queue=queue,
+        )
     except TimeoutError:
         return None
     except Exception as exc:  # noqa: BLE001 - e.g. TransportError: reported, never raised

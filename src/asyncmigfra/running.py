@@ -20,9 +20,8 @@ import structlog
 
 from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.events import Events
-from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hostpolicy import HostPolicy
-from asyncmigfra.hypervisor.base import DomainState, Hypervisor
+from asyncmigfra.hypervisor.base import AdoptsMigrations, DomainState, Hypervisor
 from asyncmigfra.migrating import follow_adopted, migrate
 from asyncmigfra.model import (
     MigrateSpec,
@@ -35,6 +34,7 @@ from asyncmigfra.model import (
     SuspendSpec,
 )
 from asyncmigfra.outcomes import Outcome, entry_for
+from asyncmigfra.peers import MessageBus
 from asyncmigfra.settings import Settings
 from asyncmigfra.swapping import swap
 from asyncmigfra.timing import TimeMeasurement
@@ -241,8 +241,11 @@ async def reconcile_subtask(
                 if entry is not None:
                     return entry
             elif isinstance(spec, MigrateSpec):
-                adopt = getattr(hypervisor, "adopt_migration", None)
-                job = await adopt(name) if adopt is not None and state is not None else None
+                job = (
+                    await hypervisor.adopt_migration(name)
+                    if isinstance(hypervisor, AdoptsMigrations) and state is not None
+                    else None
+                )
                 if job is not None:
                     await follow_adopted(spec, job, ctx, hypervisor=hypervisor, settings=settings)
                     return _success(name, ctx, note="adopted after an agent restart")
@@ -272,8 +275,11 @@ async def _reconcile_swap(
     each VM is. Nothing is moved back on a guess."""
     assert spec.parameter.swap_with is not None
     partner = spec.parameter.swap_with.vm_name
-    adopt = getattr(hypervisor, "adopt_migration", None)
-    job = await adopt(spec.vm_name) if adopt is not None and state is not None else None
+    job = (
+        await hypervisor.adopt_migration(spec.vm_name)
+        if isinstance(hypervisor, AdoptsMigrations) and state is not None
+        else None
+    )
     if job is not None:
         own = replace(spec, parameter=replace(spec.parameter, swap_with=None))
         with contextlib.suppress(TaskError):  # where the VM ended up is checked below

@@ -49,7 +49,6 @@ from asyncmigfra.errors import (
     TaskCancelled,
     TaskError,
 )
-from asyncmigfra.hooks import MessageBus
 from asyncmigfra.hypervisor.base import Hypervisor, MigrationResult
 from asyncmigfra.migrating import (
     EngineContext,
@@ -62,6 +61,7 @@ from asyncmigfra.migrating import (
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.outcomes import as_task_error
 from asyncmigfra.peerlanes import hold_peer_lane
+from asyncmigfra.peers import MessageBus
 from asyncmigfra.settings import Settings
 
 __all__ = ["swap"]

@@ -18,14 +18,14 @@ names the runner sets itself.
 
 **MQTT hooks** publish a JSON request with a fresh ``request-id`` and wait for the answer
 with that id on the response topic (``status: success`` or ``status: error``), through the
-same :class:`asyncmigfra.hooks.MessageBus` as the pscom hook.
+same :class:`asyncmigfra.peers.MessageBus` as the pscom hook (:func:`asyncmigfra.peers.request`).
 
 **Command hooks on the destination** (``on: destination``) are run by the destination's agent:
 the request goes to ``<prefix>/<dest>/hook/<source>`` and the answer comes back on
-``<prefix>/<source>/hook-response/<dest>`` (:class:`asyncmigfra.hooks.PeerTopics`: the sender
+``<prefix>/<source>/hook-response/<dest>`` (:class:`asyncmigfra.peers.PeerTopics`: the sender
 is the last level, which the broker's ACL pins to its user name). The serving agent takes the
 source from the topic, checks every field (:func:`parse_peer_request`) and runs only a hook
-of its own configuration.
+of its own configuration (:func:`asyncmigfra.peers.serve`).
 
 Built-in hooks (``builtin: reduce-memory``) are only looked up here (:meth:`HookRunner.builtin`);
 the migration engine implements them.
@@ -47,9 +47,11 @@ from typing import Any, Final
 
 import structlog
 
+from asyncmigfra import peers
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import (
-    HookContext,
+from asyncmigfra.hooks import HookContext
+from asyncmigfra.parsing import load_yaml
+from asyncmigfra.peers import (
     JunkLog,
     MessageBus,
     PeerRefusal,
@@ -62,7 +64,6 @@ from asyncmigfra.hooks import (
     valid_peer_vm_name,
     valid_task_id,
 )
-from asyncmigfra.parsing import load_yaml
 from asyncmigfra.settings import HOOK_POINTS, MIGRATE_HOOK_POINTS, HookSettings, Settings
 
 __all__ = [
@@ -445,14 +446,19 @@ async def _exchange(
 ) -> None:
     """Publish ``request`` and wait (``limit`` s) for the answer with its ``request-id``
     (``exact``: only on ``response_topic`` itself, the asked agent's answer topic)."""
-    payload = json.dumps(request).encode()
+
+    def read(topic: str, raw: bytes, request_id: str) -> tuple[str, str] | None:
+        if exact and topic != response_topic:
+            _ANSWER_JUNK(
+                "hook.answer_ignored", reason="not from the agent asked", topic=shown(topic)
+            )
+            return None
+        return _answer(raw, request_id)
+
     try:
-        async with asyncio.timeout(limit):
-            async with bus.subscription(response_topic, qos) as queue:
-                await bus.send(request_topic, payload, qos)
-                status, details = await _wait_answer(
-                    queue, request["request-id"], response_topic if exact else None
-                )
+        status, details = await peers.request(
+            bus, request, to=request_topic, answers=response_topic, qos=qos, limit=limit, read=read
+        )
     except TimeoutError:
         raise _Failure(f"no answer within {limit:g} s") from None
     except _Failure:
@@ -513,23 +519,6 @@ def _on_peer(hook: HookSettings, call: HookCall) -> bool:
 
 
 _ANSWER_JUNK = JunkLog()
-
-
-async def _wait_answer(
-    queue: asyncio.Queue[tuple[str, bytes]], request_id: str, topic: str | None = None
-) -> tuple[str, str]:
-    """The first answer to ``request_id`` on ``queue`` (only on ``topic`` when given); answers
-    to other requests are skipped."""
-    while True:
-        where, raw = await queue.get()
-        if topic is not None and where != topic:
-            _ANSWER_JUNK(
-                "hook.answer_ignored", reason="not from the agent asked", topic=shown(where)
-            )
-            continue
-        answer = _answer(raw, request_id)
-        if answer is not None:
-            return answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -664,8 +653,6 @@ class HookRunner:
             values=frozenset(value for value in secret_values if value),
         )
         self._peers = frozenset(peers) if peers is not None else None
-        self._serving: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(PEER_CONCURRENCY)
         #: sender -> its requests running now; (sender, request id) of those.
         self._per_source: dict[str, int] = {}
         self._running: set[tuple[str, str]] = set()
@@ -789,59 +776,32 @@ class HookRunner:
                 reason="the host name is not exactly one level of the task topic",
             )
             return
-        try:
-            while True:
-                try:
-                    async with self._bus.subscription(self._topics.requests, 1) as queue:
-                        log.info("hook.serving", topic=self._topics.requests)
-                        while True:
-                            topic, raw = await queue.get()
-                            sender = self._topics.sender(topic)
-                            if sender is None:
-                                self._junk(
-                                    "hook.request_ignored",
-                                    reason="not a request topic",
-                                    topic=shown(topic),
-                                )
-                                continue
-                            await self._slots.acquire()  # a flood waits, it does not pile up
-                            task = asyncio.create_task(self._serve_one(sender, raw))
-                            self._serving.add(task)
-                            task.add_done_callback(self._served)
-                except Exception as exc:  # noqa: BLE001 - never take the agent down; retry
-                    log.error("hook.serving_failed", error=str(exc))  # noqa: TRY400
-                    await asyncio.sleep(1.0)
-        finally:
-            for task in list(self._serving):
-                task.cancel()
-            if self._serving:
-                await asyncio.gather(*self._serving, return_exceptions=True)
+        await peers.serve(
+            self._bus,
+            self._topics,
+            self._serve_one,
+            qos=1,
+            event="hook",
+            junk=self._junk,
+            slots=PEER_CONCURRENCY,
+        )
 
-    def _served(self, task: asyncio.Task[None]) -> None:
-        self._serving.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("hook.serve_failed", error=str(task.exception()))
-
-    async def _serve_one(self, sender: str, raw: bytes) -> None:
-        assert self._topics is not None
+    async def _serve_one(self, sender: str, raw: bytes) -> dict[str, str] | None:
+        """The answer to ``sender``'s request ``raw``, once its hook ran (``None``: none)."""
         assert self._hostname is not None
-        assert self._bus is not None
-        reply_to = self._topics.answer_to(sender)
-        assert reply_to is not None  # the sender is a peer name
         status, details = "success", ""
         try:
             request = parse_peer_request(raw, sender, self._hostname, peers=self._peers)
         except PeerRefusal as refusal:
             self._junk("hook.request_refused", reason=refusal.reason, sender=sender)
             if refusal.request_id is None:
-                return
+                return None
             rid, status, details = refusal.request_id, "error", refusal.reason
         else:
             rid = request.request_id
             key = (sender, rid)
             if key in self._running:
-                return  # a QoS 1 duplicate of a request that runs: its answer comes
+                return None  # a QoS 1 duplicate of a request that runs: its answer comes
             if self._per_source.get(sender, 0) >= PEER_CONCURRENCY_PER_SOURCE:
                 status = "error"
                 details = f"{PEER_CONCURRENCY_PER_SOURCE} hooks of {sender} run here already"
@@ -860,7 +820,7 @@ class HookRunner:
         answer = {"request-id": rid, "status": status}
         if details:
             answer["details"] = f"on {self._hostname}: {details}"
-        await self._bus.send(reply_to, json.dumps(answer).encode(), 1)
+        return answer
 
     async def _run_for_peer(self, sender: str, request: PeerHookRequest) -> None:
         """Run this agent's own hook of the requested name for ``sender``."""

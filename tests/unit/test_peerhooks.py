@@ -28,12 +28,12 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
-from test_peerlanes import HOSTILE_VM_NAMES, Bus
+from test_peerlanes import HOSTILE_VM_NAMES
 
-from asyncmigfra import hooks, userhooks
+from asyncmigfra import peers, userhooks
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import PeerRefusal
 from asyncmigfra.parsing import valid_vm_name
+from asyncmigfra.peers import MemoryBus, PeerRefusal
 from asyncmigfra.settings import HookSettings, settings_from_text
 from asyncmigfra.userhooks import HookCall, HookRunner, parse_peer_request
 from harness import RecordingContext as FakeContext
@@ -75,7 +75,7 @@ def parse(doc: dict[str, object], sender: str = "a") -> userhooks.PeerHookReques
 
 
 @asynccontextmanager
-async def serving(bus: Bus, runner: HookRunner) -> AsyncIterator[HookRunner]:
+async def serving(bus: MemoryBus, runner: HookRunner) -> AsyncIterator[HookRunner]:
     task = asyncio.create_task(runner.serve())
     while B_REQUESTS not in bus.queues:
         await asyncio.sleep(0)
@@ -86,7 +86,7 @@ async def serving(bus: Bus, runner: HookRunner) -> AsyncIterator[HookRunner]:
         await asyncio.wait({task})
 
 
-async def ask(bus: Bus, doc: dict[str, object] | bytes, sender: str = "a") -> dict[str, str]:
+async def ask(bus: MemoryBus, doc: dict[str, object] | bytes, sender: str = "a") -> dict[str, str]:
     """Publish one request as agent ``sender`` (its topic level) and return b's answer."""
     raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     rid = json.loads(raw).get("request-id")
@@ -236,12 +236,12 @@ def test_any_map_gives_a_valid_request_or_a_refusal(fields, complete):
     except PeerRefusal:
         return
     assert valid_vm_name(got.vm_name)
-    assert hooks._UNSAFE.search(got.vm_name) is None
+    assert peers._UNSAFE.search(got.vm_name) is None
     assert doc.get("source", "a") == "a"
     assert doc["destination"] == "b"
     assert got.point in ("before-migrate", "after-migrate")
-    assert got.task_id is None or hooks._UNSAFE.search(got.task_id) is None
-    assert got.details is None or hooks._UNSAFE.search(got.details) is None
+    assert got.task_id is None or peers._UNSAFE.search(got.task_id) is None
+    assert got.details is None or peers._UNSAFE.search(got.details) is None
 
 
 def test_what_this_agent_sends_passes_the_check_on_the_other_side():
@@ -270,7 +270,7 @@ async def test_the_hostile_review_request_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "ran"
     pwned = tmp_path / "pwned"
     cmd = script(tmp_path, "fence.sh", f'echo "$ASYNCMIGFRA_VM_NAME" > {marker}\n')
-    bus = Bus()
+    bus = MemoryBus()
     runner = HookRunner([fence((cmd,))], bus=bus, hostname="b", task_topic=B_TASKS)  # type: ignore[arg-type]
     with capture_logs() as logs:
         async with serving(bus, runner):
@@ -292,7 +292,7 @@ async def test_the_hostile_review_request_is_refused_and_nothing_runs(tmp_path):
 async def test_the_source_a_command_sees_is_the_topics(tmp_path):
     out = tmp_path / "env"
     cmd = script(tmp_path, "env.sh", f"env | grep ^ASYNCMIGFRA_SOURCE= >> {out}\n")
-    bus = Bus()
+    bus = MemoryBus()
     runner = HookRunner([fence((cmd,))], bus=bus, hostname="b", task_topic=B_TASKS)  # type: ignore[arg-type]
     async with serving(bus, runner):
         forged = await ask(bus, request(source="c"))  # a claims to be c
@@ -306,7 +306,7 @@ async def test_the_source_a_command_sees_is_the_topics(tmp_path):
 
 async def test_junk_is_logged_once_and_the_server_keeps_serving(tmp_path):
     cmd = script(tmp_path, "ok.sh", "exit 0\n")
-    bus = Bus()
+    bus = MemoryBus()
     runner = HookRunner([fence((cmd,))], bus=bus, hostname="b", task_topic=B_TASKS)  # type: ignore[arg-type]
     with capture_logs() as logs:
         async with serving(bus, runner):
@@ -340,7 +340,7 @@ async def test_requests_of_one_agent_are_bounded_and_duplicates_run_once(tmp_pat
     def runs() -> int:
         return len(count.read_text().splitlines()) if count.exists() else 0
 
-    bus = Bus()
+    bus = MemoryBus()
     runner = HookRunner([fence((cmd,))], bus=bus, hostname="b", task_topic=B_TASKS)  # type: ignore[arg-type]
     async with serving(bus, runner), bus.subscription("fast/migfra/a/hook-response/b", 1) as queue:
         for i in range(userhooks.PEER_CONCURRENCY_PER_SOURCE):
@@ -376,7 +376,7 @@ async def test_requests_of_one_agent_are_bounded_and_duplicates_run_once(tmp_pat
 
 async def test_the_asking_agent_hears_only_the_agent_it_asked():
     """a asks b; c answers (in its own name, and as a level below b's): not taken."""
-    bus = Bus()
+    bus = MemoryBus()
     runner = HookRunner(
         [fence(("true",), timeout=0.3)],  # with PEER_MARGIN the wait is 2.3 s
         bus=bus,  # type: ignore[arg-type]
@@ -485,7 +485,7 @@ async def test_a_destination_hook_run_for_another_agent_sees_no_password_either(
         "  - name: fence\n    when: [before-migrate]\n    on: destination\n"
         f"    command: [{cmd}]\n",
     )
-    bus = Bus()
+    bus = MemoryBus()
     runner = HookRunner.from_settings(settings, bus=bus)  # type: ignore[arg-type]
     async with serving(bus, runner):
         assert (await ask(bus, request()))["status"] == "success"

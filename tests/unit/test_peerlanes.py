@@ -17,9 +17,8 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from asyncmigfra import hooks, peerlanes
+from asyncmigfra import peerlanes, peers
 from asyncmigfra.errors import Busy, ConnectionFailed
-from asyncmigfra.hooks import PeerRefusal, topic_matches
 from asyncmigfra.mqtt import TransportError
 from asyncmigfra.peerlanes import (
     MAX_HOLDS_PER_SOURCE,
@@ -29,6 +28,7 @@ from asyncmigfra.peerlanes import (
     lane_topics,
     parse_request,
 )
+from asyncmigfra.peers import MemoryBus, PeerRefusal, topic_matches
 
 A_TASKS = "fast/migfra/a/task"
 B_TASKS = "fast/migfra/b/task"
@@ -68,38 +68,6 @@ HOSTILE_VM_NAMES = [
 
 
 @dataclass
-class Bus:
-    """Delivers every message to the queues whose filter matches its topic (MQTT's rules)."""
-
-    queues: dict[str, list[asyncio.Queue[tuple[str, bytes]]]] = field(default_factory=dict)
-    sent: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-    #: Topics whose messages are dropped (nobody there).
-    deaf: set[str] = field(default_factory=set)
-
-    @asynccontextmanager
-    async def subscription(self, topic: str, qos: int) -> AsyncIterator[asyncio.Queue]:
-        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self.queues.setdefault(topic, []).append(queue)
-        try:
-            yield queue
-        finally:
-            self.queues[topic].remove(queue)
-
-    async def send(self, topic: str, payload: bytes, qos: int) -> None:
-        self.sent.append((topic, json.loads(payload)))
-        self.deliver(topic, payload)
-
-    def deliver(self, topic: str, payload: bytes) -> None:
-        """What the broker does with a publish (also one the test forges)."""
-        if topic in self.deaf:
-            return
-        for pattern, queues in self.queues.items():
-            if topic_matches(pattern, topic):
-                for queue in queues:
-                    queue.put_nowait((topic, payload))
-
-
-@dataclass
 class Keeper:
     """The dispatcher's side: VMs with work on them, and the lanes given out."""
 
@@ -114,7 +82,7 @@ class Keeper:
 
 
 @asynccontextmanager
-async def serving(bus: Bus, keeper: Keeper, **kw: object) -> AsyncIterator[LaneServer]:
+async def serving(bus: MemoryBus, keeper: Keeper, **kw: object) -> AsyncIterator[LaneServer]:
     server = LaneServer(bus=bus, hostname="b", task_topic=B_TASKS, keeper=keeper, **kw)  # type: ignore[arg-type]
     task = asyncio.create_task(server.serve())
     while B_REQUESTS not in bus.queues:
@@ -126,7 +94,7 @@ async def serving(bus: Bus, keeper: Keeper, **kw: object) -> AsyncIterator[LaneS
         await asyncio.wait({task})
 
 
-async def ask(bus: Bus, request: dict[str, object], sender: str = "a") -> dict[str, str]:
+async def ask(bus: MemoryBus, request: dict[str, object], sender: str = "a") -> dict[str, str]:
     """Send one raw request as agent ``sender`` (its topic level) and return the answer."""
     async with bus.subscription(answer_topic(sender), 1) as queue:
         bus.deliver(request_topic(sender), json.dumps(request).encode())
@@ -136,7 +104,7 @@ async def ask(bus: Bus, request: dict[str, object], sender: str = "a") -> dict[s
     return answer
 
 
-async def no_answer(bus: Bus, payload: bytes, sender: str = "a", within: float = 0.1) -> None:
+async def no_answer(bus: MemoryBus, payload: bytes, sender: str = "a", within: float = 0.1) -> None:
     async with bus.subscription(answer_topic(sender), 1) as queue:
         bus.deliver(request_topic(sender), payload)
         await asyncio.sleep(within)
@@ -153,7 +121,7 @@ def request(op: str, hold_id: str = "h1", vm: str = "v2", **extra: object) -> di
     } | extra
 
 
-def hold(bus: Bus, mode: str = "best-effort", **kw: object):  # type: ignore[no-untyped-def]
+def hold(bus: MemoryBus, mode: str = "best-effort", **kw: object):  # type: ignore[no-untyped-def]
     return hold_peer_lane(
         bus,  # type: ignore[arg-type]
         task_topic=A_TASKS,
@@ -248,7 +216,7 @@ def test_an_agent_whose_name_is_not_one_level_has_no_lane_topics():
 
 
 async def test_a_hold_takes_the_lane_until_it_is_released():
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper) as server:
         assert (await ask(bus, request("hold")))["status"] == "held"
         assert keeper.held == ["v2"]
@@ -265,7 +233,7 @@ async def test_a_hold_takes_the_lane_until_it_is_released():
 
 
 async def test_the_json_source_may_be_left_out_but_never_disagree():
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper) as server:
         plain = request("hold")
         del plain["source"]
@@ -278,7 +246,7 @@ async def test_the_json_source_may_be_left_out_but_never_disagree():
 
 
 async def test_a_vm_with_work_on_it_is_busy():
-    bus, keeper = Bus(), Keeper(busy={"v2"})
+    bus, keeper = MemoryBus(), Keeper(busy={"v2"})
     async with serving(bus, keeper):
         answer = await ask(bus, request("hold"))
     assert answer == {
@@ -289,7 +257,7 @@ async def test_a_vm_with_work_on_it_is_busy():
 
 
 async def test_a_hold_whose_lease_runs_out_is_given_back():
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper) as server:
         assert (await ask(bus, request("hold", lease="1")))["status"] == "held"
         await asyncio.sleep(0.6)
@@ -306,7 +274,7 @@ async def test_a_hold_whose_lease_runs_out_is_given_back():
 
 
 async def test_stopping_the_server_gives_every_hold_back():
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper):
         await ask(bus, request("hold", "h1", "v1"))
         await ask(bus, request("hold", "h2", "v2"))
@@ -316,7 +284,7 @@ async def test_stopping_the_server_gives_every_hold_back():
 
 async def test_another_agent_can_neither_release_nor_renew_a_hold():
     """The holder is the topic's sender: c, knowing a's hold id and VM, changes nothing."""
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper) as server:
         await ask(bus, request("hold"))
         # With its own name in the JSON: its own (non-existent) hold.
@@ -341,7 +309,7 @@ async def test_holds_are_bounded_per_sender_and_the_review_flood_blocks_nobody_e
     """The hostile review: 256 holds made every swap of a VM fail with busy. Now one sender
     gets at most MAX_HOLDS_PER_SOURCE at once, and holds of another VM or another sender
     still work."""
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper) as server:
         statuses = []
         for i in range(256):
@@ -364,7 +332,7 @@ async def test_holds_are_bounded_per_sender_and_the_review_flood_blocks_nobody_e
 
 
 async def test_only_configured_peers_are_served():
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper, peers={"a"}):
         assert (await ask(bus, request("hold")))["status"] == "held"
         answer = await ask(bus, request("hold", "h2", "v3", source="c"), "c")
@@ -375,7 +343,7 @@ async def test_only_configured_peers_are_served():
 
 @pytest.mark.parametrize("vm", HOSTILE_VM_NAMES)
 async def test_hostile_vm_names_are_refused(vm):
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper):
         answer = await ask(bus, request("hold", vm=vm))
     assert answer["status"] == "error"
@@ -410,7 +378,7 @@ async def test_hostile_vm_names_are_refused(vm):
     ],
 )
 async def test_junk_with_a_request_id_is_answered_error(extra, reason):
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper):
         answer = await ask(bus, request("hold") | extra)
         assert keeper.held == []
@@ -447,7 +415,7 @@ async def test_junk_with_a_request_id_is_answered_error(extra, reason):
     ],
 )
 async def test_unanswerable_junk_is_ignored_and_the_server_keeps_serving(payload):
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper):
         await no_answer(bus, payload)
         # Also on topics that are no request to this agent.
@@ -460,7 +428,7 @@ async def test_unanswerable_junk_is_ignored_and_the_server_keeps_serving(payload
 async def test_junk_is_logged_once():
     from structlog.testing import capture_logs  # noqa: PLC0415
 
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     with capture_logs() as logs:
         async with serving(bus, keeper):
             for _ in range(50):
@@ -486,7 +454,7 @@ def test_leases_are_bounded():
 
 
 async def test_the_asking_side_holds_renews_and_releases():
-    bus, keeper = Bus(), Keeper()
+    bus, keeper = MemoryBus(), Keeper()
     async with serving(bus, keeper):
         async with hold(bus, lease=3.0) as uncoordinated:
             assert uncoordinated is None
@@ -509,7 +477,7 @@ async def test_the_asking_side_holds_renews_and_releases():
 
 async def test_the_asking_side_hears_only_the_agent_it_asked():
     """An answer with the right request id from another agent's level is not taken."""
-    bus = Bus(deaf={request_topic("a")})  # b never hears the request
+    bus = MemoryBus(deaf={request_topic("a")})  # b never hears the request
     sent = asyncio.Event()
     original = bus.send
 
@@ -547,7 +515,7 @@ def test_answers_are_checked():
 
 
 async def test_the_asking_side_gets_busy_when_the_vm_has_work():
-    bus, keeper = Bus(), Keeper(busy={"v2"})
+    bus, keeper = MemoryBus(), Keeper(busy={"v2"})
     async with serving(bus, keeper):
         with pytest.raises(Busy, match=r"v2 is busy on b's agent \(on b: a task"):
             async with hold(bus):
@@ -556,7 +524,7 @@ async def test_the_asking_side_gets_busy_when_the_vm_has_work():
 
 @pytest.mark.parametrize("mode", ["best-effort", "required"])
 async def test_nobody_answering(mode):
-    bus = Bus(deaf={request_topic("a")})
+    bus = MemoryBus(deaf={request_topic("a")})
     if mode == "required":
         with pytest.raises(ConnectionFailed, match=r"no answer within 0\.2 s"):
             async with hold(bus, mode, answer_within=0.2):
@@ -567,7 +535,7 @@ async def test_nobody_answering(mode):
 
 
 async def test_off_asks_nobody():
-    bus = Bus()
+    bus = MemoryBus()
     async with hold(bus, "off") as uncoordinated:
         assert uncoordinated is None
     assert bus.sent == []
@@ -587,7 +555,7 @@ async def test_no_bus_and_an_unusable_topic_are_reported():
     for task_topic, peer in (("site/x/task", "b"), (A_TASKS, "b/c"), (A_TASKS, "+")):
         with pytest.raises(ConnectionFailed, match=r"cannot tell .*'s lane topic"):
             async with hold_peer_lane(
-                Bus(),  # type: ignore[arg-type]
+                MemoryBus(),  # type: ignore[arg-type]
                 task_topic=task_topic,
                 hostname="a",
                 peer=peer,
@@ -598,7 +566,7 @@ async def test_no_bus_and_an_unusable_topic_are_reported():
                 pytest.fail("the block must not run")
 
 
-class BrokenBus(Bus):
+class BrokenBus(MemoryBus):
     """A broker connection that fails: on subscribing (``where="subscribe"``) or sending."""
 
     def __init__(self, where: str) -> None:
@@ -682,6 +650,6 @@ def test_a_vm_name_is_taken_only_when_a_task_could_name_it(vm):
     parsed = _checked(json.dumps(request("hold", vm=vm)).encode())
     if parsed is not None:
         assert valid_vm_name(vm)
-        assert hooks._UNSAFE.search(vm) is None
-    elif valid_vm_name(vm) and hooks._UNSAFE.search(vm) is None:
+        assert peers._UNSAFE.search(vm) is None
+    elif valid_vm_name(vm) and peers._UNSAFE.search(vm) is None:
         pytest.fail(f"refused a valid name {vm!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from asyncmigfra.events import Events
+from asyncmigfra.hypervisor.base import AdoptsMigrations
 from asyncmigfra.hypervisor.fake import FakeHypervisor, create
 from asyncmigfra.model import MigrateSpec, MigrationParams, SwapWith
 from asyncmigfra.running import SubtaskContext, reconcile_subtask
@@ -84,3 +85,19 @@ async def test_a_half_done_swap_is_reported_with_where_each_vm_is():
         "the swap was interrupted by an agent restart: one is here, two is here; "
         "nothing was moved back"
     )
+
+
+async def test_adopting_a_running_job_is_an_optional_capability():
+    """``adopt_migration`` is asked for only of a back-end that has it (``AdoptsMigrations``,
+    checked with ``isinstance``); the fake back-end has not."""
+    hv = _cluster(["one"], ["two"])
+    assert not isinstance(hv, AdoptsMigrations)
+    asked: list[str] = []
+
+    async def adopt_migration(vm_name: str) -> None:
+        asked.append(vm_name)
+
+    hv.adopt_migration = adopt_migration  # type: ignore[attr-defined]
+    assert isinstance(hv, AdoptsMigrations)
+    await _reconcile(hv)
+    assert asked == ["one"]

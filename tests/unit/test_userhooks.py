@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from asyncmigfra import userhooks
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import peer_topic
+from asyncmigfra.peers import peer_topic
 from asyncmigfra.settings import HookSettings, MqttHookSettings
 from asyncmigfra.userhooks import (
     HOOK_POINTS,

@@ -25,6 +25,7 @@ from typing import Literal, Protocol, runtime_checkable
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 __all__ = [
+    "AdoptsMigrations",
     "DomainInfo",
     "DomainState",
     "HostInfo",
@@ -183,6 +184,18 @@ class MigrationJob(Protocol):
 
     async def abort(self) -> None:
         """Abort the job; the VM keeps running on the source."""
+
+
+# --- optional capabilities: a back-end has them or not; check with ``isinstance`` ----------
+
+
+@runtime_checkable
+class AdoptsMigrations(Protocol):
+    """A back-end whose migration jobs outlive the agent (libvirt: peer-to-peer jobs belong
+    to libvirtd), so that after a restart the agent can follow one to its end."""
+
+    async def adopt_migration(self, vm_name: str) -> MigrationJob | None:
+        """A handle for ``vm_name``'s outgoing migration if one runs, else ``None``."""
 
 
 @runtime_checkable
