@@ -382,7 +382,7 @@ async def test_find_running_migrations(hv: LibvirtHypervisor) -> None:
 def test_host_uuid_is_what_the_same_host_pre_check_compares() -> None:
     """Capabilities ``host/uuid`` (libvirt's own same-host criterion), normalised; none from
     a driver that reports none (the test driver) or unreadable capabilities."""
-    from asyncmigfra.hypervisor.virt import _host_uuid  # noqa: PLC0415
+    from asyncmigfra.hypervisor.virt.domains import _host_uuid  # noqa: PLC0415
 
     class Conn:
         def __init__(self, caps: str) -> None:
