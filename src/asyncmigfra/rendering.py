@@ -18,7 +18,7 @@ Why a hand-written emitter instead of a YAML library's dumper:
   (the original's trailing bare ``---`` made PyYAML's ``safe_load`` fail with "expected a
   single document").
 * **Speed and no dependency**: results are small; building lines and joining them is a few
-  microseconds, and only parsing.py/settings.py may import ruamel.yaml.
+  microseconds, and only the parsing and settings packages may import ruamel.yaml.
 
 Keys longer than 1000 characters are written as explicit ``? key`` entries (simple keys are
 limited to 1024 characters in YAML). Values may be ``str``, ``int``, ``float``, ``bool``,

@@ -31,7 +31,8 @@ from asyncmigfra.model import (
     TaskKind,
     TaskMessage,
 )
-from asyncmigfra.parsing import _compose_fast, load_yaml, parse_task
+from asyncmigfra.parsing import load_yaml, parse_task
+from asyncmigfra.parsing.fastpath import _compose_fast
 
 BAD = "Exception while parsing message: yaml-cpp: error at line {}, column {}: bad conversion ({})"
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from asyncmigfra import settings as settings_module
 from asyncmigfra.errors import ConfigError
 from asyncmigfra.settings import (
     AgentSettings,
@@ -34,6 +33,7 @@ from asyncmigfra.settings import (
     load_settings,
     settings_from_text,
 )
+from asyncmigfra.settings import schema as settings_module
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 SECRET = "hunter2-very-secret"
