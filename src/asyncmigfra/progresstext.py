@@ -38,7 +38,9 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
 def number(value: object) -> float | None:
-    """``value`` if it is a finite number (not a bool), else ``None``."""
+    """``value`` if it is a finite number (not a bool), else ``None``: wire values are
+    whatever the publisher sent, and a string, ``.nan`` or ``.inf`` must not end a command
+    with a traceback."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from asyncmigfra.progresstext import number
 from asyncmigfra.terminal import json_safe, safe
 
 if TYPE_CHECKING:
@@ -43,19 +43,6 @@ __all__ = [
 ]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
-
-def number(value: object) -> float | None:
-    """``value`` if it is a finite number (not a bool), else ``None``: wire values are
-    whatever the publisher sent, and a string, ``.nan`` or ``.inf`` must not end the
-    command with a traceback."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        n = float(value)
-    except OverflowError:  # an int beyond any float
-        return None
-    return n if math.isfinite(n) else None
 
 
 def fmt_bytes(value: object) -> str:
