@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from asyncmigfra.console.follow import PLAIN_WIDTH
-from asyncmigfra.console.lanes import VmLane, lane_rows
+from asyncmigfra.console.lanes import VmLane, footer_rows, lane_rows
 from asyncmigfra.console.output import event_fields
 from asyncmigfra.console.tasks import succeeded
 from asyncmigfra.progresstext import progress_parts
@@ -142,11 +142,4 @@ class EvacuationView:
         else:
             yield from lane_rows(self.lanes.values(), cols)
         yield safe_text(f"elapsed {self.elapsed:.1f} s")
-        for note in self.notes[-3:]:
-            yield safe_text(fit([note], cols), style="red")
-        if self.cancel_id:
-            yield safe_text(
-                f"cancel requested (task {self.cancel_id})"
-                + (f": {self.cancel_answer}" if self.cancel_answer else "; waiting for the agent"),
-                style="yellow",
-            )
+        yield from footer_rows(self.notes, self.cancel_id, self.cancel_answer, cols)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from asyncmigfra.console.exits import INTERRUPTED, CliError
-from asyncmigfra.console.lanes import VmLane, bar_value, lane_rows
+from asyncmigfra.console.lanes import VmLane, bar_value, footer_rows, lane_rows
 from asyncmigfra.console.output import Out, event_fields
 from asyncmigfra.console.session import Interrupt, Lost, Message, Session
 from asyncmigfra.console.tasks import cancel_task, fresh_id, succeeded
@@ -369,14 +369,7 @@ class MigrationView:
         else:
             yield from lane_rows(self.lanes.values(), cols)
             yield safe_text(f"elapsed {self.elapsed:.1f} s")
-        for note in self.notes[-3:]:
-            yield safe_text(fit([note], cols), style="red")
-        if self.cancel_id:
-            yield safe_text(
-                f"cancel requested (task {self.cancel_id})"
-                + (f": {self.cancel_answer}" if self.cancel_answer else "; waiting for the agent"),
-                style="yellow",
-            )
+        yield from footer_rows(self.notes, self.cancel_id, self.cancel_answer, cols)
 
 
 def _timings(result: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -22,7 +22,7 @@ from asyncmigfra.progresstext import (
 )
 from asyncmigfra.terminal import fit, ljust, safe, safe_text
 
-__all__ = ["VmLane", "bar_value", "lane_rows"]
+__all__ = ["VmLane", "bar_value", "footer_rows", "lane_rows"]
 
 
 @dataclass
@@ -160,3 +160,17 @@ def lane_rows(lanes: Iterable[VmLane], cols: int) -> Iterator[Any]:
     for lane in lanes:
         if lane.actions:
             yield safe_text(fit([f"{lane.vm}  actions: {lane.action_text()}"], cols))
+
+
+def footer_rows(
+    notes: list[str], cancel_id: str | None, cancel_answer: str | None, cols: int
+) -> Iterator[Any]:
+    """The last three notes and the state of a cancel, under a live view's bars."""
+    for note in notes[-3:]:
+        yield safe_text(fit([note], cols), style="red")
+    if cancel_id:
+        yield safe_text(
+            f"cancel requested (task {cancel_id})"
+            + (f": {cancel_answer}" if cancel_answer else "; waiting for the agent"),
+            style="yellow",
+        )
