@@ -36,6 +36,7 @@ from asyncmigfra.parsing import valid_vm_name
 from asyncmigfra.peers import MemoryBus, PeerRefusal
 from asyncmigfra.settings import HookSettings, settings_from_text
 from asyncmigfra.userhooks import HookCall, HookRunner, parse_peer_request
+from asyncmigfra.userhooks.remote import _peer_request_of
 from harness import RecordingContext as FakeContext
 
 B_TASKS = "fast/migfra/b/task"
@@ -255,7 +256,7 @@ def test_what_this_agent_sends_passes_the_check_on_the_other_side():
         outcome="error",
         details="libvirt said:\n\x1b[1mno\u202e" + "x" * 5000,
     )
-    sent = userhooks._peer_request_of(fence("true"), call, "abc123")
+    sent = _peer_request_of(fence("true"), call, "abc123")
     got = parse_peer_request(json.dumps(sent).encode(), "a", "b")
     assert got.vm_name == "web 1 \u00e9"
     assert got.details is not None

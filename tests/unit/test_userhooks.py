@@ -30,6 +30,7 @@ from asyncmigfra.userhooks import (
     hook_topic_of,
     hook_topics,
 )
+from asyncmigfra.userhooks.commands import _Capture, _run_command
 from harness import RecordingContext as FakeContext
 
 
@@ -113,7 +114,7 @@ async def test_environment_of_a_migration_hook_on_the_destination(
         details="migration-failed: it broke",
     )
 
-    await userhooks._run_command(on_dest, call)
+    await _run_command(on_dest, call)
 
     assert env_of(out) == {
         "AGENT_OWN_VARIABLE": "kept",
@@ -278,7 +279,7 @@ async def test_long_output_keeps_its_end(tmp_path: Path) -> None:
 
 
 def test_output_tail_is_bounded() -> None:
-    capture = userhooks._Capture(asyncio.new_event_loop())
+    capture = _Capture(asyncio.new_event_loop())
     try:
         for _ in range(100):
             capture.pipe_data_received(2, b"y" * 1000)
