@@ -2,7 +2,7 @@
 
 **The bus.** The engine reaches MQTT only through :class:`MessageBus` (``subscription(topic,
 qos)``, ``send(topic, payload, qos)``), implemented by the transport
-(``MqttTransport.subscription``/``send``; aiomqtt stays in ``mqtt.py``) and, in memory, by
+(``MqttTransport.subscription``/``send``; aiomqtt stays in the ``mqtt`` package) and, in memory, by
 :class:`MemoryBus` (tests, the fake back-end's demos): one broker, MQTT's filter rules.
 
 **Messages between agents** (destination hooks in :mod:`asyncmigfra.userhooks`, lane holds in
