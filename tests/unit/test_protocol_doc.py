@@ -29,7 +29,7 @@ from asyncmigfra import errors
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import JobStats
-from asyncmigfra.migrating import _Progress
+from asyncmigfra.migrating.progress import _Progress
 from asyncmigfra.model import ResultEntry, ResultMessage, TaskKind
 from asyncmigfra.parsing import parse_task
 from asyncmigfra.rendering import parse_error_result, render_event, render_result
@@ -165,7 +165,7 @@ def _progress_fields() -> set[str]:
     keys = set(progress.fields(None, phase="migrating", action=None, downtime=10))
     keys |= set(progress.fields(stats, phase="migrating", action="raise-downtime", downtime=10))
     keys |= set(progress.final(downtime=10))
-    keys.add("downtime")  # added to the final event by migrating._migrate_once
+    keys.add("downtime")  # added to the final event by migrating.engine._migrate_once
     return keys
 
 

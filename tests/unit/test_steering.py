@@ -14,10 +14,11 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from asyncmigfra import migrating
 from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout, VmNotFound, WrongState
 from asyncmigfra.hypervisor.base import JobStats, MigrationRequest, MigrationResult
-from asyncmigfra.migrating import MigrationPlan, _downtime_schedule, _migrate_once
+from asyncmigfra.migrating import MigrationPlan, engine
+from asyncmigfra.migrating.engine import _migrate_once
+from asyncmigfra.migrating.plan import _downtime_schedule
 from asyncmigfra.outcomes import Outcome
 from asyncmigfra.settings import Settings
 from asyncmigfra.timing import TimeMeasurement
@@ -166,7 +167,7 @@ NOT_MIGRATING = WrongState("Requested operation is not valid: domain is not bein
 
 @pytest.fixture(autouse=True)
 def _quick_settle(monkeypatch):
-    monkeypatch.setattr(migrating, "STEER_SETTLE", 0.05)
+    monkeypatch.setattr(engine, "STEER_SETTLE", 0.05)
 
 
 async def run(p: MigrationPlan, job: ScriptedJob, ctx: Context) -> MigrationResult:
