@@ -38,8 +38,8 @@ from typing import Any
 
 from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
-from asyncmigfra.mqtt import ToolClient
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
+from asyncmigfra.transport.mqtt import ToolClient
 from bench.common import mosquitto, pct
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,9 +27,9 @@ from typing import Any
 
 from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
-from asyncmigfra.mqtt import ToolClient
-from asyncmigfra.parsing import load_yaml
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
+from asyncmigfra.transport.mqtt import ToolClient
+from asyncmigfra.wire.parsing import load_yaml
 from bench.common import mosquitto, pct
 
 GIB = 1024 * 1024

@@ -58,8 +58,8 @@ import yaml
 
 import libvirt
 from asyncmigfra.logs import configure_logging
-from asyncmigfra.mqtt import ToolClient
 from asyncmigfra.settings import LoggingSettings
+from asyncmigfra.transport.mqtt import ToolClient
 from bench.common import mosquitto, pct
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from asyncmigfra.app import Agent
-from asyncmigfra.mqtt import ToolClient
 from asyncmigfra.settings import HypervisorSettings, Settings, default_settings
+from asyncmigfra.transport.mqtt import ToolClient
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@
     Agent.run
     ├─ hypervisor.open()                     (back-end chosen by hypervisor.type)
     └─ TaskGroup
-       ├─ asyncmigfra.mqtt        MqttTransport.run: connect, subscribe, reconnect forever
+       ├─ asyncmigfra.transport.mqtt        MqttTransport.run: connect, subscribe, reconnect forever
        ├─ asyncmigfra.intake      parse each task payload in arrival order -> Dispatcher
        ├─ asyncmigfra.dispatcher  jobs -> subtasks (per-VM lanes, limits, cancel)
        └─ asyncmigfra.publisher   results and events -> broker (QoS 1, pipelined)
@@ -34,20 +34,20 @@ from typing import Any
 import structlog
 
 from asyncmigfra import __version__
-from asyncmigfra.dispatching import Dispatcher, Reply
 from asyncmigfra.errors import StartupError, TaskRejected
-from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
-from asyncmigfra.journal import Journal, JournalRecord, journal_state
 from asyncmigfra.model import ResultMessage, TaskMessage
-from asyncmigfra.mqtt import Incoming, MqttTransport, Outgoing
-from asyncmigfra.parsing import parse_task
-from asyncmigfra.peerlanes import LaneServer
-from asyncmigfra.publishing import EventPublisher, Publisher
-from asyncmigfra.rendering import render_event, render_result
+from asyncmigfra.peers.lanes import LaneServer
+from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
-from asyncmigfra.userhooks import HookRunner
+from asyncmigfra.tasks.dispatching import Dispatcher, Reply
+from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
+from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
+from asyncmigfra.transport.publishing import EventPublisher, Publisher
+from asyncmigfra.wire.events import Events
+from asyncmigfra.wire.parsing import parse_task
+from asyncmigfra.wire.rendering import render_event, render_result
 
 __all__ = ["Agent", "build_hypervisor"]
 

@@ -31,7 +31,6 @@ from typing import Any
 
 from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
-from asyncmigfra.mqtt import ToolClient, TransportError
 from asyncmigfra.progresstext import ShownPercent, progress_parts
 from asyncmigfra.settings import (
     HypervisorSettings,
@@ -40,6 +39,7 @@ from asyncmigfra.settings import (
     default_settings,
 )
 from asyncmigfra.terminal import fit, safe
+from asyncmigfra.transport.mqtt import ToolClient, TransportError
 
 __all__ = ["SERVE_DOMAINS", "DemoError", "run_demo", "run_serve"]
 
@@ -380,7 +380,7 @@ async def _scenario(host: str, port: int, protocol: str, out: _Console) -> int:
 
 
 async def _drive(host: str, port: int, protocol: str, out: _Console) -> bool:
-    from asyncmigfra.parsing import load_yaml  # noqa: PLC0415
+    from asyncmigfra.wire.parsing import load_yaml  # noqa: PLC0415
 
     client = ToolClient(
         host, port, client_id=f"demo-client-{uuid.uuid4().hex[:6]}", protocol=protocol

@@ -8,7 +8,7 @@ words up here, so a boolean is spelled the same way in a task and in every confi
 Numbers given as text in the configuration (``"1883"``, ``"2.5"``: yaml-cpp read every
 scalar as text, so original files may quote them) are read by :func:`parse_number`, in the
 settings sections and in ``hypervisor:`` options alike. Task fields keep their own, stricter
-yaml-cpp/C++ grammars in :mod:`asyncmigfra.parsing` (wire-compatible with the original).
+yaml-cpp/C++ grammars in :mod:`asyncmigfra.wire.parsing` (wire-compatible with the original).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 
-from asyncmigfra.journal import Journal
+from asyncmigfra.tasks.journal import Journal
 from harness import agent_and_scheduler
 
 pytestmark = pytest.mark.broker
@@ -89,8 +89,8 @@ async def test_a_duplicate_s_rejected_event_never_precedes_the_first_copy_s_acce
 async def test_a_hung_journal_refuses_in_time_and_lets_the_agent_stop(
     mosquitto, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("asyncmigfra.dispatching.dispatcher.JOURNAL_DEADLINE", 0.5)
-    monkeypatch.setattr("asyncmigfra.journal.STALL_AFTER", 0.2)
+    monkeypatch.setattr("asyncmigfra.tasks.dispatching.dispatcher.JOURNAL_DEADLINE", 0.5)
+    monkeypatch.setattr("asyncmigfra.tasks.journal.STALL_AFTER", 0.2)
     held = None
     async with agent_and_scheduler(
         mosquitto.port, agent={"state_dir": str(tmp_path / "state")}

@@ -10,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 from test_migrate_fake import _dom, two_hosts
 
-from asyncmigfra.mqtt import suspect_takeover_within
+from asyncmigfra.transport.mqtt import suspect_takeover_within
 from harness import agent_settings, running_agent
 
 pytestmark = pytest.mark.broker

@@ -22,14 +22,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from structlog.testing import capture_logs
 
 from asyncmigfra.errors import StartupError
-from asyncmigfra.mqtt import (
+from asyncmigfra.settings import MqttSettings
+from asyncmigfra.transport.mqtt import (
     ClientIdInUse,
     MqttTransport,
     ToolClient,
     suspect_takeover_within,
     takeover_evidence,
 )
-from asyncmigfra.settings import MqttSettings
 
 PROTOCOLS = ["5", "3.1.1"]
 
@@ -386,7 +386,7 @@ async def test_an_agent_whose_client_id_is_taken_drains_before_it_exits(
     its result is kept as owed in the journal (the broker is out of reach for it now), then
     ``Agent.run`` raises ``ClientIdInUse`` (the CLI exits 2)."""
     from asyncmigfra.app import Agent  # noqa: PLC0415
-    from asyncmigfra.journal import Journal  # noqa: PLC0415
+    from asyncmigfra.tasks.journal import Journal  # noqa: PLC0415
     from harness import agent_settings, scheduler  # noqa: PLC0415
 
     base = agent_settings(

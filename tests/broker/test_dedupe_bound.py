@@ -10,7 +10,7 @@ pytestmark = pytest.mark.broker
 
 
 async def test_remembered_results_are_bounded_in_bytes(mosquitto, monkeypatch):
-    monkeypatch.setattr("asyncmigfra.dispatching.remembered._MAX_REMEMBERED_BYTES", 20_000)
+    monkeypatch.setattr("asyncmigfra.tasks.dispatching.remembered._MAX_REMEMBERED_BYTES", 20_000)
     async with agent_and_scheduler(mosquitto.port) as (agent, sched):
         body = "task: start vm\nvm-configurations:\n  - vm-name: v{i}\n"
         for i in range(40):

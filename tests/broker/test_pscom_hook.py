@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from test_migrate_fake import GIB, _cluster, _dom, two_hosts
 
-from asyncmigfra.mqtt import ToolClient
+from asyncmigfra.transport.mqtt import ToolClient
 
 pytestmark = pytest.mark.broker
 

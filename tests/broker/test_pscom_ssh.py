@@ -17,7 +17,7 @@ from test_migrate_fake import _cluster, _dom, two_hosts
 from test_pscom_hook import _task, mpi_procs
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import count_processes
+from asyncmigfra.peers.pscom import count_processes
 from asyncmigfra.settings import PscomSettings
 from harness import free_port, wait_port
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.mqtt import MqttTransport, ToolClient
+from asyncmigfra.peers.userhooks import HookCall, HookRunner
 from asyncmigfra.settings import HookSettings, MqttHookSettings
-from asyncmigfra.userhooks import HookCall, HookRunner
+from asyncmigfra.transport.mqtt import MqttTransport, ToolClient
 from harness import RecordingContext as FakeContext
 from harness import agent_settings
 

@@ -305,7 +305,7 @@ def agent_yaml(doc: dict[str, object], *, extra: str = "") -> bytes:
 
 def forge(port: int, topic: str, payload: bytes, *, retain: bool = False) -> None:
     """Publish one message as anybody on the broker could."""
-    from asyncmigfra.mqtt import ToolClient  # noqa: PLC0415
+    from asyncmigfra.transport.mqtt import ToolClient  # noqa: PLC0415
 
     async def go() -> None:
         async with ToolClient("127.0.0.1", port, client_id=f"f-{uuid.uuid4().hex[:8]}") as c:
@@ -338,8 +338,8 @@ class ForgedAgent:
         return f"{self.prefix}/{self.host}/{kind}"
 
     async def _run(self) -> None:
-        from asyncmigfra.mqtt import ToolClient  # noqa: PLC0415
-        from asyncmigfra.parsing import load_yaml  # noqa: PLC0415
+        from asyncmigfra.transport.mqtt import ToolClient  # noqa: PLC0415
+        from asyncmigfra.wire.parsing import load_yaml  # noqa: PLC0415
 
         async with ToolClient("127.0.0.1", self.port, client_id=f"forged-{self.host}") as c:
             await c.subscribe(self.topic("task"), qos=2)

@@ -31,7 +31,7 @@ from console_support import (
 )
 
 from asyncmigfra import cli
-from asyncmigfra.mqtt import ToolClient
+from asyncmigfra.transport.mqtt import ToolClient
 from harness import leaked_sockets
 
 pytestmark = pytest.mark.broker

@@ -25,7 +25,7 @@ from asyncmigfra.console.tasks import (
     succeeded,
 )
 from asyncmigfra.model import SwapWith
-from asyncmigfra.parsing import parse_task
+from asyncmigfra.wire.parsing import parse_task
 
 GIB = 1024**3
 

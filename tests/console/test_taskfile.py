@@ -9,7 +9,7 @@ import pytest
 from asyncmigfra.console.exits import USAGE, CliError
 from asyncmigfra.console.taskfile import prepare
 from asyncmigfra.errors import TaskRejected
-from asyncmigfra.parsing import parse_task
+from asyncmigfra.wire.parsing import parse_task
 
 
 def test_a_file_with_an_id_is_sent_as_it_is():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncmigfra.journal import Journal
+from asyncmigfra.tasks.journal import Journal
 from harness import scheduler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]

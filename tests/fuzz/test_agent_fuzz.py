@@ -43,7 +43,7 @@ import pytest
 import yaml
 from corpus import DEFAULT_COUNT, DEFAULT_SEED, Case, generate
 
-from asyncmigfra.mqtt import ToolClient
+from asyncmigfra.transport.mqtt import ToolClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

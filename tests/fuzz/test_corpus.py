@@ -20,7 +20,7 @@ from corpus import (
 )
 
 from asyncmigfra.errors import TaskRejected
-from asyncmigfra.parsing import parse_task
+from asyncmigfra.wire.parsing import parse_task
 
 
 @pytest.fixture(scope="module")

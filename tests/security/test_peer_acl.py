@@ -31,8 +31,8 @@ from certs import Pki, make_pki
 from test_tls_acl import QUIET, ROOT, SecureBroker, listening, need, secure_broker_running
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import PscomHook
-from asyncmigfra.peerlanes import hold_peer_lane
+from asyncmigfra.peers.lanes import hold_peer_lane
+from asyncmigfra.peers.pscom import PscomHook
 from asyncmigfra.settings import Settings, settings_from_text
 from harness import running_agent
 

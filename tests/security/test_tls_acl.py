@@ -50,8 +50,8 @@ from certs import Pki, make_pki
 
 from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
-from asyncmigfra.mqtt import Incoming, ToolClient, TransportError
 from asyncmigfra.settings import LoggingSettings, Settings, settings_from_text
+from asyncmigfra.transport.mqtt import Incoming, ToolClient, TransportError
 from harness import Scheduler, agent_and_scheduler, leaked_sockets, running_agent
 
 pytestmark = pytest.mark.broker

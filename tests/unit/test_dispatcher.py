@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from asyncmigfra.dispatching import Dispatcher, Reply
-from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.dummy import DummyHypervisor
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.model import ResultMessage, StartSpec
-from asyncmigfra.parsing import parse_task
 from asyncmigfra.settings import Settings, default_settings
+from asyncmigfra.tasks.dispatching import Dispatcher, Reply
+from asyncmigfra.wire.events import Events
+from asyncmigfra.wire.parsing import parse_task
 
 GIB = 1024 * 1024  # KiB
 #: s any single wait may take before the test fails (they all take milliseconds).

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncmigfra.domxml import first_element, first_element_text, first_name_text
-from asyncmigfra.parsing import parse_task
+from asyncmigfra.wire.parsing import parse_task
 
 #: What the scans replaced (spec 1.3's start name; the back-ends' domain name and elements).
 _SPEC_NAME = re.compile(r"<name>(.*?)</name>", re.DOTALL)

@@ -1,4 +1,4 @@
-"""What a task may ask of the host (asyncmigfra.hostpolicy): host devices, XML, drivers."""
+"""What a task may ask of the host (asyncmigfra.tasks.hostpolicy): host devices, XML, drivers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 
 from asyncmigfra.errors import InvalidTask, NotSupported
-from asyncmigfra.hostpolicy import HostPolicy
 from asyncmigfra.model import (
     Ivshmem,
     MigrateSpec,
@@ -18,6 +17,7 @@ from asyncmigfra.model import (
     StopSpec,
 )
 from asyncmigfra.settings import HostDevice, default_settings
+from asyncmigfra.tasks.hostpolicy import HostPolicy
 
 NIC = HostDevice(vendor=0x8086, device=0x10FB)
 VF = HostDevice(address="0000:3b:00.1")

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from asyncmigfra.errors import StartupError
-from asyncmigfra.journal import Journal, JournalWriteFailed
+from asyncmigfra.tasks.journal import Journal, JournalWriteFailed
 
 
 async def test_records_survive_a_reopen_with_their_state(tmp_path):
@@ -233,7 +233,7 @@ async def test_a_hung_write_is_reported_as_failing(tmp_path, monkeypatch):
         return original(self, db, ops, durable)
 
     monkeypatch.setattr(Journal, "_transaction", slow)
-    monkeypatch.setattr("asyncmigfra.journal.STALL_AFTER", 0.2)
+    monkeypatch.setattr("asyncmigfra.tasks.journal.STALL_AFTER", 0.2)
     fut = j.accepted("k", task_id=None, payload=b"p", response_topic=None, correlation=None)
     await asyncio.sleep(0.5)
     assert j.failing
@@ -257,7 +257,7 @@ async def test_a_withdrawn_record_is_gone_even_if_its_write_lands_late(tmp_path)
 
 
 async def test_delivered_records_are_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr("asyncmigfra.journal.MAX_DELIVERED", 10)
+    monkeypatch.setattr("asyncmigfra.tasks.journal.MAX_DELIVERED", 10)
     j = Journal(tmp_path)
     await j.open()
     for i in range(30):

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from asyncmigfra.hypervisor.base import JobStats
-from asyncmigfra.migrating import ConvergencePolicy, estimate_eta, plan_migration
-from asyncmigfra.migrating.plan import _downtime_schedule
-from asyncmigfra.migrating.progress import _Progress
+from asyncmigfra.migration.plan import _downtime_schedule, plan_migration
+from asyncmigfra.migration.policy import ConvergencePolicy
+from asyncmigfra.migration.progress import _Progress, estimate_eta
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import MigrationDefaults
 from asyncmigfra.timing import TimeMeasurement

@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 
-from asyncmigfra.mqtt import honour_cancel
+from asyncmigfra.transport.mqtt import honour_cancel
 
 
 async def swallows_a_cancel() -> str:

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from asyncmigfra.mqtt import close_orphaned_sockets
+from asyncmigfra.transport.mqtt import close_orphaned_sockets
 
 
 class Wrapped(Exception):

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from asyncmigfra.errors import HookFailed, TaskCancelled
-from asyncmigfra.outcomes import Outcome, absorb_cancel, entry_for
+from asyncmigfra.tasks.outcomes import Outcome, absorb_cancel, entry_for
 
 
 def test_success_carries_notes_and_keys_in_wire_order() -> None:

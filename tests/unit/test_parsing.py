@@ -1,4 +1,4 @@
-"""Example-based tests of :func:`asyncmigfra.parsing.parse_task`.
+"""Example-based tests of :func:`asyncmigfra.wire.parsing.parse_task`.
 
 Each test names the section of ``spec/migfra-original.md`` (or ``spec/extensions.md``,
 "ext") whose rule it checks.
@@ -31,8 +31,8 @@ from asyncmigfra.model import (
     TaskKind,
     TaskMessage,
 )
-from asyncmigfra.parsing import load_yaml, parse_task
-from asyncmigfra.parsing.fastpath import _compose_fast
+from asyncmigfra.wire.parsing import load_yaml, parse_task
+from asyncmigfra.wire.parsing.fastpath import _compose_fast
 
 BAD = "Exception while parsing message: yaml-cpp: error at line {}, column {}: bad conversion ({})"
 

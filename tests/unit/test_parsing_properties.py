@@ -17,16 +17,16 @@ from hypothesis import strategies as st
 
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import MigrateSpec, MigrationParams, StartSpec, StopSpec, TaskKind
-from asyncmigfra.parsing import (
+from asyncmigfra.wire.parsing import (
     TRANSPORTS,
     parse_task,
     valid_task_id,
     valid_vm_name,
 )
-from asyncmigfra.parsing import nodes as parsing
-from asyncmigfra.parsing.fastpath import _compose_fast
-from asyncmigfra.parsing.nodes import _compose_slow, _Map, _Node, _Scalar
-from asyncmigfra.rendering import render_event
+from asyncmigfra.wire.parsing import nodes as parsing
+from asyncmigfra.wire.parsing.fastpath import _compose_fast
+from asyncmigfra.wire.parsing.nodes import _compose_slow, _Map, _Node, _Scalar
+from asyncmigfra.wire.rendering import render_event
 
 PROPS = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncmigfra.errors import InvalidTask
-from asyncmigfra.patterns import MAX_PATTERN, compile_name_pattern, matching_names
+from asyncmigfra.wire.patterns import MAX_PATTERN, compile_name_pattern, matching_names
 
 NAME = "vm-compute-node-00001"
 

@@ -30,13 +30,14 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from test_peerlanes import HOSTILE_VM_NAMES
 
-from asyncmigfra import peers, userhooks
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.parsing import valid_vm_name
-from asyncmigfra.peers import MemoryBus, PeerRefusal
+from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers import userhooks
+from asyncmigfra.peers.bus import MemoryBus, PeerRefusal
+from asyncmigfra.peers.userhooks import HookCall, HookRunner, parse_peer_request
+from asyncmigfra.peers.userhooks.remote import _peer_request_of
 from asyncmigfra.settings import HookSettings, settings_from_text
-from asyncmigfra.userhooks import HookCall, HookRunner, parse_peer_request
-from asyncmigfra.userhooks.remote import _peer_request_of
+from asyncmigfra.wire.parsing import valid_vm_name
 from harness import RecordingContext as FakeContext
 
 B_TASKS = "fast/migfra/b/task"

@@ -17,10 +17,11 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from asyncmigfra import peerlanes, peers
 from asyncmigfra.errors import Busy, ConnectionFailed
-from asyncmigfra.mqtt import TransportError
-from asyncmigfra.peerlanes import (
+from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers import lanes as peerlanes
+from asyncmigfra.peers.bus import MemoryBus, PeerRefusal, topic_matches
+from asyncmigfra.peers.lanes import (
     MAX_HOLDS_PER_SOURCE,
     LaneServer,
     hold_peer_lane,
@@ -28,7 +29,7 @@ from asyncmigfra.peerlanes import (
     lane_topics,
     parse_request,
 )
-from asyncmigfra.peers import MemoryBus, PeerRefusal, topic_matches
+from asyncmigfra.transport.mqtt import TransportError
 
 A_TASKS = "fast/migfra/a/task"
 B_TASKS = "fast/migfra/b/task"
@@ -645,7 +646,7 @@ def test_any_json_map_is_a_checked_request_or_a_refusal(document):
 @given(st.text(min_size=1, max_size=250))
 @hyp_settings(max_examples=500, deadline=None)
 def test_a_vm_name_is_taken_only_when_a_task_could_name_it(vm):
-    from asyncmigfra.parsing import valid_vm_name  # noqa: PLC0415
+    from asyncmigfra.wire.parsing import valid_vm_name  # noqa: PLC0415
 
     parsed = _checked(json.dumps(request("hold", vm=vm)).encode())
     if parsed is not None:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from asyncmigfra import peers
-from asyncmigfra.peers import JunkLog, MemoryBus, PeerTopics
+from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers.bus import JunkLog, MemoryBus, PeerTopics
 
 TASKS = "fast/migfra/<host>/task"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncmigfra.placement import Capacity, VmSize, place
+from asyncmigfra.tasks.placement import Capacity, VmSize, place
 
 GIB = 1024 * 1024
 

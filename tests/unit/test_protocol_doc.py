@@ -27,12 +27,12 @@ import yaml
 
 from asyncmigfra import errors
 from asyncmigfra.errors import TaskRejected
-from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import JobStats
-from asyncmigfra.migrating.progress import _Progress
+from asyncmigfra.migration.progress import _Progress
 from asyncmigfra.model import ResultEntry, ResultMessage, TaskKind
-from asyncmigfra.parsing import parse_task
-from asyncmigfra.rendering import parse_error_result, render_event, render_result
+from asyncmigfra.wire.events import Events
+from asyncmigfra.wire.parsing import parse_task
+from asyncmigfra.wire.rendering import parse_error_result, render_event, render_result
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = ROOT / "docs" / "protocol.md"

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.hooks import PscomHook, pscom_answer
-from asyncmigfra.peers import topic_matches
+from asyncmigfra.peers.bus import topic_matches
+from asyncmigfra.peers.pscom import PscomHook, pscom_answer
 from asyncmigfra.settings import PscomSettings
 from harness import RecordingContext as FakeContext
 

@@ -1,4 +1,4 @@
-"""Tests of :mod:`asyncmigfra.rendering`: result shape (spec 1.2, Appendix A) and scalars that
+"""Tests of :mod:`asyncmigfra.wire.rendering`: result shape (spec 1.2, Appendix A) and scalars that
 PyYAML ``safe_load``, ruamel.yaml and yaml-cpp ``YAML::Load`` all read identically (ext).
 
 The yaml-cpp cross-check compiles a small C++ reader once per session (needs ``g++`` and
@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import ResultEntry, ResultMessage
-from asyncmigfra.rendering import parse_error_result, render_event, render_result
+from asyncmigfra.wire.rendering import parse_error_result, render_event, render_result
 
 PROPS = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 

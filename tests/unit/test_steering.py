@@ -16,11 +16,11 @@ import pytest
 
 from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout, VmNotFound, WrongState
 from asyncmigfra.hypervisor.base import JobStats, MigrationRequest, MigrationResult
-from asyncmigfra.migrating import MigrationPlan, engine
-from asyncmigfra.migrating.engine import _migrate_once
-from asyncmigfra.migrating.plan import _downtime_schedule
-from asyncmigfra.outcomes import Outcome
+from asyncmigfra.migration import engine
+from asyncmigfra.migration.engine import _migrate_once
+from asyncmigfra.migration.plan import MigrationPlan, _downtime_schedule
 from asyncmigfra.settings import Settings
+from asyncmigfra.tasks.outcomes import Outcome
 from asyncmigfra.timing import TimeMeasurement
 
 MIB = 1 << 20

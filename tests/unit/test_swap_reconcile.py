@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from asyncmigfra.events import Events
 from asyncmigfra.hypervisor.base import AdoptsMigrations
 from asyncmigfra.hypervisor.fake import FakeHypervisor, create
 from asyncmigfra.model import MigrateSpec, MigrationParams, SwapWith
-from asyncmigfra.running import SubtaskContext, reconcile_subtask
 from asyncmigfra.settings import Settings
+from asyncmigfra.tasks.running import SubtaskContext, reconcile_subtask
 from asyncmigfra.timing import TimeMeasurement
+from asyncmigfra.wire.events import Events
 
 GIB = 1024 * 1024
 

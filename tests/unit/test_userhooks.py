@@ -19,18 +19,18 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from asyncmigfra import userhooks
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.peers import peer_topic
-from asyncmigfra.settings import HookSettings, MqttHookSettings
-from asyncmigfra.userhooks import (
+from asyncmigfra.peers import userhooks
+from asyncmigfra.peers.bus import peer_topic
+from asyncmigfra.peers.userhooks import (
     HOOK_POINTS,
     HookCall,
     HookRunner,
     hook_topic_of,
     hook_topics,
 )
-from asyncmigfra.userhooks.commands import _Capture, _run_command
+from asyncmigfra.peers.userhooks.commands import _Capture, _run_command
+from asyncmigfra.settings import HookSettings, MqttHookSettings
 from harness import RecordingContext as FakeContext
 
 

@@ -16,9 +16,9 @@ from asyncmigfra.errors import ConfigError, TaskRejected
 from asyncmigfra.hypervisor.dummy import create as create_dummy
 from asyncmigfra.hypervisor.registry import opt_float
 from asyncmigfra.model import StartSpec
-from asyncmigfra.parsing import parse_task
 from asyncmigfra.settings import settings_from_text
 from asyncmigfra.values import BOOL_WORDS, parse_bool, parse_number
+from asyncmigfra.wire.parsing import parse_task
 
 #: Spellings that no reader accepts: yaml-cpp's flexible case allows lower, UPPER and
 #: Capitalized only; numbers and other words are not booleans.

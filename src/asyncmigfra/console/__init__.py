@@ -3,7 +3,7 @@
 Why a package of its own, between :mod:`asyncmigfra.cli` and the agent: these commands are
 *clients* of the wire protocol (docs/protocol.md), exactly like a scheduler. They must never
 reach into the agent's machinery (dispatcher, hypervisors), only publish tasks and read what
-agents publish, through :class:`asyncmigfra.mqtt.ToolClient`. Keeping them here lets
+agents publish, through :class:`asyncmigfra.transport.mqtt.ToolClient`. Keeping them here lets
 import-linter enforce that (``.importlinter``: cli > console > demo > app ...), and keeps
 ``asyncmigfra.cli`` a thin argument parser.
 

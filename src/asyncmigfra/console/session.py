@@ -25,8 +25,8 @@ from typing import Any
 
 from asyncmigfra.console.connection import Connection
 from asyncmigfra.console.exits import BROKER, INTERRUPTED, OFFLINE, TIMEOUT, CliError
-from asyncmigfra.mqtt import ToolClient, TransportError
-from asyncmigfra.parsing import load_yaml
+from asyncmigfra.transport.mqtt import ToolClient, TransportError
+from asyncmigfra.wire.parsing import load_yaml
 
 __all__ = [
     "Interrupt",

@@ -44,7 +44,7 @@ from ruamel.yaml.reader import ReaderError
 from asyncmigfra.console.exits import USAGE, CliError
 from asyncmigfra.console.tasks import fresh_id
 from asyncmigfra.errors import TaskRejected
-from asyncmigfra.parsing import parse_task
+from asyncmigfra.wire.parsing import parse_task
 
 __all__ = ["TaskFile", "prepare", "read_task_file"]
 

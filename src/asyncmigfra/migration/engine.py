@@ -1,0 +1,523 @@
+"""The migration engine: start the job, watch it, steer it, and report it honestly.
+
+The original blocked in one ``virDomainMigrate3`` call with no progress, no timeout and no
+way to stop it. Here the hypervisor only starts the job (:meth:`Hypervisor.begin_migration`)
+and this engine owns the rest:
+
+* **progress** every ``agent.progress-interval`` and on every memory iteration, with a
+  ``percent`` that never goes backwards and reaches 100 only when the job completed;
+* **convergence policy**, decided once per memory iteration, never on one sample: when an
+  iteration leaves no less to copy than the one before, the downtime target goes up one step
+  (a geometric schedule up to ``max-downtime``, as oVirt does); when the target is at its
+  maximum and the copy still stalls, a ``post-copy`` migration switches to post-copy.
+  Every change is announced in a progress event's ``action``;
+* **completion timeout** (``completion-timeout``, default 150 s per GiB, at least 120 s), then
+  the ``timeout-action``: ``abort`` (result ``code: timeout``), ``post-copy`` or ``suspend``;
+* **cancel**: a cancelled engine aborts the job (bounded) and waits for it to end, so the VM
+  keeps running on the source and no thread is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from asyncio import FIRST_COMPLETED
+from collections.abc import Coroutine
+from dataclasses import replace
+
+import structlog
+
+from asyncmigfra.errors import (
+    HookFailed,
+    IncompatibleDestination,
+    NotSupported,
+    TaskError,
+    TaskTimeout,
+)
+from asyncmigfra.hypervisor.base import Hypervisor, JobStats, MigrationJob, MigrationResult
+from asyncmigfra.migration.companions import (
+    _Balloon,
+    _pscom_hook,
+    _restore,
+    _shrink,
+    _unwind,
+    after_arrival,
+    detach_devices,
+    reattach_devices,
+)
+from asyncmigfra.migration.context import EngineContext
+from asyncmigfra.migration.plan import MigrationPlan, plan_for
+from asyncmigfra.migration.policy import ConvergencePolicy
+from asyncmigfra.migration.progress import _Progress
+from asyncmigfra.model import MigrateSpec
+from asyncmigfra.peers.bus import MessageBus
+from asyncmigfra.peers.userhooks import HookCall, HookRunner
+from asyncmigfra.settings import Settings
+
+__all__ = [
+    "carry_out",
+    "check_not_here",
+    "check_pscom",
+    "follow_adopted",
+    "migrate",
+]
+
+log = structlog.stdlib.get_logger("asyncmigfra.migrating")
+
+
+#: s allowed for aborting a job (libvirt calls can hang; KubeVirt allows 30 s).
+ABORT_TIMEOUT = 30.0
+
+
+#: s a steering call that failed waits for the job's end before it counts as a failure.
+STEER_SETTLE = 1.0
+
+
+async def migrate(
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    bus: MessageBus | None = None,
+) -> MigrationResult:
+    """Migrate one VM; on success ``ctx.outcome`` gets ``destination`` (and ``retries``).
+    (``swap-with`` is :func:`asyncmigfra.migration.swap.swap`.)"""
+    check_pscom(spec, bus)
+    plan = await plan_for(spec, hypervisor=hypervisor, settings=settings)
+    # Pre-checks come before anything touches the VM (devices included): a failure leaves
+    # it exactly as it was.
+    ctx.phase("pre-checks")
+    with ctx.measure("pre-checks"):
+        check_not_here(spec.destination, settings.hostname)
+        await hypervisor.check_migration(plan.request)
+    return await carry_out(
+        plan,
+        spec,
+        ctx,
+        hypervisor=hypervisor,
+        settings=settings,
+        bus=bus,
+        source=settings.hostname,
+    )
+
+
+def check_not_here(destination: str, hostname: str) -> None:
+    """Refuse a destination that names this agent's own host: libvirt would refuse it only
+    after the devices were detached ("Attempt to migrate guest to the same host"). An
+    address that reaches this host under another name is the back-end's pre-check."""
+    if destination == hostname:
+        raise IncompatibleDestination(
+            f"destination {destination} is this agent's own host: a VM cannot migrate to the"
+            " host it runs on"
+        )
+
+
+def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
+    """Refuse a pscom hook that cannot run: a silent skip would leave MPI processes running
+    through the migration."""
+    if spec.parameter.pscom_hook_procs not in (None, 0) and bus is None:
+        raise NotSupported("pscom-hook-procs needs the agent's MQTT connection")
+
+
+async def carry_out(
+    plan: MigrationPlan,
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    bus: MessageBus | None,
+    source: str,
+) -> MigrationResult:
+    """Everything after the pre-checks: ``before-migrate`` hooks, ``reduce-memory``, pscom
+    suspend, devices out, the migration (with its retries), the destination's steps, pscom
+    resume, memory back, ``after-migrate`` hooks. ``hypervisor`` acts on the VM's host,
+    ``source`` names it."""
+    hooks = ctx.hooks
+    call = HookCall(
+        point="before-migrate",
+        task="migrate vm",
+        task_id=ctx.task_id,
+        vm_name=spec.vm_name,
+        source=source,
+        destination=spec.destination,
+    )
+    warnings: list[str] = []
+    balloon: _Balloon | None = None
+    try:
+        if hooks is not None:
+            warnings += await hooks.run(call, ctx)  # policy fail: raises, VM not touched yet
+        balloon = await _shrink(hooks, hypervisor, spec.vm_name, ctx, warnings)
+        result = await _suspended_move(
+            plan, spec, ctx, hypervisor=hypervisor, settings=settings, bus=bus
+        )
+    except BaseException as exc:
+        # The after-migrate hooks run whenever the before-migrate ones started (a drain gets
+        # its undrain), with outcome error. Where the VM is now: on the destination when the
+        # failure came after its arrival.
+        arrived = ctx.outcome.destination is not None
+        there = hypervisor.on_host(spec.destination) if arrived else hypervisor
+        after = replace(call, point="after-migrate", outcome="error", details=_why(exc))
+        await _unwind(_after_failure(hooks, balloon, there, after, ctx))
+        raise
+    if balloon is not None:
+        await _restore(balloon, hypervisor.on_host(spec.destination), ctx, warnings, arrived=True)
+    if hooks is not None:
+        warnings += await hooks.run(replace(call, point="after-migrate", outcome="success"), ctx)
+    ctx.outcome.note(*warnings)
+    return result
+
+
+async def _suspended_move(
+    plan: MigrationPlan,
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    bus: MessageBus | None,
+) -> MigrationResult:
+    """The move with the VM's MPI processes suspended around it (pscom hook)."""
+    params = spec.parameter
+    vm = spec.vm_name
+    pscom = await _pscom_hook(params.pscom_hook_procs, vm, bus, settings)
+    if pscom is not None:
+        await pscom.suspend(ctx)  # a failure resumes what it suspended and raises HookFailed
+    try:
+        result = await _move(plan, spec, ctx, hypervisor=hypervisor, settings=settings)
+    except BaseException:
+        if pscom is not None:
+            await pscom.resume_quietly(ctx)  # on the source, or where the VM arrived
+        raise
+    if pscom is not None:
+        try:
+            await pscom.resume(ctx)
+        except HookFailed as exc:
+            raise HookFailed(
+                f"the VM migrated to {spec.destination} but resuming its MPI processes "
+                f"failed: {exc}"
+            ) from exc
+    return result
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return str(exc) or exc.__class__.__name__
+
+
+async def _after_failure(
+    hooks: HookRunner | None,
+    balloon: _Balloon | None,
+    there: Hypervisor,
+    call: HookCall,
+    ctx: EngineContext,
+) -> None:
+    """After a failed (or cancelled) migration: memory back where the VM is, then the
+    ``after-migrate`` hooks with ``outcome: error``; their failures are logged only."""
+    if balloon is not None:
+        warnings: list[str] = []
+        with contextlib.suppress(HookFailed):
+            await _restore(balloon, there, ctx, warnings, arrived=False)
+    if hooks is not None:
+        try:
+            await hooks.run(call, ctx)
+        except HookFailed as exc:
+            log.error("hook.failed_after_failure", error=str(exc))  # noqa: TRY400
+
+
+async def _move(
+    plan: MigrationPlan,
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+) -> MigrationResult:
+    """Devices out, the migration, then the destination's steps (devices back, repin)."""
+    vm = spec.vm_name
+    devices = await detach_devices(
+        hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
+    )
+    try:
+        result = await _migrate_with_retries(
+            plan, spec, ctx, hypervisor=hypervisor, settings=settings
+        )
+    except BaseException:
+        # The VM is still on the source: give it its devices back there (docs/protocol.md §3.6).
+        problems = await reattach_devices(hypervisor, vm, devices, ctx)
+        if problems:
+            log.error("migration.source_reattach_failed", problems=problems)  # noqa: TRY400
+        raise
+    await after_arrival(
+        hypervisor.on_host(spec.destination), vm, devices, spec.parameter.vcpu_map, ctx
+    )
+    return result
+
+
+async def _migrate_with_retries(
+    plan: MigrationPlan,
+    spec: MigrateSpec,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+) -> MigrationResult:
+    attempt = 0
+    while True:
+        try:
+            result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings)
+        except Exception as exc:
+            retryable = getattr(exc, "retryable", False)
+            if not retryable or attempt >= plan.retries:
+                if attempt:
+                    ctx.outcome.retries = attempt
+                raise
+            attempt += 1
+            delay = plan.retry_delay * 2 ** (attempt - 1)
+            log.warning("migration.retry_scheduled", attempt=attempt, delay=delay, error=str(exc))
+            ctx.phase("retry-wait")
+            await asyncio.sleep(delay)
+            continue
+        if attempt:
+            ctx.outcome.retries = attempt
+        return _arrived(spec, result, ctx)
+
+
+async def follow_adopted(
+    spec: MigrateSpec,
+    job: MigrationJob,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+) -> MigrationResult:
+    """Follow a migration job that a previous agent run started (peer-to-peer jobs belong to
+    libvirtd and outlive the agent) to its end, with progress, policy and timeout."""
+    plan = await plan_for(spec, hypervisor=hypervisor, settings=settings)
+    ctx.phase("adopted")
+    result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings, adopted=job)
+    return _arrived(spec, result, ctx)
+
+
+def _arrived(spec: MigrateSpec, result: MigrationResult, ctx: EngineContext) -> MigrationResult:
+    """Record where the VM runs now and the downtime libvirt measured."""
+    ctx.outcome.destination = spec.destination
+    if result.downtime is not None:
+        ctx.record("downtime", result.downtime / 1000.0)
+    return result
+
+
+async def _migrate_once(
+    plan: MigrationPlan,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    adopted: MigrationJob | None = None,
+) -> MigrationResult:
+    request = plan.request
+    policy = ConvergencePolicy(
+        max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
+    )
+    progress = _Progress(max_downtime=plan.max_downtime)
+    with ctx.measure("migrate"):
+        job = adopted or await hypervisor.begin_migration(request, ctx)
+        ctx.phase("migrating")
+        done = asyncio.ensure_future(job.wait())
+        try:
+            await _watch(
+                plan,
+                job,
+                done,
+                policy=policy,
+                progress=progress,
+                ctx=ctx,
+                interval=settings.agent.progress_interval,
+            )
+        except asyncio.CancelledError:
+            if not policy.post_copy_started:
+                log.info("migration.cancelling")
+                await _abort_bounded(job)
+                raise
+            # Post-copy cannot be undone (the guest already runs on the destination): finish
+            # it and report what really happened instead of a false "cancelled".
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.warning("migration.cancel_ignored_in_post_copy")
+            ctx.outcome.details = "cancel arrived during post-copy, which cannot be undone"
+            async with asyncio.timeout(plan.completion_timeout):
+                await asyncio.wait({done})
+        finally:
+            await _settle(done)
+        result = done.result()
+    final = progress.final(downtime=policy.downtime)
+    if result.downtime is not None:
+        final["downtime"] = round(result.downtime, 1)
+    ctx.progress(final)
+    return result
+
+
+async def _watch(
+    plan: MigrationPlan,
+    job: MigrationJob,
+    done: asyncio.Future[MigrationResult],
+    *,
+    policy: ConvergencePolicy,
+    progress: _Progress,
+    ctx: EngineContext,
+    interval: float,
+) -> None:
+    """Sample and steer the job until it ends (``done``) or the completion timeout acts."""
+    deadline = time.monotonic() + plan.completion_timeout
+    iteration = 0
+    phase = "migrating"
+    timed_out = False
+    while not done.done():
+        action = None
+        waiter = asyncio.ensure_future(job.wait_iteration(iteration))
+        try:
+            timeout = max(0.0, min(interval, deadline - time.monotonic()))
+            pending: set[asyncio.Future[object]] = {done, waiter}  # type: ignore[arg-type]
+            await asyncio.wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        new_iteration = waiter.result() if waiter.done() and not waiter.cancelled() else None
+        if done.done():
+            return
+        stats, fresh = await _sample(job, done)
+        if done.done():
+            return
+        if not fresh:
+            # The event repeats the last figures; the pass is judged once a sample succeeds.
+            stats = progress.last
+        elif new_iteration is not None and stats is not None:
+            iteration = new_iteration
+            action = await _apply(policy.on_iteration(stats), job, done, policy, ctx)
+        if time.monotonic() >= deadline and not timed_out:
+            timed_out = True
+            action = await _on_timeout(plan, job, done, policy, ctx)
+        if policy.post_copy_started:
+            phase = "post-copy"
+        ctx.progress(progress.fields(stats, phase=phase, action=action, downtime=policy.downtime))
+
+
+async def _abort_bounded(job: MigrationJob) -> None:
+    try:
+        async with asyncio.timeout(ABORT_TIMEOUT):
+            await job.abort()
+    except Exception as exc:  # noqa: BLE001 - the job may already have ended
+        log.warning("migration.abort_failed", error=str(exc))
+
+
+async def _settle(done: asyncio.Future[MigrationResult]) -> None:
+    """Wait (bounded) for the job's end so no thread or task outlives the engine."""
+    if not done.done():
+        try:
+            async with asyncio.timeout(ABORT_TIMEOUT):
+                await asyncio.wait({done})
+        except TimeoutError:
+            log.error("migration.job_did_not_end", limit=ABORT_TIMEOUT)  # noqa: TRY400
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        if not done.done():
+            done.cancel()
+    if done.done() and not done.cancelled():
+        done.exception()  # mark retrieved; the caller reads the result
+
+
+async def _sample(
+    job: MigrationJob, done: asyncio.Future[MigrationResult]
+) -> tuple[JobStats | None, bool]:
+    """The job's statistics and whether they could be read now (``fresh``). Sampling only
+    informs: a failed sample (the job ending under it, a connection hiccup) never fails the
+    task, whose outcome is the job's own, and no policy decision is taken on it."""
+    try:
+        return await job.stats(), True
+    except TaskError as exc:
+        await asyncio.wait({done}, timeout=STEER_SETTLE)
+        if not done.done():
+            log.warning("migration.sample_failed", error=str(exc))
+        return None, False
+
+
+async def _steer(
+    action: str,
+    call: Coroutine[None, None, None],
+    done: asyncio.Future[MigrationResult],
+    policy: ConvergencePolicy,
+) -> bool:
+    """Run one steering call on the job; ``True`` when it took effect.
+
+    A sample and the call that acts on it are two round trips, and the job may end between
+    them: the domain has then left the source and libvirt answers "no domain" or "not
+    migrating". That is no failure (the job's own outcome decides), so a refused call waits
+    briefly for the job's end before it is judged. A call refused while the job still runs
+    is logged and the copy goes on as it was, still bounded by the completion timeout.
+    Either way the policy forgets the action at once, so a cancel arriving meanwhile
+    aborts the job instead of waiting for a post-copy that never began.
+    """
+    try:
+        await call
+    except TaskError as exc:
+        policy.revert(action)
+        await asyncio.wait({done}, timeout=STEER_SETTLE)
+        if done.done():
+            log.info("migration.steering_after_end", action=action, error=str(exc))
+        else:
+            log.warning("migration.steering_failed", action=action, error=str(exc))
+        return False
+    return True
+
+
+async def _apply(
+    action: str | None,
+    job: MigrationJob,
+    done: asyncio.Future[MigrationResult],
+    policy: ConvergencePolicy,
+    ctx: EngineContext,
+) -> str | None:
+    if action == "raise-downtime" and policy.downtime is not None:
+        if not await _steer(action, job.set_max_downtime(policy.downtime), done, policy):
+            return None
+        log.info("migration.downtime_raised", downtime=policy.downtime)
+    elif action == "post-copy":
+        if not await _steer(action, job.start_post_copy(), done, policy):
+            return None
+        ctx.phase("post-copy")
+        log.info("migration.post_copy_started")
+    return action
+
+
+async def _on_timeout(
+    plan: MigrationPlan,
+    job: MigrationJob,
+    done: asyncio.Future[MigrationResult],
+    policy: ConvergencePolicy,
+    ctx: EngineContext,
+) -> str | None:
+    action = plan.timeout_action
+    log.warning("migration.completion_timeout", action=action, limit=plan.completion_timeout)
+    if policy.post_copy_started:
+        # Nothing can stop post-copy; it finishes on its own (and fast).
+        return "post-copy"
+    if action == "post-copy" and plan.request.mode == "post-copy":
+        policy.post_copy_started = True
+        if await _steer(action, job.start_post_copy(), done, policy):
+            ctx.phase("post-copy")
+            return "post-copy"
+    elif action == "suspend" and await _steer(action, job.suspend_source(), done, policy):
+        ctx.phase("suspended-copy")
+        return "suspend"
+    if done.done():
+        return None  # the job ended on its own meanwhile; its outcome decides
+    async with asyncio.timeout(ABORT_TIMEOUT):
+        await job.abort()
+    raise TaskTimeout(
+        f"migration did not complete within {plan.completion_timeout:g} s "
+        "(completion-timeout); it was aborted and the VM keeps running on the source"
+    )

@@ -1,0 +1,99 @@
+"""What the dispatcher tracks: a message's reply data, its *job* and the job's subtask
+*runs*, and the audit line written when a job's result goes out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from asyncmigfra.model import (
+    ResultEntry,
+    ResultMessage,
+    Subtask,
+    TaskMessage,
+)
+from asyncmigfra.tasks.dispatching.lanes import _Ticket
+from asyncmigfra.tasks.running import SubtaskContext
+
+log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """MQTT 5 request/response data of the message a result answers."""
+
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+#: ``deliver(result, reply, journal_key)``: publish a result; ``journal_key`` names the
+#: journal record it settles (``None`` for answers to messages that were never accepted).
+Deliver = Callable[[ResultMessage, Reply | None, str | None], None]
+
+
+State = Literal["queued", "running", "done"]
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """One subtask of a job and its progress through the dispatcher."""
+
+    index: int
+    spec: Subtask
+    sequential: bool
+    state: State = "queued"
+    ticket: _Ticket | None = None
+    task: asyncio.Task[list[ResultEntry]] | None = None
+    cancel_reason: str | None = None
+    started: float | None = None
+    ctx: SubtaskContext | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    msg: TaskMessage
+    reply: Reply | None
+    #: (id, payload digest) for duplicate detection; ``None`` without an id.
+    dedupe: tuple[str, str] | None
+    runs: list[_Run]
+    #: The journal record of this job.
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Recovered from the journal after it had started: reconcile instead of running again.
+    recovered: bool = False
+    started: bool = False
+    #: Top-level result keys (an evacuation's own ``time-measurement``).
+    header: dict[str, object] = field(default_factory=dict)
+    #: The journal write of this job: the job starts, and ``accepted`` goes out, only once
+    #: it is durable; if it fails, the job is refused with ``unavailable``.
+    journaled: asyncio.Future[None] | None = None
+    #: The journal write that marks the job ``running``; its work begins once it committed.
+    marked: asyncio.Future[None] | None = None
+    #: ``accepted`` went out (the record is durable); before that a cancel withdraws the job.
+    accepted: bool = False
+    #: The task running :meth:`Dispatcher._run_job`.
+    runner: asyncio.Task[None] | None = None
+    #: Events about this job held back until its ``accepted`` (or refusal) went out.
+    after_accepted: list[Callable[[], None]] = field(default_factory=list)
+    received: float = field(default_factory=time.monotonic)
+
+
+def _audit(msg: TaskMessage, entries: list[ResultEntry], duration: float) -> None:
+    """The audit trail: one ``info`` line per finished task, when its result goes out (task
+    id, kind, VMs, ``success`` or ``error``, the error codes, seconds since it arrived)."""
+    codes = sorted({e.code for e in entries if e.code})
+    failed = any(e.status != "success" for e in entries)
+    log.info(
+        "task.finished",
+        task_id=msg.id,
+        task=msg.kind.value,
+        vms=[e.vm_name for e in entries],
+        result="error" if failed else "success",
+        **({"code": ",".join(codes)} if codes else {}),
+        duration=round(duration, 3),
+    )
