@@ -22,10 +22,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from asyncmigfra.errors import HypervisorError
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 __all__ = [
     "AdoptsMigrations",
+    "check_vcpu_map",
     "DomainInfo",
     "DomainState",
     "HostInfo",
@@ -307,3 +309,19 @@ class HypervisorFactory(Protocol):
         hostname: str,
         shared: MutableMapping[str, object],
     ) -> Hypervisor: ...
+
+
+def check_vcpu_map(vcpu_map: VcpuMap, cpus: int, host: str) -> None:
+    """Refuse a pinning that names no CPU for a vCPU or a CPU ``host`` (with ``cpus`` CPUs)
+    does not have, in libvirt's words; every back-end checks the same way."""
+    for allowed in vcpu_map:
+        if not allowed:
+            raise HypervisorError(
+                "Error pinning vcpu: invalid argument: Empty cpu list for pinning"
+            )
+        for cpu in allowed:
+            if not 0 <= cpu < cpus:
+                raise HypervisorError(
+                    f"Error pinning vcpu: invalid argument: CPU {cpu} does not exist "
+                    f"on {host} ({cpus} CPUs)"
+                )

@@ -26,6 +26,7 @@ from asyncmigfra.hypervisor.base import (
     MigrationRequest,
     MigrationResult,
     OpContext,
+    check_vcpu_map,
 )
 from asyncmigfra.hypervisor.fake.cluster import (
     _DEFAULT_DOMAIN_MEMORY,
@@ -403,17 +404,7 @@ class FakeHypervisor:
                 f"Error pinning vcpu: invalid argument: vcpu {dom.vcpus} is out of range "
                 f"of live cpu count {dom.vcpus}"
             )
-        for allowed in vcpu_map:
-            if not allowed:
-                raise HypervisorError(
-                    "Error pinning vcpu: invalid argument: Empty cpu list for pinning"
-                )
-            for cpu in allowed:
-                if not 0 <= cpu < cpus:
-                    raise HypervisorError(
-                        f"Error pinning vcpu: invalid argument: CPU {cpu} does not exist "
-                        f"on {self.host.name} ({cpus} CPUs)"
-                    )
+        check_vcpu_map(vcpu_map, cpus, self.host.name)
         everything = tuple(range(cpus))
         current = dom.vcpu_pinning or ()
         dom.vcpu_pinning = tuple(

@@ -39,6 +39,7 @@ from asyncmigfra.hypervisor.base import (
     HostLoad,
     MigrationRequest,
     OpContext,
+    check_vcpu_map,
 )
 from asyncmigfra.hypervisor.virt.connections import _is_alive, _Pool
 from asyncmigfra.hypervisor.virt.domains import (
@@ -50,7 +51,6 @@ from asyncmigfra.hypervisor.virt.domains import (
     _UNDEFINE_FLAGS,
     PluggedDevice,
     _attach_fn,
-    _check_vcpu_map,
     _destination_facts,
     _existing,
     _guest_facts,
@@ -336,7 +336,7 @@ class LibvirtHypervisor:
         cpus = 0
         if spec.vcpu_map is not None:
             cpus = await self._mapped(uri, _host_cpus, "Error pinning vcpu: ")
-            _check_vcpu_map(spec.vcpu_map, cpus, self.hostname)
+            check_vcpu_map(spec.vcpu_map, cpus, self.hostname)
         if self.config.nodes:
             await self._check_nodes(name)
         rollback = _Rollback(name=name)
@@ -848,7 +848,7 @@ class LibvirtHypervisor:
         def op(conn: Any) -> None:
             dom = conn.lookupByName(vm_name)
             cpus = _host_cpus(conn)
-            _check_vcpu_map(vcpu_map, cpus, host)
+            check_vcpu_map(vcpu_map, cpus, host)
             state = int(dom.state()[0])
             if state == _SHUTOFF:
                 flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG

@@ -16,7 +16,6 @@ import structlog
 
 import libvirt
 from asyncmigfra.domxml import first_name_text
-from asyncmigfra.errors import HypervisorError
 from asyncmigfra.hypervisor.base import (
     DomainInfo,
     DomainState,
@@ -95,20 +94,6 @@ def _existing(conn: Any, name: str, *, want_xml: bool) -> _Existing | None:
 def _host_cpus(conn: Any) -> int:
     """Length of the host's CPU map (what pinning bitmaps are sized by)."""
     return int(conn.getCPUMap(0)[0])
-
-
-def _check_vcpu_map(vcpu_map: VcpuMap, cpus: int, host: str) -> None:
-    for allowed in vcpu_map:
-        if not allowed:
-            raise HypervisorError(
-                "Error pinning vcpu: invalid argument: Empty cpu list for pinning"
-            )
-        for cpu in allowed:
-            if not 0 <= cpu < cpus:
-                raise HypervisorError(
-                    f"Error pinning vcpu: invalid argument: CPU {cpu} does not exist "
-                    f"on {host} ({cpus} CPUs)"
-                )
 
 
 def _pin_all(dom: Any, vcpu_map: VcpuMap, cpus: int, flags: int) -> None:
@@ -315,8 +300,12 @@ def _host_uuid(conn: Any) -> str | None:
         caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 - libvirt's own XML
     except (libvirt.libvirtError, ET.ParseError):
         return None
-    text = caps.findtext("host/uuid")
-    return text.strip().lower() if text and text.strip() else None
+    return _caps_uuid(caps)
+
+
+def _caps_uuid(caps: ET.Element) -> str | None:
+    text = (caps.findtext("host/uuid") or "").strip().lower()
+    return text or None
 
 
 def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
@@ -330,8 +319,7 @@ def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
     host_uuid: str | None = None
     with contextlib.suppress(libvirt.libvirtError, ET.ParseError):
         caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 - libvirt's own XML
-        uuid_text = (caps.findtext("host/uuid") or "").strip().lower()
-        host_uuid = uuid_text or None
+        host_uuid = _caps_uuid(caps)
         for arch in caps.iterfind("guest/arch"):
             if guest.arch and arch.get("name") != guest.arch:
                 continue
