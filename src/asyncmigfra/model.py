@@ -219,6 +219,8 @@ class RepinSpec(Subtask):
 
 MigrationType = Literal["live", "warm", "offline", "post-copy"]
 TimeoutAction = Literal["abort", "post-copy", "suspend"]
+#: ``copy-storage``: copy no disk, whole images, or only the top layer of each.
+CopyStorage = Literal["none", "all", "inc"]
 #: ``pscom-hook-procs``: a count, or ``"auto"`` (ask the guest).
 PscomProcs = int | Literal["auto"]
 
@@ -255,6 +257,14 @@ class MigrationParams:
     timeout_action: TimeoutAction | None = None
     persist: bool | None = None
     tls: bool | None = None
+    #: ``copy-storage``: copy the non-shared disks (``all``: whole images, ``inc``: the top
+    #: layer only, the destination has the backing images).
+    copy_storage: CopyStorage | None = None
+    #: ``migrate-disks``: the target devs to copy (``vda``, ...); ``()``: given empty, which
+    #: like ``None`` means every writable, non-shared disk (libvirt's default).
+    migrate_disks: tuple[str, ...] | None = None
+    #: ``copy-storage-synchronous-writes``: the guest's disk writes go to both sides.
+    synchronous_writes: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

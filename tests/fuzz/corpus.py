@@ -303,6 +303,7 @@ def _parameter(r: random.Random, *, evacuate: bool = False) -> dict[str, Node]:
         ("retry-counter", lambda: _uint(r, 0, 3)),
         ("retry_counter", lambda: _uint(r, 0, 3)),
         ("pscom-hook-procs", lambda: r.choice(["0", "0", "4", "auto"])),
+        ("copy-storage", lambda: r.choice(["none", "all", "inc", "'all'"])),
     ]
     if evacuate:
         choices += [
@@ -317,7 +318,15 @@ def _parameter(r: random.Random, *, evacuate: bool = False) -> dict[str, Node]:
         ]
     for key, make in r.sample(choices, r.randint(0, 5)):
         p[key] = make()
+    if p.get("copy-storage", "none") != "none":
+        # Only with a storage copy (issue 16): with none either key rejects the message.
+        _optional(r, p, "migrate-disks", lambda: r.sample(DISKS, r.randint(0, 3)))
+        _optional(r, p, "copy-storage-synchronous-writes", lambda: _bool(r))
     return p
+
+
+#: ``migrate-disks`` entries: distinct target devs.
+DISKS = ["vda", "vdb", "vdc", "sda", "hdc", "xvda", "'vde'", "nvme0n1"]
 
 
 def _body(r: random.Random, kind: str, items: int | None = None) -> dict[str, Node]:

@@ -41,6 +41,8 @@ VALID_MESSAGES = [
     "task: suspend vm\nid: s\nlist: [{vm-name: a}, {vm-name: b}]\n",
     "task: evacuate node\ndestinations: [a, b]\nparameter:\n  mode: compact\n"
     "  overbooking: false\n",
+    "task: migrate vm\nid: d1\nvm-name: vm1\ndestination: node2\nparameter:\n"
+    "  copy-storage: inc\n  migrate-disks: [vda, 'vdb']\n  copy-storage-synchronous-writes: yes\n",
     "task: repin vm\nvm-name: v\nvcpu-map:\n  - [1, 2]\n  - [3]\n",
     "task: cancel\nid: c\ntarget: 'x'\n",
     "task: quit\n",
@@ -81,6 +83,7 @@ YAML_TOKENS = [
     "&a ", "*a", "!!str ", "|\n  ", ">-\n  ", "?", "%YAML 1.2\n", "\\", "\t", "\r\n", "~",
     "0012", "yes", "0x1F", "-1", "stop vm", "quit", "migrate vm", "start vm", "\x00", "é",
     "\ufeff", "\u2028", "vm-configurations", "parameter", "swap-with", "vcpu-map",
+    "copy-storage", "migrate-disks", "[vda, vdb]",
 ]  # fmt: skip
 
 yamlish = st.lists(st.sampled_from(YAML_TOKENS), max_size=40).map("".join)

@@ -232,6 +232,15 @@ def test_load_settings_none_means_defaults() -> None:
     assert load_settings(None).hostname == "machine"
 
 
+def test_copy_storage_defaults_copy_nothing() -> None:
+    """Issue 16: shared storage unless a task or the config asks for a storage copy; the
+    disks to copy are a task's choice (they name one VM's disks), never a config default."""
+    migration = load_settings(None).migration
+    assert (migration.copy_storage, migration.copy_storage_synchronous_writes) == ("none", False)
+    error = config_error("migration: {migrate-disks: [vda]}\n")
+    assert str(error).startswith("migration.migrate-disks: unknown key")
+
+
 def test_default_settings_overrides() -> None:
     """Sections are replaced by instance, or patched field by field from a mapping."""
     settings = default_settings(
@@ -677,6 +686,16 @@ NEW_KEYS = [
         0.5,
         id="swap-lock-timeout",
     ),
+    pytest.param("migration: {copy-storage: all}", "migration.copy_storage", "all", id="copy"),
+    pytest.param(
+        "migration: {copy-storage: INC}", "migration.copy_storage", "inc", id="copy-storage-case"
+    ),
+    pytest.param(
+        "migration: {copy-storage-synchronous-writes: yes}",
+        "migration.copy_storage_synchronous_writes",
+        True,
+        id="copy-storage-synchronous-writes",
+    ),
     # logging, shutdown
     pytest.param("logging: {format: json}", "logging.format", "json", id="logging-format"),
     pytest.param("logging: {level: debug}", "logging.level", "debug", id="logging-level"),
@@ -1024,6 +1043,17 @@ def test_protocol_aliases(value: str, expected: str) -> None:
             "migration: {retry-counter: -1}",
             "migration.retry-counter: must be at least 0, got -1",
             id="retry-counter",
+        ),
+        pytest.param(
+            "migration: {copy-storage: full}",
+            "migration.copy-storage: expected one of 'none', 'all', 'inc', got 'full'",
+            id="copy-storage",
+        ),
+        pytest.param(
+            "migration: {copy-storage-synchronous-writes: sometimes}",
+            "migration.copy-storage-synchronous-writes: expected a boolean (true/false, yes/no,"
+            " on/off, y/n), got 'sometimes'",
+            id="copy-storage-synchronous-writes",
         ),
         pytest.param(
             "migration: {persist: null}",

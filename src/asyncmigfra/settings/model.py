@@ -187,7 +187,7 @@ class MigrationDefaults:
     auto_converge: bool = False
     compressed: bool = False
     parallel_connections: int = 1
-    #: s per GiB of guest memory.
+    #: s per GiB of guest memory plus the disks a storage copy moves.
     completion_timeout_per_gib: float = 150.0
     #: s
     completion_timeout_min: float = 120.0
@@ -210,6 +210,11 @@ class MigrationDefaults:
     swap_lock: Literal["off", "best-effort", "required"] = "best-effort"
     #: s to wait for the destination's agent to answer a lane hold.
     swap_lock_timeout: float = 2.0
+    #: ``copy-storage`` of a migration that names none: ``none`` (shared storage), ``all``
+    #: (copy whole images of the non-shared disks) or ``inc`` (only their top layer).
+    copy_storage: Literal["none", "all", "inc"] = "none"
+    #: ``copy-storage-synchronous-writes`` of a migration that copies storage and names none.
+    copy_storage_synchronous_writes: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

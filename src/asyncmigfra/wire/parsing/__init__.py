@@ -49,15 +49,18 @@ The package re-exports the public names; the code lives in:
 - :mod:`~asyncmigfra.wire.parsing.nodes`: the node graph, limits, rejection texts, the ruamel.yaml
   composer (slow path);
 - :mod:`~asyncmigfra.wire.parsing.fastpath`: the line-based fast path and ``_compose``;
-- :mod:`~asyncmigfra.wire.parsing.names`: what ids, VM names, hosts, drivers, transports may be;
+- :mod:`~asyncmigfra.wire.parsing.names`: what ids, VM names, hosts, drivers, transports and
+  disk targets may be;
 - :mod:`~asyncmigfra.wire.parsing.fields`: field converters (yaml-cpp scalar rules), ``_Fields``;
 - :mod:`~asyncmigfra.wire.parsing.tasks`: the task builders, ``parse_task`` and ``load_yaml``.
 """
 
 from asyncmigfra.wire.parsing.fields import UINT32_MAX as UINT32_MAX
 from asyncmigfra.wire.parsing.fields import UINT64_MAX as UINT64_MAX
+from asyncmigfra.wire.parsing.names import MAX_MIGRATE_DISKS as MAX_MIGRATE_DISKS
 from asyncmigfra.wire.parsing.names import MAX_TASK_ID as MAX_TASK_ID
 from asyncmigfra.wire.parsing.names import TRANSPORTS as TRANSPORTS
+from asyncmigfra.wire.parsing.names import valid_disk_target as valid_disk_target
 from asyncmigfra.wire.parsing.names import valid_task_id as valid_task_id
 from asyncmigfra.wire.parsing.names import valid_vm_name as valid_vm_name
 from asyncmigfra.wire.parsing.nodes import DEFAULT_MAX_DEPTH, DEFAULT_MAX_NODES, DEFAULT_MAX_SIZE

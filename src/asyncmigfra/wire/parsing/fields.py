@@ -19,11 +19,14 @@ from asyncmigfra.model import (
 )
 from asyncmigfra.values import BOOL_EXPECTED, parse_bool
 from asyncmigfra.wire.parsing.names import (
+    _DISK_TARGET_EXPECTED,
     _DRIVER,
     _HOST,
     _UNSAFE,
     _VM_NAME_EXPECTED,
+    MAX_MIGRATE_DISKS,
     TRANSPORTS,
+    valid_disk_target,
     valid_vm_name,
 )
 from asyncmigfra.wire.parsing.nodes import _INVALID, _PARSE_PREFIX, _Map, _Node, _Scalar, _Seq
@@ -178,6 +181,28 @@ def _convert_vcpu_map(ctx: _Ctx, node: _Node, path: str) -> VcpuMap:
     return tuple(rows)
 
 
+def _convert_disk_targets(ctx: _Ctx, node: _Node, path: str) -> tuple[str, ...]:
+    """``migrate-disks``: a sequence of distinct target devs, at most
+    :data:`~asyncmigfra.wire.parsing.names.MAX_MIGRATE_DISKS` of them."""
+    if not isinstance(node, _Seq):
+        ctx.bad(path, "expected a sequence of disk targets such as [vda, vdb]", node)
+    if len(node.items) > MAX_MIGRATE_DISKS:
+        ctx.bad(
+            path,
+            f"expected at most {MAX_MIGRATE_DISKS} disk targets ({len(node.items)} given)",
+            node,
+        )
+    seen: dict[str, int] = {}
+    for i, item in enumerate(node.items):
+        text = _scalar_text(ctx, item, f"{path}[{i}]", _DISK_TARGET_EXPECTED)
+        if not valid_disk_target(text):
+            ctx.bad(f"{path}[{i}]", _DISK_TARGET_EXPECTED, item)
+        if text in seen:
+            ctx.bad(f"{path}[{i}]", f"expected each disk once (also item {seen[text]})", item)
+        seen[text] = i
+    return tuple(seen)
+
+
 def _convert_pscom(ctx: _Ctx, node: _Node, path: str) -> PscomProcs:
     expected = "expected a process count or 'auto'"
     text = _scalar_text(ctx, node, path, expected)
@@ -282,6 +307,9 @@ class _Fields:
 
     def seconds(self, key: str) -> float | None:
         return self._opt(key, _convert_seconds)
+
+    def disk_targets(self, key: str) -> tuple[str, ...] | None:
+        return self._opt(key, _convert_disk_targets)
 
     def sub_map(self, key: str) -> _Fields | None:
         node = self.node.items.get(key)

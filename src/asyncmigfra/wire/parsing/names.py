@@ -27,6 +27,11 @@ _DRIVER: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 #: libvirt transports that reach a remote daemon. ``ext`` (runs a program) and ``unix`` are
 #: refused: a task must never make libvirt execute something on the host.
 TRANSPORTS: Final = ("ssh", "libssh", "libssh2", "tcp", "tls")
+#: A disk's target dev as ``migrate-disks`` names it (``vda``, ``sdb``, ``hdc``, ``xvda``):
+#: a lowercase letter, then lowercase letters and digits, 32 characters at most.
+_DISK_TARGET: Final = re.compile(r"[a-z][a-z0-9]{0,31}")
+#: Most entries of ``migrate-disks`` (QEMU guests have far fewer disks).
+MAX_MIGRATE_DISKS: Final = 64
 
 
 _TASK_ID_EXPECTED: Final = (
@@ -42,6 +47,16 @@ def valid_task_id(task_id: str) -> bool:
 
 def valid_vm_name(name: str) -> bool:
     return _VM_NAME.fullmatch(name) is not None
+
+
+def valid_disk_target(name: str) -> bool:
+    """A ``migrate-disks`` entry: a target dev such as ``vda`` (see :data:`_DISK_TARGET`)."""
+    return _DISK_TARGET.fullmatch(name) is not None
+
+
+_DISK_TARGET_EXPECTED: Final = (
+    "expected a disk target such as vda (a-z then a-z or 0-9, at most 32 characters)"
+)
 
 
 _VM_NAME_EXPECTED: Final = (

@@ -11,6 +11,7 @@ from asyncmigfra.domxml import first_element_text
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import (
     CancelSpec,
+    CopyStorage,
     EvacuateMode,
     EvacuateSpec,
     Ivshmem,
@@ -67,6 +68,8 @@ from asyncmigfra.wire.parsing.nodes import (
 _MIGRATION_TYPES: Final = ("live", "warm", "offline", "post-copy")
 _TIMEOUT_ACTIONS: Final = ("abort", "post-copy", "suspend")
 _EVACUATE_MODES: Final = ("auto", "compact", "scatter")
+_COPY_STORAGE: Final = ("none", "all", "inc")
+_ONLY_WITH_COPY: Final = "expected only with copy-storage all or inc (copy-storage is none)"
 
 
 def _resolve_start_name(vm_name: str | None, xml: str | None) -> tuple[str, str | None]:
@@ -166,6 +169,7 @@ def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
                 pscom_hook_procs=swap.pscom("pscom-hook-procs"),
                 vcpu_map=swap.vcpu_map("vcpu-map"),
             )
+    copy_storage, migrate_disks, synchronous_writes = _storage_params(f)
     return MigrationParams(
         migration_type=migration_type,
         rdma_migration=f.boolean("rdma-migration", False),
@@ -183,7 +187,29 @@ def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
         timeout_action=cast("TimeoutAction | None", f.choice("timeout-action", _TIMEOUT_ACTIONS)),
         persist=f.opt_boolean("persist"),
         tls=f.opt_boolean("tls"),
+        copy_storage=copy_storage,
+        migrate_disks=migrate_disks,
+        synchronous_writes=synchronous_writes,
     )
+
+
+def _storage_params(f: _Fields) -> tuple[CopyStorage | None, tuple[str, ...] | None, bool | None]:
+    """``copy-storage``, ``migrate-disks``, ``copy-storage-synchronous-writes``.
+
+    A list of disks to copy, or synchronous writes, with ``copy-storage: none`` is a mistake
+    and rejects the message. Without ``copy-storage`` the agent's ``migration.copy-storage``
+    applies, which only the agent knows: the migration checks that combination itself.
+    """
+    copy_storage = cast("CopyStorage | None", f.choice("copy-storage", _COPY_STORAGE))
+    migrate_disks = f.disk_targets("migrate-disks")
+    synchronous_writes = f.opt_boolean("copy-storage-synchronous-writes")
+    if copy_storage == "none":
+        if migrate_disks:
+            f.ctx.bad(f.prefix + "migrate-disks", _ONLY_WITH_COPY, f.node.items["migrate-disks"])
+        if synchronous_writes:
+            key = "copy-storage-synchronous-writes"
+            f.ctx.bad(f.prefix + key, _ONLY_WITH_COPY, f.node.items[key])
+    return copy_storage, migrate_disks, synchronous_writes
 
 
 def _migrate(f: _Fields) -> MigrateSpec:
