@@ -132,6 +132,12 @@ class MigrationRequest:
     paused: bool = False
     #: Peer-to-peer (the job belongs to the source daemon) or client-driven.
     p2p: bool = True
+    #: Copy the non-shared disks: ``all`` whole images, ``inc`` only the top layer.
+    copy_storage: Literal["none", "all", "inc"] = "none"
+    #: Target devs of the disks to copy; ``()``: every writable, non-shared disk.
+    migrate_disks: tuple[str, ...] = ()
+    #: The guest's disk writes go to both sides synchronously (only with a storage copy).
+    synchronous_writes: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,6 +157,11 @@ class JobStats:
     transfer_rate: int
     #: ms, as the hypervisor estimates it; ``None`` when unknown.
     expected_downtime: float | None = None
+    #: Bytes of the disks a storage copy moves (0: no storage copy). The disks are copied
+    #: before memory: while they are, ``memory_total`` may still be 0 and ``iteration`` is 0.
+    disk_total: int = 0
+    disk_processed: int = 0
+    disk_remaining: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
