@@ -214,6 +214,46 @@ def request(**kw: Any) -> MigrationRequest:
             True,
             ["LIVE", "AUTO_CONVERGE", "COMPRESSED", "PARALLEL", "TLS", "PAUSED"],
         ),
+        # issue 16: storage copies
+        ({"mode": "live", "persist": False, "p2p": False, "copy_storage": "none"}, True, ["LIVE"]),
+        (
+            {"mode": "live", "persist": False, "p2p": False, "copy_storage": "all"},
+            True,
+            ["LIVE", "NON_SHARED_DISK"],
+        ),
+        (
+            {"mode": "live", "persist": False, "p2p": True, "copy_storage": "inc"},
+            True,
+            ["LIVE", "PEER2PEER", "NON_SHARED_INC"],
+        ),
+        (
+            {
+                "mode": "live",
+                "persist": False,
+                "p2p": False,
+                "copy_storage": "all",
+                "synchronous_writes": True,
+            },
+            True,
+            ["LIVE", "NON_SHARED_DISK", "NON_SHARED_SYNCHRONOUS_WRITES"],
+        ),
+        (
+            {
+                "mode": "post-copy",
+                "persist": False,
+                "p2p": False,
+                "copy_storage": "inc",
+                "synchronous_writes": True,
+            },
+            True,
+            ["LIVE", "POSTCOPY", "NON_SHARED_INC", "NON_SHARED_SYNCHRONOUS_WRITES"],
+        ),
+        # synchronous writes mean nothing without a storage copy: no flag
+        (
+            {"mode": "live", "persist": False, "p2p": False, "synchronous_writes": True},
+            True,
+            ["LIVE"],
+        ),
     ],
 )
 async def test_migration_flags(kw: dict[str, Any], persistent: bool, expected: list[str]) -> None:
@@ -232,6 +272,18 @@ async def test_migration_params() -> None:
     }
     bare = MigrationTarget(host="b", uri="u", p2p_uri="p")
     assert migration_params(request(), bare) == {}
+
+
+async def test_migration_params_name_the_disks_to_copy() -> None:
+    bare = MigrationTarget(host="b", uri="u", p2p_uri="p")
+    disks = request(copy_storage="all", migrate_disks=("vda", "vdc"))
+    assert migration_params(disks, bare) == {
+        libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda", "vdc"]
+    }
+    assert libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS == "migrate_disks"
+    # No list (every writable, non-shared disk: libvirt's default), or no storage copy.
+    assert migration_params(request(copy_storage="inc"), bare) == {}
+    assert migration_params(request(migrate_disks=("vda",)), bare) == {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,9 +321,50 @@ async def test_job_stats_mapping() -> None:
     assert stats.expected_downtime == 92.0
 
 
+#: jobStats() while a storage copy mirrors the disks (NBD), before QEMU migrates memory:
+#: libvirt reports memory zeros and the mirror's figures as disk_* (and in data_*).
+DISK_PHASE_JOB: dict[str, Any] = {
+    "type": 2,
+    "operation": 5,
+    "time_elapsed": 4100,
+    "data_total": 4 << 30,
+    "data_processed": 1 << 30,
+    "data_remaining": 3 << 30,
+    "memory_total": 0,
+    "memory_processed": 0,
+    "memory_remaining": 0,
+    "memory_dirty_rate": 0,
+    "memory_iteration": 0,
+    "disk_total": 4 << 30,
+    "disk_processed": 1 << 30,
+    "disk_remaining": 3 << 30,
+}
+
+
+async def test_job_stats_during_the_disk_phase() -> None:
+    stats = job_stats(DISK_PHASE_JOB, phase="migrating")
+    assert stats is not None, "a storage copy is progress too"
+    assert (stats.phase, stats.iteration, stats.memory_total) == ("migrating", 0, 0)
+    assert (stats.disk_total, stats.disk_processed, stats.disk_remaining) == (
+        4 << 30,
+        1 << 30,
+        3 << 30,
+    )
+    assert stats.data_remaining == 3 << 30
+    assert stats.transfer_rate == 0  # libvirt reports no memory_bps before memory moves
+    later = job_stats({**RUNNING_JOB, "disk_total": 4 << 30, "disk_processed": 4 << 30})
+    assert later is not None
+    assert (later.iteration, later.disk_total, later.disk_remaining) == (2, 4 << 30, 0)
+    assert job_stats(RUNNING_JOB) == job_stats({**RUNNING_JOB, "disk_total": 0})
+    no_data = job_stats({"type": 2, "disk_total": 10, "disk_remaining": 6})
+    assert no_data is not None
+    assert no_data.data_remaining == 6
+
+
 async def test_job_stats_none_before_memory_moves() -> None:
     assert job_stats({"type": 0}) is None
     assert job_stats({"type": 2, "time_elapsed": 120, "memory_total": 0}) is None
+    assert job_stats({"type": 2, "memory_total": 0, "disk_total": 0}) is None
     minimal = job_stats({"type": 2, "memory_total": 10, "memory_remaining": 4})
     assert minimal is not None
     assert minimal.data_remaining == 4

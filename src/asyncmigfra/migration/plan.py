@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from asyncmigfra.errors import InvalidTask
 from asyncmigfra.hypervisor.base import Hypervisor, MigrationRequest
-from asyncmigfra.model import MigrateSpec, MigrationParams
+from asyncmigfra.model import CopyStorage, MigrateSpec, MigrationParams
 from asyncmigfra.settings import MigrationDefaults, Settings
 
 __all__ = [
@@ -30,16 +31,38 @@ class MigrationPlan:
     timeout_action: str
     retries: int
     retry_delay: float
+    #: Bytes of guest memory the plan was made for (0: unknown): the progress events'
+    #: ``percent`` and ``eta`` count it while the disks are copied, before memory moves.
+    memory: int = 0
+
+
+_GIB = 1024**3
 
 
 def plan_migration(
-    spec: MigrateSpec, *, defaults: MigrationDefaults, driver: str, transport: str, memory_kib: int
+    spec: MigrateSpec,
+    *,
+    defaults: MigrationDefaults,
+    driver: str,
+    transport: str,
+    memory_kib: int,
+    disk_bytes: int = 0,
 ) -> MigrationPlan:
-    """Resolve every parameter from the task, then the agent's ``migration:`` defaults."""
+    """Resolve every parameter from the task, then the agent's ``migration:`` defaults.
+
+    ``disk_bytes``: what a storage copy moves (the pre-check's figure; 0 when unknown). The
+    default completion timeout is ``completion-timeout-per-gib`` for each GiB of memory and,
+    when the migration copies storage, of ``disk_bytes`` (at least ``completion-timeout-min``).
+    Raises ``InvalidTask`` for ``migrate-disks`` or synchronous writes that the task gave
+    without ``copy-storage`` when the agent's default is ``none`` (the parser refuses them
+    with an explicit ``copy-storage: none``).
+    """
     p: MigrationParams = spec.parameter
     mode = p.migration_type or defaults.migration_type
     max_downtime = p.max_downtime if p.max_downtime is not None else defaults.max_downtime
-    gib = memory_kib / (1024 * 1024)
+    copy_storage, synchronous_writes = _storage(p, defaults)
+    copied = max(0, disk_bytes) if copy_storage != "none" else 0
+    gib = (memory_kib * 1024 + copied) / _GIB
     timeout = p.completion_timeout or max(
         defaults.completion_timeout_min, defaults.completion_timeout_per_gib * gib
     )
@@ -59,6 +82,9 @@ def plan_migration(
         tls=p.tls if p.tls is not None else defaults.tls,
         paused=p.vcpu_map is not None,
         p2p=defaults.p2p,
+        copy_storage=copy_storage,
+        migrate_disks=p.migrate_disks or (),
+        synchronous_writes=synchronous_writes,
     )
     return MigrationPlan(
         request=request,
@@ -67,7 +93,26 @@ def plan_migration(
         timeout_action=p.timeout_action or defaults.timeout_action,
         retries=p.retry_counter if p.retry_counter is not None else defaults.retry_counter,
         retry_delay=defaults.retry_delay,
+        memory=max(0, memory_kib) * 1024,
     )
+
+
+def _storage(p: MigrationParams, defaults: MigrationDefaults) -> tuple[CopyStorage, bool]:
+    """``copy-storage`` and whether writes are synchronous, from the task, then the config."""
+    copy_storage: CopyStorage = p.copy_storage or defaults.copy_storage
+    if copy_storage == "none":
+        for given, key in (
+            (bool(p.migrate_disks), "migrate-disks"),
+            (bool(p.synchronous_writes), "copy-storage-synchronous-writes"),
+        ):
+            if given:
+                raise InvalidTask(
+                    f"{key} needs copy-storage all or inc: the task gives no copy-storage and"
+                    " the agent's default (migration.copy-storage) is none"
+                )
+        return copy_storage, False
+    sync = p.synchronous_writes
+    return copy_storage, defaults.copy_storage_synchronous_writes if sync is None else sync
 
 
 def _downtime_schedule(max_downtime: int) -> list[int]:
@@ -91,8 +136,15 @@ async def memory_of(hypervisor: Hypervisor, vm_name: str) -> int:
 
 
 async def plan_for(
-    spec: MigrateSpec, *, hypervisor: Hypervisor, settings: Settings, memory: int | None = None
+    spec: MigrateSpec,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    memory: int | None = None,
+    disk_bytes: int = 0,
 ) -> MigrationPlan:
+    """:func:`plan_migration` with this agent's settings; ``memory`` (KiB) is looked up when
+    not given, ``disk_bytes`` is what a storage copy moves (0: unknown)."""
     if memory is None:
         memory = await memory_of(hypervisor, spec.vm_name)
     return plan_migration(
@@ -101,4 +153,5 @@ async def plan_for(
         driver=settings.hypervisor.driver,
         transport=settings.hypervisor.transport,
         memory_kib=memory,
+        disk_bytes=disk_bytes,
     )

@@ -72,7 +72,12 @@ class ConvergencePolicy:
             self.post_copy_started = False
 
     def on_iteration(self, stats: JobStats) -> str | None:
-        """Return the action to take now (``raise-downtime``, ``post-copy``) or ``None``."""
+        """Return the action to take now (``raise-downtime``, ``post-copy``) or ``None``.
+
+        A sample from before the first memory pass (a storage copy's disk phase: iteration 0,
+        ``memory_total`` still 0) is no pass: it is neither judged nor remembered."""
+        if stats.iteration < 1 or stats.memory_total <= 0:
+            return None
         remaining = stats.memory_remaining
         stalled = (
             self.last_remaining is not None

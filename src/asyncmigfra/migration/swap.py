@@ -113,8 +113,13 @@ async def swap(
         spec,
         vm_name=partner.vm_name,
         destination=here,
+        # (migrate-disks names disks of the task's VM: the partner's storage copy, if any,
+        # takes the default, every writable non-shared disk.)
         parameter=replace(
-            params, vcpu_map=partner.vcpu_map, pscom_hook_procs=partner.pscom_hook_procs
+            params,
+            vcpu_map=partner.vcpu_map,
+            pscom_hook_procs=partner.pscom_hook_procs,
+            migrate_disks=None,
         ),
     )
     check_pscom(ours, bus)

@@ -78,7 +78,19 @@ def migration_flags(request: MigrationRequest, *, persistent: bool) -> int:
         flags |= libvirt.VIR_MIGRATE_PAUSED
     if request.p2p:
         flags |= libvirt.VIR_MIGRATE_PEER2PEER
+    if request.copy_storage != "none":
+        flags |= _COPY_STORAGE_FLAGS[request.copy_storage]
+        if request.synchronous_writes:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES
     return int(flags)
+
+
+#: ``copy-storage`` -> libvirt's flag: whole images, or the top layer of each (the
+#: destination has the backing chain).
+_COPY_STORAGE_FLAGS: Mapping[str, int] = {
+    "all": libvirt.VIR_MIGRATE_NON_SHARED_DISK,
+    "inc": libvirt.VIR_MIGRATE_NON_SHARED_INC,
+}
 
 
 def migration_params(request: MigrationRequest, target: MigrationTarget) -> dict[str, object]:
@@ -90,6 +102,9 @@ def migration_params(request: MigrationRequest, target: MigrationTarget) -> dict
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(request.bandwidth)
     if request.parallel_connections > 1:
         params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = int(request.parallel_connections)
+    if request.copy_storage != "none" and request.migrate_disks:
+        # A multi-value string parameter: libvirt-python adds one entry per list item.
+        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(request.migrate_disks)
     return params
 
 
@@ -99,25 +114,37 @@ def _num(raw: Mapping[str, Any], key: str, default: int = 0) -> int:
 
 
 def job_stats(raw: Mapping[str, Any], *, phase: str = "migrating") -> JobStats | None:
-    """Map ``virDomainGetJobStats`` fields to :class:`JobStats`; ``None`` before memory moves
-    (libvirt reports zeros while the destination QEMU starts)."""
+    """Map ``virDomainGetJobStats`` fields to :class:`JobStats`; ``None`` before anything
+    moves (libvirt reports zeros while the destination QEMU starts).
+
+    A storage copy (``NON_SHARED_DISK``/``_INC``) mirrors the disks over NBD before QEMU's
+    memory migration begins: during that phase ``disk_total``/``disk_processed``/
+    ``disk_remaining`` grow while ``memory_total`` is still 0 and ``memory_iteration`` 0, and
+    the sample is returned all the same (the engine's convergence policy acts on memory
+    iterations only). ``data_remaining`` is libvirt's, which counts the disks too; without
+    it, memory plus disk remaining."""
     total = _num(raw, "memory_total")
-    if total <= 0:
+    disk_total = _num(raw, "disk_total")
+    if total <= 0 and disk_total <= 0:
         return None
     remaining = _num(raw, "memory_remaining")
+    disk_remaining = _num(raw, "disk_remaining")
     page = _num(raw, "memory_page_size", 4096) or 4096
     downtime = raw.get("downtime")
     return JobStats(
         phase=phase,
         iteration=_num(raw, "memory_iteration"),
         elapsed=_num(raw, "time_elapsed") / 1000.0,
-        memory_total=total,
+        memory_total=max(0, total),
         memory_processed=_num(raw, "memory_processed"),
         memory_remaining=remaining,
-        data_remaining=_num(raw, "data_remaining", remaining),
+        data_remaining=_num(raw, "data_remaining", remaining + disk_remaining),
         dirty_rate=_num(raw, "memory_dirty_rate") * page,
         transfer_rate=_num(raw, "memory_bps"),
         expected_downtime=float(downtime) if isinstance(downtime, int | float) else None,
+        disk_total=max(0, disk_total),
+        disk_processed=_num(raw, "disk_processed"),
+        disk_remaining=disk_remaining,
     )
 
 
