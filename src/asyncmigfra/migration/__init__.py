@@ -11,7 +11,7 @@ The package re-exports nothing; import from the defining module:
   (``plan_migration``, ``plan_for``, ``memory_of``) and the downtime schedule;
 - :mod:`~asyncmigfra.migration.policy`: :class:`ConvergencePolicy`;
 - :mod:`~asyncmigfra.migration.progress`: progress event fields (``_Progress``) and
-  ``estimate_eta``;
+  ``estimate_eta``, ``disk_phase``;
 - :mod:`~asyncmigfra.migration.companions`: the steps around the job: devices out and back
   in, repin + resume, ``reduce-memory``, the pscom hook, ``_unwind``;
 - :mod:`~asyncmigfra.migration.engine`: ``migrate``, ``carry_out`` and the job itself

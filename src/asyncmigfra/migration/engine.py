@@ -11,7 +11,8 @@ and this engine owns the rest:
   (a geometric schedule up to ``max-downtime``, as oVirt does); when the target is at its
   maximum and the copy still stalls, a ``post-copy`` migration switches to post-copy.
   Every change is announced in a progress event's ``action``;
-* **completion timeout** (``completion-timeout``, default 150 s per GiB, at least 120 s), then
+* **completion timeout** (``completion-timeout``, default 150 s per GiB of memory and of the
+  disks a storage copy moves, at least 120 s), then
   the ``timeout-action``: ``abort`` (result ``code: timeout``), ``post-copy`` or ``suspend``;
 * **cancel**: a cancelled engine aborts the job (bounded) and waits for it to end, so the VM
   keeps running on the source and no thread is left behind.
@@ -322,7 +323,7 @@ async def _migrate_once(
     policy = ConvergencePolicy(
         max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
     )
-    progress = _Progress(max_downtime=plan.max_downtime)
+    progress = _Progress(max_downtime=plan.max_downtime, memory=plan.memory)
     with ctx.measure("migrate"):
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")
