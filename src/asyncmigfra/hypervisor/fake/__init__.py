@@ -14,9 +14,10 @@ Shape:
 * :class:`FakeDomain` carries a ``counter`` that advances while the guest runs (like the rig
   guest's pass counter) so tests can see the live state continue after a migration.
 * :class:`FakeMigrationJob` simulates libvirt/QEMU pre-copy, post-copy, warm and offline
-  migration. Its progress is *computed* from the loop clock (scaled by ``time-scale``) rather
+  migration, with or without a storage copy (``copy-storage``: the disks first, as libvirt's
+  NBD phase). Its progress is *computed* from the loop clock (scaled by ``time-scale``) rather
   than stepped by a task: the only thing scheduled is one ``loop.call_at`` timer for the next
-  event (end of setup, end of a memory pass, end of switchover), which wakes
+  event (end of setup, of the disk copy, of a memory pass, of switchover), which wakes
   ``wait_iteration``/``wait``. Thousands of concurrent jobs therefore cost one timer each.
 
 Options (``hypervisor:`` map, all optional):
@@ -27,7 +28,9 @@ Options (``hypervisor:`` map, all optional):
     of this host (default 16 CPUs, 64 GiB; memory in KiB).
 ``domains``
     list of ``{name, vcpus, memory (KiB), state: running|shutoff|paused, persistent,
-    dirty-rate (MiB/s), stop-delay (s)}`` defined on this host if absent.
+    dirty-rate (MiB/s), stop-delay (s), disks (target -> MiB; default {vda: 1024})}``
+    defined on this host if absent. ``disks`` are what a migration with ``copy-storage``
+    copies, before memory; domains started by a task get the default.
 ``peers``
     map host name -> ``{cpus, memory, domains}``: other hosts created if absent.
 ``bandwidth``

@@ -475,12 +475,18 @@ class FakeHypervisor:
                 raise HypervisorError(
                     "argument unsupported: offline migration requires the persist flag"
                 )
+            if request.copy_storage != "none":
+                raise HypervisorError(
+                    "Requested operation is not valid: offline migration cannot handle "
+                    "non-shared storage"
+                )
             return self._offline(dom, dest, request)
         free = dest.free_memory()
         if dom.memory > free:
             raise IncompatibleDestination(
                 f"not enough free memory on {dest.name}: {dom.memory} KiB needed, {free} KiB free"
             )
+        disks = dom.disks_to_copy(request)
         job = FakeMigrationJob(
             owner=self,
             domain=dom,
@@ -488,6 +494,7 @@ class FakeHypervisor:
             destination=dest,
             request=request,
             fail_midway=self._take_fault("migrate-midway"),
+            disk_bytes=sum(disks.values()),
         )
         job._begin()
         return job

@@ -10,8 +10,8 @@ import time
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
-from asyncmigfra.errors import ConfigError
-from asyncmigfra.hypervisor.base import DomainInfo, DomainState, HostInfo
+from asyncmigfra.errors import ConfigError, HypervisorError
+from asyncmigfra.hypervisor.base import DomainInfo, DomainState, HostInfo, MigrationRequest
 from asyncmigfra.model import PciAddress, PciId, VcpuMap
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ _MIB = 1024 * 1024
 _DEFAULT_CPUS = 16
 _DEFAULT_HOST_MEMORY = 64 * _MIB  # KiB
 _DEFAULT_DOMAIN_MEMORY = _MIB  # KiB = 1 GiB
+#: A domain's disks unless its ``domains:`` entry lists ``disks``: one ``vda`` of 1 GiB.
+_DEFAULT_DISKS: dict[str, int] = {"vda": 1024 * _MIB}  # bytes
 
 #: Guest passes per real second; the counter only needs to move visibly, not to be QEMU.
 _COUNTER_RATE = 1000.0
@@ -59,6 +61,7 @@ class FakeDomain:
         dirty_rate: int = 0,
         xml: str | None = None,
         stop_delay: float | None = None,
+        disks: dict[str, int] | None = None,
     ) -> None:
         self.name = name
         self.vcpus = vcpus
@@ -80,6 +83,9 @@ class FakeDomain:
         self.balloon: int | None = None
         #: s the guest takes to release a hot-unplugged device (``inf``: never answers).
         self.unplug_delay = 0.0
+        #: Local disks: target dev -> bytes a storage copy moves (the fake has no backing
+        #: chains: ``copy-storage: inc`` moves as much as ``all``).
+        self.disks: dict[str, int] = dict(_DEFAULT_DISKS if disks is None else disks)
         self._state = state
         self._dirty_rate = dirty_rate
         self._counter_base = 0.0
@@ -150,7 +156,21 @@ class FakeDomain:
             dirty_rate=self._dirty_rate,
             xml=self.xml,
             stop_delay=self.stop_delay,
+            disks=self.disks,
         )
+
+    def disks_to_copy(self, request: MigrationRequest) -> dict[str, int]:
+        """The disks (target -> bytes) ``request`` copies: none without ``copy_storage``,
+        else those of ``migrate_disks`` or, when it is empty, all of them (the fake's disks
+        are all writable and local). A target the domain does not have: ``HypervisorError``
+        with libvirt's words."""
+        if request.copy_storage == "none":
+            return {}
+        for target in request.migrate_disks:
+            if target not in self.disks:
+                raise HypervisorError(f"invalid argument: disk target {target} not found")
+        wanted = request.migrate_disks or tuple(self.disks)
+        return {target: self.disks[target] for target in wanted}
 
     def _apply_state(self, state: DomainState) -> None:
         """Change state without notifying the job (the job itself uses this)."""

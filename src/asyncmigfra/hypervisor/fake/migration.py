@@ -32,6 +32,7 @@ _THROTTLE_MAX = 0.99
 
 class _Phase(enum.Enum):
     SETUP = "setup"
+    DISKS = "disks"
     PRECOPY = "migrating"
     SWITCHOVER = "switchover"
     POSTCOPY = "post-copy"
@@ -44,6 +45,12 @@ class FakeMigrationJob:
     Model, all times in simulated seconds since the job began:
 
     * setup (:data:`_SETUP_TIME`): nothing moves, ``stats()`` is ``None``;
+    * with ``copy_storage`` (``all`` or ``inc``: the fake has no backing chains, both move
+      the same), the disks of ``migrate_disks`` (all of the domain's when empty, see
+      :meth:`FakeDomain.disks_to_copy`) are copied first at the bandwidth, as libvirt's NBD
+      mirror does, the guest running: the samples show ``disk_*`` and, like libvirt's,
+      ``memory_total`` 0, ``iteration`` 0 and no transfer rate; the guest's disk writes are
+      not simulated (the mirror stays in sync once the copy is done);
     * pass 1 copies all guest memory at ``min(request.bandwidth, link bandwidth)``; each later
       pass copies what the guest dirtied during the previous one (``dirty_rate x duration``,
       at most all memory). ``auto_converge`` throttles the dirty rate from pass 3 on;
@@ -51,12 +58,13 @@ class FakeMigrationJob:
       the max downtime; when it fits, the guest pauses and the rest is copied at the full link
       speed (switchover; QEMU ignores the bandwidth cap there), then the domain moves;
     * ``start_post_copy`` moves the guest at once and pulls what remains at the bandwidth;
-    * ``warm`` pauses the guest when setup ends, so a single pass suffices and the downtime
-      is the whole copy.
+    * ``warm`` pauses the guest when memory starts to move (after setup and the disks), so a
+      single pass suffices and the downtime is the whole memory copy.
 
-    ``compressed``, ``parallel_connections``, ``rdma``, ``tls``, ``p2p``, ``driver`` and
-    ``transport`` are accepted and not simulated. All reported times (``elapsed``, downtime)
-    are simulated, so they read like a real host's whatever the ``time-scale``.
+    ``compressed``, ``parallel_connections``, ``rdma``, ``tls``, ``p2p``, ``driver``,
+    ``transport`` and ``synchronous_writes`` are accepted and not simulated. All reported
+    times (``elapsed``, downtime) are simulated, so they read like a real host's whatever the
+    ``time-scale``.
 
     The only scheduled thing is one ``loop.call_at`` timer for the next event; every public
     method first brings the job up to "now", so late timers never show stale state.
@@ -71,6 +79,7 @@ class FakeMigrationJob:
         destination: FakeHost,
         request: MigrationRequest,
         fail_midway: bool,
+        disk_bytes: int = 0,
     ) -> None:
         self.request = request
         self.domain = domain
@@ -93,6 +102,9 @@ class FakeMigrationJob:
             else _DEFAULT_MAX_DOWNTIME_MS
         )
         self._fail_midway = fail_midway
+        #: Bytes of disk the storage copy moves before memory (0: no storage copy).
+        self._disk = max(0, disk_bytes)
+        self._disk_start = 0.0
 
         self._phase = _Phase.SETUP
         #: Number of the pass in progress (0 during setup).
@@ -174,6 +186,8 @@ class FakeMigrationJob:
         phase = self._phase
         if phase is _Phase.SETUP:
             return _SETUP_TIME
+        if phase is _Phase.DISKS:
+            return self._disk_start + self._disk / self._bw
         if phase is _Phase.PRECOPY:
             if self._fail_midway and self.iteration == 1:
                 return self._midway_at()
@@ -194,7 +208,10 @@ class FakeMigrationJob:
 
     def _fire(self, at: float) -> None:
         phase = self._phase
-        if phase is _Phase.SETUP:
+        if phase is _Phase.SETUP and self._disk > 0:
+            self._phase = _Phase.DISKS
+            self._disk_start = at
+        elif phase in (_Phase.SETUP, _Phase.DISKS):
             if self.request.mode == "warm":
                 self._pause_guest(at)
             self._start_pass(at, self._mem)
@@ -262,6 +279,9 @@ class FakeMigrationJob:
 
     def _snapshot(self, now: float) -> JobStats | None:
         phase = self._phase
+        if phase is _Phase.DISKS:
+            copied = min(float(self._disk), self._bw * (now - self._disk_start))
+            return self._disk_stats(now, copied)
         if phase is _Phase.PRECOPY:
             sent, remaining = self._remaining_at(now)
             return self._stats(
@@ -321,6 +341,27 @@ class FakeMigrationJob:
             dirty_rate=int(dirty_rate),
             transfer_rate=int(transfer_rate),
             expected_downtime=None if expected is None else round(expected, 3),
+            disk_total=self._disk,
+            disk_processed=self._disk,
+            disk_remaining=0,
+        )
+
+    def _disk_stats(self, now: float, copied: float) -> JobStats:
+        """A sample of the disk phase, shaped like libvirt's (see the class)."""
+        left = max(0, self._disk - int(copied))
+        return JobStats(
+            phase="migrating",
+            iteration=0,
+            elapsed=round(now, 6),
+            memory_total=0,
+            memory_processed=0,
+            memory_remaining=0,
+            data_remaining=left,
+            dirty_rate=0,
+            transfer_rate=0,
+            disk_total=self._disk,
+            disk_processed=self._disk - left,
+            disk_remaining=left,
         )
 
     def _complete(self, at: float, *, post_copy: bool) -> None:
@@ -469,6 +510,11 @@ class FakeMigrationJob:
                 "migration to be started in post-copy mode"
             )
         self._sync()
+        if self._phase is _Phase.DISKS:
+            raise HypervisorError(
+                "Requested operation is not valid: post-copy can start only once memory "
+                "moves (the disks are still being copied)"
+            )
         if self._phase not in (_Phase.SETUP, _Phase.PRECOPY):
             return  # already post-copy, switching over, or over: nothing left to switch
         now = self._now()

@@ -26,6 +26,7 @@ from asyncmigfra.hypervisor.registry import (
     opt_map,
     opt_str,
 )
+from asyncmigfra.wire.parsing import MAX_MIGRATE_DISKS, valid_disk_target
 
 _ALLOWED = frozenset(
     {
@@ -46,7 +47,7 @@ _ALLOWED = frozenset(
 )
 _IGNORED = frozenset({"driver", "transport", "nodes"})
 _DOMAIN_KEYS = frozenset(
-    {"name", "vcpus", "memory", "state", "persistent", "dirty-rate", "stop-delay"}
+    {"name", "vcpus", "memory", "state", "persistent", "dirty-rate", "stop-delay", "disks"}
 )
 _PEER_KEYS = frozenset({"cpus", "memory", "domains"})
 _CONFIG_STATES = {
@@ -91,6 +92,7 @@ def _parse_domains(value: object, path: str, host_memory: int | None) -> tuple[F
                 path=f"{item_path}.persistent",
             )
         stop_delay = entry.get("stop-delay")
+        disks = _parse_disks(entry["disks"], f"{item_path}.disks") if "disks" in entry else None
         result.append(
             FakeDomain(
                 name,
@@ -106,6 +108,7 @@ def _parse_domains(value: object, path: str, host_memory: int | None) -> tuple[F
                 stop_delay=None
                 if stop_delay is None
                 else opt_float(stop_delay, f"{item_path}.stop-delay"),
+                disks=disks,
             )
         )
     if host_memory is not None:
@@ -115,6 +118,22 @@ def _parse_domains(value: object, path: str, host_memory: int | None) -> tuple[F
                 f"active domains need {used} KiB but the host has {host_memory} KiB", path=path
             )
     return tuple(result)
+
+
+def _parse_disks(value: object, path: str) -> dict[str, int]:
+    """``disks``: target dev -> size in MiB (``{}``: no local disk to copy)."""
+    disks: dict[str, int] = {}
+    entries = opt_map({} if value is None else value, path)
+    if len(entries) > MAX_MIGRATE_DISKS:
+        raise ConfigError(f"at most {MAX_MIGRATE_DISKS} disks, got {len(entries)}", path=path)
+    for target, size in entries.items():
+        if not valid_disk_target(target):
+            raise ConfigError(
+                "expected a disk target such as vda (a-z then a-z or 0-9, at most 32 characters)",
+                path=f"{path}.{target}",
+            )
+        disks[target] = round(opt_float(size, f"{path}.{target}") * _MIB)
+    return disks
 
 
 def _parse_host(name: str, options: Mapping[str, object], path: str) -> _HostConfig:
