@@ -183,6 +183,9 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
             "completion-timeout": args.completion_timeout,
             "timeout-action": args.timeout_action,
             "auto-converge": args.auto_converge,
+            "copy-storage": args.copy_storage,
+            "migrate-disks": args.migrate_disks,
+            "copy-storage-synchronous-writes": args.copy_storage_synchronous_writes,
         }
         return lambda: c.migrate(
             conn,

@@ -13,6 +13,11 @@ Two things here are not a copy of the wire:
   important first and the least important ones are left out until the line fits, so a
   terminal of 80 columns never wraps it.
 
+A migration that copies storage moves the disks first: while its events report disks and no
+memory yet (``disk-total`` > 0, ``memory-total`` 0), the lines say ``disk 1.2/4.0 GiB``
+instead of the pass number, and the percent shown is the event's own (which counts the
+guest's memory as still to copy); once memory moves, ``remaining`` counts memory and disks.
+
 Values come from the wire and may be anything: numbers are read with :func:`number`, and
 the caller escapes the text it prints (``asyncmigfra.terminal``).
 """
@@ -25,8 +30,12 @@ from dataclasses import dataclass
 
 __all__ = [
     "ShownPercent",
+    "disk_text",
     "fmt_eta",
+    "fmt_part",
     "fmt_size",
+    "in_disk_phase",
+    "pass_text",
     "number",
     "progress_parts",
     "remaining_of_total",
@@ -62,6 +71,50 @@ def fmt_size(value: object) -> str:
             return f"{n:.0f} {unit}" if abs(n) >= 100 else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError  # pragma: no cover
+
+
+def fmt_part(done: object, total: object) -> str:
+    """``1.2/4.0 GiB``: both in the unit of ``total`` (``0.5/150 GiB``)."""
+    d, t = number(done), number(total)
+    if d is None or t is None:
+        return "?"
+    d, t = max(0.0, d), max(0.0, t)
+    unit, scale = _UNITS[-1], float(1024 ** (len(_UNITS) - 1))
+    for i, name in enumerate(_UNITS):
+        if abs(t) < 1024 ** (i + 1):
+            unit, scale = name, float(1024**i)
+            break
+    if unit == "B":
+        return f"{d:.0f}/{t:.0f} B"
+
+    def short(n: float) -> str:
+        return f"{n:.0f}" if abs(n) >= 100 else f"{n:.1f}"
+
+    return f"{short(d / scale)}/{short(t / scale)} {unit}"
+
+
+def in_disk_phase(doc: Mapping[str, object]) -> bool:
+    """The event is from a storage copy before memory moves (see the module)."""
+    disks = number(doc.get("disk-total"))
+    memory = number(doc.get("memory-total"))
+    return disks is not None and disks > 0 and (memory is None or memory <= 0)
+
+
+def disk_text(doc: Mapping[str, object]) -> str | None:
+    """``disk 1.2/4.0 GiB`` (copied of all) when the event reports disks, else ``None``."""
+    total = number(doc.get("disk-total"))
+    if total is None or total <= 0 or number(doc.get("disk-processed")) is None:
+        return None
+    return f"disk {fmt_part(doc.get('disk-processed'), total)}"
+
+
+def pass_text(doc: Mapping[str, object]) -> str:
+    """``pass 3``; while the disks are copied, what of them is (``disk 1.2/4.0 GiB``)."""
+    if in_disk_phase(doc):
+        text = disk_text(doc)
+        if text is not None:
+            return text
+    return f"pass {doc.get('iteration', 0)}"
 
 
 def fmt_eta(value: object) -> str | None:
@@ -142,7 +195,7 @@ def progress_parts(
 ) -> list[str]:
     """The parts of a progress line, most important first."""
     parts = [f"{doc.get('phase', '?')} {percent:5.1f} %" if phase else f"{percent:5.1f} %"]
-    parts.append(f"pass {doc.get('iteration', 0)}")
+    parts.append(pass_text(doc))
     eta = fmt_eta(doc.get("eta"))
     if eta is not None and doc.get("phase") != "completed":
         parts.append(eta)

@@ -6,8 +6,12 @@ from __future__ import annotations
 from asyncmigfra.console.evacuation import EvacuationView
 from asyncmigfra.progresstext import (
     ShownPercent,
+    disk_text,
     fmt_eta,
+    fmt_part,
     fmt_size,
+    in_disk_phase,
+    pass_text,
     progress_parts,
     target_text,
 )
@@ -124,3 +128,80 @@ def test_fit_counts_the_columns_escaped_text_takes() -> None:
     assert len(safe(line)) <= 80
     assert len(safe(line)) > 70
     assert fit(["ok", "\x07" * 100], 80) == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# issue 16: a storage copy's disks, then memory
+
+
+def _disk_event(copied: int, wire: float, *, memory: int = 0, **extra: object) -> dict[str, object]:
+    return {
+        "event": "progress",
+        "phase": "migrating",
+        "iteration": 0 if memory == 0 else 1,
+        "percent": wire,
+        "memory-total": memory,
+        "memory-processed": 0,
+        "memory-remaining": memory,
+        "disk-total": 4 * GIB,
+        "disk-processed": copied,
+        "disk-remaining": 4 * GIB - copied,
+        "data-remaining": 4 * GIB - copied + memory,
+        "transfer-rate": 1000 * MIB,
+        **extra,
+    }
+
+
+def test_sizes_of_a_part_of_a_whole():
+    assert fmt_part(int(1.2 * GIB), 4 * GIB) == "1.2/4.0 GiB"
+    assert fmt_part(GIB // 2, 150 * GIB) == "0.5/150 GiB"
+    assert fmt_part(10, 500) == "10/500 B"
+    assert fmt_part(200 * MIB, 512 * MIB) == "200/512 MiB"
+    # Whatever the wire says: never a traceback, never a negative amount.
+    assert [fmt_part("x", 1), fmt_part(1, None), fmt_part(float("nan"), 1)] == ["?"] * 3
+    assert fmt_part(-5, MIB) == "0.0/1.0 MiB"
+
+
+def test_the_lines_say_disk_while_the_disks_are_copied_then_pass():
+    disks = _disk_event(int(1.2 * GIB), 23.4, eta=5.0)
+    assert in_disk_phase(disks)
+    assert disk_text(disks) == "disk 1.2/4.0 GiB"
+    assert pass_text(disks) == "disk 1.2/4.0 GiB"
+    assert progress_parts(disks, 23.4)[:3] == ["migrating  23.4 %", "disk 1.2/4.0 GiB", "ETA 5.0 s"]
+    memory = _disk_event(4 * GIB, 80.0, memory=GIB)
+    assert not in_disk_phase(memory)
+    assert pass_text(memory) == "pass 1"
+    assert "remaining 1.0 GiB" in progress_parts(memory, 80.0)
+    plain = _sample(1, GIB, 50.0)
+    assert (in_disk_phase(plain), disk_text(plain), pass_text(plain)) == (False, None, "pass 1")
+
+
+def test_the_shown_percent_runs_over_disks_and_memory_without_a_jump():
+    """The disk phase shows the event's percent (memory counted as still to copy); memory
+    then continues from there with the honest remaining of disks and memory."""
+    shown = ShownPercent()
+    values = [
+        shown.feed(_disk_event(GIB, 20.0)),
+        shown.feed(_disk_event(3 * GIB, 60.0)),
+        shown.feed(_disk_event(4 * GIB, 80.0)),
+        shown.feed(_disk_event(4 * GIB, 80.0, memory=GIB)),
+        shown.feed(_disk_event(4 * GIB, 90.0, memory=GIB) | {"memory-remaining": GIB // 2}),
+    ]
+    assert values == [20.0, 60.0, 80.0, 80.0, 90.0]
+
+
+def test_the_lane_shows_the_disks_in_place_of_the_pass():
+    from asyncmigfra.console.lanes import VmLane  # noqa: PLC0415
+
+    lane = VmLane("vm", "a", "b")
+    assert lane.pass_text() == "pass 0"
+    lane.feed(_disk_event(int(1.2 * GIB), 23.4))
+    assert lane.pass_text() == "disk 1.2/4.0 GiB"
+    assert lane.stats().startswith("disk 1.2/4.0 GiB copied, memory next")
+    lane.feed(_disk_event(4 * GIB, 80.0, memory=GIB) | {"memory-remaining": GIB // 2})
+    assert lane.pass_text() == "pass 1"
+    assert lane.stats().startswith("remaining 512 MiB of 5.0 GiB")
+    # A forged event: text where numbers belong shows "?" or nothing, never raw.
+    lane.feed(_disk_event(0, 1.0) | {"disk-processed": "\x1b[2J", "iteration": "\x1b[1A"})
+    assert lane.pass_text() == "pass 0"  # (an iteration that is no number reads as 0)
+    assert "\x1b" not in lane.stats()

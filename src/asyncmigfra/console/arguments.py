@@ -15,6 +15,7 @@ from typing import Any
 
 from asyncmigfra import __version__
 from asyncmigfra.console.exits import EPILOG as _EPILOG
+from asyncmigfra.wire.parsing import MAX_MIGRATE_DISKS, valid_disk_target
 
 __all__ = ["CONN_DEFAULTS", "build_parser"]
 
@@ -87,6 +88,23 @@ def _cpu_list(text: str) -> tuple[int, ...]:
             )
         cpus.extend(range(lo, hi + 1))
     return tuple(cpus)
+
+
+def _disk_list(text: str) -> tuple[str, ...]:
+    """``vda,vdb`` -> ("vda", "vdb"): target devs for ``migrate-disks``, checked as the agent
+    checks them (so a typo is a usage error, not a rejected task)."""
+    disks = tuple(part.strip() for part in text.split(","))
+    bad = [d for d in disks if not valid_disk_target(d)]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"not a disk target: {bad[0]!r} (a-z then a-z or 0-9, at most 32: vda,vdb)"
+        )
+    if len(disks) > MAX_MIGRATE_DISKS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_MIGRATE_DISKS} disks, got {len(disks)}")
+    twice = sorted({d for d in disks if disks.count(d) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"disk named twice: {twice[0]!r}")
+    return disks
 
 
 def _connection_options(p: argparse.ArgumentParser) -> None:
@@ -272,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="what happens at the completion timeout (default: the agent's)",
     )
     mig.add_argument("--auto-converge", action="store_true", help="let QEMU throttle the guest")
+    mig.add_argument(
+        "--copy-storage",
+        choices=["none", "all", "inc"],
+        help="copy the VM's non-shared disks: all (whole images) or inc (the top layer; the"
+        " destination has the backing images); default: the agent's (none)",
+    )
+    mig.add_argument(
+        "--migrate-disks",
+        type=_disk_list,
+        metavar="DEVS",
+        help="the disks to copy, by target dev (vda,vdb; default: every writable,"
+        " non-shared disk); needs a storage copy",
+    )
+    mig.add_argument(
+        "--copy-storage-synchronous-writes",
+        action="store_true",
+        help="the guest's disk writes go to both hosts at once, so a busy disk converges;"
+        " needs a storage copy",
+    )
     mig.add_argument(
         "--swap-with",
         metavar="VM2",

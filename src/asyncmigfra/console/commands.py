@@ -256,6 +256,10 @@ async def migrate(
         raise CliError(
             USAGE, f"migrate: {vm} cannot be migrated from {source} to itself (--to {destination})"
         )
+    if params.get("copy-storage") == "none":
+        for key in ("migrate-disks", "copy-storage-synchronous-writes"):
+            if params.get(key):
+                raise CliError(USAGE, f"--{key} needs --copy-storage all or inc, not none")
     if source is None:
         source = await locate_vm(conn, out, vm, destination=destination, limit=limit)
     task_id = fresh_id("migrate")

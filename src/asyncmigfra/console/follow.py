@@ -355,7 +355,7 @@ class MigrationView:
                     width=max(10, min(60, cols - 62)),
                 ),
                 safe_text(f"{lane.percent:5.1f} %", style="bold"),
-                safe_text(f"pass {lane.passes}"),
+                safe_text(fit([lane.pass_text()], 20)),
                 safe_text(lane.eta()),
                 safe_text(f"elapsed {self.elapsed:.1f} s"),
                 safe_text(fit([f"phase {lane.phase}"], 16), style="blue"),

@@ -14,9 +14,12 @@ from typing import Any
 
 from asyncmigfra.progresstext import (
     ShownPercent,
+    disk_text,
     fmt_eta,
     fmt_size,
+    in_disk_phase,
     number,
+    pass_text,
     remaining_of_total,
     target_text,
 )
@@ -55,6 +58,11 @@ class VmLane:
         n = number((self.progress or {}).get("iteration", 0))
         return 0 if n is None else int(n)
 
+    def pass_text(self) -> str:
+        """``pass 3``, or ``disk 1.2/4.0 GiB`` while a storage copy's disks move."""
+        p = self.progress or {}
+        return pass_text({**p, "iteration": self.passes}) if p else "pass 0"
+
     def feed(self, doc: Mapping[str, Any]) -> None:
         """A ``phase`` or ``progress`` event of this VM."""
         kind = str(doc.get("event"))  # (wire: any type; a list is not hashable)
@@ -85,6 +93,9 @@ class VmLane:
         """Amounts and rates, one line of at most ``width`` columns."""
         p = self.progress or {}
         parts = []
+        disks = disk_text(p) if in_disk_phase(p) else None
+        if disks is not None:
+            parts.append(f"{disks} copied, memory next")
         state = remaining_of_total(p)
         if state is not None:
             parts.append(f"remaining {fmt_size(state[0])} of {fmt_size(state[1])}")
@@ -145,7 +156,7 @@ def lane_rows(lanes: Iterable[VmLane], cols: int) -> Iterator[Any]:
                 total=100.0, completed=bar_value(lane.percent), width=max(6, min(40, cols - 72))
             ),
             safe_text(f"{lane.percent:5.1f} %", style="bold"),
-            safe_text(f"pass {lane.passes}"),
+            safe_text(fit([lane.pass_text()], 20)),
             safe_text(fit([lane.eta()], 14)),
             safe_text(fit([lane.phase], 12), style="blue"),
         )

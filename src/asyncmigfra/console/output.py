@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from asyncmigfra.progresstext import number
+from asyncmigfra.progresstext import disk_text, number
 from asyncmigfra.terminal import json_safe, safe
 
 if TYPE_CHECKING:
@@ -96,6 +96,9 @@ def event_fields(doc: Mapping[str, Any]) -> str:
         percent = "    ?" if pct is None else f"{pct:5.1f}"
         parts = [f"{doc.get('phase', '?')} {percent} %"]
         parts.append(f"pass {doc.get('iteration', 0)}")
+        disks = disk_text(doc)
+        if disks is not None:
+            parts.append(disks)
         if "data-remaining" in doc:
             parts.append(f"remaining {fmt_bytes(doc['data-remaining'])}")
         parts.extend(rate_parts(doc))

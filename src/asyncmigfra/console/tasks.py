@@ -81,6 +81,8 @@ def start_task(task_id: str, vms: Sequence[str], xmls: Sequence[str], *, probe: 
 def _scalar(value: object) -> str:
     if value is True:
         return "true"
+    if isinstance(value, list | tuple):  # (migrate-disks: a flow sequence)
+        return "[" + ", ".join(_scalar(item) for item in value) + "]"
     if isinstance(value, float):
         return _seconds(value)
     if isinstance(value, int):
