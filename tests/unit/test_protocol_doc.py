@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,13 @@ def _progress_fields() -> set[str]:
     keys = set(progress.fields(None, phase="migrating", action=None, downtime=10))
     keys |= set(progress.fields(stats, phase="migrating", action="raise-downtime", downtime=10))
     keys |= set(progress.final(downtime=10))
+    # A storage copy (issue 16): its disk phase, then memory with the disks in sync.
+    disks = _Progress(max_downtime=100, memory=100)
+    disk_phase = replace(
+        stats, iteration=0, memory_total=0, disk_total=50, disk_processed=5, disk_remaining=45
+    )
+    keys |= set(disks.fields(disk_phase, phase="migrating", action=None, downtime=10))
+    keys |= set(disks.final(downtime=10))
     keys.add("downtime")  # added to the final event by migrating.engine._migrate_once
     return keys
 
