@@ -87,3 +87,35 @@ def test_no_destination_at_all():
     plan = place(vms(2), [], mode="auto")
     assert plan.assignments == {}
     assert plan.unplaced == ("vm0", "vm1")
+
+
+IMAGES = "/var/lib/libvirt/images"
+
+
+@pytest.mark.parametrize("mode", ["auto", "compact", "scatter"])
+def test_copied_disks_go_only_where_a_pool_has_room_for_them(mode):
+    # Two VMs with 60 GiB of local disk each; a has 100 GiB in its pool, b 200 GiB, c no
+    # pool over that directory: c never gets one, a at most one.
+    disk = {IMAGES: 60 * 2**30}
+    moving = [VmSize(f"vm{i}", 1, GIB, disk) for i in range(3)]
+    capacities = caps(("a", 64, 0, 64), ("b", 64, 0, 64), ("c", 64, 0, 64))
+    capacities[0].storage_free = {IMAGES: 100 * 2**30}
+    capacities[1].storage_free = {IMAGES: 200 * 2**30, "/srv": 10**15}
+    capacities[2].storage_free = {"/srv": 10**15}
+    plan = place(moving, capacities, mode=mode)
+    placed = list(plan.assignments.values())
+    assert placed.count("c") == 0
+    assert placed.count("a") <= 1
+    assert placed.count("b") <= 3
+    assert len(placed) + len(plan.unplaced) == 3
+    for cap in capacities[:2]:
+        assert cap.storage_free[IMAGES] >= 0
+    # 100 + 200 GiB hold at most 1 + 3 disks of 60: all three fit somewhere.
+    assert plan.unplaced == ()
+
+
+def test_a_vm_without_copied_disks_ignores_pool_space():
+    capacities = caps(("a", 8, 0, 64))
+    plan = place(vms(2), capacities)
+    assert set(plan.assignments.values()) == {"a"}
+    assert capacities[0].storage_free == {}

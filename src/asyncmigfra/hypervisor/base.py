@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, MutableMapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from asyncmigfra.errors import HypervisorError
@@ -28,6 +28,7 @@ from asyncmigfra.model import PciId, StartSpec, VcpuMap
 __all__ = [
     "AdoptsMigrations",
     "check_vcpu_map",
+    "DiskCopy",
     "DomainInfo",
     "DomainState",
     "HostInfo",
@@ -93,6 +94,8 @@ class HostLoad:
     #: vCPUs of its active domains.
     vcpus_used: int
     domains: int
+    #: Free bytes of its storage pools, by pool directory (where copied disks can go).
+    storage_free: Mapping[str, int] = field(default_factory=dict)
 
 
 class OpContext(Protocol):
@@ -162,6 +165,22 @@ class JobStats:
     disk_total: int = 0
     disk_processed: int = 0
     disk_remaining: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskCopy:
+    """A disk that a migration with ``copy-storage`` copies to the destination."""
+
+    #: The guest's target dev (``vda``).
+    target: str
+    #: The image's path (the same on both hosts).
+    path: str
+    #: Bytes the copy moves (``all``: the virtual size; ``inc``: the top layer's allocation).
+    size: int
+    #: Bytes the copy allocates on the destination.
+    room: int = 0
+    #: The migration creates the destination image (and removes it if it fails).
+    created: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,11 +270,20 @@ class Hypervisor(Protocol):
         caches from QEMU's BALLOON_CHANGE events, which QEMU sends at most once a second)."""
         ...
 
-    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
+    async def check_migration(
+        self, request: MigrationRequest, *, memory: bool = True
+    ) -> tuple[DiskCopy, ...]:
         """Pre-checks before anything is touched: the destination is reachable (else
         ``ConnectionFailed``), has no active domain of that name, accepts the guest's CPU and
         machine type and (unless ``memory`` is false: a swap weighs both VMs itself) has the
-        memory (else ``IncompatibleDestination``)."""
+        memory (else ``IncompatibleDestination``). Storage: a guest with local disks needs
+        ``copy-storage``; with it, the destination must be able to take each disk. Returns
+        the disks the migration copies (empty without ``copy-storage``)."""
+
+    async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
+        """The disks ``request`` would copy (its ``copy-storage``), from the source's view
+        alone: for placing an evacuation before any destination is chosen."""
+        ...
 
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
         """Check the VM, start the job and return its handle (raises before anything moved)."""

@@ -19,6 +19,7 @@ from collections.abc import Mapping, MutableMapping
 
 from asyncmigfra.errors import HypervisorError
 from asyncmigfra.hypervisor.base import (
+    DiskCopy,
     DomainInfo,
     HostInfo,
     HostLoad,
@@ -122,8 +123,14 @@ class DummyHypervisor:
         self._check()
         return 0
 
-    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
+    async def check_migration(
+        self, request: MigrationRequest, *, memory: bool = True
+    ) -> tuple[DiskCopy, ...]:
         self._check()
+        return ()
+
+    async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
+        return ()  # no disks here
 
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
         self._check()

@@ -48,7 +48,7 @@ from asyncmigfra.migration.companions import (
     reattach_devices,
 )
 from asyncmigfra.migration.context import EngineContext
-from asyncmigfra.migration.plan import MigrationPlan, plan_for
+from asyncmigfra.migration.plan import MigrationPlan, memory_of, plan_for
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
 from asyncmigfra.model import MigrateSpec
@@ -86,13 +86,20 @@ async def migrate(
     """Migrate one VM; on success ``ctx.outcome`` gets ``destination`` (and ``retries``).
     (``swap-with`` is :func:`asyncmigfra.migration.swap.swap`.)"""
     check_pscom(spec, bus)
-    plan = await plan_for(spec, hypervisor=hypervisor, settings=settings)
+    memory = await memory_of(hypervisor, spec.vm_name)
+    plan = await plan_for(spec, hypervisor=hypervisor, settings=settings, memory=memory)
     # Pre-checks come before anything touches the VM (devices included): a failure leaves
     # it exactly as it was.
     ctx.phase("pre-checks")
     with ctx.measure("pre-checks"):
         check_not_here(spec.destination, settings.hostname)
-        await hypervisor.check_migration(plan.request)
+        copies = await hypervisor.check_migration(plan.request)
+    if copies:
+        # The disks to copy count in the default completion timeout.
+        disk_bytes = sum(c.size for c in copies)
+        plan = await plan_for(
+            spec, hypervisor=hypervisor, settings=settings, memory=memory, disk_bytes=disk_bytes
+        )
     return await carry_out(
         plan,
         spec,

@@ -195,7 +195,15 @@ async def _prepare(
         half.plan = await plan_for(
             half.spec, hypervisor=half.host, settings=settings, memory=half.memory
         )
-        await half.host.check_migration(half.plan.request, memory=False)
+        copies = await half.host.check_migration(half.plan.request, memory=False)
+        if copies:
+            half.plan = await plan_for(
+                half.spec,
+                hypervisor=half.host,
+                settings=settings,
+                memory=half.memory,
+                disk_bytes=sum(c.size for c in copies),
+            )
     assert ours.plan is not None
     if ours.plan.request.mode == "offline":
         return "parallel", ours  # shut-off guests need no memory on the way

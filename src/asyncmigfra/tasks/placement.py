@@ -6,7 +6,9 @@ with ``overbooking: false`` (docs/protocol.md §3.7, §9.4). Here a placement is
 
 * the VMs to move (name, vCPUs, memory), largest first so big guests are not stranded;
 * each destination's real capacity: host CPUs and free memory, minus the vCPUs and memory of
-  what already runs there and of what is already on its way (other migrations of this agent).
+  what already runs there and of what is already on its way (other migrations of this agent);
+* for VMs whose local disks are copied (``copy-storage``), the free bytes of the destination's
+  storage pools: a disk goes only where a pool covers its directory with room for it.
 
 Modes (the original's names):
 
@@ -19,7 +21,8 @@ Modes (the original's names):
     water-filling: each VM goes to the destination with the most free vCPUs left (ties: most
     free memory), which balances load.
 
-Memory is never overbooked (a migration into too little memory fails anyway). vCPUs may be
+Memory and pool space are never overbooked (a migration into too little of either fails
+anyway). vCPUs may be
 overbooked only with ``overbooking: true`` (the original's default); with ``false`` a VM only
 goes where its vCPUs fit. A VM that fits nowhere gets no destination (``no-destination``).
 """
@@ -40,6 +43,8 @@ class VmSize:
     vcpus: int
     #: KiB
     memory: int
+    #: Bytes its copied disks need on the destination, by image directory.
+    disk: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -52,6 +57,8 @@ class Capacity:
     vcpus_used: int
     #: KiB free (after what is on its way).
     free_memory: int
+    #: Free bytes of its storage pools by directory (after what is on its way).
+    storage_free: dict[str, int] = field(default_factory=dict)
     placed: list[str] = field(default_factory=list)
 
     @property
@@ -61,11 +68,15 @@ class Capacity:
     def fits(self, vm: VmSize, *, overbooking: bool) -> bool:
         if vm.memory > self.free_memory:
             return False
+        if any(need > self.storage_free.get(d, -1) for d, need in vm.disk.items()):
+            return False
         return overbooking or vm.vcpus <= self.free_vcpus
 
     def take(self, vm: VmSize) -> None:
         self.vcpus_used += vm.vcpus
         self.free_memory -= vm.memory
+        for directory, need in vm.disk.items():
+            self.storage_free[directory] -= need
         self.placed.append(vm.name)
 
 

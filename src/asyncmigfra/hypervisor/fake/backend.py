@@ -18,6 +18,7 @@ from asyncmigfra.errors import (
     WrongState,
 )
 from asyncmigfra.hypervisor.base import (
+    DiskCopy,
     DomainInfo,
     DomainState,
     HostInfo,
@@ -414,7 +415,9 @@ class FakeHypervisor:
             for i in range(dom.vcpus)
         )
 
-    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
+    async def check_migration(
+        self, request: MigrationRequest, *, memory: bool = True
+    ) -> tuple[DiskCopy, ...]:
         """The pre-checks a real destination allows: reachable, no active domain of that
         name, enough free memory (CPU and machine type always match in the simulation)."""
         dom = self._domain(request.vm_name)
@@ -438,6 +441,11 @@ class FakeHypervisor:
             raise IncompatibleDestination(
                 f"not enough free memory on {dest.name}: {dom.memory} KiB needed, {free} KiB free"
             )
+        return _copies(dom.name, dom.disks_to_copy(request))
+
+    async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
+        """The fake has no storage pools: an evacuation places its VMs on CPU and memory."""
+        return ()
 
     async def begin_migration(self, request: MigrationRequest, ctx: OpContext) -> MigrationJob:
         await self._enter("migrate")
@@ -546,3 +554,11 @@ class FakeHypervisor:
             vcpus_used=sum(d.vcpus for d in active),
             domains=len(active),
         )
+
+
+def _copies(vm_name: str, disks: Mapping[str, int]) -> tuple[DiskCopy, ...]:
+    """The fake's disks as :class:`DiskCopy` (their images have made-up paths)."""
+    return tuple(
+        DiskCopy(target=t, path=f"/var/lib/libvirt/images/{vm_name}-{t}.img", size=n, room=n)
+        for t, n in disks.items()
+    )

@@ -15,7 +15,7 @@ import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -34,6 +34,7 @@ from asyncmigfra.errors import (
 )
 from asyncmigfra.hypervisor._threads import run_blocking
 from asyncmigfra.hypervisor.base import (
+    DiskCopy,
     DomainInfo,
     HostInfo,
     HostLoad,
@@ -41,6 +42,7 @@ from asyncmigfra.hypervisor.base import (
     OpContext,
     check_vcpu_map,
 )
+from asyncmigfra.hypervisor.virt import storage
 from asyncmigfra.hypervisor.virt.connections import _is_alive, _Pool
 from asyncmigfra.hypervisor.virt.domains import (
     _JOB_NONE,
@@ -98,6 +100,7 @@ from asyncmigfra.hypervisor.virt.options import (
     default_local_uri,
     parse_options,
 )
+from asyncmigfra.hypervisor.virt.storage import StoragePlan, plan_storage
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 # The package's logger name, as before the split into modules.
@@ -862,11 +865,14 @@ class LibvirtHypervisor:
 
     # ---- migration -----------------------------------------------------------------------
 
-    async def check_migration(self, request: MigrationRequest, *, memory: bool = True) -> None:
+    async def check_migration(
+        self, request: MigrationRequest, *, memory: bool = True
+    ) -> tuple[DiskCopy, ...]:
         """Pre-checks against the destination, before the VM is touched (see
         :func:`_guest_facts` and :func:`_destination_facts`): reachable, no active domain of
         that name, the guest's machine type and CPU model accepted, enough free memory
-        (unless ``memory`` is false: a swap decides that for both VMs together)."""
+        (unless ``memory`` is false: a swap decides that for both VMs together), and the
+        guest's disks (:func:`~asyncmigfra.hypervisor.virt.storage.plan_storage`)."""
         uri = self._local_uri(request.driver)
         guest = await self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name))
         if uri not in self._host_uuids:
@@ -907,6 +913,19 @@ class LibvirtHypervisor:
                 f"not enough free memory on {where}: {guest.memory_kib} KiB needed, "
                 f"{dest.free_kib} KiB free"
             )
+        plan = await self._storage_plan(uri, target, request)
+        return plan.copies
+
+    async def _storage_plan(
+        self, uri: str, target: MigrationTarget, request: MigrationRequest
+    ) -> StoragePlan:
+        """The disks ``request`` copies, checked against the destination (nothing changes)."""
+
+        def check(conn: Any) -> StoragePlan:
+            dconn = self._pool[target.uri].get()
+            return plan_storage(conn, dconn, request, host=request.destination)
+
+        return await self._mapped(uri, check, "Error checking the disks: ")
 
     async def begin_migration(
         self, request: MigrationRequest, ctx: OpContext
@@ -945,6 +964,7 @@ class LibvirtHypervisor:
         )
         if not request.p2p:
             await self._call(target.uri, lambda _c: None)  # connect now: ConnectionFailed
+        request = await self._prepare_storage(uri, target, request)
         job = LibvirtMigrationJob(
             self,
             uri=uri,
@@ -963,6 +983,44 @@ class LibvirtHypervisor:
         )
         await job._start()
         return job
+
+    async def _prepare_storage(
+        self, uri: str, target: MigrationTarget, request: MigrationRequest
+    ) -> MigrationRequest:
+        """Right before a storage migration starts: check the disks again (the pre-check
+        may be minutes old), create ``inc``'s overlays on the destination, record what the
+        migration creates there (:func:`storage.mark`) and name the disks to copy
+        explicitly (without a list, libvirt would copy every writable disk, shared ones
+        included). A request that finds nothing to copy continues without copying."""
+        if request.copy_storage == "none":
+            return request
+        plan = await self._storage_plan(uri, target, request)
+        if not plan.copies:
+            log.info("migration.no_disk_to_copy", vm=request.vm_name)
+            return replace(request, copy_storage="none", migrate_disks=())
+        source = self.hostname
+
+        def prepare(conn: Any) -> None:
+            dom = conn.lookupByName(request.vm_name)
+            dconn = self._pool[target.uri].get()
+            paths = [c.path for c in plan.copies if c.created]
+            storage.mark(dom, source=source, destination=target.host, paths=paths)
+            if request.copy_storage == "inc":
+                try:
+                    storage.create_overlays(dconn, plan, host=target.host)
+                except BaseException:
+                    storage.unmark(dom)
+                    raise
+
+        await self._mapped(uri, prepare, "Error preparing the disks: ")
+        return replace(request, migrate_disks=tuple(c.target for c in plan.copies))
+
+    async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
+        """The disks ``request`` would copy (:func:`storage.source_copies`)."""
+        uri = self._local_uri(request.driver)
+        return await self._mapped(
+            uri, lambda conn: storage.source_copies(conn, request), "Error reading the disks: "
+        )
 
     async def adopt_migration(self, vm_name: str) -> LibvirtMigrationJob | None:
         """A job handle for ``vm_name``'s outgoing migration if one is running (started by a
@@ -1020,6 +1078,10 @@ class LibvirtHypervisor:
             except (libvirt.libvirtError, KeyError):
                 total, free = int(info[1]) * 1024, int(conn.getFreeMemory()) // 1024
             active = _list_domains(conn, active_only=True)
+            try:
+                room = storage.pool_room(conn)
+            except libvirt.libvirtError:
+                room = {}  # no storage driver there
             return HostLoad(
                 host=host,
                 cpus=int(info[2]),
@@ -1027,6 +1089,7 @@ class LibvirtHypervisor:
                 free_memory=free,
                 vcpus_used=sum(d.vcpus for d in active),
                 domains=len(active),
+                storage_free=room,
             )
 
         try:

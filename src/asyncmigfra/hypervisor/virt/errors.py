@@ -10,6 +10,7 @@ import libvirt
 from asyncmigfra.errors import (
     ConnectionFailed,
     HypervisorError,
+    IncompatibleDestination,
     NotSupported,
     TaskCancelled,
     TaskError,
@@ -35,6 +36,8 @@ ERROR_TABLE: Final[Mapping[int, type[TaskError]]] = {
     libvirt.VIR_ERR_OPERATION_ABORTED: TaskCancelled,
     libvirt.VIR_ERR_OPERATION_TIMEOUT: TaskTimeout,
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE: TaskTimeout,
+    # "Migration without shared storage is unsafe": refused before anything moved.
+    libvirt.VIR_ERR_MIGRATE_UNSAFE: IncompatibleDestination,
 }
 
 #: ``VIR_ERR_SYSTEM_ERROR`` is a connection failure only from these error domains (socket,

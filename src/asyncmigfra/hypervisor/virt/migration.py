@@ -23,6 +23,7 @@ from asyncmigfra.hypervisor.base import (
     MigrationRequest,
     MigrationResult,
 )
+from asyncmigfra.hypervisor.virt import storage
 from asyncmigfra.hypervisor.virt.connections import _is_libvirt_error
 from asyncmigfra.hypervisor.virt.domains import _JOB_NONE, _PAUSED
 from asyncmigfra.hypervisor.virt.errors import (
@@ -163,6 +164,15 @@ _ADOPTED_RECHECK = 1.0
 _CLOSE_JOB_LIMIT = 30.0
 
 
+def _with_note(error: TaskError, note: str | None) -> TaskError:
+    """``error`` with ``note`` added to its message (same class and cause)."""
+    if note is None:
+        return error
+    noted = type(error)(f"{error}; {note}")
+    noted.__cause__ = error.__cause__
+    return noted
+
+
 class LibvirtMigrationJob:
     """A running libvirt migration (see :class:`~asyncmigfra.hypervisor.base.MigrationJob`).
 
@@ -264,6 +274,7 @@ class LibvirtMigrationJob:
         if self._task.done() and not self._seen_active:
             error = self._task.exception()
             if error is not None:
+                await self._release_storage()
                 self._finish()
                 if _is_libvirt_error(error):
                     raise translate_error(error, "Migration failed: ") from error
@@ -453,7 +464,7 @@ class LibvirtMigrationJob:
             return await self._result()
         if isinstance(exc, TaskCancelled):  # an adopted job that was aborted
             await self._resume_if_we_paused()
-            return exc
+            return _with_note(exc, await self._release_storage())
         if isinstance(exc, TaskError):  # e.g. the destination connection could not be opened
             error: TaskError = exc
             message = str(exc)
@@ -465,14 +476,14 @@ class LibvirtMigrationJob:
                 error = TaskCancelled(message)
                 error.__cause__ = exc
                 await self._resume_if_we_paused()
-                return error
+                return _with_note(error, await self._release_storage())
             error = translate_error(exc, "Migration failed: ")
         where = await self._source_state()
         if where == "source":
             await self._resume_if_we_paused()
             failed = MigrationFailed(message)
             failed.__cause__ = exc
-            return failed
+            return _with_note(failed, await self._release_storage())
         detail = {
             "gone": "the domain is no longer on the source",
             "unknown": "the domain's state on the source is unknown",
@@ -505,6 +516,57 @@ class LibvirtMigrationJob:
             log.warning("migration.source_state_unknown", error=str(exc))
             return "unknown"
 
+    async def _release_storage(self) -> str | None:
+        """After a failure that left the VM on the source: remove the images this migration
+        created on the destination (:func:`storage.release`); a note for the result when
+        some could not be removed. Adopted jobs too: the record is the domain's."""
+        if not self._adopted and self.request.copy_storage == "none":
+            return None  # (an adopted job's request is unknown: its record tells)
+        hv = self._hv
+        source = hv.hostname
+
+        def look(conn: Any) -> storage.CopyRecord | None:
+            return storage.marked(conn.lookupByName(self.vm_name))
+
+        removed: list[str] = []
+        try:
+            record = await hv._call(self._uri, look)
+            if record is None or record.source != source:
+                return None
+            target = self.target
+            if target.host != record.destination:
+                target = await hv.resolve_destination(record.destination)
+
+            def release(conn: Any) -> tuple[list[str], list[str]]:
+                dconn = hv._pool[target.uri].get()
+                dom = conn.lookupByName(self.vm_name)
+                return storage.release(
+                    dom, dconn, self.vm_name, source=source, destination=record.destination
+                )
+
+            removed, problems = await hv._call(self._uri, release)
+        except (libvirt.libvirtError, TaskError) as exc:
+            problems = [str(exc)]
+        if removed:
+            log.info("migration.created_images_removed", vm=self.vm_name, images=removed)
+        if not problems:
+            return None
+        log.error("migration.created_images_left", vm=self.vm_name, problems=problems)
+        return "images the migration created on the destination were not all removed: " + (
+            "; ".join(problems)
+        )
+
+    async def _forget_storage_record(self) -> None:
+        """After success: the record of created images travelled with the guest; drop it."""
+        if self.request.copy_storage == "none" or not self.target.uri:
+            return
+        try:
+            await self._hv._call(
+                self.target.uri, lambda c: storage.unmark(c.lookupByName(self.vm_name))
+            )
+        except (libvirt.libvirtError, TaskError) as exc:
+            log.info("migration.storage_record_kept", error=str(exc))
+
     async def _resume_if_we_paused(self) -> None:
         if not self._suspended:
             return
@@ -520,6 +582,7 @@ class LibvirtMigrationJob:
             log.warning("migration.resume_after_failure_failed", error=str(exc))
 
     async def _result(self) -> MigrationResult:
+        await self._forget_storage_record()
         stats = self._dest_stats or self._completed_stats
         if stats is None:
             with contextlib.suppress(TimeoutError):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import PurePosixPath
 
 import structlog
 
@@ -12,7 +13,7 @@ from asyncmigfra.errors import (
     TaskCancelled,
     TaskError,
 )
-from asyncmigfra.hypervisor.base import DomainInfo
+from asyncmigfra.hypervisor.base import DomainInfo, MigrationRequest
 from asyncmigfra.model import (
     EvacuateSpec,
     MigrateSpec,
@@ -74,8 +75,9 @@ class _Expansion(_DispatcherBase):
         run.ctx.phase("placement")
         with timer.measure("placement"):
             capacities = await self._capacities(spec.destinations)
+            disks = await self._disk_needs(domains, spec)
             plan = place(
-                [VmSize(d.name, d.vcpus, d.memory) for d in domains],
+                [VmSize(d.name, d.vcpus, d.memory, disks.get(d.name, {})) for d in domains],
                 capacities,
                 mode=spec.mode,
                 overbooking=spec.overbooking,
@@ -156,9 +158,37 @@ class _Expansion(_DispatcherBase):
                     cpus=load.cpus,
                     vcpus_used=load.vcpus_used + vcpus,
                     free_memory=load.free_memory - memory,
+                    storage_free=dict(load.storage_free),
                 )
             )
         return out
+
+    async def _disk_needs(
+        self, domains: list[DomainInfo], spec: EvacuateSpec
+    ) -> dict[str, dict[str, int]]:
+        """Bytes each VM's copied disks need on a destination, by image directory, when the
+        evacuation copies storage. A VM whose disks cannot be read is placed on CPU and
+        memory alone: its own pre-check then reports why it cannot move."""
+        mode = spec.parameter.copy_storage or self._settings.migration.copy_storage
+        if mode == "none":
+            return {}
+        driver = spec.driver or self._settings.hypervisor.driver
+        needs: dict[str, dict[str, int]] = {}
+        for dom in domains:
+            request = MigrationRequest(
+                vm_name=dom.name, destination="", driver=driver, copy_storage=mode
+            )
+            try:
+                copies = await self._hv.disks_to_copy(request)
+            except TaskError as exc:
+                log.warning("evacuation.disks_unknown", vm=dom.name, error=str(exc))
+                continue
+            need: dict[str, int] = {}
+            for copy in copies:
+                directory = str(PurePosixPath(copy.path).parent)
+                need[directory] = need.get(directory, 0) + copy.room
+            needs[dom.name] = need
+        return needs
 
     def _reserve(self, dest: str, dom: DomainInfo, sign: int) -> None:
         vcpus, memory = self._inbound.get(dest, (0, 0))
