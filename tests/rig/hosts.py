@@ -198,6 +198,9 @@ _BINARIES = (
     ("bash", "bash"),
     ("as", "binutils"),
     ("ld", "binutils"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+    ("nsenter", "util-linux"),
 )
 _PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
 
