@@ -299,6 +299,11 @@ def migrate_p2p(
     hanging. Default flags: LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE. ``params``:
     more typed parameters (e.g. ``{libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 20}``, MiB/s, which
     also limits a storage copy's rate) next to the migration URI.
+
+    Calls to the domain while this runs (``jobStats``, monitor commands) belong on *another*
+    connection: on ``dom``'s own, a ``jobStats`` from another thread sometimes waited until
+    the migration had ended (about 1 in 5 storage migrations on the rig; never with a
+    connection of its own).
     """
     import libvirt  # noqa: PLC0415
 
