@@ -12,7 +12,7 @@ Every ``path`` argument here is a path *inside* a host (``/var/lib/libvirt/image
 * Writing: :func:`write_pattern` writes into a *running* guest's disk through QEMU's monitor
   (HMP ``qemu-io`` on the disk's virtio device). The test kernels have no disk driver; this
   goes through QEMU's block layer like a guest write does, so a running storage migration
-  mirrors it to the destination.
+  mirrors it to the destination. :func:`write_image` writes into an image no QEMU has open.
 * Reading: :func:`verify_pattern` runs ``qemu-io -r -U`` inside the host's mount namespace
   (the image may have an absolute backing path, and may be open by a running QEMU: ``-U``
   shares it read-only). Call :func:`flush_disk` first if a running QEMU wrote to it: QEMU
@@ -174,6 +174,15 @@ def image_info(host: Host, path: str) -> dict[str, Any]:
     out = run_in(host, "qemu-img", "info", "-U", "--output=json", path).stdout
     info: dict[str, Any] = json.loads(out)
     return info
+
+
+def write_image(
+    host: Host, path: str, pattern: int, offset: int, length: int, *, fmt: str = "qcow2"
+) -> None:
+    """Write ``length`` bytes of ``pattern`` at ``offset`` into an image on ``host`` that no
+    QEMU has open (e.g. a backing file before a guest uses it); for a running guest's disk use
+    :func:`write_pattern`."""
+    run_in(host, "qemu-io", "-f", fmt, "-c", f"write -P {pattern:#x} {offset} {length}", path)
 
 
 def verify_pattern(
