@@ -12,10 +12,15 @@ Fixture API (every test in this directory is marked ``pytest.mark.rig``):
   the built test kernels (see ``tests/rig/guest.S``).
 * ``rig_conns``: ``{host name: libvirt.virConnect}``, opened for the test and closed after it.
 * ``start_guest(variant="idle", *, host=None, name=None, memory_mib=128, persistent=True,
-  balloon=None)``: defines and starts a guest (on ``rig.a`` by default) and returns its
-  ``virDomain``; every guest it started is destroyed and undefined on *both* hosts afterwards,
-  wherever it went. ``balloon``: give it a virtio balloon (default: if the variant answers one,
-  i.e. for ``"balloon"``).
+  balloon=None, disks=())``: defines and starts a guest (on ``rig.a`` by default) and returns
+  its ``virDomain``; every guest it started is destroyed and undefined on *both* hosts
+  afterwards, wherever it went. ``balloon``: give it a virtio balloon (default: if the variant
+  answers one, i.e. for ``"balloon"``). ``disks``: :class:`rig.Disk` s (images inside the host,
+  see ``rig.storage``).
+* ``rig_storage``: a :class:`rig.storage.Scratch`: every file that appears in a host's
+  ``/var/lib/libvirt/images`` during the test (made by the test, libvirt or an agent) is
+  deleted afterwards, and so are the extra pools made with ``rig_storage.pool(...)``. Every
+  host has the ``default`` pool over its own ``/var/lib/libvirt/images`` (``Rig.up``).
 
 When the rig cannot run here (not root, a Debian package missing) the tests are skipped with
 the reason, except when ``CI`` is set: then they fail, so that a green CI means they ran.
@@ -34,7 +39,7 @@ import os
 import signal
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -43,6 +48,7 @@ import pytest
 
 from rig import (
     VARIANTS,
+    Disk,
     Host,
     Rig,
     RigUnavailable,
@@ -51,6 +57,7 @@ from rig import (
     ensure_system,
     remove_domain,
 )
+from rig.storage import Scratch
 
 HERE = Path(__file__).resolve().parent
 IN_CI = bool(os.environ.get("CI"))
@@ -181,6 +188,7 @@ def start_guest(rig: Rig, guests: dict[str, Path]) -> Iterator[Callable[..., Any
         memory_mib: int = 128,
         persistent: bool = True,
         balloon: bool | None = None,
+        disks: Sequence[Disk] = (),
     ) -> Any:
         host = host or rig.a
         name = name or f"t-{variant}-{uuid.uuid4().hex[:8]}"
@@ -190,6 +198,7 @@ def start_guest(rig: Rig, guests: dict[str, Path]) -> Iterator[Callable[..., Any
             memory_mib,
             serial_log=f"/var/log/libvirt/qemu/{name}.serial",
             balloon=VARIANTS[variant].balloon if balloon is None else balloon,
+            disks=disks,
         )
         if host.name not in conns:
             conns[host.name] = libvirt.open(host.local_uri)
@@ -216,3 +225,14 @@ def start_guest(rig: Rig, guests: dict[str, Path]) -> Iterator[Callable[..., Any
                 remove_domain(conn, name)
         finally:
             conn.close()
+
+
+@pytest.fixture
+def rig_storage(rig: Rig) -> Iterator[Scratch]:
+    """The test's additions to the hosts' storage, removed after it (see the module docstring).
+    The order against ``start_guest`` does not matter: deleting the image of a guest that still
+    runs is harmless (QEMU keeps its open file until the guest is destroyed)."""
+    scratch = Scratch(rig.hosts)
+    yield scratch
+    if rig.is_up:
+        scratch.cleanup()

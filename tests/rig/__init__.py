@@ -1,9 +1,11 @@
-"""The project's own two-host libvirt test rig (see ``hosts.py``) and its test guests."""
+"""The project's own two-host libvirt test rig (see ``hosts.py``), its test guests
+(``guest.py``) and the disk images on its hosts (``storage.py``)."""
 
 from rig.guest import (
     SIGNATURE,
     STATE_ADDR,
     VARIANTS,
+    Disk,
     GuestState,
     build_guests,
     domain_xml,
@@ -18,6 +20,7 @@ __all__ = [
     "SIGNATURE",
     "STATE_ADDR",
     "VARIANTS",
+    "Disk",
     "GuestState",
     "Host",
     "Rig",

@@ -27,10 +27,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, quoteattr
 
 if TYPE_CHECKING:
     from rig.hosts import Host
@@ -126,6 +127,33 @@ def _assemble(variant: Variant, target: Path) -> None:
         os.replace(elf, target)
 
 
+@dataclass(frozen=True)
+class Disk:
+    """A file-backed virtio disk of a rig guest (see :func:`domain_xml`).
+
+    ``path`` is the image's path *inside the host* (e.g. ``/var/lib/libvirt/images/x.qcow2``,
+    i.e. under the host's own ``/var``). ``driver``: extra ``<driver>`` attributes, e.g.
+    ``{"discard": "unmap", "detect_zeroes": "unmap"}`` (keeps a copied image sparse).
+    The guest kernels have no virtio driver: the disk is only attached (tests write to it
+    through QEMU's monitor, see ``rig.storage``).
+    """
+
+    path: str
+    target: str = "vda"
+    format: str = "qcow2"
+    cache: str = "none"
+    driver: Mapping[str, str] = field(default_factory=dict)
+
+    def xml(self) -> str:
+        attrs = {"name": "qemu", "type": self.format, "cache": self.cache, **self.driver}
+        driver = " ".join(f"{k}={quoteattr(v)}" for k, v in attrs.items())
+        return (
+            f'<disk type="file" device="disk"><driver {driver}/>'
+            f"<source file={quoteattr(self.path)}/>"
+            f'<target dev={quoteattr(self.target)} bus="virtio"/></disk>'
+        )
+
+
 def domain_xml(
     name: str,
     kernel: Path | str,
@@ -134,15 +162,17 @@ def domain_xml(
     *,
     serial_log: str | None = None,
     balloon: bool = False,
+    disks: Sequence[Disk] = (),
 ) -> str:
-    """Domain XML for a rig guest: TCG, direct kernel boot, no disk, no network.
+    """Domain XML for a rig guest: TCG, direct kernel boot, no network, no disk unless given.
 
     * ``type='qemu'`` (TCG): ``/dev/kvm`` exists on the CI machine kind but is unusable (the
       guest hangs or QEMU asserts on MSRs), and TCG boots this guest in well under a second.
     * ``<cpu check='none'>`` with a fixed model keeps the guest CPU identical on both hosts, so
       a migration never fails a CPU compatibility check.
-    * No USB controller, graphics, disk or NIC: nothing to migrate but RAM and CPU, and
-      nothing that could reach a network.
+    * No USB controller, graphics or NIC: nothing to migrate but RAM and CPU (and the
+      ``disks``, if any), and nothing that could reach a network.
+    * ``disks``: :class:`Disk` s, virtio, attached only (the kernels do not use them).
     * No balloon either (``<memballoon model='none'/>``), unless ``balloon``: then a virtio
       balloon (and ``<currentMemory>`` = ``memory_mib``), which only the ``balloon`` variant
       answers; with another variant ``setMemoryFlags`` is accepted but changes nothing.
@@ -161,6 +191,7 @@ def domain_xml(
     )
     current = f"\n  <currentMemory unit='MiB'>{memory_mib}</currentMemory>" if balloon else ""
     balloon_model = "virtio" if balloon else "none"
+    disk_xml = "".join(f"\n    {d.xml()}" for d in disks)
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <memory unit='MiB'>{memory_mib}</memory>{current}
@@ -176,7 +207,7 @@ def domain_xml(
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <controller type='usb' model='none'/>
+    <controller type='usb' model='none'/>{disk_xml}
     {serial}
     <memballoon model='{balloon_model}'/>
   </devices>
@@ -253,12 +284,26 @@ def remove_domain(conn: Any, name: str) -> bool:
     return False
 
 
-def migrate_p2p(dom: Any, dst: Host, flags: int | None = None, timeout: float = 60.0) -> None:
+def migrate_p2p(
+    dom: Any,
+    dst: Host,
+    flags: int | None = None,
+    timeout: float = 60.0,
+    *,
+    params: Mapping[str, object] | None = None,
+) -> None:
     """Peer-to-peer live migration of ``dom`` to rig host ``dst``, aborted after ``timeout``.
 
     The source libvirtd owns a p2p migration and would keep a non-converging one running
     forever, even after this process died; the timer aborts it so a test fails instead of
-    hanging. Default flags: LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE.
+    hanging. Default flags: LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE. ``params``:
+    more typed parameters (e.g. ``{libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 20}``, MiB/s, which
+    also limits a storage copy's rate) next to the migration URI.
+
+    Calls to the domain while this runs (``jobStats``, monitor commands) belong on *another*
+    connection: on ``dom``'s own, a ``jobStats`` from another thread sometimes waited until
+    the migration had ended (about 1 in 5 storage migrations on the rig; never with a
+    connection of its own).
     """
     import libvirt  # noqa: PLC0415
 
@@ -278,6 +323,8 @@ def migrate_p2p(dom: Any, dst: Host, flags: int | None = None, timeout: float = 
     timer.daemon = True
     timer.start()
     try:
-        dom.migrateToURI3(dst.p2p_uri, {libvirt.VIR_MIGRATE_PARAM_URI: dst.migrate_uri}, flags)
+        dom.migrateToURI3(
+            dst.p2p_uri, {libvirt.VIR_MIGRATE_PARAM_URI: dst.migrate_uri, **(params or {})}, flags
+        )
     finally:
         timer.cancel()

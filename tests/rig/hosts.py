@@ -20,6 +20,12 @@ both daemons stay in the root network namespace on 127.0.0.2 and 127.0.0.3, stil
 own mount and UTS namespace. 127.0.0.1 itself cannot be used: libvirt's QEMU driver refuses it
 as ``migration_host``/``migration_address`` ("must not be the address of the local machine").
 
+Storage: each host has its own ``/var/lib/libvirt/images`` (under its own ``/var``, see below)
+and :meth:`Rig.up` gives it a ``dir`` pool named ``default`` over it (persistent, autostart), as
+a real host has; ``rig.storage`` has the helpers for images in it, :meth:`Host.outside` maps a
+host's path to the root namespace and :meth:`Host.enter` runs a program in the host's mount
+namespace.
+
 Pitfalls this module handles (each one was hit while building the reference rig):
 
 * The QEMU driver resolves its compiled-in default user ``libvirt-qemu`` *before* reading
@@ -179,6 +185,24 @@ class Host:
         """QEMU's stderr and command line for ``domain`` on this host."""
         return self.dir / "var/log/libvirt/qemu" / f"{domain}.log"
 
+    def outside(self, path: str) -> Path:
+        """Where ``path``, a path *inside* this host under its own ``/var`` or ``/run``, is
+        seen from the root namespace (e.g. ``/var/lib/libvirt/images/x.qcow2``)."""
+        inside = Path(path)
+        if not any(inside == h or h in inside.parents for h in _HIDDEN):
+            raise ValueError(f"{path} is not under the host's own /var or /run")
+        return self.dir / inside.relative_to("/")
+
+    def enter(self) -> list[str]:
+        """Command prefix that runs a program in this host's mount namespace, where the host's
+        own ``/var`` and ``/run`` are mounted (e.g. to open a qcow2 image whose backing file
+        is an absolute ``/var/lib/libvirt/images/...`` path). Only the mount namespace: the
+        program stays in the root network namespace."""
+        assert self.proc is not None, "the rig is not up"
+        # tini: `ip netns exec`, `unshare` and the init script exec into it, so the Popen's
+        # PID is a process of the host's mount namespace
+        return [which("nsenter") or "nsenter", "-t", str(self.proc.pid), "-m", "--"]
+
     def serial_log(self, domain: str) -> Path:
         """Where a guest's serial output lands, if it was defined with
         ``domain_xml(..., serial_log=f"/var/log/libvirt/qemu/{domain}.serial")`` (the path
@@ -198,6 +222,9 @@ _BINARIES = (
     ("bash", "bash"),
     ("as", "binutils"),
     ("ld", "binutils"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+    ("nsenter", "util-linux"),
 )
 _PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
 
@@ -576,6 +603,8 @@ class Rig:
                 self._spawn(host)
             self._wait_ready()
             self._check_links()
+            for host in self.hosts:
+                _default_pool(host)
             t3 = time.monotonic()
             self.timings.update(
                 lock=t_lock - t0, sweep=t1 - t_lock, network=t2 - t1, daemons=t3 - t2, up=t3 - t0
@@ -621,6 +650,7 @@ class Rig:
             host.socket.unlink()
         self._spawn(host)
         _probe(host, time.monotonic() + timeout)
+        _default_pool(host)
 
     # -- locking and the guard -------------------------------------------------------------
 
@@ -736,8 +766,8 @@ class Rig:
         )
         shutil.rmtree(host.dir, ignore_errors=True)
         for sub in (
-            "etc/libvirt", "run/libvirt", "var/lib/libvirt/qemu", "var/log/libvirt/qemu",
-            "var/cache/libvirt", "var/tmp",
+            "etc/libvirt", "run/libvirt", "var/lib/libvirt/qemu", "var/lib/libvirt/images",
+            "var/log/libvirt/qemu", "var/cache/libvirt", "var/tmp",
         ):  # fmt: skip
             (host.dir / sub).mkdir(parents=True)
         (host.dir / "var/run").symlink_to("/run")
@@ -884,6 +914,19 @@ def _probe(host: Host, deadline: float) -> None:
         raise RigError(f"hostname is {hostname!r}, expected {host.name!r}")
     if f"<uuid>{host.uuid}</uuid>" not in caps:
         raise RigError(f"host UUID is not {host.uuid}")
+
+
+def _default_pool(host: Host) -> None:
+    """Give ``host`` the ``default`` dir pool over its ``/var/lib/libvirt/images`` (persistent,
+    started, autostart), unless it has it already (a restarted daemon keeps it)."""
+    import libvirt  # noqa: PLC0415
+    from rig.storage import ensure_pool  # noqa: PLC0415 - the guard script runs without `rig`
+
+    conn = libvirt.open(host.local_uri)
+    try:
+        ensure_pool(conn)
+    finally:
+        conn.close()
 
 
 def _tail(host: Host, lines: int = 15) -> str:
