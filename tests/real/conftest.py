@@ -136,7 +136,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         ensure_system()
     except RigUnavailable as exc:
         _unavailable(str(exc))
-    the_rig = Rig(tmp_path_factory.mktemp("rig"), cachedir=cache_dir())
+    # RIG_LOCK_TIMEOUT: how long to wait for another session's rig (one rig per machine).
+    wait = float(os.environ.get("RIG_LOCK_TIMEOUT") or 45)
+    the_rig = Rig(tmp_path_factory.mktemp("rig"), cachedir=cache_dir(), lock_timeout=wait)
     atexit.register(the_rig.down)
     try:
         with _sigterm_as_interrupt():
