@@ -6,7 +6,7 @@ What a test checks on the images it checks with ``rig.storage``: patterns writte
 running guest's disk through QEMU's monitor (before the copy, and while it runs), read back on
 the destination inside its mount namespace (with the image's backing chain).
 
-The contract (the agent side is being written): ``all`` copies the whole disk and ``inc`` the top
+The contract: ``all`` copies the whole disk and ``inc`` the top
 overlay onto the same backing file on the destination (the agent creates the overlay there);
 progress events then carry ``disk-total``/``disk-processed``/``disk-remaining`` (bytes); the
 agent never deletes the source image; a cancelled or failed storage migration leaves no image
@@ -32,6 +32,7 @@ from test_agent_restart import spawn, write_config
 import libvirt
 from harness import Scheduler, scheduler
 from rig import Disk, Rig
+from rig.monitor import qmp_log
 from rig.storage import (
     IMAGES,
     MiB,
@@ -48,8 +49,6 @@ from rig.storage import (
 )
 
 pytestmark = [pytest.mark.rig, pytest.mark.broker]
-
-#: The tests below need the agent side of issue 16; remove once it is merged.
 
 SIZE = 128 * MiB
 #: (pattern, offset, length): written into the guest's disk before the migration...
@@ -332,3 +331,76 @@ async def test_agent_killed_during_a_storage_migration_adopts_it_after_restart(
     assert proc.returncode == 0, log.read_text()[-4000:]
     assert where(rig, name) == {"rig-b": (True, True)}
     verify_on(rig, rig.b.name, name, path, BEFORE)
+
+
+async def test_with_tls_the_disk_copy_is_nbd_over_tls_on_the_migration_network(
+    mosquitto, rig: Rig, start_guest: Callable[..., Any], rig_storage: Scratch
+):
+    """``tls: true``: QEMU's NBD export on B and the mirror's NBD client on A both use the
+    migration TLS credentials (verified peers, the rig's CA), and the client connects to B's
+    migration address (the host of ``migrate-uri``), as libvirt's QMP commands show."""
+    dom, path = guest_with_disk(rig, start_guest)
+    name = dom.name()
+    with qmp_log(rig.a) as on_a, qmp_log(rig.b) as on_b:
+        async with rig_agents(mosquitto.port, rig) as agents:
+            r = await agents.to_a.call(storage_msg(name, rig.b.name, "all", tls="true"), 60)
+            assert (r["status"], r["destination"]) == ("success", rig.b.name), r
+    [server] = on_b.commands("nbd-server-start")
+    assert server["tls-creds"], server
+    assert server["addr"]["data"]["host"] == rig.b.ip
+    [creds] = [c for c in on_b.commands("object-add") if c["id"] == server["tls-creds"]]
+    assert (creds["qom-type"], creds["endpoint"], creds["verify-peer"]) == (
+        "tls-creds-x509",
+        "server",
+        True,
+    )
+    [client] = [c for c in on_a.commands("blockdev-add") if c.get("driver") == "nbd"]
+    assert client["tls-creds"], client
+    assert client["tls-hostname"] == rig.b.ip, client
+    assert client["server"]["host"] == rig.b.ip, client
+    assert where(rig, name) == {"rig-b": (True, True)}
+    verify_on(rig, rig.b.name, name, path, BEFORE)
+
+
+@pytest.mark.e2e
+async def test_a_restarted_agent_removes_the_images_of_an_adopted_copy_it_cancels(
+    mosquitto, rig: Rig, start_guest: Callable[..., Any], rig_storage: Scratch, tmp_path: Path
+):
+    """The record of what the copy created lives with the domain, not the agent: the agent
+    that adopts the job after a restart cleans up when it is cancelled."""
+    dom, _path = guest_with_disk(rig, start_guest)
+    name = dom.name()
+    on_b = list_images(rig.b)
+    prefix = f"restart-{uuid.uuid4().hex[:6]}"
+    conf = write_config(tmp_path / "agent.yaml", mosquitto.port, rig, prefix)
+    log = tmp_path / "agent.log"
+    proc: subprocess.Popen[bytes] = spawn(conf, log)
+    try:
+        async with scheduler(mosquitto.port, f"{prefix}/rig-a") as sched:
+            await sched.state("online", 30)
+            # 128 MiB at 4 MiB/s: about 30 s of disk copy
+            await sched.publish(
+                "id: adopt-cancel\n" + storage_msg(name, rig.b.name, "all", bandwidth=4)
+            )
+            await wait_disk_copy(sched, "adopt-cancel")
+            assert list_images(rig.b) != on_b, "B has the image being copied"
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            proc = spawn(conf, log)
+            await sched.state("online", 30)
+            await sched.wait_for(
+                lambda: (
+                    "adopted" in [e["phase"] for e in sched.events_for("adopt-cancel", "phase")]
+                ),
+                20,
+            )
+            await sched.call("task: cancel\ntarget: adopt-cancel\n", 20)
+            result = await sched.result_for("adopt-cancel", 40)
+            assert (result["status"], result["code"]) == ("error", "cancelled"), result
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    assert where(rig, name) == {"rig-a": (True, True)}
+    assert list_images(rig.b) == on_b, "the adopting agent left the image B had created"

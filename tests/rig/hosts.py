@@ -501,6 +501,9 @@ migration_address = "{host.ip}"
 migration_host = "{host.ip}"
 migration_port_min = {low}
 migration_port_max = {high}
+# VIR_MIGRATE_TLS (and the NBD stream of a storage copy): tests/rig/tls.py, verified peers
+migrate_tls_x509_cert_dir = "/etc/libvirt/pki/qemu"
+migrate_tls_x509_verify = 1
 """
 
 
@@ -775,11 +778,23 @@ class Rig:
         etc = host.dir / "etc"
         (etc / "libvirt/libvirtd.conf").write_text(_libvirtd_conf(host))
         (etc / "libvirt/qemu.conf").write_text(_qemu_conf(host))
+        from rig.tls import CERT_DIR, issue_host_certs  # noqa: PLC0415 - see _default_pool
+
+        issue_host_certs(self._ca(), host.dir / CERT_DIR.lstrip("/"), host.name, host.ip)
         (etc / "libvirt/libvirt.conf").write_text('uri_default = "qemu:///system"\n')
         hosts = "".join(f"{p.netns_ip if netns else p.loopback_ip}\t{p.name}\n" for p in _PLANS)
         (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n{hosts}")
         (etc / "resolv.conf").write_text("# empty on purpose: no DNS inside the rig\n")
         return host
+
+    def _ca(self) -> tuple[Path, Path]:
+        """The rig's CA (made once per bring-up, in the state dir)."""
+        from rig.tls import make_ca  # noqa: PLC0415 - see _default_pool
+
+        directory = self.statedir / "ca"
+        if not (directory / "ca-cert.pem").exists():
+            return make_ca(directory)
+        return directory / "ca-cert.pem", directory / "ca-key.pem"
 
     def _spawn(self, host: Host) -> None:
         cache = ""
