@@ -14,6 +14,11 @@ runs on its own as ``python -m bench.rig_bench [--quick]``.
 ``bench/companions.py``, which also runs on its own as ``python -m bench.companions
 [--quick] [--no-rig]``.
 
+``--storage`` adds the storage migration figures (``copy-storage all`` through the agent against
+direct ``migrateToURI3``, and how sparse a copied image stays), on the rig; see
+``bench/storage.py``, which also runs on its own as ``python -m bench.storage [--quick]
+[--rounds N]``.
+
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
 Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
@@ -378,6 +383,13 @@ async def amain(args: argparse.Namespace) -> None:
             print("\n== migration companions (bench/companions.py)")
             args.no_rig = not args.rig
             await run_companions(port, CompanionsPlan.from_args(args))
+        if args.storage:
+            # Imported only here, as the rig benchmarks (it imports them).
+            from bench.storage import Plan as StoragePlan  # noqa: PLC0415
+            from bench.storage import run_storage  # noqa: PLC0415
+
+            print("\n== storage migration (bench/storage.py)")
+            await run_storage(port, StoragePlan.from_args(args))
     if args.fleet:
         # Its own broker: 200 agents' connections and traffic, apart from the figures above.
         import argparse as _argparse  # noqa: PLC0415
@@ -408,6 +420,12 @@ def main() -> None:
         action="store_true",
         help="also run the migration companions benchmarks (hooks, reduce-memory, swap-with;"
         " on the rig too with --rig): bench/companions.py",
+    )
+    p.add_argument(
+        "--storage",
+        action="store_true",
+        help="also run the storage migration benchmarks (copy-storage, sparse copies; real"
+        " libvirtd + QEMU; root): bench/storage.py",
     )
     p.add_argument(
         "--baseline",

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["first_element", "first_element_text", "first_name_text", "text_elements"]
+__all__ = [
+    "AGENT_XML_NAMESPACE",
+    "first_element",
+    "first_element_text",
+    "first_name_text",
+    "text_elements",
+]
+
+#: Namespaces under this prefix are the agent's own in a domain's ``<metadata>`` (the record
+#: of a storage copy's images): never accepted in domain XML from a task.
+AGENT_XML_NAMESPACE = "https://asyncmigfra.org/xmlns/"
 
 
 def first_element_text(xml: str, tag: str) -> str | None:

@@ -13,7 +13,7 @@ from virt_support import host_uri
 import libvirt
 from asyncmigfra.errors import IncompatibleDestination
 from asyncmigfra.hypervisor.base import MigrationRequest
-from asyncmigfra.hypervisor.virt import storage
+from asyncmigfra.hypervisor.virt import disks, storage
 
 IMAGES = "/var/lib/libvirt/images"
 
@@ -78,7 +78,8 @@ def test_disks_are_grouped_by_what_a_copy_does_with_them(hosts: tuple[Any, Any])
         + "<disk type='file' device='cdrom'><source file='/iso/a.iso'/><target dev='hdc'/>"
         "<readonly/></disk>" + _file_disk(f"{IMAGES}/ro.qcow2", "vdd", "<readonly/>"),
     )
-    by_target = {d.target: d for d in storage.guest_disks(a, "g")}
+    by_target = {d.target: d for d in disks.guest_disks(a, "g")}
+    # test:/// is a local URI: the agent sees the mounts (here / is not NFS)
     assert by_target["vda"].sharing == "local"
     assert by_target["vda"].why == "pool 'images' (dir)"
     assert (by_target["vdb"].sharing, by_target["vdb"].why) == ("shared", "pool 'nfs' (netfs)")
@@ -156,10 +157,10 @@ def test_source_copies_lists_local_disks_with_their_sizes(hosts: tuple[Any, Any]
     _volume(_pool(a, "images", IMAGES), "g.qcow2")
     _volume(_pool(a, "nfs", "/mnt/nfs", kind="netfs"), "s.qcow2")
     _guest(a, "g", _file_disk(f"{IMAGES}/g.qcow2", "vda") + _file_disk("/mnt/nfs/s.qcow2", "vdb"))
-    copies = storage.source_copies(a, _request(copy_storage="all"))
+    copies = disks.source_copies(a, _request(copy_storage="all"))
     assert [(c.target, c.path) for c in copies] == [("vda", f"{IMAGES}/g.qcow2")]
     assert copies[0].size == copies[0].room > 0
-    assert storage.source_copies(a, _request()) == ()
+    assert disks.source_copies(a, _request()) == ()
 
 
 def test_pool_room_is_keyed_by_directory(hosts: tuple[Any, Any]) -> None:
@@ -188,6 +189,7 @@ def test_the_record_of_created_images_lets_only_its_source_remove_them(
     assert removed == []
     assert problems == ["g is active on hostB: its images were kept"]
     there.destroy()
+    there.undefine()
     removed, problems = storage.release(dom, b, "g", source="hostA", destination="hostB")
     assert (removed, problems) == ([created], [])
     with pytest.raises(libvirt.libvirtError):
@@ -199,3 +201,74 @@ def test_release_paths_ignores_images_never_created(hosts: tuple[Any, Any]) -> N
     _a, b = hosts
     _pool(b, "images", IMAGES)
     assert storage.release_paths(b, [f"{IMAGES}/never.qcow2"]) == ([], [])
+
+
+def test_release_keeps_an_image_another_domain_on_the_destination_uses(
+    hosts: tuple[Any, Any],
+) -> None:
+    a, b = hosts
+    _volume(_pool(a, "images", IMAGES), "g.qcow2")
+    dom = _guest(a, "g", _file_disk(f"{IMAGES}/g.qcow2", "vda"))
+    created = _volume(_pool(b, "images", IMAGES), "g.qcow2").path()
+    b.defineXML(  # defined, not running: its configuration still names the image
+        "<domain type='test'><name>other</name><memory>65536</memory><os><type>hvm</type>"
+        f"</os><devices>{_file_disk(created, 'vdb')}</devices></domain>"
+    )
+    storage.mark(dom, source="hostA", destination="hostB", paths=[created])
+    removed, problems = storage.release(dom, b, "g", source="hostA", destination="hostB")
+    assert removed == []
+    assert problems == [f"{created}: kept, domain other uses it"]
+    assert b.storageVolLookupByPath(created) is not None
+    assert storage.marked(dom) is not None  # kept until nothing is left to remove
+
+
+def test_a_directory_both_hosts_share_is_found_by_a_probe_and_left_alone(
+    hosts: tuple[Any, Any],
+) -> None:
+    # One test:/// host on both sides stands in for storage both hosts share.
+    a, _b = hosts
+    _volume(_pool(a, "images", IMAGES), "g.qcow2")
+    _guest(a, "g", _file_disk(f"{IMAGES}/g.qcow2", "vda"))
+    assert storage.shares_directory(a, a, IMAGES) is True
+    assert storage.plan_storage(a, a, _request(), host="hostB").copies == ()
+    assert storage.plan_storage(a, a, _request(copy_storage="all"), host="hostB").copies == ()
+    with pytest.raises(IncompatibleDestination, match=r"vda, which is not copied: .*shared"):
+        storage.plan_storage(
+            a, a, _request(copy_storage="all", migrate_disks=("vda",)), host="hostB"
+        )
+    # the probe's file is gone again
+    assert a.storagePoolLookupByName("images").listVolumes() == ["g.qcow2"]
+
+
+def test_a_directory_the_destination_does_not_share_is_told_by_the_probe(
+    hosts: tuple[Any, Any],
+) -> None:
+    a, b = hosts
+    _pool(a, "images", IMAGES)
+    _pool(b, "images", IMAGES)
+    assert storage.shares_directory(a, b, IMAGES) is False
+    assert storage.shares_directory(a, b, "/srv/nowhere") is None
+    assert b.storagePoolLookupByName("images").listVolumes() == []
+
+
+def test_create_images_makes_each_image_and_never_overwrites(hosts: tuple[Any, Any]) -> None:
+    a, b = hosts
+    _volume(_pool(a, "images", IMAGES), "g.qcow2")
+    _volume(_pool(a, "images2", "/srv/images"), "h.qcow2")
+    _guest(
+        a, "g", _file_disk(f"{IMAGES}/g.qcow2", "vda") + _file_disk("/srv/images/h.qcow2", "vdb")
+    )
+    _pool(b, "images", IMAGES)
+    _pool(b, "images2", "/srv/images")
+    guest = [d for d in disks.guest_disks(a, "g") if d.target in ("vda", "vdb")]
+    plan = storage.StoragePlan(mode="all", copies=(), disks=tuple(guest))
+    created = storage.create_images(b, plan, host="hostB")
+    assert created == [f"{IMAGES}/g.qcow2", "/srv/images/h.qcow2"]
+    assert b.storageVolLookupByPath(f"{IMAGES}/g.qcow2").info()[1] == guest[0].capacity
+    # the second attempt finds the first image there: refused, and removes nothing it did not make
+    b.storageVolLookupByPath("/srv/images/h.qcow2").delete(0)
+    with pytest.raises(IncompatibleDestination, match=r"appeared at .*g\.qcow2 on hostB"):
+        storage.create_images(b, plan, host="hostB")
+    assert b.storageVolLookupByPath(f"{IMAGES}/g.qcow2") is not None
+    with pytest.raises(libvirt.libvirtError):
+        b.storageVolLookupByPath("/srv/images/h.qcow2")

@@ -197,3 +197,23 @@ def test_the_configuration_decides_driver_and_transport():
     p.check_subtask(migrate)
     with pytest.raises(NotSupported):
         p.check_subtask(StopSpec(vm_name="a", driver="qemu"))
+
+
+_RECORD = (
+    "<metadata><r:storage-copy xmlns:r='{ns}' source='h' destination='b'>"
+    "<r:created path='/var/lib/libvirt/images/victim.qcow2'/></r:storage-copy></metadata>"
+)
+AGENT_NAMESPACE = {
+    "plain": domain(top=_RECORD.format(ns="https://asyncmigfra.org/xmlns/storage-copy/1")),
+    "other version": domain(top=_RECORD.format(ns="https://asyncmigfra.org/xmlns/x/9")),
+    # a character reference spells the same namespace
+    "char refs": domain(top=_RECORD.format(ns="&#104;ttps://asyncmigfra.org/xmlns/storage-copy/1")),
+}
+
+
+@pytest.mark.parametrize("mode", ["strict", "trusted"])
+@pytest.mark.parametrize("xml", list(AGENT_NAMESPACE.values()), ids=list(AGENT_NAMESPACE))
+def test_no_task_may_write_the_agents_own_metadata(xml, mode):
+    # the record of a storage copy's images: a forged one would name images to remove
+    with pytest.raises(NotSupported, match="agent's own namespace"):
+        policy(xml_policy=mode).check_start(start(xml))

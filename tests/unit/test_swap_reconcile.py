@@ -94,7 +94,7 @@ async def test_adopting_a_running_job_is_an_optional_capability():
     assert not isinstance(hv, AdoptsMigrations)
     asked: list[str] = []
 
-    async def adopt_migration(vm_name: str) -> None:
+    async def adopt_migration(vm_name: str, *, destination: str | None = None) -> None:
         asked.append(vm_name)
 
     hv.adopt_migration = adopt_migration  # type: ignore[attr-defined]

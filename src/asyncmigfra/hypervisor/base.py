@@ -179,8 +179,6 @@ class DiskCopy:
     size: int
     #: Bytes the copy allocates on the destination.
     room: int = 0
-    #: The migration creates the destination image (and removes it if it fails).
-    created: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,8 +224,11 @@ class AdoptsMigrations(Protocol):
     """A back-end whose migration jobs outlive the agent (libvirt: peer-to-peer jobs belong
     to libvirtd), so that after a restart the agent can follow one to its end."""
 
-    async def adopt_migration(self, vm_name: str) -> MigrationJob | None:
-        """A handle for ``vm_name``'s outgoing migration if one runs, else ``None``."""
+    async def adopt_migration(
+        self, vm_name: str, *, destination: str | None = None
+    ) -> MigrationJob | None:
+        """A handle for ``vm_name``'s outgoing migration if one runs, else ``None``;
+        ``destination`` is where the adopting task sends it."""
 
 
 @runtime_checkable

@@ -305,6 +305,14 @@ async def follow_adopted(
     """Follow a migration job that a previous agent run started (peer-to-peer jobs belong to
     libvirtd and outlive the agent) to its end, with progress, policy and timeout."""
     plan = await plan_for(spec, hypervisor=hypervisor, settings=settings)
+    if plan.request.copy_storage != "none":
+        # The disks count in the default completion timeout here as well.
+        with contextlib.suppress(TaskError):
+            copies = await hypervisor.disks_to_copy(plan.request)
+            disk_bytes = sum(c.size for c in copies)
+            plan = await plan_for(
+                spec, hypervisor=hypervisor, settings=settings, disk_bytes=disk_bytes
+            )
     ctx.phase("adopted")
     result = await _migrate_once(plan, ctx, hypervisor=hypervisor, settings=settings, adopted=job)
     return _arrived(spec, result, ctx)

@@ -38,6 +38,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from asyncmigfra.domxml import AGENT_XML_NAMESPACE
 from asyncmigfra.errors import InvalidTask, NotSupported
 from asyncmigfra.model import MigrateSpec, PciAddress, PciId, StartSpec, Subtask
 from asyncmigfra.settings import AgentSettings, HostDevice, Settings
@@ -126,6 +127,8 @@ class HostPolicy:
                 f"ivshmem id {spec.ivshmem.id!r}: use up to 64 letters, digits, '.', '-', '_' "
                 "(it names a file in /dev/shm)"
             )
+        if spec.xml is not None:
+            _check_agent_namespace(spec.xml)
         if spec.xml is not None and self.strict:
             allowed = self.allowed_paths
             if allowed is None:
@@ -214,6 +217,33 @@ def _refused(what: str) -> NotSupported:
 
 def _show_id(pci_id: PciId) -> str:
     return f"{pci_id.vendor:04x}:{pci_id.device:04x}"
+
+
+def _check_agent_namespace(xml: str) -> None:
+    """Refuse domain XML that carries the agent's own namespace (the record of a storage
+    copy's images lives there: a forged one could name images to remove), under any
+    ``xml-policy``. XML that does not parse is left to libvirt (``trusted``) or refused by
+    the strict checks."""
+    if AGENT_XML_NAMESPACE in xml:
+        raise _agent_namespace_refused()
+    if re.search(r"<!(?:DOCTYPE|ENTITY)", xml, re.IGNORECASE) or "&#" in xml:
+        # a character or entity reference could spell the namespace: look at it parsed
+        try:
+            root = ET.fromstring(xml)  # noqa: S314 - entities are the operator's (trusted)
+        except ET.ParseError:
+            return
+        for element in root.iter():
+            names = [element.tag, *element.attrib]
+            values = list(element.attrib.values())
+            if any(AGENT_XML_NAMESPACE in str(text) for text in (*names, *values)):
+                raise _agent_namespace_refused()
+
+
+def _agent_namespace_refused() -> NotSupported:
+    return NotSupported(
+        f"the domain XML uses the agent's own namespace ({AGENT_XML_NAMESPACE}...): only the"
+        " agent writes it"
+    )
 
 
 def _walk(root: ET.Element) -> Iterator[tuple[ET.Element, ET.Element]]:

@@ -242,7 +242,7 @@ async def reconcile_subtask(
                     return entry
             elif isinstance(spec, MigrateSpec):
                 job = (
-                    await hypervisor.adopt_migration(name)
+                    await hypervisor.adopt_migration(name, destination=spec.destination)
                     if isinstance(hypervisor, AdoptsMigrations) and state is not None
                     else None
                 )
@@ -276,7 +276,7 @@ async def _reconcile_swap(
     assert spec.parameter.swap_with is not None
     partner = spec.parameter.swap_with.vm_name
     job = (
-        await hypervisor.adopt_migration(spec.vm_name)
+        await hypervisor.adopt_migration(spec.vm_name, destination=spec.destination)
         if isinstance(hypervisor, AdoptsMigrations) and state is not None
         else None
     )

@@ -15,7 +15,7 @@ import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -42,7 +42,7 @@ from asyncmigfra.hypervisor.base import (
     OpContext,
     check_vcpu_map,
 )
-from asyncmigfra.hypervisor.virt import storage
+from asyncmigfra.hypervisor.virt import disks, storage, storagecopy
 from asyncmigfra.hypervisor.virt.connections import _is_alive, _Pool
 from asyncmigfra.hypervisor.virt.domains import (
     _JOB_NONE,
@@ -100,7 +100,6 @@ from asyncmigfra.hypervisor.virt.options import (
     default_local_uri,
     parse_options,
 )
-from asyncmigfra.hypervisor.virt.storage import StoragePlan, plan_storage
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 # The package's logger name, as before the split into modules.
@@ -872,7 +871,7 @@ class LibvirtHypervisor:
         :func:`_guest_facts` and :func:`_destination_facts`): reachable, no active domain of
         that name, the guest's machine type and CPU model accepted, enough free memory
         (unless ``memory`` is false: a swap decides that for both VMs together), and the
-        guest's disks (:func:`~asyncmigfra.hypervisor.virt.storage.plan_storage`)."""
+        guest's disks (:func:`~asyncmigfra.hypervisor.virt.storagecopy.check`)."""
         uri = self._local_uri(request.driver)
         guest = await self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name))
         if uri not in self._host_uuids:
@@ -913,19 +912,8 @@ class LibvirtHypervisor:
                 f"not enough free memory on {where}: {guest.memory_kib} KiB needed, "
                 f"{dest.free_kib} KiB free"
             )
-        plan = await self._storage_plan(uri, target, request)
+        plan = await storagecopy.check(self, uri, target, request)
         return plan.copies
-
-    async def _storage_plan(
-        self, uri: str, target: MigrationTarget, request: MigrationRequest
-    ) -> StoragePlan:
-        """The disks ``request`` copies, checked against the destination (nothing changes)."""
-
-        def check(conn: Any) -> StoragePlan:
-            dconn = self._pool[target.uri].get()
-            return plan_storage(conn, dconn, request, host=request.destination)
-
-        return await self._mapped(uri, check, "Error checking the disks: ")
 
     async def begin_migration(
         self, request: MigrationRequest, ctx: OpContext
@@ -964,7 +952,7 @@ class LibvirtHypervisor:
         )
         if not request.p2p:
             await self._call(target.uri, lambda _c: None)  # connect now: ConnectionFailed
-        request = await self._prepare_storage(uri, target, request)
+        request = await storagecopy.prepare(self, uri, target, request)
         job = LibvirtMigrationJob(
             self,
             uri=uri,
@@ -984,47 +972,20 @@ class LibvirtHypervisor:
         await job._start()
         return job
 
-    async def _prepare_storage(
-        self, uri: str, target: MigrationTarget, request: MigrationRequest
-    ) -> MigrationRequest:
-        """Right before a storage migration starts: check the disks again (the pre-check
-        may be minutes old), create ``inc``'s overlays on the destination, record what the
-        migration creates there (:func:`storage.mark`) and name the disks to copy
-        explicitly (without a list, libvirt would copy every writable disk, shared ones
-        included). A request that finds nothing to copy continues without copying."""
-        if request.copy_storage == "none":
-            return request
-        plan = await self._storage_plan(uri, target, request)
-        if not plan.copies:
-            log.info("migration.no_disk_to_copy", vm=request.vm_name)
-            return replace(request, copy_storage="none", migrate_disks=())
-        source = self.hostname
-
-        def prepare(conn: Any) -> None:
-            dom = conn.lookupByName(request.vm_name)
-            dconn = self._pool[target.uri].get()
-            paths = [c.path for c in plan.copies if c.created]
-            storage.mark(dom, source=source, destination=target.host, paths=paths)
-            if request.copy_storage == "inc":
-                try:
-                    storage.create_overlays(dconn, plan, host=target.host)
-                except BaseException:
-                    storage.unmark(dom)
-                    raise
-
-        await self._mapped(uri, prepare, "Error preparing the disks: ")
-        return replace(request, migrate_disks=tuple(c.target for c in plan.copies))
-
     async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
-        """The disks ``request`` would copy (:func:`storage.source_copies`)."""
+        """The disks ``request`` would copy (:func:`disks.source_copies`)."""
         uri = self._local_uri(request.driver)
         return await self._mapped(
-            uri, lambda conn: storage.source_copies(conn, request), "Error reading the disks: "
+            uri, lambda conn: disks.source_copies(conn, request), "Error reading the disks: "
         )
 
-    async def adopt_migration(self, vm_name: str) -> LibvirtMigrationJob | None:
+    async def adopt_migration(
+        self, vm_name: str, *, destination: str | None = None
+    ) -> LibvirtMigrationJob | None:
         """A job handle for ``vm_name``'s outgoing migration if one is running (started by a
-        previous agent run: peer-to-peer jobs belong to libvirtd), else ``None``."""
+        previous agent run: peer-to-peer jobs belong to libvirtd), else ``None``.
+        ``destination``: where the adopting task sent it (a storage copy's images there
+        are removed if the job fails)."""
 
         def outgoing(conn: Any) -> bool:
             try:
@@ -1035,7 +996,8 @@ class LibvirtHypervisor:
 
         if not await self._mapped(self.uri, outgoing):
             return None
-        job = LibvirtMigrationJob.adopted(self, uri=self.uri, vm_name=vm_name)
+        target = await self.resolve_destination(destination) if destination else None
+        job = LibvirtMigrationJob.adopted(self, uri=self.uri, vm_name=vm_name, target=target)
         await job._adopt()
         log.info("migration.adopted", vm=vm_name)
         return job

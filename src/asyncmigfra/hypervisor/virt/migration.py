@@ -23,7 +23,7 @@ from asyncmigfra.hypervisor.base import (
     MigrationRequest,
     MigrationResult,
 )
-from asyncmigfra.hypervisor.virt import storage
+from asyncmigfra.hypervisor.virt import storagecopy
 from asyncmigfra.hypervisor.virt.connections import _is_libvirt_error
 from asyncmigfra.hypervisor.virt.domains import _JOB_NONE, _PAUSED
 from asyncmigfra.hypervisor.virt.errors import (
@@ -334,14 +334,23 @@ class LibvirtMigrationJob:
     # ---- adoption ------------------------------------------------------------------------
 
     @classmethod
-    def adopted(cls, hypervisor: LibvirtHypervisor, *, uri: str, vm_name: str) -> Self:
+    def adopted(
+        cls,
+        hypervisor: LibvirtHypervisor,
+        *,
+        uri: str,
+        vm_name: str,
+        target: MigrationTarget | None = None,
+    ) -> Self:
         """A handle on an outgoing job this agent did not start (a peer-to-peer job outlives
-        the agent that started it). Its destination and flags are unknown here."""
+        the agent that started it). Its flags are unknown here; its destination is
+        ``target`` when the adopting task names it."""
+        target = target or MigrationTarget(host="", uri="", p2p_uri="")
         return cls(
             hypervisor,
             uri=uri,
-            request=MigrationRequest(vm_name=vm_name, destination="", p2p=True),
-            target=MigrationTarget(host="", uri="", p2p_uri=""),
+            request=MigrationRequest(vm_name=vm_name, destination=target.host, p2p=True),
+            target=target,
             flags=0,
             params={},
         )
@@ -518,54 +527,19 @@ class LibvirtMigrationJob:
 
     async def _release_storage(self) -> str | None:
         """After a failure that left the VM on the source: remove the images this migration
-        created on the destination (:func:`storage.release`); a note for the result when
-        some could not be removed. Adopted jobs too: the record is the domain's."""
+        created on the destination (:func:`storagecopy.release_created`); a note for the
+        result when some could not be removed. An adopted job acts on the domain's record
+        when its destination is known (the adopting task's)."""
         if not self._adopted and self.request.copy_storage == "none":
-            return None  # (an adopted job's request is unknown: its record tells)
-        hv = self._hv
-        source = hv.hostname
-
-        def look(conn: Any) -> storage.CopyRecord | None:
-            return storage.marked(conn.lookupByName(self.vm_name))
-
-        removed: list[str] = []
-        try:
-            record = await hv._call(self._uri, look)
-            if record is None or record.source != source:
-                return None
-            target = self.target
-            if target.host != record.destination:
-                target = await hv.resolve_destination(record.destination)
-
-            def release(conn: Any) -> tuple[list[str], list[str]]:
-                dconn = hv._pool[target.uri].get()
-                dom = conn.lookupByName(self.vm_name)
-                return storage.release(
-                    dom, dconn, self.vm_name, source=source, destination=record.destination
-                )
-
-            removed, problems = await hv._call(self._uri, release)
-        except (libvirt.libvirtError, TaskError) as exc:
-            problems = [str(exc)]
-        if removed:
-            log.info("migration.created_images_removed", vm=self.vm_name, images=removed)
-        if not problems:
             return None
-        log.error("migration.created_images_left", vm=self.vm_name, problems=problems)
-        return "images the migration created on the destination were not all removed: " + (
-            "; ".join(problems)
-        )
+        target = self.target if self.target.host else None
+        return await storagecopy.release_created(self._hv, self._uri, self.vm_name, target)
 
     async def _forget_storage_record(self) -> None:
         """After success: the record of created images travelled with the guest; drop it."""
-        if self.request.copy_storage == "none" or not self.target.uri:
+        if not self.target.uri or (not self._adopted and self.request.copy_storage == "none"):
             return
-        try:
-            await self._hv._call(
-                self.target.uri, lambda c: storage.unmark(c.lookupByName(self.vm_name))
-            )
-        except (libvirt.libvirtError, TaskError) as exc:
-            log.info("migration.storage_record_kept", error=str(exc))
+        await storagecopy.forget_record(self._hv, self.vm_name, self.target)
 
     async def _resume_if_we_paused(self) -> None:
         if not self._suspended:

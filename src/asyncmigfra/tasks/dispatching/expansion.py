@@ -176,7 +176,11 @@ class _Expansion(_DispatcherBase):
         needs: dict[str, dict[str, int]] = {}
         for dom in domains:
             request = MigrationRequest(
-                vm_name=dom.name, destination="", driver=driver, copy_storage=mode
+                vm_name=dom.name,
+                destination="",
+                driver=driver,
+                copy_storage=mode,
+                migrate_disks=spec.parameter.migrate_disks or (),
             )
             try:
                 copies = await self._hv.disks_to_copy(request)

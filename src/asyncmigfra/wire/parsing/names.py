@@ -49,6 +49,11 @@ def valid_vm_name(name: str) -> bool:
     return _VM_NAME.fullmatch(name) is not None
 
 
+def valid_host(host: str) -> bool:
+    """A host name (or address literal) that can go into a libvirt URI as its host part."""
+    return _HOST.fullmatch(host) is not None
+
+
 def valid_disk_target(name: str) -> bool:
     """A ``migrate-disks`` entry: a target dev such as ``vda`` (see :data:`_DISK_TARGET`)."""
     return _DISK_TARGET.fullmatch(name) is not None
