@@ -234,6 +234,13 @@ def test_a_disk_written_at_least_as_fast_as_the_link_never_gets_in_sync(writes: 
     )
 
 
+def test_post_copy_is_named_only_when_it_would_help() -> None:
+    verdict = predict(inputs(disk_bytes=GIB, disk_write_rate=2 * GIB))
+    assert verdict.mode is None
+    assert len(verdict.blockers) == 1
+    assert "post-copy is not allowed" not in verdict.reason
+
+
 def test_the_completion_timeout_cuts_pre_copy_and_switches_a_post_copy_run() -> None:
     """Half-the-link needs 1.76 s. At 1.25 s pass 2 (512 MiB, from 1 s) has sent 256 MiB
     and the guest dirtied 128 MiB more: post-copy pulls 384 MiB."""

@@ -214,18 +214,20 @@ def predict(inputs: PredictionInputs) -> Verdict:
     its switchover then fits the target, which never exceeds ``max-downtime``; the
     switchover's fixed cost comes on top, as with QEMU); else post-copy when allowed (a
     ``post-copy`` run whose completion timeout switches to post-copy); else no mode, with
-    the reasons (and, when post-copy is not allowed, what it would have done)."""
+    the reasons (and, when post-copy is not allowed but would converge, what it would do)."""
     live = predict_run(inputs, "live")
     if live.converges:
         return _verdict("live", live, live)
     post = predict_run(inputs, "post-copy")
     if post.converges and inputs.post_copy_allowed:
         return _verdict("post-copy", post, live)
-    if inputs.post_copy_allowed:
-        blockers = live.blockers + tuple(b for b in post.blockers if b not in live.blockers)
+    if post.converges:  # and not allowed: say what it would have done
+        blockers = (
+            *live.blockers,
+            f"post-copy is not allowed (post-copy would take {post.duration:.1f} s)",
+        )
     else:
-        would = f" (post-copy would take {post.duration:.1f} s)" if post.duration else ""
-        blockers = (*live.blockers, f"post-copy is not allowed{would}")
+        blockers = live.blockers + tuple(b for b in post.blockers if b not in live.blockers)
     return Verdict(
         mode=None,
         duration=None,
