@@ -10,6 +10,10 @@ The package re-exports nothing; import from the defining module:
 - :mod:`~asyncmigfra.migration.plan`: :class:`MigrationPlan`, parameter resolution
   (``plan_migration``, ``plan_for``, ``memory_of``) and the downtime schedule;
 - :mod:`~asyncmigfra.migration.policy`: :class:`ConvergencePolicy`;
+- :mod:`~asyncmigfra.migration.prediction`: ``predict`` (will a migration converge, live or
+  post-copy, how long, what downtime) and its :class:`Verdict`, a pure model of the engine
+  and the hypervisor; its inputs are defined in
+  :mod:`~asyncmigfra.migration.prediction_inputs`;
 - :mod:`~asyncmigfra.migration.progress`: progress event fields (``_Progress``) and
   ``estimate_eta``, ``disk_phase``;
 - :mod:`~asyncmigfra.migration.companions`: the steps around the job: devices out and back

@@ -1,0 +1,120 @@
+"""What a migration prediction starts from (:mod:`~asyncmigfra.migration.prediction`): the
+migration's figures, the fixed costs of the model and the auto-converge schedule. Pure."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AutoConverge",
+    "HYPERVISOR_DEFAULT_DOWNTIME",
+    "MigrationCosts",
+    "PredictionInputs",
+]
+
+
+#: QEMU's downtime limit (ms) when nobody sets one; the agent then never changes it.
+HYPERVISOR_DEFAULT_DOWNTIME = 300
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationCosts:
+    """The model's fixed costs. Defaults: QEMU/KVM as the two-host rig measured it where a
+    figure exists, else a documented guess."""
+
+    #: s before anything moves (the destination QEMU starting; the rig: 0.3-0.5 s).
+    setup: float = 0.3
+    #: s: no pass is shorter (the fake's assumption that QEMU syncs the dirty bitmap at
+    #: most about every 100 ms; not verified against QEMU).
+    min_pass: float = 0.1
+    #: s added to every pass (the dirty-bitmap sync; a guess for guests of a few GiB,
+    #: not measured).
+    pass_overhead: float = 0.005
+    #: ms added to a pre-copy switchover (device state, CPU stop and start).
+    switchover: float = 10.0
+    #: ms the guest is paused when post-copy starts (the rig: 5 ms).
+    post_copy_pause: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("setup", "min_pass", "pass_overhead", "switchover", "post_copy_pause"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AutoConverge:
+    """How the hypervisor throttles the vCPUs with ``auto-converge``. The defaults are
+    QEMU's (``cpu-throttle-initial`` 20, ``cpu-throttle-increment`` 10,
+    ``max-cpu-throttle`` 99, ``throttle-trigger-threshold`` 50): QEMU checks at a
+    dirty-bitmap sync at least a second after its last check, and after two high checks
+    starts (or raises) the throttle and counts again from zero, so with passes of a second
+    or more the throttle rises every second pass from pass 3 on: 20 %, 30 %, 40 %, ..."""
+
+    #: Share of the vCPU time taken when throttling starts.
+    initial: float = 0.2
+    #: Added at each further step.
+    increment: float = 0.1
+    maximum: float = 0.99
+    #: A check is high when the guest dirtied more than this share of what was sent.
+    trigger: float = 0.5
+    #: High checks per throttle step.
+    checks_per_step: int = 2
+    #: After a step the count of high checks starts again from zero (QEMU); ``False``: it
+    #: keeps counting, so every further high check is a step.
+    restart_count: bool = True
+    #: s: a pass end closer than this to the last check is no check (the period goes on).
+    period: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "increment", "maximum"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.trigger < 0 or self.period < 0 or self.checks_per_step < 1:
+            raise ValueError("trigger and period must be >= 0, checks_per_step >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PredictionInputs:
+    """One migration to predict. Sizes in bytes, rates in bytes/s."""
+
+    #: Guest memory to send (what the first pass sends).
+    memory: int
+    #: What the link gives this migration (for n migrations sharing a link: its share).
+    link_rate: float
+    #: s from the start of the job (the engine's ``completion-timeout``).
+    completion_timeout: float
+    #: Memory the guest dirties per second while it runs unthrottled.
+    dirty_rate: float = 0.0
+    #: Most memory one pass can leave dirty (the guest's writable working set); ``None``:
+    #: all of ``memory``.
+    dirty_working_set: int | None = None
+    #: Disk bytes a storage copy moves (0: no storage copy).
+    disk_bytes: int = 0
+    #: Disk bytes the guest writes per second while its disks are copied (0: none/unknown).
+    disk_write_rate: float = 0.0
+    #: ms, the task's (or config's) ``max-downtime``; ``None``: the hypervisor's default
+    #: target (:data:`HYPERVISOR_DEFAULT_DOWNTIME`), never stepped.
+    max_downtime: int | None = None
+    #: The task allows post-copy (``migration-type: post-copy`` or ``auto``).
+    post_copy_allowed: bool = False
+    auto_converge: bool = False
+    page_size: int = 4096
+    costs: MigrationCosts = field(default_factory=MigrationCosts)
+    throttling: AutoConverge = field(default_factory=AutoConverge)
+
+    def __post_init__(self) -> None:
+        for name in ("memory", "disk_bytes", "link_rate", "dirty_rate", "disk_write_rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.completion_timeout > 0:
+            raise ValueError(f"completion_timeout must be > 0, got {self.completion_timeout!r}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size!r}")
+        if self.max_downtime is not None and self.max_downtime < 1:
+            raise ValueError(f"max_downtime must be >= 1 ms, got {self.max_downtime!r}")
+        if self.dirty_working_set is not None and self.dirty_working_set < 0:
+            raise ValueError(f"dirty_working_set must be >= 0, got {self.dirty_working_set!r}")
