@@ -35,8 +35,8 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rig import Rig, build_guests, domain_xml, read_state, remove_domain  # noqa: E402
-from rig.hosts import VETH  # noqa: E402
+from rig import Rig, build_guests, domain_xml, read_state, remove_domain
+from rig.hosts import VETH
 
 LINK_DOWN = 5.0
 FLAGS = (
@@ -165,7 +165,8 @@ def main() -> None:
                 flush=True,
             )
         print(
-            f"median over {len(rows)} rounds ({args.memory} MiB dirty16, link down {LINK_DOWN:g} s):"
+            f"median over {len(rows)} rounds ({args.memory} MiB dirty16, link down"
+            f" {LINK_DOWN:g} s):"
             f" fail {statistics.median(r['fail'] for r in rows):.2f} s,"
             f" recovery {statistics.median(r['recovery'] for r in rows):.2f} s after link up"
         )
