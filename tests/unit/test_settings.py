@@ -670,6 +670,12 @@ NEW_KEYS = [
     pytest.param("migration: {persist: false}", "migration.persist", False, id="persist"),
     pytest.param("migration: {retry-counter: 3}", "migration.retry_counter", 3, id="retry-counter"),
     pytest.param("migration: {retry-delay: 0.25}", "migration.retry_delay", 0.25, id="retry-delay"),
+    pytest.param(
+        "migration: {postcopy-recovery-window: 0}",
+        "migration.postcopy_recovery_window",
+        0.0,
+        id="postcopy-recovery-window",
+    ),
     pytest.param("migration: {tls: true}", "migration.tls", True, id="migration-tls"),
     pytest.param("migration: {p2p: false}", "migration.p2p", False, id="p2p"),
     pytest.param("migration: {max-outgoing: 5}", "migration.max_outgoing", 5, id="max-outgoing"),

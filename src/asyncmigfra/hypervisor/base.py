@@ -40,6 +40,9 @@ __all__ = [
     "MigrationRequest",
     "MigrationResult",
     "OpContext",
+    "PostCopyRecovery",
+    "PostCopySourceState",
+    "RecoversPostCopy",
 ]
 
 
@@ -229,6 +232,47 @@ class AdoptsMigrations(Protocol):
     ) -> MigrationJob | None:
         """A handle for ``vm_name``'s outgoing migration if one runs, else ``None``;
         ``destination`` is where the adopting task sends it."""
+
+
+#: Where the guest of a broken post-copy is, as the source sees it: ``broken`` (paused there
+#: in the post-copy-failed state: resumable), ``left`` (no longer on the source: the migration
+#: completed after all), ``other`` (on the source in another state).
+PostCopySourceState = Literal["broken", "left", "other"]
+
+
+@runtime_checkable
+class PostCopyRecovery(Protocol):
+    """A post-copy migration whose connection broke after the switch: the guest's vCPUs run
+    on the destination and wait there for the memory still on the source, where the guest
+    is paused (libvirt: ``VIR_DOMAIN_PAUSED_POSTCOPY_FAILED``). Only resuming the migration
+    can finish it: :meth:`resume_post_copy` is tried again until it succeeds, bounded by the
+    engine."""
+
+    async def resume_post_copy(self) -> MigrationResult:
+        """One attempt to resume the migration; returns once it completed. Raises a
+        ``TaskError`` when this attempt failed (the link is still down, the destination is
+        not ready yet: try again), ``NotSupported`` when resuming can never work here."""
+
+    async def stats(self) -> JobStats | None:
+        """The statistics of the attempt running now (the last known ones otherwise)."""
+
+    async def source_state(self) -> PostCopySourceState:
+        """Where the guest is now, as the source sees it (see :data:`PostCopySourceState`)."""
+
+    async def describe(self) -> str:
+        """Where the guest's state is on both hosts and how an operator resumes it by hand
+        (for a result that gives up)."""
+
+
+@runtime_checkable
+class RecoversPostCopy(Protocol):
+    """A back-end that can resume a post-copy migration whose connection broke (libvirt >=
+    8.5 with QEMU >= 7: ``VIR_MIGRATE_POSTCOPY_RESUME``; the ``fake`` back-end)."""
+
+    async def broken_post_copy(self, request: MigrationRequest) -> PostCopyRecovery | None:
+        """A handle for resuming ``request``'s migration when its guest is in the post-copy
+        failed state on this host (whoever started it: this job, an earlier agent run), else
+        ``None``."""
 
 
 @runtime_checkable

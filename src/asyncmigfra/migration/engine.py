@@ -51,6 +51,7 @@ from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.plan import MigrationPlan, memory_of, plan_for
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
+from asyncmigfra.migration.recovery import broken_post_copy, recover_or_raise, resume_found
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.peers.bus import MessageBus
 from asyncmigfra.peers.userhooks import HookCall, HookRunner
@@ -88,6 +89,11 @@ async def migrate(
     check_pscom(spec, bus)
     memory = await memory_of(hypervisor, spec.vm_name)
     plan = await plan_for(spec, hypervisor=hypervisor, settings=settings, memory=memory)
+    broken = await broken_post_copy(
+        hypervisor, plan.request, settings.migration.postcopy_recovery_window
+    )
+    if broken is not None:  # this migration broke in post-copy earlier: resume it
+        return await resume_found(broken, plan, spec, ctx, settings=settings)
     # Pre-checks come before anything touches the VM (devices included): a failure leaves
     # it exactly as it was.
     ctx.phase("pre-checks")
@@ -369,7 +375,18 @@ async def _migrate_once(
                 await asyncio.wait({done})
         finally:
             await _settle(done)
-        result = done.result()
+        try:
+            result = done.result()
+        except TaskError as exc:  # a broken post-copy is resumed (migration/recovery.py)
+            result = await recover_or_raise(
+                exc,
+                request,
+                ctx,
+                hypervisor=hypervisor,
+                window=settings.migration.postcopy_recovery_window,
+                interval=settings.agent.progress_interval,
+                progress=progress,
+            )
     final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)

@@ -196,6 +196,9 @@ class MigrationDefaults:
     retry_counter: int = 0
     #: s before the first retry (doubles each time).
     retry_delay: float = 2.0
+    #: s the agent keeps trying to resume a post-copy migration whose connection broke
+    #: after the switch; 0: no recovery (the task fails at once).
+    postcopy_recovery_window: float = 300.0
     tls: bool = False
     #: Peer-to-peer migrations (the job belongs to libvirtd and survives an agent restart).
     p2p: bool = True

@@ -163,6 +163,8 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MigrationDefaults, "completion_timeout_min"): _DELAY,
     (MigrationDefaults, "retry_counter"): _NON_NEGATIVE,
     (MigrationDefaults, "retry_delay"): _DELAY,
+    # 0: no post-copy recovery.
+    (MigrationDefaults, "postcopy_recovery_window"): _NON_NEGATIVE,
     (MigrationDefaults, "max_outgoing"): _COUNT,
     (MigrationDefaults, "max_incoming"): _COUNT,
     (MigrationDefaults, "device_timeout"): _DELAY,

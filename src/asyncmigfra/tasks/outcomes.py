@@ -40,6 +40,11 @@ class Outcome:
     state: str | None = None
     #: VM 2's own outcome in a swap (a wire map: ``vm-name``, ``status``, ...).
     swap_with: dict[str, object] | None = None
+    #: A broken post-copy was recovered (``True``) or could not be (``False``); ``None``: no
+    #: recovery was needed.
+    recovered: bool | None = None
+    #: s the recovery took, from the failure found to the migration completed.
+    recovery_time: float | None = None
 
     def note(self, *texts: str) -> None:
         """Add ``texts`` to ``details`` (``; `` between them)."""
@@ -64,6 +69,10 @@ class Outcome:
             keys["state"] = self.state
         if self.swap_with is not None:
             keys["swap-with"] = self.swap_with
+        if self.recovered is not None:
+            keys["recovered"] = self.recovered
+        if self.recovery_time is not None:
+            keys["recovery-time"] = self.recovery_time
         return keys
 
 

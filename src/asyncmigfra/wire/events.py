@@ -73,9 +73,17 @@ class Events:
         self.sink.emit(ev, terminal=True)
 
     def done(
-        self, task_id: str | None, vm_name: str | None, *, status: str, duration: float
+        self,
+        task_id: str | None,
+        vm_name: str | None,
+        *,
+        status: str,
+        duration: float,
+        extra: Mapping[str, object] | None = None,
     ) -> None:
+        """``extra``: keys after ``duration`` (``recovered``, ``recovery-time``)."""
         ev = self._base("done", task_id, vm_name)
         ev["status"] = status
         ev["duration"] = round(duration, 6)
+        ev.update(extra or {})
         self.sink.emit(ev, terminal=True)

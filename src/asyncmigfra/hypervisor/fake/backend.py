@@ -38,6 +38,7 @@ from asyncmigfra.hypervisor.fake.cluster import (
 from asyncmigfra.hypervisor.fake.domainxml import _parse_domain_xml, _XmlDomain
 from asyncmigfra.hypervisor.fake.faults import FAULT_OPS, INJECTED
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
+from asyncmigfra.hypervisor.fake.postcopy import FakePostCopyRecovery, find_broken
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 
@@ -72,6 +73,7 @@ class FakeHypervisor:
         start_timeout: float = 60.0,
         stop_timeout: float = 60.0,
         time_scale: float = 1.0,
+        postcopy_break_for: float = 2.0,
         faults: Mapping[str, int | None] | None = None,
     ) -> None:
         self.cluster = cluster
@@ -84,6 +86,8 @@ class FakeHypervisor:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.time_scale = time_scale
+        #: Simulated s a ``postcopy-break`` keeps the destination unreachable.
+        self.postcopy_break_for = postcopy_break_for
         #: op -> remaining count, ``None`` = always.
         self._faults: dict[str, int | None] = {}
         for op, count in (faults or {}).items():
@@ -215,7 +219,7 @@ class FakeHypervisor:
 
     @staticmethod
     def _not_migrating(dom: FakeDomain) -> None:
-        if dom.job is not None:
+        if dom.job is not None or dom.broken is not None:
             raise Busy(f"domain '{dom.name}' has a migration job running")
 
     def _power_off(self, dom: FakeDomain) -> None:
@@ -503,9 +507,28 @@ class FakeHypervisor:
             request=request,
             fail_midway=self._take_fault("migrate-midway"),
             disk_bytes=sum(disks.values()),
+            break_post_copy=self._take_fault("postcopy-break"),
         )
         job._begin()
         return job
+
+    async def broken_post_copy(self, request: MigrationRequest) -> FakePostCopyRecovery | None:
+        """The recovery of ``request``'s post-copy if it broke (fault ``postcopy-break``)."""
+        self.cluster.sync()
+        return find_broken(self, request)
+
+    def _resumed_job(
+        self, dom: FakeDomain, dest: FakeHost, request: MigrationRequest
+    ) -> FakeMigrationJob:
+        """A job that resumes ``dom``'s broken post-copy (see fake/postcopy.py)."""
+        return FakeMigrationJob(
+            owner=self,
+            domain=dom,
+            source=self.host,
+            destination=dest,
+            request=request,
+            fail_midway=False,
+        )
 
     def _offline(
         self, dom: FakeDomain, dest: FakeHost, request: MigrationRequest

@@ -16,6 +16,7 @@ from asyncmigfra.model import PciAddress, PciId, VcpuMap
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
+    from asyncmigfra.hypervisor.fake.postcopy import BrokenPostCopy
 
 #: Where the cluster lives in the per-process ``shared`` dict.
 SHARED_KEY = "fake-cluster"
@@ -75,6 +76,8 @@ class FakeDomain:
         self.stop_delay = stop_delay
         #: The migration job that currently moves this domain, if any.
         self.job: FakeMigrationJob | None = None
+        #: Set while a post-copy migration of this domain is broken (``postcopy-break``).
+        self.broken: BrokenPostCopy | None = None
         #: PCI passthrough devices (type, host address); QEMU cannot migrate with these.
         self.hostdevs: list[tuple[PciId, PciAddress]] = []
         #: ivshmem devices, as device XML; QEMU cannot migrate with these either.

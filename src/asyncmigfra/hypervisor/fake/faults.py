@@ -8,7 +8,10 @@ from __future__ import annotations
 
 #: Operations that ``fail``/:meth:`FakeHypervisor.inject` can make fail. ``migrate`` fails
 #: ``begin_migration`` itself; ``migrate-midway`` lets the job start and fails it half-way
-#: through the first memory pass with ``MigrationFailed`` (the guest stays on the source).
+#: through the first memory pass with ``MigrationFailed`` (the guest stays on the source);
+#: ``postcopy-break`` breaks the next migration half-way through its post-copy phase: the
+#: guest is paused on the source until a resume succeeds, which it can once the back-end's
+#: ``postcopy-break-for`` (simulated) seconds have passed.
 FAULT_OPS: tuple[str, ...] = (
     "start",
     "stop",
@@ -18,6 +21,7 @@ FAULT_OPS: tuple[str, ...] = (
     "set-memory",
     "migrate",
     "migrate-midway",
+    "postcopy-break",
     "detach-device",
     "attach-device",
     "list-domains",

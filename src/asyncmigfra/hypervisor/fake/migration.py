@@ -10,6 +10,7 @@ from asyncmigfra.errors import HypervisorError, MigrationFailed, TaskCancelled, 
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest, MigrationResult
 from asyncmigfra.hypervisor.fake.cluster import _KIB, _MIB
 from asyncmigfra.hypervisor.fake.faults import INJECTED
+from asyncmigfra.hypervisor.fake.postcopy import break_post_copy
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.fake.backend import FakeHypervisor
@@ -80,6 +81,7 @@ class FakeMigrationJob:
         request: MigrationRequest,
         fail_midway: bool,
         disk_bytes: int = 0,
+        break_post_copy: bool = False,
     ) -> None:
         self.request = request
         self.domain = domain
@@ -102,6 +104,8 @@ class FakeMigrationJob:
             else _DEFAULT_MAX_DOWNTIME_MS
         )
         self._fail_midway = fail_midway
+        #: ``postcopy-break``: the post-copy phase breaks half-way (fake/postcopy.py).
+        self._break_post_copy = break_post_copy
         #: Bytes of disk the storage copy moves before memory (0: no storage copy).
         self._disk = max(0, disk_bytes)
         self._disk_start = 0.0
@@ -146,6 +150,15 @@ class FakeMigrationJob:
         self.destination.incoming[self.domain.name] = self.domain.memory
         self._cluster.jobs.add(self)
         self._reschedule()
+
+    def _begin_resumed(self, remaining: float) -> None:
+        """Start as the resumed post-copy of a broken one: ``remaining`` bytes still to pull,
+        the guest (paused by the break) to run on the destination."""
+        self._phase = _Phase.POSTCOPY
+        self._post_start = self._now()
+        self._post_amount = remaining
+        self._paused_by_job = True
+        self._begin()
 
     def _finish_now(self, outcome: MigrationResult) -> None:
         """End a job that moved no memory (offline)."""
@@ -195,6 +208,8 @@ class FakeMigrationJob:
         if phase is _Phase.SWITCHOVER:
             return self._switch_start + self._switch_duration
         if phase is _Phase.POSTCOPY:
+            if self._break_post_copy:
+                return self._post_start + self._post_amount / self._bw / 2
             return self._post_start + self._post_amount / self._bw
         return None
 
@@ -222,6 +237,8 @@ class FakeMigrationJob:
             self._end_pass(at)
         elif phase is _Phase.SWITCHOVER:
             self._complete(at, post_copy=False)
+        elif phase is _Phase.POSTCOPY and self._break_post_copy:
+            break_post_copy(self, at, remaining=self._post_amount / 2)
         elif phase is _Phase.POSTCOPY:
             self._complete(at, post_copy=True)
 

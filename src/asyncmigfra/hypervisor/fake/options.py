@@ -42,6 +42,7 @@ _ALLOWED = frozenset(
         "start-timeout",
         "stop-timeout",
         "time-scale",
+        "postcopy-break-for",
         "fail",
     }
 )
@@ -196,6 +197,7 @@ def create(
         "start_timeout": number("start-timeout", 60.0, positive=True),
         "stop_timeout": number("stop-timeout", 60.0, positive=True),
         "time_scale": number("time-scale", 1.0, positive=True),
+        "postcopy_break_for": number("postcopy-break-for", 2.0),
     }
     faults = _parse_faults(options["fail"]) if "fail" in options else {}
 

@@ -100,6 +100,7 @@ from asyncmigfra.hypervisor.virt.options import (
     default_local_uri,
     parse_options,
 )
+from asyncmigfra.hypervisor.virt.postcopy import LibvirtPostCopyRecovery, find_broken_post_copy
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 # The package's logger name, as before the split into modules.
@@ -132,7 +133,7 @@ class LibvirtHypervisor:
     """The ``libvirt`` back-end (see the package docstring).
 
     Public extras beyond the Protocol: :meth:`find_running_migrations`,
-    :meth:`adopt_migration`,
+    :meth:`adopt_migration`, :meth:`broken_post_copy`,
     :meth:`add_event_listener`, :meth:`resolve_destination`, ``probe_port`` (the SSH probe's
     port, 22) and ``uri``/``config``.
     """
@@ -1001,6 +1002,11 @@ class LibvirtHypervisor:
         await job._adopt()
         log.info("migration.adopted", vm=vm_name)
         return job
+
+    async def broken_post_copy(self, request: MigrationRequest) -> LibvirtPostCopyRecovery | None:
+        """A handle that resumes ``request``'s post-copy migration when its guest is paused
+        here in the post-copy-failed state (:mod:`.postcopy`), else ``None``."""
+        return await find_broken_post_copy(self, request)
 
     async def find_running_migrations(self) -> list[str]:
         """Names of local domains with an outgoing migration job (to adopt or abort after

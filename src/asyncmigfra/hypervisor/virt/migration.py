@@ -12,6 +12,7 @@ import structlog
 
 import libvirt
 from asyncmigfra.errors import (
+    HypervisorError,
     MigrationFailed,
     TaskCancelled,
     TaskError,
@@ -376,16 +377,23 @@ class LibvirtMigrationJob:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_ADOPTED_RECHECK):
                     await self._changed.wait()
-        if await self._source_state() == "source":
+        where = await self._source_state()
+        if where == "postcopy-failed":
+            raise HypervisorError("Migration failed: the post-copy migration broke")
+        if where == "source":
             if self._aborted:
                 raise TaskCancelled("Migration failed: the migration job was aborted")
             raise MigrationFailed("Migration failed: the migration job ended without completing")
 
     def _job_running(self, conn: Any) -> bool:
         try:
-            raw = conn.lookupByName(self.vm_name).jobStats()
+            dom = conn.lookupByName(self.vm_name)
+            raw = dom.jobStats()
+            state, reason = dom.state()
         except libvirt.libvirtError:
             return False  # the domain left, or is no longer running
+        if state == _PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED:
+            return False  # a broken post-copy keeps its job in jobStats(); nothing runs
         return _num(raw, "type") != _JOB_NONE
 
     def _raw_stats(self, conn: Any) -> dict[str, Any]:

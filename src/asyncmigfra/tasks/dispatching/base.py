@@ -37,6 +37,9 @@ from asyncmigfra.tasks.running import SubtaskContext, reconcile_subtask, run_sub
 from asyncmigfra.timing import TimeMeasurement
 from asyncmigfra.wire.events import Events
 
+#: Result entry keys that the ``done`` event repeats (a recovered post-copy, protocol §5.7).
+_DONE_KEYS = ("recovered", "recovery-time")
+
 
 class _DispatcherBase:
     """The state of a dispatcher and the steps its parts share."""
@@ -174,7 +177,10 @@ class _DispatcherBase:
             self._events.error(
                 job.msg.id, entry.vm_name, code=entry.code or "", details=entry.details or ""
             )
-        self._events.done(job.msg.id, entry.vm_name, status=entry.status, duration=duration)
+        extra = {k: entry.extra[k] for k in _DONE_KEYS if k in entry.extra}
+        self._events.done(
+            job.msg.id, entry.vm_name, status=entry.status, duration=duration, extra=extra
+        )
 
     def _failed(self, job: _Job, vm_name: str, exc: TaskError) -> ResultEntry:
         entry = entry_for(vm_name, exc)
