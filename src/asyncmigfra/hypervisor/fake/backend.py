@@ -503,6 +503,7 @@ class FakeHypervisor:
             request=request,
             fail_midway=self._take_fault("migrate-midway"),
             disk_bytes=sum(disks.values()),
+            stall_midway=self._take_fault("migrate-stall"),
         )
         job._begin()
         return job

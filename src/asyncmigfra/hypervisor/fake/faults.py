@@ -8,7 +8,9 @@ from __future__ import annotations
 
 #: Operations that ``fail``/:meth:`FakeHypervisor.inject` can make fail. ``migrate`` fails
 #: ``begin_migration`` itself; ``migrate-midway`` lets the job start and fails it half-way
-#: through the first memory pass with ``MigrationFailed`` (the guest stays on the source).
+#: through the first memory pass with ``MigrationFailed`` (the guest stays on the source);
+#: ``migrate-stall`` lets it start and stops its stream half-way through the first memory
+#: pass, as a cut network does: it moves no more data until it is aborted.
 FAULT_OPS: tuple[str, ...] = (
     "start",
     "stop",
@@ -18,6 +20,7 @@ FAULT_OPS: tuple[str, ...] = (
     "set-memory",
     "migrate",
     "migrate-midway",
+    "migrate-stall",
     "detach-device",
     "attach-device",
     "list-domains",
