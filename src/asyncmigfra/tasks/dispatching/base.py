@@ -120,6 +120,7 @@ class _DispatcherBase:
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
             hooks=self._hooks,
+            steering=run.steering,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -140,6 +141,7 @@ class _DispatcherBase:
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
             hooks=self._hooks,
+            steering=run.steering,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):
