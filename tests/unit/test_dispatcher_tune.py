@@ -334,3 +334,26 @@ async def test_tune_is_answered_while_draining() -> None:
         submit(d, tune("t", "nothing", bandwidth=1))
         assert entries(await rec.result("t")) == [("n/a", "error", "wrong-state", {})]
         await draining
+
+
+async def test_a_bug_in_a_tune_is_an_entry_not_a_dead_agent(monkeypatch) -> None:
+    from asyncmigfra.migration.steering import MigrationSteering  # noqa: PLC0415
+
+    async def broken(self: MigrationSteering, tuning: object) -> dict[str, object]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(MigrationSteering, "tune", broken)
+    hv = fake(dom("big"), **{"time-scale": 10})
+    async with dispatcher(hv, settings()) as (d, rec):
+        submit(d, migrate("mig", "big", bandwidth=10))
+        await migrating(rec, "mig")
+        submit(d, tune("t", "mig", bandwidth=0))
+        r = await rec.result("t")
+        assert [(e.vm_name, e.status, e.code) for e in r.entries] == [
+            ("big", "error", "hypervisor-error")
+        ]
+        assert (r.entries[0].details or "").startswith("internal error")
+        submit(d, "id: s\ntask: status\n")  # the dispatcher still answers
+        assert (await rec.result("s")).result == "status"
+        d.cancel_all("enough")
+        await rec.result("mig")

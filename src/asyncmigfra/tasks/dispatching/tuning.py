@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import structlog
+
 from asyncmigfra.errors import InvalidTask, TaskError, VmNotFound, WrongState
 from asyncmigfra.migration.steering import MigrationSteering, Tuning
 from asyncmigfra.model import (
@@ -26,6 +28,8 @@ from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import Reply, _audit, _Job, _Run
 from asyncmigfra.tasks.outcomes import entry_for
 
+log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
+
 #: The tasks whose migrations can be tuned.
 _TUNABLE = frozenset({TaskKind.MIGRATE, TaskKind.EVACUATE})
 
@@ -38,7 +42,10 @@ class _Tuning(_DispatcherBase):
         spec = msg.subtasks[0]
         assert isinstance(spec, TuneSpec)
         self._events.accepted(msg.id, task=msg.kind.value, vm_names=[])
-        entries = await self._tune(spec)
+        try:
+            entries = await self._tune(spec)
+        except Exception as exc:  # noqa: BLE001 - the outcome boundary: a bug is an entry
+            entries = [entry_for("n/a", exc, logger=log, task_id=msg.id)]
         _audit(msg, entries, time.monotonic() - received)
         self._deliver(self._result(msg, entries), reply, None)
 
@@ -75,8 +82,8 @@ async def _tune_one(
         return entry_for(vm_name, target)
     try:
         applied = await target.tune(tuning)
-    except TaskError as exc:
-        return entry_for(vm_name, exc)
+    except Exception as exc:  # noqa: BLE001 - the outcome boundary: a bug is an entry
+        return entry_for(vm_name, exc, logger=log)
     return ResultEntry(vm_name=vm_name, status="success", extra=applied)
 
 
