@@ -80,7 +80,7 @@ async def _announce(session: Session, out: Out, host: str, *, force: bool) -> No
 
 
 #: Tasks that cannot be cancelled (answered at once): no cancel hint for them.
-_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit", "tune"})
+_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit", "tune migration"})
 
 
 @dataclass(slots=True)
@@ -378,7 +378,9 @@ async def tune(
         post_copy=post_copy,
         force_complete=force_complete,
     )
-    return await _request(conn, out, host, payload, task_id, limit=limit, force=force, kind="tune")
+    return await _request(
+        conn, out, host, payload, task_id, limit=limit, force=force, kind="tune migration"
+    )
 
 
 async def repin(
