@@ -10,11 +10,12 @@ import pytest
 
 from asyncmigfra.errors import InvalidTask
 from asyncmigfra.hypervisor.base import JobStats
+from asyncmigfra.migration import swap as swap_module
 from asyncmigfra.migration.plan import MigrationPlan, _downtime_schedule, plan_migration
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
-from asyncmigfra.model import MigrateSpec, MigrationParams
-from asyncmigfra.settings import MigrationDefaults
+from asyncmigfra.model import MigrateSpec, MigrationParams, SwapWith
+from asyncmigfra.settings import MigrationDefaults, default_settings
 
 GIB_KIB = 1024 * 1024
 MIB = 1 << 20
@@ -327,3 +328,25 @@ def test_a_tuned_event_carries_the_values() -> None:
     )
     assert other["action"] == "raise-downtime"
     assert "bandwidth" not in other
+
+
+async def test_a_swap_partner_does_not_take_the_tls_destination(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """VM 2 comes to this host: the name in ``tls-destination`` is the destination's."""
+    seen: list[MigrateSpec] = []
+
+    async def held(ours: MigrateSpec, theirs: MigrateSpec, *args: object, **kw: object) -> None:
+        seen.extend([ours, theirs])
+
+    monkeypatch.setattr(swap_module, "_swap_held", held)
+    params = MigrationParams(
+        tls=True, tls_destination="b.example.org", swap_with=SwapWith(vm_name="two")
+    )
+    spec = MigrateSpec(vm_name="one", destination="b", parameter=params)
+    settings = default_settings(hostname="a", migration={"swap_lock": "off"})
+    await swap_module.swap(spec, None, hypervisor=None, settings=settings)  # type: ignore[arg-type]
+    ours, theirs = seen
+    assert (ours.vm_name, ours.parameter.tls_destination) == ("one", "b.example.org")
+    assert (theirs.vm_name, theirs.parameter.tls_destination) == ("two", None)
+    assert theirs.parameter.tls is True
