@@ -85,7 +85,7 @@ if str(ROOT / "tests" / "real") not in sys.path:
 from agents import rig_agent_settings
 
 import libvirt
-from asyncmigfra.hypervisor.virt.migration import (
+from asyncmigfra.hypervisor.virt.migrationparams import (
     MigrationTarget,
     migration_flags,
     migration_params,

@@ -231,6 +231,8 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
         )
     if cmd == "cancel":
         return lambda: c.cancel(conn, out, target=args.target, host=args.host, **common)
+    if cmd == "tune":
+        return _tune_call(args, conn, out, common)
     if cmd == "evacuate":
         evac: dict[str, object] = {
             "migration-type": args.migration_type,
@@ -251,6 +253,34 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
     if cmd == "watch":
         return lambda: c.watch(conn, out, host=args.host, vm=args.vm, task_id=args.task_id)
     raise AssertionError(cmd)  # pragma: no cover - argparse restricts the choices
+
+
+def _tune_call(
+    args: argparse.Namespace, conn: Any, out: Any, common: dict[str, Any]
+) -> Callable[[], Coroutine[Any, Any, int]]:
+    """``tune``: at least one change, checked before anything is sent."""
+    from asyncmigfra.console import commands as c  # noqa: PLC0415
+    from asyncmigfra.console.exits import USAGE, CliError  # noqa: PLC0415
+
+    changes = (args.bandwidth, args.max_downtime)
+    if all(v is None for v in changes) and not (args.post_copy or args.force_complete):
+        raise CliError(
+            USAGE,
+            "tune: say what to change: --bandwidth, --max-downtime, --post-copy or"
+            " --force-complete",
+        )
+    return lambda: c.tune(
+        conn,
+        out,
+        target=args.target,
+        host=args.host,
+        vm=args.vm,
+        bandwidth=args.bandwidth,
+        max_downtime=args.max_downtime,
+        post_copy=args.post_copy,
+        force_complete=args.force_complete,
+        **common,
+    )
 
 
 def _client(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:

@@ -16,6 +16,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
+from asyncmigfra.streamoptions import CompressionMethod
+
 __all__ = [
     "EvacuateSpec",
     "Ivshmem",
@@ -38,6 +40,7 @@ __all__ = [
     "TaskKind",
     "TaskMessage",
     "CancelSpec",
+    "TuneSpec",
     "VcpuMap",
     "VmName",
 ]
@@ -62,6 +65,7 @@ class TaskKind(enum.StrEnum):
     QUIT = "quit"
     STATUS = "status"
     CANCEL = "cancel"
+    TUNE = "tune migration"
 
     @property
     def result_name(self) -> str:
@@ -79,6 +83,7 @@ _RESULT_NAMES: dict[TaskKind, str] = {
     TaskKind.QUIT: "quit",
     TaskKind.STATUS: "status",
     TaskKind.CANCEL: "cancelled",
+    TaskKind.TUNE: "tuned",
 }
 
 
@@ -265,6 +270,22 @@ class MigrationParams:
     migrate_disks: tuple[str, ...] | None = None
     #: ``copy-storage-synchronous-writes``: the guest's disk writes go to both sides.
     synchronous_writes: bool | None = None
+    #: s without data moving before ``timeout-action`` applies; 0: off.
+    progress_timeout: float | None = None
+    #: ``compression``: the methods (``()``: given empty, none, whatever the config says).
+    compression: tuple[CompressionMethod, ...] | None = None
+    #: Level of the ``zlib`` or ``zstd`` method.
+    compression_level: int | None = None
+    #: MiB
+    xbzrle_cache: int | None = None
+    zerocopy: bool | None = None
+    #: MiB/s once in post-copy; 0: unlimited.
+    postcopy_bandwidth: int | None = None
+    #: Percent.
+    auto_converge_initial: int | None = None
+    auto_converge_increment: int | None = None
+    #: The host name the destination's TLS certificate must carry.
+    tls_destination: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -309,6 +330,25 @@ class StatusSpec(Subtask):
 class CancelSpec(Subtask):
     #: The ``id`` of the task to cancel.
     target: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TuneSpec(Subtask):
+    """``tune migration``: change a running migration (protocol §3.11)."""
+
+    #: The ``id`` of the ``migrate vm`` or ``evacuate node`` task to change.
+    target: str
+    #: Only this VM of the target (an evacuation's or a swap's); ``None``: every VM whose
+    #: migration job runs.
+    vm_name: str | None = None
+    #: MiB/s; 0: unlimited.
+    bandwidth: int | None = None
+    #: ms
+    max_downtime: int | None = None
+    #: Switch to post-copy now.
+    post_copy: bool = False
+    #: Pause the guest on the source so the copy finishes now.
+    force_complete: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

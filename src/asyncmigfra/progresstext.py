@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ShownPercent",
+    "action_text",
     "disk_text",
     "fmt_eta",
     "fmt_part",
@@ -178,6 +179,27 @@ class ShownPercent:
         return self.value
 
 
+def action_text(doc: Mapping[str, object]) -> str | None:
+    """What the agent changed with a progress event, for people: ``raise-downtime``,
+    ``abort (progress-timeout)``, ``tuned bandwidth 50 MiB/s, post-copy``; ``None`` when it
+    changed nothing."""
+    action = doc.get("action")
+    if action is None:
+        return None
+    if action != "tuned":
+        reason = doc.get("reason")
+        return f"{action}" + (f" ({reason})" if reason is not None else "")
+    # (``max-downtime`` is in every event with a target: the views show it as the target.)
+    changes = []
+    bandwidth = number(doc.get("bandwidth"))
+    if bandwidth == 0:
+        changes.append("bandwidth unlimited")
+    elif bandwidth is not None:
+        changes.append(f"bandwidth {bandwidth:g} MiB/s")
+    changes += [key for key in ("post-copy", "force-complete") if doc.get(key) is True]
+    return "tuned " + ", ".join(changes) if changes else "tuned"
+
+
 def target_text(doc: Mapping[str, object], maximum: object = None) -> str | None:
     """``target 30 ms -> max 300 ms``: the downtime target set now and, when the caller knows
     it (the task's ``max-downtime``), the most the convergence policy may raise it to."""
@@ -201,8 +223,9 @@ def progress_parts(
         parts.append(eta)
     if doc.get("phase") == "completed" and number(doc.get("downtime")) is not None:
         parts.append(f"downtime {number(doc.get('downtime')):g} ms")
-    if "action" in doc:
-        parts.append(f"action {doc['action']}")
+    action = action_text(doc)
+    if action is not None:
+        parts.append(f"action {action}")
     state = remaining_of_total(doc)
     if state is not None:
         parts.append(f"remaining {fmt_size(state[0])}")

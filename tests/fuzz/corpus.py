@@ -189,6 +189,7 @@ RESULT_NAMES = {
     "quit": "quit",
     "status": "status",
     "cancel": "cancelled",
+    "tune migration": "tuned",
 }
 LIST_KEYS = {
     "start vm": "vm-configurations",
@@ -304,6 +305,9 @@ def _parameter(r: random.Random, *, evacuate: bool = False) -> dict[str, Node]:
         ("retry_counter", lambda: _uint(r, 0, 3)),
         ("pscom-hook-procs", lambda: r.choice(["0", "0", "4", "auto"])),
         ("copy-storage", lambda: r.choice(["none", "all", "inc", "'all'"])),
+        # Issue 17: keys that go with any other (the stream rules judge the rest).
+        ("progress-timeout", lambda: r.choice(["0", "5", "150", "2.5"])),
+        ("postcopy-bandwidth", lambda: _uint(r, 0, 1000)),
     ]
     if evacuate:
         choices += [
@@ -355,6 +359,27 @@ def _body(r: random.Random, kind: str, items: int | None = None) -> dict[str, No
             body["parameter"] = _parameter(r, evacuate=True)
     elif kind == "cancel":
         body["target"] = f"nothing-{r.randint(0, 10**9)}"
+    elif kind == "tune migration":
+        body.update(_tune(r))
+    return body
+
+
+def _true(r: random.Random) -> str:
+    return r.choice([w for w in BOOL_WORDS if w.lower() in {"y", "yes", "true", "on"}])
+
+
+def _tune(r: random.Random) -> dict[str, Node]:
+    """``tune migration``: a target, maybe a VM, at least one change, never both post-copy
+    and force-complete (issue 17)."""
+    body: dict[str, Node] = {"target": r.choice([f"mig-{r.randint(0, 10**9)}", sq("0012")])}
+    _optional(r, body, "vm-name", lambda: _name(r))
+    changes: list[tuple[str, Callable[[], Node]]] = [
+        ("bandwidth", lambda: _uint(r, 0, 10000)),
+        ("max-downtime", lambda: _uint(r, 1, 2000)),
+        (r.choice(["post-copy", "force-complete"]), lambda: _true(r)),
+    ]
+    for key, make in r.sample(changes, r.randint(1, 3)):
+        body[key] = make()
     return body
 
 
@@ -369,6 +394,7 @@ KIND_WEIGHTS = {
     "quit": 4,
     "status": 8,
     "cancel": 6,
+    "tune migration": 4,
 }
 
 

@@ -95,6 +95,10 @@ class ScriptedDomain:
         self.calls.append(("post-copy",))
         return 0
 
+    def migrateSetMaxSpeed(self, bandwidth: int, flags: int = 0) -> int:
+        self.calls.append(("max-speed", bandwidth, flags))
+        return 0
+
     def suspend(self) -> int:
         self.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
         return 0
@@ -318,3 +322,29 @@ async def test_aclose_aborts_a_running_job(dom: ScriptedDomain, hv: LibvirtHyper
     assert dom.outcome == "aborted"
     with pytest.raises(TaskCancelled):
         await job.wait()
+
+
+async def test_set_bandwidth_caps_pre_copy_and_post_copy(
+    hv: LibvirtHypervisor, dom: ScriptedDomain
+) -> None:
+    """Issue 17: ``virDomainMigrateSetMaxSpeed`` in MiB/s; 0 (unlimited) is libvirt's own
+    maximum for pre-copy and 0 itself (QEMU's "no limit") with the POSTCOPY flag."""
+    from asyncmigfra.hypervisor.virt.migrationparams import BANDWIDTH_UNLIMITED  # noqa: PLC0415
+
+    job = await hv.begin_migration(request(), Ctx())
+    await job.set_bandwidth(64)
+    await job.set_bandwidth(0)
+    await job.set_bandwidth(10**20)
+    await job.set_bandwidth(32, post_copy=True)
+    await job.set_bandwidth(0, post_copy=True)
+    postcopy = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
+    assert [c for c in dom.calls if c[0] == "max-speed"] == [
+        ("max-speed", 64, 0),
+        ("max-speed", BANDWIDTH_UNLIMITED, 0),
+        ("max-speed", BANDWIDTH_UNLIMITED, 0),
+        ("max-speed", 32, postcopy),
+        ("max-speed", 0, postcopy),
+    ]
+    assert BANDWIDTH_UNLIMITED == 8796093022207
+    dom.release.set()
+    await job.wait()

@@ -33,6 +33,7 @@ from asyncmigfra.hypervisor.virt import (
     HostAddress,
     LibvirtHypervisor,
     MigrationTarget,
+    check_stream_support,
     create,
     job_stats,
     map_libvirt_errors,
@@ -286,6 +287,91 @@ async def test_migration_params_name_the_disks_to_copy() -> None:
     assert migration_params(request(migrate_disks=("vda",)), bare) == {}
 
 
+async def test_stream_options_map_to_flags_and_typed_parameters() -> None:
+    """Issue 17: compression (a multi-value string), its xbzrle cache in bytes, zero-copy,
+    the post-copy bandwidth, the auto-converge throttle and the TLS host name."""
+    bare = MigrationTarget(host="b", uri="u", p2p_uri="p")
+    xbzrle = request(compression=("xbzrle",), xbzrle_cache=128)
+    assert migration_params(xbzrle, bare) == {
+        libvirt.VIR_MIGRATE_PARAM_COMPRESSION: ["xbzrle"],
+        libvirt.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE: 128 << 20,
+    }
+    assert migration_flags(xbzrle, persistent=False) & libvirt.VIR_MIGRATE_COMPRESSED
+    tuned = request(
+        auto_converge=True,
+        auto_converge_initial=30,
+        auto_converge_increment=5,
+        postcopy_bandwidth=200,
+        tls=True,
+        tls_destination="b.example.org",
+    )
+    assert migration_params(tuned, bare) == {
+        libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL: 30,
+        libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT: 5,
+        libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY: 200,
+        libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION: "b.example.org",
+    }
+    assert (
+        libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY,
+        libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION,
+    ) == (
+        "bandwidth.postcopy",
+        "tls.destination",
+    )
+    zerocopy = request(zerocopy=True, parallel_connections=4)
+    flags = migration_flags(zerocopy, persistent=False)
+    assert flags & libvirt.VIR_MIGRATE_ZEROCOPY
+    assert flags & libvirt.VIR_MIGRATE_PARALLEL
+    assert not flags & libvirt.VIR_MIGRATE_COMPRESSED
+
+
+async def test_multifd_compression_levels_use_libvirt_9_4_names() -> None:
+    """zlib and zstd levels: libvirt 9.4's parameter names, also when this binding was built
+    against older headers (which lack the constants)."""
+    bare = MigrationTarget(host="b", uri="u", p2p_uri="p")
+    zstd = request(compression=("zstd",), compression_level=7, parallel_connections=4)
+    assert migration_params(zstd, bare) == {
+        libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS: 4,
+        libvirt.VIR_MIGRATE_PARAM_COMPRESSION: ["zstd"],
+        "compression.zstd.level": 7,
+    }
+    zlib = request(compression=("zlib",), compression_level=0, parallel_connections=2)
+    assert migration_params(zlib, bare)["compression.zlib.level"] == 0
+    # Without a level, QEMU's default stays.
+    plain = request(compression=("zstd",), parallel_connections=2)
+    assert "compression.zstd.level" not in migration_params(plain, bare)
+
+
+async def test_the_legacy_compressed_flag_stays_as_it_was() -> None:
+    bare = MigrationTarget(host="b", uri="u", p2p_uri="p")
+    legacy = request(compressed=True)
+    assert migration_flags(legacy, persistent=False) & libvirt.VIR_MIGRATE_COMPRESSED
+    assert migration_params(legacy, bare) == {}
+
+
+@pytest.mark.parametrize(
+    ("methods", "version", "refused"),
+    [
+        (("zstd",), 9_000_000, True),
+        (("zlib",), 9_003_000, True),
+        (("zstd",), 9_004_000, False),
+        (("xbzrle",), 9_000_000, False),
+        ((), 8_000_000, False),
+    ],
+)
+async def test_multifd_compression_needs_libvirt_9_4(
+    methods: tuple[str, ...], version: int, refused: bool
+) -> None:
+    req = request(compression=methods, parallel_connections=2)
+    if refused:
+        with pytest.raises(
+            NotSupported, match=r"needs libvirt 9\.4 or later.*runs libvirt 9\.\d\.0"
+        ):
+            check_stream_support(req, version)
+    else:
+        check_stream_support(req, version)
+
+
 # --------------------------------------------------------------------------------------------
 # job statistics
 
@@ -424,3 +510,15 @@ async def test_map_libvirt_errors_chains_the_cause() -> None:
     ):
         raise exc
     assert info.value.__cause__ is exc
+
+
+async def test_the_pre_check_refuses_multifd_compression_on_an_older_libvirt(hv: Any) -> None:
+    """Before anything is touched: the source's libvirt (the test driver's, here) is asked."""
+    version = libvirt.getVersion()
+    if version >= 9_004_000:
+        pytest.skip(f"this libvirt ({version}) takes zstd")
+    req = MigrationRequest(
+        vm_name="vm1", destination="hostB", compression=("zstd",), parallel_connections=2
+    )
+    with pytest.raises(NotSupported, match=r"compression zstd needs libvirt 9\.4 or later"):
+        await hv.check_migration(req)

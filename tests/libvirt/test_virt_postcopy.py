@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import libvirt
 from asyncmigfra.hypervisor.base import MigrationRequest
-from asyncmigfra.hypervisor.virt.migration import MigrationTarget, migration_flags, migration_params
+from asyncmigfra.hypervisor.virt.migrationparams import (
+    MigrationTarget,
+    migration_flags,
+    migration_params,
+)
 from asyncmigfra.hypervisor.virt.postcopy import virsh_resume_command
 
 

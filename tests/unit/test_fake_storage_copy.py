@@ -21,6 +21,7 @@ from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest
 from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, create
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
 from asyncmigfra.migration.engine import migrate
+from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.outcomes import Outcome
@@ -250,6 +251,7 @@ class EngineCtx:
     phases: list[str] = field(default_factory=list)
     events: list[dict[str, object]] = field(default_factory=list)
     hooks: None = None
+    steering: dict[str, MigrationSteering] = field(default_factory=dict)
 
     def phase(self, name: str) -> None:
         self.phases.append(name)
@@ -263,6 +265,14 @@ class EngineCtx:
 
     def progress(self, fields: dict[str, object]) -> None:
         self.events.append(fields)
+
+    @contextmanager
+    def steerable(self, steering: MigrationSteering) -> Iterator[None]:
+        self.steering[self.vm_name] = steering
+        try:
+            yield
+        finally:
+            del self.steering[self.vm_name]
 
     def companion(self, vm_name: str) -> EngineCtx:
         raise NotImplementedError

@@ -52,6 +52,10 @@ class Context:
     def progress(self, fields: dict[str, object]) -> None:
         self.events.append(fields)
 
+    @contextmanager
+    def steerable(self, steering: object) -> Iterator[None]:
+        yield
+
     def companion(self, vm_name: str) -> Context:
         raise NotImplementedError
 

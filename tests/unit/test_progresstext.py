@@ -4,8 +4,10 @@ overstates, the ETA, the downtime target with its maximum, lines fitted to 80 co
 from __future__ import annotations
 
 from asyncmigfra.console.evacuation import EvacuationView
+from asyncmigfra.console.lanes import VmLane
 from asyncmigfra.progresstext import (
     ShownPercent,
+    action_text,
     disk_text,
     fmt_eta,
     fmt_part,
@@ -205,3 +207,30 @@ def test_the_lane_shows_the_disks_in_place_of_the_pass():
     lane.feed(_disk_event(0, 1.0) | {"disk-processed": "\x1b[2J", "iteration": "\x1b[1A"})
     assert lane.pass_text() == "pass 0"  # (an iteration that is no number reads as 0)
     assert "\x1b" not in lane.stats()
+
+
+def test_actions_say_why_and_what_was_tuned():
+    assert action_text({"phase": "migrating"}) is None
+    assert action_text({"action": "raise-downtime"}) == "raise-downtime"
+    assert action_text({"action": "abort", "reason": "progress-timeout"}) == (
+        "abort (progress-timeout)"
+    )
+    assert action_text({"action": "suspend", "reason": "completion-timeout"}) == (
+        "suspend (completion-timeout)"
+    )
+    tuned = {"action": "tuned", "bandwidth": 0, "max-downtime": 30, "post-copy": True}
+    assert action_text(tuned) == "tuned bandwidth unlimited, post-copy"
+    assert action_text({"action": "tuned", "bandwidth": 50}) == "tuned bandwidth 50 MiB/s"
+    assert action_text({"action": "tuned", "force-complete": True}) == "tuned force-complete"
+    assert action_text({"action": "tuned", "max-downtime": 500}) == "tuned"
+    # Wire values are whatever was sent: a string bandwidth is no number, and no crash.
+    assert action_text({"action": "tuned", "bandwidth": "lots"}) == "tuned"
+    line = "  ".join(progress_parts({**_sample(2, GIB, 50.0), **tuned}, 50.0))
+    assert "action tuned bandwidth unlimited, post-copy" in line
+
+
+def test_the_lane_lists_tunes_and_limits_with_their_reason():
+    lane = VmLane("v", "a", "b")
+    lane.feed({**_sample(1, GIB, 10.0), "action": "tuned", "bandwidth": 20})
+    lane.feed({**_sample(1, GIB, 11.0), "action": "abort", "reason": "progress-timeout"})
+    assert lane.actions == ["tuned bandwidth 20 MiB/s", "abort (progress-timeout)"]

@@ -164,6 +164,14 @@ def _progress_fields() -> set[str]:
     progress = _Progress(max_downtime=100)
     keys = set(progress.fields(None, phase="migrating", action=None, downtime=10))
     keys |= set(progress.fields(stats, phase="migrating", action="raise-downtime", downtime=10))
+    # A limit's action says why; a tune announces what it changed (issue 17).
+    keys |= set(
+        progress.fields(
+            stats, phase="migrating", action="abort", downtime=10, reason="progress-timeout"
+        )
+    )
+    tuned = {"action": "tuned", "bandwidth": 0, "post-copy": True, "force-complete": True}
+    keys |= set(progress.fields(stats, phase="migrating", action=None, downtime=10, tuned=tuned))
     keys |= set(progress.final(downtime=10))
     # A storage copy (issue 16): its disk phase, then memory with the disks in sync.
     disks = _Progress(max_downtime=100, memory=100)

@@ -16,9 +16,10 @@ import pytest
 
 from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout, VmNotFound, WrongState
 from asyncmigfra.hypervisor.base import JobStats, MigrationRequest, MigrationResult
-from asyncmigfra.migration import engine
+from asyncmigfra.migration import steering
 from asyncmigfra.migration.engine import _migrate_once
 from asyncmigfra.migration.plan import MigrationPlan, _downtime_schedule
+from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.outcomes import Outcome
 from asyncmigfra.timing import TimeMeasurement
@@ -37,6 +38,7 @@ class Context:
     phases: list[str] = field(default_factory=list)
     events: list[dict[str, object]] = field(default_factory=list)
     hooks: None = None
+    steering: dict[str, MigrationSteering] = field(default_factory=dict)
 
     def phase(self, name: str) -> None:
         self.phases.append(name)
@@ -50,6 +52,14 @@ class Context:
 
     def progress(self, fields: dict[str, object]) -> None:
         self.events.append(fields)
+
+    @contextmanager
+    def steerable(self, steering: MigrationSteering) -> Iterator[None]:
+        self.steering[self.vm_name] = steering
+        try:
+            yield
+        finally:
+            del self.steering[self.vm_name]
 
     def companion(self, vm_name: str) -> Context:
         raise NotImplementedError
@@ -167,7 +177,7 @@ NOT_MIGRATING = WrongState("Requested operation is not valid: domain is not bein
 
 @pytest.fixture(autouse=True)
 def _quick_settle(monkeypatch):
-    monkeypatch.setattr(engine, "STEER_SETTLE", 0.05)
+    monkeypatch.setattr(steering, "STEER_SETTLE", 0.05)
 
 
 async def run(p: MigrationPlan, job: ScriptedJob, ctx: Context) -> MigrationResult:

@@ -15,7 +15,12 @@ from typing import Any
 
 from asyncmigfra import __version__
 from asyncmigfra.console.exits import EPILOG as _EPILOG
-from asyncmigfra.wire.parsing import MAX_MIGRATE_DISKS, valid_disk_target
+from asyncmigfra.wire.parsing import (
+    MAX_MIGRATE_DISKS,
+    valid_disk_target,
+    valid_task_id,
+    valid_vm_name,
+)
 
 __all__ = ["CONN_DEFAULTS", "build_parser"]
 
@@ -47,6 +52,33 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _task_id(text: str) -> str:
+    """A task id as the agent takes it (so a typo is a usage error, not a refused task)."""
+    if not text or not valid_task_id(text):
+        raise argparse.ArgumentTypeError(
+            "not a task id (at most 256 characters, no control characters)"
+        )
+    return text
+
+
+def _vm_name(text: str) -> str:
+    if not valid_vm_name(text):
+        raise argparse.ArgumentTypeError(
+            "not a VM name (1-200 characters, no control characters, no '/')"
+        )
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -371,6 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
     c = client("cancel", "cancel a queued or running task")
     c.add_argument("target", metavar="ID", help="the id of the task to cancel")
     _addressed(c)
+
+    t = client("tune", "change a running migration: bandwidth, downtime, post-copy, finish now")
+    t.add_argument(
+        "target", metavar="ID", type=_task_id, help="the id of the migrate or evacuate task"
+    )
+    t.add_argument(
+        "--vm", metavar="NAME", type=_vm_name, help="only this VM of an evacuation or a swap"
+    )
+    t.add_argument(
+        "--bandwidth", type=_non_negative_int, metavar="MIBS", help="MiB/s cap; 0: unlimited"
+    )
+    t.add_argument("--max-downtime", type=_positive_int, metavar="MS", help="downtime target")
+    now = t.add_mutually_exclusive_group()
+    now.add_argument(
+        "--post-copy",
+        action="store_true",
+        help="switch to post-copy now (a migration started with --post-copy only)",
+    )
+    now.add_argument(
+        "--force-complete",
+        action="store_true",
+        help="pause the guest on the source so the copy finishes now",
+    )
+    _addressed(t)
 
     ev = client("evacuate", "migrate every active VM of a host away")
     ev.add_argument("evac_host", metavar="HOST")

@@ -34,6 +34,7 @@ from asyncmigfra.console.tasks import (
     start_task,
     status_task,
     succeeded,
+    tune_task,
 )
 from asyncmigfra.console.watching import watch
 
@@ -49,6 +50,7 @@ __all__ = [
     "status",
     "stop",
     "suspend_resume",
+    "tune",
     "watch",
 ]
 
@@ -78,7 +80,7 @@ async def _announce(session: Session, out: Out, host: str, *, force: bool) -> No
 
 
 #: Tasks that cannot be cancelled (answered at once): no cancel hint for them.
-_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit"})
+_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit", "tune migration"})
 
 
 @dataclass(slots=True)
@@ -348,6 +350,36 @@ async def cancel(
     payload = cancel_task(task_id, target)
     return await _request(
         conn, out, host, payload, task_id, limit=limit, force=force, kind="cancel"
+    )
+
+
+async def tune(
+    conn: Connection,
+    out: Out,
+    *,
+    target: str,
+    host: str,
+    vm: str | None,
+    bandwidth: int | None,
+    max_downtime: int | None,
+    post_copy: bool,
+    force_complete: bool,
+    limit: float | None,
+    force: bool,
+) -> int:
+    """``tune migration``: change the running migrations of task ``target`` on ``host``."""
+    task_id = fresh_id("tune")
+    payload = tune_task(
+        task_id,
+        target,
+        vm=vm,
+        bandwidth=bandwidth,
+        max_downtime=max_downtime,
+        post_copy=post_copy,
+        force_complete=force_complete,
+    )
+    return await _request(
+        conn, out, host, payload, task_id, limit=limit, force=force, kind="tune migration"
     )
 
 

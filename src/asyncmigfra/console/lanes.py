@@ -14,6 +14,7 @@ from typing import Any
 
 from asyncmigfra.progresstext import (
     ShownPercent,
+    action_text,
     disk_text,
     fmt_eta,
     fmt_size,
@@ -78,7 +79,7 @@ class VmLane:
             if action == "raise-downtime" and "max-downtime" in doc:
                 self.actions.append(f"raise-downtime to {doc['max-downtime']} ms")
             elif action:
-                self.actions.append(str(action))
+                self.actions.append(action_text(doc) or str(action))
             downtime = number(doc.get("downtime"))
             if doc.get("phase") == "completed" and downtime is not None:
                 self.final_downtime = downtime

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from asyncmigfra.progresstext import disk_text, number
+from asyncmigfra.progresstext import action_text, disk_text, number
 from asyncmigfra.terminal import json_safe, safe
 
 if TYPE_CHECKING:
@@ -104,8 +104,9 @@ def event_fields(doc: Mapping[str, Any]) -> str:
         parts.extend(rate_parts(doc))
         if "downtime" in doc:
             parts.append(f"downtime {doc['downtime']} ms")
-        if "action" in doc:
-            parts.append(f"action {doc['action']}")
+        action = action_text(doc)
+        if action is not None:
+            parts.append(f"action {action}")
         return "  ".join(parts)
     if kind == "accepted":
         names = doc.get("vm-names") or []

@@ -24,6 +24,7 @@ __all__ = [
     "start_task",
     "status_task",
     "succeeded",
+    "tune_task",
 ]
 
 
@@ -55,6 +56,31 @@ def status_task(task_id: str) -> bytes:
 
 def cancel_task(task_id: str, target: str) -> bytes:
     return _finish([*_header("cancel", task_id), f"target: {_q(target)}"])
+
+
+def tune_task(
+    task_id: str,
+    target: str,
+    *,
+    vm: str | None = None,
+    bandwidth: int | None = None,
+    max_downtime: int | None = None,
+    post_copy: bool = False,
+    force_complete: bool = False,
+) -> bytes:
+    """``tune migration`` of the task ``target`` (``vm``: only that VM of it)."""
+    lines = [*_header("tune migration", task_id), f"target: {_q(target)}"]
+    if vm is not None:
+        lines.append(f"vm-name: {_q(vm)}")
+    if bandwidth is not None:
+        lines.append(f"bandwidth: {int(bandwidth)}")
+    if max_downtime is not None:
+        lines.append(f"max-downtime: {int(max_downtime)}")
+    if post_copy:
+        lines.append("post-copy: true")
+    if force_complete:
+        lines.append("force-complete: true")
+    return _finish(lines)
 
 
 def list_task(task: str, task_id: str, vms: Sequence[str], **flags: bool) -> bytes:

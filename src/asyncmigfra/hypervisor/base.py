@@ -144,6 +144,22 @@ class MigrationRequest:
     migrate_disks: tuple[str, ...] = ()
     #: The guest's disk writes go to both sides synchronously (only with a storage copy).
     synchronous_writes: bool = False
+    #: Page compression methods (``xbzrle``, ``zlib``, ``zstd``); ``()``: none, unless the
+    #: legacy ``compressed`` asks for the hypervisor's default (QEMU: xbzrle).
+    compression: tuple[str, ...] = ()
+    #: Level of the ``zlib`` or ``zstd`` method; ``None``: the hypervisor's default.
+    compression_level: int | None = None
+    #: MiB of xbzrle cache; ``None``: the hypervisor's default.
+    xbzrle_cache: int | None = None
+    #: Multifd zero-copy send.
+    zerocopy: bool = False
+    #: MiB/s once in post-copy; ``None`` = unlimited.
+    postcopy_bandwidth: int | None = None
+    #: Auto-converge throttle, percent; ``None``: the hypervisor's default.
+    auto_converge_initial: int | None = None
+    auto_converge_increment: int | None = None
+    #: The host name the destination's TLS certificate must carry; ``None``: the destination's.
+    tls_destination: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,6 +225,11 @@ class MigrationJob(Protocol):
         ``TaskCancelled`` (aborted) or another ``TaskError``."""
 
     async def set_max_downtime(self, ms: int) -> None: ...
+
+    async def set_bandwidth(self, mibs: int, *, post_copy: bool = False) -> None:
+        """Cap the transfer at ``mibs`` MiB/s from now on; 0: unlimited. ``post_copy``: the
+        cap of the post-copy phase (libvirt's ``MIGRATE_MAX_SPEED_POSTCOPY``), for a job that
+        is in post-copy or may switch to it."""
 
     async def start_post_copy(self) -> None: ...
 

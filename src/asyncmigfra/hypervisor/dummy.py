@@ -64,6 +64,9 @@ class DummyMigrationJob:
     async def set_max_downtime(self, ms: int) -> None:
         return None
 
+    async def set_bandwidth(self, mibs: int, *, post_copy: bool = False) -> None:
+        return None
+
     async def start_post_copy(self) -> None:
         return None
 

@@ -18,8 +18,12 @@ The package re-exports nothing; import from the defining module:
   ``estimate_eta``, ``disk_phase``;
 - :mod:`~asyncmigfra.migration.companions`: the steps around the job: devices out and back
   in, repin + resume, ``reduce-memory``, the pscom hook, ``_unwind``;
+- :mod:`~asyncmigfra.migration.watching`: ``watch``, the running job's samples, progress
+  events, the convergence policy's steps, the completion and progress timeouts;
+- :mod:`~asyncmigfra.migration.steering`: :class:`MigrationSteering`, the handle of a running
+  job that ``tune migration`` reaches, and :class:`Tuning`;
 - :mod:`~asyncmigfra.migration.engine`: ``migrate``, ``carry_out`` and the job itself
-  (retries, sampling, steering, completion timeout, cancel);
+  (retries, the job's start and end, cancel);
 - :mod:`~asyncmigfra.migration.swap`: ``swap-with``, two VMs trading hosts, each half a
   whole migration through the engine.
 """

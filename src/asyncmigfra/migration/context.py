@@ -11,6 +11,8 @@ from asyncmigfra.timing import TimeMeasurement
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
+    from asyncmigfra.migration.steering import MigrationSteering
+
 __all__ = [
     "EngineContext",
 ]
@@ -33,6 +35,11 @@ class EngineContext(Protocol):
     @property
     def hooks(self) -> HookRunner | None:
         """The configured hooks (``None``: none)."""
+        ...
+
+    def steerable(self, steering: MigrationSteering) -> AbstractContextManager[None]:
+        """Make ``steering`` reachable for ``tune migration`` (under this context's VM name)
+        while the block runs: the engine holds it for as long as the job runs."""
         ...
 
     def companion(self, vm_name: str) -> EngineContext:

@@ -12,8 +12,11 @@ and this engine owns the rest:
   maximum and the copy still stalls, a ``post-copy`` migration switches to post-copy.
   Every change is announced in a progress event's ``action``;
 * **completion timeout** (``completion-timeout``, default 150 s per GiB of memory and of the
-  disks a storage copy moves, at least 120 s), then
-  the ``timeout-action``: ``abort`` (result ``code: timeout``), ``post-copy`` or ``suspend``;
+  disks a storage copy moves, at least 120 s) and **progress timeout** (``progress-timeout``,
+  default 150 s without data moving), then the ``timeout-action``: ``abort`` (result
+  ``code: timeout``), ``post-copy`` or ``suspend`` (:mod:`.watching`);
+* **steering from outside**: while the job runs, a :class:`~.steering.MigrationSteering` on
+  the task's context lets ``tune migration`` change it (:mod:`.steering`);
 * **cancel**: a cancelled engine aborts the job (bounded) and waits for it to end, so the VM
   keeps running on the source and no thread is left behind.
 """
@@ -22,9 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from asyncio import FIRST_COMPLETED
-from collections.abc import Coroutine
 from dataclasses import replace
 
 import structlog
@@ -34,9 +34,8 @@ from asyncmigfra.errors import (
     IncompatibleDestination,
     NotSupported,
     TaskError,
-    TaskTimeout,
 )
-from asyncmigfra.hypervisor.base import Hypervisor, JobStats, MigrationJob, MigrationResult
+from asyncmigfra.hypervisor.base import Hypervisor, MigrationJob, MigrationResult
 from asyncmigfra.migration.companions import (
     _Balloon,
     _pscom_hook,
@@ -52,6 +51,8 @@ from asyncmigfra.migration.plan import MigrationPlan, memory_of, plan_for
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
 from asyncmigfra.migration.recovery import broken_post_copy, recover_or_raise, resume_found
+from asyncmigfra.migration.steering import MigrationSteering
+from asyncmigfra.migration.watching import ABORT_TIMEOUT, abort_bounded, watch
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.peers.bus import MessageBus
 from asyncmigfra.peers.userhooks import HookCall, HookRunner
@@ -66,14 +67,6 @@ __all__ = [
 ]
 
 log = structlog.stdlib.get_logger("asyncmigfra.migrating")
-
-
-#: s allowed for aborting a job (libvirt calls can hang; KubeVirt allows 30 s).
-ABORT_TIMEOUT = 30.0
-
-
-#: s a steering call that failed waits for the job's end before it counts as a failure.
-STEER_SETTLE = 1.0
 
 
 async def migrate(
@@ -349,20 +342,31 @@ async def _migrate_once(
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")
         done = asyncio.ensure_future(job.wait())
+        steering = MigrationSteering(
+            vm_name=ctx.vm_name,
+            job=job,
+            done=done,
+            policy=policy,
+            migration_type=request.mode,
+            on_phase=ctx.phase,
+        )
         try:
-            await _watch(
-                plan,
-                job,
-                done,
-                policy=policy,
-                progress=progress,
-                ctx=ctx,
-                interval=settings.agent.progress_interval,
-            )
+            with ctx.steerable(steering):
+                await watch(
+                    plan,
+                    job,
+                    done,
+                    policy=policy,
+                    progress=progress,
+                    steering=steering,
+                    ctx=ctx,
+                    interval=settings.agent.progress_interval,
+                )
         except asyncio.CancelledError:
             if not policy.post_copy_started:
                 log.info("migration.cancelling")
-                await _abort_bounded(job)
+                steering.closing = True
+                await abort_bounded(job)
                 raise
             # Post-copy cannot be undone (the guest already runs on the destination): finish
             # it and report what really happened instead of a false "cancelled".
@@ -394,58 +398,6 @@ async def _migrate_once(
     return result
 
 
-async def _watch(
-    plan: MigrationPlan,
-    job: MigrationJob,
-    done: asyncio.Future[MigrationResult],
-    *,
-    policy: ConvergencePolicy,
-    progress: _Progress,
-    ctx: EngineContext,
-    interval: float,
-) -> None:
-    """Sample and steer the job until it ends (``done``) or the completion timeout acts."""
-    deadline = time.monotonic() + plan.completion_timeout
-    iteration = 0
-    phase = "migrating"
-    timed_out = False
-    while not done.done():
-        action = None
-        waiter = asyncio.ensure_future(job.wait_iteration(iteration))
-        try:
-            timeout = max(0.0, min(interval, deadline - time.monotonic()))
-            pending: set[asyncio.Future[object]] = {done, waiter}  # type: ignore[arg-type]
-            await asyncio.wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        new_iteration = waiter.result() if waiter.done() and not waiter.cancelled() else None
-        if done.done():
-            return
-        stats, fresh = await _sample(job, done)
-        if done.done():
-            return
-        if not fresh:
-            # The event repeats the last figures; the pass is judged once a sample succeeds.
-            stats = progress.last
-        elif new_iteration is not None and stats is not None:
-            iteration = new_iteration
-            action = await _apply(policy.on_iteration(stats), job, done, policy, ctx)
-        if time.monotonic() >= deadline and not timed_out:
-            timed_out = True
-            action = await _on_timeout(plan, job, done, policy, ctx)
-        if policy.post_copy_started:
-            phase = "post-copy"
-        ctx.progress(progress.fields(stats, phase=phase, action=action, downtime=policy.downtime))
-
-
-async def _abort_bounded(job: MigrationJob) -> None:
-    try:
-        async with asyncio.timeout(ABORT_TIMEOUT):
-            await job.abort()
-    except Exception as exc:  # noqa: BLE001 - the job may already have ended
-        log.warning("migration.abort_failed", error=str(exc))
-
-
 async def _settle(done: asyncio.Future[MigrationResult]) -> None:
     """Wait (bounded) for the job's end so no thread or task outlives the engine."""
     if not done.done():
@@ -461,96 +413,3 @@ async def _settle(done: asyncio.Future[MigrationResult]) -> None:
             done.cancel()
     if done.done() and not done.cancelled():
         done.exception()  # mark retrieved; the caller reads the result
-
-
-async def _sample(
-    job: MigrationJob, done: asyncio.Future[MigrationResult]
-) -> tuple[JobStats | None, bool]:
-    """The job's statistics and whether they could be read now (``fresh``). Sampling only
-    informs: a failed sample (the job ending under it, a connection hiccup) never fails the
-    task, whose outcome is the job's own, and no policy decision is taken on it."""
-    try:
-        return await job.stats(), True
-    except TaskError as exc:
-        await asyncio.wait({done}, timeout=STEER_SETTLE)
-        if not done.done():
-            log.warning("migration.sample_failed", error=str(exc))
-        return None, False
-
-
-async def _steer(
-    action: str,
-    call: Coroutine[None, None, None],
-    done: asyncio.Future[MigrationResult],
-    policy: ConvergencePolicy,
-) -> bool:
-    """Run one steering call on the job; ``True`` when it took effect.
-
-    A sample and the call that acts on it are two round trips, and the job may end between
-    them: the domain has then left the source and libvirt answers "no domain" or "not
-    migrating". That is no failure (the job's own outcome decides), so a refused call waits
-    briefly for the job's end before it is judged. A call refused while the job still runs
-    is logged and the copy goes on as it was, still bounded by the completion timeout.
-    Either way the policy forgets the action at once, so a cancel arriving meanwhile
-    aborts the job instead of waiting for a post-copy that never began.
-    """
-    try:
-        await call
-    except TaskError as exc:
-        policy.revert(action)
-        await asyncio.wait({done}, timeout=STEER_SETTLE)
-        if done.done():
-            log.info("migration.steering_after_end", action=action, error=str(exc))
-        else:
-            log.warning("migration.steering_failed", action=action, error=str(exc))
-        return False
-    return True
-
-
-async def _apply(
-    action: str | None,
-    job: MigrationJob,
-    done: asyncio.Future[MigrationResult],
-    policy: ConvergencePolicy,
-    ctx: EngineContext,
-) -> str | None:
-    if action == "raise-downtime" and policy.downtime is not None:
-        if not await _steer(action, job.set_max_downtime(policy.downtime), done, policy):
-            return None
-        log.info("migration.downtime_raised", downtime=policy.downtime)
-    elif action == "post-copy":
-        if not await _steer(action, job.start_post_copy(), done, policy):
-            return None
-        ctx.phase("post-copy")
-        log.info("migration.post_copy_started")
-    return action
-
-
-async def _on_timeout(
-    plan: MigrationPlan,
-    job: MigrationJob,
-    done: asyncio.Future[MigrationResult],
-    policy: ConvergencePolicy,
-    ctx: EngineContext,
-) -> str | None:
-    action = plan.timeout_action
-    log.warning("migration.completion_timeout", action=action, limit=plan.completion_timeout)
-    if policy.post_copy_started:
-        # Nothing can stop post-copy; it finishes on its own (and fast).
-        return "post-copy"
-    if action == "post-copy" and plan.request.mode == "post-copy":
-        policy.post_copy_started = True
-        if await _steer(action, job.start_post_copy(), done, policy):
-            ctx.phase("post-copy")
-            return "post-copy"
-    elif action == "suspend" and await _steer(action, job.suspend_source(), done, policy):
-        ctx.phase("suspended-copy")
-        return "suspend"
-    if done.done():
-        return None  # the job ended on its own meanwhile; its outcome decides
-    async with asyncio.timeout(ABORT_TIMEOUT):
-        await job.abort()
-    raise TaskTimeout(
-        f"migration did not complete within {plan.completion_timeout:g} s "
-        "(completion-timeout); it was aborted and the VM keeps running on the source"
-    )

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from asyncmigfra.errors import InvalidTask
 from asyncmigfra.hypervisor.base import Hypervisor, MigrationRequest
 from asyncmigfra.model import CopyStorage, MigrateSpec, MigrationParams
 from asyncmigfra.settings import MigrationDefaults, Settings
+from asyncmigfra.streamoptions import StreamOptions, conflicts
 
 __all__ = [
     "MigrationPlan",
@@ -20,6 +22,8 @@ __all__ = [
 
 #: Steps of the downtime schedule.
 DOWNTIME_STEPS = 5
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,8 @@ class MigrationPlan:
     #: Bytes of guest memory the plan was made for (0: unknown): the progress events'
     #: ``percent`` and ``eta`` count it while the disks are copied, before memory moves.
     memory: int = 0
+    #: s the job may move no data before ``timeout_action`` applies; 0: off.
+    progress_timeout: float = 0.0
 
 
 _GIB = 1024**3
@@ -55,7 +61,8 @@ def plan_migration(
     when the migration copies storage, of ``disk_bytes`` (at least ``completion-timeout-min``).
     Raises ``InvalidTask`` for ``migrate-disks`` or synchronous writes that the task gave
     without ``copy-storage`` when the agent's default is ``none`` (the parser refuses them
-    with an explicit ``copy-storage: none``).
+    with an explicit ``copy-storage: none``), and for stream options that do not go together
+    once the defaults complete the task's (:func:`_stream`).
     """
     p: MigrationParams = spec.parameter
     mode = p.migration_type or defaults.migration_type
@@ -86,6 +93,7 @@ def plan_migration(
         migrate_disks=p.migrate_disks or (),
         synchronous_writes=synchronous_writes,
     )
+    request = _stream(request, p, defaults)
     return MigrationPlan(
         request=request,
         max_downtime=max_downtime,
@@ -94,7 +102,62 @@ def plan_migration(
         retries=p.retry_counter if p.retry_counter is not None else defaults.retry_counter,
         retry_delay=defaults.retry_delay,
         memory=max(0, memory_kib) * 1024,
+        progress_timeout=(
+            p.progress_timeout if p.progress_timeout is not None else defaults.progress_timeout
+        ),
     )
+
+
+def _given(task: _T | None, default: _T) -> _T:
+    return task if task is not None else default
+
+
+def _stream(
+    request: MigrationRequest, p: MigrationParams, defaults: MigrationDefaults
+) -> MigrationRequest:
+    """The stream options: the task's, then the config's. The configured ``compression-level``
+    and ``xbzrle-cache`` tune the configured ``compression`` only: a task that names its own
+    methods takes its own level and cache (or the hypervisor's). Refuses (``InvalidTask``)
+    what does not go together once merged (:mod:`asyncmigfra.streamoptions`)."""
+    own_methods = p.compression is not None
+    level = p.compression_level
+    cache = p.xbzrle_cache
+    if not own_methods:
+        level = _given(level, defaults.compression_level)
+        cache = _given(cache, defaults.xbzrle_cache)
+    postcopy = _given(p.postcopy_bandwidth, defaults.postcopy_bandwidth)
+    request = replace(
+        request,
+        compression=_given(p.compression, defaults.compression),
+        compression_level=level,
+        xbzrle_cache=cache,
+        zerocopy=_given(p.zerocopy, defaults.zerocopy),
+        postcopy_bandwidth=postcopy or None,
+        auto_converge_initial=_given(p.auto_converge_initial, defaults.auto_converge_initial),
+        auto_converge_increment=_given(p.auto_converge_increment, defaults.auto_converge_increment),
+        tls_destination=p.tls_destination,
+    )
+    found = conflicts(
+        StreamOptions(
+            parallel_connections=request.parallel_connections,
+            compression=request.compression,
+            compression_level=request.compression_level,
+            xbzrle_cache=request.xbzrle_cache,
+            zerocopy=request.zerocopy,
+            tls=request.tls,
+            tls_destination=request.tls_destination,
+            compressed=request.compressed,
+            auto_converge=request.auto_converge,
+            auto_converge_initial=request.auto_converge_initial,
+            auto_converge_increment=request.auto_converge_increment,
+        )
+    )
+    if found:
+        raise InvalidTask(
+            f"{found[0].key} {found[0].reason} (the task's parameter completed with this"
+            " agent's migration: defaults)"
+        )
+    return request
 
 
 def _storage(p: MigrationParams, defaults: MigrationDefaults) -> tuple[CopyStorage, bool]:

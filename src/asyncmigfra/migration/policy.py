@@ -1,5 +1,5 @@
 """The convergence policy: one decision per memory iteration (raise the downtime target one
-step, or switch to post-copy). Pure."""
+step, or switch to post-copy), respecting what the operator set. Pure."""
 
 from __future__ import annotations
 
@@ -27,7 +27,13 @@ STALLS_BEFORE_POSTCOPY = 2
 
 @dataclass(slots=True)
 class ConvergencePolicy:
-    """Per-iteration decisions. Pure: feed it one ``JobStats`` per iteration."""
+    """Per-iteration decisions. Pure: feed it one ``JobStats`` per iteration.
+
+    It respects what the operator set with ``tune migration``: a downtime the operator set
+    is the target at once and the floor of every later step (a step is ``max(schedule,
+    operator)``, so the policy never lowers what the operator raised); a post-copy the
+    operator started is not undone; after ``force-complete`` it takes no further step.
+    """
 
     max_downtime: int | None
     post_copy_allowed: bool
@@ -36,9 +42,20 @@ class ConvergencePolicy:
     last_remaining: int | None = None
     stalls_at_max: int = 0
     post_copy_started: bool = False
+    #: ms the operator set (``tune migration``), the floor of every later step.
+    operator_downtime: int | None = None
+    #: The guest was paused on the source (``timeout-action: suspend`` or force-complete).
+    source_suspended: bool = False
+    #: The operator asked for force-complete: no further step is taken.
+    force_completed: bool = False
+    #: The downtime target set on the job now (ms); ``None``: the hypervisor's default.
+    target: int | None = field(init=False)
+    #: (step, target) before the last raise, for :meth:`revert`.
+    _before_raise: tuple[int, int | None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.schedule = _downtime_schedule(self.max_downtime) if self.max_downtime else []
+        self.target = self.schedule[0] if self.schedule else None
 
     def _hopeless(self, stats: JobStats) -> bool:
         # "At least as fast" with a tolerance: a guest that rewrites the same pages every
@@ -47,9 +64,10 @@ class ConvergencePolicy:
         # flip on noise and cost several pointless passes.
         if stats.transfer_rate <= 0 or stats.dirty_rate < stats.transfer_rate * HOPELESS_RATE:
             return False
-        if self.max_downtime is None or stats.expected_downtime is None:
+        limit = max(self.max_downtime or 0, self.operator_downtime or 0) or None
+        if limit is None or stats.expected_downtime is None:
             return True
-        return stats.expected_downtime > self.max_downtime
+        return stats.expected_downtime > limit
 
     def _within_target(self, stats: JobStats) -> bool:
         # The hypervisor switches over at the end of a pass whose rest fits the downtime
@@ -62,12 +80,28 @@ class ConvergencePolicy:
     @property
     def downtime(self) -> int | None:
         """The current target (ms); ``None`` while the hypervisor's default applies."""
-        return self.schedule[self.step] if self.schedule else None
+        return self.target
+
+    def set_by_operator(self, ms: int) -> None:
+        """The operator set the downtime target (``tune migration``): it is the target now
+        and the floor of every later step."""
+        self.operator_downtime = ms
+        self.target = ms
+        self._before_raise = None
+
+    def _next_step(self) -> int | None:
+        """The next step of the schedule that raises the target, if any."""
+        floor = self.operator_downtime or 0
+        for i in range(self.step + 1, len(self.schedule)):
+            if self.target is None or max(self.schedule[i], floor) > self.target:
+                return i
+        return None
 
     def revert(self, action: str) -> None:
         """Forget ``action``: the hypervisor refused it (the job ended, or it cannot)."""
-        if action == "raise-downtime" and self.step > 0:
-            self.step -= 1
+        if action == "raise-downtime" and self._before_raise is not None:
+            self.step, self.target = self._before_raise
+            self._before_raise = None
         elif action == "post-copy":
             self.post_copy_started = False
 
@@ -86,7 +120,7 @@ class ConvergencePolicy:
             and not self._within_target(stats)
         )
         self.last_remaining = remaining
-        if stats.iteration < 2 or not stalled or self.post_copy_started:
+        if stats.iteration < 2 or not stalled or self.post_copy_started or self.force_completed:
             return None
         if self.post_copy_allowed and self._hopeless(stats):
             # The guest dirties memory at least as fast as the link sends it: no downtime
@@ -94,8 +128,11 @@ class ConvergencePolicy:
             # wastes iterations (KubeVirt's stall detector reasons the same way).
             self.post_copy_started = True
             return "post-copy"
-        if self.schedule and self.step < len(self.schedule) - 1:
-            self.step += 1
+        step = self._next_step() if self.schedule else None
+        if step is not None:
+            self._before_raise = (self.step, self.target)
+            self.step = step
+            self.target = max(self.schedule[step], self.operator_downtime or 0)
             return "raise-downtime"
         self.stalls_at_max += 1
         if self.post_copy_allowed and self.stalls_at_max >= STALLS_BEFORE_POSTCOPY:

@@ -21,6 +21,7 @@ has not started): the rate is then measured between two samples (``disk_processe
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from asyncmigfra.hypervisor.base import JobStats
@@ -120,8 +121,19 @@ class _Progress:
         return round(copy), round(eta, 1)
 
     def fields(
-        self, stats: JobStats | None, *, phase: str, action: str | None, downtime: int | None
+        self,
+        stats: JobStats | None,
+        *,
+        phase: str,
+        action: str | None,
+        downtime: int | None,
+        reason: str | None = None,
+        tuned: Mapping[str, object] | None = None,
     ) -> dict[str, object]:
+        """One progress event's fields. ``action`` is what the agent changed with this sample
+        and ``reason`` why, when a limit made it act (``progress-timeout``,
+        ``completion-timeout``); ``tuned`` is what ``tune migration`` changed (``action:
+        tuned`` and the values applied, which then take the place of ``action``)."""
         out: dict[str, object] = {"phase": phase}
         if stats is not None:
             self.last = stats
@@ -167,6 +179,10 @@ class _Progress:
             out["max-downtime"] = downtime
         if action is not None:
             out["action"] = action
+            if reason is not None:
+                out["reason"] = reason
+        elif tuned:
+            out.update(tuned)
         return out
 
     def final(self, *, downtime: int | None) -> dict[str, object]:

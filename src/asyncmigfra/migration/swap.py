@@ -114,12 +114,14 @@ async def swap(
         vm_name=partner.vm_name,
         destination=here,
         # (migrate-disks names disks of the task's VM: the partner's storage copy, if any,
-        # takes the default, every writable non-shared disk.)
+        # takes the default, every writable non-shared disk. tls-destination names the
+        # destination's certificate: the partner goes to this host, whose name it checks.)
         parameter=replace(
             params,
             vcpu_map=partner.vcpu_map,
             pscom_hook_procs=partner.pscom_hook_procs,
             migrate_disks=None,
+            tls_destination=None,
         ),
     )
     check_pscom(ours, bus)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from asyncmigfra.streamoptions import CompressionMethod
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TlsSettings:
@@ -218,6 +220,20 @@ class MigrationDefaults:
     copy_storage: Literal["none", "all", "inc"] = "none"
     #: ``copy-storage-synchronous-writes`` of a migration that copies storage and names none.
     copy_storage_synchronous_writes: bool = False
+    #: s a migration may move no data before ``timeout-action`` applies; 0: off.
+    progress_timeout: float = 150.0
+    #: ``compression`` of a migration that names none (``()``: none).
+    compression: tuple[CompressionMethod, ...] = ()
+    #: ``compression-level`` (zlib 0-9, zstd 0-20), with the configured ``compression`` only.
+    compression_level: int | None = None
+    #: MiB, a power of two; with the configured ``compression`` only.
+    xbzrle_cache: int | None = None
+    zerocopy: bool = False
+    #: MiB/s once in post-copy; ``None``: unlimited.
+    postcopy_bandwidth: int | None = None
+    #: Percent (1-99); needs ``auto-converge``.
+    auto_converge_initial: int | None = None
+    auto_converge_increment: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,6 +31,7 @@ from asyncmigfra.settings.model import (
     ShutdownSettings,
     TlsSettings,
 )
+from asyncmigfra.streamoptions import AUTO_CONVERGE_PERCENT, LEVELS, MAX_XBZRLE_CACHE_MIB
 from asyncmigfra.values import BOOL_EXPECTED, parse_bool, parse_number
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +170,13 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MigrationDefaults, "max_incoming"): _COUNT,
     (MigrationDefaults, "device_timeout"): _DELAY,
     (MigrationDefaults, "swap_lock_timeout"): _DELAY,
+    # 0: off.
+    (MigrationDefaults, "progress_timeout"): _NON_NEGATIVE,
+    (MigrationDefaults, "compression_level"): _Range(low=0, high=max(LEVELS.values())),
+    (MigrationDefaults, "xbzrle_cache"): _Range(low=1, high=MAX_XBZRLE_CACHE_MIB),
+    (MigrationDefaults, "postcopy_bandwidth"): _COUNT,
+    (MigrationDefaults, "auto_converge_initial"): _Range(*AUTO_CONVERGE_PERCENT),
+    (MigrationDefaults, "auto_converge_increment"): _Range(*AUTO_CONVERGE_PERCENT),
     # 0: abort running work at once on SIGTERM.
     (ShutdownSettings, "grace_period"): _NON_NEGATIVE,
     (ShutdownSettings, "hard_exit_after"): _DELAY,

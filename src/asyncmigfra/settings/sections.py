@@ -50,6 +50,7 @@ from asyncmigfra.settings.schema import (
     _show,
     _wire_name,
 )
+from asyncmigfra.streamoptions import StreamOptions, conflicts
 from asyncmigfra.values import parse_number
 
 
@@ -405,11 +406,34 @@ def _settings(tree: Mapping[str, object], ctx: _Context) -> Settings:
         pscom=_pscom(tree.get("pscom-handler"), ctx),
         limits=LimitsSettings(**plain(LimitsSettings, "limits")),
         agent=_agent(plain(AgentSettings, "agent")),
-        migration=MigrationDefaults(**plain(MigrationDefaults, "migration")),
+        migration=_migration(plain(MigrationDefaults, "migration")),
         logging=LoggingSettings(**plain(LoggingSettings, "logging")),
         shutdown=ShutdownSettings(**plain(ShutdownSettings, "shutdown")),
         hooks=_hooks(tree.get("hooks"), ctx),
     )
+
+
+def _migration(kwargs: dict[str, Any]) -> MigrationDefaults:
+    """The ``migration:`` defaults; their stream options must go together
+    (:mod:`asyncmigfra.streamoptions`)."""
+    defaults = MigrationDefaults(**kwargs)
+    found = conflicts(
+        StreamOptions(
+            parallel_connections=defaults.parallel_connections,
+            compression=defaults.compression,
+            compression_level=defaults.compression_level,
+            xbzrle_cache=defaults.xbzrle_cache,
+            zerocopy=defaults.zerocopy,
+            tls=defaults.tls,
+            compressed=defaults.compressed,
+            auto_converge=defaults.auto_converge,
+            auto_converge_initial=defaults.auto_converge_initial,
+            auto_converge_increment=defaults.auto_converge_increment,
+        )
+    )
+    if found:
+        raise ConfigError(found[0].reason, path=f"migration.{found[0].key}")
+    return defaults
 
 
 def _agent(kwargs: dict[str, Any]) -> AgentSettings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 
@@ -21,6 +22,7 @@ import structlog
 from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.hypervisor.base import AdoptsMigrations, DomainState, Hypervisor
 from asyncmigfra.migration.engine import follow_adopted, migrate
+from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.migration.swap import swap
 from asyncmigfra.model import (
     MigrateSpec,
@@ -68,6 +70,9 @@ class SubtaskContext:
     hooks: HookRunner | None = None
     #: The task's own context, for a companion (its phases show in ``status`` too).
     parent: SubtaskContext | None = None
+    #: VM name -> the steering of its running migration job (``tune migration``), shared by
+    #: every context of one subtask (an evacuation's moves, a swap's halves).
+    steering: dict[str, MigrationSteering] = field(default_factory=dict)
 
     def phase(self, name: str) -> None:
         self.current_phase = name
@@ -86,6 +91,16 @@ class SubtaskContext:
             return tag
         return tag + self.suffix
 
+    @contextlib.contextmanager
+    def steerable(self, steering: MigrationSteering) -> Iterator[None]:
+        """``steering`` is this context's VM's running migration while the block runs."""
+        self.steering[self.vm_name] = steering
+        try:
+            yield
+        finally:
+            if self.steering.get(self.vm_name) is steering:
+                del self.steering[self.vm_name]
+
     def companion(self, vm_name: str) -> SubtaskContext:
         """A context for one VM of a task that moves two (a swap's halves): events under that
         VM's name, tags suffixed ``-<vm>`` (the original's swap tags), its own ``outcome``, the
@@ -99,6 +114,7 @@ class SubtaskContext:
             suffix=f"-{vm_name}",
             hooks=self.hooks,
             parent=self,
+            steering=self.steering,
         )
 
     def progress(self, fields: dict[str, object]) -> None:

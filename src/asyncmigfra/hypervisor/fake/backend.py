@@ -508,6 +508,7 @@ class FakeHypervisor:
             fail_midway=self._take_fault("migrate-midway"),
             disk_bytes=sum(disks.values()),
             break_post_copy=self._take_fault("postcopy-break"),
+            stall_midway=self._take_fault("migrate-stall"),
         )
         job._begin()
         return job

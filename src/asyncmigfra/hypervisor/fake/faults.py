@@ -12,6 +12,8 @@ from __future__ import annotations
 #: ``postcopy-break`` breaks the next migration half-way through its post-copy phase: the
 #: guest is paused on the source until a resume succeeds, which it can once the back-end's
 #: ``postcopy-break-for`` (simulated) seconds have passed.
+#: ``migrate-stall`` lets it start and stops its stream half-way through the first memory
+#: pass, as a cut network does: it moves no more data until it is aborted.
 FAULT_OPS: tuple[str, ...] = (
     "start",
     "stop",
@@ -22,6 +24,7 @@ FAULT_OPS: tuple[str, ...] = (
     "migrate",
     "migrate-midway",
     "postcopy-break",
+    "migrate-stall",
     "detach-device",
     "attach-device",
     "list-domains",

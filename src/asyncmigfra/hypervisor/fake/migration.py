@@ -1,9 +1,9 @@
-"""The ``fake`` back-end's simulated migration job and its progress model."""
+"""The ``fake`` back-end's simulated migration job and its progress model (what a sample
+of it shows: :mod:`.sampling`)."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 from typing import TYPE_CHECKING
 
 from asyncmigfra.errors import HypervisorError, MigrationFailed, TaskCancelled, TaskError
@@ -11,6 +11,7 @@ from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest,
 from asyncmigfra.hypervisor.fake.cluster import _KIB, _MIB
 from asyncmigfra.hypervisor.fake.faults import INJECTED
 from asyncmigfra.hypervisor.fake.postcopy import break_post_copy
+from asyncmigfra.hypervisor.fake.sampling import _POSTCOPY_DOWNTIME_MS, _JobSampling, _Phase
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.fake.backend import FakeHypervisor
@@ -23,24 +24,13 @@ _SETUP_TIME = 0.3
 _MIN_PASS = 0.1
 #: ms added to every pre-copy switchover (device state, CPU stop/start).
 _SWITCHOVER_OVERHEAD_MS = 10.0
-#: ms a post-copy switchover takes (the rig measured 5 ms).
-_POSTCOPY_DOWNTIME_MS = 5.0
 #: QEMU's default downtime limit, ms.
 _DEFAULT_MAX_DOWNTIME_MS = 300.0
 _THROTTLE_STEP = 0.2
 _THROTTLE_MAX = 0.99
 
 
-class _Phase(enum.Enum):
-    SETUP = "setup"
-    DISKS = "disks"
-    PRECOPY = "migrating"
-    SWITCHOVER = "switchover"
-    POSTCOPY = "post-copy"
-    DONE = "done"
-
-
-class FakeMigrationJob:
+class FakeMigrationJob(_JobSampling):
     """A simulated QEMU migration, computed lazily from the (scaled) loop clock.
 
     Model, all times in simulated seconds since the job began:
@@ -58,14 +48,21 @@ class FakeMigrationJob:
     * at the end of each pass the expected downtime (remaining / bandwidth) is compared with
       the max downtime; when it fits, the guest pauses and the rest is copied at the full link
       speed (switchover; QEMU ignores the bandwidth cap there), then the domain moves;
-    * ``start_post_copy`` moves the guest at once and pulls what remains at the bandwidth;
+    * ``start_post_copy`` moves the guest at once and pulls what remains at the post-copy
+      bandwidth (``postcopy_bandwidth``, else the pre-copy bandwidth);
+    * ``set_bandwidth`` changes the rate from that moment on (what was sent so far stays);
+      0 is the link's speed;
     * ``warm`` pauses the guest when memory starts to move (after setup and the disks), so a
-      single pass suffices and the downtime is the whole memory copy.
+      single pass suffices and the downtime is the whole memory copy;
+    * ``stall_midway`` (the ``migrate-stall`` fault) stops the stream half-way through the
+      first pass, as a cut network does: the samples go on, with the bytes processed frozen
+      and no transfer rate, until the job is aborted (a switch to post-copy is refused then).
 
-    ``compressed``, ``parallel_connections``, ``rdma``, ``tls``, ``p2p``, ``driver``,
-    ``transport`` and ``synchronous_writes`` are accepted and not simulated. All reported
-    times (``elapsed``, downtime) are simulated, so they read like a real host's whatever the
-    ``time-scale``.
+    ``compressed``, ``compression`` (and its level and xbzrle cache), ``zerocopy``,
+    ``parallel_connections``, ``rdma``, ``tls``, ``tls_destination``, ``p2p``, ``driver``,
+    ``transport``, ``auto_converge_initial``/``_increment`` and ``synchronous_writes`` are
+    accepted and not simulated. All reported times (``elapsed``, downtime) are simulated, so
+    they read like a real host's whatever the ``time-scale``.
 
     The only scheduled thing is one ``loop.call_at`` timer for the next event; every public
     method first brings the job up to "now", so late timers never show stale state.
@@ -82,6 +79,7 @@ class FakeMigrationJob:
         fail_midway: bool,
         disk_bytes: int = 0,
         break_post_copy: bool = False,
+        stall_midway: bool = False,
     ) -> None:
         self.request = request
         self.domain = domain
@@ -96,6 +94,10 @@ class FakeMigrationJob:
         self._link_bw = link
         requested = request.bandwidth
         self._bw = min(link, requested * _MIB) if requested else link
+        #: The post-copy rate; ``None``: the pre-copy one.
+        self._post_bw: float | None = (
+            min(link, request.postcopy_bandwidth * _MIB) if request.postcopy_bandwidth else None
+        )
         # Pages the balloon took from the guest are not sent (QEMU skips them).
         self._mem = (domain.memory if domain.balloon is None else domain.balloon) * _KIB
         self._max_downtime = (
@@ -106,9 +108,14 @@ class FakeMigrationJob:
         self._fail_midway = fail_midway
         #: ``postcopy-break``: the post-copy phase breaks half-way (fake/postcopy.py).
         self._break_post_copy = break_post_copy
+        self._stall_midway = stall_midway
+        #: Bytes of memory left in the pass when the stream stalled.
+        self._stalled_remaining = 0.0
         #: Bytes of disk the storage copy moves before memory (0: no storage copy).
         self._disk = max(0, disk_bytes)
         self._disk_start = 0.0
+        #: Disk bytes copied before ``_disk_start`` (a bandwidth change rebases the copy).
+        self._disk_base = 0.0
 
         self._phase = _Phase.SETUP
         #: Number of the pass in progress (0 during setup).
@@ -176,18 +183,27 @@ class FakeMigrationJob:
         return self._throttle
 
     @property
+    def bandwidth(self) -> float:
+        """The pre-copy transfer rate now (bytes/s)."""
+        return self._bw
+
+    @property
+    def post_copy_bandwidth(self) -> float:
+        """The post-copy transfer rate (bytes/s)."""
+        return self._post_rate()
+
+    @property
+    def stalled(self) -> bool:
+        """The stream stopped moving (``migrate-stall``)."""
+        return self._phase is _Phase.STALLED
+
+    @property
     def max_downtime(self) -> float:
         """The downtime limit (ms) the next convergence check uses."""
         return self._max_downtime
 
     def _now(self) -> float:
         return (self._loop.time() - self._t0) * self._scale
-
-    def _rate(self) -> float:
-        """Effective dirty rate (bytes/s) right now."""
-        if self._phase is not _Phase.PRECOPY or self.domain.state is not DomainState.RUNNING:
-            return 0.0
-        return self.domain.dirty_rate * (1.0 - self._throttle)
 
     def _pass_end(self) -> float:
         return self._iter_start + max(_MIN_PASS, self._iter_amount / self._bw)
@@ -200,17 +216,17 @@ class FakeMigrationJob:
         if phase is _Phase.SETUP:
             return _SETUP_TIME
         if phase is _Phase.DISKS:
-            return self._disk_start + self._disk / self._bw
+            return self._disk_start + (self._disk - self._disk_base) / self._bw
         if phase is _Phase.PRECOPY:
-            if self._fail_midway and self.iteration == 1:
+            if (self._fail_midway or self._stall_midway) and self.iteration == 1:
                 return self._midway_at()
             return self._pass_end()
         if phase is _Phase.SWITCHOVER:
             return self._switch_start + self._switch_duration
         if phase is _Phase.POSTCOPY:
             if self._break_post_copy:
-                return self._post_start + self._post_amount / self._bw / 2
-            return self._post_start + self._post_amount / self._bw
+                return self._post_start + self._post_amount / self._post_rate() / 2
+            return self._post_start + self._post_amount / self._post_rate()
         return None
 
     def _advance(self, now: float) -> None:
@@ -231,6 +247,9 @@ class FakeMigrationJob:
                 self._pause_guest(at)
             self._start_pass(at, self._mem)
         elif phase is _Phase.PRECOPY:
+            if self._stall_midway and self.iteration == 1:
+                self._stall(at)
+                return
             if self._fail_midway and self.iteration == 1:
                 self._fail(at, MigrationFailed(INJECTED))
                 return
@@ -272,6 +291,34 @@ class FakeMigrationJob:
         else:
             self._start_pass(at, remaining)
 
+    def _stall(self, at: float) -> None:
+        """The stream stops: what was sent stays sent, nothing more moves."""
+        self._accumulate(at)
+        sent, remaining = self._remaining_at(at)
+        self._processed_base += sent
+        self._stalled_remaining = remaining
+        self._phase = _Phase.STALLED
+
+    def _rebase(self, now: float) -> None:
+        """Book what the current phase sent until ``now`` at the old rate, so that a new rate
+        applies from ``now`` on."""
+        phase = self._phase
+        if phase is _Phase.DISKS:
+            copied = self._disk_base + self._bw * (now - self._disk_start)
+            self._disk_base = min(float(self._disk), copied)
+            self._disk_start = now
+        elif phase is _Phase.PRECOPY:
+            self._accumulate(now)
+            sent = min(self._iter_amount, self._bw * (now - self._iter_start))
+            self._processed_base += sent
+            self._iter_amount -= sent
+            self._iter_start = now
+        elif phase is _Phase.POSTCOPY:
+            sent = min(self._post_amount, self._post_rate() * (now - self._post_start))
+            self._processed_base += sent
+            self._post_amount -= sent
+            self._post_start = now
+
     def _start_switchover(self, at: float, amount: float) -> None:
         self._phase = _Phase.SWITCHOVER
         self._switch_start = at
@@ -287,99 +334,6 @@ class FakeMigrationJob:
             self._paused_by_job = True
             if self._pause_time is None:
                 self._pause_time = at
-
-    def _remaining_at(self, now: float) -> tuple[float, float]:
-        """(bytes sent in the current pass, bytes remaining) during pre-copy."""
-        sent = min(self._iter_amount, self._bw * (now - self._iter_start))
-        dirtied = self._dirty_acc + self._rate() * max(0.0, now - self._dirty_mark)
-        return sent, min(float(self._mem), self._iter_amount - sent + dirtied)
-
-    def _snapshot(self, now: float) -> JobStats | None:
-        phase = self._phase
-        if phase is _Phase.DISKS:
-            copied = min(float(self._disk), self._bw * (now - self._disk_start))
-            return self._disk_stats(now, copied)
-        if phase is _Phase.PRECOPY:
-            sent, remaining = self._remaining_at(now)
-            return self._stats(
-                "migrating",
-                now,
-                processed=self._processed_base + sent,
-                remaining=remaining,
-                dirty_rate=self._rate(),
-                transfer_rate=self._bw,
-            )
-        if phase is _Phase.SWITCHOVER:
-            sent = min(self._switch_amount, self._link_bw * (now - self._switch_start))
-            return self._stats(
-                "switchover",
-                now,
-                processed=self._processed_base + sent,
-                remaining=self._switch_amount - sent,
-                dirty_rate=0.0,
-                transfer_rate=self._link_bw,
-            )
-        if phase is _Phase.POSTCOPY:
-            sent = min(self._post_amount, self._bw * (now - self._post_start))
-            return self._stats(
-                "post-copy",
-                now,
-                processed=self._processed_base + sent,
-                remaining=self._post_amount - sent,
-                dirty_rate=0.0,
-                transfer_rate=self._bw,
-            )
-        return None
-
-    def _stats(
-        self,
-        phase: str,
-        now: float,
-        *,
-        processed: float,
-        remaining: float,
-        dirty_rate: float,
-        transfer_rate: float,
-    ) -> JobStats:
-        left = max(0, round(remaining))
-        expected = self._expected
-        if phase == "switchover":
-            expected = self._switch_duration * 1000.0
-        elif phase == "post-copy":
-            expected = _POSTCOPY_DOWNTIME_MS
-        return JobStats(
-            phase=phase,
-            iteration=self.iteration,
-            elapsed=round(now, 6),
-            memory_total=self._mem,
-            memory_processed=int(processed),
-            memory_remaining=left,
-            data_remaining=left,
-            dirty_rate=int(dirty_rate),
-            transfer_rate=int(transfer_rate),
-            expected_downtime=None if expected is None else round(expected, 3),
-            disk_total=self._disk,
-            disk_processed=self._disk,
-            disk_remaining=0,
-        )
-
-    def _disk_stats(self, now: float, copied: float) -> JobStats:
-        """A sample of the disk phase, shaped like libvirt's (see the class)."""
-        left = max(0, self._disk - int(copied))
-        return JobStats(
-            phase="migrating",
-            iteration=0,
-            elapsed=round(now, 6),
-            memory_total=0,
-            memory_processed=0,
-            memory_remaining=0,
-            data_remaining=left,
-            dirty_rate=0,
-            transfer_rate=0,
-            disk_total=self._disk,
-            disk_processed=self._disk - left,
-            disk_remaining=left,
-        )
 
     def _complete(self, at: float, *, post_copy: bool) -> None:
         dom, src, dst = self.domain, self.source, self.destination
@@ -482,7 +436,8 @@ class FakeMigrationJob:
         destination), abort anything else (the guest stays on the source)."""
         self._sync()
         if self._phase is _Phase.POSTCOPY:
-            self._complete(self._post_start + self._post_amount / self._bw, post_copy=True)
+            end = self._post_start + self._post_amount / self._post_rate()
+            self._complete(end, post_copy=True)
         elif self._phase is not _Phase.DONE:
             self._fail(self._now(), TaskCancelled("migration job aborted: hypervisor closed"))
 
@@ -520,6 +475,21 @@ class FakeMigrationJob:
         self._sync()
         self._max_downtime = float(ms)
 
+    async def set_bandwidth(self, mibs: int, *, post_copy: bool = False) -> None:
+        """From now on at ``mibs`` MiB/s (at most the link's speed; 0: the link's speed)."""
+        if mibs < 0:
+            raise HypervisorError(f"invalid argument: bandwidth must be >= 0, got {mibs}")
+        self._sync()
+        if self._phase is _Phase.DONE:
+            return
+        rate = self._link_bw if mibs == 0 else min(self._link_bw, mibs * _MIB)
+        self._rebase(self._now())
+        if post_copy:
+            self._post_bw = rate
+        else:
+            self._bw = rate
+        self._reschedule()
+
     async def start_post_copy(self) -> None:
         if self.request.mode != "post-copy":
             raise HypervisorError(
@@ -531,6 +501,11 @@ class FakeMigrationJob:
             raise HypervisorError(
                 "Requested operation is not valid: post-copy can start only once memory "
                 "moves (the disks are still being copied)"
+            )
+        if self._phase is _Phase.STALLED:
+            raise HypervisorError(
+                "Requested operation is not valid: the migration stream moves no data, a"
+                " switch to post-copy would leave the guest without its memory"
             )
         if self._phase not in (_Phase.SETUP, _Phase.PRECOPY):
             return  # already post-copy, switching over, or over: nothing left to switch

@@ -5,7 +5,8 @@ This is the only package that imports libvirt-python. Everything libvirt returns
 
 Modules: :mod:`.errors` (error table), :mod:`.options`, :mod:`.events` (event thread and hub),
 :mod:`.connections` (connection pool), :mod:`.domains` (device/XML helpers, guest and
-destination facts), :mod:`.migration` (:class:`LibvirtMigrationJob`), :mod:`.backend`
+destination facts), :mod:`.migrationparams` (a request's flags and typed parameters, job
+statistics), :mod:`.migration` (:class:`LibvirtMigrationJob`), :mod:`.backend`
 (:class:`LibvirtHypervisor`, ``create``).
 
 Design
@@ -138,9 +139,10 @@ from asyncmigfra.hypervisor.virt.errors import (
     translate_error,
 )
 from asyncmigfra.hypervisor.virt.events import DomainEvent
-from asyncmigfra.hypervisor.virt.migration import (
-    LibvirtMigrationJob,
+from asyncmigfra.hypervisor.virt.migration import LibvirtMigrationJob
+from asyncmigfra.hypervisor.virt.migrationparams import (
     MigrationTarget,
+    check_stream_support,
     job_stats,
     migration_flags,
     migration_params,
@@ -161,6 +163,7 @@ __all__ = [
     "LibvirtMigrationJob",
     "MigrationTarget",
     "PluggedDevice",
+    "check_stream_support",
     "create",
     "default_local_uri",
     "error_class",

@@ -85,10 +85,11 @@ from asyncmigfra.hypervisor.virt.events import (
     _EventHub,
     _EventThread,
 )
-from asyncmigfra.hypervisor.virt.migration import (
-    LibvirtMigrationJob,
+from asyncmigfra.hypervisor.virt.migration import LibvirtMigrationJob
+from asyncmigfra.hypervisor.virt.migrationparams import (
     MigrationTarget,
     _num,
+    check_stream_support,
     migration_flags,
     migration_params,
 )
@@ -874,6 +875,8 @@ class LibvirtHypervisor:
         (unless ``memory`` is false: a swap decides that for both VMs together), and the
         guest's disks (:func:`~asyncmigfra.hypervisor.virt.storagecopy.check`)."""
         uri = self._local_uri(request.driver)
+        if request.compression:
+            check_stream_support(request, await self._mapped(uri, lambda c: c.getLibVersion()))
         guest = await self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name))
         if uri not in self._host_uuids:
             self._host_uuids[uri] = await self._mapped(uri, _host_uuid)

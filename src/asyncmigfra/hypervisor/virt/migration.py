@@ -1,11 +1,11 @@
-"""Migration: target, flags and parameters, job statistics and :class:`LibvirtMigrationJob`."""
+"""The running libvirt migration, :class:`LibvirtMigrationJob` (its request in libvirt's
+terms: :mod:`.migrationparams`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import structlog
@@ -35,6 +35,12 @@ from asyncmigfra.hypervisor.virt.errors import (
     translate_error,
 )
 from asyncmigfra.hypervisor.virt.events import DomainEvent
+from asyncmigfra.hypervisor.virt.migrationparams import (
+    BANDWIDTH_UNLIMITED,
+    MigrationTarget,
+    _num,
+    job_stats,
+)
 from asyncmigfra.hypervisor.virt.options import HostAddress
 
 if TYPE_CHECKING:
@@ -42,112 +48,6 @@ if TYPE_CHECKING:
 
 # The package's logger name, as before the split into modules.
 log = structlog.stdlib.get_logger("asyncmigfra.hypervisor.virt")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MigrationTarget:
-    """Where a migration goes: URIs resolved from the ``hosts:`` map or the template."""
-
-    host: str
-    #: How this agent reaches the destination (direct migration).
-    uri: str
-    #: How the source libvirtd reaches it (peer-to-peer migration).
-    p2p_uri: str
-    #: ``VIR_MIGRATE_PARAM_URI``; ``None``: libvirt's default.
-    migrate_uri: str | None = None
-
-
-def migration_flags(request: MigrationRequest, *, persistent: bool) -> int:
-    """libvirt flags for ``request`` (``persistent``: the source domain is persistent)."""
-    mode_flags = {
-        "live": libvirt.VIR_MIGRATE_LIVE,
-        "warm": 0,
-        "offline": libvirt.VIR_MIGRATE_OFFLINE | libvirt.VIR_MIGRATE_PERSIST_DEST,
-        "post-copy": libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_POSTCOPY,
-    }
-    flags = mode_flags[request.mode]
-    if request.persist and persistent:
-        flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-    if request.auto_converge:
-        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-    if request.compressed:
-        flags |= libvirt.VIR_MIGRATE_COMPRESSED
-    if request.parallel_connections > 1:
-        flags |= libvirt.VIR_MIGRATE_PARALLEL
-    if request.tls:
-        flags |= libvirt.VIR_MIGRATE_TLS
-    if request.paused:
-        flags |= libvirt.VIR_MIGRATE_PAUSED
-    if request.p2p:
-        flags |= libvirt.VIR_MIGRATE_PEER2PEER
-    if request.copy_storage != "none":
-        flags |= _COPY_STORAGE_FLAGS[request.copy_storage]
-        if request.synchronous_writes:
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES
-    return int(flags)
-
-
-#: ``copy-storage`` -> libvirt's flag: whole images, or the top layer of each (the
-#: destination has the backing chain).
-_COPY_STORAGE_FLAGS: Mapping[str, int] = {
-    "all": libvirt.VIR_MIGRATE_NON_SHARED_DISK,
-    "inc": libvirt.VIR_MIGRATE_NON_SHARED_INC,
-}
-
-
-def migration_params(request: MigrationRequest, target: MigrationTarget) -> dict[str, object]:
-    """``virTypedParameter``s for ``migrateToURI3``/``migrate3``."""
-    params: dict[str, object] = {}
-    if target.migrate_uri:
-        params[libvirt.VIR_MIGRATE_PARAM_URI] = target.migrate_uri
-    if request.bandwidth:
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(request.bandwidth)
-    if request.parallel_connections > 1:
-        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = int(request.parallel_connections)
-    if request.copy_storage != "none" and request.migrate_disks:
-        # A multi-value string parameter: libvirt-python adds one entry per list item.
-        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(request.migrate_disks)
-    return params
-
-
-def _num(raw: Mapping[str, Any], key: str, default: int = 0) -> int:
-    value = raw.get(key, default)
-    return int(value) if isinstance(value, int | float) else default
-
-
-def job_stats(raw: Mapping[str, Any], *, phase: str = "migrating") -> JobStats | None:
-    """Map ``virDomainGetJobStats`` fields to :class:`JobStats`; ``None`` before anything
-    moves (libvirt reports zeros while the destination QEMU starts).
-
-    A storage copy (``NON_SHARED_DISK``/``_INC``) mirrors the disks over NBD before QEMU's
-    memory migration begins: during that phase ``disk_total``/``disk_processed``/
-    ``disk_remaining`` grow while ``memory_total`` is still 0 and ``memory_iteration`` 0, and
-    the sample is returned all the same (the engine's convergence policy acts on memory
-    iterations only). ``data_remaining`` is libvirt's, which counts the disks too; without
-    it, memory plus disk remaining."""
-    total = _num(raw, "memory_total")
-    disk_total = _num(raw, "disk_total")
-    if total <= 0 and disk_total <= 0:
-        return None
-    remaining = _num(raw, "memory_remaining")
-    disk_remaining = _num(raw, "disk_remaining")
-    page = _num(raw, "memory_page_size", 4096) or 4096
-    downtime = raw.get("downtime")
-    return JobStats(
-        phase=phase,
-        iteration=_num(raw, "memory_iteration"),
-        elapsed=_num(raw, "time_elapsed") / 1000.0,
-        memory_total=max(0, total),
-        memory_processed=_num(raw, "memory_processed"),
-        memory_remaining=remaining,
-        data_remaining=_num(raw, "data_remaining", remaining + disk_remaining),
-        dirty_rate=_num(raw, "memory_dirty_rate") * page,
-        transfer_rate=_num(raw, "memory_bps"),
-        expected_downtime=float(downtime) if isinstance(downtime, int | float) else None,
-        disk_total=max(0, disk_total),
-        disk_processed=_num(raw, "disk_processed"),
-        disk_remaining=disk_remaining,
-    )
 
 
 #: s between jobStats() looks while a migration job is starting (doubling up to the max).
@@ -602,6 +502,20 @@ class LibvirtMigrationJob:
     async def set_max_downtime(self, ms: int) -> None:
         await self._on_domain(
             "Error setting max downtime: ", lambda d: d.migrateSetMaxDowntime(int(ms), 0)
+        )
+
+    async def set_bandwidth(self, mibs: int, *, post_copy: bool = False) -> None:
+        """``virDomainMigrateSetMaxSpeed``. 0 (unlimited) is libvirt's own maximum for
+        pre-copy; for post-copy 0 itself, which QEMU reads as no limit."""
+        if post_copy:
+            speed = min(max(0, mibs), BANDWIDTH_UNLIMITED)
+            flags = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
+        else:
+            speed = BANDWIDTH_UNLIMITED if mibs <= 0 else min(mibs, BANDWIDTH_UNLIMITED)
+            flags = 0
+        await self._on_domain(
+            "Error setting the migration bandwidth: ",
+            lambda d: d.migrateSetMaxSpeed(int(speed), flags),
         )
 
     async def start_post_copy(self) -> None:

@@ -38,8 +38,8 @@ from asyncmigfra.hypervisor.base import (
 )
 from asyncmigfra.hypervisor.virt.domains import _PAUSED, _RUNNING
 from asyncmigfra.hypervisor.virt.errors import _code, _message
-from asyncmigfra.hypervisor.virt.migration import (
-    LibvirtMigrationJob,
+from asyncmigfra.hypervisor.virt.migration import LibvirtMigrationJob
+from asyncmigfra.hypervisor.virt.migrationparams import (
     MigrationTarget,
     migration_flags,
     migration_params,

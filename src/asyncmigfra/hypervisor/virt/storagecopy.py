@@ -21,7 +21,7 @@ from asyncmigfra.wire.parsing.names import valid_host
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.virt.backend import LibvirtHypervisor
-    from asyncmigfra.hypervisor.virt.migration import MigrationTarget
+    from asyncmigfra.hypervisor.virt.migrationparams import MigrationTarget
 
 __all__ = ["check", "forget_record", "prepare", "release_created"]
 

@@ -19,6 +19,9 @@ owned by the job, which is owned by the dispatcher's TaskGroup. The rules:
 * **Cancel.** ``task: cancel`` marks the target's subtasks and cancels their asyncio tasks:
   a queued one never starts, a running migration aborts its job (see ``migrating``). Each
   cancelled entry reports ``code: cancelled``.
+* **Tune.** ``task: tune migration`` changes the target's running migration jobs through the
+  steering the engine registers on each run while a job runs (bandwidth, downtime target,
+  post-copy now, force-complete); answered at once, like cancel.
 * **Shutdown.** :meth:`Dispatcher.drain` answers new work with ``busy``, lets running work
   finish within a grace period, then cancels what remains, so every accepted task still gets
   its result.
@@ -26,8 +29,8 @@ owned by the job, which is owned by the dispatcher's TaskGroup. The rules:
 Modules: :mod:`.lanes` (per-VM FIFO lanes), :mod:`.jobs` (``Reply``, jobs and runs, the audit
 line), :mod:`.base` (the dispatcher's state and shared steps), :mod:`.remembered` (duplicates
 and remembered results, bounded in bytes), :mod:`.expansion` (stop-by-regex, evacuate),
-:mod:`.answers` (status, cancel, quit), :mod:`.dispatcher` (:class:`Dispatcher`: lifecycle,
-intake, running).
+:mod:`.answers` (status, cancel, quit), :mod:`.tuning` (tune migration), :mod:`.dispatcher`
+(:class:`Dispatcher`: lifecycle, intake, running).
 """
 
 from asyncmigfra.tasks.dispatching.dispatcher import Dispatcher

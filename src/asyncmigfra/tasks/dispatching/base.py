@@ -123,6 +123,7 @@ class _DispatcherBase:
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
             hooks=self._hooks,
+            steering=run.steering,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -143,6 +144,7 @@ class _DispatcherBase:
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
             hooks=self._hooks,
+            steering=run.steering,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):

@@ -5,7 +5,8 @@ not split into independent modules: its parts are mixins over that state
 (:class:`~asyncmigfra.tasks.dispatching.base._DispatcherBase`). This module keeps what accepts and
 runs jobs (``submit``, ``_run_job``, the journal hand-off, ``drain``); duplicates live in
 :mod:`.remembered`, stop-by-regex and evacuate in :mod:`.expansion`, the status, cancel and
-quit answers in :mod:`.answers`, the lanes in :mod:`.lanes`, the job records in :mod:`.jobs`.
+quit answers in :mod:`.answers`, the tune answer in :mod:`.tuning`, the lanes in
+:mod:`.lanes`, the job records in :mod:`.jobs`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from asyncmigfra.tasks.dispatching.answers import _Answers
 from asyncmigfra.tasks.dispatching.expansion import _Expansion
 from asyncmigfra.tasks.dispatching.jobs import Reply, _audit, _Job, _Run
 from asyncmigfra.tasks.dispatching.remembered import _Remembering
+from asyncmigfra.tasks.dispatching.tuning import _Tuning
 from asyncmigfra.tasks.outcomes import absorb_cancel, entry_for
 from asyncmigfra.wire.rendering import parse_error_result
 
@@ -50,7 +52,7 @@ def _unavailable(reason: str) -> str:
     )
 
 
-class Dispatcher(_Answers, _Expansion, _Remembering):
+class Dispatcher(_Answers, _Tuning, _Expansion, _Remembering):
     """Accepts parsed messages and runs them; results go to ``deliver``."""
 
     # ---------------------------------------------------------------- lifecycle
@@ -125,6 +127,9 @@ class Dispatcher(_Answers, _Expansion, _Remembering):
             return
         if msg.kind is TaskKind.CANCEL:
             self._answer_cancel(msg, reply)
+            return
+        if msg.kind is TaskKind.TUNE:
+            self._spawn(self._answer_tune(msg, reply), f"tune[{msg.id}]")
             return
         dedupe = (msg.id, hashlib.blake2b(payload, digest_size=16).hexdigest()) if msg.id else None
         if dedupe is not None and self._duplicate(dedupe, msg, reply):

@@ -12,6 +12,7 @@ from typing import Literal
 
 import structlog
 
+from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.model import (
     ResultEntry,
     ResultMessage,
@@ -53,6 +54,9 @@ class _Run:
     cancel_reason: str | None = None
     started: float | None = None
     ctx: SubtaskContext | None = None
+    #: VM name -> the steering of its running migration job (``tune migration``): filled
+    #: by the engine through every context of this run while a job runs.
+    steering: dict[str, MigrationSteering] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)

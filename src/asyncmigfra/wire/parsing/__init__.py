@@ -52,7 +52,11 @@ The package re-exports the public names; the code lives in:
 - :mod:`~asyncmigfra.wire.parsing.names`: what ids, VM names, hosts, drivers, transports and
   disk targets may be;
 - :mod:`~asyncmigfra.wire.parsing.fields`: field converters (yaml-cpp scalar rules), ``_Fields``;
-- :mod:`~asyncmigfra.wire.parsing.tasks`: the task builders, ``parse_task`` and ``load_yaml``.
+- :mod:`~asyncmigfra.wire.parsing.migration`: the builders of ``migrate vm``, ``evacuate node``
+  (their ``parameter:`` map, checked against :mod:`asyncmigfra.streamoptions`) and
+  ``tune migration``;
+- :mod:`~asyncmigfra.wire.parsing.tasks`: the other task builders, ``parse_task`` and
+  ``load_yaml``.
 """
 
 from asyncmigfra.wire.parsing.fields import UINT32_MAX as UINT32_MAX

@@ -1,4 +1,7 @@
-"""The task builders, :func:`parse_task` (bytes in, a ``TaskMessage`` out) and :func:`load_yaml`."""
+"""The task builders, :func:`parse_task` (bytes in, a ``TaskMessage`` out) and :func:`load_yaml`.
+
+The migration tasks' builders (``migrate vm``, ``evacuate node``, ``tune migration``) are in
+:mod:`~asyncmigfra.wire.parsing.migration`."""
 
 from __future__ import annotations
 
@@ -11,13 +14,7 @@ from asyncmigfra.domxml import first_element_text
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import (
     CancelSpec,
-    CopyStorage,
-    EvacuateMode,
-    EvacuateSpec,
     Ivshmem,
-    MigrateSpec,
-    MigrationParams,
-    MigrationType,
     PciId,
     QuitSpec,
     RepinSpec,
@@ -27,25 +24,20 @@ from asyncmigfra.model import (
     StopSpec,
     Subtask,
     SuspendSpec,
-    SwapWith,
     TaskKind,
     TaskMessage,
-    TimeoutAction,
-    VcpuMap,
 )
 from asyncmigfra.wire.parsing.fastpath import _compose
 from asyncmigfra.wire.parsing.fields import (
     _XML_ENTITIES,
-    UINT32_MAX,
     UINT64_MAX,
-    _convert_host,
     _convert_pci_addr,
-    _convert_transport,
     _convert_uint,
     _Ctx,
     _Fields,
     _scalar_text,
 )
+from asyncmigfra.wire.parsing.migration import _evacuate, _migrate, _tune
 from asyncmigfra.wire.parsing.names import _TASK_ID_EXPECTED, valid_task_id, valid_vm_name
 from asyncmigfra.wire.parsing.nodes import (
     _EMPTY_CONTAINER,
@@ -64,12 +56,6 @@ from asyncmigfra.wire.parsing.nodes import (
 
 # --------------------------------------------------------------------------------------------
 # Tasks
-
-_MIGRATION_TYPES: Final = ("live", "warm", "offline", "post-copy")
-_TIMEOUT_ACTIONS: Final = ("abort", "post-copy", "suspend")
-_EVACUATE_MODES: Final = ("auto", "compact", "scatter")
-_COPY_STORAGE: Final = ("none", "all", "inc")
-_ONLY_WITH_COPY: Final = "expected only with copy-storage all or inc (copy-storage is none)"
 
 
 def _resolve_start_name(vm_name: str | None, xml: str | None) -> tuple[str, str | None]:
@@ -150,99 +136,6 @@ def _resume(f: _Fields) -> ResumeSpec:
     return ResumeSpec(vm_name=f.req_vm_name(), **f.subtask())
 
 
-def _migration_params(f: _Fields | None, *, migrate: bool) -> MigrationParams:
-    """``parameter:`` of migrate (``migrate=True``) or evacuate (no swap-with, no vcpu-map)."""
-    if f is None:
-        return MigrationParams()
-    # None: the agent's configured default (migration.migration-type, itself "warm").
-    migration_type = cast("MigrationType | None", f.choice("migration-type", _MIGRATION_TYPES))
-    retry_old = f.uint("retry_counter")
-    retry_new = f.uint("retry-counter")
-    swap_with: SwapWith | None = None
-    vcpu_map: VcpuMap | None = None
-    if migrate:
-        vcpu_map = f.vcpu_map("vcpu-map")
-        swap = f.sub_map("swap-with")
-        if swap is not None:
-            swap_with = SwapWith(
-                vm_name=swap.req_vm_name(),
-                pscom_hook_procs=swap.pscom("pscom-hook-procs"),
-                vcpu_map=swap.vcpu_map("vcpu-map"),
-            )
-    copy_storage, migrate_disks, synchronous_writes = _storage_params(f)
-    return MigrationParams(
-        migration_type=migration_type,
-        rdma_migration=f.boolean("rdma-migration", False),
-        pscom_hook_procs=f.pscom("pscom-hook-procs"),
-        transport=f._opt("transport", _convert_transport),
-        vcpu_map=vcpu_map,
-        retry_counter=retry_new if retry_new is not None else retry_old,
-        swap_with=swap_with,
-        max_downtime=f.uint("max-downtime", UINT64_MAX),
-        bandwidth=f.uint("bandwidth", UINT64_MAX),
-        auto_converge=f.opt_boolean("auto-converge"),
-        compressed=f.opt_boolean("compressed"),
-        parallel_connections=f.uint("parallel-connections", UINT32_MAX, 1),
-        completion_timeout=f.seconds("completion-timeout"),
-        timeout_action=cast("TimeoutAction | None", f.choice("timeout-action", _TIMEOUT_ACTIONS)),
-        persist=f.opt_boolean("persist"),
-        tls=f.opt_boolean("tls"),
-        copy_storage=copy_storage,
-        migrate_disks=migrate_disks,
-        synchronous_writes=synchronous_writes,
-    )
-
-
-def _storage_params(f: _Fields) -> tuple[CopyStorage | None, tuple[str, ...] | None, bool | None]:
-    """``copy-storage``, ``migrate-disks``, ``copy-storage-synchronous-writes``.
-
-    A list of disks to copy, or synchronous writes, with ``copy-storage: none`` is a mistake
-    and rejects the message. Without ``copy-storage`` the agent's ``migration.copy-storage``
-    applies, which only the agent knows: the migration checks that combination itself.
-    """
-    copy_storage = cast("CopyStorage | None", f.choice("copy-storage", _COPY_STORAGE))
-    migrate_disks = f.disk_targets("migrate-disks")
-    synchronous_writes = f.opt_boolean("copy-storage-synchronous-writes")
-    if copy_storage == "none":
-        if migrate_disks:
-            f.ctx.bad(f.prefix + "migrate-disks", _ONLY_WITH_COPY, f.node.items["migrate-disks"])
-        if synchronous_writes:
-            key = "copy-storage-synchronous-writes"
-            f.ctx.bad(f.prefix + key, _ONLY_WITH_COPY, f.node.items[key])
-    return copy_storage, migrate_disks, synchronous_writes
-
-
-def _migrate(f: _Fields) -> MigrateSpec:
-    return MigrateSpec(
-        vm_name=f.req_vm_name(),
-        destination=f.req_host("destination"),
-        parameter=_migration_params(f.sub_map("parameter"), migrate=True),
-        **f.subtask(),
-    )
-
-
-def _evacuate(f: _Fields) -> EvacuateSpec:
-    destinations: list[str] = []
-    for i, item in enumerate(f.sequence("destinations", required=True) or ()):
-        destinations.append(_convert_host(f.ctx, item, f"destinations[{i}]"))
-    param = f.sub_map("parameter")
-    mode: str | None = None
-    overbooking = True
-    max_parallel: int | None = None
-    if param is not None:
-        mode = param.choice("mode", _EVACUATE_MODES)
-        overbooking = param.boolean("overbooking", True)
-        max_parallel = param.uint("max-parallel", UINT32_MAX, 1)
-    return EvacuateSpec(
-        destinations=tuple(destinations),
-        mode=cast("EvacuateMode", mode or "auto"),
-        overbooking=overbooking,
-        parameter=_migration_params(param, migrate=False),
-        max_parallel=max_parallel,
-        **f.subtask(),
-    )
-
-
 def _repin(f: _Fields) -> RepinSpec:
     return RepinSpec(
         vm_name=f.req_vm_name(),
@@ -279,6 +172,7 @@ _SINGLE_TASKS: Final[dict[TaskKind, Callable[[_Fields], Subtask]]] = {
     TaskKind.QUIT: _quit,
     TaskKind.STATUS: _status,
     TaskKind.CANCEL: _cancel,
+    TaskKind.TUNE: _tune,
 }
 
 _KINDS: Final[dict[str, TaskKind]] = {kind.value: kind for kind in TaskKind}
