@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os.path
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
@@ -122,12 +123,33 @@ def _dest_pool(dconn: Any, directory: str, host: str, target: str) -> Any:
             f"storage pool '{pool.name()}' on {host} ({directory}) is not active"
         )
     try:
-        pool.refresh(0)  # see the images created since the pool was last scanned
+        refresh(pool)  # see the images created since the pool was last scanned
     except libvirt.libvirtError as exc:
         raise IncompatibleDestination(
             f"storage pool '{pool.name()}' on {host} cannot be scanned: {exc.get_error_message()}"
         ) from None
     return pool
+
+
+#: s a pool refresh waits for the pool's volume builds (another copy creating its image).
+_REFRESH_WAIT = 10.0
+
+
+def refresh(pool: Any) -> None:
+    """``pool.refresh``, waiting (bounded, in this worker thread) while libvirt refuses it
+    because the pool builds a volume ("has asynchronous jobs running"): another migration
+    creating its image in the same pool at the same moment."""
+    deadline = time.monotonic() + _REFRESH_WAIT
+    while True:
+        try:
+            pool.refresh(0)
+        except libvirt.libvirtError as exc:
+            busy = "asynchronous jobs" in (exc.get_error_message() or "")
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+        else:
+            return
 
 
 def _volume(pool_or_conn: Any, name_or_path: str, *, by_path: bool = False) -> Any | None:
@@ -165,7 +187,7 @@ def shares_directory(conn: Any, dconn: Any, directory: str) -> bool | None:
     )
     seen = False
     try:
-        here.refresh(0)
+        refresh(here)
         seen = _volume(here, name) is not None
     finally:
         with contextlib.suppress(libvirt.libvirtError):
@@ -413,7 +435,7 @@ def release_paths(
             if directory not in refreshed:
                 pool = pool_by_directory(dconn, directory)
                 if pool is not None:
-                    pool.refresh(0)
+                    refresh(pool)
                 refreshed[directory] = True
             volume = _volume(dconn, path, by_path=True)
             if volume is not None:
