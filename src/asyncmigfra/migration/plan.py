@@ -34,6 +34,13 @@ class MigrationPlan:
     #: Bytes of guest memory the plan was made for (0: unknown): the progress events'
     #: ``percent`` and ``eta`` count it while the disks are copied, before memory moves.
     memory: int = 0
+    #: ``migration-type: auto``: ``request.mode`` is ``live`` until the prediction chooses
+    #: (``migration.forecast.choose``), which may make it ``post-copy`` or refuse.
+    auto: bool = False
+    #: The task gave ``completion-timeout`` (else it is the agent's default, which a
+    #: prediction may replace) and ``timeout-action``.
+    timeout_given: bool = False
+    timeout_action_given: bool = False
 
 
 _GIB = 1024**3
@@ -58,7 +65,8 @@ def plan_migration(
     with an explicit ``copy-storage: none``).
     """
     p: MigrationParams = spec.parameter
-    mode = p.migration_type or defaults.migration_type
+    chosen = p.migration_type or defaults.migration_type
+    mode = "live" if chosen == "auto" else chosen
     max_downtime = p.max_downtime if p.max_downtime is not None else defaults.max_downtime
     copy_storage, synchronous_writes = _storage(p, defaults)
     copied = max(0, disk_bytes) if copy_storage != "none" else 0
@@ -94,6 +102,9 @@ def plan_migration(
         retries=p.retry_counter if p.retry_counter is not None else defaults.retry_counter,
         retry_delay=defaults.retry_delay,
         memory=max(0, memory_kib) * 1024,
+        auto=chosen == "auto",
+        timeout_given=bool(p.completion_timeout),
+        timeout_action_given=p.timeout_action is not None,
     )
 
 

@@ -179,7 +179,7 @@ class AgentSettings:
 class MigrationDefaults:
     """``migration``: agent-wide defaults for ``migrate vm`` parameters."""
 
-    migration_type: Literal["live", "warm", "offline", "post-copy"] = "warm"
+    migration_type: Literal["live", "warm", "offline", "post-copy", "auto"] = "warm"
     #: ms; ``None``: the hypervisor's default.
     max_downtime: int | None = None
     #: MiB/s; ``None``: unlimited.
@@ -215,6 +215,11 @@ class MigrationDefaults:
     copy_storage: Literal["none", "all", "inc"] = "none"
     #: ``copy-storage-synchronous-writes`` of a migration that copies storage and names none.
     copy_storage_synchronous_writes: bool = False
+    #: MiB/s a migration is predicted to get from a destination's link until the agent has
+    #: learned that link's rate from its own migrations (1 GbE, the smallest usual network).
+    link_rate: float = 110.0
+    #: ``migration-type: auto`` may choose post-copy when pre-copy is predicted not to finish.
+    allow_post_copy: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -167,6 +167,8 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MigrationDefaults, "max_incoming"): _COUNT,
     (MigrationDefaults, "device_timeout"): _DELAY,
     (MigrationDefaults, "swap_lock_timeout"): _DELAY,
+    # MiB/s: from 0.01 (a crawl) to 1 TiB/s.
+    (MigrationDefaults, "link_rate"): _Range(low=0.01, high=1_048_576),
     # 0: abort running work at once on SIGTERM.
     (ShutdownSettings, "grace_period"): _NON_NEGATIVE,
     (ShutdownSettings, "hard_exit_after"): _DELAY,

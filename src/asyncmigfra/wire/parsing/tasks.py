@@ -19,6 +19,8 @@ from asyncmigfra.model import (
     MigrationParams,
     MigrationType,
     PciId,
+    PlanEvacuationSpec,
+    PlanMigrationSpec,
     QuitSpec,
     RepinSpec,
     ResumeSpec,
@@ -65,7 +67,7 @@ from asyncmigfra.wire.parsing.nodes import (
 # --------------------------------------------------------------------------------------------
 # Tasks
 
-_MIGRATION_TYPES: Final = ("live", "warm", "offline", "post-copy")
+_MIGRATION_TYPES: Final = ("live", "warm", "offline", "post-copy", "auto")
 _TIMEOUT_ACTIONS: Final = ("abort", "post-copy", "suspend")
 _EVACUATE_MODES: Final = ("auto", "compact", "scatter")
 _COPY_STORAGE: Final = ("none", "all", "inc")
@@ -243,6 +245,16 @@ def _evacuate(f: _Fields) -> EvacuateSpec:
     )
 
 
+def _plan_migration(f: _Fields) -> PlanMigrationSpec:
+    """``plan migration``: exactly the keys of ``migrate vm``."""
+    return PlanMigrationSpec(migration=_migrate(f), **f.subtask())
+
+
+def _plan_evacuation(f: _Fields) -> PlanEvacuationSpec:
+    """``plan evacuation``: exactly the keys of ``evacuate node``."""
+    return PlanEvacuationSpec(evacuation=_evacuate(f), **f.subtask())
+
+
 def _repin(f: _Fields) -> RepinSpec:
     return RepinSpec(
         vm_name=f.req_vm_name(),
@@ -279,6 +291,8 @@ _SINGLE_TASKS: Final[dict[TaskKind, Callable[[_Fields], Subtask]]] = {
     TaskKind.QUIT: _quit,
     TaskKind.STATUS: _status,
     TaskKind.CANCEL: _cancel,
+    TaskKind.PLAN_MIGRATION: _plan_migration,
+    TaskKind.PLAN_EVACUATION: _plan_evacuation,
 }
 
 _KINDS: Final[dict[str, TaskKind]] = {kind.value: kind for kind in TaskKind}
