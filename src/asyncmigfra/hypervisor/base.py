@@ -36,6 +36,7 @@ __all__ = [
     "Hypervisor",
     "HypervisorFactory",
     "JobStats",
+    "MeasuresDirtyRate",
     "MigrationJob",
     "MigrationRequest",
     "MigrationResult",
@@ -229,6 +230,18 @@ class AdoptsMigrations(Protocol):
     ) -> MigrationJob | None:
         """A handle for ``vm_name``'s outgoing migration if one runs, else ``None``;
         ``destination`` is where the adopting task sends it."""
+
+
+@runtime_checkable
+class MeasuresDirtyRate(Protocol):
+    """A back-end that can tell how fast a running guest dirties its memory without
+    migrating it (libvirt: ``virDomainStartDirtyRateCalc`` in page-sampling mode), for the
+    migration prediction (``migration.forecast``)."""
+
+    async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
+        """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
+        (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
+        running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
 
 
 @runtime_checkable
