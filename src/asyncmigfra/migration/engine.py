@@ -31,7 +31,6 @@ import structlog
 
 from asyncmigfra.errors import (
     HookFailed,
-    IncompatibleDestination,
     NotSupported,
     TaskError,
     TaskTimeout,
@@ -48,7 +47,7 @@ from asyncmigfra.migration.companions import (
     reattach_devices,
 )
 from asyncmigfra.migration.context import EngineContext
-from asyncmigfra.migration.plan import MigrationPlan, memory_of, plan_for
+from asyncmigfra.migration.plan import MigrationPlan, check_not_here, memory_of, plan_for
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
 from asyncmigfra.model import MigrateSpec
@@ -109,17 +108,6 @@ async def migrate(
         bus=bus,
         source=settings.hostname,
     )
-
-
-def check_not_here(destination: str, hostname: str) -> None:
-    """Refuse a destination that names this agent's own host: libvirt would refuse it only
-    after the devices were detached ("Attempt to migrate guest to the same host"). An
-    address that reaches this host under another name is the back-end's pre-check."""
-    if destination == hostname:
-        raise IncompatibleDestination(
-            f"destination {destination} is this agent's own host: a VM cannot migrate to the"
-            " host it runs on"
-        )
 
 
 def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asyncmigfra.errors import InvalidTask
+from asyncmigfra.errors import IncompatibleDestination, InvalidTask
 from asyncmigfra.hypervisor.base import Hypervisor, MigrationRequest
 from asyncmigfra.model import CopyStorage, MigrateSpec, MigrationParams
 from asyncmigfra.settings import MigrationDefaults, Settings
 
 __all__ = [
     "MigrationPlan",
+    "check_not_here",
     "memory_of",
     "plan_for",
     "plan_migration",
@@ -135,6 +136,17 @@ def _downtime_schedule(max_downtime: int) -> list[int]:
     steps = [round(low * ratio**i) for i in range(DOWNTIME_STEPS)]
     steps[-1] = max_downtime
     return sorted(set(steps))
+
+
+def check_not_here(destination: str, hostname: str) -> None:
+    """Refuse a destination that names this agent's own host: libvirt would refuse it only
+    after the devices were detached ("Attempt to migrate guest to the same host"). An
+    address that reaches this host under another name is the back-end's pre-check."""
+    if destination == hostname:
+        raise IncompatibleDestination(
+            f"destination {destination} is this agent's own host: a VM cannot migrate to the"
+            " host it runs on"
+        )
 
 
 async def memory_of(hypervisor: Hypervisor, vm_name: str) -> int:
