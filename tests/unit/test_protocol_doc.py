@@ -140,6 +140,7 @@ def _emitted_event_types() -> set[str]:
     events.progress("t", "a", {"phase": "migrating"})
     events.error("t", "a", code="timeout", details="d")
     events.done("t", "a", status="success", duration=1.0)
+    events.plan("t", "a", {"mode": "live"})
     builders = {n for n in dir(Events) if not n.startswith("_") and callable(getattr(Events, n))}
     assert len(sink.events) == len(builders), (
         f"Events has builders this test does not call: {sorted(builders)}"

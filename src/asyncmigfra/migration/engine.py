@@ -47,6 +47,7 @@ from asyncmigfra.migration.companions import (
     reattach_devices,
 )
 from asyncmigfra.migration.context import EngineContext
+from asyncmigfra.migration.forecast import ObservedRates, forecaster_of, predicted
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, memory_of, plan_for
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
@@ -93,12 +94,13 @@ async def migrate(
     with ctx.measure("pre-checks"):
         check_not_here(spec.destination, settings.hostname)
         copies = await hypervisor.check_migration(plan.request)
+    disk_bytes = sum(c.size for c in copies)
     if copies:
         # The disks to copy count in the default completion timeout.
-        disk_bytes = sum(c.size for c in copies)
         plan = await plan_for(
             spec, hypervisor=hypervisor, settings=settings, memory=memory, disk_bytes=disk_bytes
         )
+    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=disk_bytes)
     return await carry_out(
         plan,
         spec,
@@ -327,6 +329,7 @@ async def _migrate_once(
         max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
     )
     progress = _Progress(max_downtime=plan.max_downtime, memory=plan.memory)
+    observed = ObservedRates()
     with ctx.measure("migrate"):
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")
@@ -340,6 +343,7 @@ async def _migrate_once(
                 progress=progress,
                 ctx=ctx,
                 interval=settings.agent.progress_interval,
+                observed=observed,
             )
         except asyncio.CancelledError:
             if not policy.post_copy_started:
@@ -358,6 +362,9 @@ async def _migrate_once(
         finally:
             await _settle(done)
         result = done.result()
+    forecaster = forecaster_of(ctx)
+    if forecaster is not None:
+        await forecaster.learn(plan, observed)
     final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)
@@ -374,8 +381,10 @@ async def _watch(
     progress: _Progress,
     ctx: EngineContext,
     interval: float,
+    observed: ObservedRates | None = None,
 ) -> None:
-    """Sample and steer the job until it ends (``done``) or the completion timeout acts."""
+    """Sample and steer the job until it ends (``done``) or the completion timeout acts;
+    ``observed`` collects the samples' rates (for ``Forecaster.learn``)."""
     deadline = time.monotonic() + plan.completion_timeout
     iteration = 0
     phase = "migrating"
@@ -393,6 +402,8 @@ async def _watch(
         if done.done():
             return
         stats, fresh = await _sample(job, done)
+        if fresh and stats is not None and observed is not None:
+            observed.add(stats)
         if done.done():
             return
         if not fresh:

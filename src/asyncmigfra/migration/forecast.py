@@ -31,8 +31,11 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+import structlog
+
 from asyncmigfra.errors import NotSupported, TaskError, VmNotFound, WillNotConverge, WrongState
 from asyncmigfra.hypervisor.base import DomainInfo, DomainState, Hypervisor, JobStats
+from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
@@ -56,9 +59,13 @@ __all__ = [
     "Forecaster",
     "ObservedRates",
     "choose",
+    "forecaster_of",
     "notes",
     "plan_fields",
+    "predicted",
 ]
+
+log = structlog.stdlib.get_logger("asyncmigfra.migrating")
 
 _MIB: Final = 1 << 20
 #: A completion timeout from a prediction: this many times the predicted duration ...
@@ -365,6 +372,54 @@ def notes(forecast: Forecast) -> list[str]:
     if forecast.link_source == "configured":
         out.append("link rate not learned yet: the configured migration.link-rate")
     return out
+
+
+async def predicted(
+    plan: MigrationPlan,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    disk: int,
+) -> MigrationPlan:
+    """Predict the migration (after the pre-checks, before anything is touched) and publish
+    the ``plan`` event: always for ``migration-type: auto`` (a dirty-rate probe may run),
+    which then gets its chosen plan (:func:`choose`, which may refuse with
+    ``will-not-converge``); for ``live`` and ``post-copy`` only when it is cheap (the VM's
+    dirty rate is remembered, so no probe runs), leaving the plan as it is."""
+    forecaster = forecaster_of(ctx)
+    if forecaster is None:
+        if not plan.auto:
+            return plan
+        forecaster = Forecaster(settings=settings)  # no learned rates: the config's
+    if not plan.auto and plan.request.mode not in ("live", "post-copy"):
+        return plan
+    with ctx.measure("prediction"):
+        if plan.auto:
+            ctx.phase("predicting")
+        forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk, measure=plan.auto)
+    if not plan.auto and forecast.dirty.rate is None:
+        return plan  # it would take a probe: not for a migration that does not choose
+    log.info(
+        "migration.predicted",
+        mode=forecast.mode,
+        converges=forecast.converges,
+        duration=forecast.duration,
+        dirty_rate=forecast.dirty.rate,
+        link_rate=forecast.link_rate,
+    )
+    ctx.plan(plan_fields(forecast))
+    chosen = choose(plan, forecast)
+    if forecast.converges and forecast.duration is not None:
+        ctx.outcome.predicted_duration = forecast.duration
+    return chosen
+
+
+def forecaster_of(ctx: EngineContext) -> Forecaster | None:
+    """The agent's :class:`Forecaster` on ``ctx`` (a ``SubtaskContext``'s); ``None`` for a
+    context without one."""
+    forecaster = getattr(ctx, "forecaster", None)
+    return forecaster if isinstance(forecaster, Forecaster) else None
 
 
 # ---- helpers ---------------------------------------------------------------------------

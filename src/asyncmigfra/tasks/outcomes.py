@@ -40,6 +40,8 @@ class Outcome:
     state: str | None = None
     #: VM 2's own outcome in a swap (a wire map: ``vm-name``, ``status``, ...).
     swap_with: dict[str, object] | None = None
+    #: s the prediction gave the migration (``migration.forecast``), when one was made.
+    predicted_duration: float | None = None
 
     def note(self, *texts: str) -> None:
         """Add ``texts`` to ``details`` (``; `` between them)."""
@@ -64,6 +66,8 @@ class Outcome:
             keys["state"] = self.state
         if self.swap_with is not None:
             keys["swap-with"] = self.swap_with
+        if self.predicted_duration is not None:
+            keys["predicted-duration"] = round(self.predicted_duration, 3)
         return keys
 
 

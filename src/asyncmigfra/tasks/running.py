@@ -21,6 +21,7 @@ import structlog
 from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.hypervisor.base import AdoptsMigrations, DomainState, Hypervisor
 from asyncmigfra.migration.engine import follow_adopted, migrate
+from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.migration.swap import swap
 from asyncmigfra.model import (
     MigrateSpec,
@@ -68,6 +69,8 @@ class SubtaskContext:
     hooks: HookRunner | None = None
     #: The task's own context, for a companion (its phases show in ``status`` too).
     parent: SubtaskContext | None = None
+    #: The agent's predictions (``migration-type: auto``, ``plan`` events); ``None``: none.
+    forecaster: Forecaster | None = None
 
     def phase(self, name: str) -> None:
         self.current_phase = name
@@ -99,10 +102,14 @@ class SubtaskContext:
             suffix=f"-{vm_name}",
             hooks=self.hooks,
             parent=self,
+            forecaster=self.forecaster,
         )
 
     def progress(self, fields: dict[str, object]) -> None:
         self.events.progress(self.task_id, self.vm_name, fields)
+
+    def plan(self, fields: dict[str, object]) -> None:
+        self.events.plan(self.task_id, self.vm_name, fields)
 
 
 async def run_subtask(

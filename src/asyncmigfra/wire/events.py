@@ -72,10 +72,25 @@ class Events:
         ev["details"] = details
         self.sink.emit(ev, terminal=True)
 
+    def plan(self, task_id: str | None, vm_name: str, fields: Mapping[str, object]) -> None:
+        """A migration's prediction (``migration.forecast.plan_fields``), before it starts."""
+        ev = self._base("plan", task_id, vm_name)
+        ev.update(fields)
+        self.sink.emit(ev)
+
     def done(
-        self, task_id: str | None, vm_name: str | None, *, status: str, duration: float
+        self,
+        task_id: str | None,
+        vm_name: str | None,
+        *,
+        status: str,
+        duration: float,
+        predicted_duration: object = None,
     ) -> None:
+        """``predicted_duration``: s, a migration's prediction (compare with ``duration``)."""
         ev = self._base("done", task_id, vm_name)
         ev["status"] = status
         ev["duration"] = round(duration, 6)
+        if isinstance(predicted_duration, int | float):
+            ev["predicted-duration"] = predicted_duration
         self.sink.emit(ev, terminal=True)

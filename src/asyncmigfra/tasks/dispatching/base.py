@@ -18,6 +18,7 @@ from asyncmigfra.errors import (
     TaskError,
 )
 from asyncmigfra.hypervisor.base import Hypervisor
+from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import (
     MigrateSpec,
     ResultEntry,
@@ -52,8 +53,11 @@ class _DispatcherBase:
         journal: Journal | None = None,
         bus: MessageBus | None = None,
         hooks: HookRunner | None = None,
+        forecaster: Forecaster | None = None,
     ) -> None:
         self._hv = hypervisor
+        #: The agent's predictions (plans, ``migration-type: auto``, learned link rates).
+        self._forecaster = forecaster if forecaster is not None else Forecaster(settings=settings)
         self._bus = bus
         #: The configured hooks (``None``: none), built by ``app``, put on every subtask.
         self._hooks = hooks
@@ -120,6 +124,7 @@ class _DispatcherBase:
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
             hooks=self._hooks,
+            forecaster=self._forecaster,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -140,6 +145,7 @@ class _DispatcherBase:
             timer=TimeMeasurement(enabled=spec.time_measurement),
             bus=self._bus,
             hooks=self._hooks,
+            forecaster=self._forecaster,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):
@@ -174,7 +180,13 @@ class _DispatcherBase:
             self._events.error(
                 job.msg.id, entry.vm_name, code=entry.code or "", details=entry.details or ""
             )
-        self._events.done(job.msg.id, entry.vm_name, status=entry.status, duration=duration)
+        self._events.done(
+            job.msg.id,
+            entry.vm_name,
+            status=entry.status,
+            duration=duration,
+            predicted_duration=entry.extra.get("predicted-duration"),
+        )
 
     def _failed(self, job: _Job, vm_name: str, exc: TaskError) -> ResultEntry:
         entry = entry_for(vm_name, exc)
