@@ -204,7 +204,7 @@ def test_every_error_code_has_a_row_in_the_code_table() -> None:
 
 def test_every_emitted_event_type_is_documented() -> None:
     emitted = _emitted_event_types()
-    assert emitted == {"accepted", "rejected", "phase", "progress", "error", "done"}
+    assert emitted == {"accepted", "rejected", "phase", "plan", "progress", "error", "done"}
     rows = _table_names(_section(DOC, 5))
     missing = sorted(emitted - rows)
     assert not missing, f"event types missing from section 5's tables: {missing}"
