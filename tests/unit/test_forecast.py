@@ -540,3 +540,34 @@ async def test_swap_with_auto_is_not_supported() -> None:
         )
         result = await rec.result("s")
     assert statuses(result) == [("idle", "error", "not-supported")]
+
+
+async def test_a_live_migration_is_predicted_only_when_its_dirty_rate_is_known() -> None:
+    shared: dict[str, object] = {}
+    hv = fake(shared)
+    forecaster = Forecaster(settings=settings())
+    async with dispatcher(hv, settings()) as (d, rec):
+        d._forecaster = forecaster
+        submit(
+            d,
+            "id: m1\ntask: migrate vm\nvm-name: idle\ndestination: there\ntime-measurement: true\n"
+            "parameter: {migration-type: live}\n",
+        )
+        first = await rec.result("m1")
+        forecaster.dirty_rates.observed("warmish", 20.0 * MIB)
+        submit(
+            d,
+            "id: m2\ntask: migrate vm\nvm-name: warmish\ndestination: there\n"
+            "parameter: {migration-type: live}\n",
+        )
+        second = await rec.result("m2")
+    assert rec.events_for("m1", "plan") == []  # unknown: no probe for a type that does not choose
+    assert "predicted-duration" not in first.entries[0].extra
+    assert "prediction" not in (first.entries[0].time_measurement or {})
+    assert forecaster.dirty_rates.probes == 0
+    (plan,) = rec.events_for("m2", "plan")
+    assert (plan["mode"], plan["converges"]) == ("live", True)
+    assert second.entries[0].extra["predicted-duration"] == plan["predicted-duration"]
+    order = _events(rec, "m2")
+    assert "phase:predicting" not in order
+    assert order.index("plan") < order.index("phase:migrating")

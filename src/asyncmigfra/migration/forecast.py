@@ -392,14 +392,17 @@ async def predicted(
         if not plan.auto:
             return plan
         forecaster = Forecaster(settings=settings)  # no learned rates: the config's
-    if not plan.auto and plan.request.mode not in ("live", "post-copy"):
-        return plan
-    with ctx.measure("prediction"):
-        if plan.auto:
-            ctx.phase("predicting")
-        forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk, measure=plan.auto)
-    if not plan.auto and forecast.dirty.rate is None:
-        return plan  # it would take a probe: not for a migration that does not choose
+    if plan.auto:
+        ctx.phase("predicting")
+        with ctx.measure("prediction"):
+            forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk)
+    else:
+        if plan.request.mode not in ("live", "post-copy"):
+            return plan
+        known = await forecaster.dirty_rates.rate(hypervisor, plan.request.vm_name, measure=False)
+        if known.rate is None:
+            return plan  # it would take a probe: not for a migration that does not choose
+        forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk, measure=False)
     log.info(
         "migration.predicted",
         mode=forecast.mode,
