@@ -75,6 +75,8 @@ TIMEOUT_FLOOR: Final = 30.0
 #: A run's transfer rate counts as the link's only below this share of its bandwidth cap.
 CAPPED_SHARE: Final = 0.9
 _WILL_NOT_CONVERGE: Final = WillNotConverge.code
+#: Samples of one migration kept at most for learning (the first ones are enough).
+MAX_SAMPLES: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +136,8 @@ class ObservedRates:
     transfer: list[int] = field(default_factory=list)
     dirty: list[int] = field(default_factory=list)
 
-    #: Samples kept at most (a long run's later ones replace nothing: the first are enough).
-    LIMIT: Final = 10_000
-
     def add(self, stats: JobStats) -> None:
-        if stats.phase != "migrating" or stats.iteration < 1 or len(self.transfer) >= self.LIMIT:
+        if stats.phase != "migrating" or stats.iteration < 1 or len(self.transfer) >= MAX_SAMPLES:
             return
         if stats.transfer_rate > 0:
             self.transfer.append(stats.transfer_rate)
