@@ -37,12 +37,14 @@ from asyncmigfra import __version__
 from asyncmigfra.errors import StartupError, TaskRejected
 from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
+from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import ResultMessage, TaskMessage
 from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
+from asyncmigfra.tasks.linkrates import LinkRates
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.transport.publishing import EventPublisher, Publisher
 from asyncmigfra.wire.events import Events
@@ -131,6 +133,9 @@ class Agent:
         self.journal = (
             Journal(state_dir, owner=settings.hostname) if state_dir is not None else None
         )
+        #: What this agent learned of its destinations' links (beside the journal).
+        self.link_rates = LinkRates.in_state_dir(state_dir)
+        self.forecaster = Forecaster(settings=settings, link_rates=self.link_rates)
         mqtt = settings.mqtt
         self.transport = MqttTransport(
             mqtt,
@@ -158,6 +163,7 @@ class Agent:
             journal=self.journal,
             bus=self.transport,
             hooks=self.hooks,
+            forecaster=self.forecaster,
         )
         #: Holds of this agent's VM lanes for other agents' swaps.
         self.lanes = LaneServer(
@@ -362,6 +368,7 @@ class Agent:
         # The journal first: an agent whose journal another agent holds touches nothing.
         records = await self.journal.open() if self.journal is not None else []
         self._warn_of_an_earlier_journal()
+        await self.link_rates.open()  # after the journal's lock: the directory is ours
         username = self.settings.mqtt.username
         if username is not None and username != self.settings.hostname:
             log.warning(

@@ -248,6 +248,8 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
             follow=args.follow,
             **common,
         )
+    if cmd == "plan":
+        return _plan_call(args, conn, out, common)
     if cmd == "status":
         return lambda: c.status(conn, out, host=args.host, **common)
     if cmd == "watch":
@@ -279,6 +281,49 @@ def _tune_call(
         max_downtime=args.max_downtime,
         post_copy=args.post_copy,
         force_complete=args.force_complete,
+        **common,
+    )
+
+
+def _plan_call(
+    args: argparse.Namespace, conn: Any, out: Any, common: dict[str, Any]
+) -> Callable[[], Coroutine[Any, Any, int]]:
+    """``plan VM --to B`` or ``plan evacuate HOST --to B ...``."""
+    from asyncmigfra.console import planning  # noqa: PLC0415
+    from asyncmigfra.console.exits import USAGE, CliError  # noqa: PLC0415
+
+    params: dict[str, object] = {
+        "migration-type": args.migration_type,
+        "max-downtime": args.max_downtime,
+        "bandwidth": args.bandwidth,
+        "completion-timeout": args.completion_timeout,
+        "timeout-action": args.timeout_action,
+        "auto-converge": args.auto_converge,
+        "copy-storage": args.copy_storage,
+        "migrate-disks": args.migrate_disks,
+        "copy-storage-synchronous-writes": args.copy_storage_synchronous_writes,
+    }
+    target = list(args.target)
+    if len(target) == 2 and target[0] == "evacuate":
+        if args.source is not None:
+            raise CliError(USAGE, "plan evacuate: the host is HOST, not --from")
+        evac = {**params, "mode": args.mode, "max-parallel": args.max_parallel}
+        return lambda: planning.plan_evacuation(
+            conn, out, host=target[1], destinations=args.destinations, params=evac, **common
+        )
+    if len(target) != 1:
+        raise CliError(USAGE, "plan: give one VM, or 'evacuate HOST'")
+    if len(args.destinations) != 1:
+        raise CliError(USAGE, "plan VM: give one --to")
+    if args.mode is not None or args.max_parallel is not None:
+        raise CliError(USAGE, "plan VM: --mode and --max-parallel are for 'plan evacuate HOST'")
+    return lambda: planning.plan_migration(
+        conn,
+        out,
+        vm=target[0],
+        source=args.source,
+        destination=args.destinations[0],
+        params=params,
         **common,
     )
 

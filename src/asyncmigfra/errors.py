@@ -27,7 +27,8 @@ it is logged with its traceback and reported as ``hypervisor-error``.
         ├── TaskCancelled            cancelled
         ├── HookFailed               hook-failed
         ├── NotSupported             not-supported
-        └── Unavailable              unavailable         (retryable: nothing was done)
+        ├── Unavailable              unavailable         (retryable: nothing was done)
+        └── WillNotConverge          will-not-converge   (migration-type auto: nothing started)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ __all__ = [
     "TaskTimeout",
     "Unavailable",
     "VmNotFound",
+    "WillNotConverge",
     "WrongState",
 ]
 
@@ -74,6 +76,10 @@ CODES: dict[str, str] = {
     "hook-failed": "a pre/post step failed",
     "not-supported": "the configured hypervisor cannot do this",
     "unavailable": "the agent cannot keep its promise now (its journal cannot write); retry later",
+    "will-not-converge": (
+        "the prediction says this migration cannot finish within its limits with the allowed"
+        " means (pre-copy, post-copy) and nothing was started"
+    ),
 }
 
 
@@ -181,3 +187,10 @@ class Unavailable(TaskError):
 
     code = "unavailable"
     retryable = True
+
+
+class WillNotConverge(TaskError):
+    """``migration-type: auto`` (or a plan): the prediction says neither pre-copy nor an
+    allowed post-copy finishes within the migration's limits. Nothing was started."""
+
+    code = "will-not-converge"

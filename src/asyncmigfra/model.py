@@ -25,6 +25,8 @@ __all__ = [
     "MigrationParams",
     "PciAddress",
     "PciId",
+    "PlanEvacuationSpec",
+    "PlanMigrationSpec",
     "QuitSpec",
     "RepinSpec",
     "ResultEntry",
@@ -66,6 +68,8 @@ class TaskKind(enum.StrEnum):
     STATUS = "status"
     CANCEL = "cancel"
     TUNE = "tune migration"
+    PLAN_MIGRATION = "plan migration"
+    PLAN_EVACUATION = "plan evacuation"
 
     @property
     def result_name(self) -> str:
@@ -84,6 +88,8 @@ _RESULT_NAMES: dict[TaskKind, str] = {
     TaskKind.STATUS: "status",
     TaskKind.CANCEL: "cancelled",
     TaskKind.TUNE: "tuned",
+    TaskKind.PLAN_MIGRATION: "plan",
+    TaskKind.PLAN_EVACUATION: "plan",
 }
 
 
@@ -222,7 +228,9 @@ class RepinSpec(Subtask):
         return self.vm_name
 
 
-MigrationType = Literal["live", "warm", "offline", "post-copy"]
+#: ``auto``: the agent predicts and chooses ``live`` or ``post-copy``, or refuses
+#: (``will-not-converge``); see ``migration.forecast``.
+MigrationType = Literal["live", "warm", "offline", "post-copy", "auto"]
 TimeoutAction = Literal["abort", "post-copy", "suspend"]
 #: ``copy-storage``: copy no disk, whole images, or only the top layer of each.
 CopyStorage = Literal["none", "all", "inc"]
@@ -314,6 +322,27 @@ class EvacuateSpec(Subtask):
     parameter: MigrationParams = field(default_factory=MigrationParams)
     #: Outgoing migrations at once; ``None``: config default.
     max_parallel: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanMigrationSpec(Subtask):
+    """``plan migration``: predict the ``migrate vm`` with the same keys; change nothing.
+
+    It takes no VM lane (see ``tasks.dispatching.planning``): a plan answers at once, even
+    while a migration of the same VM runs or waits."""
+
+    migration: MigrateSpec
+
+    @property
+    def result_name(self) -> str:
+        return self.migration.vm_name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanEvacuationSpec(Subtask):
+    """``plan evacuation``: place and predict the ``evacuate node`` with the same keys."""
+
+    evacuation: EvacuateSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -950,7 +950,8 @@ def test_spec_1_10_pscom_hook_procs(raw: str, value: int | str) -> None:
     [
         pytest.param(
             "migration-type: hot",
-            "parameter.migration-type: expected one of live, warm, offline, post-copy, found 'hot'",
+            "parameter.migration-type: expected one of live, warm, offline, post-copy, auto,"
+            " found 'hot'",
             id="migration-type",
         ),
         pytest.param(

@@ -750,6 +750,13 @@ NEW_KEYS = [
         15,
         id="auto-converge-increment",
     ),
+    pytest.param("migration: {link-rate: 1250}", "migration.link_rate", 1250.0, id="link-rate"),
+    pytest.param(
+        "migration: {allow-post-copy: no}", "migration.allow_post_copy", False, id="allow-post-copy"
+    ),
+    pytest.param(
+        "migration: {migration-type: auto}", "migration.migration_type", "auto", id="auto-type"
+    ),
     # logging, shutdown
     pytest.param("logging: {format: json}", "logging.format", "json", id="logging-format"),
     pytest.param("logging: {level: debug}", "logging.level", "debug", id="logging-level"),
@@ -1079,14 +1086,19 @@ def test_protocol_aliases(value: str, expected: str) -> None:
         pytest.param(
             "migration: {migration-type: hot}",
             "migration.migration-type: expected one of 'live', 'warm', 'offline', 'post-copy',"
-            " got 'hot'",
+            " 'auto', got 'hot'",
             id="enum",
         ),
         pytest.param(
             "migration: {migration-type: postcopy}",
             "migration.migration-type: expected one of 'live', 'warm', 'offline', 'post-copy',"
-            " got 'postcopy'; did you mean 'post-copy'?",
+            " 'auto', got 'postcopy'; did you mean 'post-copy'?",
             id="enum-suggestion",
+        ),
+        pytest.param(
+            "migration: {link-rate: 0}",
+            "migration.link-rate: must be between 0.01 and 1048576, got 0",
+            id="link-rate-range",
         ),
         pytest.param(
             "migration: {max-downtime: 0}",

@@ -41,7 +41,7 @@ CONN_DEFAULTS: dict[str, Any] = {
     "wait": 0.5,
 }
 
-_MIGRATION_TYPES = ("live", "warm", "post-copy", "offline")
+_MIGRATION_TYPES = ("live", "warm", "post-copy", "offline", "auto")
 
 
 def _positive_int(text: str) -> int:
@@ -217,6 +217,50 @@ def _migration_type(p: argparse.ArgumentParser, *, offline: bool = True) -> None
             const=kind,
             help=f"migration-type: {kind} (default: the agent's configured type)",
         )
+
+
+_PLAN_HELP = (
+    "predict a migration (plan VM --to B) or an evacuation (plan evacuate HOST --to B ...):"
+    " mode, convergence, duration, downtime and blockers; nothing is changed"
+)
+
+
+def _plan_command(pl: argparse.ArgumentParser) -> None:
+    pl.add_argument(
+        "target",
+        nargs="+",
+        metavar="VM | evacuate HOST",
+        help="a VM to plan a migration for, or 'evacuate HOST' for an evacuation",
+    )
+    pl.add_argument(
+        "--from", dest="source", metavar="A", help="a VM's host (default: the agent that has it)"
+    )
+    pl.add_argument(
+        "--to",
+        dest="destinations",
+        action="append",
+        required=True,
+        metavar="B",
+        help="the destination (an evacuation: repeat for more)",
+    )
+    _migration_type(pl)
+    pl.add_argument("--max-downtime", type=_positive_int, metavar="MS", help="downtime limit")
+    pl.add_argument("--bandwidth", type=_positive_int, metavar="MIBS", help="MiB/s cap")
+    pl.add_argument("--completion-timeout", type=_positive_float, metavar="S", help="time limit")
+    pl.add_argument(
+        "--timeout-action",
+        choices=["abort", "post-copy", "suspend"],
+        help="what happens at the completion timeout (default: the agent's)",
+    )
+    pl.add_argument("--auto-converge", action="store_true", help="let QEMU throttle the guest")
+    pl.add_argument("--copy-storage", choices=["none", "all", "inc"], help="copy non-shared disks")
+    pl.add_argument("--migrate-disks", type=_disk_list, metavar="DEVS", help="disks to copy")
+    pl.add_argument(
+        "--copy-storage-synchronous-writes", action="store_true", help="synchronous disk writes"
+    )
+    pl.add_argument("--mode", choices=["auto", "compact", "scatter"], help="evacuation placement")
+    pl.add_argument("--max-parallel", type=_positive_int, metavar="N", help="evacuation: at once")
+    _addressed(pl, host=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--follow", action="store_true", help="one live bar per VM, Ctrl-C offers to cancel"
     )
     _addressed(ev, host=False)
+
+    _plan_command(client("plan", _PLAN_HELP))
 
     stat = client("status", "agents and their presence; with HOST its tasks and domains")
     stat.add_argument("host", nargs="?", metavar="HOST")

@@ -36,6 +36,7 @@ __all__ = [
     "Hypervisor",
     "HypervisorFactory",
     "JobStats",
+    "MeasuresDirtyRate",
     "MigrationJob",
     "MigrationRequest",
     "MigrationResult",
@@ -294,6 +295,18 @@ class RecoversPostCopy(Protocol):
         """A handle for resuming ``request``'s migration when its guest is in the post-copy
         failed state on this host (whoever started it: this job, an earlier agent run), else
         ``None``."""
+
+
+@runtime_checkable
+class MeasuresDirtyRate(Protocol):
+    """A back-end that can tell how fast a running guest dirties its memory without
+    migrating it (libvirt: ``virDomainStartDirtyRateCalc`` in page-sampling mode), for the
+    migration prediction (``migration.forecast``)."""
+
+    async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
+        """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
+        (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
+        running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
 
 
 @runtime_checkable

@@ -32,6 +32,10 @@ class EngineContext(Protocol):
 
     def progress(self, fields: dict[str, object]) -> None: ...
 
+    def plan(self, fields: dict[str, object]) -> None:
+        """Publish a ``plan`` event: the migration's prediction, before it starts."""
+        ...
+
     @property
     def hooks(self) -> HookRunner | None:
         """The configured hooks (``None``: none)."""

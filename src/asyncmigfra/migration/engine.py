@@ -31,7 +31,6 @@ import structlog
 
 from asyncmigfra.errors import (
     HookFailed,
-    IncompatibleDestination,
     NotSupported,
     TaskError,
 )
@@ -47,7 +46,8 @@ from asyncmigfra.migration.companions import (
     reattach_devices,
 )
 from asyncmigfra.migration.context import EngineContext
-from asyncmigfra.migration.plan import MigrationPlan, memory_of, plan_for
+from asyncmigfra.migration.forecast import ObservedRates, forecaster_of, predicted
+from asyncmigfra.migration.plan import MigrationPlan, check_not_here, memory_of, plan_for
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
 from asyncmigfra.migration.recovery import broken_post_copy, recover_or_raise, resume_found
@@ -93,12 +93,13 @@ async def migrate(
     with ctx.measure("pre-checks"):
         check_not_here(spec.destination, settings.hostname)
         copies = await hypervisor.check_migration(plan.request)
+    disk_bytes = sum(c.size for c in copies)
     if copies:
         # The disks to copy count in the default completion timeout.
-        disk_bytes = sum(c.size for c in copies)
         plan = await plan_for(
             spec, hypervisor=hypervisor, settings=settings, memory=memory, disk_bytes=disk_bytes
         )
+    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=disk_bytes)
     return await carry_out(
         plan,
         spec,
@@ -108,17 +109,6 @@ async def migrate(
         bus=bus,
         source=settings.hostname,
     )
-
-
-def check_not_here(destination: str, hostname: str) -> None:
-    """Refuse a destination that names this agent's own host: libvirt would refuse it only
-    after the devices were detached ("Attempt to migrate guest to the same host"). An
-    address that reaches this host under another name is the back-end's pre-check."""
-    if destination == hostname:
-        raise IncompatibleDestination(
-            f"destination {destination} is this agent's own host: a VM cannot migrate to the"
-            " host it runs on"
-        )
 
 
 def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
@@ -338,6 +328,7 @@ async def _migrate_once(
         max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
     )
     progress = _Progress(max_downtime=plan.max_downtime, memory=plan.memory)
+    observed = ObservedRates()
     with ctx.measure("migrate"):
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")
@@ -361,6 +352,7 @@ async def _migrate_once(
                     steering=steering,
                     ctx=ctx,
                     interval=settings.agent.progress_interval,
+                    observed=observed,
                 )
         except asyncio.CancelledError:
             if not policy.post_copy_started:
@@ -391,6 +383,9 @@ async def _migrate_once(
                 interval=settings.agent.progress_interval,
                 progress=progress,
             )
+    forecaster = forecaster_of(ctx)
+    if forecaster is not None:
+        await forecaster.learn(plan, observed)
     final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from asyncmigfra.errors import InvalidTask
+from asyncmigfra.errors import IncompatibleDestination, InvalidTask
 from asyncmigfra.hypervisor.base import Hypervisor, MigrationRequest
 from asyncmigfra.model import CopyStorage, MigrateSpec, MigrationParams
 from asyncmigfra.settings import MigrationDefaults, Settings
@@ -14,6 +14,7 @@ from asyncmigfra.streamoptions import StreamOptions, conflicts
 
 __all__ = [
     "MigrationPlan",
+    "check_not_here",
     "memory_of",
     "plan_for",
     "plan_migration",
@@ -40,6 +41,13 @@ class MigrationPlan:
     memory: int = 0
     #: s the job may move no data before ``timeout_action`` applies; 0: off.
     progress_timeout: float = 0.0
+    #: ``migration-type: auto``: ``request.mode`` is ``live`` until the prediction chooses
+    #: (``migration.forecast.choose``), which may make it ``post-copy`` or refuse.
+    auto: bool = False
+    #: The task gave ``completion-timeout`` (else it is the agent's default, which a
+    #: prediction may replace) and ``timeout-action``.
+    timeout_given: bool = False
+    timeout_action_given: bool = False
 
 
 _GIB = 1024**3
@@ -65,7 +73,8 @@ def plan_migration(
     once the defaults complete the task's (:func:`_stream`).
     """
     p: MigrationParams = spec.parameter
-    mode = p.migration_type or defaults.migration_type
+    chosen = p.migration_type or defaults.migration_type
+    mode = "live" if chosen == "auto" else chosen
     max_downtime = p.max_downtime if p.max_downtime is not None else defaults.max_downtime
     copy_storage, synchronous_writes = _storage(p, defaults)
     copied = max(0, disk_bytes) if copy_storage != "none" else 0
@@ -105,6 +114,9 @@ def plan_migration(
         progress_timeout=(
             p.progress_timeout if p.progress_timeout is not None else defaults.progress_timeout
         ),
+        auto=chosen == "auto",
+        timeout_given=bool(p.completion_timeout),
+        timeout_action_given=p.timeout_action is not None,
     )
 
 
@@ -187,6 +199,17 @@ def _downtime_schedule(max_downtime: int) -> list[int]:
     steps = [round(low * ratio**i) for i in range(DOWNTIME_STEPS)]
     steps[-1] = max_downtime
     return sorted(set(steps))
+
+
+def check_not_here(destination: str, hostname: str) -> None:
+    """Refuse a destination that names this agent's own host: libvirt would refuse it only
+    after the devices were detached ("Attempt to migrate guest to the same host"). An
+    address that reaches this host under another name is the back-end's pre-check."""
+    if destination == hostname:
+        raise IncompatibleDestination(
+            f"destination {destination} is this agent's own host: a VM cannot migrate to the"
+            " host it runs on"
+        )
 
 
 async def memory_of(hypervisor: Hypervisor, vm_name: str) -> int:

@@ -103,6 +103,11 @@ async def swap(
     here, there = settings.hostname, spec.destination
     if spec.driver == "lxctools":
         raise NotSupported("Currently swap migration is only supported by the qemu driver.")
+    if (spec.parameter.migration_type or settings.migration.migration_type) == "auto":
+        raise NotSupported(
+            "migration-type auto does not predict swap-with (two migrations sharing the link):"
+            " name live or post-copy"
+        )
     if there == here:
         raise InvalidTask(f"swap-with needs another host than this one ({here}) as destination")
     if partner.vm_name == spec.vm_name:

@@ -29,6 +29,7 @@ import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -39,6 +40,9 @@ from asyncmigfra.migration.plan import MigrationPlan
 from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.progress import _Progress
 from asyncmigfra.migration.steering import MigrationSteering, ended_meanwhile
+
+if TYPE_CHECKING:
+    from asyncmigfra.migration.forecast import ObservedRates
 
 __all__ = [
     "ABORT_TIMEOUT",
@@ -92,9 +96,10 @@ async def watch(
     steering: MigrationSteering,
     ctx: EngineContext,
     interval: float,
+    observed: ObservedRates | None = None,
 ) -> None:
     """Sample and steer the job until it ends (``done``) or a limit aborts it (raises
-    ``TaskTimeout``)."""
+    ``TaskTimeout``); ``observed`` collects the samples' rates (``Forecaster.learn``)."""
     deadline = time.monotonic() + plan.completion_timeout
     stall = _StallTimer(plan.progress_timeout)
     iteration = 0
@@ -119,6 +124,8 @@ async def watch(
         if done.done():
             return
         now = time.monotonic()
+        if fresh and stats is not None and observed is not None:
+            observed.add(stats)
         if fresh:
             stall.feed(stats, now)
         else:

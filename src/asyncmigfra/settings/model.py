@@ -181,7 +181,7 @@ class AgentSettings:
 class MigrationDefaults:
     """``migration``: agent-wide defaults for ``migrate vm`` parameters."""
 
-    migration_type: Literal["live", "warm", "offline", "post-copy"] = "warm"
+    migration_type: Literal["live", "warm", "offline", "post-copy", "auto"] = "warm"
     #: ms; ``None``: the hypervisor's default.
     max_downtime: int | None = None
     #: MiB/s; ``None``: unlimited.
@@ -234,6 +234,11 @@ class MigrationDefaults:
     #: Percent (1-99); needs ``auto-converge``.
     auto_converge_initial: int | None = None
     auto_converge_increment: int | None = None
+    #: MiB/s a migration is predicted to get from a destination's link until the agent has
+    #: learned that link's rate from its own migrations (1 GbE, the smallest usual network).
+    link_rate: float = 110.0
+    #: ``migration-type: auto`` may choose post-copy when pre-copy is predicted not to finish.
+    allow_post_copy: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -177,6 +177,8 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MigrationDefaults, "postcopy_bandwidth"): _COUNT,
     (MigrationDefaults, "auto_converge_initial"): _Range(*AUTO_CONVERGE_PERCENT),
     (MigrationDefaults, "auto_converge_increment"): _Range(*AUTO_CONVERGE_PERCENT),
+    # MiB/s: from 0.01 (a crawl) to 1 TiB/s.
+    (MigrationDefaults, "link_rate"): _Range(low=0.01, high=1_048_576),
     # 0: abort running work at once on SIGTERM.
     (ShutdownSettings, "grace_period"): _NON_NEGATIVE,
     (ShutdownSettings, "hard_exit_after"): _DELAY,

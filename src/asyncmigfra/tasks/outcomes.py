@@ -45,6 +45,8 @@ class Outcome:
     recovered: bool | None = None
     #: s the recovery took, from the failure found to the migration completed.
     recovery_time: float | None = None
+    #: s the prediction gave the migration (``migration.forecast``), when one was made.
+    predicted_duration: float | None = None
 
     def note(self, *texts: str) -> None:
         """Add ``texts`` to ``details`` (``; `` between them)."""
@@ -73,6 +75,8 @@ class Outcome:
             keys["recovered"] = self.recovered
         if self.recovery_time is not None:
             keys["recovery-time"] = self.recovery_time
+        if self.predicted_duration is not None:
+            keys["predicted-duration"] = round(self.predicted_duration, 3)
         return keys
 
 

@@ -22,6 +22,7 @@ import structlog
 from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
 from asyncmigfra.hypervisor.base import AdoptsMigrations, DomainState, Hypervisor
 from asyncmigfra.migration.engine import follow_adopted, migrate
+from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.migration.swap import swap
 from asyncmigfra.model import (
@@ -73,6 +74,8 @@ class SubtaskContext:
     #: VM name -> the steering of its running migration job (``tune migration``), shared by
     #: every context of one subtask (an evacuation's moves, a swap's halves).
     steering: dict[str, MigrationSteering] = field(default_factory=dict)
+    #: The agent's predictions (``migration-type: auto``, ``plan`` events); ``None``: none.
+    forecaster: Forecaster | None = None
 
     def phase(self, name: str) -> None:
         self.current_phase = name
@@ -115,10 +118,14 @@ class SubtaskContext:
             hooks=self.hooks,
             parent=self,
             steering=self.steering,
+            forecaster=self.forecaster,
         )
 
     def progress(self, fields: dict[str, object]) -> None:
         self.events.progress(self.task_id, self.vm_name, fields)
+
+    def plan(self, fields: dict[str, object]) -> None:
+        self.events.plan(self.task_id, self.vm_name, fields)
 
 
 async def run_subtask(

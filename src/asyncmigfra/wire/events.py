@@ -72,6 +72,12 @@ class Events:
         ev["details"] = details
         self.sink.emit(ev, terminal=True)
 
+    def plan(self, task_id: str | None, vm_name: str, fields: Mapping[str, object]) -> None:
+        """A migration's prediction (``migration.forecast.plan_fields``), before it starts."""
+        ev = self._base("plan", task_id, vm_name)
+        ev.update(fields)
+        self.sink.emit(ev)
+
     def done(
         self,
         task_id: str | None,
@@ -80,10 +86,14 @@ class Events:
         status: str,
         duration: float,
         extra: Mapping[str, object] | None = None,
+        predicted_duration: object = None,
     ) -> None:
-        """``extra``: keys after ``duration`` (``recovered``, ``recovery-time``)."""
+        """``extra``: keys after ``duration`` (``recovered``, ``recovery-time``);
+        ``predicted_duration``: s, a migration's prediction (compare with ``duration``)."""
         ev = self._base("done", task_id, vm_name)
         ev["status"] = status
         ev["duration"] = round(duration, 6)
+        if isinstance(predicted_duration, int | float):
+            ev["predicted-duration"] = predicted_duration
         ev.update(extra or {})
         self.sink.emit(ev, terminal=True)

@@ -447,6 +447,15 @@ class FakeHypervisor:
             )
         return _copies(dom.name, dom.disks_to_copy(request))
 
+    async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
+        """The domain's simulated dirty rate (bytes/s; option ``dirty-rate``), at once: the
+        fake does not sample (``MeasuresDirtyRate``)."""
+        await self._enter("dirty-rate")
+        dom = self._domain(vm_name)
+        if dom.state is not DomainState.RUNNING:
+            raise _wrong_state(dom.state)
+        return float(dom.dirty_rate)
+
     async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
         """The fake has no storage pools: an evacuation places its VMs on CPU and memory."""
         return ()

@@ -29,6 +29,7 @@ FAULT_OPS: tuple[str, ...] = (
     "attach-device",
     "list-domains",
     "host-info",
+    "dirty-rate",
 )
 
 INJECTED = "injected failure"

@@ -42,7 +42,7 @@ from asyncmigfra.hypervisor.base import (
     OpContext,
     check_vcpu_map,
 )
-from asyncmigfra.hypervisor.virt import disks, storage, storagecopy
+from asyncmigfra.hypervisor.virt import dirtyrate, disks, storage, storagecopy
 from asyncmigfra.hypervisor.virt.connections import _is_alive, _Pool
 from asyncmigfra.hypervisor.virt.domains import (
     _JOB_NONE,
@@ -975,6 +975,14 @@ class LibvirtHypervisor:
         )
         await job._start()
         return job
+
+    async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
+        """``MeasuresDirtyRate``: QEMU's page sampling (:func:`dirtyrate.measure`)."""
+
+        async def call(fn: Callable[[Any], T]) -> T:
+            return await self._call(self.uri, fn, retry=False)
+
+        return await dirtyrate.measure(call, vm_name, seconds)
 
     async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
         """The disks ``request`` would copy (:func:`disks.source_copies`)."""

@@ -18,6 +18,7 @@ from asyncmigfra.errors import (
     TaskError,
 )
 from asyncmigfra.hypervisor.base import Hypervisor
+from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import (
     MigrateSpec,
     ResultEntry,
@@ -55,8 +56,11 @@ class _DispatcherBase:
         journal: Journal | None = None,
         bus: MessageBus | None = None,
         hooks: HookRunner | None = None,
+        forecaster: Forecaster | None = None,
     ) -> None:
         self._hv = hypervisor
+        #: The agent's predictions (plans, ``migration-type: auto``, learned link rates).
+        self._forecaster = forecaster if forecaster is not None else Forecaster(settings=settings)
         self._bus = bus
         #: The configured hooks (``None``: none), built by ``app``, put on every subtask.
         self._hooks = hooks
@@ -124,6 +128,7 @@ class _DispatcherBase:
             bus=self._bus,
             hooks=self._hooks,
             steering=run.steering,
+            forecaster=self._forecaster,
         )
         run.ctx = ctx
         entry = await reconcile_subtask(
@@ -145,6 +150,7 @@ class _DispatcherBase:
             bus=self._bus,
             hooks=self._hooks,
             steering=run.steering,
+            forecaster=self._forecaster,
         )
         run.ctx = ctx
         if isinstance(spec, MigrateSpec):
@@ -181,7 +187,12 @@ class _DispatcherBase:
             )
         extra = {k: entry.extra[k] for k in _DONE_KEYS if k in entry.extra}
         self._events.done(
-            job.msg.id, entry.vm_name, status=entry.status, duration=duration, extra=extra
+            job.msg.id,
+            entry.vm_name,
+            status=entry.status,
+            duration=duration,
+            extra=extra,
+            predicted_duration=entry.extra.get("predicted-duration"),
         )
 
     def _failed(self, job: _Job, vm_name: str, exc: TaskError) -> ResultEntry:

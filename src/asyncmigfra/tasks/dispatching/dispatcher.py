@@ -24,14 +24,16 @@ from asyncmigfra.errors import (
 )
 from asyncmigfra.model import (
     EvacuateSpec,
+    PlanEvacuationSpec,
+    PlanMigrationSpec,
     ResultEntry,
     StopSpec,
     TaskKind,
     TaskMessage,
 )
 from asyncmigfra.tasks.dispatching.answers import _Answers
-from asyncmigfra.tasks.dispatching.expansion import _Expansion
 from asyncmigfra.tasks.dispatching.jobs import Reply, _audit, _Job, _Run
+from asyncmigfra.tasks.dispatching.planning import _Planning
 from asyncmigfra.tasks.dispatching.remembered import _Remembering
 from asyncmigfra.tasks.dispatching.tuning import _Tuning
 from asyncmigfra.tasks.outcomes import absorb_cancel, entry_for
@@ -52,7 +54,7 @@ def _unavailable(reason: str) -> str:
     )
 
 
-class Dispatcher(_Answers, _Tuning, _Expansion, _Remembering):
+class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
     """Accepts parsed messages and runs them; results go to ``deliver``."""
 
     # ---------------------------------------------------------------- lifecycle
@@ -328,6 +330,11 @@ class Dispatcher(_Answers, _Tuning, _Expansion, _Remembering):
             run.ticket = self._lanes.reserve(lane)
         if run.ticket is not None:
             await run.ticket.acquire()
+        if isinstance(spec, PlanMigrationSpec | PlanEvacuationSpec):
+            with structlog.contextvars.bound_contextvars(
+                task_id=job.msg.id, vm=spec.result_name, task=job.msg.kind.value
+            ):
+                return await self._plan(job, run, spec)  # no slot, no lane (planning)
         async with self._slots:
             self.queued -= 1
             self.running += 1

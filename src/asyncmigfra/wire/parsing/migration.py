@@ -46,7 +46,7 @@ from asyncmigfra.wire.parsing.fields import (
 from asyncmigfra.wire.parsing.names import _TASK_ID_EXPECTED, valid_task_id
 from asyncmigfra.wire.parsing.nodes import _Node, _Scalar, _Seq
 
-_MIGRATION_TYPES: Final = ("live", "warm", "offline", "post-copy")
+_MIGRATION_TYPES: Final = ("live", "warm", "offline", "post-copy", "auto")
 _TIMEOUT_ACTIONS: Final = ("abort", "post-copy", "suspend")
 _EVACUATE_MODES: Final = ("auto", "compact", "scatter")
 _COPY_STORAGE: Final = ("none", "all", "inc")

@@ -16,6 +16,8 @@ from asyncmigfra.model import (
     CancelSpec,
     Ivshmem,
     PciId,
+    PlanEvacuationSpec,
+    PlanMigrationSpec,
     QuitSpec,
     RepinSpec,
     ResumeSpec,
@@ -136,6 +138,16 @@ def _resume(f: _Fields) -> ResumeSpec:
     return ResumeSpec(vm_name=f.req_vm_name(), **f.subtask())
 
 
+def _plan_migration(f: _Fields) -> PlanMigrationSpec:
+    """``plan migration``: exactly the keys of ``migrate vm``."""
+    return PlanMigrationSpec(migration=_migrate(f), **f.subtask())
+
+
+def _plan_evacuation(f: _Fields) -> PlanEvacuationSpec:
+    """``plan evacuation``: exactly the keys of ``evacuate node``."""
+    return PlanEvacuationSpec(evacuation=_evacuate(f), **f.subtask())
+
+
 def _repin(f: _Fields) -> RepinSpec:
     return RepinSpec(
         vm_name=f.req_vm_name(),
@@ -173,6 +185,8 @@ _SINGLE_TASKS: Final[dict[TaskKind, Callable[[_Fields], Subtask]]] = {
     TaskKind.STATUS: _status,
     TaskKind.CANCEL: _cancel,
     TaskKind.TUNE: _tune,
+    TaskKind.PLAN_MIGRATION: _plan_migration,
+    TaskKind.PLAN_EVACUATION: _plan_evacuation,
 }
 
 _KINDS: Final[dict[str, TaskKind]] = {kind.value: kind for kind in TaskKind}

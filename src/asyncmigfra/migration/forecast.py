@@ -1,0 +1,511 @@
+"""Know before you move: gather a migration's inputs, predict it, and use the prediction.
+
+:class:`Forecaster` (one per agent) feeds the pure model of
+:mod:`~asyncmigfra.migration.prediction` and uses its answer (issue 18):
+
+* **inputs** (:meth:`Forecaster.predict_plan`): the memory to send (the guest's current
+  memory), the disk bytes a storage copy moves (the pre-check's ``DiskCopy`` sizes), the
+  guest's dirty rate (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`), the link rate
+  to the destination (learned, :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config
+  ``migration.link-rate``; never above the migration's ``bandwidth`` cap), and the downtime
+  target and completion timeout of the resolved plan. Nothing of the VM changes;
+* **a plan** (:meth:`Forecaster.forecast`, ``plan migration``/``plan evacuation``): every
+  pre-check of a migration runs, and each refusal becomes a blocker with its code instead of
+  failing;
+* **``migration-type: auto``** (:func:`choose`): live when pre-copy is predicted to finish
+  within the downtime target and the completion timeout; post-copy when it is not and config
+  ``migration.allow-post-copy`` (default true) allows it; otherwise ``will-not-converge``.
+  The completion timeout that the task does not give becomes :data:`TIMEOUT_FACTOR` times the
+  predicted duration, at least :data:`TIMEOUT_FLOOR` s, at most the agent's default;
+* **learning** (:meth:`Forecaster.learn`): after a successful migration, the median transfer
+  rate of its memory passes becomes a sample of the destination's link (unless a
+  ``bandwidth`` cap held it down), and its dirty rate the VM's last-migration figure.
+
+``warm`` and ``offline`` are outside the model: ``warm`` is estimated as one pass with the
+guest paused (downtime = the whole copy), ``offline`` as the setup alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+import structlog
+
+from asyncmigfra.errors import NotSupported, TaskError, VmNotFound, WillNotConverge, WrongState
+from asyncmigfra.hypervisor.base import DomainInfo, DomainState, Hypervisor, JobStats
+from asyncmigfra.migration.context import EngineContext
+from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
+from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
+from asyncmigfra.migration.prediction import (
+    PredictionInputs,
+    RunPrediction,
+    TimeoutAction,
+    Verdict,
+    predict,
+    predict_run,
+)
+from asyncmigfra.model import MigrateSpec
+from asyncmigfra.settings import Settings
+from asyncmigfra.tasks.hostpolicy import HostPolicy
+from asyncmigfra.tasks.linkrates import LinkRates
+
+__all__ = [
+    "TIMEOUT_FACTOR",
+    "TIMEOUT_FLOOR",
+    "Blocker",
+    "Forecast",
+    "Forecaster",
+    "ObservedRates",
+    "choose",
+    "forecaster_of",
+    "notes",
+    "plan_fields",
+    "predicted",
+]
+
+log = structlog.stdlib.get_logger("asyncmigfra.migrating")
+
+_MIB: Final = 1 << 20
+#: A completion timeout from a prediction: this many times the predicted duration ...
+TIMEOUT_FACTOR: Final = 3.0
+#: ... at least this many s (and at most the agent's default completion timeout).
+TIMEOUT_FLOOR: Final = 30.0
+#: A run's transfer rate counts as the link's only below this share of its bandwidth cap.
+CAPPED_SHARE: Final = 0.9
+_WILL_NOT_CONVERGE: Final = WillNotConverge.code
+#: Samples of one migration kept at most for learning (the first ones are enough).
+MAX_SAMPLES: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Blocker:
+    """Why a migration cannot run (or finish): the wire ``code`` and a sentence."""
+
+    code: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forecast:
+    """A migration's prediction, the inputs it used and what blocks it."""
+
+    vm_name: str
+    destination: str
+    #: The migration type that would run: ``live``, ``post-copy``, ``warm`` or ``offline``
+    #: (``auto``: the chosen one; ``live`` when none converges).
+    mode: str
+    #: The migration type asked for (``auto`` included).
+    requested: str
+    converges: bool
+    #: s from the start of the job; ``None``: it does not finish (or was not predicted).
+    duration: float | None = None
+    #: ms the guest is paused; ``None``: unknown.
+    downtime: float | None = None
+    passes: int = 0
+    #: Bytes of memory and of disks to send.
+    memory: int = 0
+    disk: int = 0
+    dirty: DirtyRate = field(default_factory=lambda: DirtyRate(None, "unknown"))
+    #: Bytes/s the migration is predicted to get, and where the figure comes from
+    #: (``learned``, ``configured``, ``bandwidth``: the task's or config's cap).
+    link_rate: float = 0.0
+    link_source: str = "configured"
+    #: s, the completion timeout the prediction assumed.
+    completion_timeout: float = 0.0
+    blockers: tuple[Blocker, ...] = ()
+    #: The model's answer (``None``: no prediction: a blocker came first, or warm/offline).
+    verdict: Verdict | None = None
+    inputs: PredictionInputs | None = None
+
+    @property
+    def code(self) -> str | None:
+        """The wire code of the first blocker."""
+        return self.blockers[0].code if self.blockers else None
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(b.text for b in self.blockers)
+
+
+@dataclass(slots=True)
+class ObservedRates:
+    """What a running migration's samples showed (fed by the engine, one per sample)."""
+
+    transfer: list[int] = field(default_factory=list)
+    dirty: list[int] = field(default_factory=list)
+
+    def add(self, stats: JobStats) -> None:
+        if stats.phase != "migrating" or stats.iteration < 1 or len(self.transfer) >= MAX_SAMPLES:
+            return
+        if stats.transfer_rate > 0:
+            self.transfer.append(stats.transfer_rate)
+        if stats.iteration >= 2:
+            self.dirty.append(max(0, stats.dirty_rate))
+
+
+class Forecaster:
+    """One agent's predictions: its dirty-rate memory, its link rates and its settings."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        link_rates: LinkRates | None = None,
+        dirty_rates: DirtyRates | None = None,
+    ) -> None:
+        self.settings = settings
+        self.link_rates = link_rates if link_rates is not None else LinkRates(None)
+        self.dirty_rates = dirty_rates if dirty_rates is not None else DirtyRates()
+
+    # ---- the inputs ------------------------------------------------------------------
+
+    def link_rate(self, destination: str, bandwidth: int | None) -> tuple[float, str]:
+        """Bytes/s for ``destination`` and its source; a ``bandwidth`` cap (MiB/s) bounds it."""
+        learned = self.link_rates.estimate(destination)
+        rate, source = (
+            (learned, "learned")
+            if learned is not None
+            else (self.settings.migration.link_rate * _MIB, "configured")
+        )
+        if bandwidth is not None and bandwidth * _MIB < rate:
+            return float(bandwidth * _MIB), "bandwidth"
+        return rate, source
+
+    async def learn(self, plan: MigrationPlan, observed: ObservedRates) -> None:
+        """Take what a successful migration showed (see the module)."""
+        request = plan.request
+        if observed.dirty:
+            self.dirty_rates.observed(request.vm_name, float(statistics.median(observed.dirty)))
+        if not observed.transfer:
+            return
+        rate = float(statistics.median(observed.transfer))
+        cap = request.bandwidth
+        if cap is not None and rate >= cap * _MIB * CAPPED_SHARE:
+            return  # the cap, not the link, set this rate
+        await self.link_rates.record(request.destination, rate)
+
+    # ---- a plan: every pre-check, refusals as blockers --------------------------------
+
+    async def forecast(
+        self, spec: MigrateSpec, hypervisor: Hypervisor, *, measure: bool = True
+    ) -> Forecast:
+        """Predict ``spec`` as ``migrate vm`` would run it, changing nothing; each pre-check
+        that refuses becomes a blocker (its code and text)."""
+        blockers: list[Blocker] = []
+        requested = spec.parameter.migration_type or self.settings.migration.migration_type
+        base = Forecast(
+            vm_name=spec.vm_name,
+            destination=spec.destination,
+            mode="live" if requested == "auto" else requested,
+            requested=requested,
+            converges=False,
+        )
+        try:
+            HostPolicy.from_settings(self.settings).check_subtask(spec)
+            check_not_here(spec.destination, self.settings.hostname)
+        except TaskError as exc:
+            blockers.append(_blocker(exc))
+        if spec.parameter.swap_with is not None:
+            text = "a plan does not predict swap-with (two migrations that share the link)"
+            blockers.append(Blocker(NotSupported.code, text))
+        try:
+            dom = await _domain(hypervisor, spec.vm_name)
+            _check_state(dom, base.mode)
+            memory = await _memory_to_send(hypervisor, dom)
+            plan = self._plan(spec, memory_kib=memory // 1024)
+        except TaskError as exc:
+            return replace(base, blockers=(*blockers, _blocker(exc)))
+        disk = 0
+        try:
+            copies = await hypervisor.check_migration(plan.request)
+            disk = sum(c.size for c in copies)
+        except TaskError as exc:
+            blockers.append(_blocker(exc))
+            disk = await _disks_anyway(hypervisor, plan)
+        if disk:
+            plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=disk)
+        forecast = await self.predict_plan(
+            plan, hypervisor, memory=memory, disk=disk, measure=measure
+        )
+        return replace(forecast, requested=requested, blockers=(*blockers, *forecast.blockers))
+
+    def _plan(self, spec: MigrateSpec, *, memory_kib: int, disk_bytes: int = 0) -> MigrationPlan:
+        return plan_migration(
+            spec,
+            defaults=self.settings.migration,
+            driver=self.settings.hypervisor.driver,
+            transport=self.settings.hypervisor.transport,
+            memory_kib=memory_kib,
+            disk_bytes=disk_bytes,
+        )
+
+    # ---- the prediction itself ---------------------------------------------------------
+
+    async def predict_plan(
+        self,
+        plan: MigrationPlan,
+        hypervisor: Hypervisor,
+        *,
+        memory: int | None = None,
+        disk: int = 0,
+        measure: bool = True,
+    ) -> Forecast:
+        """Predict a resolved ``plan`` (its pre-checks passed, ``disk`` bytes to copy).
+        ``measure``: a dirty-rate probe may run (else only a remembered figure is used)."""
+        request = plan.request
+        mode = "auto" if plan.auto else request.mode
+        memory = plan.memory if memory is None else memory
+        link, link_source = self.link_rate(request.destination, request.bandwidth)
+        dirty = DirtyRate(None, "unknown")
+        if mode in ("live", "post-copy", "auto"):
+            dirty = await self.dirty_rates.rate(hypervisor, request.vm_name, measure=measure)
+        inputs = PredictionInputs(
+            memory=max(0, memory),
+            link_rate=link,
+            completion_timeout=plan.completion_timeout,
+            dirty_rate=dirty.rate or 0.0,
+            disk_bytes=max(0, disk),
+            max_downtime=plan.max_downtime,
+            post_copy_allowed=(
+                self.settings.migration.allow_post_copy if mode == "auto" else mode == "post-copy"
+            ),
+            auto_converge=request.auto_converge,
+        )
+        base = Forecast(
+            vm_name=request.vm_name,
+            destination=request.destination,
+            mode=request.mode,
+            requested=mode,
+            converges=False,
+            memory=inputs.memory,
+            disk=inputs.disk_bytes,
+            dirty=dirty,
+            link_rate=link,
+            link_source=link_source,
+            completion_timeout=plan.completion_timeout,
+            inputs=inputs,
+        )
+        if mode == "warm":
+            return _warm(base, inputs)
+        if mode == "offline":
+            return replace(base, converges=True, duration=inputs.costs.setup, passes=0)
+        if mode == "auto":
+            verdict = predict(inputs)
+        else:
+            action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
+            verdict = _as_verdict(
+                predict_run(
+                    inputs, "live" if mode == "live" else "post-copy", timeout_action=action
+                )
+            )
+        blockers = tuple(Blocker(_WILL_NOT_CONVERGE, text) for text in verdict.blockers)
+        return replace(
+            base,
+            mode=verdict.mode or request.mode,
+            converges=verdict.converges,
+            duration=verdict.duration,
+            downtime=verdict.downtime,
+            passes=verdict.passes,
+            blockers=blockers,
+            verdict=verdict,
+        )
+
+
+# ---- using a prediction ----------------------------------------------------------------
+
+
+def choose(plan: MigrationPlan, forecast: Forecast) -> MigrationPlan:
+    """The plan ``migration-type: auto`` runs: the predicted mode, and a completion timeout
+    from the prediction when the task gave none. Raises ``WillNotConverge`` (with the
+    numbers) when neither pre-copy nor an allowed post-copy finishes. Other types: the plan
+    as it is."""
+    if not plan.auto:
+        return plan
+    chosen = forecast.verdict.mode if forecast.verdict is not None else None
+    if not forecast.converges or chosen is None:
+        raise WillNotConverge(
+            "the prediction says this migration cannot finish within its limits with the"
+            f" allowed means (pre-copy, post-copy); nothing was started: {forecast.reason}"
+            f" [{_numbers(forecast)}]"
+        )
+    request = replace(plan.request, mode=chosen)
+    timeout = plan.completion_timeout
+    if not plan.timeout_given and forecast.duration is not None:
+        timeout = min(timeout, max(TIMEOUT_FLOOR, TIMEOUT_FACTOR * forecast.duration))
+    action = plan.timeout_action
+    if chosen == "post-copy" and not plan.timeout_action_given:
+        action = "post-copy"  # as the prediction assumed: the timeout switches, not aborts
+    return replace(plan, request=request, completion_timeout=timeout, timeout_action=action)
+
+
+def plan_fields(forecast: Forecast) -> dict[str, object]:
+    """The prediction's wire keys, in order (a ``plan`` result entry's and event's)."""
+    fields: dict[str, object] = {
+        "destination": forecast.destination,
+        "mode": forecast.mode,
+        "converges": forecast.converges and not forecast.blockers,
+    }
+    if forecast.duration is not None:
+        fields["predicted-duration"] = round(forecast.duration, 3)
+    if forecast.downtime is not None:
+        fields["predicted-downtime"] = round(forecast.downtime, 1)
+    fields["passes"] = forecast.passes
+    fields["memory"] = forecast.memory
+    fields["disk"] = forecast.disk
+    if forecast.dirty.rate is not None:
+        fields["dirty-rate"] = round(forecast.dirty.rate)
+    fields["transfer-rate"] = round(forecast.link_rate)
+    fields["blockers"] = [b.text for b in forecast.blockers]
+    return fields
+
+
+def notes(forecast: Forecast) -> list[str]:
+    """What a reader of the prediction should know about its inputs."""
+    out: list[str] = []
+    if forecast.dirty.note:
+        out.append(forecast.dirty.note)
+    if forecast.dirty.rate is None and forecast.mode in ("live", "post-copy"):
+        out.append("dirty rate unknown: predicted as an idle guest")
+    if forecast.link_source == "configured":
+        out.append("link rate not learned yet: the configured migration.link-rate")
+    return out
+
+
+async def predicted(
+    plan: MigrationPlan,
+    ctx: EngineContext,
+    *,
+    hypervisor: Hypervisor,
+    settings: Settings,
+    disk: int,
+) -> MigrationPlan:
+    """Predict the migration (after the pre-checks, before anything is touched) and publish
+    the ``plan`` event: always for ``migration-type: auto`` (a dirty-rate probe may run),
+    which then gets its chosen plan (:func:`choose`, which may refuse with
+    ``will-not-converge``); for ``live`` and ``post-copy`` only when it is cheap (the VM's
+    dirty rate is remembered, so no probe runs), leaving the plan as it is."""
+    forecaster = forecaster_of(ctx)
+    if forecaster is None:
+        if not plan.auto:
+            return plan
+        forecaster = Forecaster(settings=settings)  # no learned rates: the config's
+    if plan.auto:
+        ctx.phase("predicting")
+        with ctx.measure("prediction"):
+            forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk)
+    else:
+        if plan.request.mode not in ("live", "post-copy"):
+            return plan
+        known = await forecaster.dirty_rates.rate(hypervisor, plan.request.vm_name, measure=False)
+        if known.rate is None:
+            return plan  # it would take a probe: not for a migration that does not choose
+        forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk, measure=False)
+    log.info(
+        "migration.predicted",
+        mode=forecast.mode,
+        converges=forecast.converges,
+        duration=forecast.duration,
+        dirty_rate=forecast.dirty.rate,
+        link_rate=forecast.link_rate,
+    )
+    ctx.plan(plan_fields(forecast))
+    chosen = choose(plan, forecast)
+    if forecast.converges and forecast.duration is not None:
+        ctx.outcome.predicted_duration = forecast.duration
+    return chosen
+
+
+def forecaster_of(ctx: EngineContext) -> Forecaster | None:
+    """The agent's :class:`Forecaster` on ``ctx`` (a ``SubtaskContext``'s); ``None`` for a
+    context without one."""
+    forecaster = getattr(ctx, "forecaster", None)
+    return forecaster if isinstance(forecaster, Forecaster) else None
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def _blocker(exc: TaskError) -> Blocker:
+    return Blocker(exc.code, str(exc) or exc.__class__.__name__)
+
+
+async def _domain(hypervisor: Hypervisor, vm_name: str) -> DomainInfo:
+    for dom in await hypervisor.list_domains():
+        if dom.name == vm_name:
+            return dom
+    raise VmNotFound(f"Domain not found: no domain with matching name '{vm_name}'")
+
+
+def _check_state(dom: DomainInfo, mode: str) -> None:
+    """The state ``begin_migration`` would demand (its own text)."""
+    if mode == "offline":
+        ok = dom.state is DomainState.SHUTOFF
+    else:
+        ok = dom.state in (DomainState.RUNNING, DomainState.PAUSED)
+    if not ok:
+        raise WrongState(f"Wrong domain state: {dom.state.number}")
+
+
+async def _memory_to_send(hypervisor: Hypervisor, dom: DomainInfo) -> int:
+    """Bytes: the guest's current memory (its balloon), else its configured memory."""
+    if dom.state is DomainState.RUNNING:
+        try:
+            current = await hypervisor.current_memory(dom.name)
+        except TaskError:
+            current = 0
+        if 0 < current <= dom.memory:
+            return current * 1024
+    return dom.memory * 1024
+
+
+async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> int:
+    """The disk bytes from the source's view alone, when the pre-check refused."""
+    if plan.request.copy_storage == "none":
+        return 0
+    try:
+        return sum(c.size for c in await hypervisor.disks_to_copy(plan.request))
+    except TaskError:
+        return 0
+
+
+def _as_verdict(run: RunPrediction) -> Verdict:
+    return Verdict(
+        mode=run.mode if run.converges else None,
+        duration=run.duration,
+        downtime=run.downtime,
+        passes=len(run.passes),
+        blockers=run.blockers,
+        live=run,
+        post_copy=run if run.mode == "post-copy" else None,
+    )
+
+
+def _warm(base: Forecast, inputs: PredictionInputs) -> Forecast:
+    """``warm``: the guest is paused while its memory moves, in one pass."""
+    costs = inputs.costs
+    if inputs.link_rate <= 0:
+        return replace(base, blockers=(Blocker(_WILL_NOT_CONVERGE, "the link rate is 0"),))
+    disk_time = inputs.disk_bytes / inputs.link_rate
+    copy = inputs.memory / inputs.link_rate
+    duration = costs.setup + disk_time + copy + costs.switchover / 1000.0
+    downtime = copy * 1000.0 + costs.switchover
+    if duration > inputs.completion_timeout:
+        text = (
+            f"a warm copy would take {duration:.1f} s, past the completion timeout of"
+            f" {inputs.completion_timeout:g} s"
+        )
+        return replace(base, blockers=(Blocker(_WILL_NOT_CONVERGE, text),))
+    return replace(base, converges=True, duration=duration, downtime=downtime, passes=1)
+
+
+def _numbers(forecast: Forecast) -> str:
+    dirty = forecast.dirty.rate
+    shown = "unknown" if dirty is None else f"{dirty / _MIB:.1f} MiB/s"
+    return (
+        f"memory {forecast.memory / _MIB:.0f} MiB, disk {forecast.disk / _MIB:.0f} MiB,"
+        f" dirty rate {shown} ({forecast.dirty.source}), link"
+        f" {forecast.link_rate / _MIB:.1f} MiB/s ({forecast.link_source}), completion timeout"
+        f" {forecast.completion_timeout:g} s"
+    )

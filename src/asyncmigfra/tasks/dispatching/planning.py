@@ -1,0 +1,163 @@
+"""``plan migration`` and ``plan evacuation``: predict, change nothing (issue 18).
+
+A plan is answered through the dispatcher like any task (``accepted``, its result, ``done``
+events, cancel, duplicates), with two differences, both because it changes nothing:
+
+* it takes **no VM lane** and **no task slot**: a plan of a VM whose migration runs or waits
+  answers at once instead of queueing behind it (the entry's ``details`` then says that a
+  task of this agent runs or waits on the VM, so the figures describe the VM as it is now);
+  the dirty-rate probes it may run are bounded on their own
+  (``migration.dirtyrates.MAX_PROBES``);
+* each VM's entry is its prediction (``migration.forecast.plan_fields``) under
+  ``result: plan``; an entry with blockers has ``status: error`` and the first blocker's
+  code (``will-not-converge`` when only the prediction stands in the way).
+
+``plan evacuation`` places the VMs exactly as ``evacuate node`` would
+(``tasks.placement.place`` on the destinations' loads, ``_Expansion``) and predicts each
+VM's migration to its destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from asyncmigfra.errors import NoDestination, TaskError
+from asyncmigfra.migration.forecast import Forecast, notes, plan_fields
+from asyncmigfra.model import (
+    MigrateSpec,
+    PlanEvacuationSpec,
+    PlanMigrationSpec,
+    ResultEntry,
+)
+from asyncmigfra.tasks.dispatching.expansion import _Expansion
+from asyncmigfra.tasks.dispatching.jobs import _Job, _Run
+from asyncmigfra.tasks.placement import VmSize, place
+from asyncmigfra.timing import TimeMeasurement
+
+__all__ = ["plan_entry"]
+
+log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
+
+PlanSpec = PlanMigrationSpec | PlanEvacuationSpec
+
+
+def plan_entry(forecast: Forecast, *, wave: int | None = None, note: str = "") -> ResultEntry:
+    """One VM's ``plan`` entry: ``error`` with the first blocker's code when it has any."""
+    extra = plan_fields(forecast)
+    if wave is not None:
+        extra["wave"] = wave
+    texts = [note] if note else []
+    if forecast.blockers:
+        return ResultEntry(
+            vm_name=forecast.vm_name,
+            status="error",
+            code=forecast.code,
+            details="; ".join([forecast.reason, *texts]),
+            extra=extra,
+        )
+    texts += notes(forecast)
+    return ResultEntry(
+        vm_name=forecast.vm_name,
+        status="success",
+        details="; ".join(texts) or None,
+        extra=extra,
+    )
+
+
+class _Planning(_Expansion):
+    """Answers ``plan migration`` and ``plan evacuation``."""
+
+    async def _plan(self, job: _Job, run: _Run, spec: PlanSpec) -> list[ResultEntry]:
+        """Run a plan subtask without lane or slot (see the module)."""
+        self.queued -= 1
+        self.running += 1
+        run.state = "running"
+        run.started = time.monotonic()
+        timer = TimeMeasurement(enabled=spec.time_measurement)
+        timer.tick("overall")
+        try:
+            if isinstance(spec, PlanMigrationSpec):
+                entries = [await self._plan_one(job, spec.migration, wave=None)]
+            else:
+                entries = await self._plan_evacuation(job, spec, timer)
+        finally:
+            timer.tock("overall")
+        if spec.time_measurement:
+            job.header["time-measurement"] = timer.snapshot()
+        return entries
+
+    async def _plan_one(self, job: _Job, spec: MigrateSpec, *, wave: int | None) -> ResultEntry:
+        started = time.monotonic()
+        note = ""
+        if self._lanes.busy(spec.vm_name):
+            note = (
+                f"a task of this agent runs or waits on {spec.vm_name}: the plan describes the"
+                " VM as it is now"
+            )
+        forecast = await self._forecaster.forecast(spec, self._hv)
+        entry = plan_entry(forecast, wave=wave, note=note)
+        self._report(job, entry, time.monotonic() - started)
+        return entry
+
+    async def _plan_evacuation(
+        self, job: _Job, spec: PlanEvacuationSpec, timer: TimeMeasurement
+    ) -> list[ResultEntry]:
+        evacuation = spec.evacuation
+        try:
+            domains = await self._hv.list_domains(active_only=True)
+        except TaskError as exc:
+            return [self._failed(job, "n/a", exc)]
+        if not domains:
+            return []
+        with timer.measure("placement"):
+            capacities = await self._capacities(evacuation.destinations)
+            disks = await self._disk_needs(domains, evacuation)
+            placement = place(
+                [VmSize(d.name, d.vcpus, d.memory, disks.get(d.name, {})) for d in domains],
+                capacities,
+                mode=evacuation.mode,
+                overbooking=evacuation.overbooking,
+            )
+
+        async def predict(name: str, destination: str) -> Forecast:
+            migration = MigrateSpec(
+                vm_name=name,
+                destination=destination,
+                parameter=evacuation.parameter,
+                time_measurement=evacuation.time_measurement,
+                driver=evacuation.driver,
+            )
+            return await self._forecaster.forecast(migration, self._hv)
+
+        with timer.measure("prediction"):
+            names = list(placement.assignments)
+            forecasts = await asyncio.gather(
+                *(predict(name, placement.assignments[name]) for name in names)
+            )
+        by_name = dict(zip(names, forecasts, strict=True))
+        # WAVES: the one call site of the wave scheduler (tasks/waves.py, ``plan_waves``),
+        # which will order the moves by their predictions; until it exists every VM runs
+        # in wave 1.
+        waves = dict.fromkeys(names, 1)
+        entries: list[ResultEntry] = []
+        for dom in domains:
+            forecast = by_name.get(dom.name)
+            if forecast is not None:
+                entry = plan_entry(forecast, wave=waves[dom.name])
+                self._report(job, entry, 0.0)
+            elif dom.name in placement.unplaced:
+                err = NoDestination(
+                    "No destination host left to evacuate to."
+                    if capacities
+                    else "no destination could be reached"
+                )
+                entry = self._failed(job, dom.name, err)
+                entry.extra["blockers"] = [str(err)]
+            else:  # pragma: no cover - place() puts every VM in one of the two
+                continue
+            entries.append(entry)
+        log.info("evacuation.planned", waves=waves, unplaced=list(placement.unplaced))
+        return entries

@@ -1,0 +1,167 @@
+"""What each destination's link gave this agent's migrations, kept across restarts.
+
+The prediction (``migration.forecast``) needs the rate at which a migration's pages reach a
+destination. The agent learns it from its own migrations: after each successful one, the
+median transfer rate of its memory passes is recorded here for that destination
+(``migration.forecast.Forecaster.learn`` decides which runs count: not those a
+``bandwidth`` cap held down). The estimate for a destination is the **median of its last
+:data:`SAMPLES` rates**: one slow run (a busy network, a loaded host) moves it little, a
+lasting change takes over after half the window.
+
+Kept in ``linkrates.sqlite`` beside the journal in the agent's ``state-dir`` (the journal's
+lock makes the directory this agent's alone); without a state dir (``state-dir: none``) only
+in memory. The store is a cache, never a promise: a file that cannot be opened or written
+(corrupt, read-only, disk full) is logged and the agent goes on with what it has in memory.
+SQLite work runs in worker threads, one operation at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+__all__ = ["FILE_NAME", "MAX_DESTINATIONS", "SAMPLES", "LinkRates"]
+
+log = structlog.stdlib.get_logger(__name__)
+
+#: The file in the state dir.
+FILE_NAME: Final = "linkrates.sqlite"
+#: Rates kept per destination; the estimate is their median.
+SAMPLES: Final = 9
+#: Destinations kept at most (the least recently used go first).
+MAX_DESTINATIONS: Final = 1000
+#: Bytes/s accepted as a sample: above 0, at most 1 TiB/s.
+MAX_RATE: Final = float(1 << 40)
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS link_rates (
+    destination TEXT NOT NULL,
+    at REAL NOT NULL,
+    rate REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS link_rates_destination ON link_rates(destination, at);
+"""
+
+
+class LinkRates:
+    """Per destination the last :data:`SAMPLES` transfer rates (bytes/s) and their median.
+
+    ``path``: the SQLite file (``None``: memory only). Call :meth:`open` once before use;
+    :meth:`estimate` never waits, :meth:`record` writes through (bounded, never raises)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._rates: dict[str, deque[float]] = {}
+        self._lock = asyncio.Lock()
+        #: Why the file is not used (``None``: it is, or there is none).
+        self.problem: str | None = None
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path | None) -> LinkRates:
+        return cls(state_dir / FILE_NAME if state_dir is not None else None)
+
+    async def open(self) -> None:
+        """Load what earlier runs learned; a file that cannot be read is logged and left as
+        it is (the agent then learns again, in memory)."""
+        if self.path is None:
+            return
+        try:
+            rows = await asyncio.to_thread(self._load)
+        except (sqlite3.Error, OSError) as exc:
+            self._give_up(exc)
+            return
+        for destination, rate in rows:
+            self._remember(destination, rate)
+
+    def estimate(self, destination: str) -> float | None:
+        """Bytes/s: the median of what ``destination``'s link gave recent migrations;
+        ``None`` before the first."""
+        rates = self._rates.get(destination)
+        return statistics.median(rates) if rates else None
+
+    def samples(self, destination: str) -> int:
+        rates = self._rates.get(destination)
+        return len(rates) if rates else 0
+
+    async def record(self, destination: str, rate: float) -> None:
+        """Add one migration's transfer rate (bytes/s) for ``destination``. A rate that is
+        not a finite number in (0, :data:`MAX_RATE`] is ignored."""
+        if not (math.isfinite(rate) and 0 < rate <= MAX_RATE) or not destination:
+            return
+        self._remember(destination, rate)
+        if self.path is None or self.problem is not None:
+            return
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._write, destination, rate, time.time())
+            except (sqlite3.Error, OSError) as exc:
+                self._give_up(exc)
+
+    # ---- memory ---------------------------------------------------------------------
+
+    def _remember(self, destination: str, rate: float) -> None:
+        rates = self._rates.pop(destination, None)  # re-inserted: most recently used last
+        if rates is None:
+            rates = deque(maxlen=SAMPLES)
+        rates.append(rate)
+        self._rates[destination] = rates
+        while len(self._rates) > MAX_DESTINATIONS:
+            del self._rates[next(iter(self._rates))]
+
+    def _give_up(self, exc: BaseException) -> None:
+        self.problem = str(exc) or exc.__class__.__name__
+        log.warning("linkrates.unusable", path=str(self.path), error=self.problem)
+
+    # ---- the file (worker threads) ---------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        assert self.path is not None
+        db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
+        db.executescript(_SCHEMA)
+        return db
+
+    def _load(self) -> list[tuple[str, float]]:
+        """Rows oldest first, the last :data:`SAMPLES` of each destination."""
+        assert self.path is not None
+        if not self.path.exists():
+            return []
+        db = self._connect()
+        try:
+            rows = db.execute(
+                "SELECT destination, rate FROM link_rates ORDER BY at LIMIT ?",
+                (SAMPLES * MAX_DESTINATIONS * 2,),
+            ).fetchall()
+        finally:
+            db.close()
+        out: list[tuple[str, float]] = []
+        for destination, rate in rows:
+            if isinstance(destination, str) and isinstance(rate, int | float):
+                out.append((destination, float(rate)))
+        return out
+
+    def _write(self, destination: str, rate: float, at: float) -> None:
+        db = self._connect()
+        try:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("INSERT INTO link_rates VALUES (?, ?, ?)", (destination, at, rate))
+                db.execute(
+                    "DELETE FROM link_rates WHERE destination = ? AND at NOT IN (SELECT at FROM"
+                    " link_rates WHERE destination = ? ORDER BY at DESC LIMIT ?)",
+                    (destination, destination, SAMPLES),
+                )
+                db.execute(
+                    "DELETE FROM link_rates WHERE destination NOT IN (SELECT destination FROM"
+                    " link_rates GROUP BY destination ORDER BY MAX(at) DESC LIMIT ?)",
+                    (MAX_DESTINATIONS,),
+                )
+        finally:
+            db.close()
