@@ -52,6 +52,18 @@ async def first_pass(agents: Any, task_id: str) -> None:
     )
 
 
+async def settled_on(
+    rig: Rig, name: str, expected: dict[str, tuple[bool, bool]], limit: float = 40.0
+) -> None:
+    """Wait (bounded) until ``where`` says ``expected``: after a job aborted over a dead link,
+    the source libvirtd finishes it only when its peer connection to the destination gives
+    up (keepalive, about 30 s), and shows the domain transient until then."""
+    deadline = time.monotonic() + limit
+    while (seen := await asyncio.to_thread(where, rig, name)) != expected:
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.5)
+
+
 async def test_a_cut_stream_is_aborted_by_the_progress_timeout(
     mosquitto, rig: Rig, start_guest: Callable[..., Any]
 ):
@@ -103,7 +115,7 @@ async def test_a_cut_stream_is_aborted_by_the_progress_timeout(
             )
             assert aborts()[0] is agents.to_a.events_for("cut", "progress")[-1]
             subprocess.run(["ip", "-n", a_ns, "link", "set", VETH, "up"], check=True)
-            assert where(rig, name) == {rig.a.name: (True, True)}
+            await settled_on(rig, name, {rig.a.name: (True, True)})
             status = await agents.to_a.call("task: status\n")
             assert {e["vm-name"]: e["state"] for e in status["list"]}[name] == "running"
             counter = read_state(dom).counter
