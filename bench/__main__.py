@@ -390,6 +390,12 @@ async def amain(args: argparse.Namespace) -> None:
 
             print("\n== storage migration (bench/storage.py)")
             await run_storage(port, StoragePlan.from_args(args))
+        if args.steering:
+            from bench.steering import Plan as SteeringPlan  # noqa: PLC0415
+            from bench.steering import run_steering  # noqa: PLC0415
+
+            print("\n== steering a running migration (bench/steering.py)")
+            await run_steering(port, SteeringPlan.from_args(args))
     if args.fleet:
         # Its own broker: 200 agents' connections and traffic, apart from the figures above.
         import argparse as _argparse  # noqa: PLC0415
@@ -426,6 +432,12 @@ def main() -> None:
         action="store_true",
         help="also run the storage migration benchmarks (copy-storage, sparse copies; real"
         " libvirtd + QEMU; root): bench/storage.py",
+    )
+    p.add_argument(
+        "--steering",
+        action="store_true",
+        help="also run the steering benchmarks (progress-timeout, tune migration, xbzrle; real"
+        " libvirtd + QEMU; root): bench/steering.py",
     )
     p.add_argument(
         "--baseline",
