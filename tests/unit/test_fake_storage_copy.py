@@ -11,21 +11,19 @@ import asyncio
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from engine_stub import RecordingContext
 
 from asyncmigfra.errors import ConfigError, HypervisorError, InvalidTask, TaskCancelled
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest
 from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, create
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
 from asyncmigfra.migration.engine import migrate
-from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import Settings
-from asyncmigfra.tasks.outcomes import Outcome
-from asyncmigfra.timing import TimeMeasurement
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -241,41 +239,8 @@ async def test_post_copy_cannot_start_while_the_disks_are_copied(a: FakeHypervis
 
 
 @dataclass
-class EngineCtx:
-    """An ``EngineContext`` that records phases and progress events."""
-
+class EngineCtx(RecordingContext):
     vm_name: str = "plain"
-    task_id: str | None = "t"
-    timer: TimeMeasurement = field(default_factory=lambda: TimeMeasurement(enabled=False))
-    outcome: Outcome = field(default_factory=Outcome)
-    phases: list[str] = field(default_factory=list)
-    events: list[dict[str, object]] = field(default_factory=list)
-    hooks: None = None
-    steering: dict[str, MigrationSteering] = field(default_factory=dict)
-
-    def phase(self, name: str) -> None:
-        self.phases.append(name)
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        yield
-
-    def record(self, tag: str, seconds: float) -> None:
-        pass
-
-    def progress(self, fields: dict[str, object]) -> None:
-        self.events.append(fields)
-
-    @contextmanager
-    def steerable(self, steering: MigrationSteering) -> Iterator[None]:
-        self.steering[self.vm_name] = steering
-        try:
-            yield
-        finally:
-            del self.steering[self.vm_name]
-
-    def companion(self, vm_name: str) -> EngineCtx:
-        raise NotImplementedError
 
 
 def settings(**migration: Any) -> Settings:

@@ -5,12 +5,11 @@ window; a cancel meanwhile is ignored; past the window the result says where the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from engine_stub import RecordingContext
 
 import asyncmigfra.migration.recovery as recovery
 from asyncmigfra.errors import HypervisorError, TaskTimeout
@@ -20,47 +19,14 @@ from asyncmigfra.hypervisor.fake.postcopy import FakePostCopyRecovery
 from asyncmigfra.migration.engine import migrate
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import Settings
-from asyncmigfra.tasks.outcomes import Outcome
-from asyncmigfra.timing import TimeMeasurement
 
 #: Simulated time runs this many times faster.
 SCALE = 20.0
 
 
 @dataclass
-class Context:
-    """An ``EngineContext`` that records phases and progress events."""
-
+class Context(RecordingContext):
     vm_name: str = "hot"
-    task_id: str | None = "t"
-    timer: TimeMeasurement = field(default_factory=lambda: TimeMeasurement(enabled=False))
-    outcome: Outcome = field(default_factory=Outcome)
-    phases: list[str] = field(default_factory=list)
-    events: list[dict[str, object]] = field(default_factory=list)
-    hooks: None = None
-
-    def phase(self, name: str) -> None:
-        self.phases.append(name)
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        yield
-
-    def record(self, tag: str, seconds: float) -> None:
-        pass
-
-    def progress(self, fields: dict[str, object]) -> None:
-        self.events.append(fields)
-
-    @contextmanager
-    def steerable(self, steering: object) -> Iterator[None]:
-        yield
-
-    def companion(self, vm_name: str) -> Context:
-        raise NotImplementedError
-
-    def actions(self) -> list[object]:
-        return [e["action"] for e in self.events if "action" in e]
 
 
 def agent(shared: dict[str, object], *, break_for: float) -> FakeHypervisor:

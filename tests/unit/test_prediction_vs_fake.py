@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from engine_stub import RecordingContext
 
 from asyncmigfra.hypervisor.base import MigrationRequest
 from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeMigrationJob, create
@@ -39,8 +39,6 @@ from asyncmigfra.migration.prediction import (
     predict_run,
 )
 from asyncmigfra.settings import Settings
-from asyncmigfra.tasks.outcomes import Outcome
-from asyncmigfra.timing import TimeMeasurement
 
 MIB = 1 << 20
 
@@ -99,35 +97,8 @@ CASES = [
 
 
 @dataclass
-class Context:
-    """An ``EngineContext`` that records nothing but the progress events."""
-
+class Context(RecordingContext):
     vm_name: str = "g"
-    task_id: str | None = "t"
-    timer: TimeMeasurement = field(default_factory=lambda: TimeMeasurement(enabled=False))
-    outcome: Outcome = field(default_factory=Outcome)
-    events: list[dict[str, object]] = field(default_factory=list)
-    hooks: None = None
-
-    def phase(self, name: str) -> None:
-        pass
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        yield
-
-    def record(self, tag: str, seconds: float) -> None:
-        pass
-
-    def progress(self, fields: dict[str, object]) -> None:
-        self.events.append(fields)
-
-    @contextmanager
-    def steerable(self, steering: object) -> Iterator[None]:
-        yield
-
-    def companion(self, vm_name: str) -> Context:
-        raise NotImplementedError
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from engine_stub import RecordingContext
 
 from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest, MigrationResult
@@ -24,56 +24,15 @@ from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor,
 from asyncmigfra.migration import steering
 from asyncmigfra.migration.engine import _migrate_once, migrate
 from asyncmigfra.migration.plan import MigrationPlan
-from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import Settings
-from asyncmigfra.tasks.outcomes import Outcome
-from asyncmigfra.timing import TimeMeasurement
 
 MIB = 1 << 20
 
 
 @dataclass
-class EngineCtx:
-    """An ``EngineContext`` that records phases and progress events (with their time)."""
-
+class EngineCtx(RecordingContext):
     vm_name: str = "v"
-    task_id: str | None = "t"
-    timer: TimeMeasurement = field(default_factory=lambda: TimeMeasurement(enabled=False))
-    outcome: Outcome = field(default_factory=Outcome)
-    phases: list[str] = field(default_factory=list)
-    events: list[dict[str, object]] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    hooks: None = None
-    steering: dict[str, MigrationSteering] = field(default_factory=dict)
-
-    def phase(self, name: str) -> None:
-        self.phases.append(name)
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        yield
-
-    def record(self, tag: str, seconds: float) -> None:
-        pass
-
-    def progress(self, fields: dict[str, object]) -> None:
-        self.events.append(fields)
-        self.times.append(time.monotonic())
-
-    @contextmanager
-    def steerable(self, handle: MigrationSteering) -> Iterator[None]:
-        self.steering[self.vm_name] = handle
-        try:
-            yield
-        finally:
-            del self.steering[self.vm_name]
-
-    def companion(self, vm_name: str) -> EngineCtx:
-        raise NotImplementedError
-
-    def with_action(self, action: str) -> list[dict[str, object]]:
-        return [e for e in self.events if e.get("action") == action]
 
 
 def settings(**migration: Any) -> Settings:

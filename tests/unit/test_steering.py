@@ -8,61 +8,24 @@ each steering call does. The engine is driven through ``_migrate_once`` with tha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
+from engine_stub import RecordingContext
 
 from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout, VmNotFound, WrongState
 from asyncmigfra.hypervisor.base import JobStats, MigrationRequest, MigrationResult
 from asyncmigfra.migration import steering
 from asyncmigfra.migration.engine import _migrate_once
 from asyncmigfra.migration.plan import MigrationPlan, _downtime_schedule
-from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.settings import Settings
-from asyncmigfra.tasks.outcomes import Outcome
-from asyncmigfra.timing import TimeMeasurement
 
 MIB = 1 << 20
 
 
 @dataclass
-class Context:
-    """An ``EngineContext`` that records phases and progress events."""
-
+class Context(RecordingContext):
     vm_name: str = "v"
-    task_id: str | None = "t"
-    timer: TimeMeasurement = field(default_factory=lambda: TimeMeasurement(enabled=False))
-    outcome: Outcome = field(default_factory=Outcome)
-    phases: list[str] = field(default_factory=list)
-    events: list[dict[str, object]] = field(default_factory=list)
-    hooks: None = None
-    steering: dict[str, MigrationSteering] = field(default_factory=dict)
-
-    def phase(self, name: str) -> None:
-        self.phases.append(name)
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        yield
-
-    def record(self, tag: str, seconds: float) -> None:
-        pass
-
-    def progress(self, fields: dict[str, object]) -> None:
-        self.events.append(fields)
-
-    @contextmanager
-    def steerable(self, steering: MigrationSteering) -> Iterator[None]:
-        self.steering[self.vm_name] = steering
-        try:
-            yield
-        finally:
-            del self.steering[self.vm_name]
-
-    def companion(self, vm_name: str) -> Context:
-        raise NotImplementedError
 
 
 class ScriptedJob:
