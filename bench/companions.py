@@ -36,13 +36,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -55,8 +52,6 @@ from typing import Any
 
 from bench.common import pct
 from bench.rig_bench import (
-    FAILURES,
-    LOCK_WAIT,
     ROOT,
     Reply,
     RigConns,
@@ -70,9 +65,9 @@ from bench.rig_bench import (
     migrate_body,
     note,
     prefix_of,
-    qemu_version,
     ratio,
     rig_conns,
+    rig_session,
     sched,
     standalone,
     table,
@@ -766,34 +761,8 @@ async def run_rig(port: int, plan: Plan) -> None:
     except (RigUnavailable, OSError, RuntimeError) as exc:
         print(f"\n!! rig unavailable, rig section skipped: {exc}")
         return
-    statedir = Path(tempfile.mkdtemp(prefix="companions-", dir="/tmp"))
-    rig = Rig(statedir, cachedir=cache_dir(), lock_timeout=LOCK_WAIT)
-    atexit.register(rig.down)
-    try:
-        t0 = time.perf_counter()
-        print(f"\n(taking the rig lock; waits up to {LOCK_WAIT:.0f} s for another session)")
-        await asyncio.to_thread(rig.up)
-        why = f" ({rig.fallback_reason})" if rig.fallback_reason else ""
-        table(
-            "rig",
-            ["fact", "value"],
-            [
-                ["mode", f"{rig.mode}{why}"],
-                ["up", f"{time.perf_counter() - t0:.2f} s (lock wait {rig.timings['lock']:.2f} s)"],
-                ["hosts", ", ".join(f"{h.name} {h.ip}" for h in rig.hosts)],
-                ["QEMU", await asyncio.to_thread(qemu_version, rig.a.local_uri)],
-                ["load average", load()],
-            ],
-        )
+    async with rig_session("companions", [["load average", load()]]) as rig:
         await rig_sections(port, rig, guests, plan)
-    finally:
-        await asyncio.to_thread(rig.down)
-        atexit.unregister(rig.down)
-        print(f"\nrig down in {rig.timings.get('down', 0):.2f} s")
-        if FAILURES:
-            print(f"rig state and logs kept for the failures above: {statedir}")
-        else:
-            shutil.rmtree(statedir, ignore_errors=True)
 
 
 async def rig_sections(port: int, rig: Rig, guests: dict[str, Path], plan: Plan) -> None:

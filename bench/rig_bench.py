@@ -1153,6 +1153,59 @@ class Plan:
         )
 
 
+@contextlib.asynccontextmanager
+async def rig_session(
+    prefix: str, extra_facts: Sequence[Sequence[object]] = ()
+) -> AsyncIterator[Rig]:
+    """The rig up for one benchmark run: waits for the rig lock (another session's rig),
+    prints the ``rig`` table (with ``extra_facts`` rows), and goes down on every exit path;
+    its state and logs are kept only when a section failed."""
+    statedir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
+    rig = Rig(statedir, cachedir=cache_dir(), lock_timeout=LOCK_WAIT)
+    atexit.register(rig.down)
+    try:
+        t0 = time.perf_counter()
+        print(f"\n(taking the rig lock; waits up to {LOCK_WAIT:.0f} s for another session)")
+        await asyncio.to_thread(rig.up)
+        why = f" ({rig.fallback_reason})" if rig.fallback_reason else ""
+        t = rig.timings
+        table(
+            "rig",
+            ["fact", "value"],
+            [
+                ["mode", f"{rig.mode}{why}"],
+                ["capabilities cache", "cold" if rig.cold else "warm"],
+                [
+                    "up",
+                    f"{t['up']:.2f} s (lock wait {t['lock']:.2f} s; "
+                    f"{time.perf_counter() - t0:.2f} s here)",
+                ],
+                ["hosts", ", ".join(f"{h.name} {h.ip}" for h in rig.hosts)],
+                ["libvirtd", await asyncio.to_thread(libvirtd_version, rig.a.local_uri)],
+                ["QEMU", await asyncio.to_thread(qemu_version, rig.a.local_uri)],
+                *extra_facts,
+            ],
+        )
+        yield rig
+    finally:
+        await asyncio.to_thread(rig.down)
+        atexit.unregister(rig.down)
+        print(f"\nrig down in {rig.timings.get('down', 0):.2f} s")
+        if FAILURES:
+            print(f"rig state and logs kept for the failures above: {statedir}")
+        else:
+            shutil.rmtree(statedir, ignore_errors=True)
+
+
+def libvirtd_version(uri: str) -> str:
+    conn = libvirt.open(uri)
+    try:
+        v = conn.getLibVersion()
+        return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+    finally:
+        conn.close()
+
+
 async def run_rig_benchmarks(port: int, plan: Plan) -> None:
     """Everything, on mosquitto at 127.0.0.1:``port``; the rig is up only inside."""
     t_start = time.perf_counter()

@@ -44,13 +44,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -69,7 +66,6 @@ from asyncmigfra.settings import LoggingSettings, default_settings
 from asyncmigfra.transport.mqtt import ToolClient
 from asyncmigfra.wire.parsing import parse_task
 from bench.rig_bench import (
-    FAILURES,
     MIB,
     RigConns,
     Sched,
@@ -80,9 +76,9 @@ from bench.rig_bench import (
     migrate_body,
     note,
     prefix_of,
-    qemu_version,
     ratio,
     rig_conns,
+    rig_session,
     standalone,
     table,
     timed_section,
@@ -893,51 +889,18 @@ async def run_steering(port: int, plan: Plan) -> None:
         except (RigUnavailable, OSError, RuntimeError) as exc:
             print(f"\n!! rig unavailable, nothing measured: {exc}")
             return
-        statedir = Path(tempfile.mkdtemp(prefix="steerbench-", dir="/tmp"))
-        rig = Rig(statedir, cachedir=cache_dir(), lock_timeout=LOCK_WAIT)
-        atexit.register(rig.down)
-        try:
-            t0 = time.perf_counter()
-            print(f"\n(taking the rig lock; waits up to {LOCK_WAIT:.0f} s for another session)")
-            await asyncio.to_thread(rig.up)
-            why = f" ({rig.fallback_reason})" if rig.fallback_reason else ""
-            t = rig.timings
-            conn = await asyncio.to_thread(libvirt.open, rig.a.local_uri)
+        facts = [
+            ["guest", f"dirty16, {MEMORY_MIB} MiB: {VARIANTS['dirty16'].doc}"],
+            ["agents' progress-interval", f"{plan.interval:g} s"],
+            ["rounds", plan.rounds],
+        ]
+        async with rig_session("steerbench", facts) as rig:
             try:
-                v = await asyncio.to_thread(conn.getLibVersion)
+                await rig_sections(port, rig, kernel, plan)
             finally:
-                await asyncio.to_thread(conn.close)
-            table(
-                "rig",
-                ["fact", "value"],
-                [
-                    ["mode", f"{rig.mode}{why}"],
-                    ["capabilities cache", "cold" if rig.cold else "warm"],
-                    [
-                        "up",
-                        f"{t['up']:.2f} s (lock wait {t['lock']:.2f} s; "
-                        f"{time.perf_counter() - t0:.2f} s here)",
-                    ],
-                    ["hosts", ", ".join(f"{h.name} {h.ip}" for h in rig.hosts)],
-                    ["libvirtd", f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"],
-                    ["QEMU", await asyncio.to_thread(qemu_version, rig.a.local_uri)],
-                    ["guest", f"dirty16, {MEMORY_MIB} MiB: {VARIANTS['dirty16'].doc}"],
-                    ["agents' progress-interval", f"{plan.interval:g} s"],
-                    ["rounds", plan.rounds],
-                ],
-            )
-            await rig_sections(port, rig, kernel, plan)
-        finally:
-            if rig.is_up and rig.mode == "netns":
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(link, rig, "up")
-            await asyncio.to_thread(rig.down)
-            atexit.unregister(rig.down)
-            print(f"\nrig down in {rig.timings.get('down', 0):.2f} s")
-            if FAILURES:
-                print(f"rig state and logs kept for the failures above: {statedir}")
-            else:
-                shutil.rmtree(statedir, ignore_errors=True)
+                if rig.is_up and rig.mode == "netns":
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(link, rig, "up")
     finally:
         if main_thread:
             loop.remove_signal_handler(signal.SIGTERM)

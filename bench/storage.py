@@ -37,15 +37,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -55,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.rig_bench import (
-    FAILURES,
     MIB,
     ROOT,
     AgentLeg,
@@ -72,6 +68,7 @@ from bench.rig_bench import (
     qemu_version,
     ratio,
     rig_conns,
+    rig_session,
     spread,
     standalone,
     table,
@@ -628,50 +625,15 @@ async def run_storage(port: int, plan: Plan) -> None:
         except (RigUnavailable, OSError, RuntimeError) as exc:
             print(f"\n!! rig unavailable, nothing measured: {exc}")
             return
-        statedir = Path(tempfile.mkdtemp(prefix="storagebench-", dir="/tmp"))
-        rig = Rig(statedir, cachedir=cache_dir(), lock_timeout=LOCK_WAIT)
-        atexit.register(rig.down)
-        try:
-            t0 = time.perf_counter()
-            print(f"\n(taking the rig lock; waits up to {LOCK_WAIT:.0f} s for another session)")
-            await asyncio.to_thread(rig.up)
-            why = f" ({rig.fallback_reason})" if rig.fallback_reason else ""
-            t = rig.timings
-            conn = await asyncio.to_thread(libvirt.open, rig.a.local_uri)
-            try:
-                v = await asyncio.to_thread(conn.getLibVersion)
-            finally:
-                await asyncio.to_thread(conn.close)
-            table(
-                "rig",
-                ["fact", "value"],
-                [
-                    ["mode", f"{rig.mode}{why}"],
-                    ["capabilities cache", "cold" if rig.cold else "warm"],
-                    [
-                        "up",
-                        f"{t['up']:.2f} s (lock wait {t['lock']:.2f} s; "
-                        f"{time.perf_counter() - t0:.2f} s here)",
-                    ],
-                    ["hosts", ", ".join(f"{h.name} {h.ip}" for h in rig.hosts)],
-                    ["libvirtd", f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"],
-                    ["QEMU", await asyncio.to_thread(qemu_version, rig.a.local_uri)],
-                    [
-                        f"libvirt.{DETECT_ZEROES_PARAM}",
-                        "present" if hasattr(libvirt, DETECT_ZEROES_PARAM) else "absent",
-                    ],
-                    ["rounds (section 1)", plan.rounds],
-                ],
-            )
+        facts = [
+            [
+                f"libvirt.{DETECT_ZEROES_PARAM}",
+                "present" if hasattr(libvirt, DETECT_ZEROES_PARAM) else "absent",
+            ],
+            ["rounds (section 1)", plan.rounds],
+        ]
+        async with rig_session("storagebench", facts) as rig:
             await rig_sections(port, rig, kernel, plan)
-        finally:
-            await asyncio.to_thread(rig.down)
-            atexit.unregister(rig.down)
-            print(f"\nrig down in {rig.timings.get('down', 0):.2f} s")
-            if FAILURES:
-                print(f"rig state and logs kept for the failures above: {statedir}")
-            else:
-                shutil.rmtree(statedir, ignore_errors=True)
     finally:
         if main_thread:
             loop.remove_signal_handler(signal.SIGTERM)
