@@ -1235,42 +1235,11 @@ async def run_rig_benchmarks(port: int, plan: Plan) -> None:
             print(f"\n!! rig unavailable, rig sections skipped: {exc}")
             await testdriver()
             return
-        statedir = Path(tempfile.mkdtemp(prefix="rigbench-", dir="/tmp"))
-        rig = Rig(statedir, cachedir=cache_dir(), lock_timeout=LOCK_WAIT)
-        atexit.register(rig.down)
-        try:
-            t0 = time.perf_counter()
-            print(f"\n(taking the rig lock; waits up to {LOCK_WAIT:.0f} s for another session)")
-            await asyncio.to_thread(rig.up)
-            why = f" ({rig.fallback_reason})" if rig.fallback_reason else ""
-            t = rig.timings
-            table(
-                "rig",
-                ["fact", "value"],
-                [
-                    ["mode", f"{rig.mode}{why}"],
-                    ["capabilities cache", "cold" if rig.cold else "warm"],
-                    [
-                        "up",
-                        f"{t['up']:.2f} s (lock wait {t['lock']:.2f} s; "
-                        f"{time.perf_counter() - t0:.2f} s here)",
-                    ],
-                    ["hosts", ", ".join(f"{h.name} {h.ip}" for h in rig.hosts)],
-                    ["QEMU", await asyncio.to_thread(qemu_version, rig.a.local_uri)],
-                ],
-            )
+        async with rig_session("rigbench") as rig:
             # The test-driver section needs no rig, but runs while this run holds the rig
             # lock: another session's rig tests would otherwise load the CPU under it.
             await testdriver()
             await rig_sections(port, rig, guests, plan)
-        finally:
-            await asyncio.to_thread(rig.down)
-            atexit.unregister(rig.down)
-            print(f"\nrig down in {rig.timings.get('down', 0):.2f} s")
-            if FAILURES:
-                print(f"rig state and logs kept for the failures above: {statedir}")
-            else:
-                shutil.rmtree(statedir, ignore_errors=True)
     finally:
         if task is not None and threading.current_thread() is threading.main_thread():
             loop.remove_signal_handler(signal.SIGTERM)
@@ -1301,8 +1270,11 @@ async def rig_conns(rig: Rig) -> AsyncIterator[RigConns]:
 @contextlib.asynccontextmanager
 async def agent_pair(port: int, rig: Rig, **sections: Any) -> AsyncIterator[tuple[Sched, Sched]]:
     """One agent per rig host (configured as tests/real/agents.py does, plus ``sections``)
-    and a scheduler client for each."""
+    and a scheduler client for each. Their domain XML may boot the rig's guest kernels (in
+    the rig's cache, outside every storage pool) under the default ``xml-policy: strict``."""
     run = uuid.uuid4().hex[:6]
+    agent = {"xml_allowed_paths": (str(cache_dir() / "guests"),), **sections.pop("agent", {})}
+    sections["agent"] = agent
     sa = rig_agent_settings(port, rig, rig.a, run=run, **sections)
     sb = rig_agent_settings(port, rig, rig.b, run=run, **sections)
     async with (
