@@ -36,6 +36,9 @@ __all__ = [
     "Hypervisor",
     "HypervisorFactory",
     "JobStats",
+    "KnowsLinkRate",
+    "LinkRate",
+    "MeasuresDirtyRate",
     "MigrationJob",
     "MigrationRequest",
     "MigrationResult",
@@ -229,6 +232,39 @@ class AdoptsMigrations(Protocol):
     ) -> MigrationJob | None:
         """A handle for ``vm_name``'s outgoing migration if one runs, else ``None``;
         ``destination`` is where the adopting task sends it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkRate:
+    """Bytes/s a migration from this host to one destination can move (``inf``: no limit
+    known). An evacuation's migrations share ``outgoing`` (this host's NIC) and, those to
+    the same destination, its ``incoming``; each one alone gets at most ``single``."""
+
+    #: One migration alone (its stream; the smallest of the three when only it is known).
+    single: float
+    #: This host's NIC, for all its outgoing migrations together.
+    outgoing: float
+    #: The destination's NIC, for all migrations into it together.
+    incoming: float
+
+
+@runtime_checkable
+class MeasuresDirtyRate(Protocol):
+    """A back-end that can tell how fast a running guest dirties its memory (libvirt:
+    ``virDomainStartDirtyRateCalc``; fake: its ``dirty-rate``). Predicted evacuation
+    schedules (docs/protocol.md §3.7) need it."""
+
+    async def dirty_rate(self, vm_name: str) -> float | None:
+        """Bytes/s the guest dirties now; ``None`` when it cannot be told."""
+
+
+@runtime_checkable
+class KnowsLinkRate(Protocol):
+    """A back-end that knows (configured, measured or learned) the rates of the links its
+    migrations take."""
+
+    async def link_rate(self, destination: str) -> LinkRate | None:
+        """The rates toward ``destination``; ``None`` when unknown."""
 
 
 @runtime_checkable

@@ -38,6 +38,7 @@ from asyncmigfra.hypervisor.fake.cluster import (
 from asyncmigfra.hypervisor.fake.domainxml import _parse_domain_xml, _XmlDomain
 from asyncmigfra.hypervisor.fake.faults import FAULT_OPS, INJECTED
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
+from asyncmigfra.hypervisor.fake.probes import _RateProbes
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 
@@ -49,8 +50,9 @@ def _not_found(name: str) -> VmNotFound:
     return VmNotFound(f"Domain not found: no domain with matching name '{name}'")
 
 
-class FakeHypervisor:
-    """This agent's view of the fake cluster: operations act on ``host``.
+class FakeHypervisor(_RateProbes):
+    """This agent's view of the fake cluster: operations act on ``host``. It also tells its
+    guests' dirty rates and its links' rates (:mod:`.probes`).
 
     Test hooks: ``cluster`` (the shared :class:`FakeCluster`), ``host`` (this agent's
     :class:`FakeHost`), :meth:`inject` (failure injection), and the timing attributes

@@ -10,6 +10,7 @@ from asyncmigfra.errors import HypervisorError, MigrationFailed, TaskCancelled, 
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest, MigrationResult
 from asyncmigfra.hypervisor.fake.cluster import _KIB, _MIB
 from asyncmigfra.hypervisor.fake.faults import INJECTED
+from asyncmigfra.hypervisor.fake.transfer import _Transfer
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.fake.backend import FakeHypervisor
@@ -39,7 +40,7 @@ class _Phase(enum.Enum):
     DONE = "done"
 
 
-class FakeMigrationJob:
+class FakeMigrationJob(_Transfer):
     """A simulated QEMU migration, computed lazily from the (scaled) loop clock.
 
     Model, all times in simulated seconds since the job began:
@@ -54,9 +55,13 @@ class FakeMigrationJob:
     * pass 1 copies all guest memory at ``min(request.bandwidth, link bandwidth)``; each later
       pass copies what the guest dirtied during the previous one (``dirty_rate x duration``,
       at most all memory). ``auto_converge`` throttles the dirty rate from pass 3 on;
-    * at the end of each pass the expected downtime (remaining / bandwidth) is compared with
-      the max downtime; when it fits, the guest pauses and the rest is copied at the full link
-      speed (switchover; QEMU ignores the bandwidth cap there), then the domain moves;
+    * at the end of each pass the expected downtime (remaining / current rate) is compared
+      with the max downtime; when it fits, the guest pauses and the rest is copied at the full
+      link speed (switchover; QEMU ignores the bandwidth cap there), then the domain moves;
+    * when its source or destination has a NIC limit (``nic-rate``), the job shares the NICs
+      with the other migrations using them (:mod:`.links`): each rate above is then at most
+      the job's max-min fair share, which changes as other migrations start and end
+      (:mod:`.transfer` keeps what a phase had moved across such a change);
     * ``start_post_copy`` moves the guest at once and pulls what remains at the bandwidth;
     * ``warm`` pauses the guest when memory starts to move (after setup and the disks), so a
       single pass suffices and the downtime is the whole memory copy.
@@ -93,7 +98,14 @@ class FakeMigrationJob:
         link = owner.bandwidth * _MIB
         self._link_bw = link
         requested = request.bandwidth
+        #: What the job wants while it copies disks or memory (the switchover: ``_link_bw``).
         self._bw = min(link, requested * _MIB) if requested else link
+        #: Bytes/s the current phase moves at now (``_bw``/``_link_bw``, or its NIC share).
+        self._rate = self._bw
+        self._seg_at = 0.0
+        self._seg_moved = 0.0
+        links = owner.cluster.links
+        self._links = links if links.limited(source, destination) else None
         # Pages the balloon took from the guest are not sent (QEMU skips them).
         self._mem = (domain.memory if domain.balloon is None else domain.balloon) * _KIB
         self._max_downtime = (
@@ -145,6 +157,8 @@ class FakeMigrationJob:
         self.domain.job = self
         self.destination.incoming[self.domain.name] = self.domain.memory
         self._cluster.jobs.add(self)
+        if self._links is not None:
+            self._links.join(self)
         self._reschedule()
 
     def _finish_now(self, outcome: MigrationResult) -> None:
@@ -170,24 +184,29 @@ class FakeMigrationJob:
     def _now(self) -> float:
         return (self._loop.time() - self._t0) * self._scale
 
-    def _rate(self) -> float:
+    def _rerated(self) -> None:
+        if self._phase is _Phase.SWITCHOVER:
+            bytes_done = self._moved_by(self._switch_amount)
+            self._switch_duration = bytes_done - self._switch_start + _SWITCHOVER_OVERHEAD_MS / 1000
+
+    def _dirty_rate(self) -> float:
         """Effective dirty rate (bytes/s) right now."""
         if self._phase is not _Phase.PRECOPY or self.domain.state is not DomainState.RUNNING:
             return 0.0
         return self.domain.dirty_rate * (1.0 - self._throttle)
 
     def _pass_end(self) -> float:
-        return self._iter_start + max(_MIN_PASS, self._iter_amount / self._bw)
+        return max(self._iter_start + _MIN_PASS, self._moved_by(self._iter_amount))
 
     def _midway_at(self) -> float:
-        return self._iter_start + self._iter_amount / self._bw / 2
+        return self._moved_by(self._iter_amount / 2)
 
     def _next_event(self) -> float | None:
         phase = self._phase
         if phase is _Phase.SETUP:
             return _SETUP_TIME
         if phase is _Phase.DISKS:
-            return self._disk_start + self._disk / self._bw
+            return self._moved_by(self._disk)
         if phase is _Phase.PRECOPY:
             if self._fail_midway and self.iteration == 1:
                 return self._midway_at()
@@ -195,7 +214,7 @@ class FakeMigrationJob:
         if phase is _Phase.SWITCHOVER:
             return self._switch_start + self._switch_duration
         if phase is _Phase.POSTCOPY:
-            return self._post_start + self._post_amount / self._bw
+            return self._moved_by(self._post_amount)
         return None
 
     def _advance(self, now: float) -> None:
@@ -211,6 +230,7 @@ class FakeMigrationJob:
         if phase is _Phase.SETUP and self._disk > 0:
             self._phase = _Phase.DISKS
             self._disk_start = at
+            self._moving(at, self._bw)
         elif phase in (_Phase.SETUP, _Phase.DISKS):
             if self.request.mode == "warm":
                 self._pause_guest(at)
@@ -226,6 +246,10 @@ class FakeMigrationJob:
             self._complete(at, post_copy=True)
 
     def _start_pass(self, at: float, amount: float) -> None:
+        if self._phase is _Phase.PRECOPY:
+            self._next_segment(at)
+        else:
+            self._moving(at, self._bw)
         self._phase = _Phase.PRECOPY
         self.iteration += 1
         self._iter_start = at
@@ -240,7 +264,7 @@ class FakeMigrationJob:
         """Account the memory dirtied since the last mark at the current rate."""
         if self._phase is _Phase.PRECOPY and now > self._dirty_mark:
             self._dirty_acc = min(
-                float(self._mem), self._dirty_acc + self._rate() * (now - self._dirty_mark)
+                float(self._mem), self._dirty_acc + self._dirty_rate() * (now - self._dirty_mark)
             )
             self._dirty_mark = now
 
@@ -249,7 +273,7 @@ class FakeMigrationJob:
         remaining = self._dirty_acc
         self._processed_base += self._iter_amount
         self._completed = self.iteration
-        self._expected = remaining / self._bw * 1000.0
+        self._expected = remaining / self._rate * 1000.0
         if self._expected <= self._max_downtime:
             self._start_switchover(at, remaining)
         else:
@@ -259,7 +283,9 @@ class FakeMigrationJob:
         self._phase = _Phase.SWITCHOVER
         self._switch_start = at
         self._switch_amount = amount
-        self._switch_duration = amount / self._link_bw + _SWITCHOVER_OVERHEAD_MS / 1000.0
+        # With nothing left to send the NICs are free for the others.
+        self._moving(at, self._link_bw if amount > 0 or self._links is None else None)
+        self._switch_duration = amount / self._rate + _SWITCHOVER_OVERHEAD_MS / 1000.0
         self._pause_guest(at)
         if self._pause_time is None:  # the user had paused it: downtime is the switchover
             self._pause_time = at
@@ -273,14 +299,14 @@ class FakeMigrationJob:
 
     def _remaining_at(self, now: float) -> tuple[float, float]:
         """(bytes sent in the current pass, bytes remaining) during pre-copy."""
-        sent = min(self._iter_amount, self._bw * (now - self._iter_start))
-        dirtied = self._dirty_acc + self._rate() * max(0.0, now - self._dirty_mark)
+        sent = min(self._iter_amount, self._moved(now))
+        dirtied = self._dirty_acc + self._dirty_rate() * max(0.0, now - self._dirty_mark)
         return sent, min(float(self._mem), self._iter_amount - sent + dirtied)
 
     def _snapshot(self, now: float) -> JobStats | None:
         phase = self._phase
         if phase is _Phase.DISKS:
-            copied = min(float(self._disk), self._bw * (now - self._disk_start))
+            copied = min(float(self._disk), self._moved(now))
             return self._disk_stats(now, copied)
         if phase is _Phase.PRECOPY:
             sent, remaining = self._remaining_at(now)
@@ -289,28 +315,28 @@ class FakeMigrationJob:
                 now,
                 processed=self._processed_base + sent,
                 remaining=remaining,
-                dirty_rate=self._rate(),
-                transfer_rate=self._bw,
+                dirty_rate=self._dirty_rate(),
+                transfer_rate=self._rate,
             )
         if phase is _Phase.SWITCHOVER:
-            sent = min(self._switch_amount, self._link_bw * (now - self._switch_start))
+            sent = min(self._switch_amount, self._moved(now))
             return self._stats(
                 "switchover",
                 now,
                 processed=self._processed_base + sent,
                 remaining=self._switch_amount - sent,
                 dirty_rate=0.0,
-                transfer_rate=self._link_bw,
+                transfer_rate=self._rate,
             )
         if phase is _Phase.POSTCOPY:
-            sent = min(self._post_amount, self._bw * (now - self._post_start))
+            sent = min(self._post_amount, self._moved(now))
             return self._stats(
                 "post-copy",
                 now,
                 processed=self._processed_base + sent,
                 remaining=self._post_amount - sent,
                 dirty_rate=0.0,
-                transfer_rate=self._bw,
+                transfer_rate=self._rate,
             )
         return None
 
@@ -418,6 +444,9 @@ class FakeMigrationJob:
             self.domain.job = None
         self.destination.incoming.pop(self.domain.name, None)
         self._cluster.jobs.discard(self)
+        if self._links is not None:
+            # (A post-copy finished by _shutdown ends in the future: the NICs free up now.)
+            self._links.leave(self, min(self._loop_time(at), self._loop.time()))
         self._finished.set()
         self._wake_iteration_waiters()
 
@@ -442,11 +471,17 @@ class FakeMigrationJob:
         if self._phase is _Phase.DONE:
             return
         # The loop may run a timer a hair early; the event it was set for is due regardless.
+        if self._links is not None:
+            self._links.advance(max(self._loop.time(), self._loop_time(self._handle_at)))
+            return
         self._advance(max(self._now(), self._handle_at))
         self._reschedule()
 
     def _sync(self) -> None:
         if self._phase is _Phase.DONE:
+            return
+        if self._links is not None:
+            self._links.advance(self._loop.time())
             return
         self._advance(self._now())
         self._reschedule()
@@ -456,7 +491,10 @@ class FakeMigrationJob:
         if self._phase is _Phase.DONE:
             return
         now = self._now()
-        self._advance(now)
+        if self._links is not None:
+            self._links.advance(self._loop.time())
+        else:
+            self._advance(now)
         self._accumulate(now)
         self._reschedule()
 
@@ -465,7 +503,7 @@ class FakeMigrationJob:
         destination), abort anything else (the guest stays on the source)."""
         self._sync()
         if self._phase is _Phase.POSTCOPY:
-            self._complete(self._post_start + self._post_amount / self._bw, post_copy=True)
+            self._complete(self._moved_by(self._post_amount), post_copy=True)
         elif self._phase is not _Phase.DONE:
             self._fail(self._now(), TaskCancelled("migration job aborted: hypervisor closed"))
 
@@ -521,8 +559,10 @@ class FakeMigrationJob:
         if self._phase is _Phase.PRECOPY:
             sent, remaining = self._remaining_at(now)
             self._processed_base += sent
+            self._next_segment(now)
         else:
             remaining = float(self._mem)
+            self._moving(now, self._bw)
         self._phase = _Phase.POSTCOPY
         self._post_start = now
         self._post_amount = remaining
