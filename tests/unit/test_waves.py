@@ -221,6 +221,9 @@ async def test_slowdown() -> None:
         Observation(name="d", predicted=1.0, actual=3.0, finished=False),
     ]
     assert slowdown(done + running) == pytest.approx(9.0 / 5.0)
+    # Without the fixed part (the setup) that no link speeds up or slows down.
+    fixed = [Observation(name="e", predicted=1.3, actual=2.3, fixed=0.3)]
+    assert slowdown(fixed) == pytest.approx(2.0)
     assert slowdown([Observation(name="x", predicted=1.0, actual=100.0)]) == 4.0
     assert slowdown([Observation(name="x", predicted=100.0, actual=1.0)]) == 0.25
 

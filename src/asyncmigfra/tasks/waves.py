@@ -40,11 +40,14 @@ evacuation runs such VMs last, each alone).
    member's starting rate at or above its ``needed``. Two hot VMs that each need more than
    half of a link therefore never share a wave, and cold ones gather: their work adds up
    on a saturated link while their setups overlap.
-3. A join is tried twice: with plain fair shares, and with **caps** that protect the VMs
-   whose fair share is below their need: those get what they would get among themselves,
-   the others divide what is left and are capped at it (whole MiB/s, since the wire's
-   ``bandwidth`` is). Caps let cold VMs use what a hot one leaves (a hot VM limited by its
-   stream or destination) without starving it. The cheaper feasible variant counts.
+3. A join is tried with plain fair shares, and with **caps** that protect the VMs whose
+   fair share is below their need, and these plus the hottest VM of the wave: the
+   protected get what they would get among themselves, the others divide what is left and
+   are capped at it (whole MiB/s, since the wire's ``bandwidth`` is). Caps let cold VMs use
+   what a hot one leaves (a hot VM limited by its stream or its destination) without
+   slowing it: a hot guest that merely converges at its fair share sends far more (each
+   pass resends more of what it dirtied) than with its whole stream. The variant that ends
+   soonest counts.
 4. The waves are ordered by Smith's rule, duration per VM ascending (many quick VMs first):
    the order does not change the makespan but moves most VMs off the host soonest.
 
@@ -162,6 +165,8 @@ class Observation:
     actual: float
     #: ``False``: it still runs, ``actual`` is how long it has run.
     finished: bool = True
+    #: s of ``predicted`` that no link rate changes (the setup).
+    fixed: float = 0.0
 
 
 def deviates(observation: Observation, tolerance: float = DEVIATION) -> bool:
@@ -176,14 +181,15 @@ def deviates(observation: Observation, tolerance: float = DEVIATION) -> bool:
 
 
 def slowdown(observations: Sequence[Observation]) -> float:
-    """How much slower than predicted the moves ran: total actual over total predicted, of
-    the finished moves and of the running ones already past their prediction (one that is
-    not yet tells nothing); 1 without any, and within [1/4, 4]."""
+    """How much slower than predicted the moves ran: total actual over total predicted, each
+    without its ``fixed`` part, of the finished moves and of the running ones already past
+    their prediction (one that is not yet tells nothing); 1 without any, and within
+    [1/4, 4]."""
     actual = predicted = 0.0
     for o in observations:
-        if o.predicted > 0 and (o.finished or o.actual > o.predicted):
-            actual += o.actual
-            predicted += o.predicted
+        if o.predicted > o.fixed and (o.finished or o.actual > o.predicted):
+            actual += max(0.0, o.actual - o.fixed)
+            predicted += o.predicted - o.fixed
     if predicted <= 0 or actual <= 0:
         return 1.0
     return min(_SLOWDOWN_LIMIT, max(1 / _SLOWDOWN_LIMIT, actual / predicted))
@@ -385,17 +391,24 @@ class _Timing:
 
 
 def _time_wave(members: list[_Need], links: _Links) -> _Timing | None:
-    """The wave's timing with fair shares or with caps protecting the needy, whichever
-    ends sooner; ``None`` when neither lets every member converge."""
+    """The wave's timing with fair shares, with caps protecting the needy, or with caps
+    protecting them and the hottest member, whichever ends soonest; ``None`` when none
+    lets every member converge."""
     fair = _rates(members, links, {})
     best = _simulate(members, links, {}, fair)
     needy = [m for m in members if fair[m.vm.name] < m.needed]
-    if needy:
-        caps = _protecting(needy, [m for m in members if m not in needy], links)
-        if caps is not None:
-            capped = _simulate(members, links, caps, _rates(members, links, caps))
-            if capped is not None and (best is None or capped.duration < best.duration):
-                best = capped
+    hottest = max(members, key=lambda m: (m.needed / m.alone, m.size, m.vm.name))
+    protect = [needy] if needy else []
+    if hottest not in needy and fair[hottest.vm.name] < hottest.alone:
+        protect.append([*needy, hottest])
+    for protected in protect:
+        others = [m for m in members if m not in protected]
+        caps = _protecting(protected, others, links) if others else None
+        if caps is None:
+            continue
+        capped = _simulate(members, links, caps, _rates(members, links, caps))
+        if capped is not None and (best is None or capped.duration < best.duration):
+            best = capped
     return best
 
 
