@@ -140,6 +140,7 @@ def _emitted_event_types() -> set[str]:
     events.progress("t", "a", {"phase": "migrating"})
     events.error("t", "a", code="timeout", details="d")
     events.done("t", "a", status="success", duration=1.0)
+    events.plan("t", {"schedule": "placement", "details": "d"})
     builders = {n for n in dir(Events) if not n.startswith("_") and callable(getattr(Events, n))}
     assert len(sink.events) == len(builders), (
         f"Events has builders this test does not call: {sorted(builders)}"
@@ -203,7 +204,7 @@ def test_every_error_code_has_a_row_in_the_code_table() -> None:
 
 def test_every_emitted_event_type_is_documented() -> None:
     emitted = _emitted_event_types()
-    assert emitted == {"accepted", "rejected", "phase", "progress", "error", "done"}
+    assert emitted == {"accepted", "rejected", "phase", "progress", "error", "done", "plan"}
     rows = _table_names(_section(DOC, 5))
     missing = sorted(emitted - rows)
     assert not missing, f"event types missing from section 5's tables: {missing}"

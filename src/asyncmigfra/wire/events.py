@@ -66,6 +66,12 @@ class Events:
         ev.update(fields)
         self.sink.emit(ev, qos=self.progress_qos)
 
+    def plan(self, task_id: str | None, fields: Mapping[str, object]) -> None:
+        """An evacuation's schedule (protocol §5.8): its waves, or why there are none."""
+        ev = self._base("plan", task_id, None)
+        ev.update(fields)
+        self.sink.emit(ev)
+
     def error(self, task_id: str | None, vm_name: str | None, *, code: str, details: str) -> None:
         ev = self._base("error", task_id, vm_name)
         ev["code"] = code
