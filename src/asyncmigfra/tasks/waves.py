@@ -48,7 +48,9 @@ evacuation runs such VMs last, each alone).
    slowing it: a hot guest that merely converges at its fair share sends far more (each
    pass resends more of what it dirtied) than with its whole stream. The variant that ends
    soonest counts.
-4. The waves are ordered by Smith's rule, duration per VM ascending (many quick VMs first):
+4. Then single VMs move to another wave, or to a wave of their own, while that shortens
+   the makespan (a few passes): the greedy order cannot foresee the VMs after each one.
+5. The waves are ordered by Smith's rule, duration per VM ascending (many quick VMs first):
    the order does not change the makespan but moves most VMs off the host soonest.
 
 A greedy rule does not guarantee the shortest makespan (the problem contains bin packing);
@@ -272,6 +274,7 @@ def plan_waves(
         else:
             groups[chosen].append(need)
             timings[chosen] = timing
+    _improve(groups, timings, links, max_parallel=max_parallel, max_incoming=max_incoming)
     order = sorted(range(len(groups)), key=lambda i: (timings[i].duration / len(groups[i]), i))
     waves: list[Wave] = []
     for number, i in enumerate(order, start=first_wave):
@@ -366,6 +369,59 @@ def _need(vm: WaveVm, links: _Links) -> _Need | Unschedulable:
     if verdict.mode == "post-copy":
         return _Need(vm=vm, alone=alone, needed=alone, mode="post-copy")
     return Unschedulable(name=vm.name, destination=vm.destination, reason=verdict.reason)
+
+
+def _improve(
+    groups: list[list[_Need]],
+    timings: list[_Timing],
+    links: _Links,
+    *,
+    max_parallel: int,
+    max_incoming: int | None,
+    rounds: int = 3,
+) -> None:
+    """Move single VMs to another wave (or a wave of their own) while that shortens the
+    makespan, at most ``rounds`` passes over the VMs (in place)."""
+    for _ in range(rounds):
+        moved = False
+        for need in [n for g in groups for n in g]:
+            src = next(i for i, g in enumerate(groups) if need in g)
+            rest = [n for n in groups[src] if n is not need]
+            without = _time_wave(rest, links) if rest else None
+            if rest and without is None:
+                continue
+            saved = timings[src].duration - (without.duration if without else 0.0)
+            best: tuple[float, int | None, _Timing | None] = (0.0, None, None)
+            alone = _time_wave([need], links)
+            assert alone is not None
+            if rest and alone.duration < saved * (1 - 1e-9):
+                best = (alone.duration - saved, None, alone)
+            for i, group in enumerate(groups):
+                if i == src or not _room(group, need, max_parallel, max_incoming):
+                    continue
+                timing = _time_wave([*group, need], links)
+                if timing is None:
+                    continue
+                gain = timing.duration - timings[i].duration - saved
+                if gain < best[0] - 1e-9 * max(1.0, saved):
+                    best = (gain, i, timing)
+            if best[2] is None:
+                continue
+            moved = True
+            groups[src] = rest
+            if without is not None:
+                timings[src] = without
+            if best[1] is None:
+                groups.append([need])
+                timings.append(best[2])
+            else:
+                groups[best[1]].append(need)
+                timings[best[1]] = best[2]
+        empty = [i for i, g in enumerate(groups) if not g]
+        for i in reversed(empty):
+            del groups[i], timings[i]
+        if not moved:
+            return
 
 
 def _room(group: list[_Need], need: _Need, max_parallel: int, max_incoming: int | None) -> bool:
