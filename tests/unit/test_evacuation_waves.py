@@ -326,3 +326,17 @@ async def test_caps_keep_the_idle_guests_from_slowing_down_a_hot_one() -> None:
     assert all(rate <= 150 * MIB for _, rate in rates)
     took = {e["vm-name"]: e["duration"] for e in rec.of("done")}
     assert took["db-1"] == pytest.approx(wave["predicted-duration"], rel=0.2)
+
+
+async def test_warm_migrations_are_planned_as_guests_that_dirty_nothing() -> None:
+    # warm (the default type) pauses the guest for the copy: its dirty rate does not matter,
+    # so the "hot" guests join the idle ones, all four in one wave.
+    shared: dict[str, object] = {}
+    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "warm", "  schedule: predicted\n")
+        result = await rec.result("warm")
+    assert {e.status for e in result.entries} == {"success"}
+    assert {e.extra["wave"] for e in result.entries} == {1}
+    (plan,) = rec.of("plan")
+    assert all(v["needs"] < 100 for w in plan["waves"] for v in w["vms"])

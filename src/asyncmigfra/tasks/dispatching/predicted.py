@@ -242,6 +242,8 @@ class _Predicted(_DispatcherBase):
             stream = min(link.single, link.outgoing, link.incoming)
             if not math.isfinite(stream):
                 return f"no link rate known toward {dest}"
+            if not stream > 0:
+                return f"the link toward {dest} moves nothing"
             try:
                 vms.append(
                     self._wave_vm(
