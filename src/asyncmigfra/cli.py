@@ -238,6 +238,7 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
             "migration-type": args.migration_type,
             "mode": args.mode,
             "max-parallel": args.max_parallel,
+            "schedule": args.schedule,
         }
         return lambda: c.evacuate(
             conn,

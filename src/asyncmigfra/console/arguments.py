@@ -484,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--mode", choices=["auto", "compact", "scatter"], help="placement mode")
     ev.add_argument("--max-parallel", type=_positive_int, metavar="N", help="at once")
+    ev.add_argument(
+        "--schedule",
+        choices=["placement", "predicted"],
+        help="predicted: in waves planned from each guest's dirty rate and the links",
+    )
     _migration_type(ev, offline=False)
     ev.add_argument(
         "--follow", action="store_true", help="one live bar per VM, Ctrl-C offers to cancel"
