@@ -260,6 +260,11 @@ def _plan_command(pl: argparse.ArgumentParser) -> None:
     )
     pl.add_argument("--mode", choices=["auto", "compact", "scatter"], help="evacuation placement")
     pl.add_argument("--max-parallel", type=_positive_int, metavar="N", help="evacuation: at once")
+    pl.add_argument(
+        "--schedule",
+        choices=["placement", "predicted"],
+        help="evacuation: predicted shows the waves it would run in",
+    )
     _addressed(pl, host=False)
 
 
