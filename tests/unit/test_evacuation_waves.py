@@ -85,12 +85,13 @@ def fake(
 
 @contextlib.asynccontextmanager
 async def dispatcher(
-    hv: FakeHypervisor, max_outgoing: int = 4
+    hv: FakeHypervisor, max_outgoing: int = 4, link_rate: float | None = None
 ) -> AsyncIterator[tuple[Dispatcher, Recorder]]:
     base = default_settings(hostname="a")
-    settings: Settings = replace(
-        base, migration=replace(base.migration, max_outgoing=max_outgoing, max_incoming=4)
-    )
+    migration = replace(base.migration, max_outgoing=max_outgoing, max_incoming=4)
+    if link_rate is not None:
+        migration = replace(migration, link_rate=link_rate)
+    settings: Settings = replace(base, migration=migration)
     rec = Recorder()
     d = Dispatcher(
         hypervisor=hv,
@@ -349,3 +350,74 @@ async def test_warm_migrations_are_planned_as_guests_that_dirty_nothing() -> Non
     assert {e.extra["wave"] for e in result.entries} == {1}
     (plan,) = rec.plans()
     assert all(v["needs"] < 100 for w in plan["waves"] for v in w["vms"])
+
+
+# ---- after the merge with single-migration predictions -----------------------------------
+
+
+class Unaware(FakeHypervisor):
+    """A fake that knows nothing of its links, as libvirt does not: the agent's Forecaster
+    gives the rate (learned, else ``migration.link-rate``) for one migration and both NICs."""
+
+    async def link_rate(self, destination: str) -> LinkRate | None:
+        return None
+
+
+async def test_without_link_rates_the_forecasters_rate_stands_for_the_nics() -> None:
+    # migration.link-rate 1000 MiB/s (what the NIC really carries) for one and for all: the
+    # hot guests (600 MiB/s) need the NIC alone, the idle ones go together, as with the NIC
+    # the fake tells.
+    shared: dict[str, object] = {}
+    base = fake(shared, MIXED, **{"nic-rate": 1000})
+    hv = Unaware(cluster=base.cluster, host=base.host)
+    async with dispatcher(hv, link_rate=1000.0) as (d, rec):
+        evacuate(d, "u", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("u")
+    got = entries(result)
+    assert {n: e["status"] for n, e in got.items()} == dict.fromkeys(got, "success")
+    (plan,) = rec.plans()
+    assert plan["link-rate"] == 1000.0
+    waves = {n: e["wave"] for n, e in got.items()}
+    assert waves["c1"] == waves["c2"] == 1
+    assert sorted([waves["h1"], waves["h2"]]) == [2, 3]
+    # Each migration may publish its own prediction too (its dirty rate is known by then):
+    # the same event kind, with vm-name.
+    assert all(e["vm-name"] in got for e in rec.of("plan") if "vm-name" in e)
+
+
+def plan_evacuation(d: Dispatcher, task_id: str, parameter: str) -> None:
+    text = f"id: {task_id}\ntask: plan evacuation\ndestinations: [b, c]\nparameter:\n{parameter}"
+    d.submit(parse_task(text.encode()), payload=text.encode(), reply=None)
+
+
+async def test_plan_evacuation_tells_the_waves_the_evacuation_runs() -> None:
+    shared: dict[str, object] = {}
+    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        plan_evacuation(d, "pw", "  schedule: predicted\n  migration-type: live\n")
+        planned = entries(await rec.result("pw"))
+        plan_evacuation(d, "pp", "  migration-type: live\n")
+        placement = entries(await rec.result("pp"))
+        evacuate(d, "ew", "  schedule: predicted\n  migration-type: live\n")
+        moved = entries(await rec.result("ew"))
+    assert {n: e["wave"] for n, e in planned.items()} == {n: e["wave"] for n, e in moved.items()}
+    assert planned["c1"]["wave"] == planned["c2"]["wave"] == 1
+    assert sorted([planned["h1"]["wave"], planned["h2"]["wave"]]) == [2, 3]
+    assert {e["wave"] for e in placement.values()} == {1}
+    assert all(h in ("b", "c") for h in (hv.cluster.locate(n)[0] for n in moved))
+    assert not [e for e in rec.events if e.get("id") in ("pw", "pp") and e["event"] == "plan"]
+
+
+async def test_plan_evacuation_says_why_it_has_no_waves() -> None:
+    shared: dict[str, object] = {}
+    base = fake(shared, [vm("c1", 100), vm("c2", 100)])
+    hv = Blind(cluster=base.cluster, host=base.host)
+    async with dispatcher(hv) as (d, rec):
+        plan_evacuation(d, "pb", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("pb")
+    assert {e.extra["wave"] for e in result.entries} == {1}
+    why = (
+        "no waves planned, placement order: no dirty rate known for c2 (the dirty rate could"
+        " not be measured: this host cannot measure dirty rates)"
+    )
+    assert all(why in (e.details or "") for e in result.entries)
