@@ -172,6 +172,12 @@ async def test_the_live_view_sums_a_plan_up_in_one_line() -> None:
     view = EvacuationView("a", ["b"], "e")
     view.feed(plan)
     assert view.notes == [plan_note(plan)]
+    # A migration's own prediction (the same event kind, with vm-name) is no evacuation plan.
+    own = {"event": "plan", "vm-name": "c1", "destination": "b", "mode": "live"}
+    view.feed(own)
+    assert view.notes == [plan_note(plan)]
+    assert "placement order" not in view.plain(own)
+    assert "destination" in view.plain(own)
 
 
 # ---- waves -------------------------------------------------------------------------------

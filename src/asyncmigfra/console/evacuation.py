@@ -90,7 +90,7 @@ class EvacuationView:
         elif kind in {"error", "rejected"}:
             who = "" if vm in _TASK_ITSELF else f"{vm}: "
             self.notes.append(f"{who}{kind}: {doc.get('code', '?')}: {doc.get('details', '')}")
-        elif kind == "plan":
+        elif kind == "plan" and vm in _TASK_ITSELF:  # (a migration's own: its lane shows it)
             self.notes.append(plan_note(doc))
 
     def header(self) -> str:
@@ -106,7 +106,7 @@ class EvacuationView:
             parts = progress_parts(doc, lane.percent, maximum=lane.max_downtime)
             parts = [p for p in parts if not p.startswith("target ")]  # (own line)
             return head + fit(parts, max(20, PLAIN_WIDTH - len(safe(head))))
-        if doc.get("event") == "plan":
+        if doc.get("event") == "plan" and vm in _TASK_ITSELF:
             return head + safe(plan_note(doc))
         return head + event_fields(doc)
 
