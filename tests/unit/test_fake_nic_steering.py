@@ -137,7 +137,7 @@ async def test_the_post_copy_bandwidth_is_what_a_post_copy_wants_of_the_nic(
     j2 = await begin(a, "v2")
     await j1.start_post_copy()
     t1, t2 = await elapsed(j1), await elapsed(j2)
-    assert t1 == pytest.approx(5.0, abs=0.03)  # post-copy started at once: no setup time
+    assert t1 == pytest.approx(5.0, abs=0.1)  # post-copy started at once: no setup time
     assert t2 == pytest.approx(0.3 + 3.75 + 0.01, abs=0.03)
     assert shared[SHARED_KEY].domain("b", "v1").name == "v1"  # type: ignore[attr-defined]
 
