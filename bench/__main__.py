@@ -19,6 +19,10 @@ direct ``migrateToURI3``, and how sparse a copied image stays), on the rig; see
 ``bench/storage.py``, which also runs on its own as ``python -m bench.storage [--quick]
 [--rounds N]``.
 
+``--evacuation`` adds evacuations scheduled by prediction against fixed policies on the
+``fake`` back-end with shared NICs; see ``bench/evacuation.py``, which also runs on its own
+as ``python -m bench.evacuation [--quick] [--sources N] [--seed S]``.
+
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
 Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
@@ -411,6 +415,19 @@ async def amain(args: argparse.Namespace) -> None:
             timeout=300.0,
         )
         show("fleet simulation (bench/fleet.py)", await run_fleet(fleet_args))
+    if args.evacuation:
+        # Its own broker, one evacuation per policy after another.
+        import argparse as _argparse  # noqa: PLC0415
+
+        from bench import evacuation  # noqa: PLC0415
+
+        plan = _argparse.Namespace(
+            seed=18, sources=1, vms=6 if args.quick else 12, destinations=4, timeout=900.0
+        )
+        outcomes = await evacuation.run(plan)
+        print("\n== evacuation schedules (bench/evacuation.py)")
+        for line in [*evacuation.table(outcomes), "", *evacuation.verdict(outcomes)]:
+            print(f"  {line}")
 
 
 def main() -> None:
@@ -450,6 +467,12 @@ def main() -> None:
         "--fleet",
         action="store_true",
         help="also run the 200-agent fleet simulation (bench/fleet.py)",
+    )
+    p.add_argument(
+        "--evacuation",
+        action="store_true",
+        help="also compare evacuations scheduled by prediction with fixed policies"
+        " (bench/evacuation.py)",
     )
     asyncio.run(amain(p.parse_args()))
 

@@ -238,6 +238,7 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
             "migration-type": args.migration_type,
             "mode": args.mode,
             "max-parallel": args.max_parallel,
+            "schedule": args.schedule,
         }
         return lambda: c.evacuate(
             conn,
@@ -307,7 +308,12 @@ def _plan_call(
     if len(target) == 2 and target[0] == "evacuate":
         if args.source is not None:
             raise CliError(USAGE, "plan evacuate: the host is HOST, not --from")
-        evac = {**params, "mode": args.mode, "max-parallel": args.max_parallel}
+        evac = {
+            **params,
+            "mode": args.mode,
+            "max-parallel": args.max_parallel,
+            "schedule": args.schedule,
+        }
         return lambda: planning.plan_evacuation(
             conn, out, host=target[1], destinations=args.destinations, params=evac, **common
         )
@@ -315,8 +321,11 @@ def _plan_call(
         raise CliError(USAGE, "plan: give one VM, or 'evacuate HOST'")
     if len(args.destinations) != 1:
         raise CliError(USAGE, "plan VM: give one --to")
-    if args.mode is not None or args.max_parallel is not None:
-        raise CliError(USAGE, "plan VM: --mode and --max-parallel are for 'plan evacuate HOST'")
+    if args.mode is not None or args.max_parallel is not None or args.schedule is not None:
+        raise CliError(
+            USAGE,
+            "plan VM: --mode, --max-parallel and --schedule are for 'plan evacuate HOST'",
+        )
     return lambda: planning.plan_migration(
         conn,
         out,

@@ -312,6 +312,9 @@ class MigrateSpec(Subtask):
 
 
 EvacuateMode = Literal["auto", "compact", "scatter"]
+#: ``placement``: in placement order, ``max-parallel`` at once; ``predicted``: in waves
+#: planned from predictions (protocol §3.7).
+EvacuationSchedule = Literal["placement", "predicted"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -322,6 +325,7 @@ class EvacuateSpec(Subtask):
     parameter: MigrationParams = field(default_factory=MigrationParams)
     #: Outgoing migrations at once; ``None``: config default.
     max_parallel: int | None = None
+    schedule: EvacuationSchedule = "placement"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,8 +10,12 @@ import pytest
 from console_support import Served, hostile, raw_controls
 
 from asyncmigfra import cli
+from asyncmigfra.console.arguments import build_parser
 from asyncmigfra.console.output import Out
 from asyncmigfra.console.planning import show_plan
+from asyncmigfra.console.tasks import evacuate_task
+from asyncmigfra.model import PlanEvacuationSpec
+from asyncmigfra.wire.parsing import parse_task
 
 
 def run(served: Served, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -47,9 +51,24 @@ def test_usage_errors_need_no_broker(capsys) -> None:
     assert cli.main(["plan", "a", "b", "--to", "x"]) == 2
     assert cli.main(["plan", "a", "--to", "x", "--to", "y"]) == 2
     assert cli.main(["plan", "a", "--to", "x", "--mode", "scatter"]) == 2
+    assert cli.main(["plan", "a", "--to", "x", "--schedule", "predicted"]) == 2
     err = capsys.readouterr().err
     assert "give one VM" in err
     assert "give one --to" in err
+    assert "--schedule are for 'plan evacuate HOST'" in err
+
+
+def test_plan_evacuate_asks_for_the_predicted_schedule() -> None:
+    args = build_parser().parse_args(
+        ["plan", "evacuate", "a", "--to", "b", "--schedule", "predicted"]
+    )
+    assert args.schedule == "predicted"
+    payload = evacuate_task("p", ["b"], {"schedule": args.schedule}).replace(
+        b"task: evacuate node", b"task: plan evacuation", 1
+    )
+    (sub,) = parse_task(payload).subtasks
+    assert isinstance(sub, PlanEvacuationSpec)
+    assert sub.evacuation.schedule == "predicted"
 
 
 def test_the_table_escapes_every_wire_string() -> None:

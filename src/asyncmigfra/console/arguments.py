@@ -260,6 +260,11 @@ def _plan_command(pl: argparse.ArgumentParser) -> None:
     )
     pl.add_argument("--mode", choices=["auto", "compact", "scatter"], help="evacuation placement")
     pl.add_argument("--max-parallel", type=_positive_int, metavar="N", help="evacuation: at once")
+    pl.add_argument(
+        "--schedule",
+        choices=["placement", "predicted"],
+        help="evacuation: predicted shows the waves it would run in",
+    )
     _addressed(pl, host=False)
 
 
@@ -484,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--mode", choices=["auto", "compact", "scatter"], help="placement mode")
     ev.add_argument("--max-parallel", type=_positive_int, metavar="N", help="at once")
+    ev.add_argument(
+        "--schedule",
+        choices=["placement", "predicted"],
+        help="predicted: in waves planned from each guest's dirty rate and the links",
+    )
     _migration_type(ev, offline=False)
     ev.add_argument(
         "--follow", action="store_true", help="one live bar per VM, Ctrl-C offers to cancel"

@@ -31,6 +31,21 @@ __all__ = ["EvacuationView"]
 _TASK_ITSELF = frozenset({"n/a", "None"})
 
 
+def plan_note(doc: Mapping[str, Any]) -> str:
+    """An evacuation's ``plan`` event in one line: its waves, or why there are none."""
+    if doc.get("schedule") != "predicted":
+        return f"plan: placement order ({doc.get('details', '?')})"
+    waves = doc.get("waves")
+    count = len(waves) if isinstance(waves, list) else 0
+    text = f"plan {doc.get('revision', '?')}: {count} wave{'' if count == 1 else 's'}"
+    text += f", {doc.get('makespan', '?')} s predicted"
+    unschedulable = doc.get("unschedulable")
+    if isinstance(unschedulable, list) and unschedulable:
+        names = ", ".join(str(u.get("vm-name")) for u in unschedulable if isinstance(u, Mapping))
+        text += f"; predicted not to converge: {names}"
+    return text
+
+
 @dataclass
 class EvacuationView:
     """Everything known about one evacuation of ``source``, fed with its events."""
@@ -75,6 +90,8 @@ class EvacuationView:
         elif kind in {"error", "rejected"}:
             who = "" if vm in _TASK_ITSELF else f"{vm}: "
             self.notes.append(f"{who}{kind}: {doc.get('code', '?')}: {doc.get('details', '')}")
+        elif kind == "plan" and vm in _TASK_ITSELF:  # (a migration's own: its lane shows it)
+            self.notes.append(plan_note(doc))
 
     def header(self) -> str:
         return f"Evacuating {self.source} to {', '.join(self.destinations)}  (id {self.task_id})"
@@ -89,6 +106,8 @@ class EvacuationView:
             parts = progress_parts(doc, lane.percent, maximum=lane.max_downtime)
             parts = [p for p in parts if not p.startswith("target ")]  # (own line)
             return head + fit(parts, max(20, PLAIN_WIDTH - len(safe(head))))
+        if doc.get("event") == "plan" and vm in _TASK_ITSELF:
+            return head + safe(plan_note(doc))
         return head + event_fields(doc)
 
     def plain_lines(self, doc: Mapping[str, Any]) -> list[str]:

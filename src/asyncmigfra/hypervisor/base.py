@@ -36,6 +36,8 @@ __all__ = [
     "Hypervisor",
     "HypervisorFactory",
     "JobStats",
+    "KnowsLinkRate",
+    "LinkRate",
     "MeasuresDirtyRate",
     "MigrationJob",
     "MigrationRequest",
@@ -297,16 +299,40 @@ class RecoversPostCopy(Protocol):
         ``None``."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkRate:
+    """Bytes/s a migration from this host to one destination can move (``inf``: no limit
+    known). An evacuation's migrations share ``outgoing`` (this host's NIC) and, those to
+    the same destination, its ``incoming``; each one alone gets at most ``single``."""
+
+    #: One migration alone (its stream; the smallest of the three when only it is known).
+    single: float
+    #: This host's NIC, for all its outgoing migrations together.
+    outgoing: float
+    #: The destination's NIC, for all migrations into it together.
+    incoming: float
+
+
 @runtime_checkable
 class MeasuresDirtyRate(Protocol):
     """A back-end that can tell how fast a running guest dirties its memory without
-    migrating it (libvirt: ``virDomainStartDirtyRateCalc`` in page-sampling mode), for the
-    migration prediction (``migration.forecast``)."""
+    migrating it (libvirt: ``virDomainStartDirtyRateCalc`` in page-sampling mode; fake: its
+    ``dirty-rate``), for the migration prediction (``migration.forecast``), which predicted
+    evacuation schedules (docs/protocol.md §3.7) use too."""
 
     async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
         """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
         (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
         running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
+
+
+@runtime_checkable
+class KnowsLinkRate(Protocol):
+    """A back-end that knows (configured, measured or learned) the rates of the links its
+    migrations take."""
+
+    async def link_rate(self, destination: str) -> LinkRate | None:
+        """The rates toward ``destination``; ``None`` when unknown."""
 
 
 @runtime_checkable

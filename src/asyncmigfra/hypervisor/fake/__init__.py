@@ -32,9 +32,17 @@ Options (``hypervisor:`` map, all optional):
     defined on this host if absent. ``disks`` are what a migration with ``copy-storage``
     copies, before memory; domains started by a task get the default.
 ``peers``
-    map host name -> ``{cpus, memory, domains}``: other hosts created if absent.
+    map host name -> ``{cpus, memory, domains, nic-rate}``: other hosts created if absent.
 ``bandwidth``
-    MiB/s of the simulated migration link (default 1000).
+    MiB/s of the simulated migration link (default 1000): what one migration this agent
+    starts moves at most (less with the request's ``bandwidth`` cap).
+``nic-rate``
+    MiB/s of this host's NIC (default: none, unlimited), full duplex: all migrations out of
+    the host share it, and so do all migrations into it. A migration then moves at the
+    smallest of its bandwidth and its max-min fair shares of its source's and its
+    destination's NIC, recomputed whenever a migration starts or stops moving data
+    (:mod:`.links`). Between two hosts without ``nic-rate`` nothing is shared: every
+    migration gets its bandwidth, as without this option.
 ``latency``
     s every operation waits first (default 0).
 ``start-delay`` / ``stop-delay``
@@ -57,7 +65,13 @@ Modules (a package only for size; import from here, as before):
 * :mod:`.cluster`: :class:`FakeDomain`, :class:`FakeHost`, :class:`FakeCluster`;
 * :mod:`.domainxml`: the domain XML reader (name, memory, vCPUs);
 * :mod:`.migration`: :class:`FakeMigrationJob` and its progress model;
+* :mod:`.sampling`: what a sample of a job shows (its ``JobStats``);
+* :mod:`.transfer`: the bytes a job's current phase moves, at a rate that may change;
+* :mod:`.postcopy`: a broken post-copy (``postcopy-break``) and its recovery;
+* :mod:`.links`: the hosts' NICs shared by the migrations using them;
 * :mod:`.backend`: :class:`FakeHypervisor`;
+* :mod:`.probes`: its guests' dirty rates and its links' rates, for predictions and
+  predicted evacuations;
 * :mod:`.options`: the ``hypervisor:`` options and :func:`create`.
 """
 

@@ -39,6 +39,7 @@ from asyncmigfra.hypervisor.fake.domainxml import _parse_domain_xml, _XmlDomain
 from asyncmigfra.hypervisor.fake.faults import FAULT_OPS, INJECTED
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
 from asyncmigfra.hypervisor.fake.postcopy import FakePostCopyRecovery, find_broken
+from asyncmigfra.hypervisor.fake.probes import _RateProbes
 from asyncmigfra.model import PciId, StartSpec, VcpuMap
 
 
@@ -50,8 +51,9 @@ def _not_found(name: str) -> VmNotFound:
     return VmNotFound(f"Domain not found: no domain with matching name '{name}'")
 
 
-class FakeHypervisor:
-    """This agent's view of the fake cluster: operations act on ``host``.
+class FakeHypervisor(_RateProbes):
+    """This agent's view of the fake cluster: operations act on ``host``. It also tells its
+    guests' dirty rates and its links' rates (:mod:`.probes`).
 
     Test hooks: ``cluster`` (the shared :class:`FakeCluster`), ``host`` (this agent's
     :class:`FakeHost`), :meth:`inject` (failure injection), and the timing attributes
@@ -446,15 +448,6 @@ class FakeHypervisor:
                 f"not enough free memory on {dest.name}: {dom.memory} KiB needed, {free} KiB free"
             )
         return _copies(dom.name, dom.disks_to_copy(request))
-
-    async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
-        """The domain's simulated dirty rate (bytes/s; option ``dirty-rate``), at once: the
-        fake does not sample (``MeasuresDirtyRate``)."""
-        await self._enter("dirty-rate")
-        dom = self._domain(vm_name)
-        if dom.state is not DomainState.RUNNING:
-            raise _wrong_state(dom.state)
-        return float(dom.dirty_rate)
 
     async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
         """The fake has no storage pools: an evacuation places its VMs on CPU and memory."""

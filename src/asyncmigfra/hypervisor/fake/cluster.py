@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from asyncmigfra.errors import ConfigError, HypervisorError
 from asyncmigfra.hypervisor.base import DomainInfo, DomainState, HostInfo, MigrationRequest
+from asyncmigfra.hypervisor.fake.links import FakeLinks
 from asyncmigfra.model import PciAddress, PciId, VcpuMap
 
 if TYPE_CHECKING:
@@ -190,12 +191,20 @@ class FakeHost:
     """One simulated hypervisor host: capacity and the domains defined on it."""
 
     def __init__(
-        self, name: str, *, cpus: int = _DEFAULT_CPUS, memory: int = _DEFAULT_HOST_MEMORY
+        self,
+        name: str,
+        *,
+        cpus: int = _DEFAULT_CPUS,
+        memory: int = _DEFAULT_HOST_MEMORY,
+        nic_rate: float | None = None,
     ) -> None:
         self.name = name
         self.cpus = cpus
         #: KiB
         self.memory = memory
+        #: Bytes/s its NIC sends, and receives, shared by the migrations using it
+        #: (:mod:`.links`); ``None``: unlimited (each migration gets its bandwidth).
+        self.nic_rate = nic_rate
         self.domains: dict[str, FakeDomain] = {}
         #: vm name -> KiB reserved by a migration coming in (as the destination QEMU would).
         self.incoming: dict[str, int] = {}
@@ -233,6 +242,8 @@ class FakeCluster:
     def __init__(self) -> None:
         self.hosts: dict[str, FakeHost] = {}
         self.jobs: set[FakeMigrationJob] = set()
+        #: How the jobs share the hosts' NICs.
+        self.links = FakeLinks()
 
     def __repr__(self) -> str:
         return f"FakeCluster(hosts={sorted(self.hosts)}, jobs={len(self.jobs)})"
@@ -248,12 +259,17 @@ class FakeCluster:
         return cluster
 
     def add_host(
-        self, name: str, *, cpus: int = _DEFAULT_CPUS, memory: int = _DEFAULT_HOST_MEMORY
+        self,
+        name: str,
+        *,
+        cpus: int = _DEFAULT_CPUS,
+        memory: int = _DEFAULT_HOST_MEMORY,
+        nic_rate: float | None = None,
     ) -> FakeHost:
         """Create host ``name`` unless it exists; return it either way."""
         host = self.hosts.get(name)
         if host is None:
-            host = self.hosts[name] = FakeHost(name, cpus=cpus, memory=memory)
+            host = self.hosts[name] = FakeHost(name, cpus=cpus, memory=memory, nic_rate=nic_rate)
         return host
 
     def domain(self, host: str, vm: str) -> FakeDomain:

@@ -45,18 +45,23 @@ class FakeMigrationJob(_JobSampling):
     * pass 1 copies all guest memory at ``min(request.bandwidth, link bandwidth)``; each later
       pass copies what the guest dirtied during the previous one (``dirty_rate x duration``,
       at most all memory). ``auto_converge`` throttles the dirty rate from pass 3 on;
-    * at the end of each pass the expected downtime (remaining / bandwidth) is compared with
-      the max downtime; when it fits, the guest pauses and the rest is copied at the full link
-      speed (switchover; QEMU ignores the bandwidth cap there), then the domain moves;
+    * at the end of each pass the expected downtime (remaining / current rate) is compared
+      with the max downtime; when it fits, the guest pauses and the rest is copied at the full
+      link speed (switchover; QEMU ignores the bandwidth cap there), then the domain moves;
+    * when its source or destination has a NIC limit (``nic-rate``), the job shares the NICs
+      with the other migrations using them (:mod:`.links`): each rate here is then at most
+      the job's max-min fair share, which changes as other migrations start and end
+      (:mod:`.transfer` keeps what a phase had moved across such a change);
     * ``start_post_copy`` moves the guest at once and pulls what remains at the post-copy
       bandwidth (``postcopy_bandwidth``, else the pre-copy bandwidth);
-    * ``set_bandwidth`` changes the rate from that moment on (what was sent so far stays);
-      0 is the link's speed;
+    * ``set_bandwidth`` changes the rate the job wants from that moment on (what was sent so
+      far stays; with a NIC limit it gets at most its share); 0 is the link's speed;
     * ``warm`` pauses the guest when memory starts to move (after setup and the disks), so a
       single pass suffices and the downtime is the whole memory copy;
     * ``stall_midway`` (the ``migrate-stall`` fault) stops the stream half-way through the
       first pass, as a cut network does: the samples go on, with the bytes processed frozen
-      and no transfer rate, until the job is aborted (a switch to post-copy is refused then).
+      and no transfer rate, until the job is aborted (a switch to post-copy is refused then);
+      a stalled job takes no share of a NIC.
 
     ``compressed``, ``compression`` (and its level and xbzrle cache), ``zerocopy``,
     ``parallel_connections``, ``rdma``, ``tls``, ``tls_destination``, ``p2p``, ``driver``,
@@ -93,11 +98,18 @@ class FakeMigrationJob(_JobSampling):
         link = owner.bandwidth * _MIB
         self._link_bw = link
         requested = request.bandwidth
+        #: What the job wants while it copies disks or memory (the switchover: ``_link_bw``).
         self._bw = min(link, requested * _MIB) if requested else link
         #: The post-copy rate; ``None``: the pre-copy one.
         self._post_bw: float | None = (
             min(link, request.postcopy_bandwidth * _MIB) if request.postcopy_bandwidth else None
         )
+        #: Bytes/s the current phase moves at now (what it wants, or its NIC share).
+        self._rate = self._bw
+        self._seg_at = 0.0
+        self._seg_moved = 0.0
+        links = owner.cluster.links
+        self._links = links if links.limited(source, destination) else None
         # Pages the balloon took from the guest are not sent (QEMU skips them).
         self._mem = (domain.memory if domain.balloon is None else domain.balloon) * _KIB
         self._max_downtime = (
@@ -114,8 +126,6 @@ class FakeMigrationJob(_JobSampling):
         #: Bytes of disk the storage copy moves before memory (0: no storage copy).
         self._disk = max(0, disk_bytes)
         self._disk_start = 0.0
-        #: Disk bytes copied before ``_disk_start`` (a bandwidth change rebases the copy).
-        self._disk_base = 0.0
 
         self._phase = _Phase.SETUP
         #: Number of the pass in progress (0 during setup).
@@ -156,16 +166,23 @@ class FakeMigrationJob(_JobSampling):
         self.domain.job = self
         self.destination.incoming[self.domain.name] = self.domain.memory
         self._cluster.jobs.add(self)
+        if self._links is not None:
+            self._links.join(self)
         self._reschedule()
 
     def _begin_resumed(self, remaining: float) -> None:
         """Start as the resumed post-copy of a broken one: ``remaining`` bytes still to pull,
         the guest (paused by the break) to run on the destination."""
+        if self._links is not None:  # the others up to now, before the NICs' shares change
+            self._links.advance(self._loop.time())
+        now = self._now()
         self._phase = _Phase.POSTCOPY
-        self._post_start = self._now()
+        self._post_start = now
         self._post_amount = remaining
         self._paused_by_job = True
         self._begin()
+        self._moving(now, self._post_rate())
+        self._reschedule()
 
     def _finish_now(self, outcome: MigrationResult) -> None:
         """End a job that moved no memory (offline)."""
@@ -184,12 +201,13 @@ class FakeMigrationJob(_JobSampling):
 
     @property
     def bandwidth(self) -> float:
-        """The pre-copy transfer rate now (bytes/s)."""
+        """The pre-copy transfer rate the job wants now (bytes/s; with a NIC limit it may get
+        less: ``_rate``)."""
         return self._bw
 
     @property
     def post_copy_bandwidth(self) -> float:
-        """The post-copy transfer rate (bytes/s)."""
+        """The post-copy transfer rate the job wants (bytes/s)."""
         return self._post_rate()
 
     @property
@@ -205,18 +223,31 @@ class FakeMigrationJob(_JobSampling):
     def _now(self) -> float:
         return (self._loop.time() - self._t0) * self._scale
 
+    def _rerated(self) -> None:
+        if self._phase is _Phase.SWITCHOVER:
+            bytes_done = self._moved_by(self._switch_amount)
+            self._switch_duration = bytes_done - self._switch_start + _SWITCHOVER_OVERHEAD_MS / 1000
+
+    def _wanted(self) -> float | None:
+        """What the current phase wants to move at, when a bandwidth setting governs it."""
+        if self._phase in (_Phase.DISKS, _Phase.PRECOPY):
+            return self._bw
+        if self._phase is _Phase.POSTCOPY:
+            return self._post_rate()
+        return None  # nothing moves, or the switchover (QEMU lifts the cap there)
+
     def _pass_end(self) -> float:
-        return self._iter_start + max(_MIN_PASS, self._iter_amount / self._bw)
+        return max(self._iter_start + _MIN_PASS, self._moved_by(self._iter_amount))
 
     def _midway_at(self) -> float:
-        return self._iter_start + self._iter_amount / self._bw / 2
+        return self._moved_by(self._iter_amount / 2)
 
     def _next_event(self) -> float | None:
         phase = self._phase
         if phase is _Phase.SETUP:
             return _SETUP_TIME
         if phase is _Phase.DISKS:
-            return self._disk_start + (self._disk - self._disk_base) / self._bw
+            return self._moved_by(self._disk)
         if phase is _Phase.PRECOPY:
             if (self._fail_midway or self._stall_midway) and self.iteration == 1:
                 return self._midway_at()
@@ -225,8 +256,8 @@ class FakeMigrationJob(_JobSampling):
             return self._switch_start + self._switch_duration
         if phase is _Phase.POSTCOPY:
             if self._break_post_copy:
-                return self._post_start + self._post_amount / self._post_rate() / 2
-            return self._post_start + self._post_amount / self._post_rate()
+                return self._moved_by(self._post_amount / 2)
+            return self._moved_by(self._post_amount)
         return None
 
     def _advance(self, now: float) -> None:
@@ -242,6 +273,7 @@ class FakeMigrationJob(_JobSampling):
         if phase is _Phase.SETUP and self._disk > 0:
             self._phase = _Phase.DISKS
             self._disk_start = at
+            self._moving(at, self._bw)
         elif phase in (_Phase.SETUP, _Phase.DISKS):
             if self.request.mode == "warm":
                 self._pause_guest(at)
@@ -262,6 +294,10 @@ class FakeMigrationJob(_JobSampling):
             self._complete(at, post_copy=True)
 
     def _start_pass(self, at: float, amount: float) -> None:
+        if self._phase is _Phase.PRECOPY:
+            self._next_segment(at)
+        else:
+            self._moving(at, self._bw)
         self._phase = _Phase.PRECOPY
         self.iteration += 1
         self._iter_start = at
@@ -276,7 +312,7 @@ class FakeMigrationJob(_JobSampling):
         """Account the memory dirtied since the last mark at the current rate."""
         if self._phase is _Phase.PRECOPY and now > self._dirty_mark:
             self._dirty_acc = min(
-                float(self._mem), self._dirty_acc + self._rate() * (now - self._dirty_mark)
+                float(self._mem), self._dirty_acc + self._dirty_rate() * (now - self._dirty_mark)
             )
             self._dirty_mark = now
 
@@ -285,7 +321,7 @@ class FakeMigrationJob(_JobSampling):
         remaining = self._dirty_acc
         self._processed_base += self._iter_amount
         self._completed = self.iteration
-        self._expected = remaining / self._bw * 1000.0
+        self._expected = remaining / self._rate * 1000.0
         if self._expected <= self._max_downtime:
             self._start_switchover(at, remaining)
         else:
@@ -298,32 +334,15 @@ class FakeMigrationJob(_JobSampling):
         self._processed_base += sent
         self._stalled_remaining = remaining
         self._phase = _Phase.STALLED
-
-    def _rebase(self, now: float) -> None:
-        """Book what the current phase sent until ``now`` at the old rate, so that a new rate
-        applies from ``now`` on."""
-        phase = self._phase
-        if phase is _Phase.DISKS:
-            copied = self._disk_base + self._bw * (now - self._disk_start)
-            self._disk_base = min(float(self._disk), copied)
-            self._disk_start = now
-        elif phase is _Phase.PRECOPY:
-            self._accumulate(now)
-            sent = min(self._iter_amount, self._bw * (now - self._iter_start))
-            self._processed_base += sent
-            self._iter_amount -= sent
-            self._iter_start = now
-        elif phase is _Phase.POSTCOPY:
-            sent = min(self._post_amount, self._post_rate() * (now - self._post_start))
-            self._processed_base += sent
-            self._post_amount -= sent
-            self._post_start = now
+        self._moving(at, None)  # its NIC shares go to the others
 
     def _start_switchover(self, at: float, amount: float) -> None:
         self._phase = _Phase.SWITCHOVER
         self._switch_start = at
         self._switch_amount = amount
-        self._switch_duration = amount / self._link_bw + _SWITCHOVER_OVERHEAD_MS / 1000.0
+        # With nothing left to send the NICs are free for the others.
+        self._moving(at, self._link_bw if amount > 0 or self._links is None else None)
+        self._switch_duration = amount / self._rate + _SWITCHOVER_OVERHEAD_MS / 1000.0
         self._pause_guest(at)
         if self._pause_time is None:  # the user had paused it: downtime is the switchover
             self._pause_time = at
@@ -389,6 +408,9 @@ class FakeMigrationJob(_JobSampling):
             self.domain.job = None
         self.destination.incoming.pop(self.domain.name, None)
         self._cluster.jobs.discard(self)
+        if self._links is not None:
+            # (A post-copy finished by _shutdown ends in the future: the NICs free up now.)
+            self._links.leave(self, min(self._loop_time(at), self._loop.time()))
         self._finished.set()
         self._wake_iteration_waiters()
 
@@ -413,11 +435,17 @@ class FakeMigrationJob(_JobSampling):
         if self._phase is _Phase.DONE:
             return
         # The loop may run a timer a hair early; the event it was set for is due regardless.
+        if self._links is not None:
+            self._links.advance(max(self._loop.time(), self._loop_time(self._handle_at)))
+            return
         self._advance(max(self._now(), self._handle_at))
         self._reschedule()
 
     def _sync(self) -> None:
         if self._phase is _Phase.DONE:
+            return
+        if self._links is not None:
+            self._links.advance(self._loop.time())
             return
         self._advance(self._now())
         self._reschedule()
@@ -427,7 +455,10 @@ class FakeMigrationJob(_JobSampling):
         if self._phase is _Phase.DONE:
             return
         now = self._now()
-        self._advance(now)
+        if self._links is not None:
+            self._links.advance(self._loop.time())
+        else:
+            self._advance(now)
         self._accumulate(now)
         self._reschedule()
 
@@ -436,8 +467,7 @@ class FakeMigrationJob(_JobSampling):
         destination), abort anything else (the guest stays on the source)."""
         self._sync()
         if self._phase is _Phase.POSTCOPY:
-            end = self._post_start + self._post_amount / self._post_rate()
-            self._complete(end, post_copy=True)
+            self._complete(self._moved_by(self._post_amount), post_copy=True)
         elif self._phase is not _Phase.DONE:
             self._fail(self._now(), TaskCancelled("migration job aborted: hypervisor closed"))
 
@@ -483,11 +513,13 @@ class FakeMigrationJob(_JobSampling):
         if self._phase is _Phase.DONE:
             return
         rate = self._link_bw if mibs == 0 else min(self._link_bw, mibs * _MIB)
-        self._rebase(self._now())
         if post_copy:
             self._post_bw = rate
         else:
             self._bw = rate
+        wanted = self._wanted()
+        if wanted is not None:  # what the phase moved so far stays, at the old rate
+            self._retarget(self._now(), wanted)
         self._reschedule()
 
     async def start_post_copy(self) -> None:
@@ -515,6 +547,7 @@ class FakeMigrationJob(_JobSampling):
             self._processed_base += sent
         else:
             remaining = float(self._mem)
+        self._moving(now, self._post_rate())
         self._phase = _Phase.POSTCOPY
         self._post_start = now
         self._post_amount = remaining

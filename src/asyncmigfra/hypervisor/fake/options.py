@@ -36,6 +36,7 @@ _ALLOWED = frozenset(
         "domains",
         "peers",
         "bandwidth",
+        "nic-rate",
         "latency",
         "start-delay",
         "stop-delay",
@@ -50,7 +51,7 @@ _IGNORED = frozenset({"driver", "transport", "nodes"})
 _DOMAIN_KEYS = frozenset(
     {"name", "vcpus", "memory", "state", "persistent", "dirty-rate", "stop-delay", "disks"}
 )
-_PEER_KEYS = frozenset({"cpus", "memory", "domains"})
+_PEER_KEYS = frozenset({"cpus", "memory", "domains", "nic-rate"})
 _CONFIG_STATES = {
     "running": DomainState.RUNNING,
     "paused": DomainState.PAUSED,
@@ -64,6 +65,8 @@ class _HostConfig:
     cpus: int | None
     memory: int | None
     domains: tuple[FakeDomain, ...]
+    #: Bytes/s (``nic-rate`` is given in MiB/s); ``None``: not given.
+    nic_rate: float | None = None
 
 
 def _parse_domains(value: object, path: str, host_memory: int | None) -> tuple[FakeDomain, ...]:
@@ -147,7 +150,10 @@ def _parse_host(name: str, options: Mapping[str, object], path: str) -> _HostCon
         domains = _parse_domains(
             options["domains"], f"{path}.domains", memory or _DEFAULT_HOST_MEMORY
         )
-    return _HostConfig(name=name, cpus=cpus, memory=memory, domains=domains)
+    nic_rate = None
+    if "nic-rate" in options:
+        nic_rate = opt_float(options["nic-rate"], f"{path}.nic-rate", exclusive=True) * _MIB
+    return _HostConfig(name=name, cpus=cpus, memory=memory, domains=domains, nic_rate=nic_rate)
 
 
 def _parse_faults(value: object) -> dict[str, int | None]:
@@ -209,6 +215,8 @@ def create(
         host.cpus = own.cpus
     if own.memory is not None:
         host.memory = own.memory
+    if own.nic_rate is not None:
+        host.nic_rate = own.nic_rate
     for dom in own.domains:
         host.domains.setdefault(dom.name, dom)
     for peer_config in peers:
@@ -217,6 +225,7 @@ def create(
                 peer_config.name,
                 cpus=peer_config.cpus or _DEFAULT_CPUS,
                 memory=peer_config.memory or _DEFAULT_HOST_MEMORY,
+                nic_rate=peer_config.nic_rate,
             )
             for dom in peer_config.domains:
                 peer_host.domains[dom.name] = dom

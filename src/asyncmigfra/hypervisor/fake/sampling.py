@@ -1,6 +1,7 @@
 """What a simulated migration shows at one moment: its :class:`JobStats` (the samples a
 libvirt job's ``jobStats()`` would give), computed from the job's state. The state and how it
-changes are :class:`~asyncmigfra.hypervisor.fake.migration.FakeMigrationJob`'s."""
+changes are :class:`~asyncmigfra.hypervisor.fake.migration.FakeMigrationJob`'s; what a phase
+has moved so far is :mod:`.transfer`'s."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import enum
 from typing import TYPE_CHECKING
 
 from asyncmigfra.hypervisor.base import DomainState, JobStats
+from asyncmigfra.hypervisor.fake.transfer import _Transfer
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.fake.cluster import FakeDomain
@@ -27,7 +29,7 @@ class _Phase(enum.Enum):
     DONE = "done"
 
 
-class _JobSampling:
+class _JobSampling(_Transfer):
     """The sampling half of a fake migration job: the state it reads (set by the job)."""
 
     domain: FakeDomain
@@ -35,26 +37,20 @@ class _JobSampling:
     _phase: _Phase
     _mem: int
     _disk: int
-    _disk_start: float
-    _disk_base: float
     _bw: float
-    _link_bw: float
     _post_bw: float | None
     _throttle: float
-    _iter_start: float
     _iter_amount: float
     _dirty_acc: float
     _dirty_mark: float
     _processed_base: float
     _expected: float | None
-    _switch_start: float
     _switch_amount: float
     _switch_duration: float
-    _post_start: float
     _post_amount: float
     _stalled_remaining: float
 
-    def _rate(self) -> float:
+    def _dirty_rate(self) -> float:
         """Effective dirty rate (bytes/s) right now."""
         if self._phase is not _Phase.PRECOPY or self.domain.state is not DomainState.RUNNING:
             return 0.0
@@ -65,15 +61,14 @@ class _JobSampling:
 
     def _remaining_at(self, now: float) -> tuple[float, float]:
         """(bytes sent in the current pass, bytes remaining) during pre-copy."""
-        sent = min(self._iter_amount, self._bw * (now - self._iter_start))
-        dirtied = self._dirty_acc + self._rate() * max(0.0, now - self._dirty_mark)
+        sent = min(self._iter_amount, self._moved(now))
+        dirtied = self._dirty_acc + self._dirty_rate() * max(0.0, now - self._dirty_mark)
         return sent, min(float(self._mem), self._iter_amount - sent + dirtied)
 
     def _snapshot(self, now: float) -> JobStats | None:
         phase = self._phase
         if phase is _Phase.DISKS:
-            copied = self._disk_base + self._bw * (now - self._disk_start)
-            return self._disk_stats(now, min(float(self._disk), copied))
+            return self._disk_stats(now, min(float(self._disk), self._moved(now)))
         if phase is _Phase.PRECOPY:
             sent, remaining = self._remaining_at(now)
             return self._stats(
@@ -81,29 +76,28 @@ class _JobSampling:
                 now,
                 processed=self._processed_base + sent,
                 remaining=remaining,
-                dirty_rate=self._rate(),
-                transfer_rate=self._bw,
+                dirty_rate=self._dirty_rate(),
+                transfer_rate=self._rate,
             )
         if phase is _Phase.SWITCHOVER:
-            sent = min(self._switch_amount, self._link_bw * (now - self._switch_start))
+            sent = min(self._switch_amount, self._moved(now))
             return self._stats(
                 "switchover",
                 now,
                 processed=self._processed_base + sent,
                 remaining=self._switch_amount - sent,
                 dirty_rate=0.0,
-                transfer_rate=self._link_bw,
+                transfer_rate=self._rate,
             )
         if phase is _Phase.POSTCOPY:
-            rate = self._post_rate()
-            sent = min(self._post_amount, rate * (now - self._post_start))
+            sent = min(self._post_amount, self._moved(now))
             return self._stats(
                 "post-copy",
                 now,
                 processed=self._processed_base + sent,
                 remaining=self._post_amount - sent,
                 dirty_rate=0.0,
-                transfer_rate=rate,
+                transfer_rate=self._rate,
             )
         if phase is _Phase.STALLED:
             running = self.domain.state is DomainState.RUNNING

@@ -29,8 +29,9 @@ owned by the job, which is owned by the dispatcher's TaskGroup. The rules:
 Modules: :mod:`.lanes` (per-VM FIFO lanes), :mod:`.jobs` (``Reply``, jobs and runs, the audit
 line), :mod:`.base` (the dispatcher's state and shared steps), :mod:`.remembered` (duplicates
 and remembered results, bounded in bytes), :mod:`.expansion` (stop-by-regex, evacuate),
-:mod:`.answers` (status, cancel, quit), :mod:`.tuning` (tune migration), :mod:`.dispatcher`
-(:class:`Dispatcher`: lifecycle, intake, running).
+:mod:`.predicted` (an evacuation in waves planned from predictions), :mod:`.answers` (status,
+cancel, quit), :mod:`.tuning` (tune migration), :mod:`.dispatcher` (:class:`Dispatcher`:
+lifecycle, intake, running).
 """
 
 from asyncmigfra.tasks.dispatching.dispatcher import Dispatcher

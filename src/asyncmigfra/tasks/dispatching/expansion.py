@@ -1,9 +1,11 @@
 """Subtasks that expand into one move per VM: stop-by-regex (protocol §3.3) and evacuate
-(protocol §3.7, with the destinations' capacities and this agent's moves on their way)."""
+(protocol §3.7, with the destinations' capacities and this agent's moves on their way;
+``schedule: predicted`` runs it in waves, :mod:`.predicted`)."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import PurePosixPath
 
 import structlog
@@ -20,8 +22,8 @@ from asyncmigfra.model import (
     ResultEntry,
     StopSpec,
 )
-from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job, _Run
+from asyncmigfra.tasks.dispatching.predicted import _Predicted
 from asyncmigfra.tasks.outcomes import absorb_cancel, entry_for
 from asyncmigfra.tasks.placement import Capacity, VmSize, place
 from asyncmigfra.tasks.running import SubtaskContext
@@ -31,7 +33,7 @@ from asyncmigfra.wire.patterns import MAX_PATTERN, matching_names
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
 
 
-class _Expansion(_DispatcherBase):
+class _Expansion(_Predicted):
     """Stop-by-regex and evacuate: one lane-ordered move per matching VM."""
 
     async def _stop_regex(self, job: _Job, run: _Run, spec: StopSpec) -> list[ResultEntry]:
@@ -58,9 +60,10 @@ class _Expansion(_DispatcherBase):
     async def _evacuate(self, job: _Job, run: _Run, spec: EvacuateSpec) -> list[ResultEntry]:
         """Move every active domain away (protocol §3.7, see ``placement``): measure the
         destinations, place the VMs, then migrate them, at most ``max-parallel`` at once and
-        each destination within its incoming limit (waiting, never failing, for a slot).
-        A cancel stops what has not started and aborts what runs; finished moves keep their
-        results."""
+        each destination within its incoming limit (waiting, never failing, for a slot), or
+        in waves (``schedule: predicted``). Every placed VM's lane and room on its
+        destination are reserved at once. A cancel stops what has not started and aborts
+        what runs; finished moves keep their results."""
         timer = TimeMeasurement(enabled=spec.time_measurement)
         timer.tick("overall")
         try:
@@ -90,17 +93,28 @@ class _Expansion(_DispatcherBase):
         )
         limit = asyncio.Semaphore(spec.max_parallel or self._settings.migration.max_outgoing)
         sizes = {d.name: d for d in domains}
+        waves = None
+        if spec.schedule == "predicted" and plan.assignments:
+            with timer.measure("planning"):
+                waves = await self._schedule_evacuation(job, spec, plan.assignments, sizes, disks)
+        tickets = {}
+        for name in waves.order if waves is not None else plan.assignments:
+            self._reserve(plan.assignments[name], sizes[name], +1)
+            tickets[name] = self._lanes.reserve(name)
 
-        async def move(name: str, dest: str) -> ResultEntry:
+        async def move(name: str, bandwidth: int | None = None) -> ResultEntry:
+            dest = plan.assignments[name]
+            parameter = spec.parameter
+            if bandwidth is not None:
+                parameter = replace(parameter, bandwidth=bandwidth)
             mspec = MigrateSpec(
                 vm_name=name,
                 destination=dest,
-                parameter=spec.parameter,
+                parameter=parameter,
                 time_measurement=spec.time_measurement,
                 driver=spec.driver,
             )
-            self._reserve(dest, sizes[name], +1)
-            ticket = self._lanes.reserve(name)
+            ticket = tickets.pop(name)
             try:
                 await ticket.acquire()
                 async with limit:
@@ -116,19 +130,36 @@ class _Expansion(_DispatcherBase):
 
         tasks: dict[str, asyncio.Task[ResultEntry]] = {}
         try:
-            async with asyncio.TaskGroup() as tg:
-                for name, dest in plan.assignments.items():
-                    tasks[name] = tg.create_task(
-                        move(name, dest), name=f"asyncmigfra.evacuate[{name}->{dest}]"
-                    )
+            if waves is not None:
+                await self._run_waves(job, waves, move, tasks)
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for name, dest in plan.assignments.items():
+                        tasks[name] = tg.create_task(
+                            move(name), name=f"asyncmigfra.evacuate[{name}->{dest}]"
+                        )
         except asyncio.CancelledError as exc:
             absorb_cancel(exc, run.cancel_reason)
+        finally:
+            for name, ticket in tickets.items():  # never started: lane and room given back
+                ticket.release()
+                self._reserve(plan.assignments[name], sizes[name], -1)
+            tickets.clear()
         entries: dict[str, ResultEntry] = {}
-        for name, t in tasks.items():
-            if t.done() and not t.cancelled():
+        for name in plan.assignments:
+            t = tasks.get(name)
+            if t is None:  # a later wave's: never started
+                entries[name] = self._failed(
+                    job, name, TaskCancelled(run.cancel_reason or "cancelled")
+                )
+            elif t.done() and not t.cancelled():
                 entries[name] = t.result()
             else:
                 entries[name] = entry_for(name, TaskCancelled(run.cancel_reason or "cancelled"))
+            entries[name].extra.setdefault("destination", plan.assignments[name])
+            if waves is not None:  # the wave plan's prediction, not the lone migration's
+                entries[name].extra.pop("predicted-duration", None)
+                entries[name].extra.update(waves.keys(name))
         for name in plan.unplaced:
             err = NoDestination(
                 "No destination host left to evacuate to."

@@ -14,7 +14,9 @@ events, cancel, duplicates), with two differences, both because it changes nothi
 
 ``plan evacuation`` places the VMs exactly as ``evacuate node`` would
 (``tasks.placement.place`` on the destinations' loads, ``_Expansion``) and predicts each
-VM's migration to its destination.
+VM's migration to its destination; with ``schedule: predicted`` it also plans the waves that
+evacuation would run (``_Predicted``, ``tasks.waves.plan_waves``) and gives each entry its
+``wave``.
 """
 
 from __future__ import annotations
@@ -138,15 +140,25 @@ class _Planning(_Expansion):
                 *(predict(name, placement.assignments[name]) for name in names)
             )
         by_name = dict(zip(names, forecasts, strict=True))
-        # WAVES: the one call site of the wave scheduler (tasks/waves.py, ``plan_waves``),
-        # which will order the moves by their predictions; until it exists every VM runs
-        # in wave 1.
+        # The waves: those the evacuation would run (``tasks.waves.plan_waves``, through
+        # ``_Predicted``, with the dirty rates the predictions just measured); every VM in
+        # wave 1 in placement order, or when the waves' inputs cannot be had.
         waves = dict.fromkeys(names, 1)
+        note = ""
+        if evacuation.schedule == "predicted" and names:
+            with timer.measure("planning"):
+                planned = await self._wave_numbers(
+                    evacuation, placement.assignments, {d.name: d for d in domains}, disks
+                )
+            if isinstance(planned, str):
+                note = f"no waves planned, placement order: {planned}"
+            else:
+                waves = planned
         entries: list[ResultEntry] = []
         for dom in domains:
             forecast = by_name.get(dom.name)
             if forecast is not None:
-                entry = plan_entry(forecast, wave=waves[dom.name])
+                entry = plan_entry(forecast, wave=waves[dom.name], note=note)
                 self._report(job, entry, 0.0)
             elif dom.name in placement.unplaced:
                 err = NoDestination(

@@ -14,6 +14,7 @@ from asyncmigfra.model import (
     CopyStorage,
     EvacuateMode,
     EvacuateSpec,
+    EvacuationSchedule,
     MigrateSpec,
     MigrationParams,
     MigrationType,
@@ -49,6 +50,7 @@ from asyncmigfra.wire.parsing.nodes import _Node, _Scalar, _Seq
 _MIGRATION_TYPES: Final = ("live", "warm", "offline", "post-copy", "auto")
 _TIMEOUT_ACTIONS: Final = ("abort", "post-copy", "suspend")
 _EVACUATE_MODES: Final = ("auto", "compact", "scatter")
+_EVACUATION_SCHEDULES: Final = ("placement", "predicted")
 _COPY_STORAGE: Final = ("none", "all", "inc")
 _ONLY_WITH_COPY: Final = "expected only with copy-storage all or inc (copy-storage is none)"
 _TUNE_KEYS: Final = ("bandwidth", "max-downtime", "post-copy", "force-complete")
@@ -202,16 +204,19 @@ def _evacuate(f: _Fields) -> EvacuateSpec:
     mode: str | None = None
     overbooking = True
     max_parallel: int | None = None
+    schedule: str | None = None
     if param is not None:
         mode = param.choice("mode", _EVACUATE_MODES)
         overbooking = param.boolean("overbooking", True)
         max_parallel = param.uint("max-parallel", UINT32_MAX, 1)
+        schedule = param.choice("schedule", _EVACUATION_SCHEDULES)
     return EvacuateSpec(
         destinations=tuple(destinations),
         mode=cast("EvacuateMode", mode or "auto"),
         overbooking=overbooking,
         parameter=_migration_params(param, migrate=False),
         max_parallel=max_parallel,
+        schedule=cast("EvacuationSchedule", schedule or "placement"),
         **f.subtask(),
     )
 

@@ -1,0 +1,438 @@
+"""Evacuations scheduled by prediction (protocol §3.7, ``parameter.schedule: predicted``).
+
+After placement, :meth:`_Predicted._schedule_evacuation` gathers what predicts each placed
+VM's migration: its memory, its migration parameters as the engine resolves them
+(:func:`~asyncmigfra.migration.plan.plan_migration`), the disks a storage copy moves, its
+guest's dirty rate and the link rates toward its destination (:meth:`_Predicted._link_rates`).
+The dirty rates come from the agent's
+:class:`~asyncmigfra.migration.forecast.Forecaster` (its
+:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`: a recent figure, else a probe through
+:class:`~asyncmigfra.hypervisor.base.MeasuresDirtyRate`, else the VM's last migration's); a
+paused guest dirties nothing, and a ``warm`` or ``offline`` one is not measured. It plans
+waves (:func:`~asyncmigfra.tasks.waves.plan_waves`, in a worker thread: it is CPU work) and
+announces them (``event: plan``, without ``vm-name``) before the first migration. When a
+rate cannot be had for a VM or a destination, the evacuation runs as without ``schedule``
+(placement order, ``max-parallel`` at once), and the plan event says why.
+
+The link rates: a back-end that knows its NICs
+(:class:`~asyncmigfra.hypervisor.base.KnowsLinkRate`, the ``fake``) tells one migration's
+rate and the two NICs' separately. Otherwise (libvirt) the Forecaster's rate toward the
+destination (learned from earlier migrations, else the configured ``migration.link-rate``)
+stands for all three: one migration alone is taken to fill the source's NIC, and the
+migrations out of this host, and those into one destination, to share that same rate.
+
+:meth:`_Predicted._run_waves` then runs the waves one after another: a wave's migrations all
+start together (each with the bandwidth cap the plan gives it, if any) and the next wave
+starts when the last of them has ended. VMs the model sees converging in no way run last,
+each alone. When a wave's move took more than 1.5 times its prediction (or less than its
+prediction over 1.5), the waves not yet started are planned again with links as slow as
+the moves so far were (:func:`~asyncmigfra.tasks.waves.replan`) and announced again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from asyncmigfra.errors import TaskError
+from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, LinkRate
+from asyncmigfra.migration.plan import MigrationPlan, plan_migration
+from asyncmigfra.migration.prediction import PredictionInputs
+from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
+from asyncmigfra.tasks.dispatching.base import _DispatcherBase
+from asyncmigfra.tasks.dispatching.jobs import _Job
+from asyncmigfra.tasks.waves import (
+    Observation,
+    PlannedMove,
+    WavePlan,
+    WaveVm,
+    deviates,
+    plan_waves,
+    replan,
+    slowdown,
+)
+
+log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
+
+_MIB = 1024 * 1024
+
+#: ``move(name, bandwidth)``: migrate a placed VM, capped at ``bandwidth`` MiB/s (``None``:
+#: as the task says); its result entry.
+Move = Callable[[str, int | None], Awaitable[ResultEntry]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One VM of a wave as it runs: its cap (MiB/s) and predicted duration (``None``: the
+    model sees it converging in no way)."""
+
+    name: str
+    destination: str
+    bandwidth: int | None
+    predicted: float | None
+    reason: str | None = None
+    #: Bytes/s it needs to converge.
+    needs: float = 0.0
+
+
+@dataclass(slots=True)
+class _Schedule:
+    """A predicted evacuation: its waves (those planned, then one per VM that converges in
+    no way) and what planning again needs."""
+
+    vms: dict[str, WaveVm]
+    link_rate: float
+    destination_rates: dict[str, float]
+    max_parallel: int
+    max_incoming: int
+    waves: list[tuple[int, list[_Step]]] = field(default_factory=list)
+    revision: int = 0
+    #: How much slower than told the links are taken to be (:func:`~.waves.slowdown`).
+    slowdown: float = 1.0
+
+    @property
+    def order(self) -> list[str]:
+        return [s.name for _, steps in self.waves for s in steps]
+
+    def adopt(self, plan: WavePlan, *, start: int, first: int, unschedulable: list[_Step]) -> None:
+        """Replace the waves from index ``start`` on by ``plan``'s (numbered from
+        ``first``), then the VMs that converge in no way (``unschedulable`` and the plan's),
+        one wave each."""
+        waves = [(w.number, [_step(m) for m in w.moves]) for w in plan.waves]
+        number = waves[-1][0] + 1 if waves else first
+        last = unschedulable + [
+            _Step(u.name, u.destination, None, None, u.reason) for u in plan.unschedulable
+        ]
+        for offset, step in enumerate(last):
+            waves.append((number + offset, [step]))
+        self.waves[start:] = waves
+        self.revision += 1
+
+    def keys(self, name: str) -> dict[str, object]:
+        """What a VM's result entry carries: its wave and predicted duration."""
+        for number, steps in self.waves:
+            for step in steps:
+                if step.name == name:
+                    out: dict[str, object] = {"wave": number}
+                    if step.predicted is not None:
+                        out["predicted-duration"] = round(step.predicted, 3)
+                    return out
+        return {}
+
+    def event(self, start: int, reason: str | None) -> dict[str, object]:
+        """The ``plan`` event's own keys for the waves from index ``start`` on."""
+        fields: dict[str, object] = {"schedule": "predicted", "revision": self.revision}
+        if reason:
+            fields["reason"] = reason
+        if math.isfinite(self.link_rate):
+            fields["link-rate"] = round(self.link_rate / self.slowdown / _MIB, 1)
+        planned = [(n, steps) for n, steps in self.waves[start:] if steps[0].predicted is not None]
+        durations = [max(s.predicted or 0.0 for s in steps) for _, steps in planned]
+        fields["makespan"] = round(sum(durations), 3)
+        fields["waves"] = [
+            {
+                "wave": number,
+                "predicted-duration": round(duration, 3),
+                "vms": [self._vm_keys(s) for s in steps],
+            }
+            for (number, steps), duration in zip(planned, durations, strict=True)
+        ]
+        rest = [(n, s) for n, steps in self.waves[start:] for s in steps if s.predicted is None]
+        if rest:
+            fields["unschedulable"] = [
+                {"vm-name": s.name, "destination": s.destination, "wave": n, "details": s.reason}
+                for n, s in rest
+            ]
+        return fields
+
+    def _vm_keys(self, step: _Step) -> dict[str, object]:
+        out: dict[str, object] = {
+            "vm-name": step.name,
+            "destination": step.destination,
+            "predicted-duration": round(step.predicted or 0.0, 3),
+            "needs": round(step.needs / _MIB, 1),
+        }
+        if step.bandwidth is not None:
+            out["bandwidth"] = step.bandwidth
+        return out
+
+
+async def _timed(move: Move, step: _Step, took: dict[str, float]) -> ResultEntry:
+    """``step``'s move; how long it took goes into ``took``."""
+    started = time.monotonic()
+    try:
+        return await move(step.name, step.bandwidth)
+    finally:
+        took[step.name] = time.monotonic() - started
+
+
+def _live(plan: MigrationPlan) -> bool:
+    """The guest runs while its memory moves (warm: paused; offline: nothing runs)."""
+    return plan.request.mode in ("live", "post-copy")  # auto: live until it chooses
+
+
+def _stream(link: LinkRate) -> float:
+    """Bytes/s one migration alone gets on ``link``."""
+    return min(link.single, link.outgoing, link.incoming)
+
+
+def _nics(links: Mapping[str, LinkRate]) -> tuple[float, dict[str, float]]:
+    """The source's NIC (the slowest figure told) and each destination's."""
+    return min(link.outgoing for link in links.values()), {
+        dest: link.incoming for dest, link in links.items()
+    }
+
+
+def _step(move: PlannedMove) -> _Step:
+    cap = None if move.bandwidth is None else max(1, int(move.bandwidth // _MIB))
+    return _Step(move.name, move.destination, cap, move.predicted_duration, needs=move.needed)
+
+
+class _Predicted(_DispatcherBase):
+    """Plans and runs an evacuation in waves (see the module)."""
+
+    async def _schedule_evacuation(
+        self,
+        job: _Job,
+        spec: EvacuateSpec,
+        assignments: Mapping[str, str],
+        domains: Mapping[str, DomainInfo],
+        disks: Mapping[str, Mapping[str, int]],
+    ) -> _Schedule | None:
+        """The evacuation's waves, announced; ``None`` (announced too) when the inputs
+        cannot be had: the evacuation then runs in placement order."""
+        gathered = await self._wave_inputs(spec, assignments, domains, disks)
+        if isinstance(gathered, str):
+            log.info("evacuation.schedule_fallback", task_id=job.msg.id, reason=gathered)
+            self._events.plan(job.msg.id, None, {"schedule": "placement", "details": gathered})
+            return None
+        schedule, plan = await self._planned(spec, *gathered)
+        log.info(
+            "evacuation.waves",
+            task_id=job.msg.id,
+            waves=[[s.name for s in steps] for _, steps in schedule.waves],
+            makespan=round(plan.makespan, 3),
+            unschedulable=[u.name for u in plan.unschedulable],
+        )
+        self._events.plan(job.msg.id, None, schedule.event(0, None))
+        return schedule
+
+    async def _wave_numbers(
+        self,
+        spec: EvacuateSpec,
+        assignments: Mapping[str, str],
+        domains: Mapping[str, DomainInfo],
+        disks: Mapping[str, Mapping[str, int]],
+    ) -> dict[str, int] | str:
+        """The wave each placed VM's migration would run in with ``schedule: predicted``
+        (``plan evacuation``; nothing announced), or why no waves can be planned."""
+        gathered = await self._wave_inputs(spec, assignments, domains, disks)
+        if isinstance(gathered, str):
+            return gathered
+        schedule, _ = await self._planned(spec, *gathered)
+        return {step.name: number for number, steps in schedule.waves for step in steps}
+
+    async def _planned(
+        self, spec: EvacuateSpec, vms: list[WaveVm], outgoing: float, incoming: dict[str, float]
+    ) -> tuple[_Schedule, WavePlan]:
+        """The waves of ``vms`` (:func:`~asyncmigfra.tasks.waves.plan_waves`)."""
+        limits = self._settings.migration
+        schedule = _Schedule(
+            vms={v.name: v for v in vms},
+            link_rate=outgoing,
+            destination_rates=incoming,
+            max_parallel=min(spec.max_parallel or limits.max_outgoing, limits.max_outgoing),
+            max_incoming=limits.max_incoming,
+        )
+        plan = await asyncio.to_thread(
+            plan_waves,
+            vms,
+            link_rate=outgoing,
+            max_parallel=schedule.max_parallel,
+            max_incoming=schedule.max_incoming,
+            destination_rates=incoming,
+        )
+        schedule.adopt(plan, start=0, first=1, unschedulable=[])
+        return schedule, plan
+
+    async def _wave_inputs(
+        self,
+        spec: EvacuateSpec,
+        assignments: Mapping[str, str],
+        domains: Mapping[str, DomainInfo],
+        disks: Mapping[str, Mapping[str, int]],
+    ) -> tuple[list[WaveVm], float, dict[str, float]] | str:
+        """Each VM's prediction inputs and the links' rates, or why they cannot be had."""
+        links = await self._link_rates(assignments.values())
+        if isinstance(links, str):
+            return links
+        plans: dict[str, MigrationPlan] = {}
+        for name, dest in assignments.items():
+            try:
+                plans[name] = self._resolved(spec, name, dest, domains[name], disks)
+            except TaskError as exc:
+                return f"{name}: {exc}"
+        dirty = await self._dirty_rates(
+            [n for n, p in plans.items() if _live(p) and domains[n].state is DomainState.RUNNING]
+        )
+        if isinstance(dirty, str):
+            return dirty
+        vms = [
+            self._wave_vm(
+                plans[name],
+                dom=domains[name],
+                dirty_rate=dirty.get(name, 0.0),
+                stream=_stream(links[dest]),
+                disk=sum(disks.get(name, {}).values()),
+            )
+            for name, dest in assignments.items()
+        ]
+        outgoing, incoming = _nics(links)
+        return vms, outgoing, incoming
+
+    async def _link_rates(self, destinations: Iterable[str]) -> dict[str, LinkRate] | str:
+        """The rates toward each destination (see the module), or why one cannot be had."""
+        hv = self._hv
+        links: dict[str, LinkRate] = {}
+        for dest in dict.fromkeys(destinations):
+            link: LinkRate | None = None
+            if isinstance(hv, KnowsLinkRate):
+                try:
+                    link = await hv.link_rate(dest)
+                except TaskError as exc:
+                    return f"the link rates could not be told: {exc}"
+            if link is None:  # the learned or configured rate, for one and for all
+                rate, _ = self._forecaster.link_rate(dest, None)
+                link = LinkRate(single=rate, outgoing=rate, incoming=rate)
+            stream = _stream(link)
+            if not math.isfinite(stream):
+                return f"no link rate known toward {dest}"
+            if not stream > 0:
+                return f"the link toward {dest} moves nothing"
+            links[dest] = link
+        return links
+
+    async def _dirty_rates(self, names: list[str]) -> dict[str, float] | str:
+        """The dirty rates of ``names`` through the Forecaster (a probe may run for each),
+        or why one cannot be had."""
+        rates = self._forecaster.dirty_rates
+        answers = await asyncio.gather(*(rates.rate(self._hv, n, measure=True) for n in names))
+        out: dict[str, float] = {}
+        for name, answer in zip(names, answers, strict=True):
+            if answer.rate is None:
+                why = f" ({answer.note})" if answer.note else ""
+                return f"no dirty rate known for {name}{why}"
+            out[name] = answer.rate
+        return out
+
+    def _resolved(
+        self,
+        spec: EvacuateSpec,
+        name: str,
+        dest: str,
+        dom: DomainInfo,
+        disks: Mapping[str, Mapping[str, int]],
+    ) -> MigrationPlan:
+        """``name``'s migration parameters, resolved as its migration will resolve them."""
+        settings = self._settings
+        return plan_migration(
+            MigrateSpec(vm_name=name, destination=dest, parameter=spec.parameter),
+            defaults=settings.migration,
+            driver=spec.driver or settings.hypervisor.driver,
+            transport=settings.hypervisor.transport,
+            memory_kib=dom.memory,
+            disk_bytes=sum(disks.get(name, {}).values()),
+        )
+
+    def _wave_vm(
+        self, mplan: MigrationPlan, *, dom: DomainInfo, dirty_rate: float, stream: float, disk: int
+    ) -> WaveVm:
+        """One VM's inputs."""
+        request = mplan.request
+        if request.bandwidth:
+            stream = min(stream, request.bandwidth * _MIB)
+        inputs = PredictionInputs(
+            memory=max(0, dom.memory) * 1024,
+            link_rate=stream,
+            completion_timeout=mplan.completion_timeout,
+            dirty_rate=max(0.0, dirty_rate) if _live(mplan) else 0.0,
+            disk_bytes=disk if request.copy_storage != "none" else 0,
+            max_downtime=mplan.max_downtime,
+            post_copy_allowed=(
+                self._settings.migration.allow_post_copy
+                if mplan.auto
+                else request.mode == "post-copy"
+            ),
+            auto_converge=request.auto_converge,
+        )
+        return WaveVm(name=request.vm_name, destination=request.destination, inputs=inputs)
+
+    async def _run_waves(
+        self,
+        job: _Job,
+        schedule: _Schedule,
+        move: Move,
+        tasks: dict[str, asyncio.Task[ResultEntry]],
+    ) -> None:
+        """Run the waves one after another (see the module); each move's task goes into
+        ``tasks`` as it starts."""
+        seen: list[Observation] = []
+        index = 0
+        while index < len(schedule.waves):
+            number, steps = schedule.waves[index]
+            took: dict[str, float] = {}
+            async with asyncio.TaskGroup() as tg:
+                for step in steps:
+                    tasks[step.name] = tg.create_task(
+                        _timed(move, step, took),
+                        name=f"asyncmigfra.evacuate[{step.name}->{step.destination}]#{number}",
+                    )
+            index += 1
+            new = [
+                Observation(
+                    name=s.name,
+                    predicted=s.predicted,
+                    actual=took[s.name],
+                    fixed=schedule.vms[s.name].inputs.costs.setup,
+                )
+                for s in steps
+                if s.predicted is not None
+            ]
+            seen.extend(new)
+            strays = [o for o in new if deviates(o)]
+            if strays:
+                await self._replan(job, schedule, index, seen, strays[0])
+
+    async def _replan(
+        self, job: _Job, schedule: _Schedule, index: int, seen: list[Observation], why: Observation
+    ) -> None:
+        """Plan the waves from ``index`` on again, with what ``seen`` shows."""
+        pending = [s for _, steps in schedule.waves[index:] for s in steps]
+        remaining = [schedule.vms[s.name] for s in pending if s.predicted is not None]
+        if not remaining:
+            return
+        first = schedule.waves[index][0]
+        plan = await asyncio.to_thread(
+            replan,
+            remaining,
+            seen,
+            link_rate=schedule.link_rate,
+            max_parallel=schedule.max_parallel,
+            max_incoming=schedule.max_incoming,
+            destination_rates=schedule.destination_rates,
+            first_wave=first,
+        )
+        unschedulable = [s for s in pending if s.predicted is None]
+        schedule.adopt(plan, start=index, first=first, unschedulable=unschedulable)
+        schedule.slowdown = slowdown(seen)
+        reason = (
+            f"{why.name} took {why.actual:.1f} s, predicted {why.predicted:.1f} s:"
+            " the rest planned again"
+        )
+        log.info("evacuation.replanned", task_id=job.msg.id, reason=reason)
+        self._events.plan(job.msg.id, None, schedule.event(index, reason))

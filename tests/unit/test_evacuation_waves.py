@@ -1,0 +1,429 @@
+"""``evacuate node`` with ``schedule: predicted`` (protocol §3.7): the dispatcher gathers the
+fake's dirty rates and link rates, plans waves, announces them (``event: plan``) and runs
+them one after another, re-planning when moves stray from their predictions. Without the
+rates it falls back to the placement order. The ``fake`` back-end's NIC (``nic-rate``) makes
+the links shared, as they are on real hosts.
+
+Built like ``test_dispatcher`` (no broker): results go to a recorder, events to a list. The
+fake runs at ``time-scale`` 1 so predictions (in real seconds) match it; the guests are
+small enough that every evacuation takes a second or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from asyncmigfra.console.arguments import build_parser
+from asyncmigfra.console.evacuation import EvacuationView, plan_note
+from asyncmigfra.console.tasks import evacuate_task
+from asyncmigfra.errors import NotSupported, TaskRejected
+from asyncmigfra.hypervisor.base import LinkRate
+from asyncmigfra.hypervisor.fake import FakeHypervisor
+from asyncmigfra.hypervisor.fake import create as create_fake
+from asyncmigfra.model import EvacuateSpec, ResultMessage
+from asyncmigfra.settings import Settings, default_settings
+from asyncmigfra.tasks.dispatching import Dispatcher, Reply
+from asyncmigfra.wire.events import Events
+from asyncmigfra.wire.parsing import parse_task
+
+MIB = 1024 * 1024
+WAIT = 30.0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.results: list[ResultMessage] = []
+        self.events: list[Mapping[str, object]] = []
+        self.hooks: list[Callable[[Mapping[str, object]], None]] = []
+        self._changed = asyncio.Event()
+
+    def deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
+        self.results.append(result)
+        self._changed.set()
+
+    def emit(self, event: Mapping[str, object], *, terminal: bool = False, qos: int = 1) -> None:
+        self.events.append(event)
+        for hook in self.hooks:
+            hook(event)
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], Any]) -> Any:
+        async with asyncio.timeout(WAIT):
+            while not (value := predicate()):
+                self._changed.clear()
+                await self._changed.wait()
+        return value
+
+    async def result(self, task_id: str) -> ResultMessage:
+        found = await self.until(lambda: [r for r in self.results if r.id == task_id])
+        return found[0]
+
+    def of(self, kind: str) -> list[Mapping[str, object]]:
+        return [e for e in self.events if e["event"] == kind]
+
+    def plans(self) -> list[Mapping[str, object]]:
+        """The evacuation's ``plan`` events (a migration's own has a ``vm-name``)."""
+        return [e for e in self.of("plan") if "vm-name" not in e]
+
+
+def vm(name: str, mib: int, dirty: float = 0.0) -> dict[str, Any]:
+    return {"name": name, "memory": mib * 1024, "dirty-rate": dirty}
+
+
+def fake(
+    shared: dict[str, object], domains: list[dict[str, Any]], **options: Any
+) -> FakeHypervisor:
+    options.setdefault("peers", {"b": {"memory": 64 * MIB}, "c": {"memory": 64 * MIB}})
+    return create_fake({"domains": domains, **options}, hostname="a", shared=shared)
+
+
+@contextlib.asynccontextmanager
+async def dispatcher(
+    hv: FakeHypervisor, max_outgoing: int = 4, link_rate: float | None = None
+) -> AsyncIterator[tuple[Dispatcher, Recorder]]:
+    base = default_settings(hostname="a")
+    migration = replace(base.migration, max_outgoing=max_outgoing, max_incoming=4)
+    if link_rate is not None:
+        migration = replace(migration, link_rate=link_rate)
+    settings: Settings = replace(base, migration=migration)
+    rec = Recorder()
+    d = Dispatcher(
+        hypervisor=hv,
+        settings=settings,
+        events=Events(rec, host="a"),
+        deliver=rec.deliver,
+        on_quit=lambda: None,
+    )
+    await hv.open()
+    runner = asyncio.create_task(d.run())
+    await asyncio.sleep(0)
+    try:
+        yield d, rec
+    finally:
+        d.cancel_all("the test is over")
+        d.close()
+        async with asyncio.timeout(WAIT):
+            await runner
+        await hv.aclose()
+
+
+def evacuate(d: Dispatcher, task_id: str, parameter: str) -> None:
+    text = f"id: {task_id}\ntask: evacuate node\ndestinations: [b, c]\nparameter:\n{parameter}"
+    d.submit(parse_task(text.encode()), payload=text.encode(), reply=None)
+
+
+def entries(result: ResultMessage) -> dict[str, dict[str, object]]:
+    out = {}
+    for e in result.entries:
+        out[e.vm_name] = {"status": e.status, "code": e.code, **e.extra}
+    return out
+
+
+# ---- the wire ----------------------------------------------------------------------------
+
+
+async def test_schedule_is_placement_unless_predicted_is_asked_for() -> None:
+    def spec(parameter: str) -> EvacuateSpec:
+        text = f"task: evacuate node\ndestinations: [b]\n{parameter}"
+        (sub,) = parse_task(text.encode()).subtasks
+        assert isinstance(sub, EvacuateSpec)
+        return sub
+
+    assert spec("").schedule == "placement"
+    assert spec("parameter: {max-parallel: 3}").schedule == "placement"
+    assert spec("parameter: {schedule: placement}").schedule == "placement"
+    predicted = spec("parameter: {schedule: predicted, max-parallel: 3}")
+    assert predicted.schedule == "predicted"
+    assert predicted.max_parallel == 3
+    with pytest.raises(TaskRejected, match=r"parameter\.schedule"):
+        parse_task(b"task: evacuate node\ndestinations: [b]\nparameter: {schedule: fastest}")
+
+
+async def test_the_cli_asks_for_it_with_schedule_predicted() -> None:
+    args = build_parser().parse_args(["evacuate", "a", "--to", "b", "--schedule", "predicted"])
+    assert args.schedule == "predicted"
+    payload = evacuate_task("e", ["b"], {"schedule": args.schedule, "max-parallel": None})
+    (sub,) = parse_task(payload).subtasks
+    assert isinstance(sub, EvacuateSpec)
+    assert sub.schedule == "predicted"
+    assert build_parser().parse_args(["evacuate", "a", "--to", "b"]).schedule is None
+
+
+async def test_the_live_view_sums_a_plan_up_in_one_line() -> None:
+    plan = {
+        "event": "plan",
+        "schedule": "predicted",
+        "revision": 1,
+        "makespan": 8.838,
+        "waves": [{"wave": 1}, {"wave": 2}],
+        "unschedulable": [{"vm-name": "batch-1"}],
+    }
+    assert plan_note(plan) == (
+        "plan 1: 2 waves, 8.838 s predicted; predicted not to converge: batch-1"
+    )
+    fallback = {"event": "plan", "schedule": "placement", "details": "no dirty rate known for x"}
+    assert plan_note(fallback) == "plan: placement order (no dirty rate known for x)"
+    view = EvacuationView("a", ["b"], "e")
+    view.feed(plan)
+    assert view.notes == [plan_note(plan)]
+    # A migration's own prediction (the same event kind, with vm-name) is no evacuation plan.
+    own = {"event": "plan", "vm-name": "c1", "destination": "b", "mode": "live"}
+    view.feed(own)
+    assert view.notes == [plan_note(plan)]
+    assert "placement order" not in view.plain(own)
+    assert "destination" in view.plain(own)
+
+
+# ---- waves -------------------------------------------------------------------------------
+
+#: Two guests dirtying 600 MiB/s (converging only with more than half of the 1000 MiB/s
+#: NIC) and two idle ones, 200 MiB each.
+MIXED = [vm("h1", 200, 600), vm("h2", 200, 600), vm("c1", 200), vm("c2", 200)]
+
+
+async def test_hot_guests_run_alone_and_cold_ones_together() -> None:
+    shared: dict[str, object] = {}
+    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "w", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("w")
+    got = entries(result)
+    assert {n: e["status"] for n, e in got.items()} == dict.fromkeys(got, "success")
+    waves = {n: e["wave"] for n, e in got.items()}
+    assert waves["c1"] == waves["c2"] == 1
+    assert sorted([waves["h1"], waves["h2"]]) == [2, 3]
+    assert all(isinstance(e["predicted-duration"], float) for e in got.values())
+    assert all(e["destination"] in ("b", "c") for e in got.values())
+    cluster = hv.cluster
+    assert all(cluster.locate(n) == [got[n]["destination"]] for n in got)
+    # The plan came first, once (nothing strayed), with the waves the entries name.
+    (plan,) = rec.plans()
+    assert rec.events.index(plan) < rec.events.index(rec.of("phase")[1])  # after placement
+    assert plan["schedule"] == "predicted"
+    assert plan["revision"] == 1
+    assert plan["link-rate"] == 1000.0
+    assert [v["vm-name"] for v in plan["waves"][0]["vms"]] == ["c1", "c2"]
+    # Wave by wave: no migration of a wave began before the previous wave's last ended.
+    order = [(e["event"], e.get("vm-name")) for e in rec.events if e["event"] in ("done", "phase")]
+    began = {vm_: i for i, (kind, vm_) in enumerate(order) if kind == "phase" and vm_ in waves}
+    ended = {vm_: i for i, (kind, vm_) in enumerate(order) if kind == "done"}
+    for name, wave in waves.items():
+        for other, earlier in waves.items():
+            if earlier < wave:
+                assert ended[other] < began[name], (other, name)
+
+
+async def test_the_same_guests_all_at_once_do_not_converge() -> None:
+    """What the waves avoid: with the placement order and 4 at once the hot guests share the
+    NIC with each other and time out (3 s), while the predicted schedule moves them all."""
+    shared: dict[str, object] = {}
+    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "p", "  migration-type: live\n  completion-timeout: 3\n  max-parallel: 4\n")
+        result = await rec.result("p")
+    got = entries(result)
+    assert got["c1"]["status"] == got["c2"]["status"] == "success"
+    assert got["h1"]["code"] == got["h2"]["code"] == "timeout"
+    assert "wave" not in got["c1"]
+    assert not rec.plans()
+
+
+class Blind(FakeHypervisor):
+    """A fake that cannot measure one guest's dirty rate."""
+
+    async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
+        if vm_name == "c2":
+            raise NotSupported("this host cannot measure dirty rates")
+        return await super().measure_dirty_rate(vm_name, seconds=seconds)
+
+
+async def test_without_a_dirty_rate_it_runs_in_placement_order_and_says_why() -> None:
+    shared: dict[str, object] = {}
+    base = fake(shared, [vm("c1", 100), vm("c2", 100)])
+    hv = Blind(cluster=base.cluster, host=base.host)
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "f", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("f")
+    assert {e.status for e in result.entries} == {"success"}
+    assert all("wave" not in e.extra for e in result.entries)
+    (plan,) = rec.plans()
+    assert plan["schedule"] == "placement"
+    assert plan["details"] == (
+        "no dirty rate known for c2 (the dirty rate could not be measured: this host cannot"
+        " measure dirty rates)"
+    )
+
+
+class Boastful(FakeHypervisor):
+    """A fake that tells links four times as fast as they are."""
+
+    async def link_rate(self, destination: str) -> LinkRate | None:
+        real = await super().link_rate(destination)
+        assert real is not None
+        return LinkRate(
+            single=real.single * 4, outgoing=real.outgoing * 4, incoming=real.incoming * 4
+        )
+
+
+async def test_moves_slower_than_predicted_make_it_plan_the_rest_again() -> None:
+    shared: dict[str, object] = {}
+    cold = [vm(f"c{i}", 150) for i in range(4)]
+    base = fake(shared, cold, bandwidth=500, **{"nic-rate": 500})
+    hv = Boastful(cluster=base.cluster, host=base.host, bandwidth=500)
+    async with dispatcher(hv, max_outgoing=2) as (d, rec):
+        evacuate(d, "r", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("r")
+    assert {e.status for e in result.entries} == {"success"}
+    first, again = rec.plans()
+    assert [len(w["vms"]) for w in first["waves"]] == [2, 2]
+    assert again["revision"] == 2
+    assert "planned again" in again["reason"]
+    # Only what had not started, with the links as slow as the first wave showed (a quarter
+    # of what the back-end told, about): now predicted as long as the first wave took.
+    assert [w["wave"] for w in again["waves"]] == [2]
+    assert first["link-rate"] / again["link-rate"] == pytest.approx(4, rel=0.25)
+    took = [e["duration"] for e in rec.of("done") if e["vm-name"] in ("c0", "c1")]
+    assert again["waves"][0]["predicted-duration"] == pytest.approx(max(took), rel=0.25)
+    final = {e.vm_name: e.extra for e in result.entries}
+    assert {final[v["vm-name"]]["predicted-duration"] for v in again["waves"][0]["vms"]} == {
+        v["predicted-duration"] for v in again["waves"][0]["vms"]
+    }
+
+
+async def test_a_cancel_stops_the_waves_not_yet_started() -> None:
+    shared: dict[str, object] = {}
+    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "x", "  schedule: predicted\n  migration-type: live\n")
+        await rec.until(lambda: len(rec.of("done")) >= 2)  # wave 1 (c1, c2) has ended
+        d.submit(
+            parse_task(b"task: cancel\ntarget: x\n"),
+            payload=b"task: cancel\ntarget: x\n",
+            reply=None,
+        )
+        result = await rec.result("x")
+    got = entries(result)
+    assert got["c1"]["status"] == got["c2"]["status"] == "success"
+    for name in ("h1", "h2"):
+        assert got[name]["code"] == "cancelled"
+        assert got[name]["wave"] in (2, 3)
+        assert hv.cluster.locate(name) == ["a"]
+    # Every VM had its done event, the never-started ones too.
+    assert sorted(e["vm-name"] for e in rec.of("done")) == ["c1", "c2", "h1", "h2"]
+    assert not d._inbound  # every destination reservation was given back
+
+
+async def test_caps_keep_the_idle_guests_from_slowing_down_a_hot_one() -> None:
+    # One migration's stream carries 700 of the 1000 MiB/s NIC. db-1 (dirtying 450) gets
+    # all 700; the idle guests share the other 300, capped at 150 MiB/s each.
+    shared: dict[str, object] = {}
+    doms = [vm("db-1", 400, 450), vm("web-1", 100), vm("web-2", 100)]
+    hv = fake(shared, doms, bandwidth=700, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "k", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("k")
+    assert {e.status for e in result.entries} == {"success"}
+    (plan,) = rec.plans()
+    (wave,) = plan["waves"]
+    caps = {v["vm-name"]: v.get("bandwidth") for v in wave["vms"]}
+    assert caps == {"db-1": None, "web-1": 150, "web-2": 150}
+    rates = {
+        (e["vm-name"], e["transfer-rate"])
+        for e in rec.of("progress")
+        if e["vm-name"] != "db-1" and e.get("phase") == "migrating" and e.get("transfer-rate")
+    }
+    assert rates
+    assert all(rate <= 150 * MIB for _, rate in rates)
+    took = {e["vm-name"]: e["duration"] for e in rec.of("done")}
+    assert took["db-1"] == pytest.approx(wave["predicted-duration"], rel=0.2)
+
+
+async def test_warm_migrations_are_planned_as_guests_that_dirty_nothing() -> None:
+    # warm (the default type) pauses the guest for the copy: its dirty rate does not matter,
+    # so the "hot" guests join the idle ones, all four in one wave.
+    shared: dict[str, object] = {}
+    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "warm", "  schedule: predicted\n")
+        result = await rec.result("warm")
+    assert {e.status for e in result.entries} == {"success"}
+    assert {e.extra["wave"] for e in result.entries} == {1}
+    (plan,) = rec.plans()
+    assert all(v["needs"] < 100 for w in plan["waves"] for v in w["vms"])
+
+
+# ---- after the merge with single-migration predictions -----------------------------------
+
+
+class Unaware(FakeHypervisor):
+    """A fake that knows nothing of its links, as libvirt does not: the agent's Forecaster
+    gives the rate (learned, else ``migration.link-rate``) for one migration and both NICs."""
+
+    async def link_rate(self, destination: str) -> LinkRate | None:
+        return None
+
+
+async def test_without_link_rates_the_forecasters_rate_stands_for_the_nics() -> None:
+    # migration.link-rate 1000 MiB/s (what the NIC really carries) for one and for all: the
+    # hot guests (600 MiB/s) need the NIC alone, the idle ones go together, as with the NIC
+    # the fake tells.
+    shared: dict[str, object] = {}
+    base = fake(shared, MIXED, **{"nic-rate": 1000})
+    hv = Unaware(cluster=base.cluster, host=base.host)
+    async with dispatcher(hv, link_rate=1000.0) as (d, rec):
+        evacuate(d, "u", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("u")
+    got = entries(result)
+    assert {n: e["status"] for n, e in got.items()} == dict.fromkeys(got, "success")
+    (plan,) = rec.plans()
+    assert plan["link-rate"] == 1000.0
+    waves = {n: e["wave"] for n, e in got.items()}
+    assert waves["c1"] == waves["c2"] == 1
+    assert sorted([waves["h1"], waves["h2"]]) == [2, 3]
+    # Each migration may publish its own prediction too (its dirty rate is known by then):
+    # the same event kind, with vm-name.
+    assert all(e["vm-name"] in got for e in rec.of("plan") if "vm-name" in e)
+
+
+def plan_evacuation(d: Dispatcher, task_id: str, parameter: str) -> None:
+    text = f"id: {task_id}\ntask: plan evacuation\ndestinations: [b, c]\nparameter:\n{parameter}"
+    d.submit(parse_task(text.encode()), payload=text.encode(), reply=None)
+
+
+async def test_plan_evacuation_tells_the_waves_the_evacuation_runs() -> None:
+    shared: dict[str, object] = {}
+    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    async with dispatcher(hv) as (d, rec):
+        plan_evacuation(d, "pw", "  schedule: predicted\n  migration-type: live\n")
+        planned = entries(await rec.result("pw"))
+        plan_evacuation(d, "pp", "  migration-type: live\n")
+        placement = entries(await rec.result("pp"))
+        evacuate(d, "ew", "  schedule: predicted\n  migration-type: live\n")
+        moved = entries(await rec.result("ew"))
+    assert {n: e["wave"] for n, e in planned.items()} == {n: e["wave"] for n, e in moved.items()}
+    assert planned["c1"]["wave"] == planned["c2"]["wave"] == 1
+    assert sorted([planned["h1"]["wave"], planned["h2"]["wave"]]) == [2, 3]
+    assert {e["wave"] for e in placement.values()} == {1}
+    assert all(h in ("b", "c") for h in (hv.cluster.locate(n)[0] for n in moved))
+    assert not [e for e in rec.events if e.get("id") in ("pw", "pp") and e["event"] == "plan"]
+
+
+async def test_plan_evacuation_says_why_it_has_no_waves() -> None:
+    shared: dict[str, object] = {}
+    base = fake(shared, [vm("c1", 100), vm("c2", 100)])
+    hv = Blind(cluster=base.cluster, host=base.host)
+    async with dispatcher(hv) as (d, rec):
+        plan_evacuation(d, "pb", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("pb")
+    assert {e.extra["wave"] for e in result.entries} == {1}
+    why = (
+        "no waves planned, placement order: no dirty rate known for c2 (the dirty rate could"
+        " not be measured: this host cannot measure dirty rates)"
+    )
+    assert all(why in (e.details or "") for e in result.entries)
