@@ -29,7 +29,11 @@ def original_config(tmp_path: Path, port: int) -> Path:
     return path
 
 
-def start_agent(conf: Path, hostname: str) -> subprocess.Popen[bytes]:
+def start_agent(
+    conf: Path, hostname: str, *, state_dir: str | None = None
+) -> subprocess.Popen[bytes]:
+    """An agent process on ``conf``, logging JSON next to it; ``state_dir`` (default: one
+    beside the config per host, ``none``: no journal)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with (conf.parent / f"{hostname}.log").open("wb") as log:
         return subprocess.Popen(
@@ -45,7 +49,7 @@ def start_agent(conf: Path, hostname: str) -> subprocess.Popen[bytes]:
                 "--log-format",
                 "json",
                 "--state-dir",
-                str(conf.parent / f"state-{hostname}"),
+                state_dir or str(conf.parent / f"state-{hostname}"),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

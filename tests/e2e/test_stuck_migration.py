@@ -7,14 +7,12 @@ is answered and the migration completes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from test_agent_process import start_agent
 
 from harness import scheduler
 
@@ -49,33 +47,9 @@ shutdown:
     return path
 
 
-def start_agent(conf: Path, hostname: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with (conf.parent / f"{hostname}.log").open("wb") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "asyncmigfra",
-                "agent",
-                "-c",
-                str(conf),
-                "--hostname",
-                hostname,
-                "--log-format",
-                "json",
-                "--state-dir",
-                "none",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
 async def test_a_stuck_migration_is_aborted_and_a_running_one_tuned(mosquitto, tmp_path):
     host = f"node-{uuid.uuid4().hex[:6]}"
-    proc = start_agent(config(tmp_path, mosquitto.port, host), host)
+    proc = start_agent(config(tmp_path, mosquitto.port, host), host, state_dir="none")
     try:
         async with scheduler(mosquitto.port, f"fast/migfra/{host}") as sched:
             await sched.state("online", 20)
