@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
+from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
 from asyncmigfra.tasks.linkrates import LinkRates
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
@@ -131,7 +133,14 @@ class Agent:
         self._since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         state_dir = resolve_state_dir(settings)
         self.journal = (
-            Journal(state_dir, owner=settings.hostname) if state_dir is not None else None
+            Journal(
+                state_dir,
+                owner=settings.hostname,
+                history_retention=settings.agent.history_retention,
+                history_max_entries=settings.agent.history_max_entries,
+            )
+            if state_dir is not None
+            else None
         )
         #: What this agent learned of its destinations' links (beside the journal).
         self.link_rates = LinkRates.in_state_dir(state_dir)
@@ -315,13 +324,23 @@ class Agent:
         self.dispatcher.submit(parsed, payload=message.payload, reply=reply)
 
     def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
-        self._publish_result(render_result(result), reply, key)
+        history = None
+        if key is not None and self.journal is not None and self.journal.keeps_history:
+            history = history_rows(key, result, time.time())
+        self._publish_result(render_result(result), reply, key, history)
 
-    def _publish_result(self, payload: bytes, reply: Reply | None, key: str | None) -> None:
+    def _publish_result(
+        self,
+        payload: bytes,
+        reply: Reply | None,
+        key: str | None,
+        history: list[tuple[object, ...]] | None = None,
+    ) -> None:
+        """``history``: the result's history rows (none for a result published again)."""
         on_delivered = None
         if key is not None and self.journal is not None:
             journal = self.journal
-            journal.finished(key, payload)
+            journal.finished(key, payload, history or ())
 
             def on_delivered() -> None:
                 journal.delivered(key)

@@ -66,12 +66,25 @@ class FollowedView(Protocol):
     source: str
     cancel_id: str | None
     cancel_answer: str | None
+    #: What Ctrl-C offers to cancel (``the migration``).
+    what: str
+
+    @property
+    def elapsed(self) -> float:
+        """s since the task began (as far as the view knows)."""
+        ...
 
     def feed(self, doc: Mapping[str, Any]) -> None: ...
 
     def plain_lines(self, doc: Mapping[str, Any]) -> list[str]: ...
 
     def header(self) -> str: ...
+
+    def ok(self, result: Mapping[str, Any]) -> bool: ...
+
+    def summary(self, result: Mapping[str, Any], wall: float) -> list[tuple[str, str]]:
+        """(text, rich style) lines for the end of the task."""
+        ...
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult: ...
 
@@ -96,6 +109,7 @@ class MigrationView:
     notes: list[str] = field(default_factory=list)
     cancel_id: str | None = None
     cancel_answer: str | None = None
+    what: str = "the migration"
     #: One lane per VM in play, VM 1 first.
     lanes: dict[str, VmLane] = field(init=False)
 
@@ -513,7 +527,7 @@ async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: A
         return
     if not sys.stdin.isatty():
         raise CliError(INTERRUPTED, f"interrupted: {hint}")
-    out.prompt("Cancel the migration? [y/N] ")
+    out.prompt(f"Cancel {view.what}? [y/N] ")
     answer = _read_line()
     try:
         while True:
@@ -538,7 +552,7 @@ async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: A
     finally:
         answer.cancel()
     if answer.result().strip().lower() not in {"y", "yes"}:
-        out.note("not cancelled; following the migration again")
+        out.note(f"not cancelled; following {view.what} again")
         return
     view.cancel_id = fresh_id("cancel")
     await session.publish_task(view.source, cancel_task(view.cancel_id, view.task_id))

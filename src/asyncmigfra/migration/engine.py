@@ -312,6 +312,7 @@ def _arrived(spec: MigrateSpec, result: MigrationResult, ctx: EngineContext) -> 
     ctx.outcome.destination = spec.destination
     if result.downtime is not None:
         ctx.record("downtime", result.downtime / 1000.0)
+        ctx.outcome.downtime = float(result.downtime)
     return result
 
 

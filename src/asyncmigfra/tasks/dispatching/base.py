@@ -91,6 +91,8 @@ class _DispatcherBase:
         self._idle.set()
         self._draining = False
         self._started = time.monotonic()
+        #: ``history`` reads under way (bounded: ``answers.MAX_HISTORY_READS``).
+        self._history_reads = 0
         self.queued = 0
         self.running = 0
         self.completed = 0
@@ -117,6 +119,7 @@ class _DispatcherBase:
             id=msg.id,
             flat=flat,
             header={k: v for k, v in (header or {}).items() if v is not None},
+            task=msg.kind,
         )
 
     async def _reconcile(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
@@ -181,6 +184,10 @@ class _DispatcherBase:
         return entry
 
     def _report(self, job: _Job, entry: ResultEntry, duration: float) -> None:
+        """The ``error`` and ``done`` events of a finished subtask (one VM); its times go on
+        the entry for the journal's history."""
+        entry.seconds = duration
+        entry.started = time.time() - duration
         if entry.status == "error":
             self._events.error(
                 job.msg.id, entry.vm_name, code=entry.code or "", details=entry.details or ""

@@ -127,6 +127,9 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
         if msg.kind is TaskKind.STATUS:
             self._spawn(self._answer_status(msg, reply), f"status[{msg.id}]")
             return
+        if msg.kind is TaskKind.HISTORY:
+            self._spawn(self._answer_history(msg, reply), f"history[{msg.id}]")
+            return
         if msg.kind is TaskKind.CANCEL:
             self._answer_cancel(msg, reply)
             return
