@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import uuid
 
 import pytest
-from console_support import Served, Terminal, exit_code, forge
+from console_support import CLI, Served, Terminal, exit_code, forge, hint_after
 
 from asyncmigfra.console.tasks import migrate_task
 
@@ -40,7 +41,7 @@ def test_follow_attaches_to_a_running_migration_and_reattaches(served: Served, t
             if not seen or seen[-1] != float(m.group(1)):
                 seen.append(float(m.group(1)))
 
-    terminal.wait_for(rf"Migrating db-1 from host-a to host-b .*id {task_id}")
+    terminal.wait_for(rf"Migrating db-1 from host-a to host-b  \(attached, id {task_id}\)")
     terminal.wait_for(lambda s: len(seen) >= 2, 20, every=record)
     assert seen == sorted(seen), seen
     # Ctrl-C asks; a second Ctrl-C leaves without cancelling.
@@ -51,12 +52,15 @@ def test_follow_attaches_to_a_running_migration_and_reattaches(served: Served, t
     assert exit_code(screen) == 130, screen
     assert "left without cancelling" in screen
     assert task_id in _running_ids(served)
+    # The hint to attach again names the host and carries the connection options.
+    hint = hint_after("follow it again with:", terminal.screen(joined=True)).split(";")[0]
+    assert hint.startswith(f"asyncmigfra follow {task_id} host-a --broker"), hint
 
-    # Attach again (with HOST), in another terminal; cancel the migration from a third
+    # Attach again as the hint says, in another terminal; cancel the migration from a third
     # client: the view follows it to its end and shows the summary.
     again = Terminal()
     try:
-        again.run(served.command("follow", task_id, "host-a"))
+        again.run(shlex.join(CLI) + hint.removeprefix("asyncmigfra"))
         screen = again.wait_for(_BAR.pattern, 20)
         first = float(_BAR.search(screen).group(1))  # type: ignore[union-attr]
         assert first >= seen[-1], (first, seen)  # the state so far, not from 0

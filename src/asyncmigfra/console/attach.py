@@ -122,6 +122,7 @@ def _view(host: str, task_id: str, items: Sequence[Mapping[str, Any]]) -> Follow
             source=host,
             destination=str(first.get("destination", "?")),
             task_id=task_id,
+            migration_type="attached",
             swap_with=None if swap is None else str(swap),
             started=started,
         )

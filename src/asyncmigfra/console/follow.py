@@ -513,12 +513,23 @@ async def follow_migration(
         display.stop()
 
 
+def _news(item: Message, view: FollowedView) -> bool:
+    """What ends the Ctrl-C prompt: the task's (or the cancel's) result, or its agent going
+    away; not its events, nor what other tasks and agents publish."""
+    if item.kind == "result":
+        return item.id in {view.task_id, view.cancel_id}
+    if item.kind == "status":
+        return item.host == view.source and not item.retained and item.doc.get("state") != "online"
+    return False
+
+
 async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: Any) -> None:
     """The Ctrl-C prompt. Events keep being taken in while it waits; a result, a lost
     broker or a presence change ends the prompt and is handled by the caller."""
+    again = session.conn.command("follow", view.task_id, view.source)
     hint = (
-        f"task {view.task_id!r} keeps running on {view.source!r}"
-        f" (cancel it with: {session.cancel_command(view.task_id, view.source)})"
+        f"task {view.task_id!r} keeps running on {view.source!r} (follow it again with:"
+        f" {again}; cancel it with: {session.cancel_command(view.task_id, view.source)})"
     )
     if view.cancel_id is not None:
         out.note(
@@ -541,8 +552,8 @@ async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: A
             if isinstance(item, Interrupt):
                 out.note("")
                 raise CliError(INTERRUPTED, f"left without cancelling: {hint}")
-            if isinstance(item, Message) and item.kind == "event":
-                on_item(item)
+            if isinstance(item, Message) and not _news(item, view):
+                on_item(item)  # (its events; anything else is not about this task)
                 continue
             if isinstance(item, Lost | Message):
                 out.note("")
