@@ -137,7 +137,7 @@ async def test_a_read_of_a_closed_journal_fails(tmp_path):
 def test_a_subtask_that_never_began_is_dated_when_it_was_answered():
     entry = ResultEntry(vm_name="vm", status="error", code="cancelled", details="cancelled")
     ((row),) = history_rows("k", _result("t", entry), 1234.5)
-    assert row[8] == 1234.5  # started
+    assert row[0] == 1234.5  # started
     assert row[9] is None  # no duration
 
 

@@ -28,8 +28,11 @@ from asyncmigfra.model import ResultMessage
 
 __all__ = ["HistoryItem", "HistoryQuery", "history_rows", "prune_history", "read_history"]
 
+#: Kept in the order of ``started`` (the primary key clusters the rows by it), so a row costs
+#: two b-tree inserts: the table and the VM index.
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS history (
+    started REAL NOT NULL,
     key TEXT NOT NULL,
     idx INTEGER NOT NULL,
     task_id TEXT,
@@ -38,16 +41,14 @@ CREATE TABLE IF NOT EXISTS history (
     status TEXT NOT NULL,
     code TEXT,
     details TEXT,
-    started REAL NOT NULL,
     duration REAL,
     destination TEXT,
     downtime REAL,
-    PRIMARY KEY (key, idx)
-);
-CREATE INDEX IF NOT EXISTS history_started ON history(started);
+    PRIMARY KEY (started, key, idx)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_vm ON history(vm_name, started);
 """
-#: One row (a recovered task's result published again writes the same rows again).
+#: One row (written once per task: a result published again after a restart writes none).
 INSERT: Final = "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 #: Characters of a failure's ``details`` kept.
 MAX_DETAILS: Final = 300
@@ -92,6 +93,7 @@ def history_rows(key: str, result: ResultMessage, finished: float) -> list[Row]:
         details = entry.details[:MAX_DETAILS] if entry.status == "error" and entry.details else None
         rows.append(
             (
+                entry.started if entry.started is not None else finished,
                 key,
                 idx,
                 result.id,
@@ -100,7 +102,6 @@ def history_rows(key: str, result: ResultMessage, finished: float) -> list[Row]:
                 entry.status,
                 entry.code,
                 details,
-                entry.started if entry.started is not None else finished,
                 entry.seconds if entry.started is not None else None,
                 destination if isinstance(destination, str) else None,
                 entry.downtime,
@@ -139,8 +140,12 @@ def prune_history(db: sqlite3.Connection, *, before: float, keep: int) -> None:
     """Forget rows of subtasks that began before ``before``, and all but the newest
     ``keep``."""
     db.execute("DELETE FROM history WHERE started < ?", (before,))
+    if keep <= 0:
+        db.execute("DELETE FROM history")
+        return
+    # Older than the ``keep``-th newest (rows that began at the very same time stay together).
     db.execute(
-        "DELETE FROM history WHERE rowid IN "
-        "(SELECT rowid FROM history ORDER BY started DESC LIMIT -1 OFFSET ?)",
-        (keep,),
+        "DELETE FROM history WHERE started < "
+        "(SELECT started FROM history ORDER BY started DESC LIMIT 1 OFFSET ?)",
+        (keep - 1,),
     )
