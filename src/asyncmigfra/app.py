@@ -45,6 +45,8 @@ from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
 from asyncmigfra.tasks.linkrates import LinkRates
+from asyncmigfra.transport.metrics.feed import Vitals
+from asyncmigfra.transport.metrics.opening import open_metrics
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.transport.publishing import EventPublisher, Publisher
 from asyncmigfra.wire.events import Events
@@ -144,8 +146,17 @@ class Agent:
             on_connected=self._on_connected,
         )
         self.publisher = Publisher(self.transport)
+        #: ``metrics.listen``: what the agent publishes also feeds its Prometheus series
+        #: (events through the sink below, results in :meth:`_deliver`); ``None``: off.
+        self.metrics = open_metrics(
+            settings,
+            # late-bound: the dispatcher is built below, with the events that feed the metrics
+            route=lambda task_id, vm: self.dispatcher.migration_route(task_id, vm),  # noqa: PLW0108
+            version=__version__,
+        )
+        sink = EventPublisher(self.publisher, topic=mqtt.event_topic)
         self.events = Events(
-            EventPublisher(self.publisher, topic=mqtt.event_topic),
+            self.metrics.tee(sink) if self.metrics is not None else sink,
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
         )
@@ -230,6 +241,15 @@ class Agent:
             if now != last and self.transport.is_connected and self._state == "online":
                 last = now
                 self._publish_status("online")
+
+    def _vitals(self) -> Vitals:
+        return Vitals(
+            broker_connected=self.transport.is_connected,
+            queued=self.dispatcher.queued,
+            running=self.dispatcher.running,
+            backlog=self.publisher.backlog,
+            journal=journal_state(self.journal),
+        )
 
     async def _on_connected(self) -> None:
         # Presence goes out only once the task subscription is active (extensions.md).
@@ -316,6 +336,8 @@ class Agent:
 
     def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
         self._publish_result(render_result(result), reply, key)
+        if self.metrics is not None:
+            self.metrics.feed.observe_result(result)
 
     def _publish_result(self, payload: bytes, reply: Reply | None, key: str | None) -> None:
         on_delivered = None
@@ -385,6 +407,14 @@ class Agent:
             if self.journal is not None:
                 await self.journal.close()
             raise
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except BaseException:
+                await self.hypervisor.aclose()
+                if self.journal is not None:
+                    await self.journal.close()
+                raise
         log.info(
             "agent.starting",
             host=self.settings.hostname,
@@ -408,6 +438,11 @@ class Agent:
                     else None
                 )
                 lanes = tg.create_task(self.lanes.serve(), name="asyncmigfra.lanes")
+                sampler = (
+                    tg.create_task(self.metrics.run(self._vitals), name="asyncmigfra.metrics")
+                    if self.metrics is not None
+                    else None
+                )
                 await self._stop.wait()
                 self._arm_hard_exit()
                 self._publish_status("draining")
@@ -420,6 +455,8 @@ class Agent:
                 if serving is not None:
                     serving.cancel()
                 lanes.cancel()
+                if sampler is not None:
+                    sampler.cancel()
                 await asyncio.wait({intake})
                 self._answer_leftovers()
                 self._publish_status("offline")
@@ -439,6 +476,8 @@ class Agent:
             await self.hypervisor.aclose()
             if self.journal is not None:
                 await self.journal.close()
+            if self.metrics is not None:
+                await self.metrics.stop()
         log.info("agent.stopped")
         if self._fatal is not None:
             raise self._fatal  # one line, exit 2 (cli)

@@ -22,6 +22,7 @@ from asyncmigfra.settings import (
     HypervisorSettings,
     LimitsSettings,
     LoggingSettings,
+    MetricsSettings,
     MigrationDefaults,
     MqttHookSettings,
     MqttSettings,
@@ -1873,6 +1874,7 @@ def test_example_file_documents_every_key() -> None:
         MigrationDefaults,
         LoggingSettings,
         ShutdownSettings,
+        MetricsSettings,
     ):
         keys |= set(settings_module._field_table(cls))
     keys |= {"type", "driver", "transport", "nodes", "start-timeout", "stop-timeout"}

@@ -251,6 +251,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """``metrics``: the Prometheus exposition (docs/operations.md "Metrics")."""
+
+    #: ``host:port`` (``[v6-address]:port``) of ``/metrics``; ``None``: off.
+    listen: str | None = None
+
+    def address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port); ``None`` when off. The loader checked its shape."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownSettings:
     """``shutdown``: SIGTERM handling."""
 
@@ -338,3 +353,5 @@ class Settings:
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     #: ``hooks:``, in the configured order (the order they run in).
     hooks: tuple[HookSettings, ...] = ()
+    #: ``metrics``: the Prometheus exposition (off unless ``metrics.listen`` is set).
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)

@@ -138,6 +138,11 @@ class _DispatcherBase:
         return entry
 
     async def _one(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+        if isinstance(spec, MigrateSpec):
+            here, there = self._settings.hostname, spec.destination
+            run.routes[vm_name] = (here, there)
+            if spec.parameter.swap_with is not None:
+                run.routes[spec.parameter.swap_with.vm_name] = (there, here)
         if job.recovered:
             # It was running when the agent stopped: find out what happened (adopt a
             # migration that still runs) and do only what is still missing.

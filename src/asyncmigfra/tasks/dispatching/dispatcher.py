@@ -85,6 +85,17 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
         for job in list(self._jobs):
             self._cancel_job(job, reason)
 
+    def migration_route(self, task_id: str | None, vm_name: str) -> tuple[str, str] | None:
+        """(source, destination) of ``vm_name``'s migration in task ``task_id`` while it runs
+        (a swap's partner moves the other way); ``None``: no such migration."""
+        jobs = self._by_id.get(task_id, ()) if task_id else self._jobs
+        for job in jobs:
+            for run in job.runs:
+                route = run.routes.get(vm_name)
+                if route is not None:
+                    return route
+        return None
+
     @property
     def draining(self) -> bool:
         return self._draining

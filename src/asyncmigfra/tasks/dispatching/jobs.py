@@ -57,6 +57,9 @@ class _Run:
     #: VM name -> the steering of its running migration job (``tune migration``): filled
     #: by the engine through every context of this run while a job runs.
     steering: dict[str, MigrationSteering] = field(default_factory=dict)
+    #: VM name -> (source, destination) of each migration this run started (a swap: both
+    #: VMs; an evacuation: every move), for :meth:`Dispatcher.migration_route`.
+    routes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
