@@ -99,10 +99,12 @@ class MetricsFeed:
         version: str,
         hypervisor: str,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.series = series
         self._route = route
         self._clock = clock
+        self._monotonic = monotonic
         self._migrations: dict[tuple[str | None, str], _Migration] = {}
         self._routes: set[tuple[str, str]] = set()
         self._failed = False
@@ -135,7 +137,7 @@ class MetricsFeed:
         s.loop_lag.set(lag)
         for state in JOURNAL_STATES:
             s.journal.labels(state).set(1 if vitals.journal == state else 0)
-        now = time.monotonic()
+        now = self._monotonic()
         for key, mig in list(self._migrations.items()):
             if mig.finished_at is not None and now - mig.finished_at >= LINGER:
                 self._drop(key)
@@ -239,7 +241,7 @@ class MetricsFeed:
     def _done(self, mig: _Migration, event: Mapping[str, object]) -> None:
         ok = event.get("status") == "success"
         self._phase(mig, "succeeded" if ok else "failed")
-        mig.finished_at = time.monotonic()
+        mig.finished_at = self._monotonic()
         duration = _number(event, "duration")
         if not mig.started or duration is None:
             return  # it never moved: a refused or failed pre-check is no migration time
