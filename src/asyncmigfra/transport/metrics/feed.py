@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -29,7 +29,7 @@ from asyncmigfra.model import ResultMessage, TaskKind
 from asyncmigfra.wire.events import EventSink
 
 if TYPE_CHECKING:  # the feed itself imports no prometheus_client (app imports Vitals)
-    from asyncmigfra.transport.metrics.series import Series
+    from asyncmigfra.transport.metrics.series import Gauge, Series
 
 __all__ = ["LINGER", "MetricsFeed", "MetricsSink", "Route", "Vitals"]
 
@@ -78,6 +78,14 @@ class _Migration:
     started: bool = False
     #: ``time.monotonic()`` of its ``done`` event.
     finished_at: float | None = None
+    #: Its labelled children by gauge (``labels()`` once, then only ``set``).
+    children: dict[int, Any] = field(default_factory=dict)
+
+    def child(self, gauge: Gauge) -> Any:
+        found = self.children.get(id(gauge))
+        if found is None:
+            found = self.children[id(gauge)] = gauge.labels(*self.labels)
+        return found
 
 
 def _number(event: Mapping[str, object], key: str) -> float | None:
@@ -177,7 +185,7 @@ class MetricsFeed:
         elif kind == "plan":
             predicted = _number(event, "predicted-duration")
             if predicted is not None:
-                self.series.predicted_duration.labels(*mig.labels).set(predicted)
+                mig.child(self.series.predicted_duration).set(predicted)
         else:
             self._done(mig, event)
 
@@ -206,11 +214,10 @@ class MetricsFeed:
         if phase in JOB_PHASES:
             mig.started = True
             if phase in ("migrating", "adopted"):  # a job (or a retry's) starts: a fresh stamp
-                self.series.last_progress.labels(*mig.labels).set(self._clock())
+                mig.child(self.series.last_progress).set(self._clock())
 
     def _progress(self, mig: _Migration, event: Mapping[str, object]) -> None:
         s = self.series
-        labels = mig.labels
         memory_total = _number(event, "memory-total")
         if memory_total is None:
             return  # no statistics yet (before the first pass, or an offline migration)
@@ -218,11 +225,11 @@ class MetricsFeed:
         processed = (_number(event, "memory-processed") or 0.0) + (
             _number(event, "disk-processed") or 0.0
         )
-        s.data_total.labels(*labels).set(memory_total + disk_total)
-        s.data_processed.labels(*labels).set(processed)
+        mig.child(s.data_total).set(memory_total + disk_total)
+        mig.child(s.data_processed).set(processed)
         if processed > mig.processed:
             mig.processed = processed
-            s.last_progress.labels(*labels).set(self._clock())
+            mig.child(s.last_progress).set(self._clock())
         for gauge, key, scale in (
             (s.data_remaining, "data-remaining", 1.0),
             (s.disk_remaining, "disk-remaining", 1.0),
@@ -233,10 +240,10 @@ class MetricsFeed:
         ):
             value = _number(event, key)
             if value is not None:
-                gauge.labels(*labels).set(value * scale)
+                mig.child(gauge).set(value * scale)
         downtime = _number(event, "downtime")
         if event.get("phase") == "completed" and downtime is not None:
-            s.downtime.labels(*self._route_labels(labels)).observe(downtime / 1000)
+            s.downtime.labels(*self._route_labels(mig.labels)).observe(downtime / 1000)
 
     def _done(self, mig: _Migration, event: Mapping[str, object]) -> None:
         ok = event.get("status") == "success"

@@ -16,7 +16,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-__all__ = ["MIGRATION_LABELS", "Series"]
+__all__ = ["MIGRATION_LABELS", "Gauge", "Series"]  # Gauge: for the feed's types
 
 #: The labels of one migration's series.
 MIGRATION_LABELS = ("vm", "source", "destination")
