@@ -94,10 +94,14 @@ def prometheus(tmp_path: Path, target_port: int) -> Iterator[Prometheus]:
 
 
 async def until(check: Any, what: str, timeout: float = 30.0) -> Any:
-    """Poll ``check`` (in a thread: it does HTTP) until it returns something true."""
+    """Poll ``check`` (in a thread: it does HTTP) until it returns something true; an HTTP
+    error (503 while Prometheus starts) counts as not yet."""
     async with asyncio.timeout(timeout):
         while True:
-            found = await asyncio.to_thread(check)
+            try:
+                found = await asyncio.to_thread(check)
+            except OSError:
+                found = None
             if found:
                 return found
             await asyncio.sleep(0.5)
