@@ -148,6 +148,7 @@ class Agent:
             EventPublisher(self.publisher, topic=mqtt.event_topic),
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
+            event_qos=mqtt.event_qos,
         )
         #: The configured hooks (``None``: none): run by the dispatcher's subtasks, and
         #: serving other agents' ``on: destination`` requests (:meth:`run`).
