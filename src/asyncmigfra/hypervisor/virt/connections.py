@@ -67,6 +67,9 @@ class _Connection:
         self._close_callback = False
         #: How often a connection was opened (1 + reconnects).
         self.opens = 0
+        #: What callers learned over the current connection that does not change while it
+        #: lives (the host's capabilities, CPU comparisons): emptied when it is replaced.
+        self._memo: dict[object, object] = {}
 
     def get(self) -> Any:
         """The live connection, (re)opened if needed. Raises ``ConnectionFailed``."""
@@ -81,6 +84,13 @@ class _Connection:
             if self.opens > 1:
                 self._post(DomainEvent(uri=self.uri, kind="reconnected", at=time.monotonic()))
             return self._conn
+
+    def memo(self, conn: Any) -> dict[object, object]:
+        """The memo of ``conn`` (from :meth:`get`): facts that hold as long as the connection
+        does. A reconnect (libvirtd restarted, perhaps upgraded or on changed hardware)
+        starts a new, empty one; for a connection already replaced, a throwaway one."""
+        with self._lock:
+            return self._memo if conn is self._conn and conn is not None else {}
 
     def open_private(self) -> Any:
         """A fresh connection to this URI with keepalive but no callbacks, for one long call;
@@ -157,6 +167,7 @@ class _Connection:
 
     def _discard(self) -> None:
         conn, self._conn = self._conn, None
+        self._memo = {}
         ids, self._callback_ids = self._callback_ids, []
         if conn is None:
             return
