@@ -30,6 +30,9 @@ as ``python -m bench.evacuation [--quick] [--sources N] [--seed S]``.
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
 Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
+
+The agent against a bare aiomqtt echo of the same packet pattern, rounds interleaved, ratios
+printed (issue 20): ``bench/speed.py``, also on its own as ``python -m bench.speed [--quick]``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
 from asyncmigfra.transport.mqtt import ToolClient
-from bench.common import START_ONE, agent_process, connected, mosquitto, pct, proc_usage
+from bench.common import mosquitto, pct, proc_usage
+from bench.load import START_ONE, agent_process, connected, measure
+from bench.speed import Plan as SpeedPlan
+from bench.speed import run_speed
+from bench.speed import table as speed_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,20 +202,8 @@ async def measure_agent(
     host = f"cmp-{uuid.uuid4().hex[:6]}"
     with agent_process(port, host, src=src, journal=journal):
         async with connected(port, host) as c:
-            for i in range(30):  # warm-up
-                await c.send(START_ONE.format(i=i))
-            lat = [await c.send(START_ONE.format(i=i)) for i in range(n_seq)]
-            sem = asyncio.Semaphore(20)
-
-            async def one(i: int) -> None:
-                async with sem:
-                    await c.send(START_ONE.format(i=i))
-
-            t0 = time.perf_counter()
-            async with asyncio.TaskGroup() as tg:
-                for i in range(n_tput):
-                    tg.create_task(one(i))
-            return pct(lat, 0.5), n_tput / (time.perf_counter() - t0)
+            got = await measure(c, n_seq=n_seq, n_tput=n_tput)
+            return got.p50_ms, got.tasks_per_s
 
 
 async def bench_baseline(port: int, baseline: Path, quick: bool) -> dict[str, Any]:
@@ -261,6 +256,10 @@ async def amain(args: argparse.Namespace) -> None:
             "dummy hypervisor through mosquitto (agent as a process)",
             await bench_dummy(port, args.quick),
         )
+        speed_plan = SpeedPlan.from_args(args)
+        print("\n== the agent against a bare aiomqtt echo (bench/speed.py)")
+        for line in speed_table(await run_speed(port, speed_plan), speed_plan):
+            print(f"  {line}")
         show(
             "event-loop lag, 32 fake migrations streaming progress",
             await bench_loop_lag(port, args.quick),

@@ -32,7 +32,8 @@ from asyncmigfra.logs import configure_logging
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
 from asyncmigfra.settings.model import MetricsSettings
 from asyncmigfra.transport.mqtt import ToolClient
-from bench.common import START_ONE, agent_process, connected, free_port, mosquitto, pct
+from bench.common import free_port, mosquitto, pct
+from bench.load import START_ONE, agent_process, connected
 
 VARIANTS = ("off", "on", "scraped")
 

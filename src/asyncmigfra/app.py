@@ -159,6 +159,7 @@ class Agent:
             self.metrics.tee(sink) if self.metrics is not None else sink,
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
+            event_qos=mqtt.event_qos,
         )
         #: The configured hooks (``None``: none): run by the dispatcher's subtasks, and
         #: serving other agents' ``on: destination`` requests (:meth:`run`).

@@ -512,6 +512,7 @@ NEW_KEYS = [
         "communicator: {session-expiry: 0}", "mqtt.session_expiry", 0, id="session-expiry"
     ),
     pytest.param("communicator: {progress-qos: 1}", "mqtt.progress_qos", 1, id="progress-qos"),
+    pytest.param("communicator: {event-qos: 0}", "mqtt.event_qos", 0, id="event-qos"),
     pytest.param(
         "communicator: {takeover-limit: 0}", "mqtt.takeover_limit", 0, id="takeover-limit"
     ),
@@ -969,6 +970,11 @@ def test_protocol_aliases(value: str, expected: str) -> None:
             "communicator: {progress-qos: 3}",
             "communicator.progress-qos: must be between 0 and 2, got 3",
             id="progress-qos",
+        ),
+        pytest.param(
+            "communicator: {event-qos: -1}",
+            "communicator.event-qos: must be between 0 and 2, got -1",
+            id="event-qos",
         ),
         pytest.param(
             "agent: {host-devices: [{vendor: '8086'}]}",

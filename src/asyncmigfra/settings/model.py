@@ -52,8 +52,10 @@ class MqttSettings:
     reconnect_max_delay: float = 30.0
     #: s the broker keeps the agent's session (and queues its tasks) while it is away (MQTT 5).
     session_expiry: int = 86400
-    #: QoS of ``progress`` events (others use 1).
+    #: QoS of ``progress`` events.
     progress_qos: int = 0
+    #: QoS of every other event (``accepted``, ``phase``, ``done`` ...).
+    event_qos: int = 1
     #: Session takeovers (another client connected with ``client_id``) within
     #: ``takeover_window`` after which the agent gives up (exit code 2); 0: never give up.
     takeover_limit: int = 5

@@ -71,6 +71,8 @@ class _DispatcherBase:
         self._on_quit = on_quit
         self._lanes = _Lanes()
         self._slots = asyncio.Semaphore(settings.limits.max_concurrent_tasks)
+        #: Slots kept for jobs whose record was written ``running`` with their ``accepted``.
+        self._promised = 0
         # Migrations wait for these (never fail on them): outgoing from this host, and
         # incoming per destination as far as this agent sends them (oVirt's defaults: 2/2).
         self._outgoing = asyncio.Semaphore(settings.migration.max_outgoing)

@@ -81,6 +81,9 @@ class _Job:
     journaled: asyncio.Future[None] | None = None
     #: The journal write that marks the job ``running``; its work begins once it committed.
     marked: asyncio.Future[None] | None = None
+    #: Its record was written ``running`` with its ``accepted``: a slot is kept for it
+    #: (``Dispatcher._promised``) until it takes one or ends.
+    promised: bool = False
     #: ``accepted`` went out (the record is durable); before that a cancel withdraws the job.
     accepted: bool = False
     #: The task running :meth:`Dispatcher._run_job`.
