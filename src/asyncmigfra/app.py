@@ -47,6 +47,8 @@ from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
 from asyncmigfra.tasks.linkrates import LinkRates
+from asyncmigfra.transport.metrics.feed import Vitals
+from asyncmigfra.transport.metrics.opening import open_metrics
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.transport.publishing import EventPublisher, Publisher
 from asyncmigfra.wire.events import Events
@@ -153,10 +155,20 @@ class Agent:
             on_connected=self._on_connected,
         )
         self.publisher = Publisher(self.transport)
+        #: ``metrics.listen``: what the agent publishes also feeds its Prometheus series
+        #: (events through the sink below, results in :meth:`_deliver`); ``None``: off.
+        self.metrics = open_metrics(
+            settings,
+            # late-bound: the dispatcher is built below, with the events that feed the metrics
+            route=lambda task_id, vm: self.dispatcher.migration_route(task_id, vm),  # noqa: PLW0108
+            version=__version__,
+        )
+        sink = EventPublisher(self.publisher, topic=mqtt.event_topic)
         self.events = Events(
-            EventPublisher(self.publisher, topic=mqtt.event_topic),
+            self.metrics.tee(sink) if self.metrics is not None else sink,
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
+            event_qos=mqtt.event_qos,
         )
         #: The configured hooks (``None``: none): run by the dispatcher's subtasks, and
         #: serving other agents' ``on: destination`` requests (:meth:`run`).
@@ -239,6 +251,15 @@ class Agent:
             if now != last and self.transport.is_connected and self._state == "online":
                 last = now
                 self._publish_status("online")
+
+    def _vitals(self) -> Vitals:
+        return Vitals(
+            broker_connected=self.transport.is_connected,
+            queued=self.dispatcher.queued,
+            running=self.dispatcher.running,
+            backlog=self.publisher.backlog,
+            journal=journal_state(self.journal),
+        )
 
     async def _on_connected(self) -> None:
         # Presence goes out only once the task subscription is active (extensions.md).
@@ -328,6 +349,8 @@ class Agent:
         if key is not None and self.journal is not None and self.journal.keeps_history:
             history = history_rows(key, result, time.time())
         self._publish_result(render_result(result), reply, key, history)
+        if self.metrics is not None:
+            self.metrics.feed.observe_result(result)
 
     def _publish_result(
         self,
@@ -404,6 +427,14 @@ class Agent:
             if self.journal is not None:
                 await self.journal.close()
             raise
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except BaseException:
+                await self.hypervisor.aclose()
+                if self.journal is not None:
+                    await self.journal.close()
+                raise
         log.info(
             "agent.starting",
             host=self.settings.hostname,
@@ -427,6 +458,11 @@ class Agent:
                     else None
                 )
                 lanes = tg.create_task(self.lanes.serve(), name="asyncmigfra.lanes")
+                sampler = (
+                    tg.create_task(self.metrics.run(self._vitals), name="asyncmigfra.metrics")
+                    if self.metrics is not None
+                    else None
+                )
                 await self._stop.wait()
                 self._arm_hard_exit()
                 self._publish_status("draining")
@@ -439,6 +475,8 @@ class Agent:
                 if serving is not None:
                     serving.cancel()
                 lanes.cancel()
+                if sampler is not None:
+                    sampler.cancel()
                 await asyncio.wait({intake})
                 self._answer_leftovers()
                 self._publish_status("offline")
@@ -458,6 +496,8 @@ class Agent:
             await self.hypervisor.aclose()
             if self.journal is not None:
                 await self.journal.close()
+            if self.metrics is not None:
+                await self.metrics.stop()
         log.info("agent.stopped")
         if self._fatal is not None:
             raise self._fatal  # one line, exit 2 (cli)

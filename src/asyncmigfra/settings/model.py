@@ -52,8 +52,10 @@ class MqttSettings:
     reconnect_max_delay: float = 30.0
     #: s the broker keeps the agent's session (and queues its tasks) while it is away (MQTT 5).
     session_expiry: int = 86400
-    #: QoS of ``progress`` events (others use 1).
+    #: QoS of ``progress`` events.
     progress_qos: int = 0
+    #: QoS of every other event (``accepted``, ``phase``, ``done`` ...).
+    event_qos: int = 1
     #: Session takeovers (another client connected with ``client_id``) within
     #: ``takeover_window`` after which the agent gives up (exit code 2); 0: never give up.
     takeover_limit: int = 5
@@ -255,6 +257,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """``metrics``: the Prometheus exposition (docs/operations.md "Metrics")."""
+
+    #: ``host:port`` (``[v6-address]:port``) of ``/metrics``; ``None``: off.
+    listen: str | None = None
+
+    def address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port); ``None`` when off. The loader checked its shape."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownSettings:
     """``shutdown``: SIGTERM handling."""
 
@@ -342,3 +359,5 @@ class Settings:
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     #: ``hooks:``, in the configured order (the order they run in).
     hooks: tuple[HookSettings, ...] = ()
+    #: ``metrics``: the Prometheus exposition (off unless ``metrics.listen`` is set).
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)

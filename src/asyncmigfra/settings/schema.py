@@ -140,6 +140,7 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (MqttSettings, "reconnect_max_delay"): _DELAY,
     (MqttSettings, "session_expiry"): _Range(low=0, high=0xFFFFFFFF),
     (MqttSettings, "progress_qos"): _QOS,
+    (MqttSettings, "event_qos"): _QOS,
     # 0: log every takeover but never give up.
     (MqttSettings, "takeover_limit"): _NON_NEGATIVE,
     (MqttSettings, "takeover_window"): _DELAY,

@@ -106,6 +106,12 @@ class JournalWriteFailed(Exception):
 #: (sql, parameters, future to resolve after the commit, must be fsynced)
 _Op = tuple[str, tuple[object, ...], "asyncio.Future[None] | None", bool]
 _ACCEPTED: Final = "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, 'accepted', NULL, ?, ?)"
+#: The record of a task accepted when its work can begin at once: durable and ``running`` in
+#: one write (what ``accepted`` then ``running`` leave, one thread hand-off instead of two).
+_ACCEPTED_RUNNING: Final = (
+    "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, 'running', NULL, ?, ?)"
+)
+_INSERTS: Final = (_ACCEPTED, _ACCEPTED_RUNNING)
 _FINISHED: Final = "UPDATE tasks SET state = 'finished', result = ?, updated_at = ? WHERE key = ?"
 #: Delivered records kept at most (ids and times, their payloads are already gone).
 MAX_DELIVERED: Final = 100_000
@@ -258,11 +264,18 @@ class Journal:
         payload: bytes,
         response_topic: str | None,
         correlation: bytes | None,
+        running: bool = False,
     ) -> asyncio.Future[None]:
-        """Record an accepted message; the future resolves once it is on disk."""
+        """Record an accepted message; the future resolves once it is on disk.
+
+        ``running``: its work begins as soon as the record is durable (the dispatcher has
+        its lane and a slot for it), so the record is written ``running`` at once, as if
+        :meth:`running` had followed: a restart reconciles the task instead of running it
+        again, and the task costs one hand-off to the writer thread instead of two.
+        """
         now = time.time()
         return self._submit(
-            _ACCEPTED,
+            _ACCEPTED_RUNNING if running else _ACCEPTED,
             (key, task_id, payload, response_topic, correlation, now, now),
             wait=True,
             durable=True,
@@ -288,17 +301,14 @@ class Journal:
     def finished(self, key: str, result: bytes, history: Sequence[tuple[object, ...]] = ()) -> None:
         """The result is owed; ``history``: its rows (:func:`~asyncmigfra.tasks.history.
         history_rows`), written in the same transaction."""
-        if not history or self._history_max <= 0:
-            self._submit(_FINISHED, (result, time.time(), key))
-            return
         with self._cond:
-            if self._closing:
-                return
-            wake = not self._ops
-            self._ops.append((_FINISHED, (result, time.time(), key), None, False))
-            self._ops.extend((_history.INSERT, row, None, False) for row in history)
-            if wake:
-                self._cond.notify()
+            if not self._closing:
+                wake = not self._ops  # (as ``_submit``: the batch's first op wakes the writer)
+                self._ops.append((_FINISHED, (result, time.time(), key), None, False))
+                if self._history_max > 0:
+                    self._ops.extend((_history.INSERT, row, None, False) for row in history)
+                if wake:
+                    self._cond.notify()
 
     @property
     def keeps_history(self) -> bool:
@@ -308,17 +318,14 @@ class Journal:
     def history(self, query: HistoryQuery) -> asyncio.Future[list[HistoryItem]]:
         """Read the history in the journal's thread (between two transactions); the future
         fails with ``sqlite3.Error`` if the database cannot be read."""
-        return self._read(lambda db: _history.read_history(db, query))
-
-    def _read(self, read: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         assert self._loop is not None, "Journal.open() was not awaited"
-        fut: asyncio.Future[T] = self._loop.create_future()
+        fut: asyncio.Future[list[HistoryItem]] = self._loop.create_future()
         with self._cond:
             if self._closing:
                 fut.set_exception(RuntimeError("the journal is closed"))
-                return fut
-            self._reads.append((read, fut))
-            self._cond.notify()
+            else:
+                self._reads.append((lambda db: _history.read_history(db, query), fut))
+                self._cond.notify()
         return fut
 
     def delivered(self, key: str) -> None:
@@ -544,7 +551,7 @@ class Journal:
                 )
             self._write_failed = True
             for (sql, params, _, _), outcome in zip(ops, outcomes, strict=True):
-                if outcome is not None and sql is _ACCEPTED:
+                if outcome is not None and sql in _INSERTS:
                     self._probe_bytes = max(self._probe_bytes, _payload_size(params))
         elif self._write_failed and (probe or self._fits_again(ops)):
             # Working again once a write as large as the one that failed works (the test
@@ -563,7 +570,7 @@ class Journal:
 
     def _fits_again(self, ops: list[_Op]) -> bool:
         return any(
-            sql is _ACCEPTED and _payload_size(params) >= self._probe_bytes
+            sql in _INSERTS and _payload_size(params) >= self._probe_bytes
             for sql, params, _, _ in ops
         )
 

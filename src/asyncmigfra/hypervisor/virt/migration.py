@@ -138,7 +138,8 @@ class LibvirtMigrationJob:
         from another thread on that connection took up to 5 s (a keepalive interval); on any
         other connection it took 1-5 ms. Steering and statistics stay on the shared one.
         """
-        conn = self._hv._pool[self._uri].open_private()
+        private = self._hv._pool[self._uri]
+        conn = private.open_private()
         try:
             dom = conn.lookupByName(self.vm_name)
             if self.request.p2p:
@@ -151,8 +152,7 @@ class LibvirtMigrationJob:
                     stats = dest_dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
                     self._dest_stats = dict(stats)
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+            private.release_private(conn)
 
     async def _start(self) -> None:
         hv = self._hv

@@ -71,6 +71,8 @@ class _DispatcherBase:
         self._on_quit = on_quit
         self._lanes = _Lanes()
         self._slots = asyncio.Semaphore(settings.limits.max_concurrent_tasks)
+        #: Slots kept for jobs whose record was written ``running`` with their ``accepted``.
+        self._promised = 0
         # Migrations wait for these (never fail on them): outgoing from this host, and
         # incoming per destination as far as this agent sends them (oVirt's defaults: 2/2).
         self._outgoing = asyncio.Semaphore(settings.migration.max_outgoing)
@@ -141,6 +143,11 @@ class _DispatcherBase:
         return entry
 
     async def _one(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+        if isinstance(spec, MigrateSpec):
+            here, there = self._settings.hostname, spec.destination
+            run.routes[vm_name] = (here, there)
+            if spec.parameter.swap_with is not None:
+                run.routes[spec.parameter.swap_with.vm_name] = (there, here)
         if job.recovered:
             # It was running when the agent stopped: find out what happened (adopt a
             # migration that still runs) and do only what is still missing.
