@@ -186,15 +186,15 @@ async def shaped_link(rig: Rig, speed: float) -> AsyncIterator[str]:
 
 
 async def learning_migration(
-    conns: RigConns, rig: Rig, to_a: Sched, guests: dict[str, Path], timeout: float
+    conns: RigConns, rig: Rig, to_a: Sched, guests: dict[str, Path], limit: float
 ) -> str:
     """The migration the agent learns the link from; what happened, for the record."""
     name = await start_guest(conns, rig, "dirty16", guests)
     try:
         await asyncio.sleep(1.0)
-        body = migrate_body(name, rig.b.name, **params("dirty16", timeout * 4, "post-copy"))
+        body = migrate_body(name, rig.b.name, **params("dirty16", limit * 4, "post-copy"))
         reply = await to_a.call(
-            body.replace("timeout-action: abort", "timeout-action: post-copy"), timeout * 4 + 60
+            body.replace("timeout-action: abort", "timeout-action: post-copy"), limit * 4 + 60
         )
         e = entry(reply)
         tm = e.get("time-measurement") or {}
@@ -204,14 +204,14 @@ async def learning_migration(
 
 
 async def accuracy_case(
-    conns: RigConns, rig: Rig, to_a: Sched, guests: dict[str, Path], case: Case, timeout: float
+    conns: RigConns, rig: Rig, to_a: Sched, guests: dict[str, Path], case: Case, limit: float
 ) -> None:
     name = await start_guest(conns, rig, case.kind, guests)
     try:
         await asyncio.sleep(1.0)  # the guest at its steady rate
-        p = params(case.kind, timeout)
+        p = params(case.kind, limit)
         case.plan = entry(await to_a.call(plan_body(name, rig.b.name, **p), 60))
-        case.result = entry(await to_a.call(migrate_body(name, rig.b.name, **p), timeout + 90))
+        case.result = entry(await to_a.call(migrate_body(name, rig.b.name, **p), limit + 90))
     finally:
         await remove_guest(conns, rig, case.kind, name)
 
@@ -355,6 +355,13 @@ async def evacuation_run(
     return run
 
 
+def evac_entry(e: dict[str, Any]) -> str:
+    kind = str(e.get("vm-name", "?")).split("-")[1]
+    how = e.get("mode") or e.get("code") or e.get("status")
+    wave = "" if e.get("wave") is None else f"/w{e.get('wave')}"
+    return f"{kind}:{how}{wave}"
+
+
 async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: Plan) -> None:
     runs: list[EvacRun] = []
     async with (
@@ -369,11 +376,7 @@ async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: P
                 runs.append(await evacuation_run(conns, rig, to_a, guests, policy))
     rows = []
     for run in runs:
-        modes = ", ".join(
-            f"{e.get('vm-name', '?').split('-')[1]}:{e.get('mode') or e.get('code') or e.get('status')}"
-            f"{'' if e.get('wave') is None else '/w' + str(e.get('wave'))}"
-            for e in run.entries
-        )
+        modes = ", ".join(evac_entry(e) for e in run.entries)
         rows.append([run.policy, f"{run.seconds:.1f}", run.failures, run.plan_events, modes])
     table(
         f"2. evacuation of {', '.join(EVAC_KINDS)} from rig-a to rig-b at {plan.evac_speed:g}"
