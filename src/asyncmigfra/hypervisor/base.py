@@ -37,6 +37,7 @@ __all__ = [
     "HypervisorFactory",
     "JobStats",
     "KnowsLinkRate",
+    "KnowsResidentMemory",
     "LinkRate",
     "MeasuresDirtyRate",
     "MigrationJob",
@@ -211,6 +212,10 @@ class MigrationResult:
     post_copy: bool = False
     #: Bytes of memory transferred.
     transferred: int = 0
+    #: Bytes of guest memory (0: unknown) and of it the bytes sent as zero pages (a flag
+    #: each; ``None``: unknown), as the hypervisor counted them for the whole job.
+    memory_total: int = 0
+    zero_bytes: int | None = None
 
 
 @runtime_checkable
@@ -324,6 +329,18 @@ class MeasuresDirtyRate(Protocol):
         """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
         (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
         running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
+
+
+@runtime_checkable
+class KnowsResidentMemory(Protocol):
+    """A back-end that can tell how much memory a running guest's hypervisor process keeps
+    resident (libvirt: ``memoryStats()['rss']``, QEMU's RSS read by libvirtd from
+    ``/proc``; nothing asks the guest). Guest pages that were never written are not
+    resident and are zero, so this bounds the memory a migration sends in full."""
+
+    async def resident_memory(self, vm_name: str) -> int | None:
+        """KiB resident for the running guest ``vm_name``; ``None`` when not known.
+        Raises ``VmNotFound`` or another ``TaskError``."""
 
 
 @runtime_checkable

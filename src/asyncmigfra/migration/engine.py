@@ -385,7 +385,7 @@ async def _migrate_once(
             )
     forecaster = forecaster_of(ctx)
     if forecaster is not None:
-        await forecaster.learn(plan, observed)
+        await forecaster.learn(plan, observed, result)
     final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)

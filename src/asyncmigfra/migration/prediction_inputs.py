@@ -80,7 +80,8 @@ class AutoConverge:
 class PredictionInputs:
     """One migration to predict. Sizes in bytes, rates in bytes/s."""
 
-    #: Guest memory to send (what the first pass sends).
+    #: Guest memory to send (what the first pass sends: the guest's memory less the pages
+    #: known to be zero, which QEMU sends as a flag).
     memory: int
     #: What the link gives this migration (for n migrations sharing a link: its share).
     link_rate: float
@@ -88,6 +89,12 @@ class PredictionInputs:
     completion_timeout: float
     #: Memory the guest dirties per second while it runs unthrottled.
     dirty_rate: float = 0.0
+    #: s over which ``dirty_rate`` was measured (the probe's sample). A pass shorter than
+    #: this is taken to dirty as much as a whole period does: a sample cannot tell a guest
+    #: that rewrites a few pages over and over from one that writes steadily, and the
+    #: first kind leaves its whole set dirty after any pass (0: the rate holds at every
+    #: time scale).
+    dirty_period: float = 0.0
     #: Most memory one pass can leave dirty (the guest's writable working set); ``None``:
     #: all of ``memory``.
     dirty_working_set: int | None = None
@@ -106,7 +113,14 @@ class PredictionInputs:
     throttling: AutoConverge = field(default_factory=AutoConverge)
 
     def __post_init__(self) -> None:
-        for name in ("memory", "disk_bytes", "link_rate", "dirty_rate", "disk_write_rate"):
+        for name in (
+            "memory",
+            "disk_bytes",
+            "link_rate",
+            "dirty_rate",
+            "disk_write_rate",
+            "dirty_period",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
