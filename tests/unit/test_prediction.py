@@ -297,6 +297,8 @@ def test_no_link_moves_nothing() -> None:
         {"page_size": 0},
         {"max_downtime": 0},
         {"dirty_working_set": -1},
+        {"dirty_period": -1.0},
+        {"dirty_period": math.nan},
     ],
 )
 def test_impossible_inputs_are_refused(bad: dict[str, object]) -> None:
@@ -318,6 +320,48 @@ def test_a_working_set_caps_what_a_pass_leaves() -> None:
     run = predict_run(inputs(dirty_rate=4 * GIB, dirty_working_set=100 * MIB), "live")
     assert run.end == "switchover"
     assert run.passes[0].dirtied == 100 * MIB
+
+
+def test_a_pass_shorter_than_the_probes_period_dirties_a_whole_periods_worth() -> None:
+    """Half the link, measured over 1 s: pass 1 (1 s) leaves 512 MiB; pass 2 takes 0.5 s
+    but, shorter than the period, leaves a period's worth again (512 MiB, 500 ms, above the
+    300 ms target): every pass repeats, pre-copy never converges. Without the period the
+    same guest converges after two passes (``test_half_the_link_by_hand``)."""
+    run = predict_run(inputs(dirty_rate=GIB / 2, dirty_period=1.0, costs=BARE), "live")
+    assert run.end == "stuck"
+    assert sent(run) == [GIB, GIB // 2]
+    assert run.passes[1].dirtied == GIB // 2
+    assert "512.0 MiB" in run.blockers[0]
+
+
+def test_a_period_shorter_than_every_pass_changes_nothing() -> None:
+    """4 GiB over 1 GiB/s, dirtied at 256 MiB/s measured over 1 s: pass 1 (4 s) leaves
+    1 GiB, pass 2 (1 s) leaves 256 MiB (250 ms, fits 300 ms): both passes are at least a
+    period long, so the period changes nothing."""
+    base = inputs(memory=4 * GIB, dirty_rate=GIB / 4, costs=BARE)
+    with_period = predict_run(replace(base, dirty_period=1.0), "live")
+    assert with_period == predict_run(base, "live")
+    assert sent(with_period) == [4 * GIB, GIB]
+    assert with_period.duration == pytest.approx(4 + 1 + 0.25 + BARE.switchover / 1000)
+
+
+def test_a_guest_that_rewrites_its_set_faster_than_the_link_sends_it_is_stuck() -> None:
+    """The rig's dirty16 guest as the probe sees it: 16 MiB per 1 s sample, over a 32 MiB/s
+    link. Its first pass sends 20 MiB of non-zero memory (0.625 s); every later pass leaves
+    16 MiB (500 ms at the link, above 300 ms), however short it is."""
+    run = predict_run(
+        inputs(memory=20 * MIB, link_rate=32 * MIB, dirty_rate=16 * MIB, dirty_period=1.0),
+        "live",
+    )
+    assert run.end == "stuck"
+    assert [p.dirtied for p in run.passes] == [16 * MIB, 16 * MIB]
+    # At 64 MiB/s the same 16 MiB take 250 ms: it converges after the first pass.
+    fast = predict_run(
+        inputs(memory=20 * MIB, link_rate=64 * MIB, dirty_rate=16 * MIB, dirty_period=1.0),
+        "live",
+    )
+    assert fast.end == "switchover"
+    assert fast.downtime == pytest.approx(250.0 + MigrationCosts().switchover)
 
 
 def test_dirtied_memory_is_counted_in_whole_pages() -> None:
@@ -475,6 +519,7 @@ def anything(draw: st.DrawFn) -> PredictionInputs:
         post_copy_allowed=draw(st.booleans()),
         auto_converge=draw(st.booleans()),
         dirty_working_set=draw(st.one_of(st.none(), SIZES)),
+        dirty_period=draw(st.sampled_from([0.0, 1.0, 10.0])),
     )
 
 

@@ -323,7 +323,12 @@ class MeasuresDirtyRate(Protocol):
     """A back-end that can tell how fast a running guest dirties its memory without
     migrating it (libvirt: ``virDomainStartDirtyRateCalc`` in page-sampling mode; fake: its
     ``dirty-rate``), for the migration prediction (``migration.forecast``), which predicted
-    evacuation schedules (docs/protocol.md §3.7) use too."""
+    evacuation schedules (docs/protocol.md §3.7) use too.
+
+    A back-end whose figure is a sample of pages over the period (QEMU's page sampling)
+    says nothing about shorter times: the prediction then takes a shorter pass to dirty a
+    whole period's worth. A back-end whose figure holds at every time scale (the fake's
+    steady guests) sets a class attribute ``samples_pages = False``."""
 
     async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
         """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``

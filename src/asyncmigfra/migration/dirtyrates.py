@@ -98,7 +98,7 @@ class DirtyRates:
                 note = f"the dirty rate could not be measured: {exc}"
             else:
                 if measured is not None:
-                    return DirtyRate(measured, "measured", period=float(self.seconds))
+                    return DirtyRate(measured, "measured", period=self._period(hypervisor))
                 note = "the dirty rate could not be measured"
         figure = self._figures.get(vm_name)
         if figure is not None:
@@ -128,11 +128,18 @@ class DirtyRates:
             raise
         else:
             future.set_result(rate)
-            figure = _Figure(rate, time.monotonic(), migration=False, period=float(self.seconds))
+            figure = _Figure(
+                rate, time.monotonic(), migration=False, period=self._period(hypervisor)
+            )
             self._keep(vm_name, figure)
             return rate
         finally:
             self._running.pop(vm_name, None)
+
+    def _period(self, hypervisor: MeasuresDirtyRate) -> float:
+        """The probe's sample period, unless the back-end's figure holds at every time
+        scale (``samples_pages = False``, see ``MeasuresDirtyRate``)."""
+        return float(self.seconds) if getattr(hypervisor, "samples_pages", True) else 0.0
 
     def _keep(self, vm_name: str, figure: _Figure) -> None:
         self._figures.pop(vm_name, None)

@@ -29,6 +29,9 @@ class _RateProbes:
     host: FakeHost
     #: MiB/s (simulated) of one migration's link.
     bandwidth: float
+    #: ``MeasuresDirtyRate``: the rate is the simulated guest's steady one, at every time
+    #: scale (no sample period).
+    samples_pages = False
 
     async def _enter(self, op: str) -> None:
         raise NotImplementedError
