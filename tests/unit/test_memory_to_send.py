@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from asyncmigfra.errors import VmNotFound
-from asyncmigfra.hypervisor.base import KnowsResidentMemory, MigrationResult
+from asyncmigfra.hypervisor.base import DiskCopy, KnowsResidentMemory, MigrationResult
+from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.migration.dirtyrates import PROBE_SECONDS
-from asyncmigfra.migration.forecast import RESIDENT_FOR, Forecaster
+from asyncmigfra.migration.forecast import RESIDENT_FOR, Forecaster, costs_of
 from asyncmigfra.migration.plan import plan_migration
-from asyncmigfra.migration.prediction import MigrationCosts
+from asyncmigfra.migration.prediction import MigrationCosts, PredictionInputs, predict_run
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.linkrates import HOST_KEY, ResidentOverheads
@@ -153,3 +154,47 @@ def _no_samples():  # type: ignore[no-untyped-def]
     from asyncmigfra.migration.forecast import ObservedRates  # noqa: PLC0415
 
     return ObservedRates()
+
+
+# ------------------------------------------------------------------ disks and fixed costs
+
+
+@pytest.mark.parametrize(
+    ("size", "data", "sent"),
+    [(64 * MIB, None, 64 * MIB), (64 * MIB, 33 * MIB, 33 * MIB), (64 * MIB, 70 * MIB, 64 * MIB)],
+    ids=["unknown-data", "sparse", "allocation-above-size"],
+)
+def test_a_storage_copy_sends_its_data_at_most_its_size(
+    size: int, data: int | None, sent: int
+) -> None:
+    assert DiskCopy(target="vda", path="/x", size=size, data=data).sent == sent
+
+
+def test_a_storage_copy_adds_its_fixed_cost_before_anything_moves() -> None:
+    """The rig's disk guest: 33 MiB of data at 8 MiB/s after setup and storage setup, then
+    a 3 MiB pass (0.375 s) and the switchover."""
+    costs = MigrationCosts()
+    run = predict_run(
+        PredictionInputs(
+            memory=3 * MIB, link_rate=8 * MIB, completion_timeout=60.0, disk_bytes=33 * MIB
+        ),
+        "live",
+    )
+    assert run.disk_time == pytest.approx(33 / 8)
+    start = costs.setup + costs.storage_setup + 33 / 8
+    assert run.passes[0].start == pytest.approx(start)
+    end = start + 3 / 8 + costs.pass_overhead + costs.switchover / 1000
+    assert run.duration == pytest.approx(end)
+
+
+def test_the_fakes_costs_are_its_own_and_nonsense_is_ignored() -> None:
+    hv = create_fake({"domains": []}, hostname="here", shared={})
+    costs = costs_of(hv)
+    assert (costs.setup, costs.storage_setup, costs.pass_overhead) == (0.3, 0.0, 0.0)
+    assert costs_of(object()) == MigrationCosts()
+
+    class Odd:
+        def migration_costs(self) -> dict[str, object]:
+            return {"setup": -1.0, "min_pass": float("nan"), "colour": 3.0, "switchover": 2.0}
+
+    assert costs_of(Odd()) == MigrationCosts(switchover=2.0)

@@ -27,7 +27,7 @@ GIB = 1 << 30
 
 #: No setup, no pass floor or overhead: the geometric series in its pure form (the
 #: switchover's 10 ms and post-copy's 5 ms pause stay).
-BARE = MigrationCosts(setup=0.0, min_pass=0.0, pass_overhead=0.0)
+BARE = MigrationCosts(setup=0.0, storage_setup=0.0, min_pass=0.0, pass_overhead=0.0)
 
 #: The fake back-end's auto-converge: +20 % per pass from pass 3, whatever the guest does.
 EVERY_PASS = AutoConverge(
@@ -278,7 +278,9 @@ def test_a_timeout_before_memory_moves_cannot_be_saved_by_post_copy() -> None:
     verdict = predict(inputs(disk_bytes=100 * GIB, completion_timeout=60.0, post_copy_allowed=True))
     assert verdict.mode is None
     assert verdict.live.passes == ()
-    assert "memory would start to move only after 100.3 s" in verdict.reason
+    costs = MigrationCosts()
+    start = 100 + costs.setup + costs.storage_setup
+    assert f"memory would start to move only after {start:.1f} s" in verdict.reason
 
 
 def test_no_link_moves_nothing() -> None:
@@ -396,9 +398,9 @@ def test_a_slightly_faster_link_can_take_longer_because_nothing_stalls() -> None
 
 
 def test_smallest_link_share_of_an_idle_guest_is_what_fits_the_timeout() -> None:
-    """0.3 s setup + 1 s / share + 5 ms + 10 ms <= 10 s: share >= 1 / 9.685."""
+    """setup + 1 s / share + 5 ms + 10 ms <= 10 s: share >= 1 / (10 s - setup - 15 ms)."""
     share = smallest_link_share(inputs(completion_timeout=10.0), resolution=0.0001)
-    assert share == pytest.approx(1 / 9.685, abs=0.0001)
+    assert share == pytest.approx(1 / (10 - MigrationCosts().setup - 0.015), abs=0.0001)
     assert share is not None
     at = replace(inputs(completion_timeout=10.0), link_rate=GIB * share)
     assert predict_run(at, "live").converges

@@ -37,6 +37,7 @@ __all__ = [
     "HypervisorFactory",
     "JobStats",
     "KnowsLinkRate",
+    "KnowsMigrationCosts",
     "KnowsResidentMemory",
     "LinkRate",
     "MeasuresDirtyRate",
@@ -202,6 +203,15 @@ class DiskCopy:
     size: int
     #: Bytes the copy allocates on the destination.
     room: int = 0
+    #: Bytes of data the copy sends over the link: at most the image's allocation (QEMU's
+    #: mirror sends unallocated ranges as zero writes, a few bytes each); ``None``: unknown,
+    #: take ``size``.
+    data: int | None = None
+
+    @property
+    def sent(self) -> int:
+        """Bytes the copy is predicted to send (``data``, else ``size``)."""
+        return self.size if self.data is None else min(self.size, self.data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -334,6 +344,16 @@ class MeasuresDirtyRate(Protocol):
         """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
         (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
         running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
+
+
+@runtime_checkable
+class KnowsMigrationCosts(Protocol):
+    """A back-end whose migrations have fixed costs of their own (the fake's simulation),
+    for the prediction; others are predicted with the model's defaults (QEMU as the rig
+    measured it, ``migration.prediction_inputs.MigrationCosts``)."""
+
+    def migration_costs(self) -> Mapping[str, float]:
+        """Seconds and milliseconds by ``MigrationCosts`` field name (any subset)."""
 
 
 @runtime_checkable

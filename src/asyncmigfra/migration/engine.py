@@ -99,7 +99,8 @@ async def migrate(
         plan = await plan_for(
             spec, hypervisor=hypervisor, settings=settings, memory=memory, disk_bytes=disk_bytes
         )
-    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=disk_bytes)
+    sent = sum(c.sent for c in copies)  # the data that crosses the link
+    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=sent)
     return await carry_out(
         plan,
         spec,

@@ -42,10 +42,12 @@ import structlog
 
 from asyncmigfra.errors import NotSupported, TaskError, VmNotFound, WillNotConverge, WrongState
 from asyncmigfra.hypervisor.base import (
+    DiskCopy,
     DomainInfo,
     DomainState,
     Hypervisor,
     JobStats,
+    KnowsMigrationCosts,
     KnowsResidentMemory,
     MigrationResult,
 )
@@ -53,6 +55,7 @@ from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
+    MigrationCosts,
     PredictionInputs,
     RunPrediction,
     TimeoutAction,
@@ -66,6 +69,7 @@ from asyncmigfra.tasks.hostpolicy import HostPolicy
 from asyncmigfra.tasks.linkrates import HOST_KEY, LinkRates, ResidentOverheads
 
 __all__ = [
+    "RESIDENT_FOR",
     "TIMEOUT_FACTOR",
     "TIMEOUT_FLOOR",
     "Blocker",
@@ -73,6 +77,7 @@ __all__ = [
     "Forecaster",
     "ObservedRates",
     "choose",
+    "costs_of",
     "forecaster_of",
     "notes",
     "plan_fields",
@@ -278,17 +283,16 @@ class Forecaster:
             plan = self._plan(spec, memory_kib=memory // 1024)
         except TaskError as exc:
             return replace(base, blockers=(*blockers, _blocker(exc)))
-        disk = 0
         try:
             copies = await hypervisor.check_migration(plan.request)
-            disk = sum(c.size for c in copies)
         except TaskError as exc:
             blockers.append(_blocker(exc))
-            disk = await _disks_anyway(hypervisor, plan)
-        if disk:
-            plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=disk)
+            copies = await _disks_anyway(hypervisor, plan)
+        if copies:  # the disks' sizes count in the completion timeout, their data is sent
+            size = sum(c.size for c in copies)
+            plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=size)
         forecast = await self.predict_plan(
-            plan, hypervisor, memory=memory, disk=disk, measure=measure
+            plan, hypervisor, memory=memory, disk=sum(c.sent for c in copies), measure=measure
         )
         return replace(forecast, requested=requested, blockers=(*blockers, *forecast.blockers))
 
@@ -336,6 +340,7 @@ class Forecaster:
                 self.settings.migration.allow_post_copy if mode == "auto" else mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
+            costs=costs_of(hypervisor),
         )
         base = Forecast(
             vm_name=request.vm_name,
@@ -484,6 +489,20 @@ async def predicted(
     return chosen
 
 
+def costs_of(hypervisor: object) -> MigrationCosts:
+    """The fixed costs to predict ``hypervisor``'s migrations with: its own
+    (``KnowsMigrationCosts``, the fake's) over the model's defaults. Figures a back-end
+    gives that are not costs, or not finite numbers >= 0, are ignored (the default stays)."""
+    if not isinstance(hypervisor, KnowsMigrationCosts):
+        return MigrationCosts()
+    known = set(MigrationCosts.__dataclass_fields__)
+    given: dict[str, float] = {}
+    for name, value in hypervisor.migration_costs().items():
+        if name in known and isinstance(value, int | float) and 0 <= value < float("inf"):
+            given[name] = float(value)
+    return MigrationCosts(**given)
+
+
 def forecaster_of(ctx: EngineContext) -> Forecaster | None:
     """The agent's :class:`Forecaster` on ``ctx`` (a ``SubtaskContext``'s); ``None`` for a
     context without one."""
@@ -527,14 +546,14 @@ async def _memory_to_send(hypervisor: Hypervisor, dom: DomainInfo) -> int:
     return dom.memory * 1024
 
 
-async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> int:
-    """The disk bytes from the source's view alone, when the pre-check refused."""
+async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> tuple[DiskCopy, ...]:
+    """The disks from the source's view alone, when the pre-check refused."""
     if plan.request.copy_storage == "none":
-        return 0
+        return ()
     try:
-        return sum(c.size for c in await hypervisor.disks_to_copy(plan.request))
+        return await hypervisor.disks_to_copy(plan.request)
     except TaskError:
-        return 0
+        return ()
 
 
 def _as_verdict(run: RunPrediction) -> Verdict:

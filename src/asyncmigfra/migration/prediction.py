@@ -11,7 +11,8 @@ so the downtime schedule and the stall rules are the engine's, not a copy of the
 
 What is modelled (times in seconds from the start of the job, sizes in bytes):
 
-* **Setup.** Nothing moves for ``costs.setup`` (the destination QEMU starting).
+* **Setup.** Nothing moves for ``costs.setup`` (the destination QEMU starting, and the
+  fixed costs at the end, counted here), plus ``costs.storage_setup`` with a storage copy.
 * **Storage copy.** With ``disk_bytes`` > 0 the disks are mirrored first, at the link rate,
   while the guest writes them at ``disk_write_rate``. Each write dirties what was already
   copied, so the mirror's catch-up is a geometric series of ratio write/link: it takes
@@ -363,6 +364,7 @@ class _Run:
             return self._failed("no-link", "the link rate is 0: nothing can move")
         t = inputs.costs.setup
         if inputs.disk_bytes > 0:
+            t += inputs.costs.storage_setup
             writes = inputs.disk_write_rate
             if writes >= self.link:
                 self.disk_time = math.inf
