@@ -7,8 +7,9 @@ runs one agent per rig host in this process with the ``libvirt`` back-end, as
 ``bench/rig_bench.py`` does. The link from rig-a to rig-b is a token bucket (``tc qdisc
 ... tbf``, ``rig.shaping``) on rig-a's end of the veth.
 
-1. **Accuracy.** For each link speed: fresh agents (nothing learned), then one *learning*
-   migration (a ``dirty16`` guest, ``migration-type: post-copy``) from which the agent learns
+1. **Accuracy.** For each link speed: fresh agents (nothing learned), then *learning*
+   migrations (a ``dirty64`` guest, ``migration-type: post-copy``; one with ``--quick``, else
+   two) from which the agent learns
    the link rate to rig-b as it learns it in production (the median transfer rate of the
    memory passes; also what the guests' QEMUs keep resident beyond guest memory, see
    docs/protocol.md *Predictions*). Then for each guest (``idle``, ``dirty16``, ``dirty64``
@@ -71,6 +72,8 @@ from rig import Rig, RigUnavailable, build_guests, ensure_system
 from rig.shaping import shape, shaping, unshape
 
 KINDS = ("idle", "dirty16", "dirty64", "disk")
+#: s a learning migration may take (completion timeout; it then switches to post-copy).
+LEARN_LIMIT = 60.0
 #: The disk guest's image: virtual size and bytes written into it before the migration.
 DISK_SIZE, DISK_DATA = 64 * MIB, 32 * MIB
 
@@ -84,6 +87,7 @@ class Plan:
     timeout: float
     evac_speed: float
     evac_rounds: int
+    learning_runs: int
     only: frozenset[str]
 
     @classmethod
@@ -96,6 +100,7 @@ class Plan:
             timeout=args.timeout or (15.0 if quick else 25.0),
             evac_speed=args.evac_speed,
             evac_rounds=1 if quick else 2,
+            learning_runs=1 if quick else 2,
             only=frozenset(args.only or ("accuracy", "evacuation")),
         )
 
@@ -188,19 +193,21 @@ async def shaped_link(rig: Rig, speed: float) -> AsyncIterator[str]:
 async def learning_migration(
     conns: RigConns, rig: Rig, to_a: Sched, guests: dict[str, Path], limit: float
 ) -> str:
-    """The migration the agent learns the link from; what happened, for the record."""
-    name = await start_guest(conns, rig, "dirty16", guests)
+    """A migration the agent learns from (the link rate, the resident overhead): a
+    ``dirty64`` guest, which keeps the link busy, in post-copy (it always ends); what
+    happened, for the record."""
+    name = await start_guest(conns, rig, "dirty64", guests)
     try:
         await asyncio.sleep(1.0)
-        body = migrate_body(name, rig.b.name, **params("dirty16", limit * 4, "post-copy"))
+        p = {**params("dirty64", limit, "post-copy"), "timeout-action": "post-copy"}
         reply = await to_a.call(
-            body.replace("timeout-action: abort", "timeout-action: post-copy"), limit * 4 + 60
+            migrate_body(name, rig.b.name, **p, **{"max-downtime": 300}), limit + 60
         )
         e = entry(reply)
         tm = e.get("time-measurement") or {}
         return f"{e.get('status')} {e.get('code') or ''} in {fmt(tm.get('migrate'), 1)} s".strip()
     finally:
-        await remove_guest(conns, rig, "dirty16", name)
+        await remove_guest(conns, rig, "dirty64", name)
 
 
 async def accuracy_case(
@@ -223,10 +230,13 @@ async def bench_accuracy(port: int, rig: Rig, guests: dict[str, Path], plan: Pla
         for speed in plan.speeds:
             async with (
                 shaped_link(rig, speed) as qdisc,
-                agent_pair(port, rig, agent={"progress_interval": 0.5}) as (to_a, _),
+                agent_pair(port, rig, agent={"progress_interval": 0.2}) as (to_a, _),
             ):
-                learned = await learning_migration(conns, rig, to_a, guests, plan.timeout)
-                learning.append([f"{speed:g}", qdisc, learned])
+                learned = [
+                    await learning_migration(conns, rig, to_a, guests, LEARN_LIMIT)
+                    for _ in range(plan.learning_runs)
+                ]
+                learning.append([f"{speed:g}", qdisc, "; ".join(learned)])
                 for kind in plan.kinds:
                     case = Case(kind, speed)
                     cases.append(case)
@@ -367,9 +377,9 @@ async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: P
     async with (
         rig_conns(rig) as conns,
         shaped_link(rig, plan.evac_speed) as qdisc,
-        agent_pair(port, rig, agent={"progress_interval": 0.5}) as (to_a, _),
+        agent_pair(port, rig, agent={"progress_interval": 0.2}) as (to_a, _),
     ):
-        learned = await learning_migration(conns, rig, to_a, guests, 25.0)
+        learned = await learning_migration(conns, rig, to_a, guests, LEARN_LIMIT)
         for i in range(plan.evac_rounds):
             order = ("predicted", "fixed") if i % 2 == 0 else ("fixed", "predicted")
             for policy in order:
