@@ -68,6 +68,7 @@ from bench.storage import clean_up, image_path, start_with_disk
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
+from asyncmigfra.migration.prediction import MigrationCosts
 from rig import Rig, RigUnavailable, build_guests, ensure_system
 from rig.shaping import shape, shaping, unshape
 
@@ -133,6 +134,17 @@ class Case:
     def actual_downtime_ms(self) -> float | None:
         tm = self.result.get("time-measurement") or {}
         return float(tm["downtime"]) * 1000 if self.converged and "downtime" in tm else None
+
+    @property
+    def fixed_s(self) -> float | None:
+        """What the run took beyond the model's transfer time: the fixed cost it showed
+        (actual - predicted + the model's fixed costs), to check the model's constants."""
+        predicted, actual = self.plan.get("predicted-duration"), self.actual_s
+        if predicted is None or actual is None:
+            return None
+        costs = MigrationCosts()
+        fixed = costs.setup + (costs.storage_setup if self.kind == "disk" else 0.0)
+        return actual - float(predicted) + fixed
 
     @property
     def error_share(self) -> float | None:
@@ -230,7 +242,7 @@ async def bench_accuracy(port: int, rig: Rig, guests: dict[str, Path], plan: Pla
         for speed in plan.speeds:
             async with (
                 shaped_link(rig, speed) as qdisc,
-                agent_pair(port, rig, agent={"progress_interval": 0.2}) as (to_a, _),
+                agent_pair(port, rig) as (to_a, _),
             ):
                 learned = [
                     await learning_migration(conns, rig, to_a, guests, LEARN_LIMIT)
@@ -275,6 +287,7 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
                 fmt(p.get("predicted-downtime"), 0),
                 fmt(c.actual_downtime_ms, 0),
                 p.get("passes", "-"),
+                fmt(c.fixed_s, 2),
             ]
         )
     table(
@@ -296,6 +309,7 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
             "pred. down ms",
             "actual down ms",
             "passes",
+            "fixed s",
         ],
         rows,
     )
@@ -310,8 +324,20 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
         "learned = the link rate the agent's plan used (learned from the learning migration);\n"
         "dirty = the agent's page-sampling probe (1 s); memory = what the plan says the first\n"
         "pass sends; actual s = the result's time-measurement 'migrate' (job start to end).\n"
-        "error = (predicted - actual) / actual."
+        "error = (predicted - actual) / actual. fixed s = actual - predicted + the model's\n"
+        "fixed costs: what the run cost beyond the model's transfer time."
     )
+    costs = MigrationCosts()
+    for label, disk, model in (
+        ("without a storage copy", False, costs.setup),
+        ("with a storage copy", True, costs.setup + costs.storage_setup),
+    ):
+        fixed = [c.fixed_s for c in cases if (c.kind == "disk") == disk and c.fixed_s is not None]
+        if fixed:
+            print(
+                f"  fixed cost {label}: median {statistics.median(fixed):.2f} s over"
+                f" {len(fixed)} runs (model: {model:.2f} s)"
+            )
     for c in cases:
         blockers = c.plan.get("blockers") or []
         if c.error or (c.predicted_converges is False and blockers):
@@ -335,6 +361,7 @@ class EvacRun:
     failures: int = 0
     entries: list[dict[str, Any]] = field(default_factory=list)
     plan_events: int = 0
+    first_plan: dict[str, Any] = field(default_factory=dict)
 
 
 async def evacuation_run(
@@ -358,15 +385,24 @@ async def evacuation_run(
         run.seconds = time.perf_counter() - t0
         run.entries = list(reply.doc.get("list") or [])
         run.failures = sum(e.get("status") != "success" for e in run.entries)
-        run.plan_events = len(to_a.events_for(reply.id, "plan"))
+        plans = to_a.events_for(reply.id, "plan")
+        run.plan_events = len(plans)
+        if plans:
+            run.first_plan = plans[0]
     finally:
         for kind, name in zip(EVAC_KINDS, names, strict=True):
             await remove_guest(conns, rig, kind, name)
     return run
 
 
+def kind_of(e: dict[str, Any]) -> str:
+    """The guest kind from a bench VM's name (``acc-<kind>-<hex>``)."""
+    parts = str(e.get("vm-name", "?")).split("-")
+    return parts[1] if len(parts) > 2 else "?"
+
+
 def evac_entry(e: dict[str, Any]) -> str:
-    kind = str(e.get("vm-name", "?")).split("-")[1]
+    kind = kind_of(e)
     how = e.get("mode") or e.get("code") or e.get("status")
     wave = "" if e.get("wave") is None else f"/w{e.get('wave')}"
     return f"{kind}:{how}{wave}"
@@ -377,7 +413,7 @@ async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: P
     async with (
         rig_conns(rig) as conns,
         shaped_link(rig, plan.evac_speed) as qdisc,
-        agent_pair(port, rig, agent={"progress_interval": 0.2}) as (to_a, _),
+        agent_pair(port, rig) as (to_a, _),
     ):
         learned = await learning_migration(conns, rig, to_a, guests, LEARN_LIMIT)
         for i in range(plan.evac_rounds):
@@ -394,6 +430,16 @@ async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: P
         ["schedule", "makespan s", "failed", "plan events", "per VM (mode/wave)"],
         rows,
     )
+    for run in runs:
+        if run.first_plan.get("waves"):
+            waves = " | ".join(
+                ", ".join(
+                    f"{kind_of(v)} {fmt(v.get('predicted-duration'), 1)} s"
+                    for v in w.get("vms") or []
+                )
+                for w in run.first_plan["waves"]
+            )
+            print(f"  planned waves: {waves}; makespan {run.first_plan.get('makespan')} s")
     for policy in ("predicted", "fixed"):
         mine = [r.seconds for r in runs if r.policy == policy]
         print(f"  {policy}: makespan median {statistics.median(mine):.1f} s over {len(mine)}")
