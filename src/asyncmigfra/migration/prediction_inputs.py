@@ -24,13 +24,14 @@ class MigrationCosts:
     figure exists, else a documented guess."""
 
     #: s of a migration that nothing speeds up: the destination QEMU starting, the
-    #: hand-over at the end, the source QEMU stopping (the rig, an idle 128 MiB TCG guest
-    #: from the migration call to its end, bench/prediction_accuracy.py: 0.6-0.8 s). The
-    #: model puts it all before anything moves.
-    setup: float = 0.6
+    #: hand-over at the end, the source QEMU stopping. The model puts it all before anything
+    #: moves. The rig (bench/prediction_accuracy.py, 128 MiB TCG guests, from the migration
+    #: call to its end, less the model's transfer time): median 0.35 s over 10 runs, each
+    #: 0.27-1.03 s.
+    setup: float = 0.35
     #: s a storage copy adds (the destination's NBD server, the mirror jobs starting and
-    #: completing; the rig: about 0.4 s), also before anything moves.
-    storage_setup: float = 0.4
+    #: completing), also before anything moves. The rig: median 0.1 s over 6 runs.
+    storage_setup: float = 0.1
     #: s: no pass is shorter (the fake's assumption that QEMU syncs the dirty bitmap at
     #: most about every 100 ms; not verified against QEMU).
     min_pass: float = 0.1
