@@ -33,6 +33,7 @@ guest paused (downtime = the whole copy), ``offline`` as the setup alone.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -498,7 +499,7 @@ def costs_of(hypervisor: object) -> MigrationCosts:
     known = set(MigrationCosts.__dataclass_fields__)
     given: dict[str, float] = {}
     for name, value in hypervisor.migration_costs().items():
-        if name in known and isinstance(value, int | float) and 0 <= value < float("inf"):
+        if name in known and 0 <= value < math.inf:  # NaN compares false: ignored too
             given[name] = float(value)
     return MigrationCosts(**given)
 
