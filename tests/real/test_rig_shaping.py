@@ -1,5 +1,6 @@
 """The rig's link shaping (``rig.shaping``): a token bucket on rig-a's veth holds a real
-QEMU migration's transfer rate near the limit, and removing it lifts the limit.
+QEMU migration's transfer rate near the limit, and removing it lifts the limit (the same
+guest then converges).
 
 Behaviour, not timing: QEMU's own ``memory_bps`` of a migration of a ``dirty64`` guest
 (which always has pages to send) is compared with the bucket's rate, and the run is aborted
@@ -74,10 +75,11 @@ async def test_a_token_bucket_holds_a_migration_near_its_rate(
     assert shaped_rate <= LIMIT * MIB * 1.1, rates
     # ... and the stream fills most of it: the bucket, not QEMU, is what limits it.
     assert shaped_rate >= LIMIT * MIB * 0.5, rates
-    # Unshaped, the same guest's migration goes well above the limit.
-    free = await asyncio.to_thread(transfer_rates, rig, conn, dom, 3)
-    assert statistics.median(free) > LIMIT * MIB * 2, free
-    assert dom.isActive()  # every run was aborted: the guest still runs on rig-a
+    assert dom.isActive()  # the run was aborted: the guest still runs on rig-a
+    # Unshaped, the same guest converges: 64 MiB rewritten all the time never fit a
+    # downtime at 8 MiB/s, and do at the veth's own speed.
+    await asyncio.to_thread(migrate_p2p, dom, rig.b, timeout=60)
+    assert rig_conns[rig.b.name].lookupByName(dom.name()).isActive()
 
 
 def test_shaping_refuses_nonsense(rig: Rig) -> None:
