@@ -504,7 +504,7 @@ def main() -> None:
     standalone(
         "prediction_accuracy",
         __doc__,
-        "two link speeds, one learning migration, one evacuation round each (~2.5 min; full ~5 min)",
+        "two link speeds, one learning run, one evacuation round each (~2.5 min; full ~5)",
         add_arguments,
         lambda port, args: run_prediction_accuracy(port, Plan.from_args(args)),
     )
