@@ -46,7 +46,7 @@ from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
-from asyncmigfra.tasks.linkrates import LinkRates
+from asyncmigfra.tasks.linkrates import LinkRates, ResidentOverheads
 from asyncmigfra.transport.metrics.feed import Vitals
 from asyncmigfra.transport.metrics.opening import open_metrics
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
@@ -146,7 +146,12 @@ class Agent:
         )
         #: What this agent learned of its destinations' links (beside the journal).
         self.link_rates = LinkRates.in_state_dir(state_dir)
-        self.forecaster = Forecaster(settings=settings, link_rates=self.link_rates)
+        #: ... and of its guests' hypervisor processes (what they keep resident beyond guest
+        #: memory; migration/forecast.py).
+        self.resident_overheads = ResidentOverheads.in_state_dir(state_dir)
+        self.forecaster = Forecaster(
+            settings=settings, link_rates=self.link_rates, overheads=self.resident_overheads
+        )
         mqtt = settings.mqtt
         self.transport = MqttTransport(
             mqtt,
@@ -411,6 +416,7 @@ class Agent:
         records = await self.journal.open() if self.journal is not None else []
         self._warn_of_an_earlier_journal()
         await self.link_rates.open()  # after the journal's lock: the directory is ours
+        await self.resident_overheads.open()
         username = self.settings.mqtt.username
         if username is not None and username != self.settings.hostname:
             log.warning(

@@ -846,6 +846,15 @@ class LibvirtHypervisor:
 
         return await self._mapped(self.uri, op)
 
+    async def resident_memory(self, vm_name: str) -> int | None:
+        """``KnowsResidentMemory``: ``memoryStats()['rss']`` (libvirtd reads QEMU's RSS)."""
+
+        def op(conn: Any) -> int | None:
+            rss = conn.lookupByName(vm_name).memoryStats().get("rss")
+            return int(rss) if isinstance(rss, int) and rss > 0 else None
+
+        return await self._mapped(self.uri, op)
+
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         """Pin live and in the config for a running persistent domain, live for a transient
         one, in the config for a shut-off one."""
