@@ -18,8 +18,7 @@ from asyncmigfra import cli
 from asyncmigfra.tasks.history import INSERT, MAX_DETAILS
 from asyncmigfra.tasks.journal import Journal
 from asyncmigfra.wire.parsing.names import MAX_TASK_ID
-from conftest import Mosquitto, mosquitto_conf
-from harness import agent_settings, free_port, need, running_agent, scheduler
+from harness import agent_settings, running_agent, scheduler
 
 pytestmark = pytest.mark.broker
 
@@ -27,14 +26,12 @@ LIMIT = 1024 * 1024
 
 
 @pytest.fixture
-def limited_mosquitto(tmp_path: Path):  # type: ignore[no-untyped-def]
-    binary = need("mosquitto", "MQTT broker tests")
-    port = free_port()
-    conf = mosquitto_conf(tmp_path / "m.conf", port, extra=f"message_size_limit {LIMIT}\n")
-    broker = Mosquitto(binary=binary, conf=conf, port=port)
-    broker.start()
-    yield broker
-    broker.stop(kill=True)
+def limited_mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
+    """A broker of the test's own that drops messages over :data:`LIMIT` bytes."""
+    with private_mosquitto.conf.open("a") as conf:
+        conf.write(f"message_size_limit {LIMIT}\n")
+    private_mosquitto.restart()
+    return private_mosquitto
 
 
 async def _fill(state: Path, owner: str, rows: int) -> None:
