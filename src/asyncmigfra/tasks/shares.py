@@ -92,12 +92,19 @@ class Member:
     wanted: float = 0.0
 
 
-def allocate(members: Iterable[Member], links: Links) -> dict[str, float]:
+def allocate(
+    members: Iterable[Member], links: Links, *, starting: Iterable[Member] = ()
+) -> dict[str, float]:
     """Each member's rate (bytes/s): its ``needed``; then, in rank order, up to what it
     ``wanted``; then the rest divided max-min fairly up to what each moves alone (see the
-    module). Needs that do not fit are given anyway (admission prevents that)."""
+    module). Needs that do not fit are given anyway (admission prevents that). The needs of
+    ``starting`` (migrations in their setup, which move nothing yet) are kept free."""
     ranked = sorted(members, key=lambda m: m.rank)
     left = links.capacities()
+    for m in starting:
+        for link in links.of(m.destination):
+            if link in left:
+                left[link] = max(0.0, left[link] - m.needed)
 
     def take(m: Member, amount: float) -> None:
         for link in links.of(m.destination):

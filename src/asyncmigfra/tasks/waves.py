@@ -73,6 +73,7 @@ __all__ = [
     "WavePlan",
     "WaveVm",
     "deviates",
+    "lower_bound",
     "plan_waves",
     "replan",
     "slowdown",
@@ -278,6 +279,27 @@ def plan_waves(
     return schedule.plan(first_wave, unschedulable, done)
 
 
+def lower_bound(
+    vms: Sequence[WaveVm],
+    *,
+    link_rate: float,
+    destination_rates: Mapping[str, float] | None = None,
+) -> float:
+    """s no schedule of ``vms`` can beat, as the model counts: the bytes of every migration
+    at the rate it moves alone (the fewest it sends) through the source's link, and into
+    each destination's, at their full rates; and the longest migration alone. The VMs that
+    converge in no way are left out."""
+    links = Links(link_rate, dict(destination_rates or {}))
+    needs = [n for n in (_need(v, links) for v in vms) if isinstance(n, _Need)]
+    bound = max((n.setup + n.work(n.alone) / n.alone for n in needs), default=0.0)
+    for link, capacity in links.capacities().items():
+        crossing = [n for n in needs if link in links.of(n.vm.destination)]
+        if crossing:
+            setup = min(n.setup for n in crossing)
+            bound = max(bound, setup + sum(n.work(n.alone) for n in crossing) / capacity)
+    return bound
+
+
 # ---- what one VM needs -----------------------------------------------------------------
 
 
@@ -418,12 +440,16 @@ class _Simulation:
             if not moving:  # cannot happen: a lone VM always fits (needed <= alone <= links)
                 raise AssertionError("no VM can start")
             members = [m.need.member for m in moving.values()]
-            held = caps(members, allocate(members, self.links))
-            rates = capped(allocate(members, self.links), held)
+            started = caps(members, allocate(members, self.links))  # its cap when it moves
+            setups = [m.need.member for m in moving.values() if m.moves_at > t]
+            now = [m for m in members if m not in setups]
+            held = caps(now, allocate(now, self.links, starting=setups))
+            rates = capped(allocate(now, self.links, starting=setups), held)
             for name, m in moving.items():
-                m.rate, m.cap = rates[name], held[name]
+                m.rate, m.cap = rates.get(name, 0.0), held.get(name, started[name])
                 if m.start == t and name not in self.timeline:
-                    self.timeline[name] = (t, math.inf, m.rate, m.cap)
+                    rate = capped(allocate(members, self.links), started)[name]
+                    self.timeline[name] = (t, math.inf, rate, started[name])
             t = self._advance(t, moving)
 
     def _inflation(self, member: Member, rate: float) -> float:

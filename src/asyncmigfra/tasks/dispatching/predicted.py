@@ -53,7 +53,7 @@ from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
-from asyncmigfra.tasks.shares import admissible, allocate, caps
+from asyncmigfra.tasks.shares import Member, admissible, allocate, caps
 from asyncmigfra.tasks.waves import (
     Observation,
     WavePlan,
@@ -359,6 +359,8 @@ class _Moves:
         self._pending = [n for n in schedule.order if schedule.steps[n].member is not None]
         #: VM -> when its move started (monotonic s).
         self._running: dict[str, float] = {}
+        #: VM -> when its setup ends, as far as the prediction knows (monotonic s).
+        self._moves_at: dict[str, float] = {}
         #: VM -> the cap (MiB/s) it should have now, and the one it has.
         self._caps: dict[str, int | None] = {}
         self._applied: dict[str, int | None] = {}
@@ -368,19 +370,19 @@ class _Moves:
         """Start, cap and follow the moves until every planned one has ended."""
         while self._pending or self._running:
             self._start(tg)
+            self._recap()
             await self._apply_caps()
-            unapplied = any(self._caps[n] != self._applied.get(n) for n in self._running)
             await asyncio.wait(
                 {self._tasks[n] for n in self._running},
-                timeout=_CAP_RETRY if unapplied else None,
+                timeout=self._next_wake(),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             await self._ended()
 
     def _start(self, tg: asyncio.TaskGroup) -> None:
         """Start the pending moves, in the planned order, while the next one is admissible
-        (:func:`~asyncmigfra.tasks.shares.admissible`; with nothing running, always), and
-        set every running move's cap for its new share."""
+        (:func:`~asyncmigfra.tasks.shares.admissible`; with nothing running, always), each
+        capped at its share once it moves."""
         schedule = self._schedule
         links = schedule.links
         members = [m for n in self._running if (m := schedule.steps[n].member) is not None]
@@ -398,16 +400,42 @@ class _Moves:
                 break
             members.append(member)
             new.append(self._pending.pop(0))
-        self._caps = caps(members, allocate(members, links))
+        if not new:
+            return
+        moving = caps(members, allocate(members, links))
         now = time.monotonic()
         for name in new:
             step = schedule.steps[name]
             self._running[name] = now
-            self._applied[name] = self._caps[name]
+            self._moves_at[name] = now + schedule.vms[name].inputs.costs.setup
+            self._caps[name] = self._applied[name] = moving[name]
             self._tasks[name] = tg.create_task(
-                self._move(name, self._caps[name]),
+                self._move(name, moving[name]),
                 name=f"asyncmigfra.evacuate[{name}->{step.destination}]#{step.wave}",
             )
+
+    def _recap(self) -> None:
+        """Every running move's cap for its share now: the moves in their setup (as far as
+        the prediction knows) keep the cap they started with and their needs free, the
+        others share the rest (:func:`~asyncmigfra.tasks.shares.allocate`)."""
+        schedule = self._schedule
+        now = time.monotonic()
+        setups: list[Member] = []
+        moving: list[Member] = []
+        for name in self._running:
+            member = schedule.steps[name].member
+            if member is not None:
+                (setups if self._moves_at[name] > now else moving).append(member)
+        self._caps.update(caps(moving, allocate(moving, schedule.links, starting=setups)))
+
+    def _next_wake(self) -> float | None:
+        """s until a move's setup ends (its share changes) or a cap not yet set is tried
+        again; ``None``: until a move ends."""
+        now = time.monotonic()
+        wakes = [at - now for n, at in self._moves_at.items() if n in self._running and at > now]
+        if any(self._caps[n] != self._applied.get(n) for n in self._running):
+            wakes.append(_CAP_RETRY)
+        return max(0.0, min(wakes)) if wakes else None
 
     async def _apply_caps(self) -> None:
         """Set the caps that changed on the running moves (a move whose job has not started
@@ -428,6 +456,8 @@ class _Moves:
         for name in [n for n in self._running if self._tasks[n].done()]:
             started = self._running.pop(name)
             self._applied.pop(name, None)
+            self._caps.pop(name, None)
+            self._moves_at.pop(name, None)
             step = schedule.steps[name]
             if step.predicted is None:
                 continue
