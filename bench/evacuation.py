@@ -5,8 +5,9 @@
 The same simulated cluster is evacuated once per policy, each time from scratch: ``--sources``
 hosts with ``--vms`` guests each (idle, cold and hot ones: sizes and dirty rates drawn from
 ``--seed``) are evacuated at the same moment onto ``--destinations`` hosts, by agents on one
-mosquitto with the ``fake`` back-end. Every host's NIC carries 1250 MiB/s each way
-(``nic-rate``, about 10 GbE) and one migration's stream at most 1000 MiB/s (``bandwidth``),
+mosquitto with the ``fake`` back-end (every host runs one, the destinations too: they
+answer the sources' reservations of their inbound NICs). Every host's NIC carries 1250
+MiB/s each way (``nic-rate``, about 10 GbE) and one migration's stream at most 1000 MiB/s (``bandwidth``),
 so a host's migrations share its NIC and a destination's share that one's, max-min fairly.
 Every policy uses the same placement (``mode: auto``), ``migration-type: live``,
 ``max-downtime: 500`` and ``completion-timeout: 30`` (a guest that does not converge fails
@@ -107,13 +108,20 @@ def destination_name(i: int) -> str:
 
 
 def agent_for(
-    host: str, domains: list[Guest], peers: Mapping[str, Any], port: int, shared: dict[str, object]
+    host: str,
+    domains: list[Guest],
+    peers: Mapping[str, Any],
+    port: int,
+    shared: dict[str, object],
+    *,
+    cpus: int = 64,
+    memory: int = 256 * 1024 * MIB_KIB,
 ) -> Agent:
     base = default_settings(hostname=host)
     options = {
         "host": host,
-        "cpus": 64,
-        "memory": 256 * 1024 * MIB_KIB,
+        "cpus": cpus,
+        "memory": memory,
         "bandwidth": STREAM,
         "nic-rate": NIC,
         "peers": dict(peers),
@@ -173,6 +181,12 @@ async def evacuate(
     agents = [
         agent_for(host, doms, peers if i == 0 else {}, port, shared)
         for i, (host, doms) in enumerate(cluster.items())
+    ]
+    # Every host runs an agent: the destinations' answer the sources' requests for shares
+    # of their inbound NICs (schedule: predicted).
+    agents += [
+        agent_for(d, [], {}, port, shared, cpus=DESTINATION_CPUS, memory=DESTINATION_MEMORY)
+        for d in destinations
     ]
     outcome = Outcome()
     results: dict[str, dict[str, Any]] = {}

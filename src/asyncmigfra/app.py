@@ -39,6 +39,7 @@ from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
 from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import ResultMessage, TaskMessage
+from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
@@ -171,6 +172,13 @@ class Agent:
             hostname=settings.hostname,
             task_topic=settings.mqtt.task_topic,
             keeper=self.dispatcher,
+        )
+        #: Shares of this host's inbound NIC reserved by other agents' evacuations.
+        self.inbound = InboundServer(
+            bus=self.transport,
+            hostname=settings.hostname,
+            task_topic=settings.mqtt.task_topic,
+            hypervisor=self.hypervisor,
         )
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         #: Bytes of the payloads in ``_intake`` (bounded by ``limits.max-intake-bytes``).
@@ -408,6 +416,7 @@ class Agent:
                     else None
                 )
                 lanes = tg.create_task(self.lanes.serve(), name="asyncmigfra.lanes")
+                inbound = tg.create_task(self.inbound.serve(), name="asyncmigfra.inbound")
                 await self._stop.wait()
                 self._arm_hard_exit()
                 self._publish_status("draining")
@@ -420,6 +429,7 @@ class Agent:
                 if serving is not None:
                     serving.cancel()
                 lanes.cancel()
+                inbound.cancel()
                 await asyncio.wait({intake})
                 self._answer_leftovers()
                 self._publish_status("offline")

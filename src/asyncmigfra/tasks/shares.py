@@ -43,7 +43,16 @@ from dataclasses import dataclass
 
 from asyncmigfra.fairshare import Flow, max_min_rates
 
-__all__ = ["Links", "Member", "admissible", "admissions", "allocate", "capped", "caps"]
+__all__ = [
+    "Links",
+    "Member",
+    "admissible",
+    "admissions",
+    "allocate",
+    "capped",
+    "caps",
+    "leaves_room",
+]
 
 _MIB = 1024 * 1024
 #: Relative slack when adding up needs against a link.
@@ -176,8 +185,8 @@ def admissions(
             if candidate is head:
                 may = [(head, rate)]
                 break
-            if len(now) + 2 > max_parallel or not _fits(
-                [candidate, head], links, max_parallel=2, max_incoming=max_incoming
+            if not leaves_room(
+                now, candidate, head, links, max_parallel=max_parallel, max_incoming=max_incoming
             ):
                 continue  # it would keep the head waiting once what blocks the head ends
             may.append((candidate, rate))
@@ -207,6 +216,23 @@ def admissible(
     its moves in the planned order with this rule)."""
     rate = _worth(running, candidate, links, max_parallel=max_parallel, max_incoming=max_incoming)
     return rate is not None
+
+
+def leaves_room(
+    running: Sequence[Member],
+    candidate: Member,
+    waiting: Member,
+    links: Links,
+    *,
+    max_parallel: int,
+    max_incoming: int | None,
+) -> bool:
+    """``candidate`` may pass ``waiting`` (ranked or planned before it, which cannot start
+    yet): it leaves ``waiting`` a slot beside ``running``, and the two fit together, so
+    ``waiting`` can start once what keeps it waiting has ended."""
+    return len(running) + 2 <= max_parallel and _fits(
+        [candidate, waiting], links, max_parallel=2, max_incoming=max_incoming
+    )
 
 
 def _worth(

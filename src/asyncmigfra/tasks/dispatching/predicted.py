@@ -21,27 +21,20 @@ destination (learned from earlier migrations, else the configured ``migration.li
 stands for all three: one migration alone is taken to fill the source's NIC, and the
 migrations out of this host, and those into one destination, to share that same rate.
 
-:meth:`_Predicted._run_waves` then starts the moves in the planned order, each as soon as
-the links have room for it by the planner's own rules
-(:func:`~asyncmigfra.tasks.shares.admissible`, with the moves running now, not the planned
-ones: a move that ends late delays the next, never overloads a link), and whenever a move
-starts or ends sets every running move's bandwidth cap for its new share
-(:func:`~asyncmigfra.tasks.shares.allocate`: needs first, then by rank) through the
-steering ``tune migration`` also uses (a move whose job has not started yet gets its cap
-when it has). VMs the model sees converging in no way run last, each alone. When a move
-took more than 1.5 times its prediction (or less than its prediction over 1.5), the moves
-not yet started are planned again with links as slow as the moves so far were, the running
-ones with what they have left (:func:`~asyncmigfra.tasks.waves.replan`), and announced
-again.
+:meth:`_Predicted._run_waves` then runs the moves (:mod:`.moving`: in the planned order as
+the links have room, each capped at its share, the destinations' inbound shares reserved
+with their agents). VMs the model sees converging in no way run last, each alone. When a
+move took more than 1.5 times its prediction (or less than its prediction over 1.5), the
+moves not yet started are planned again with links as slow as the moves so far were, the
+running ones with what they have left (:func:`~asyncmigfra.tasks.waves.replan`), and
+announced again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import structlog
 
@@ -50,15 +43,15 @@ from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, 
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
 from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
+from asyncmigfra.peers.inbound import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
+from asyncmigfra.tasks.dispatching.moving import Move, Moves, Steer
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
-from asyncmigfra.tasks.shares import Member, admissible, allocate, caps
 from asyncmigfra.tasks.waves import (
     Observation,
     WavePlan,
     WaveVm,
-    deviates,
     plan_waves,
     replan,
     slowdown,
@@ -67,15 +60,6 @@ from asyncmigfra.tasks.waves import (
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
 
 _MIB = 1024 * 1024
-
-#: ``move(name, bandwidth)``: migrate a placed VM, capped at ``bandwidth`` MiB/s (``None``:
-#: as the task says); its result entry.
-Move = Callable[[str, int | None], Coroutine[Any, Any, ResultEntry]]
-#: ``steer(name, bandwidth)``: cap a VM's running migration at ``bandwidth`` MiB/s (``None``:
-#: as the task says); ``False`` when it has no running job to change (not yet, or no more).
-Steer = Callable[[str, int | None], Awaitable[bool]]
-#: s between attempts to set a cap on a move whose job has not started yet.
-_CAP_RETRY = 0.2
 
 
 def _live(plan: MigrationPlan) -> bool:
@@ -284,9 +268,30 @@ class _Predicted(_DispatcherBase):
     ) -> None:
         """Run the moves (see the module); each move's task goes into ``tasks`` as it
         starts."""
-        moves = _Moves(self, job, schedule=schedule, move=move, steer=steer, tasks=tasks)
-        async with asyncio.TaskGroup() as tg:
-            await moves.planned(tg)
+
+        async def again(
+            pending: list[str], running: dict[str, float], seen: list[Observation], why: Observation
+        ) -> list[str]:
+            return await self._replan(
+                job, schedule, pending=pending, running=running, seen=seen, why=why
+            )
+
+        settings = self._settings
+        async with (
+            InboundReservations(
+                self._bus, task_topic=settings.mqtt.task_topic, hostname=settings.hostname
+            ) as reservations,
+            asyncio.TaskGroup() as tg,
+        ):
+            moves = Moves(
+                schedule=schedule,
+                move=move,
+                steer=steer,
+                replan=again,
+                reservations=reservations,
+                tasks=tasks,
+            )
+            await moves.run(tg)
         for name in [n for n in schedule.order if schedule.steps[n].member is None]:
             step = schedule.steps[name]  # converges in no way the model knows: alone, last
             tasks[name] = asyncio.create_task(
@@ -334,159 +339,3 @@ class _Predicted(_DispatcherBase):
         rest = [n for n in schedule.order if n not in started]
         self._events.plan(job.msg.id, None, schedule.event(rest, reason))
         return [n for n in rest if schedule.steps[n].member is not None]
-
-
-class _Moves:
-    """The planned moves of one predicted evacuation as they run (see the module)."""
-
-    def __init__(
-        self,
-        owner: _Predicted,
-        job: _Job,
-        *,
-        schedule: _Schedule,
-        move: Move,
-        steer: Steer,
-        tasks: dict[str, asyncio.Task[ResultEntry]],
-    ) -> None:
-        self._owner = owner
-        self._job = job
-        self._schedule = schedule
-        self._move = move
-        self._steer = steer
-        self._tasks = tasks
-        #: VMs not started, in the planned order.
-        self._pending = [n for n in schedule.order if schedule.steps[n].member is not None]
-        #: VM -> when its move started (monotonic s).
-        self._running: dict[str, float] = {}
-        #: VM -> when its setup ends, as far as the prediction knows (monotonic s).
-        self._moves_at: dict[str, float] = {}
-        #: VM -> the cap (MiB/s) it should have now, and the one it has.
-        self._caps: dict[str, int | None] = {}
-        self._applied: dict[str, int | None] = {}
-        self._seen: list[Observation] = []
-
-    async def planned(self, tg: asyncio.TaskGroup) -> None:
-        """Start, cap and follow the moves until every planned one has ended."""
-        while self._pending or self._running:
-            self._start(tg)
-            self._recap()
-            await self._apply_caps()
-            await asyncio.wait(
-                {self._tasks[n] for n in self._running},
-                timeout=self._next_wake(),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            await self._ended()
-
-    def _start(self, tg: asyncio.TaskGroup) -> None:
-        """Start the pending moves, in the planned order, while the next one is admissible
-        (:func:`~asyncmigfra.tasks.shares.admissible`; with nothing running, always), each
-        capped at its share once it moves."""
-        schedule = self._schedule
-        links = schedule.links
-        members = [m for n in self._running if (m := schedule.steps[n].member) is not None]
-        new: list[str] = []
-        while self._pending:
-            member = schedule.steps[self._pending[0]].member
-            assert member is not None
-            if members and not admissible(
-                members,
-                member,
-                links,
-                max_parallel=schedule.max_parallel,
-                max_incoming=schedule.max_incoming,
-            ):
-                break
-            members.append(member)
-            new.append(self._pending.pop(0))
-        if not new:
-            return
-        moving = caps(members, allocate(members, links))
-        now = time.monotonic()
-        for name in new:
-            step = schedule.steps[name]
-            self._running[name] = now
-            self._moves_at[name] = now + schedule.vms[name].inputs.costs.setup
-            self._caps[name] = self._applied[name] = moving[name]
-            self._tasks[name] = tg.create_task(
-                self._move(name, moving[name]),
-                name=f"asyncmigfra.evacuate[{name}->{step.destination}]#{step.wave}",
-            )
-
-    def _recap(self) -> None:
-        """Every running move's cap for its share now: the moves in their setup (as far as
-        the prediction knows) keep the cap they started with and their needs free, the
-        others share the rest (:func:`~asyncmigfra.tasks.shares.allocate`)."""
-        schedule = self._schedule
-        now = time.monotonic()
-        setups: list[Member] = []
-        moving: list[Member] = []
-        for name in self._running:
-            member = schedule.steps[name].member
-            if member is not None:
-                (setups if self._moves_at[name] > now else moving).append(member)
-        self._caps.update(caps(moving, allocate(moving, schedule.links, starting=setups)))
-
-    def _next_wake(self) -> float | None:
-        """s until a move's setup ends (its share changes) or a cap not yet set is tried
-        again; ``None``: until a move ends."""
-        now = time.monotonic()
-        wakes = [at - now for n, at in self._moves_at.items() if n in self._running and at > now]
-        if any(self._caps[n] != self._applied.get(n) for n in self._running):
-            wakes.append(_CAP_RETRY)
-        return max(0.0, min(wakes)) if wakes else None
-
-    async def _apply_caps(self) -> None:
-        """Set the caps that changed on the running moves (a move whose job has not started
-        yet is tried again later)."""
-        changed = [n for n in self._running if self._caps[n] != self._applied.get(n)]
-        if not changed:
-            return
-        done = await asyncio.gather(*(self._steer(n, self._caps[n]) for n in changed))
-        for name, ok in zip(changed, done, strict=True):
-            if ok:
-                self._applied[name] = self._caps[name]
-
-    async def _ended(self) -> None:
-        """Note the moves that ended; plan the rest again when one strayed."""
-        now = time.monotonic()
-        schedule = self._schedule
-        strays: list[Observation] = []
-        for name in [n for n in self._running if self._tasks[n].done()]:
-            started = self._running.pop(name)
-            self._applied.pop(name, None)
-            self._caps.pop(name, None)
-            self._moves_at.pop(name, None)
-            step = schedule.steps[name]
-            if step.predicted is None:
-                continue
-            seen = Observation(
-                name=name,
-                predicted=step.predicted,
-                actual=now - started,
-                fixed=schedule.vms[name].inputs.costs.setup,
-            )
-            self._seen.append(seen)
-            if deviates(seen):
-                strays.append(seen)
-        if strays and self._pending:
-            self._pending = await self._owner._replan(
-                self._job,
-                schedule,
-                pending=self._pending,
-                running=self._progress(now),
-                seen=self._seen,
-                why=strays[0],
-            )
-
-    def _progress(self, now: float) -> dict[str, float]:
-        """The share of its work each running move has done, as far as its prediction
-        tells (at most 0.95: it has not ended)."""
-        out: dict[str, float] = {}
-        for name, started in self._running.items():
-            step = self._schedule.steps[name]
-            setup = self._schedule.vms[name].inputs.costs.setup
-            span = (step.predicted or 0.0) - setup
-            out[name] = 0.0 if span <= 0 else min(0.95, max(0.0, (now - started - setup) / span))
-        return out
