@@ -7,8 +7,9 @@ hosts with ``--vms`` guests each (idle, cold and hot ones: sizes and dirty rates
 ``--seed``) are evacuated at the same moment onto ``--destinations`` hosts, by agents on one
 mosquitto with the ``fake`` back-end (every host runs one, the destinations too: they
 answer the sources' reservations of their inbound NICs). Every host's NIC carries 1250
-MiB/s each way (``nic-rate``, about 10 GbE) and one migration's stream at most 1000 MiB/s (``bandwidth``),
-so a host's migrations share its NIC and a destination's share that one's, max-min fairly.
+MiB/s each way (``nic-rate``, about 10 GbE) and one migration's stream at most 1000 MiB/s
+(``bandwidth``), so a host's migrations share its NIC and a destination's share that one's,
+max-min fairly.
 Every policy uses the same placement (``mode: auto``), ``migration-type: live``,
 ``max-downtime: 500`` and ``completion-timeout: 30`` (a guest that does not converge fails
 after 30 s rather than the default 150 s per GiB, to keep the run short), and agents with
