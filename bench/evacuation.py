@@ -164,6 +164,8 @@ class Outcome:
     predicted: list[float] = field(default_factory=list)
     replans: int = 0
     waves: list[int] = field(default_factory=list)
+    #: vm -> (s from the start when its migration began, when it ended, status)
+    timeline: dict[str, list[object]] = field(default_factory=dict)
 
     @property
     def failures(self) -> int:
@@ -202,7 +204,18 @@ async def evacuate(
 
             async def pump() -> None:
                 async for msg in client.messages():
-                    if msg.topic.endswith("/event") and b"event: plan" in msg.payload:
+                    now = time.perf_counter() - t0
+                    if msg.topic.endswith("/event") and (
+                        b"event: phase" in msg.payload or b"event: done" in msg.payload
+                    ):
+                        doc = load_yaml(msg.payload)
+                        if isinstance(doc, dict) and "vm-name" in doc:
+                            line = outcome.timeline.setdefault(str(doc["vm-name"]), [0.0, 0.0, ""])
+                            if doc.get("event") == "done":
+                                line[1:] = [now, doc.get("status")]
+                            elif doc.get("phase") == "migrating" and not line[0]:
+                                line[0] = now
+                    elif msg.topic.endswith("/event") and b"event: plan" in msg.payload:
                         doc = load_yaml(msg.payload)
                         if isinstance(doc, dict) and doc.get("schedule") == "predicted":
                             if doc.get("revision") == 1:
@@ -217,6 +230,7 @@ async def evacuate(
                             if len(results) == len(cluster):
                                 everything.set()
 
+            t0 = time.perf_counter()
             pumper = tg.create_task(pump())
             await asyncio.sleep(0.3)
             targets = ", ".join(destinations)
@@ -309,10 +323,16 @@ async def run(args: argparse.Namespace, seed: int) -> tuple[dict[str, Outcome], 
         f" {args.destinations} hosts; NIC {NIC} MiB/s, stream {STREAM} MiB/s, seed {seed}"
     )
     outcomes: dict[str, Outcome] = {}
+    policies = args.policies.split(",") if args.policies else list(POLICIES)
     with mosquitto() as port:
-        for policy in POLICIES:
+        for policy in policies:
             outcomes[policy] = await evacuate(policy, cluster, destinations, port, args.timeout)
             print(f"  {policy}: {outcomes[policy].makespan:.1f} s", flush=True)
+            if args.trace:
+                for vm, (began, ended, status) in sorted(
+                    outcomes[policy].timeline.items(), key=lambda item: item[1][0]
+                ):
+                    print(f"    {vm:16} {began:6.1f} -> {ended:6.1f}  {status}")
     return outcomes, bound(cluster, destinations)
 
 
@@ -351,6 +371,8 @@ def main() -> None:
     p.add_argument("--vms", type=int, default=12)
     p.add_argument("--destinations", type=int, default=4)
     p.add_argument("--timeout", type=float, default=900.0, help="s per policy at most")
+    p.add_argument("--policies", help=f"only these, comma-separated (of {', '.join(POLICIES)})")
+    p.add_argument("--trace", action="store_true", help="each guest's start and end")
     args = p.parse_args()
     if args.quick:
         args.vms = 6
@@ -361,6 +383,8 @@ def main() -> None:
         print()
         for line in table(outcomes):
             print(line)
+        if not {"predicted", *FIXED} <= set(outcomes):
+            continue  # --policies without the planner or a fixed policy: no ratios
         print()
         for line in verdict(outcomes, least):
             print(line)
@@ -372,7 +396,7 @@ def main() -> None:
             f" (failures {planner.failures} vs {fixed.failures}); bound / {better:8}"
             f" {least / fixed.makespan:.2f}x; planner / bound {planner.makespan / least:.2f}x"
         )
-    if len(seeds) > 1:
+    if len(summary) > 1:
         print(f"== summary, {args.sources} source(s) x {args.vms} guests")
         for line in summary:
             print(line)

@@ -98,6 +98,19 @@ async def test_first_come_first_served_within_the_nic() -> None:
         assert (await ask(bus, reserve(5000), sender="c"))["rate"] == "5000"
 
 
+async def test_who_waits_for_more_is_served_before_a_later_ask() -> None:
+    bus = MemoryBus()
+    async with serving(bus):
+        assert (await ask(bus, reserve(1000, capacity="1250"), sender="a"))["rate"] == "1000"
+        assert (await ask(bus, reserve(1000, capacity="1250"), sender="b"))["rate"] == "250"
+        # a gives its share back and asks again at once: what b waits for stays b's.
+        assert (await ask(bus, reserve(0, capacity="1250"), sender="a"))["rate"] == "0"
+        assert (await ask(bus, reserve(1000, capacity="1250"), sender="a"))["rate"] == "250"
+        assert (await ask(bus, reserve(1000, capacity="1250"), sender="b"))["rate"] == "1000"
+        # Less than held is always granted.
+        assert (await ask(bus, reserve(100, capacity="1250"), sender="b"))["rate"] == "100"
+
+
 async def test_the_destinations_own_nic_bounds_what_it_grants() -> None:
     bus = MemoryBus()
     hv = create_fake({"nic-rate": 1000}, hostname="d", shared={})
@@ -194,6 +207,16 @@ async def test_two_sources_share_a_destination_and_give_it_back() -> None:
             assert a.held == {}
             assert sorted(s for s, _ in server.reservations) == ["b"]
         assert server.reservations == {}  # b released on the way out
+
+
+async def test_a_probe_tells_which_destinations_answer() -> None:
+    bus = MemoryBus()
+    async with serving(bus) as server, reservations(bus, "a", answer_within=0.1) as a:
+        await a.probe(["d", "x"])
+        assert a.coordinated("d")
+        assert not a.coordinated("x")
+        assert server.reservations == {}
+        assert a.held == {}
 
 
 async def test_a_destination_nobody_answers_for_is_not_coordinated() -> None:

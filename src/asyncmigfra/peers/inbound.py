@@ -22,7 +22,10 @@ The destination's agent keeps the reservations in memory and grants each what it
 left beside the others': ``min(rate, capacity - the others' reservations)``, ``capacity``
 the smaller of what its back-end tells of its NIC (the ``fake``: ``nic-rate``) and what the
 asking source takes it to be (either may be unknown). First come, first served: a source
-keeps its share until it lowers or releases it, or its lease runs out without a renewal.
+keeps its share until it lowers or releases it, or its lease runs out without a renewal;
+what a source asked for beyond its grant is kept free for it, in the order the sources
+began to wait, when others ask for more (so one source's next migrations do not take a
+share again and again while another's wait for it).
 At most :data:`MAX_RESERVATIONS` reservations (:data:`MAX_PER_SOURCE` per source); more are
 answered ``error``. A source that gets no answer within :data:`ANSWER_WITHIN` s (no agent
 there, an old one) takes the destination as uncoordinated for the rest of the evacuation and
@@ -34,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -174,8 +178,12 @@ def parse_request(
 
 @dataclass(slots=True)
 class _Reservation:
+    #: bytes/s granted
     rate: float
     expiry: asyncio.TimerHandle | None = None
+    #: bytes/s asked for beyond the grant, and since when (monotonic s) it waits for them
+    shortfall: float = 0.0
+    waiting: float | None = None
 
 
 class InboundServer:
@@ -275,15 +283,34 @@ class InboundServer:
                     "details": f"{sender} has {MAX_PER_SOURCE} reservations here already",
                 }
         known = [c for c in (own, request.capacity) if c is not None]
-        others = sum(r.rate for k, r in self._reservations.items() if k != key)
-        granted = request.rate if not known else max(0.0, min(request.rate, min(known) - others))
-        reservation = self._reservations.setdefault(key, _Reservation(granted))
-        reservation.rate = granted
+        reservation = self._reservations.setdefault(key, _Reservation(0.0))
+        if not known:
+            granted = request.rate  # nothing known to divide
+        elif request.rate <= reservation.rate:
+            granted = request.rate  # less, or as much: always (a renewal, a release of part)
+        else:  # more: what is left beside the others, and those that waited longer for more
+            ahead = [
+                r
+                for k, r in self._reservations.items()
+                if k != key
+                and r.waiting is not None
+                and (reservation.waiting is None or r.waiting < reservation.waiting)
+            ]
+            others = sum(r.rate for k, r in self._reservations.items() if k != key)
+            left = min(known) - others - sum(r.shortfall for r in ahead)
+            granted = max(reservation.rate, min(request.rate, left))
+        reservation.rate = max(0.0, granted)
+        if granted < request.rate:  # waits for the rest, in turn
+            reservation.shortfall = request.rate - granted
+            if reservation.waiting is None:
+                reservation.waiting = time.monotonic()
+        else:
+            reservation.shortfall, reservation.waiting = 0.0, None
         if reservation.expiry is not None:
             reservation.expiry.cancel()
         loop = asyncio.get_running_loop()
         reservation.expiry = loop.call_later(request.lease, self._end, key, True)
-        return {"status": "reserved", "rate": f"{granted:.0f}"}
+        return {"status": "reserved", "rate": f"{reservation.rate:.0f}"}
 
     def _end(self, key: tuple[str, str], expired: bool = False) -> None:
         reservation = self._reservations.pop(key, None)
@@ -371,6 +398,12 @@ class InboundReservations:
     def coordinated(self, destination: str) -> bool:
         return destination not in self.uncoordinated
 
+    @property
+    def short(self) -> bool:
+        """Some destination granted less than was asked (worth asking again soon: others
+        give shares back as their migrations end)."""
+        return any(rate > self.held.get(d, 0.0) + _STEP for d, (rate, _) in self._asked.items())
+
     async def reserve(self, wanted: Mapping[str, float], capacities: Mapping[str, float]) -> None:
         """Ask each destination of ``wanted`` (bytes/s) whose reservation differs from it
         (``capacities``: what this side takes each inbound NIC to be), all at once; the
@@ -392,6 +425,11 @@ class InboundReservations:
         )
         if self._renewing is None and self.held:
             self._renewing = asyncio.create_task(self._renew(), name="asyncmigfra.inbound-renew")
+
+    async def probe(self, destinations: Collection[str]) -> None:
+        """Find out at once which destinations have an agent that answers (a ``release`` of
+        nothing), so that none makes a move wait for its answer later."""
+        await asyncio.gather(*(self._ask(d, {"op": "release"}) for d in set(destinations)))
 
     async def _reserve(self, dest: str, rate: float, capacity: float | None) -> None:
         self._asked[dest] = (rate, capacity)

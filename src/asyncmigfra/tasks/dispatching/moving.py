@@ -14,7 +14,8 @@ Destinations are shared with other hosts' evacuations: before its moves into a d
 use more of its inbound NIC, this agent reserves that share with the destination's agent
 (:class:`~asyncmigfra.peers.inbound.InboundReservations`) and divides only what it was
 granted; a move whose need the grant does not cover waits (asking again every
-:data:`_GRANT_RETRY` s) while moves to other destinations go on. A destination whose agent
+:data:`_GRANT_RETRY` s, as for running moves granted less than they would use) while moves
+to other destinations go on. A destination whose agent
 does not answer is divided as if this host were alone.
 """
 
@@ -86,6 +87,8 @@ class Moves:
 
     async def run(self, tg: asyncio.TaskGroup) -> None:
         """Start, cap and follow the moves until every planned one has ended."""
+        steps = self._schedule.steps
+        await self._reservations.probe({steps[n].destination for n in self._pending})
         while self._pending or self._running:
             await self._start(tg)
             self._recap()
@@ -206,7 +209,7 @@ class Moves:
         wakes = [at - now for n, at in self._moves_at.items() if n in self._running and at > now]
         if any(self._caps[n] != self._applied.get(n) for n in self._running):
             wakes.append(_CAP_RETRY)
-        if self._short:
+        if self._short or self._reservations.short:
             wakes.append(_GRANT_RETRY)
         return max(0.0, min(wakes)) if wakes else None
 

@@ -5,7 +5,7 @@ start in, and what the ``plan`` event and the result entries say about them (pro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from asyncmigfra.tasks.shares import Links, Member
 from asyncmigfra.tasks.waves import PlannedMove, WavePlan, WaveVm
@@ -62,16 +62,22 @@ class _Schedule:
 
     @property
     def links(self) -> Links:
-        """The links as the current plan takes them."""
-        return Links(self.link_rate, self.destination_rates).scaled(1 / self.slowdown)
+        """The links as told (a re-plan's :attr:`slowdown` changes the predictions, not how
+        the links are divided: caps lowered by it would make the moves as slow as feared)."""
+        return Links(self.link_rate, self.destination_rates)
 
     def adopt(self, plan: WavePlan, *, started: list[str], unschedulable: list[_Step]) -> None:
         """Take ``plan`` for every VM not in ``started`` (those already moving keep their
-        place; the plan's ``running`` moves give their new share of the links), then the
-        VMs that converge in no way (``unschedulable`` and the plan's), each alone, last."""
-        for move in plan.running:
-            self.steps[move.name] = _step(move, self.steps[move.name].start)
-        planned = [_step(m, w.start) for w in plan.waves for m in w.moves]
+        place and prediction), then the VMs that converge in no way (``unschedulable`` and
+        the plan's), each alone, last. A VM planned before keeps how it shares the links
+        (its ``member``: from the links as told, not as a re-plan fears them)."""
+        planned = [
+            replace(_step(m, w.start), member=old.member)
+            if (old := self.steps.get(m.name)) is not None and old.member is not None
+            else _step(m, w.start)
+            for w in plan.waves
+            for m in w.moves
+        ]
         number = max([s.wave for s in planned] + [self.steps[n].wave for n in started], default=0)
         rest = unschedulable + [
             _Step(u.name, u.destination, 0, None, None, reason=u.reason) for u in plan.unschedulable
