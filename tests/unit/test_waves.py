@@ -18,12 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncmigfra.migration.prediction import MigrationCosts, PredictionInputs, predict
+from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.waves import (
     Observation,
     PlannedMove,
     WavePlan,
     WaveVm,
     deviates,
+    lower_bound,
     plan_waves,
     replan,
     slowdown,
@@ -194,6 +196,21 @@ async def test_waves_are_numbered_in_start_order_from_first_wave() -> None:
     assert all(m.wave == w.number for w in plan.waves for m in w.moves)
 
 
+async def test_the_lower_bound_counts_every_byte_through_the_busiest_link() -> None:
+    # Two idle 100 MiB guests through a 100 MiB/s NIC: 2 s at least, whatever the schedule;
+    # into a destination of 50 MiB/s, 4 s; one guest alone, its own time.
+    idle = [vm("a", 100), vm("b", 100)]
+    assert lower_bound(idle, link_rate=100 * MIB) == pytest.approx(2.0)
+    assert lower_bound(idle, link_rate=100 * MIB, destination_rates={"b": 50 * MIB}) == (
+        pytest.approx(4.0)
+    )
+    assert lower_bound([vm("slow", 100, stream=10)], link_rate=math.inf) == pytest.approx(10.0)
+    plan = plan_waves(idle, link_rate=100 * MIB, max_parallel=2)
+    assert plan.makespan == pytest.approx(lower_bound(idle, link_rate=100 * MIB))
+    # A guest that converges in no way counts for nothing.
+    assert lower_bound([vm("runaway", 100, dirty=150)], link_rate=100 * MIB) == 0.0
+
+
 async def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="max_parallel"):
         plan_waves([], link_rate=1, max_parallel=0)
@@ -348,3 +365,33 @@ def test_every_plan_keeps_its_promises(case: dict[str, Any]) -> None:
         inputs = vms[reported.name].inputs
         alone = min(inputs.link_rate, link, rates.get(reported.destination, math.inf))
         assert not predict(replace(inputs, link_rate=alone)).converges
+
+
+async def test_a_replan_changes_predictions_not_how_the_links_are_divided() -> None:
+    # The running evacuation's bookkeeping (tasks.dispatching.schedule): after a re-plan
+    # that fears links four times slower, a VM planned before keeps its share of the links
+    # as told (caps lowered by the fear would make the moves as slow as feared).
+    vms = [vm("c1", 100, stream=50), vm("c2", 100, stream=50), vm("c3", 100, stream=50)]
+    schedule = _Schedule(
+        vms={v.name: v for v in vms},
+        link_rate=100 * MIB,
+        destination_rates={},
+        max_parallel=2,
+        max_incoming=4,
+    )
+    schedule.adopt(
+        plan_waves(vms, link_rate=100 * MIB, max_parallel=2), started=[], unschedulable=[]
+    )
+    before = {n: s.member for n, s in schedule.steps.items()}
+    seen = [Observation(name="c1", predicted=1.0, actual=4.0)]
+    again = replan(vms[1:], seen, link_rate=100 * MIB, max_parallel=2, first_wave=2)
+    schedule.adopt(again, started=["c1"], unschedulable=[])
+    assert schedule.revision == 2
+    assert {n: s.member for n, s in schedule.steps.items()} == before
+    assert schedule.steps["c2"].predicted == pytest.approx(4 * before_prediction(vms[1]))
+    assert schedule.links.out == 100 * MIB
+
+
+def before_prediction(one: WaveVm) -> float:
+    """``one``'s predicted duration alone on its stream."""
+    return plan_waves([one], link_rate=math.inf, max_parallel=1).makespan
