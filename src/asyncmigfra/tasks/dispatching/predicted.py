@@ -294,10 +294,10 @@ class _Predicted(_DispatcherBase):
             await moves.run(tg)
         for name in [n for n in schedule.order if schedule.steps[n].member is None]:
             step = schedule.steps[name]  # converges in no way the model knows: alone, last
-            tasks[name] = asyncio.create_task(
-                move(name, None), name=f"asyncmigfra.evacuate[{name}->{step.destination}]"
-            )
-            await asyncio.wait({tasks[name]})
+            async with asyncio.TaskGroup() as tg:
+                tasks[name] = tg.create_task(
+                    move(name, None), name=f"asyncmigfra.evacuate[{name}->{step.destination}]"
+                )
 
     async def _replan(
         self,
