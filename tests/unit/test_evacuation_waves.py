@@ -286,7 +286,7 @@ async def test_moves_slower_than_predicted_make_it_plan_the_rest_again() -> None
         evacuate(d, "r", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("r")
     assert {e.status for e in result.entries} == {"success"}
-    first, again = rec.plans()
+    first, again, *_ = rec.plans()  # a later re-plan may follow on a loaded machine
     assert [len(w["vms"]) for w in first["waves"]] == [2, 2]
     assert again["revision"] == 2
     assert "planned again" in again["reason"]
