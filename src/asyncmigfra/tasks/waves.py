@@ -25,19 +25,22 @@ so it is served first; the cold ones take what it leaves, and all of the link be
 ones.
 
 **The schedule** is :mod:`~asyncmigfra.tasks.shares`' rules run forward in time: at the
-start and whenever a migration ends, the pending VMs that may start do
-(:func:`~asyncmigfra.tasks.shares.admissions`: limits, needs), and the running ones divide
-the links (:func:`~asyncmigfra.tasks.shares.allocate`: needs first, then by rank), held
-there by bandwidth caps. No barrier: a VM starts as soon as it fits, not when a group
-ends. The VMs that start at the same moment form a *wave* (numbered in start order), which
-is what the plan announces.
+start, whenever a migration ends and whenever one's setup ends, the pending VMs that may
+start do (:func:`~asyncmigfra.tasks.shares.admissions`: limits, needs, what the ranked
+want, no crawling; the first-ranked whenever it may, else the one whose migration sends
+least more than alone at the rate it would get, an idle guest before a cold one), and the
+running ones divide the links (:func:`~asyncmigfra.tasks.shares.allocate`: needs, then
+what the ranked want, then fair shares), held there by bandwidth caps. No barrier: a VM
+starts as soon as it fits, not when a group ends. The VMs that start at the same moment
+form a *wave* (numbered in start order), which is what the plan announces.
 
-**The model of a migration in it.** It moves nothing during its setup (its share of the
-links stays unused meanwhile: the caps are set when it starts), then sends its *work*: the
-bytes its run sends at its current rate (:func:`~asyncmigfra.migration.prediction.
-predict_run` at that rate, minus the setup, times the rate). When its rate changes (others
-start or end), the share of its work already done is kept and the rest is that share of
-the work at the new rate: a fluid approximation of the passes.
+**The model of a migration in it.** It moves nothing during its setup: the others keep its
+share meanwhile (its need is kept free) and are capped again when its setup ends. Then it
+sends its *work*: the bytes its run sends at its current rate
+(:func:`~asyncmigfra.migration.prediction.predict_run` at that rate, minus the setup, times
+the rate). When its rate changes (others start or end), the share of its work already done
+is kept and the rest is that share of the work at the new rate: a fluid approximation of
+the passes.
 
 The schedule is a list schedule, not an optimum (the problem contains bin packing); what
 the tests pin down: every VM is scheduled once or reported, no moment exceeds the limits,
