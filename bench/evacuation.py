@@ -165,7 +165,9 @@ class Outcome:
     replans: int = 0
     waves: list[int] = field(default_factory=list)
     #: vm -> (s from the start when its migration began, when it ended, status)
-    timeline: dict[str, list[object]] = field(default_factory=dict)
+    timeline: dict[str, list[Any]] = field(default_factory=dict)
+    #: vm -> (s from its evacuation's plan when it was planned to start, and to end)
+    planned: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def failures(self) -> int:
@@ -221,6 +223,11 @@ async def evacuate(
                             if doc.get("revision") == 1:
                                 outcome.predicted.append(float(doc.get("makespan", 0)))
                                 outcome.waves.append(len(doc.get("waves", [])))
+                                for wave in doc.get("waves", []):
+                                    for one in wave.get("vms", []):
+                                        start = float(wave.get("start", 0.0))
+                                        end = start + float(one.get("predicted-duration", 0.0))
+                                        outcome.planned[str(one["vm-name"])] = (start, end)
                             else:
                                 outcome.replans += 1
                     elif msg.topic.endswith("/result"):
@@ -332,7 +339,9 @@ async def run(args: argparse.Namespace, seed: int) -> tuple[dict[str, Outcome], 
                 for vm, (began, ended, status) in sorted(
                     outcomes[policy].timeline.items(), key=lambda item: item[1][0]
                 ):
-                    print(f"    {vm:16} {began:6.1f} -> {ended:6.1f}  {status}")
+                    plan = outcomes[policy].planned.get(vm)
+                    told = f"  (planned {plan[0]:5.1f} -> {plan[1]:5.1f})" if plan else ""
+                    print(f"    {vm:16} {began:6.1f} -> {ended:6.1f}  {status}{told}")
     return outcomes, bound(cluster, destinations)
 
 

@@ -1,22 +1,23 @@
 """A predicted evacuation's moves as they run (protocol §3.7, ``schedule: predicted``).
 
 :class:`Moves` starts the planned moves in the planned order, each as soon as the links have
-room for it by the planner's own rules (:func:`~asyncmigfra.tasks.shares.admissible`, with
-the moves running now, not the planned ones: a move that ends late delays the next, never
-overloads a link). One that cannot start yet may be passed by the next ones only if they
-leave it a slot and room for its need (:func:`~asyncmigfra.tasks.shares.leaves_room`). Whenever
-a move starts or ends, and when a move's setup ends (as far as the prediction knows), every
-running move's bandwidth cap is set for its share
-(:func:`~asyncmigfra.tasks.shares.allocate`) through the steering ``tune migration`` also
-uses (a move whose job has not started yet gets its cap when it has).
+room for it by the planner's own rules (:func:`~asyncmigfra.tasks.shares.admissible`, on
+the links as told, with the moves running now, not the planned ones: a move that ends late
+delays the next, never overloads a link). One that cannot start yet may be passed by the
+next ones only if they leave it a slot and room for its need
+(:func:`~asyncmigfra.tasks.shares.leaves_room`). Whenever a move starts or ends, and when a
+move's setup ends (as far as the prediction knows), every running move's bandwidth cap is
+set for its share (:func:`~asyncmigfra.tasks.shares.allocate`, on the links as granted)
+through the steering ``tune migration`` also uses (a move whose job has not started yet
+gets its cap when it has).
 
 Destinations are shared with other hosts' evacuations: before its moves into a destination
 use more of its inbound NIC, this agent reserves that share with the destination's agent
 (:class:`~asyncmigfra.peers.inbound.InboundReservations`) and divides only what it was
-granted; a move whose need the grant does not cover waits (asking again every
-:data:`_GRANT_RETRY` s, as for running moves granted less than they would use) while moves
-to other destinations go on. A destination whose agent
-does not answer is divided as if this host were alone.
+granted; a move waits until the grants cover its need beside the needs of the moves
+running into the same destination (asking again every :data:`_GRANT_RETRY` s, as for
+running moves granted less than they would use) while moves to other destinations go on.
+A destination whose agent does not answer is divided as if this host were alone.
 """
 
 from __future__ import annotations
@@ -144,13 +145,13 @@ class Moves:
                 members, member, head, schedule.links, **limits
             ):
                 continue
-            await self._reserve([*members, member])
-            if self._may_start(members, member, self._links()):
-                members.append(member)
-                new.append(name)
-                self._pending.remove(name)
-                continue
             if self._may_start(members, member, schedule.links):
+                await self._reserve([*members, member])
+                if self._granted([*members, member]):
+                    members.append(member)
+                    new.append(name)
+                    self._pending.remove(name)
+                    continue
                 self._short = True  # another host's moves hold that destination: ask again
             head = head or member
         await self._reserve(members)  # what was asked for moves that wait goes back
@@ -167,6 +168,13 @@ class Moves:
                 self._move(name, moving[name]),
                 name=f"asyncmigfra.evacuate[{name}->{step.destination}]#{step.wave}",
             )
+
+    def _granted(self, members: list[Member]) -> bool:
+        """The grants cover the needs of ``members`` into every destination."""
+        return all(
+            _fits_alone(Member(d, d, 0, need, need), self._links())
+            for d, need in _needs_into(members).items()
+        )
 
     def _may_start(self, members: list[Member], member: Member, links: Links) -> bool:
         """``member`` may start beside ``members`` on ``links``: by the planner's rules, or,
@@ -251,6 +259,14 @@ class Moves:
             span = (step.predicted or 0.0) - setup
             out[name] = 0.0 if span <= 0 else min(0.95, max(0.0, (now - started - setup) / span))
         return out
+
+
+def _needs_into(members: list[Member]) -> dict[str, float]:
+    """Bytes/s the ``members`` need into each destination, together."""
+    out: dict[str, float] = {}
+    for m in members:
+        out[m.destination] = out.get(m.destination, 0.0) + m.needed
+    return out
 
 
 def _fits_alone(member: Member, links: Links) -> bool:
