@@ -9,7 +9,7 @@ nox.options.reuse_existing_virtualenvs = True
 PY = "3.11"
 
 
-def _install(session: nox.Session, *groups: str, extras: str = "libvirt,pscom") -> None:
+def _install(session: nox.Session, *groups: str, extras: str = "libvirt,pscom,metrics") -> None:
     session.install("--upgrade", "pip")
     args = ["-e", f".[{extras}]" if extras else "."]
     for g in groups:

@@ -19,6 +19,10 @@ direct ``migrateToURI3``, and how sparse a copied image stays), on the rig; see
 ``bench/storage.py``, which also runs on its own as ``python -m bench.storage [--quick]
 [--rounds N]``.
 
+``--metrics`` adds what ``metrics.listen`` costs on the task path and on the event-loop lag
+of 32 migrations, with and without a scraper; see ``bench/metrics.py``, which also runs on
+its own as ``python -m bench.metrics [--quick] [--rounds N]``.
+
 ``--evacuation`` adds evacuations scheduled by prediction against fixed policies on the
 ``fake`` back-end with shared NICs; see ``bench/evacuation.py``, which also runs on its own
 as ``python -m bench.evacuation [--quick] [--sources N] [--seed S]``.
@@ -26,21 +30,18 @@ as ``python -m bench.evacuation [--quick] [--sources N] [--seed S]``.
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
 Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
+
+The agent against a bare aiomqtt echo of the same packet pattern, rounds interleaved, ratios
+printed (issue 20): ``bench/speed.py``, also on its own as ``python -m bench.speed [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,115 +50,13 @@ from asyncmigfra.app import Agent
 from asyncmigfra.logs import configure_logging
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
 from asyncmigfra.transport.mqtt import ToolClient
-from bench.common import mosquitto, pct
+from bench.common import mosquitto, pct, proc_usage
+from bench.load import START_ONE, agent_process, connected, measure
+from bench.speed import Plan as SpeedPlan
+from bench.speed import run_speed
+from bench.speed import table as speed_table
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOCOL = os.environ.get("BENCH_MQTT_PROTOCOL", "5")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def proc_usage(pid: int) -> tuple[float, int]:
-    """(CPU seconds, RSS bytes) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    rss = int(fields[21]) * PAGE
-    return cpu, rss
-
-
-@contextmanager
-def agent_process(
-    port: int, host: str, *, src: Path | None = None, journal: bool | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """The agent as a process; ``src``: run the package from that checkout's ``src``
-    instead (``--baseline``); ``journal``: on or off (default: ``BENCH_STATE_DIR``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp) / "migfra.conf"
-        # BENCH_STATE_DIR=none measures without the journal.
-        state_dir = os.environ.get("BENCH_STATE_DIR", f"{tmp}/state")
-        if journal is not None:
-            state_dir = f"{tmp}/state" if journal else "none"
-        conf.write_text(
-            "communicator:\n  type: mqtt\n  id: bench-<hostname>\n"
-            "  subscribe-topic: fast/migfra/<hostname>/task\n"
-            "  publish-topic: fast/migfra/<hostname>/result\n"
-            f"  host: 127.0.0.1\n  port: {port}\n  keepalive: 60\n"
-            f"  protocol: {PROTOCOL}\n"
-            "hypervisor:\n  type: dummy\n  never-throw: true\n"
-            "logging:\n  level: warning\n  format: json\n"
-            "limits:\n  max-queued-tasks: 100000\n"
-            f"agent:\n  state-dir: {state_dir}\n"
-        )
-        env = dict(os.environ)
-        if src is not None:
-            env["PYTHONPATH"] = str(src / "src")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],
-            stdout=subprocess.DEVNULL,
-            env=env,
-        )
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
-class Client:
-    """Publishes tasks and matches results by id."""
-
-    def __init__(self, port: int, host: str) -> None:
-        self.tool = ToolClient("127.0.0.1", port, client_id=f"bench-{uuid.uuid4().hex[:6]}")
-        self.host = host
-        self.waiters: dict[str, asyncio.Future[float]] = {}
-
-    async def pump(self) -> None:
-        async for msg in self.tool.messages():
-            if msg.topic.endswith("/result"):
-                # The id is the last key of every result: cheap to find without a YAML parse.
-                text = msg.payload.decode()
-                idx = text.rfind("\nid: ")
-                if idx < 0:
-                    continue
-                tid = text[idx + 5 :].split("\n", 1)[0].strip().strip('"')
-                fut = self.waiters.pop(tid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(time.perf_counter())
-            elif msg.topic.endswith("/status") and b"online" in msg.payload:
-                fut = self.waiters.pop("__online__", None)
-                if fut is not None and not fut.done():
-                    fut.set_result(time.perf_counter())
-
-    async def send(self, body: str) -> float:
-        tid = uuid.uuid4().hex[:12]
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self.waiters[tid] = fut
-        t0 = time.perf_counter()
-        await self.tool.publish(
-            f"fast/migfra/{self.host}/task", f"id: {tid}\n{body}".encode(), qos=2
-        )
-        t1 = await fut
-        return (t1 - t0) * 1000.0
-
-
-@asynccontextmanager
-async def connected(port: int, host: str) -> AsyncIterator[Client]:
-    c = Client(port, host)
-    async with c.tool:
-        await c.tool.subscribe(f"fast/migfra/{host}/result", qos=1)
-        online: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        c.waiters["__online__"] = online
-        await c.tool.subscribe(f"fast/migfra/{host}/status", qos=1)
-        async with asyncio.TaskGroup() as tg:
-            pump = tg.create_task(c.pump())
-            await asyncio.wait_for(online, 30)
-            try:
-                yield c
-            finally:
-                pump.cancel()
-
-
-START_ONE = "task: start vm\nvm-configurations:\n  - vm-name: vm-{i}\n    probe-with-ssh: false\n"
 
 
 async def bench_dummy(port: int, quick: bool) -> dict[str, Any]:
@@ -303,20 +202,8 @@ async def measure_agent(
     host = f"cmp-{uuid.uuid4().hex[:6]}"
     with agent_process(port, host, src=src, journal=journal):
         async with connected(port, host) as c:
-            for i in range(30):  # warm-up
-                await c.send(START_ONE.format(i=i))
-            lat = [await c.send(START_ONE.format(i=i)) for i in range(n_seq)]
-            sem = asyncio.Semaphore(20)
-
-            async def one(i: int) -> None:
-                async with sem:
-                    await c.send(START_ONE.format(i=i))
-
-            t0 = time.perf_counter()
-            async with asyncio.TaskGroup() as tg:
-                for i in range(n_tput):
-                    tg.create_task(one(i))
-            return pct(lat, 0.5), n_tput / (time.perf_counter() - t0)
+            got = await measure(c, n_seq=n_seq, n_tput=n_tput)
+            return got.p50_ms, got.tasks_per_s
 
 
 async def bench_baseline(port: int, baseline: Path, quick: bool) -> dict[str, Any]:
@@ -369,6 +256,10 @@ async def amain(args: argparse.Namespace) -> None:
             "dummy hypervisor through mosquitto (agent as a process)",
             await bench_dummy(port, args.quick),
         )
+        speed_plan = SpeedPlan.from_args(args)
+        print("\n== the agent against a bare aiomqtt echo (bench/speed.py)")
+        for line in speed_table(await run_speed(port, speed_plan), speed_plan):
+            print(f"  {line}")
         show(
             "event-loop lag, 32 fake migrations streaming progress",
             await bench_loop_lag(port, args.quick),
@@ -415,6 +306,13 @@ async def amain(args: argparse.Namespace) -> None:
             timeout=300.0,
         )
         show("fleet simulation (bench/fleet.py)", await run_fleet(fleet_args))
+    if args.metrics:
+        # Its own broker; off, on and scraped side by side.
+        import argparse as _argparse  # noqa: PLC0415
+
+        from bench.metrics import run as run_metrics  # noqa: PLC0415
+
+        await run_metrics(_argparse.Namespace(quick=args.quick, rounds=0))
     if args.evacuation:
         # Its own broker, one evacuation per policy after another.
         import argparse as _argparse  # noqa: PLC0415
@@ -467,6 +365,12 @@ def main() -> None:
         "--fleet",
         action="store_true",
         help="also run the 200-agent fleet simulation (bench/fleet.py)",
+    )
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also measure what metrics.listen costs (task path, loop lag; with and without a"
+        " scraper): bench/metrics.py",
     )
     p.add_argument(
         "--evacuation",

@@ -1,12 +1,13 @@
-"""What every bench module shares: a loopback mosquitto and percentiles.
+"""What every bench module shares: a loopback mosquitto, percentiles, an agent process.
 
-``python -m bench`` (``bench/__main__.py``), ``bench.fleet``, ``bench.rig_bench`` and
-``bench.companions`` import these from here, so no bench module imports another's
-``__main__``.
+``python -m bench`` (``bench/__main__.py``), ``bench.fleet``, ``bench.rig_bench``,
+``bench.companions`` and ``bench.metrics`` import these from here, so no bench module imports
+another's ``__main__``. The agent as a process and the load generator live in ``bench.load``.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+PROTOCOL = os.environ.get("BENCH_MQTT_PROTOCOL", "5")
 
 
 def free_port() -> int:
@@ -56,3 +59,15 @@ def mosquitto() -> Iterator[int]:
 def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    rss = int(fields[21]) * PAGE
+    return cpu, rss

@@ -51,7 +51,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from asyncmigfra.app import Agent
+from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.logs import configure_logging
+from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_settings
 from asyncmigfra.tasks.placement import Capacity, VmSize, place
@@ -291,6 +293,7 @@ def bound(cluster: Mapping[str, list[Guest]], destinations: list[str]) -> float:
     everyone: list[WaveVm] = []
     worst = 0.0
     nics = dict.fromkeys(destinations, NIC * MIB)
+    costs = costs_of(create_fake({}, hostname="bound", shared={}))  # the simulation's own
     for doms in cluster.values():
         capacities = [
             Capacity(host=d, cpus=DESTINATION_CPUS, vcpus_used=0, free_memory=DESTINATION_MEMORY)
@@ -307,6 +310,7 @@ def bound(cluster: Mapping[str, list[Guest]], destinations: list[str]) -> float:
                     completion_timeout=30,
                     dirty_rate=g.dirty * MIB,
                     max_downtime=500,
+                    costs=costs,
                 ),
             )
             for g in doms

@@ -10,7 +10,6 @@ import asyncio
 import gc
 import inspect
 import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,22 +18,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from harness import free_port, wait_port
+from harness import free_port, need, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
-
-
-def need(tool: str, why: str) -> str:
-    """Path of ``tool``; skip locally, fail in CI when it is missing."""
-    path = shutil.which(tool) or (
-        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
-    )
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{tool} is required in CI ({why}) but is not installed")
-        pytest.skip(f"{tool} not installed ({why})")
-    return path
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
+import shutil
 import socket
 import time
 import uuid
@@ -16,13 +18,30 @@ import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from asyncmigfra.app import Agent
 from asyncmigfra.settings import HypervisorSettings, Settings, default_settings
 from asyncmigfra.transport.mqtt import ToolClient
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def need(tool: str, why: str) -> str:
+    """Path of ``tool``; skip locally, fail in CI when it is missing (a green CI means the
+    real parts ran)."""
+    path = shutil.which(tool) or (
+        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
+    )
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{tool} is required in CI ({why}) but is not installed")
+        pytest.skip(f"{tool} not installed ({why})")
+    return path
 
 
 def free_port() -> int:

@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,11 @@ from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
+from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
-from asyncmigfra.tasks.linkrates import LinkRates
+from asyncmigfra.tasks.linkrates import LinkRates, ResidentOverheads
+from asyncmigfra.transport.metrics.feed import Vitals
+from asyncmigfra.transport.metrics.opening import open_metrics
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.transport.publishing import EventPublisher, Publisher
 from asyncmigfra.wire.events import Events
@@ -132,11 +136,23 @@ class Agent:
         self._since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         state_dir = resolve_state_dir(settings)
         self.journal = (
-            Journal(state_dir, owner=settings.hostname) if state_dir is not None else None
+            Journal(
+                state_dir,
+                owner=settings.hostname,
+                history_retention=settings.agent.history_retention,
+                history_max_entries=settings.agent.history_max_entries,
+            )
+            if state_dir is not None
+            else None
         )
         #: What this agent learned of its destinations' links (beside the journal).
         self.link_rates = LinkRates.in_state_dir(state_dir)
-        self.forecaster = Forecaster(settings=settings, link_rates=self.link_rates)
+        #: ... and of its guests' hypervisor processes (what they keep resident beyond guest
+        #: memory; migration/forecast.py).
+        self.resident_overheads = ResidentOverheads.in_state_dir(state_dir)
+        self.forecaster = Forecaster(
+            settings=settings, link_rates=self.link_rates, overheads=self.resident_overheads
+        )
         mqtt = settings.mqtt
         self.transport = MqttTransport(
             mqtt,
@@ -145,10 +161,20 @@ class Agent:
             on_connected=self._on_connected,
         )
         self.publisher = Publisher(self.transport)
+        #: ``metrics.listen``: what the agent publishes also feeds its Prometheus series
+        #: (events through the sink below, results in :meth:`_deliver`); ``None``: off.
+        self.metrics = open_metrics(
+            settings,
+            # late-bound: the dispatcher is built below, with the events that feed the metrics
+            route=lambda task_id, vm: self.dispatcher.migration_route(task_id, vm),  # noqa: PLW0108
+            version=__version__,
+        )
+        sink = EventPublisher(self.publisher, topic=mqtt.event_topic)
         self.events = Events(
-            EventPublisher(self.publisher, topic=mqtt.event_topic),
+            self.metrics.tee(sink) if self.metrics is not None else sink,
             host=settings.hostname,
             progress_qos=mqtt.progress_qos,
+            event_qos=mqtt.event_qos,
         )
         #: The configured hooks (``None``: none): run by the dispatcher's subtasks, and
         #: serving other agents' ``on: destination`` requests (:meth:`run`).
@@ -239,6 +265,15 @@ class Agent:
                 last = now
                 self._publish_status("online")
 
+    def _vitals(self) -> Vitals:
+        return Vitals(
+            broker_connected=self.transport.is_connected,
+            queued=self.dispatcher.queued,
+            running=self.dispatcher.running,
+            backlog=self.publisher.backlog,
+            journal=journal_state(self.journal),
+        )
+
     async def _on_connected(self) -> None:
         # Presence goes out only once the task subscription is active (extensions.md).
         self._publish_status(self._state)
@@ -323,13 +358,25 @@ class Agent:
         self.dispatcher.submit(parsed, payload=message.payload, reply=reply)
 
     def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
-        self._publish_result(render_result(result), reply, key)
+        history = None
+        if key is not None and self.journal is not None and self.journal.keeps_history:
+            history = history_rows(key, result, time.time())
+        self._publish_result(render_result(result), reply, key, history)
+        if self.metrics is not None:
+            self.metrics.feed.observe_result(result)
 
-    def _publish_result(self, payload: bytes, reply: Reply | None, key: str | None) -> None:
+    def _publish_result(
+        self,
+        payload: bytes,
+        reply: Reply | None,
+        key: str | None,
+        history: list[tuple[object, ...]] | None = None,
+    ) -> None:
+        """``history``: the result's history rows (none for a result published again)."""
         on_delivered = None
         if key is not None and self.journal is not None:
             journal = self.journal
-            journal.finished(key, payload)
+            journal.finished(key, payload, history or ())
 
             def on_delivered() -> None:
                 journal.delivered(key)
@@ -377,6 +424,7 @@ class Agent:
         records = await self.journal.open() if self.journal is not None else []
         self._warn_of_an_earlier_journal()
         await self.link_rates.open()  # after the journal's lock: the directory is ours
+        await self.resident_overheads.open()
         username = self.settings.mqtt.username
         if username is not None and username != self.settings.hostname:
             log.warning(
@@ -393,6 +441,14 @@ class Agent:
             if self.journal is not None:
                 await self.journal.close()
             raise
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except BaseException:
+                await self.hypervisor.aclose()
+                if self.journal is not None:
+                    await self.journal.close()
+                raise
         log.info(
             "agent.starting",
             host=self.settings.hostname,
@@ -417,6 +473,11 @@ class Agent:
                 )
                 lanes = tg.create_task(self.lanes.serve(), name="asyncmigfra.lanes")
                 inbound = tg.create_task(self.inbound.serve(), name="asyncmigfra.inbound")
+                sampler = (
+                    tg.create_task(self.metrics.run(self._vitals), name="asyncmigfra.metrics")
+                    if self.metrics is not None
+                    else None
+                )
                 await self._stop.wait()
                 self._arm_hard_exit()
                 self._publish_status("draining")
@@ -430,6 +491,8 @@ class Agent:
                     serving.cancel()
                 lanes.cancel()
                 inbound.cancel()
+                if sampler is not None:
+                    sampler.cancel()
                 await asyncio.wait({intake})
                 self._answer_leftovers()
                 self._publish_status("offline")
@@ -449,6 +512,8 @@ class Agent:
             await self.hypervisor.aclose()
             if self.journal is not None:
                 await self.journal.close()
+            if self.metrics is not None:
+                await self.metrics.stop()
         log.info("agent.stopped")
         if self._fatal is not None:
             raise self._fatal  # one line, exit 2 (cli)

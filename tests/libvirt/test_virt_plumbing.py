@@ -156,9 +156,10 @@ async def test_one_connection_per_uri(count_opens: list[str], ctx: Ctx) -> None:
         for _ in range(3):  # each attempt connects to hostB for a direct migration
             with pytest.raises(NotSupported):
                 await hv.begin_migration(migration("vm1", p2p=False), ctx)
-        # shared connections: one per URI; the migrate call alone gets a private one
+        # shared connections: one per URI; the migrate call alone gets a private one, kept
+        # for the next migrate call while it is alive (opened once for the three)
         assert count_opens.count(host_uri("hostB")) == 1
-        assert count_opens.count(host_uri("hostA")) == 1 + 3
+        assert count_opens.count(host_uri("hostA")) == 1 + 1
         assert hv._pool.uris() == sorted([host_uri("hostA"), host_uri("hostB")])
         assert hv._pool[host_uri("hostA")].opens == 1
     finally:
@@ -395,3 +396,23 @@ def test_host_uuid_is_what_the_same_host_pre_check_compares() -> None:
     assert _host_uuid(Conn(caps + "</capabilities>")) == "0a1b2c3d-0000-4000-8000-00000000abcd"
     assert _host_uuid(Conn("<capabilities><host/></capabilities>")) is None
     assert _host_uuid(Conn("<capabilities")) is None
+
+
+async def test_a_dead_private_connection_is_not_reused(count_opens: list[str], ctx: Ctx) -> None:
+    hv = create(hv_options(), hostname="hostA", shared={})
+    await hv.open()
+    try:
+        with pytest.raises(NotSupported):
+            await hv.begin_migration(migration("vm1", p2p=False), ctx)
+        connection = hv._pool[host_uri("hostA")]
+        kept = list(connection._idle_private)
+        assert len(kept) == 1
+        kept[0].close()  # libvirtd went away in between
+        with pytest.raises(NotSupported):
+            await hv.begin_migration(migration("vm1", p2p=False), ctx)
+        assert count_opens.count(host_uri("hostA")) == 1 + 2
+        assert connection._idle_private
+        assert connection._idle_private[0] is not kept[0]
+    finally:
+        await hv.aclose()
+    assert connection._idle_private == []  # closed with the hypervisor

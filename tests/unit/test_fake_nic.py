@@ -26,7 +26,8 @@ from asyncmigfra.hypervisor.base import (
 )
 from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, create
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
-from asyncmigfra.migration.prediction import MigrationCosts, PredictionInputs, predict_run
+from asyncmigfra.migration.forecast import costs_of
+from asyncmigfra.migration.prediction import PredictionInputs, predict_run
 
 MIB = 1024 * 1024
 SCALE = 20.0
@@ -174,7 +175,7 @@ async def test_a_hot_guest_converges_only_once_it_has_the_nic_alone(
         domains=[vm("hot", 200, **{"dirty-rate": 60}), vm("idle", 500)],
         peers={"b": None},
     )
-    costs = MigrationCosts(pass_overhead=0.0)
+    costs = costs_of(a)  # the fake's own fixed costs
     inputs = PredictionInputs(
         memory=200 * MIB,
         link_rate=50 * MIB,
@@ -206,7 +207,7 @@ async def test_prediction_agrees_with_two_migrations_sharing(shared: dict[str, o
         dirty_rate=20 * MIB,
         completion_timeout=1e6,
         page_size=1,
-        costs=MigrationCosts(pass_overhead=0.0),
+        costs=costs_of(a),  # the fake's own fixed costs, as the agent predicts it
     )
     predicted = predict_run(inputs, "live")
     assert predicted.duration is not None

@@ -274,3 +274,16 @@ async def test_delivered_records_are_bounded(tmp_path, monkeypatch):
     with sqlite3.connect(tmp_path / "journal.sqlite") as db:
         kept = [row[0] for row in db.execute("SELECT task_id FROM tasks ORDER BY updated_at")]
     assert kept == [str(i) for i in range(20, 30)]
+
+
+async def test_a_record_accepted_to_run_at_once_is_recovered_as_running(tmp_path):
+    j = Journal(tmp_path)
+    await j.open()
+    await j.accepted(
+        "k", task_id="t", payload=b"p", response_topic=None, correlation=None, running=True
+    )
+    await j.close()
+    again = Journal(tmp_path)
+    records = await again.open()
+    await again.close()
+    assert [(r.key, r.state) for r in records] == [("k", "running")]

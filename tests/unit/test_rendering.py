@@ -563,3 +563,19 @@ def test_ext_yamlcpp_reader_reports_errors(yamlcpp: YamlCpp) -> None:
     """Guard against a reader that accepts anything: broken YAML must be reported."""
     lines = yamlcpp.read(b"{a")
     assert lines[0].startswith("ERROR yaml-cpp: error at line 1")
+
+
+def test_a_string_renders_the_same_the_second_time():
+    """Short strings are remembered once rendered (speed): a second rendering is the same,
+    also for those that must be quoted, and the memory stays bounded."""
+    from asyncmigfra.wire import rendering  # noqa: PLC0415
+
+    tricky = ["yes", "0012", 'a"b', "vm-1", "", " x", "ÿ\u2028", "on", "12:30"]
+    first = [rendering._string(s) for s in tricky]
+    assert [rendering._string(s) for s in tricky] == first
+    assert first[:2] == ['"yes"', '"0012"']
+    assert first[3] == "vm-1"
+    for i in range(2 * rendering._RENDERED_MAX):
+        rendering._string(f"name-{i}")
+    assert len(rendering._RENDERED) <= rendering._RENDERED_MAX
+    assert [rendering._string(s) for s in tricky] == first

@@ -22,6 +22,7 @@ from asyncmigfra.settings import (
     HypervisorSettings,
     LimitsSettings,
     LoggingSettings,
+    MetricsSettings,
     MigrationDefaults,
     MqttHookSettings,
     MqttSettings,
@@ -511,6 +512,7 @@ NEW_KEYS = [
         "communicator: {session-expiry: 0}", "mqtt.session_expiry", 0, id="session-expiry"
     ),
     pytest.param("communicator: {progress-qos: 1}", "mqtt.progress_qos", 1, id="progress-qos"),
+    pytest.param("communicator: {event-qos: 0}", "mqtt.event_qos", 0, id="event-qos"),
     pytest.param(
         "communicator: {takeover-limit: 0}", "mqtt.takeover_limit", 0, id="takeover-limit"
     ),
@@ -625,6 +627,15 @@ NEW_KEYS = [
         "agent: {progress-interval: 2}", "agent.progress_interval", 2.0, id="progress-interval"
     ),
     pytest.param("agent: {state-dir: /srv/amf}", "agent.state_dir", "/srv/amf", id="state-dir"),
+    pytest.param(
+        "agent: {history-retention: 3600}",
+        "agent.history_retention",
+        3600.0,
+        id="history-retention",
+    ),
+    pytest.param(
+        "agent: {history-max-entries: 0}", "agent.history_max_entries", 0, id="history-max"
+    ),
     # migration
     pytest.param(
         "migration: {migration-type: post-copy}",
@@ -968,6 +979,11 @@ def test_protocol_aliases(value: str, expected: str) -> None:
             "communicator: {progress-qos: 3}",
             "communicator.progress-qos: must be between 0 and 2, got 3",
             id="progress-qos",
+        ),
+        pytest.param(
+            "communicator: {event-qos: -1}",
+            "communicator.event-qos: must be between 0 and 2, got -1",
+            id="event-qos",
         ),
         pytest.param(
             "agent: {host-devices: [{vendor: '8086'}]}",
@@ -1873,6 +1889,7 @@ def test_example_file_documents_every_key() -> None:
         MigrationDefaults,
         LoggingSettings,
         ShutdownSettings,
+        MetricsSettings,
     ):
         keys |= set(settings_module._field_table(cls))
     keys |= {"type", "driver", "transport", "nodes", "start-timeout", "stop-timeout"}

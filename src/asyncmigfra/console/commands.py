@@ -80,7 +80,9 @@ async def _announce(session: Session, out: Out, host: str, *, force: bool) -> No
 
 
 #: Tasks that cannot be cancelled (answered at once): no cancel hint for them.
-_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit", "tune migration"})
+_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit", "tune migration", "history"})
+#: Tasks answered without events (no ``accepted``): no duplicate note for them.
+_WITHOUT_EVENTS = frozenset({"status", "history"})
 
 
 @dataclass(slots=True)
@@ -150,7 +152,7 @@ async def _request(
             else:
                 out.event(host, item.doc)
 
-    events = follow or (again is not None and kind != "status")
+    events = follow or (again is not None and kind not in _WITHOUT_EVENTS)
     async with open_session(conn) as session:
         await session.subscribe_host(host, events=events)
         await _announce(session, out, host, force=force)

@@ -37,6 +37,8 @@ __all__ = [
     "HypervisorFactory",
     "JobStats",
     "KnowsLinkRate",
+    "KnowsMigrationCosts",
+    "KnowsResidentMemory",
     "LinkRate",
     "MeasuresDirtyRate",
     "MigrationJob",
@@ -201,6 +203,15 @@ class DiskCopy:
     size: int
     #: Bytes the copy allocates on the destination.
     room: int = 0
+    #: Bytes of data the copy sends over the link: at most the image's allocation (QEMU's
+    #: mirror sends unallocated ranges as zero writes, a few bytes each); ``None``: unknown,
+    #: take ``size``.
+    data: int | None = None
+
+    @property
+    def sent(self) -> int:
+        """Bytes the copy is predicted to send (``data``, else ``size``)."""
+        return self.size if self.data is None else min(self.size, self.data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,6 +222,10 @@ class MigrationResult:
     post_copy: bool = False
     #: Bytes of memory transferred.
     transferred: int = 0
+    #: Bytes of guest memory (0: unknown) and of it the bytes sent as zero pages (a flag
+    #: each; ``None``: unknown), as the hypervisor counted them for the whole job.
+    memory_total: int = 0
+    zero_bytes: int | None = None
 
 
 @runtime_checkable
@@ -318,12 +333,39 @@ class MeasuresDirtyRate(Protocol):
     """A back-end that can tell how fast a running guest dirties its memory without
     migrating it (libvirt: ``virDomainStartDirtyRateCalc`` in page-sampling mode; fake: its
     ``dirty-rate``), for the migration prediction (``migration.forecast``), which predicted
-    evacuation schedules (docs/protocol.md §3.7) use too."""
+    evacuation schedules (docs/protocol.md §3.7) use too.
+
+    A back-end whose figure is a sample of pages over the period (QEMU's page sampling)
+    says nothing about shorter times: the prediction then takes a shorter pass to dirty a
+    whole period's worth. A back-end whose figure holds at every time scale (the fake's
+    steady guests) sets a class attribute ``samples_pages = False``."""
 
     async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
         """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
         (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
         running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
+
+
+@runtime_checkable
+class KnowsMigrationCosts(Protocol):
+    """A back-end whose migrations have fixed costs of their own (the fake's simulation),
+    for the prediction; others are predicted with the model's defaults (QEMU as the rig
+    measured it, ``migration.prediction_inputs.MigrationCosts``)."""
+
+    def migration_costs(self) -> Mapping[str, float]:
+        """Seconds and milliseconds by ``MigrationCosts`` field name (any subset)."""
+
+
+@runtime_checkable
+class KnowsResidentMemory(Protocol):
+    """A back-end that can tell how much memory a running guest's hypervisor process keeps
+    resident (libvirt: ``memoryStats()['rss']``, QEMU's RSS read by libvirtd from
+    ``/proc``; nothing asks the guest). Guest pages that were never written are not
+    resident and are zero, so this bounds the memory a migration sends in full."""
+
+    async def resident_memory(self, vm_name: str) -> int | None:
+        """KiB resident for the running guest ``vm_name``; ``None`` when not known.
+        Raises ``VmNotFound`` or another ``TaskError``."""
 
 
 @runtime_checkable

@@ -47,6 +47,9 @@ class DirtyRate:
     source: Source
     #: Why a probe gave no figure (``None``: none failed).
     note: str | None = None
+    #: s the figure was sampled over (a probe's sample; 0: seen in a migration, whose
+    #: passes set their own periods).
+    period: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ class _Figure:
     at: float
     #: Seen in a migration rather than measured.
     migration: bool
+    #: s sampled over (see :attr:`DirtyRate.period`).
+    period: float = 0.0
 
 
 class DirtyRates:
@@ -84,7 +89,7 @@ class DirtyRates:
         """``vm_name``'s dirty rate (see the module); ``measure``: a probe may run."""
         figure = self._figures.get(vm_name)
         if figure is not None and time.monotonic() - figure.at <= self.fresh_for:
-            return DirtyRate(figure.rate, "recent")
+            return DirtyRate(figure.rate, "recent", period=figure.period)
         note: str | None = None
         if measure and isinstance(hypervisor, MeasuresDirtyRate):
             try:
@@ -93,12 +98,12 @@ class DirtyRates:
                 note = f"the dirty rate could not be measured: {exc}"
             else:
                 if measured is not None:
-                    return DirtyRate(measured, "measured")
+                    return DirtyRate(measured, "measured", period=self._period(hypervisor))
                 note = "the dirty rate could not be measured"
         figure = self._figures.get(vm_name)
         if figure is not None:
             source: Source = "last-migration" if figure.migration else "recent"
-            return DirtyRate(figure.rate, source, note)
+            return DirtyRate(figure.rate, source, note, figure.period)
         return DirtyRate(None, "unknown", note)
 
     async def _measure(self, hypervisor: MeasuresDirtyRate, vm_name: str) -> float | None:
@@ -123,10 +128,18 @@ class DirtyRates:
             raise
         else:
             future.set_result(rate)
-            self._keep(vm_name, _Figure(rate, time.monotonic(), migration=False))
+            figure = _Figure(
+                rate, time.monotonic(), migration=False, period=self._period(hypervisor)
+            )
+            self._keep(vm_name, figure)
             return rate
         finally:
             self._running.pop(vm_name, None)
+
+    def _period(self, hypervisor: MeasuresDirtyRate) -> float:
+        """The probe's sample period, unless the back-end's figure holds at every time
+        scale (``samples_pages = False``, see ``MeasuresDirtyRate``)."""
+        return float(self.seconds) if getattr(hypervisor, "samples_pages", True) else 0.0
 
     def _keep(self, vm_name: str, figure: _Figure) -> None:
         self._figures.pop(vm_name, None)

@@ -3,12 +3,15 @@
 :class:`Forecaster` (one per agent) feeds the pure model of
 :mod:`~asyncmigfra.migration.prediction` and uses its answer (issue 18):
 
-* **inputs** (:meth:`Forecaster.predict_plan`): the memory to send (the guest's current
-  memory), the disk bytes a storage copy moves (the pre-check's ``DiskCopy`` sizes), the
-  guest's dirty rate (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`), the link rate
-  to the destination (learned, :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config
-  ``migration.link-rate``; never above the migration's ``bandwidth`` cap), and the downtime
-  target and completion timeout of the resolved plan. Nothing of the VM changes;
+* **inputs** (:meth:`Forecaster.predict_plan`): the memory to send
+  (:meth:`Forecaster.memory_to_send`: the guest's current memory, at most what its QEMU
+  keeps resident less the overhead learned from earlier migrations), the disk bytes a
+  storage copy moves (the pre-check's ``DiskCopy`` sizes), the guest's dirty rate
+  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period),
+  the link rate to the destination (learned,
+  :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config ``migration.link-rate``;
+  never above the migration's ``bandwidth`` cap), and the downtime target and completion
+  timeout of the resolved plan. Nothing of the VM changes;
 * **a plan** (:meth:`Forecaster.forecast`, ``plan migration``/``plan evacuation``): every
   pre-check of a migration runs, and each refusal becomes a blocker with its code instead of
   failing;
@@ -19,7 +22,10 @@
   predicted duration, at least :data:`TIMEOUT_FLOOR` s, at most the agent's default;
 * **learning** (:meth:`Forecaster.learn`): after a successful migration, the median transfer
   rate of its memory passes becomes a sample of the destination's link (unless a
-  ``bandwidth`` cap held it down), and its dirty rate the VM's last-migration figure.
+  ``bandwidth`` cap held it down), its dirty rate the VM's last-migration figure, and (when
+  its resident memory was read before it) the resident memory beyond the guest's non-zero
+  pages a sample of the hypervisor process's overhead
+  (:class:`~asyncmigfra.tasks.linkrates.ResidentOverheads`).
 
 ``warm`` and ``offline`` are outside the model: ``warm`` is estimated as one pass with the
 guest paused (downtime = the whole copy), ``offline`` as the setup alone.
@@ -27,18 +33,30 @@ guest paused (downtime = the whole copy), ``offline`` as the setup alone.
 
 from __future__ import annotations
 
+import math
 import statistics
+import time
 from dataclasses import dataclass, field, replace
 from typing import Final
 
 import structlog
 
 from asyncmigfra.errors import NotSupported, TaskError, VmNotFound, WillNotConverge, WrongState
-from asyncmigfra.hypervisor.base import DomainInfo, DomainState, Hypervisor, JobStats
+from asyncmigfra.hypervisor.base import (
+    DiskCopy,
+    DomainInfo,
+    DomainState,
+    Hypervisor,
+    JobStats,
+    KnowsMigrationCosts,
+    KnowsResidentMemory,
+    MigrationResult,
+)
 from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
+    MigrationCosts,
     PredictionInputs,
     RunPrediction,
     TimeoutAction,
@@ -49,9 +67,10 @@ from asyncmigfra.migration.prediction import (
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.hostpolicy import HostPolicy
-from asyncmigfra.tasks.linkrates import LinkRates
+from asyncmigfra.tasks.linkrates import HOST_KEY, LinkRates, ResidentOverheads
 
 __all__ = [
+    "RESIDENT_FOR",
     "TIMEOUT_FACTOR",
     "TIMEOUT_FLOOR",
     "Blocker",
@@ -59,6 +78,7 @@ __all__ = [
     "Forecaster",
     "ObservedRates",
     "choose",
+    "costs_of",
     "forecaster_of",
     "notes",
     "plan_fields",
@@ -77,6 +97,10 @@ CAPPED_SHARE: Final = 0.9
 _WILL_NOT_CONVERGE: Final = WillNotConverge.code
 #: Samples of one migration kept at most for learning (the first ones are enough).
 MAX_SAMPLES: Final = 10_000
+#: s a guest's resident memory, read for a prediction, may serve to learn from its
+#: migration; VMs remembered at most.
+RESIDENT_FOR: Final = 600.0
+MAX_RESIDENT: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +178,14 @@ class Forecaster:
         settings: Settings,
         link_rates: LinkRates | None = None,
         dirty_rates: DirtyRates | None = None,
+        overheads: ResidentOverheads | None = None,
     ) -> None:
         self.settings = settings
         self.link_rates = link_rates if link_rates is not None else LinkRates(None)
         self.dirty_rates = dirty_rates if dirty_rates is not None else DirtyRates()
+        self.overheads = overheads if overheads is not None else ResidentOverheads(None)
+        #: Per VM: bytes resident when a prediction read it, and when (monotonic).
+        self._resident: dict[str, tuple[int, float]] = {}
 
     # ---- the inputs ------------------------------------------------------------------
 
@@ -173,9 +201,35 @@ class Forecaster:
             return float(bandwidth * _MIB), "bandwidth"
         return rate, source
 
-    async def learn(self, plan: MigrationPlan, observed: ObservedRates) -> None:
+    async def memory_to_send(self, hypervisor: Hypervisor, vm_name: str, memory: int) -> int:
+        """Bytes a migration of ``vm_name`` sends in full: ``memory`` (its current memory),
+        at most what its hypervisor process keeps resident less the overhead learned from
+        earlier migrations (a page the guest never wrote is not resident, and zero: QEMU
+        sends it as a flag). Reading the resident memory asks the host, not the guest; a
+        guest that is not running, or a back-end that cannot tell, keeps ``memory``."""
+        if not isinstance(hypervisor, KnowsResidentMemory):
+            return memory
+        try:
+            resident_kib = await hypervisor.resident_memory(vm_name)
+        except TaskError:
+            return memory
+        if resident_kib is None or resident_kib <= 0:
+            return memory
+        resident = resident_kib * 1024
+        self._resident.pop(vm_name, None)
+        self._resident[vm_name] = (resident, time.monotonic())
+        while len(self._resident) > MAX_RESIDENT:
+            del self._resident[next(iter(self._resident))]
+        overhead = self.overheads.estimate(HOST_KEY) or 0.0
+        return min(memory, max(0, int(resident - overhead)))
+
+    async def learn(
+        self, plan: MigrationPlan, observed: ObservedRates, result: MigrationResult | None = None
+    ) -> None:
         """Take what a successful migration showed (see the module)."""
         request = plan.request
+        if result is not None:
+            await self._learn_overhead(request.vm_name, result)
         if observed.dirty:
             self.dirty_rates.observed(request.vm_name, float(statistics.median(observed.dirty)))
         if not observed.transfer:
@@ -185,6 +239,19 @@ class Forecaster:
         if cap is not None and rate >= cap * _MIB * CAPPED_SHARE:
             return  # the cap, not the link, set this rate
         await self.link_rates.record(request.destination, rate)
+
+    async def _learn_overhead(self, vm_name: str, result: MigrationResult) -> None:
+        """Resident memory (read for the prediction) beyond the guest's non-zero pages (its
+        memory less what the job sent as zero pages) is the hypervisor process's own."""
+        seen = self._resident.pop(vm_name, None)
+        if seen is None or result.zero_bytes is None or result.memory_total <= 0:
+            return
+        resident, at = seen
+        if time.monotonic() - at > RESIDENT_FOR:
+            return
+        nonzero = max(0, result.memory_total - result.zero_bytes)
+        # At least 1 byte: the store keeps only figures above 0.
+        await self.overheads.record(HOST_KEY, float(max(1, resident - nonzero)))
 
     # ---- a plan: every pre-check, refusals as blockers --------------------------------
 
@@ -217,17 +284,16 @@ class Forecaster:
             plan = self._plan(spec, memory_kib=memory // 1024)
         except TaskError as exc:
             return replace(base, blockers=(*blockers, _blocker(exc)))
-        disk = 0
         try:
             copies = await hypervisor.check_migration(plan.request)
-            disk = sum(c.size for c in copies)
         except TaskError as exc:
             blockers.append(_blocker(exc))
-            disk = await _disks_anyway(hypervisor, plan)
-        if disk:
-            plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=disk)
+            copies = await _disks_anyway(hypervisor, plan)
+        if copies:  # the disks' sizes count in the completion timeout, their data is sent
+            size = sum(c.size for c in copies)
+            plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=size)
         forecast = await self.predict_plan(
-            plan, hypervisor, memory=memory, disk=disk, measure=measure
+            plan, hypervisor, memory=memory, disk=sum(c.sent for c in copies), measure=measure
         )
         return replace(forecast, requested=requested, blockers=(*blockers, *forecast.blockers))
 
@@ -257,6 +323,8 @@ class Forecaster:
         request = plan.request
         mode = "auto" if plan.auto else request.mode
         memory = plan.memory if memory is None else memory
+        if mode != "offline":
+            memory = await self.memory_to_send(hypervisor, request.vm_name, memory)
         link, link_source = self.link_rate(request.destination, request.bandwidth)
         dirty = DirtyRate(None, "unknown")
         if mode in ("live", "post-copy", "auto"):
@@ -266,12 +334,14 @@ class Forecaster:
             link_rate=link,
             completion_timeout=plan.completion_timeout,
             dirty_rate=dirty.rate or 0.0,
+            dirty_period=dirty.period,
             disk_bytes=max(0, disk),
             max_downtime=plan.max_downtime,
             post_copy_allowed=(
                 self.settings.migration.allow_post_copy if mode == "auto" else mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
+            costs=costs_of(hypervisor),
         )
         base = Forecast(
             vm_name=request.vm_name,
@@ -400,7 +470,10 @@ async def predicted(
             return plan
         known = await forecaster.dirty_rates.rate(hypervisor, plan.request.vm_name, measure=False)
         if known.rate is None:
-            return plan  # it would take a probe: not for a migration that does not choose
+            # It would take a probe: not for a migration that does not choose. The resident
+            # memory is read all the same (one cheap call), to learn from the migration.
+            await forecaster.memory_to_send(hypervisor, plan.request.vm_name, plan.memory)
+            return plan
         forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk, measure=False)
     log.info(
         "migration.predicted",
@@ -415,6 +488,20 @@ async def predicted(
     if forecast.converges and forecast.duration is not None:
         ctx.outcome.predicted_duration = forecast.duration
     return chosen
+
+
+def costs_of(hypervisor: object) -> MigrationCosts:
+    """The fixed costs to predict ``hypervisor``'s migrations with: its own
+    (``KnowsMigrationCosts``, the fake's) over the model's defaults. Figures a back-end
+    gives that are not costs, or not finite numbers >= 0, are ignored (the default stays)."""
+    if not isinstance(hypervisor, KnowsMigrationCosts):
+        return MigrationCosts()
+    known = set(MigrationCosts.__dataclass_fields__)
+    given: dict[str, float] = {}
+    for name, value in hypervisor.migration_costs().items():
+        if name in known and 0 <= value < math.inf:  # NaN compares false: ignored too
+            given[name] = float(value)
+    return MigrationCosts(**given)
 
 
 def forecaster_of(ctx: EngineContext) -> Forecaster | None:
@@ -460,14 +547,14 @@ async def _memory_to_send(hypervisor: Hypervisor, dom: DomainInfo) -> int:
     return dom.memory * 1024
 
 
-async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> int:
-    """The disk bytes from the source's view alone, when the pre-check refused."""
+async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> tuple[DiskCopy, ...]:
+    """The disks from the source's view alone, when the pre-check refused."""
     if plan.request.copy_storage == "none":
-        return 0
+        return ()
     try:
-        return sum(c.size for c in await hypervisor.disks_to_copy(plan.request))
+        return await hypervisor.disks_to_copy(plan.request)
     except TaskError:
-        return 0
+        return ()
 
 
 def _as_verdict(run: RunPrediction) -> Verdict:

@@ -11,7 +11,8 @@ so the downtime schedule and the stall rules are the engine's, not a copy of the
 
 What is modelled (times in seconds from the start of the job, sizes in bytes):
 
-* **Setup.** Nothing moves for ``costs.setup`` (the destination QEMU starting).
+* **Setup.** Nothing moves for ``costs.setup`` (the destination QEMU starting, and the
+  fixed costs at the end, counted here), plus ``costs.storage_setup`` with a storage copy.
 * **Storage copy.** With ``disk_bytes`` > 0 the disks are mirrored first, at the link rate,
   while the guest writes them at ``disk_write_rate``. Each write dirties what was already
   copied, so the mirror's catch-up is a geometric series of ratio write/link: it takes
@@ -20,8 +21,9 @@ What is modelled (times in seconds from the start of the job, sizes in bytes):
   memory passes get ``link - write`` of the link (the switchover and post-copy, with the
   guest paused or gone, get all of it).
 * **Pre-copy.** Pass 1 sends all of ``memory``; pass *i* sends what the guest dirtied during
-  pass *i-1*: ``dirty rate x (1 - throttle) x duration``, rounded up to whole pages and at
-  most ``dirty_working_set`` (default all of memory: a page dirtied twice is sent once). A
+  pass *i-1*: ``dirty rate x (1 - throttle) x max(duration, dirty_period)``, rounded up to
+  whole pages and at most ``dirty_working_set`` (default all of memory: a page dirtied twice
+  is sent once; ``dirty_period``: the probe's sample, below which the rate says nothing). A
   pass lasts ``max(costs.min_pass, sent / link) + costs.pass_overhead`` (``link``: the
   memory passes' share, above). At the end of a
   pass the hypervisor compares what is left with the current downtime target, at the link
@@ -62,15 +64,17 @@ What is **not** modelled (each makes real migrations differ from the prediction)
   taken as the rate at which guest pages arrive, whatever carries them;
 * a ``bandwidth`` cap below the link: pass the cap as ``link_rate``; QEMU lifts the cap for
   the switchover, so the downtime is then overestimated (the fake does the same as QEMU);
-* zero pages: QEMU sends a page of zeros as a flag, so a fresh guest's first pass is faster
-  than ``memory / link``; pass the bytes that really need sending as ``memory``;
+* zero pages: QEMU sends a page of zeros as a flag (9 bytes), so ``memory`` is the bytes
+  that really need sending (``migration.forecast`` bounds them by what the guest's QEMU
+  keeps resident); the zero pages' flags and QEMU's scan of them cost nothing here;
 * per-page headers (about 0.2 % more on the wire) and the exact QEMU pass boundary (QEMU
   syncs the dirty bitmap once the current pass has less than a downtime target's worth
   left, not when it has nothing left: at most one target's worth of difference per pass);
 * dirty-rate sampling error: the dirty rate is one number for the whole run, while a real
   guest's rate varies, and libvirt's figure counts pages dirtied per period (a guest that
-  rewrites the same pages shows its working set, not its write bandwidth: pass
-  ``dirty_working_set`` when it is known);
+  rewrites the same pages shows its working set, not its write bandwidth: with
+  ``dirty_period`` a pass shorter than the period is taken to dirty a whole period's worth,
+  which over-estimates a guest that writes steadily at that rate);
 * the mirror's granularity (a 4 KiB write dirties a whole cluster of the block job) and
   ``copy-storage-synchronous-writes`` (writes that wait for both hosts make any write rate
   converge);
@@ -360,6 +364,7 @@ class _Run:
             return self._failed("no-link", "the link rate is 0: nothing can move")
         t = inputs.costs.setup
         if inputs.disk_bytes > 0:
+            t += inputs.costs.storage_setup
             writes = inputs.disk_write_rate
             if writes >= self.link:
                 self.disk_time = math.inf
@@ -410,7 +415,7 @@ class _Run:
             end = t + duration
             if end > timeout:
                 return self._timed_out(t, amount, rate, target)
-            dirtied = self._dirtied(rate * duration)
+            dirtied = self._dirtied(rate * max(duration, inputs.dirty_period))
             self.passes.append(
                 PassPrediction(
                     number=number,
@@ -490,7 +495,7 @@ class _Run:
         if self.switch_at_timeout:
             elapsed = max(0.0, timeout - start)
             sent = min(float(amount), self.memory_link * elapsed)
-            dirtied = min(float(self.cap), rate * elapsed)
+            dirtied = min(float(self.cap), rate * max(elapsed, self.inputs.dirty_period))
             return self._post_copy(timeout, amount - sent + dirtied, by="timeout")
         number = len(self.passes) + 1
         return self._failed(

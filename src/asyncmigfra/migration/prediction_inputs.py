@@ -23,8 +23,15 @@ class MigrationCosts:
     """The model's fixed costs. Defaults: QEMU/KVM as the two-host rig measured it where a
     figure exists, else a documented guess."""
 
-    #: s before anything moves (the destination QEMU starting; the rig: 0.3-0.5 s).
-    setup: float = 0.3
+    #: s of a migration that nothing speeds up: the destination QEMU starting, the
+    #: hand-over at the end, the source QEMU stopping. The model puts it all before anything
+    #: moves. The rig (bench/prediction_accuracy.py, 128 MiB TCG guests, from the migration
+    #: call to its end, less the model's transfer time): median 0.35 s over 10 runs, each
+    #: 0.27-1.03 s.
+    setup: float = 0.35
+    #: s a storage copy adds (the destination's NBD server, the mirror jobs starting and
+    #: completing), also before anything moves. The rig: median 0.1 s over 6 runs.
+    storage_setup: float = 0.1
     #: s: no pass is shorter (the fake's assumption that QEMU syncs the dirty bitmap at
     #: most about every 100 ms; not verified against QEMU).
     min_pass: float = 0.1
@@ -37,7 +44,14 @@ class MigrationCosts:
     post_copy_pause: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("setup", "min_pass", "pass_overhead", "switchover", "post_copy_pause"):
+        for name in (
+            "setup",
+            "storage_setup",
+            "min_pass",
+            "pass_overhead",
+            "switchover",
+            "post_copy_pause",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -80,7 +94,8 @@ class AutoConverge:
 class PredictionInputs:
     """One migration to predict. Sizes in bytes, rates in bytes/s."""
 
-    #: Guest memory to send (what the first pass sends).
+    #: Guest memory to send (what the first pass sends: the guest's memory less the pages
+    #: known to be zero, which QEMU sends as a flag).
     memory: int
     #: What the link gives this migration (for n migrations sharing a link: its share).
     link_rate: float
@@ -88,6 +103,12 @@ class PredictionInputs:
     completion_timeout: float
     #: Memory the guest dirties per second while it runs unthrottled.
     dirty_rate: float = 0.0
+    #: s over which ``dirty_rate`` was measured (the probe's sample). A pass shorter than
+    #: this is taken to dirty as much as a whole period does: a sample cannot tell a guest
+    #: that rewrites a few pages over and over from one that writes steadily, and the
+    #: first kind leaves its whole set dirty after any pass (0: the rate holds at every
+    #: time scale).
+    dirty_period: float = 0.0
     #: Most memory one pass can leave dirty (the guest's writable working set); ``None``:
     #: all of ``memory``.
     dirty_working_set: int | None = None
@@ -106,7 +127,14 @@ class PredictionInputs:
     throttling: AutoConverge = field(default_factory=AutoConverge)
 
     def __post_init__(self) -> None:
-        for name in ("memory", "disk_bytes", "link_rate", "dirty_rate", "disk_write_rate"):
+        for name in (
+            "memory",
+            "disk_bytes",
+            "link_rate",
+            "dirty_rate",
+            "disk_write_rate",
+            "dirty_period",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

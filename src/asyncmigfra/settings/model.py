@@ -52,8 +52,10 @@ class MqttSettings:
     reconnect_max_delay: float = 30.0
     #: s the broker keeps the agent's session (and queues its tasks) while it is away (MQTT 5).
     session_expiry: int = 86400
-    #: QoS of ``progress`` events (others use 1).
+    #: QoS of ``progress`` events.
     progress_qos: int = 0
+    #: QoS of every other event (``accepted``, ``phase``, ``done`` ...).
+    event_qos: int = 1
     #: Session takeovers (another client connected with ``client_id``) within
     #: ``takeover_window`` after which the agent gives up (exit code 2); 0: never give up.
     takeover_limit: int = 5
@@ -162,6 +164,10 @@ class AgentSettings:
     #: else ``$XDG_STATE_HOME/asyncmigfra/<hostname>`` (``~/.local/state``); ``none``: no
     #: journal (accepted tasks are then lost if the agent dies).
     state_dir: str = "auto"
+    #: s the history (``task: history``, kept in the journal) keeps a finished subtask.
+    history_retention: float = 30 * 86400.0
+    #: History entries kept at most (the oldest go first); 0: no history is kept.
+    history_max_entries: int = 100_000
     #: The only host devices a task may attach (``pci-ids``, ``devs``, hostdevs in XML);
     #: empty: none (as Nova's ``device_spec``).
     host_devices: tuple[HostDevice, ...] = ()
@@ -248,6 +254,21 @@ class LoggingSettings:
     #: ``auto``: console on a TTY, JSON otherwise.
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """``metrics``: the Prometheus exposition (docs/operations.md "Metrics")."""
+
+    #: ``host:port`` (``[v6-address]:port``) of ``/metrics``; ``None``: off.
+    listen: str | None = None
+
+    def address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port); ``None`` when off. The loader checked its shape."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -338,3 +359,5 @@ class Settings:
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     #: ``hooks:``, in the configured order (the order they run in).
     hooks: tuple[HookSettings, ...] = ()
+    #: ``metrics``: the Prometheus exposition (off unless ``metrics.listen`` is set).
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)

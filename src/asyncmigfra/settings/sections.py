@@ -21,6 +21,7 @@ from asyncmigfra.settings.model import (
     HypervisorSettings,
     LimitsSettings,
     LoggingSettings,
+    MetricsSettings,
     MigrationDefaults,
     MqttHookSettings,
     MqttSettings,
@@ -410,7 +411,25 @@ def _settings(tree: Mapping[str, object], ctx: _Context) -> Settings:
         logging=LoggingSettings(**plain(LoggingSettings, "logging")),
         shutdown=ShutdownSettings(**plain(ShutdownSettings, "shutdown")),
         hooks=_hooks(tree.get("hooks"), ctx),
+        metrics=_metrics(plain(MetricsSettings, "metrics")),
     )
+
+
+#: ``metrics.listen``: ``host:port``, the host a name, an IPv4 address or ``[IPv6]``.
+_LISTEN_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
+
+
+def _metrics(kwargs: dict[str, Any]) -> MetricsSettings:
+    """``metrics``: ``listen`` must be ``host:port`` with a port 1-65535."""
+    listen = kwargs.get("listen")
+    if listen is not None and (
+        not _LISTEN_RE.fullmatch(listen) or not 0 < int(listen.rpartition(":")[2]) < 65536
+    ):
+        raise ConfigError(
+            f"expected host:port (port 1-65535, an IPv6 address in brackets), got {_show(listen)}",
+            path="metrics.listen",
+        )
+    return MetricsSettings(**kwargs)
 
 
 def _migration(kwargs: dict[str, Any]) -> MigrationDefaults:

@@ -3,9 +3,12 @@
 Results and events are queued here without blocking the code that produced them. The
 publisher hands them to the MQTT client's session in queue order; the session keeps every
 QoS 1 message until the broker acknowledged it and sends it again after a reconnect, so no
-per-message task or wait is needed (see ``MqttTransport.publish_nowait``). Before the first
-connection, messages wait in the queue. Progress events (the only droppable kind) are dropped
-when the backlog is large: a newer one follows, and the last one carries ``percent``.
+per-message task or wait is needed (see ``MqttTransport.publish_nowait``). While connected and
+nothing waits in the queue, a message is handed over at once by :meth:`Publisher.put_nowait`
+itself (in order: nothing is ahead of it), without waking the publisher's task. Before the
+first connection, and behind anything queued, messages wait in the queue. Progress events
+(the only droppable kind) are dropped when the backlog is large: a newer one follows, and
+the last one carries ``percent``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class Publisher:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._unacked: deque[tuple[Delivery, Callable[[], None] | None]] = deque()
         self._max_backlog = max_backlog
+        #: Reports acknowledgements of messages handed over directly while the queue is idle.
+        self._prune_timer: asyncio.TimerHandle | None = None
+        #: The task holds a message it took from the queue and has not handed over yet
+        #: (it waits for the connection): later messages queue up behind it.
+        self._holding = False
         self.published = 0
         self.dropped = 0
 
@@ -53,7 +61,31 @@ class Publisher:
         if droppable and self._queue.qsize() >= self._max_backlog:
             self.dropped += 1
             return
+        if self._queue.empty() and not self._holding and self._transport.is_connected:
+            try:
+                delivery = self._transport.publish_nowait(msg)
+            except TransportError:
+                pass  # the publisher's task falls back to a waiting publish
+            else:
+                self._handed_over(delivery, on_delivered)
+                return
         self._queue.put_nowait(_Item(msg, on_delivered))
+
+    def _handed_over(self, delivery: Delivery, on_delivered: Callable[[], None] | None) -> None:
+        self.published += 1
+        self._unacked.append((delivery, on_delivered))
+        if len(self._unacked) > 256:
+            self._prune()
+        if self._prune_timer is None:
+            # Acknowledgements are reported in passing while messages flow; this reports
+            # them when the flow stops (the task may sleep in ``queue.get()`` meanwhile).
+            self._prune_timer = asyncio.get_running_loop().call_later(0.25, self._prune_later)
+
+    def _prune_later(self) -> None:
+        self._prune_timer = None
+        self._prune()
+        if self._unacked:
+            self._prune_timer = asyncio.get_running_loop().call_later(0.25, self._prune_later)
 
     async def run(self) -> None:
         """Hand queued messages to the MQTT session in order, as fast as they come.
@@ -76,21 +108,25 @@ class Publisher:
                     continue
             else:
                 item = await queue.get()
-            if not self._transport.is_connected:
-                await self._transport.wait_connected()
+            self._holding = True
             try:
-                delivery = self._transport.publish_nowait(item.msg)
-            except TransportError as exc:
-                log.warning("mqtt.publish_fallback", error=str(exc))
-                await self._transport.publish(item.msg)
-                self.published += 1
-                if item.on_delivered is not None:
-                    item.on_delivered()
-                continue
+                await self._hand_over(item)
+            finally:
+                self._holding = False
+
+    async def _hand_over(self, item: _Item) -> None:
+        if not self._transport.is_connected:
+            await self._transport.wait_connected()
+        try:
+            delivery = self._transport.publish_nowait(item.msg)
+        except TransportError as exc:
+            log.warning("mqtt.publish_fallback", error=str(exc))
+            await self._transport.publish(item.msg)
             self.published += 1
-            self._unacked.append((delivery, item.on_delivered))
-            if len(self._unacked) > 256:
-                self._prune()
+            if item.on_delivered is not None:
+                item.on_delivered()
+            return
+        self._handed_over(delivery, item.on_delivered)
 
     def _prune(self) -> None:
         while self._unacked and self._unacked[0][0].done:

@@ -27,12 +27,17 @@ def _now() -> str:
 class Events:
     """Builds events for one agent and hands them to a sink."""
 
-    __slots__ = ("host", "progress_qos", "sink")
+    __slots__ = ("event_qos", "host", "progress_qos", "sink")
 
-    def __init__(self, sink: EventSink, *, host: str, progress_qos: int = 0) -> None:
+    def __init__(
+        self, sink: EventSink, *, host: str, progress_qos: int = 0, event_qos: int = 1
+    ) -> None:
         self.sink = sink
         self.host = host
+        #: QoS of ``progress`` events (``communicator.progress-qos``).
         self.progress_qos = progress_qos
+        #: QoS of every other event (``communicator.event-qos``).
+        self.event_qos = event_qos
 
     def _base(self, event: str, task_id: str | None, vm_name: str | None) -> dict[str, object]:
         fields: dict[str, object] = {"event": event}
@@ -48,18 +53,18 @@ class Events:
         ev = self._base("accepted", task_id, None)
         ev["task"] = task
         ev["vm-names"] = list(vm_names)
-        self.sink.emit(ev)
+        self.sink.emit(ev, qos=self.event_qos)
 
     def rejected(self, task_id: str | None, *, code: str, details: str) -> None:
         ev = self._base("rejected", task_id, None)
         ev["code"] = code
         ev["details"] = details
-        self.sink.emit(ev, terminal=True)
+        self.sink.emit(ev, terminal=True, qos=self.event_qos)
 
     def phase(self, task_id: str | None, vm_name: str | None, phase: str) -> None:
         ev = self._base("phase", task_id, vm_name)
         ev["phase"] = phase
-        self.sink.emit(ev)
+        self.sink.emit(ev, qos=self.event_qos)
 
     def progress(self, task_id: str | None, vm_name: str, fields: Mapping[str, object]) -> None:
         ev = self._base("progress", task_id, vm_name)
@@ -70,7 +75,7 @@ class Events:
         ev = self._base("error", task_id, vm_name)
         ev["code"] = code
         ev["details"] = details
-        self.sink.emit(ev, terminal=True)
+        self.sink.emit(ev, terminal=True, qos=self.event_qos)
 
     def plan(self, task_id: str | None, vm_name: str | None, fields: Mapping[str, object]) -> None:
         """A plan, before what it plans starts (protocol §5.8): a migration's prediction
@@ -78,7 +83,7 @@ class Events:
         (``vm_name`` ``None``; its waves, or why there are none)."""
         ev = self._base("plan", task_id, vm_name)
         ev.update(fields)
-        self.sink.emit(ev)
+        self.sink.emit(ev, qos=self.event_qos)
 
     def done(
         self,
@@ -98,4 +103,4 @@ class Events:
         if isinstance(predicted_duration, int | float):
             ev["predicted-duration"] = predicted_duration
         ev.update(extra or {})
-        self.sink.emit(ev, terminal=True)
+        self.sink.emit(ev, terminal=True, qos=self.event_qos)

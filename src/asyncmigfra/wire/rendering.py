@@ -63,10 +63,26 @@ def _escape_char(match: re.Match[str]) -> str:
     return _ESCAPES.get(code) or f"\\u{code:04x}"
 
 
+#: Short strings rendered before (keys, host and VM names, kinds, statuses repeat in every
+#: result and event): their text without the regular expressions. Bounded: emptied when full.
+_RENDERED: dict[str, str] = {}
+_RENDERED_MAX: Final = 4096
+_RENDERED_CHARS: Final = 64
+
+
 def _string(value: str) -> str:
+    done = _RENDERED.get(value)
+    if done is not None:
+        return done
     if _PLAIN.fullmatch(value) is not None and value.lower() not in _RESERVED:
-        return value
-    return '"' + _NEEDS_ESCAPE.sub(_escape_char, value) + '"'
+        text = value
+    else:
+        text = '"' + _NEEDS_ESCAPE.sub(_escape_char, value) + '"'
+    if len(value) <= _RENDERED_CHARS:
+        if len(_RENDERED) >= _RENDERED_MAX:
+            _RENDERED.clear()
+        _RENDERED[value] = text
+    return text
 
 
 def _float(value: float) -> str:

@@ -53,6 +53,7 @@ from asyncmigfra.hypervisor.virt.domains import (
     _UNDEFINE_FLAGS,
     PluggedDevice,
     _attach_fn,
+    _cpu_compare,
     _destination_facts,
     _existing,
     _guest_facts,
@@ -60,6 +61,7 @@ from asyncmigfra.hypervisor.virt.domains import (
     _host_uuid,
     _hostdev_xml,
     _list_domains,
+    _machines_for,
     _node_device_pci,
     _pci_candidates,
     _pin_all,
@@ -844,6 +846,15 @@ class LibvirtHypervisor:
 
         return await self._mapped(self.uri, op)
 
+    async def resident_memory(self, vm_name: str) -> int | None:
+        """``KnowsResidentMemory``: ``memoryStats()['rss']`` (libvirtd reads QEMU's RSS)."""
+
+        def op(conn: Any) -> int | None:
+            rss = conn.lookupByName(vm_name).memoryStats().get("rss")
+            return int(rss) if isinstance(rss, int) and rss > 0 else None
+
+        return await self._mapped(self.uri, op)
+
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         """Pin live and in the config for a running persistent domain, live for a transient
         one, in the config for a shut-off one."""
@@ -877,19 +888,42 @@ class LibvirtHypervisor:
         uri = self._local_uri(request.driver)
         if request.compression:
             check_stream_support(request, await self._mapped(uri, lambda c: c.getLibVersion()))
-        guest = await self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name))
         if uri not in self._host_uuids:
             self._host_uuids[uri] = await self._mapped(uri, _host_uuid)
         here = self._host_uuids[uri]
         target = await self.resolve_destination(
             request.destination, driver=request.driver, transport=request.transport
         )
+        # The guest's definition here and the destination's state there are independent:
+        # read both at once; failures are reported in the order the checks are listed.
+        dest_pool = self._pool[target.uri]
+        guest_read, dest_read = await asyncio.gather(
+            self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name)),
+            self._call(
+                target.uri,
+                lambda conn: _destination_facts(conn, request.vm_name, dest_pool.memo(conn)),
+            ),
+            return_exceptions=True,
+        )
+        if isinstance(guest_read, BaseException):
+            raise guest_read
+        guest = guest_read
         try:
-            dest = await self._call(target.uri, lambda conn: _destination_facts(conn, guest))
+            if isinstance(dest_read, BaseException):
+                raise dest_read
+            dest = dest_read
+            cpu_compare = (
+                await self._call(
+                    target.uri, lambda conn: _cpu_compare(conn, guest, dest_pool.memo(conn))
+                )
+                if guest.cpu_xml is not None
+                else None
+            )
         except libvirt.libvirtError as exc:
             raise ConnectionFailed(
                 f"destination {request.destination} cannot be checked: {_message(exc)}"
             ) from exc
+        machines = _machines_for(dest.capabilities, guest.arch)
         where = request.destination
         if here is not None and here == dest.host_uuid:
             raise IncompatibleDestination(
@@ -900,11 +934,11 @@ class LibvirtHypervisor:
             raise IncompatibleDestination(
                 f"a domain named '{guest.name}' is already active on {where}"
             )
-        if dest.machines and guest.machine and guest.machine not in dest.machines:
+        if machines and guest.machine and guest.machine not in machines:
             raise IncompatibleDestination(
                 f"machine type {guest.machine} ({guest.arch}) is not supported on {where}"
             )
-        if dest.cpu_compare == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+        if cpu_compare == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
             raise IncompatibleDestination(f"the guest CPU model is not usable on {where}")
         if (
             memory

@@ -50,6 +50,8 @@ def _dom_name(dom: Any) -> str:
 
 #: s a dead connection is retried before an operation fails (a libvirtd restart).
 RECONNECT_GRACE = 15.0
+#: Private connections kept per URI between long calls (migrations at once, usually).
+_IDLE_PRIVATE = 4
 
 
 class _Connection:
@@ -67,6 +69,12 @@ class _Connection:
         self._close_callback = False
         #: How often a connection was opened (1 + reconnects).
         self.opens = 0
+        #: What callers learned over the current connection that does not change while it
+        #: lives (the host's capabilities, CPU comparisons): emptied when it is replaced.
+        self._memo: dict[object, object] = {}
+        #: Private connections whose long call ended, kept for the next one (bounded).
+        self._idle_private: list[Any] = []
+        self._closed = False
 
     def get(self) -> Any:
         """The live connection, (re)opened if needed. Raises ``ConnectionFailed``."""
@@ -82,10 +90,38 @@ class _Connection:
                 self._post(DomainEvent(uri=self.uri, kind="reconnected", at=time.monotonic()))
             return self._conn
 
+    def memo(self, conn: Any) -> dict[object, object]:
+        """The memo of ``conn`` (from :meth:`get`): facts that hold as long as the connection
+        does. A reconnect (libvirtd restarted, perhaps upgraded or on changed hardware)
+        starts a new, empty one; for a connection already replaced, a throwaway one."""
+        with self._lock:
+            return self._memo if conn is self._conn and conn is not None else {}
+
     def open_private(self) -> Any:
-        """A fresh connection to this URI with keepalive but no callbacks, for one long call;
-        the caller closes it. Raises ``ConnectionFailed``."""
-        return self._connect()
+        """A connection to this URI of its own (keepalive, no callbacks) for one long call
+        (a migration); the caller hands it back with :meth:`release_private`. One kept from
+        an earlier call is reused when it is still alive (opening one costs a handshake with
+        libvirtd, milliseconds before the job could start). Raises ``ConnectionFailed``."""
+        while True:
+            with self._lock:
+                conn = self._idle_private.pop() if self._idle_private else None
+            if conn is None:
+                return self._connect()
+            if _is_alive(conn):
+                return conn
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def release_private(self, conn: Any) -> None:
+        """The long call on ``conn`` (from :meth:`open_private`) ended: keep it for the next
+        one while it is alive and few are kept, else close it."""
+        if _is_alive(conn):
+            with self._lock:
+                if not self._closed and len(self._idle_private) < _IDLE_PRIVATE:
+                    self._idle_private.append(conn)
+                    return
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
 
     def invalidate(self, conn: Any) -> None:
         """Drop ``conn`` if it is still the current one (it died under an operation)."""
@@ -96,6 +132,11 @@ class _Connection:
     def close(self) -> None:
         with self._lock:
             self._discard()
+            self._closed = True
+            idle, self._idle_private = self._idle_private, []
+        for conn in idle:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
 
     def _open_with_grace(self) -> Any:
         """Reopen after the connection died: libvirtd may be restarting (its socket is gone
@@ -157,6 +198,7 @@ class _Connection:
 
     def _discard(self) -> None:
         conn, self._conn = self._conn, None
+        self._memo = {}
         ids, self._callback_ids = self._callback_ids, []
         if conn is None:
             return

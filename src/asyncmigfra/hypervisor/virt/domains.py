@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from xml.sax.saxutils import escape, quoteattr
@@ -267,11 +267,13 @@ class _GuestFacts:
 @dataclass(frozen=True, slots=True)
 class _DestinationFacts:
     name_active: bool
-    machines: frozenset[str]
-    cpu_compare: int | None
     free_kib: int | None
-    #: The destination host's UUID (capabilities ``host/uuid``); ``None`` when not reported.
-    host_uuid: str | None = None
+    capabilities: _HostCapabilities
+
+    @property
+    def host_uuid(self) -> str | None:
+        """The destination host's UUID (capabilities ``host/uuid``); ``None``: not reported."""
+        return self.capabilities.host_uuid
 
 
 def _guest_facts(conn: Any, name: str) -> _GuestFacts:
@@ -308,36 +310,48 @@ def _caps_uuid(caps: ET.Element) -> str | None:
     return text or None
 
 
-def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
-    try:
-        name_active = bool(conn.lookupByName(guest.name).isActive())
-    except libvirt.libvirtError as exc:
-        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
-            raise
-        name_active = False
-    machines: set[str] = set()
+@dataclass(frozen=True, slots=True)
+class _HostCapabilities:
+    """What a host's capabilities say that the pre-checks use: its UUID and the machine
+    types per guest architecture. It does not change while a connection lives, so it is
+    read once per connection (:meth:`_Connection.memo`)."""
+
+    host_uuid: str | None
+    machines: Mapping[str, frozenset[str]]
+
+
+def _capabilities(conn: Any) -> _HostCapabilities:
+    machines: dict[str, set[str]] = {}
     host_uuid: str | None = None
     with contextlib.suppress(libvirt.libvirtError, ET.ParseError):
         caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 - libvirt's own XML
         host_uuid = _caps_uuid(caps)
         for arch in caps.iterfind("guest/arch"):
-            if guest.arch and arch.get("name") != guest.arch:
-                continue
+            names = machines.setdefault(arch.get("name") or "", set())
             for machine in arch.iter("machine"):
                 if machine.text:
-                    machines.add(machine.text.strip())
+                    names.add(machine.text.strip())
                 if machine.get("canonical"):
-                    machines.add(str(machine.get("canonical")))
-    cpu_compare: int | None = None
-    if guest.cpu_xml is not None:
-        try:
-            cpu_compare = int(
-                conn.compareHypervisorCPU(
-                    None, guest.arch, guest.machine, guest.virttype, guest.cpu_xml, 0
-                )
-            )
-        except libvirt.libvirtError as exc:  # old or limited drivers: not a verdict
-            log.info("migration.cpu_check_skipped", error=_message(exc))
+                    names.add(str(machine.get("canonical")))
+    return _HostCapabilities(
+        host_uuid=host_uuid, machines={k: frozenset(v) for k, v in machines.items()}
+    )
+
+
+def _destination_facts(conn: Any, name: str, memo: dict[object, object]) -> _DestinationFacts:
+    """What the pre-checks read on the destination that does not depend on the guest's
+    definition (so it runs beside :func:`_guest_facts`): whether ``name`` is active there,
+    its capabilities (``memo``: once per connection) and its free memory. The CPU
+    comparison follows in :func:`_cpu_compare`; ``machines`` holds every architecture's."""
+    try:
+        name_active = bool(conn.lookupByName(name).isActive())
+    except libvirt.libvirtError as exc:
+        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        name_active = False
+    caps = memo.get("capabilities")
+    if not isinstance(caps, _HostCapabilities):
+        caps = memo["capabilities"] = _capabilities(conn)
     free_kib: int | None = None
     try:
         mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
@@ -345,13 +359,37 @@ def _destination_facts(conn: Any, guest: _GuestFacts) -> _DestinationFacts:
     except (libvirt.libvirtError, KeyError):
         with contextlib.suppress(libvirt.libvirtError):
             free_kib = int(conn.getFreeMemory()) // 1024
-    return _DestinationFacts(
-        name_active=name_active,
-        machines=frozenset(machines),
-        cpu_compare=cpu_compare,
-        free_kib=free_kib,
-        host_uuid=host_uuid,
-    )
+    return _DestinationFacts(name_active=name_active, free_kib=free_kib, capabilities=caps)
+
+
+def _machines_for(caps: _HostCapabilities, arch: str | None) -> frozenset[str]:
+    """The machine types ``caps`` lists for ``arch`` (every architecture's without one)."""
+    if arch:
+        return caps.machines.get(arch, frozenset())
+    return frozenset().union(*caps.machines.values())
+
+
+def _cpu_compare(conn: Any, guest: _GuestFacts, memo: dict[object, object]) -> int | None:
+    """``compareHypervisorCPU`` of the guest's CPU model on this host, once per CPU
+    definition (arch, machine, virt type, ``<cpu>``) and connection (``memo``): the answer
+    depends only on those and the host, which a reconnect may have changed."""
+    if guest.cpu_xml is None:
+        return None
+    key = ("cpu", guest.arch, guest.machine, guest.virttype, guest.cpu_xml)
+    if key in memo:
+        known = memo[key]
+        return known if isinstance(known, int) else None
+    verdict: int | None = None
+    try:
+        verdict = int(
+            conn.compareHypervisorCPU(
+                None, guest.arch, guest.machine, guest.virttype, guest.cpu_xml, 0
+            )
+        )
+    except libvirt.libvirtError as exc:  # old or limited drivers: not a verdict
+        log.info("migration.cpu_check_skipped", error=_message(exc))
+    memo[key] = verdict
+    return verdict
 
 
 def _domain_info(dom: Any) -> DomainInfo:

@@ -138,7 +138,8 @@ class LibvirtMigrationJob:
         from another thread on that connection took up to 5 s (a keepalive interval); on any
         other connection it took 1-5 ms. Steering and statistics stay on the shared one.
         """
-        conn = self._hv._pool[self._uri].open_private()
+        private = self._hv._pool[self._uri]
+        conn = private.open_private()
         try:
             dom = conn.lookupByName(self.vm_name)
             if self.request.p2p:
@@ -151,8 +152,7 @@ class LibvirtMigrationJob:
                     stats = dest_dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
                     self._dest_stats = dict(stats)
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+            private.release_private(conn)
 
     async def _start(self) -> None:
         hv = self._hv
@@ -477,11 +477,16 @@ class LibvirtMigrationJob:
         last = self._last
         iterations = _num(stats, "memory_iteration") if stats else 0
         transferred = _num(stats, "memory_processed") if stats else 0
+        zero: int | None = None
+        if stats and isinstance(stats.get("memory_constant"), int):
+            zero = _num(stats, "memory_constant") * (_num(stats, "memory_page_size") or 4096)
         return MigrationResult(
             downtime=float(downtime) if isinstance(downtime, int | float) else None,
             iterations=iterations or (last.iteration if last else self._iteration),
             post_copy=self._post_copy,
             transferred=transferred or (last.memory_processed if last else 0),
+            memory_total=_num(stats, "memory_total") if stats else 0,
+            zero_bytes=zero,
         )
 
     async def _destination_stats(self) -> Mapping[str, object] | None:

@@ -71,6 +71,8 @@ class _DispatcherBase:
         self._on_quit = on_quit
         self._lanes = _Lanes()
         self._slots = asyncio.Semaphore(settings.limits.max_concurrent_tasks)
+        #: Slots kept for jobs whose record was written ``running`` with their ``accepted``.
+        self._promised = 0
         # Migrations wait for these (never fail on them): outgoing from this host, and
         # incoming per destination as far as this agent sends them (oVirt's defaults: 2/2).
         self._outgoing = asyncio.Semaphore(settings.migration.max_outgoing)
@@ -91,6 +93,8 @@ class _DispatcherBase:
         self._idle.set()
         self._draining = False
         self._started = time.monotonic()
+        #: ``history`` reads under way (bounded: ``answers.MAX_HISTORY_READS``).
+        self._history_reads = 0
         self.queued = 0
         self.running = 0
         self.completed = 0
@@ -117,6 +121,7 @@ class _DispatcherBase:
             id=msg.id,
             flat=flat,
             header={k: v for k, v in (header or {}).items() if v is not None},
+            task=msg.kind,
         )
 
     async def _reconcile(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
@@ -138,6 +143,11 @@ class _DispatcherBase:
         return entry
 
     async def _one(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+        if isinstance(spec, MigrateSpec):
+            here, there = self._settings.hostname, spec.destination
+            run.routes[vm_name] = (here, there)
+            if spec.parameter.swap_with is not None:
+                run.routes[spec.parameter.swap_with.vm_name] = (there, here)
         if job.recovered:
             # It was running when the agent stopped: find out what happened (adopt a
             # migration that still runs) and do only what is still missing.
@@ -181,6 +191,10 @@ class _DispatcherBase:
         return entry
 
     def _report(self, job: _Job, entry: ResultEntry, duration: float) -> None:
+        """The ``error`` and ``done`` events of a finished subtask (one VM); its times go on
+        the entry for the journal's history."""
+        entry.seconds = duration
+        entry.started = time.time() - duration
         if entry.status == "error":
             self._events.error(
                 job.msg.id, entry.vm_name, code=entry.code or "", details=entry.details or ""

@@ -85,6 +85,17 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
         for job in list(self._jobs):
             self._cancel_job(job, reason)
 
+    def migration_route(self, task_id: str | None, vm_name: str) -> tuple[str, str] | None:
+        """(source, destination) of ``vm_name``'s migration in task ``task_id`` while it runs
+        (a swap's partner moves the other way); ``None``: no such migration."""
+        jobs = self._by_id.get(task_id, ()) if task_id else self._jobs
+        for job in jobs:
+            for run in job.runs:
+                route = run.routes.get(vm_name)
+                if route is not None:
+                    return route
+        return None
+
     @property
     def draining(self) -> bool:
         return self._draining
@@ -126,6 +137,9 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
             return
         if msg.kind is TaskKind.STATUS:
             self._spawn(self._answer_status(msg, reply), f"status[{msg.id}]")
+            return
+        if msg.kind is TaskKind.HISTORY:
+            self._spawn(self._answer_history(msg, reply), f"history[{msg.id}]")
             return
         if msg.kind is TaskKind.CANCEL:
             self._answer_cancel(msg, reply)
@@ -185,16 +199,44 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
             self._running_keys[dedupe] = job
         if self._journal is not None and journal_key is None:
             # ``accepted`` goes out once the record is durable: from then on a result is owed
-            # even across a crash.
+            # even across a crash. A job whose work can begin at once is written ``running``
+            # in the same write (one hand-off to the journal's thread instead of two).
+            at_once = self._starts_at_once(job)
             written = self._journal.accepted(
                 job.key,
                 task_id=msg.id,
                 payload=payload,
                 response_topic=reply.response_topic if reply else None,
                 correlation=reply.correlation_data if reply else None,
+                running=at_once,
             )
             job.journaled = written
+            if at_once:
+                job.started = True
+                job.marked = written
+                job.promised = True
+                self._promised += 1
         job.runner = self._spawn(self._run_job(job), f"job[{msg.id or job.key[:8]}]")
+
+    def _starts_at_once(self, job: _Job) -> bool:
+        """Whether ``job``'s work can begin as soon as its record is durable: one subtask
+        (not a plan: plans take no slot), its lane already granted, a slot free that no
+        other such job was promised. The slot is then promised to it until it takes it."""
+        if len(job.runs) != 1:
+            return False
+        run = job.runs[0]
+        if isinstance(run.spec, PlanMigrationSpec | PlanEvacuationSpec):
+            return False
+        if run.ticket is not None and not run.ticket.granted.done():
+            return False
+        limit = self._settings.limits.max_concurrent_tasks
+        return not self._slots.locked() and self.running + self._promised < limit
+
+    def _unpromise(self, job: _Job) -> None:
+        """``job`` takes its promised slot now, or never will."""
+        if job.promised:
+            job.promised = False
+            self._promised -= 1
 
     def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
         assert self._tg is not None, "Dispatcher.run() is not running"
@@ -268,6 +310,7 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
         """Answer a job that never started (no ``accepted`` went out): one entry per
         subtask with ``code``, a ``rejected`` event; its lanes and counters are freed."""
         log.error("task.refused", task_id=job.msg.id, code=code, details=details)
+        self._unpromise(job)
         for run in job.runs:
             if run.ticket is not None:
                 run.ticket.release()
@@ -284,6 +327,7 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
             emit()
 
     def _finish(self, job: _Job, *, completed: bool = True) -> None:
+        self._unpromise(job)  # a job cancelled before its subtask ever ran
         self._jobs.discard(job)
         if job.msg.id:
             jobs = self._by_id.get(job.msg.id, [])
@@ -322,6 +366,7 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
                 run.ticket.release()
 
     async def _execute(self, job: _Job, run: _Run) -> list[ResultEntry]:
+        self._unpromise(job)
         if run.cancel_reason is not None:
             raise asyncio.CancelledError
         spec = run.spec

@@ -57,6 +57,9 @@ class _Run:
     #: VM name -> the steering of its running migration job (``tune migration``): filled
     #: by the engine through every context of this run while a job runs.
     steering: dict[str, MigrationSteering] = field(default_factory=dict)
+    #: VM name -> (source, destination) of each migration this run started (a swap: both
+    #: VMs; an evacuation: every move), for :meth:`Dispatcher.migration_route`.
+    routes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -78,6 +81,9 @@ class _Job:
     journaled: asyncio.Future[None] | None = None
     #: The journal write that marks the job ``running``; its work begins once it committed.
     marked: asyncio.Future[None] | None = None
+    #: Its record was written ``running`` with its ``accepted``: a slot is kept for it
+    #: (``Dispatcher._promised``) until it takes one or ends.
+    promised: bool = False
     #: ``accepted`` went out (the record is durable); before that a cancel withdraws the job.
     accepted: bool = False
     #: The task running :meth:`Dispatcher._run_job`.

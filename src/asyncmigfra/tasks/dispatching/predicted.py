@@ -40,6 +40,8 @@ import structlog
 
 from asyncmigfra.errors import TaskError
 from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, LinkRate
+from asyncmigfra.migration.dirtyrates import DirtyRate
+from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
 from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
@@ -168,11 +170,12 @@ class _Predicted(_DispatcherBase):
         )
         if isinstance(dirty, str):
             return dirty
+        memory = {name: await self._memory_to_send(domains[name]) for name in assignments}
         vms = [
             self._wave_vm(
                 plans[name],
-                dom=domains[name],
-                dirty_rate=dirty.get(name, 0.0),
+                memory=memory[name],
+                dirty=dirty.get(name),
                 stream=_stream(links[dest]),
                 disk=sum(disks.get(name, {}).values()),
             )
@@ -203,18 +206,25 @@ class _Predicted(_DispatcherBase):
             links[dest] = link
         return links
 
-    async def _dirty_rates(self, names: list[str]) -> dict[str, float] | str:
+    async def _dirty_rates(self, names: list[str]) -> dict[str, DirtyRate] | str:
         """The dirty rates of ``names`` through the Forecaster (a probe may run for each),
         or why one cannot be had."""
         rates = self._forecaster.dirty_rates
         answers = await asyncio.gather(*(rates.rate(self._hv, n, measure=True) for n in names))
-        out: dict[str, float] = {}
+        out: dict[str, DirtyRate] = {}
         for name, answer in zip(names, answers, strict=True):
             if answer.rate is None:
                 why = f" ({answer.note})" if answer.note else ""
                 return f"no dirty rate known for {name}{why}"
-            out[name] = answer.rate
+            out[name] = answer
         return out
+
+    async def _memory_to_send(self, dom: DomainInfo) -> int:
+        """Bytes ``dom``'s migration sends in full (``Forecaster.memory_to_send``)."""
+        memory = max(0, dom.memory) * 1024
+        if dom.state is not DomainState.RUNNING:
+            return memory
+        return await self._forecaster.memory_to_send(self._hv, dom.name, memory)
 
     def _resolved(
         self,
@@ -236,17 +246,25 @@ class _Predicted(_DispatcherBase):
         )
 
     def _wave_vm(
-        self, mplan: MigrationPlan, *, dom: DomainInfo, dirty_rate: float, stream: float, disk: int
+        self,
+        mplan: MigrationPlan,
+        *,
+        memory: int,
+        dirty: DirtyRate | None,
+        stream: float,
+        disk: int,
     ) -> WaveVm:
         """One VM's inputs."""
         request = mplan.request
         if request.bandwidth:
             stream = min(stream, request.bandwidth * _MIB)
+        live = _live(mplan) and dirty is not None and dirty.rate is not None
         inputs = PredictionInputs(
-            memory=max(0, dom.memory) * 1024,
+            memory=memory,
             link_rate=stream,
             completion_timeout=mplan.completion_timeout,
-            dirty_rate=max(0.0, dirty_rate) if _live(mplan) else 0.0,
+            dirty_rate=max(0.0, dirty.rate or 0.0) if live and dirty is not None else 0.0,
+            dirty_period=dirty.period if live and dirty is not None else 0.0,
             disk_bytes=disk if request.copy_storage != "none" else 0,
             max_downtime=mplan.max_downtime,
             post_copy_allowed=(
@@ -255,6 +273,7 @@ class _Predicted(_DispatcherBase):
                 else request.mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
+            costs=costs_of(self._hv),
         )
         return WaveVm(name=request.vm_name, destination=request.destination, inputs=inputs)
 

@@ -1,0 +1,79 @@
+"""A bare aiomqtt echo client: the floor of what the agent's MQTT stack costs per task.
+
+``python -m bench.echo --port P --host NAME [--no-events] [--event-qos Q]`` subscribes to
+``fast/migfra/NAME/task`` at QoS 2 (as the agent does) and answers each task with a canned
+``accepted`` and ``done`` event (QoS 1 unless ``--event-qos``) and a canned result (QoS 1), the
+agent's packet pattern for a ``start vm`` on the ``dummy`` hypervisor, without parsing, journal
+or dispatch: the task's id is cut from its first line (the load generator puts it there).
+Every publish is handed to aiomqtt in order and awaited in its own task (pipelined, as a
+plain aiomqtt program would), so the echo never waits for one acknowledgement before the
+next task. It says ``online`` on the retained status topic once subscribed, as the agent does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+
+import aiomqtt
+
+PROTOCOL = os.environ.get("BENCH_MQTT_PROTOCOL", "5")
+
+#: What the agent sends for a ``start vm`` of one VM, with a fixed time (the same sizes).
+_ACCEPTED = (
+    '---\nevent: accepted\nid: {id}\nhost: {host}\ntime: "2026-01-01T00:00:00.000Z"\n'
+    "task: start vm\nvm-names:\n  - vm-1\n...\n"
+)
+_DONE = (
+    '---\nevent: done\nid: {id}\nhost: {host}\ntime: "2026-01-01T00:00:00.000Z"\n'
+    "vm-name: vm-1\nstatus: success\nduration: 7.5e-05\n...\n"
+)
+_RESULT = "---\nresult: vm started\nlist:\n  - vm-name: vm-1\n    status: success\nid: {id}\n...\n"
+
+
+async def serve(port: int, host: str, *, events: bool, event_qos: int) -> None:
+    prefix = f"fast/migfra/{host}"
+    protocol = aiomqtt.ProtocolVersion.V5 if PROTOCOL == "5" else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=f"echo-{host}",
+        protocol=protocol,
+        max_inflight_messages=1000,
+        # As the agent: without it every QoS 1/2 exchange can stall on delayed ACKs.
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+    ) as client:
+        client.pending_calls_threshold = 1_000_000
+        await client.subscribe(f"{prefix}/task", qos=2)
+        await client.publish(f"{prefix}/status", b"state: online\n", qos=1, retain=True)
+        async with asyncio.TaskGroup() as tg:
+            async for message in client.messages:
+                payload = message.payload
+                assert isinstance(payload, bytes)
+                tid = payload[4 : payload.index(b"\n")].decode()
+                if events:
+                    ev = _ACCEPTED.format(id=tid, host=host).encode()
+                    tg.create_task(client.publish(f"{prefix}/event", ev, qos=event_qos))
+                    ev = _DONE.format(id=tid, host=host).encode()
+                    tg.create_task(client.publish(f"{prefix}/event", ev, qos=event_qos))
+                result = _RESULT.format(id=tid).encode()
+                tg.create_task(client.publish(f"{prefix}/result", result, qos=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.echo")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", required=True)
+    p.add_argument("--no-events", action="store_true")
+    p.add_argument("--event-qos", type=int, default=1, choices=(0, 1, 2))
+    args = p.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        events = not args.no_events
+        asyncio.run(serve(args.port, args.host, events=events, event_qos=args.event_qos))
+
+
+if __name__ == "__main__":
+    main()

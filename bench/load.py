@@ -1,0 +1,157 @@
+"""The load generator and the processes it drives, shared by ``bench`` and ``bench.speed``.
+
+:func:`agent_process` runs the agent as its own process (``dummy`` hypervisor) against a
+loopback broker; :func:`connected` gives a :class:`Client` that publishes tasks at QoS 2 and
+matches their results by id once the answering process said ``online``; :func:`measure`
+takes one round of figures (sequential latencies, then throughput with 20 in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from asyncmigfra.transport.mqtt import ToolClient
+from bench.common import pct
+
+PROTOCOL = os.environ.get("BENCH_MQTT_PROTOCOL", "5")
+
+START_ONE = "task: start vm\nvm-configurations:\n  - vm-name: vm-{i}\n    probe-with-ssh: false\n"
+
+
+@contextmanager
+def agent_process(
+    port: int,
+    host: str,
+    *,
+    src: Path | None = None,
+    journal: bool | None = None,
+    event_qos: int | None = None,
+    extra_conf: str = "",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The agent as a process; ``src``: run the package from that checkout's ``src``
+    instead (``--baseline``); ``journal``: on or off (default: ``BENCH_STATE_DIR``);
+    ``event_qos``: ``communicator.event-qos`` (default: the agent's default);
+    ``extra_conf``: more top-level configuration (``metrics:`` ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "migfra.conf"
+        # BENCH_STATE_DIR=none measures without the journal.
+        state_dir = os.environ.get("BENCH_STATE_DIR", f"{tmp}/state")
+        if journal is not None:
+            state_dir = f"{tmp}/state" if journal else "none"
+        qos_line = f"  event-qos: {event_qos}\n" if event_qos is not None else ""
+        conf.write_text(
+            "communicator:\n  type: mqtt\n  id: bench-<hostname>\n"
+            "  subscribe-topic: fast/migfra/<hostname>/task\n"
+            "  publish-topic: fast/migfra/<hostname>/result\n"
+            f"  host: 127.0.0.1\n  port: {port}\n  keepalive: 60\n"
+            f"  protocol: {PROTOCOL}\n{qos_line}"
+            "hypervisor:\n  type: dummy\n  never-throw: true\n"
+            "logging:\n  level: warning\n  format: json\n"
+            "limits:\n  max-queued-tasks: 100000\n"
+            f"agent:\n  state-dir: {state_dir}\n" + extra_conf
+        )
+        env = dict(os.environ)
+        if src is not None:
+            env["PYTHONPATH"] = str(src / "src")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+class Client:
+    """Publishes tasks and matches results by id."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.tool = ToolClient("127.0.0.1", port, client_id=f"bench-{uuid.uuid4().hex[:6]}")
+        self.host = host
+        self.waiters: dict[str, asyncio.Future[float]] = {}
+
+    async def pump(self) -> None:
+        async for msg in self.tool.messages():
+            if msg.topic.endswith("/result"):
+                # The id is the last key of every result: cheap to find without a YAML parse.
+                text = msg.payload.decode()
+                idx = text.rfind("\nid: ")
+                if idx < 0:
+                    continue
+                tid = text[idx + 5 :].split("\n", 1)[0].strip().strip('"')
+                fut = self.waiters.pop(tid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(time.perf_counter())
+            elif msg.topic.endswith("/status") and b"online" in msg.payload:
+                fut = self.waiters.pop("__online__", None)
+                if fut is not None and not fut.done():
+                    fut.set_result(time.perf_counter())
+
+    async def send(self, body: str) -> float:
+        tid = uuid.uuid4().hex[:12]
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiters[tid] = fut
+        t0 = time.perf_counter()
+        await self.tool.publish(
+            f"fast/migfra/{self.host}/task", f"id: {tid}\n{body}".encode(), qos=2
+        )
+        t1 = await fut
+        return (t1 - t0) * 1000.0
+
+
+@asynccontextmanager
+async def connected(port: int, host: str) -> AsyncIterator[Client]:
+    c = Client(port, host)
+    async with c.tool:
+        await c.tool.subscribe(f"fast/migfra/{host}/result", qos=1)
+        online: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        c.waiters["__online__"] = online
+        await c.tool.subscribe(f"fast/migfra/{host}/status", qos=1)
+        async with asyncio.TaskGroup() as tg:
+            pump = tg.create_task(c.pump())
+            await asyncio.wait_for(online, 30)
+            try:
+                yield c
+            finally:
+                pump.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One round's figures of one answering process."""
+
+    p50_ms: float
+    p99_ms: float
+    tasks_per_s: float
+
+
+async def measure(c: Client, *, n_seq: int, n_tput: int, warmup: int = 30) -> Round:
+    """Sequential tasks (one at a time), then ``n_tput`` tasks with 20 in flight."""
+    for i in range(warmup):
+        await c.send(START_ONE.format(i=i))
+    lat = [await c.send(START_ONE.format(i=i)) for i in range(n_seq)]
+    sem = asyncio.Semaphore(20)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await c.send(START_ONE.format(i=i))
+
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for i in range(n_tput):
+            tg.create_task(one(i))
+    tput = n_tput / (time.perf_counter() - t0)
+    return Round(pct(lat, 0.5), pct(lat, 0.99), tput)
