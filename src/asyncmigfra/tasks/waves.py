@@ -14,9 +14,12 @@ and the predicted end of the last one (the *makespan*) is early.
 ``bandwidth`` cap), the source's link and its destination's. ``needed``: the smallest rate
 at which pre-copy still converges (:func:`~asyncmigfra.migration.prediction.
 smallest_link_share` of ``alone``). A VM whose pre-copy does not converge even alone but
-whose post-copy does (and is allowed) needs all of ``alone``; one that converges in neither
-way is not scheduled: it is reported in :attr:`WavePlan.unschedulable` with the model's
-reasons, and the caller decides (the evacuation runs such VMs last, each alone).
+whose post-copy does (and is allowed) needs the smallest rate at which post-copy finishes in
+time (any rate that moves its first pass before the completion timeout: post-copy always
+ends); what it *wants* (its rate when others share) keeps it from crawling. One that
+converges in neither way is not scheduled: it is reported in
+:attr:`WavePlan.unschedulable` with the model's reasons, and the caller decides (the
+evacuation runs such VMs last, each alone).
 
 **The rank.** Hottest first: by ``needed / alone`` (the share of what they could get that
 they need), then largest (memory and disks) first, then by name. A hot guest sends far
@@ -387,8 +390,10 @@ def _need(vm: WaveVm, links: Links) -> _Need | Unschedulable:
         assert share is not None
         return _Need(vm=vm, alone=alone, needed=min(alone, share * alone), mode="live")
     verdict = predict(inputs)
-    if verdict.mode == "post-copy":
-        return _Need(vm=vm, alone=alone, needed=alone, mode="post-copy")
+    if verdict.mode == "post-copy":  # it finishes at any share that moves it in time
+        share = smallest_link_share(inputs, live=False)
+        assert share is not None
+        return _Need(vm=vm, alone=alone, needed=min(alone, share * alone), mode="post-copy")
     return Unschedulable(name=vm.name, destination=vm.destination, reason=verdict.reason)
 
 
