@@ -14,7 +14,8 @@ engine publishes at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -85,6 +86,9 @@ class MigrationSteering:
         self._migration_type = migration_type
         self._on_phase = on_phase
         self._announcement: dict[str, object] = {}
+        #: MiB/s the operator set with ``tune migration`` (0: unlimited); ``None``: not set.
+        #: It holds: a scheduler's :meth:`cap` no longer changes the bandwidth.
+        self.operator_bandwidth: int | None = None
 
     def __repr__(self) -> str:
         return f"MigrationSteering({self.vm_name!r}, running={self.running})"
@@ -101,10 +105,28 @@ class MigrationSteering:
         return fields
 
     async def tune(self, tuning: Tuning) -> dict[str, object]:
-        """Apply ``tuning`` now; the values applied, by wire key. Raises ``WrongState`` (the
-        job ended or ends, or the change contradicts one made before), ``NotSupported``
-        (post-copy for a migration that was not started with it allowed), ``Busy`` (the
-        engine's own steering call did not finish in time) or the job's ``TaskError``."""
+        """Apply the operator's ``tuning`` now; the values applied, by wire key. Raises
+        ``WrongState`` (the job ended or ends, or the change contradicts one made before),
+        ``NotSupported`` (post-copy for a migration that was not started with it allowed),
+        ``Busy`` (the engine's own steering call did not finish in time) or the job's
+        ``TaskError``. A bandwidth set here holds against :meth:`cap`."""
+        async with self._locked():
+            self._check(tuning)
+            return await self._apply(tuning, by_operator=True)
+
+    async def cap(self, bandwidth: int) -> bool:
+        """A scheduler's bandwidth cap (MiB/s, 0: unlimited), applied unless the operator
+        set the bandwidth (:attr:`operator_bandwidth`: then it holds, and this is
+        ``False``). Raises as :meth:`tune`."""
+        async with self._locked():
+            if self.operator_bandwidth is not None:
+                return False
+            await self._apply(Tuning(bandwidth=bandwidth), by_operator=False)
+            return True
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The job's steering lock (see :meth:`tune` for what it raises)."""
         self._refuse_if_over()
         try:
             async with asyncio.timeout(LOCK_WAIT):
@@ -115,8 +137,7 @@ class MigrationSteering:
             ) from None
         try:
             self._refuse_if_over()
-            self._check(tuning)
-            return await self._apply(tuning)
+            yield
         finally:
             self.lock.release()
 
@@ -144,13 +165,15 @@ class MigrationSteering:
                 " the destination, the copy finishes on its own"
             )
 
-    async def _apply(self, tuning: Tuning) -> dict[str, object]:
+    async def _apply(self, tuning: Tuning, *, by_operator: bool) -> dict[str, object]:
         policy, job = self._policy, self._job
         applied: dict[str, object] = {}
         try:
             if tuning.bandwidth is not None:
                 await job.set_bandwidth(tuning.bandwidth, post_copy=policy.post_copy_started)
                 applied["bandwidth"] = tuning.bandwidth
+                if by_operator:
+                    self.operator_bandwidth = tuning.bandwidth
             if tuning.max_downtime is not None:
                 await job.set_max_downtime(tuning.max_downtime)
                 policy.set_by_operator(tuning.max_downtime)

@@ -16,7 +16,6 @@ from asyncmigfra.errors import (
     TaskError,
 )
 from asyncmigfra.hypervisor.base import DomainInfo, MigrationRequest
-from asyncmigfra.migration.steering import Tuning
 from asyncmigfra.model import (
     EvacuateSpec,
     MigrateSpec,
@@ -135,16 +134,21 @@ class _Expansion(_Predicted):
                 return False
             cap = bandwidth if bandwidth is not None else spec.parameter.bandwidth or 0
             try:
-                await steering.tune(Tuning(bandwidth=cap))
+                if not await steering.cap(cap):
+                    log.debug("evacuation.cap_held", vm=name, operator=steering.operator_bandwidth)
             except TaskError as exc:
                 log.info("evacuation.cap_refused", vm=name, bandwidth=cap, error=str(exc))
                 return False
             return True
 
+        def operator_cap(name: str) -> int | None:
+            steering = run.steering.get(name)
+            return None if steering is None else steering.operator_bandwidth
+
         tasks: dict[str, asyncio.Task[ResultEntry]] = {}
         try:
             if waves is not None:
-                await self._run_waves(job, waves, move, steer, tasks)
+                await self._run_waves(job, waves, move, steer, tasks, operator_cap=operator_cap)
             else:
                 async with asyncio.TaskGroup() as tg:
                     for name, dest in plan.assignments.items():

@@ -9,7 +9,9 @@ next ones only if they leave it a slot and room for its need
 move's setup ends (as far as the prediction knows), every running move's bandwidth cap is
 set for its share (:func:`~asyncmigfra.tasks.shares.allocate`, on the links as granted)
 through the steering ``tune migration`` also uses (a move whose job has not started yet
-gets its cap when it has).
+gets its cap when it has). A bandwidth an operator set with ``tune migration`` holds: that
+move's cap is no longer changed, and the others divide the links as if it moved at most
+that (:data:`OperatorCap`).
 
 Destinations are shared with other hosts' evacuations: before its moves into a destination
 use more of its inbound NIC, this agent reserves that share with the destination's agent
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from asyncmigfra.model import ResultEntry
@@ -33,14 +36,18 @@ from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.shares import Links, Member, admissible, allocate, caps, leaves_room
 from asyncmigfra.tasks.waves import Observation, deviates
 
-__all__ = ["Move", "Moves", "Replan", "Steer"]
+__all__ = ["Move", "Moves", "OperatorCap", "Replan", "Steer"]
 
 #: ``move(name, bandwidth)``: migrate a placed VM, capped at ``bandwidth`` MiB/s (``None``:
 #: as the task says); its result entry.
 Move = Callable[[str, int | None], Coroutine[Any, Any, ResultEntry]]
 #: ``steer(name, bandwidth)``: cap a VM's running migration at ``bandwidth`` MiB/s (``None``:
-#: as the task says); ``False`` when it has no running job to change (not yet, or no more).
+#: as the task says); ``False`` when it has no running job to change (not yet, or no more;
+#: ``True`` also when an operator's bandwidth holds and nothing changed).
 Steer = Callable[[str, int | None], Awaitable[bool]]
+#: ``operator_cap(name)``: the bandwidth (MiB/s, 0: unlimited) an operator set on a VM's
+#: running migration with ``tune migration``, which holds (``None``: none set).
+OperatorCap = Callable[[str], int | None]
 #: ``replan(pending, running, seen, why)``: plan the pending moves again (``running``: the
 #: share of its work each running move has done); the pending VMs in their new order.
 Replan = Callable[
@@ -52,6 +59,7 @@ _CAP_RETRY = 0.2
 _GRANT_RETRY = 0.5
 #: Moves after the first waiting one considered at each event.
 _LOOKAHEAD = 8
+_MIB = 1024 * 1024
 
 
 class Moves:
@@ -66,10 +74,12 @@ class Moves:
         replan: Replan,
         reservations: InboundReservations,
         tasks: dict[str, asyncio.Task[ResultEntry]],
+        operator_cap: OperatorCap = lambda name: None,
     ) -> None:
         self._schedule = schedule
         self._move = move
         self._steer = steer
+        self._operator_cap = operator_cap
         self._replan = replan
         self._reservations = reservations
         self._tasks = tasks
@@ -106,8 +116,25 @@ class Moves:
             await self._ended()
 
     def _members(self, names: list[str]) -> list[Member]:
+        """The moves of ``names`` as the rules see them; a running one whose bandwidth an
+        operator set is held to it (it gets no more, the others share the rest)."""
         steps = self._schedule.steps
-        return [m for n in names if (m := steps[n].member) is not None]
+        out = []
+        for name in names:
+            member = steps[name].member
+            if member is None:
+                continue
+            held = self._operator_cap(name) if name in self._running else None
+            if held:
+                rate = float(held) * _MIB
+                member = replace(
+                    member,
+                    alone=min(member.alone, rate),
+                    needed=min(member.needed, rate),
+                    wanted=min(member.wanted, rate),
+                )
+            out.append(member)
+        return out
 
     def _links(self) -> Links:
         """The links as this evacuation may use them: the plan's, each destination's inbound

@@ -48,7 +48,7 @@ from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
 from asyncmigfra.peers.inbound import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
-from asyncmigfra.tasks.dispatching.moving import Move, Moves, Steer
+from asyncmigfra.tasks.dispatching.moving import Move, Moves, OperatorCap, Steer
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.waves import (
     Observation,
@@ -284,6 +284,8 @@ class _Predicted(_DispatcherBase):
         move: Move,
         steer: Steer,
         tasks: dict[str, asyncio.Task[ResultEntry]],
+        *,
+        operator_cap: OperatorCap,
     ) -> None:
         """Run the moves (see the module); each move's task goes into ``tasks`` as it
         starts."""
@@ -306,6 +308,7 @@ class _Predicted(_DispatcherBase):
                 schedule=schedule,
                 move=move,
                 steer=steer,
+                operator_cap=operator_cap,
                 replan=again,
                 reservations=reservations,
                 tasks=tasks,
