@@ -94,3 +94,39 @@ async def test_without_the_destinations_agent_each_source_divides_alone(mosquitt
         # neither converged within its completion timeout.
         codes = sorted(entry["code"] for r in results for entry in r["list"])
         assert codes == ["timeout", "timeout"]
+
+
+async def test_a_source_with_many_hot_guests_does_not_keep_another_waiting_to_the_end(mosquitto):
+    # s1 has three hot guests, s2 one, all onto d: s2's guest takes its turn when one of
+    # s1's has ended (the share it waits for is kept for it), not after all of s1's.
+    tag = uuid.uuid4().hex[:6]
+    s1, s2, dest = f"s1-{tag}", f"s2-{tag}", f"d-{tag}"
+    peers = {dest: {"cpus": 64, "memory": 64 * GIB_KIB, "nic-rate": NIC}}
+    many = [{"name": f"hot{i}-{s1}", **HOT} for i in range(3)]
+    hosts = {
+        s1: fake(s1, peers=peers, domains=many, cpus=8, memory=64 * GIB_KIB),
+        s2: fake(s2, peers=peers, domains=[{"name": f"hot-{s2}", **HOT}], cpus=8),
+        dest: fake(dest, cpus=64, memory=64 * GIB_KIB),
+    }
+    shared: dict[str, object] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        sched = await stack.enter_async_context(scheduler(mosquitto.port, "fast/migfra/+"))
+        for name, hv in hosts.items():
+            settings = replace(agent_settings(mosquitto.port, hostname=name), hypervisor=hv)
+            await stack.enter_async_context(running_agent(settings, shared=shared))
+        # s1 first: its first guest holds d when s2 asks.
+        body = f"task: evacuate node\ndestinations: [{dest}]\n{PARAMETER}"
+        await sched.publish(f"id: ev-{s1}\n{body}", topic=f"fast/migfra/{s1}/task")
+        await sched.wait_for(
+            lambda: [e for e in sched.events if e.get("phase") == "migrating"], timeout=20
+        )
+        await sched.publish(f"id: ev-{s2}\n{body}", topic=f"fast/migfra/{s2}/task")
+        results = [await sched.result_for(f"ev-{s}", 60) for s in (s1, s2)]
+    assert {e["status"] for r in results for e in r["list"]} == {"success"}
+    began = {
+        e["vm-name"]: e["time"]
+        for e in sched.events
+        if e.get("event") == "phase" and e.get("phase") == "migrating"
+    }
+    order = sorted(began, key=lambda vm: began[vm])
+    assert order.index(f"hot-{s2}") < 3, order

@@ -112,6 +112,11 @@ def lane_request(op: str, hold_id: str, vm: str = "web-1", **extra: str) -> byte
     return json.dumps(doc).encode()
 
 
+def inbound_request(rid: str) -> bytes:
+    doc = {"op": "reserve", "request-id": uuid.uuid4().hex, "reservation-id": rid, "rate": "1"}
+    return json.dumps(doc).encode()
+
+
 def client(sb: SecureBroker, user: str) -> tuple[Any, str]:
     client_id = f"{user}-{uuid.uuid4().hex[:6]}"
     return sb.client(user, client_id=client_id), client_id
@@ -316,13 +321,19 @@ async def test_the_scheduler_cannot_act_as_an_agent(broker, tmp_path):
         running_agent(agent_settings(sb, NODE1, hooks)) as agent1,
         listening(sched, f"fast/migfra/{NODE1}/result") as scheduler,
     ):
-        for kind, payload in (("hook", hook_request()), ("lane", lane_request("hold", "s1"))):
+        for kind, payload in (
+            ("hook", hook_request()),
+            ("lane", lane_request("hold", "s1")),
+            ("inbound", inbound_request("s1")),
+        ):
             await scheduler.client.publish(f"fast/migfra/{NODE1}/{kind}/scheduler", payload)
+        await scheduler.client.publish(f"fast/migfra/{NODE1}/inbound-response/scheduler", b"{}")
         await scheduler.client.publish("fast/pscom/peer-vm1/1/response", b"1 : ALLOWED")
         await scheduler.client.publish("fast/pscom/peer-vm1/any_proc/request", b"suspend")
         await settle()
-        assert len(sb.denied_publishes(sched_id)) == 4
+        assert len(sb.denied_publishes(sched_id)) == 6
         assert agent1.lanes.holds == {}
+        assert agent1.inbound.reservations == {}
         assert not record.exists()
 
 
@@ -336,13 +347,18 @@ async def test_a_vms_processes_cannot_act_as_an_agent(broker, tmp_path):
         running_agent(agent_settings(sb, NODE1, hooks)) as agent1,
         listening(procs, f"fast/pscom/{VM_USER}/+/request") as guest,
     ):
-        for kind, payload in (("hook", hook_request()), ("lane", lane_request("hold", "g1"))):
+        for kind, payload in (
+            ("hook", hook_request()),
+            ("lane", lane_request("hold", "g1")),
+            ("inbound", inbound_request("g1")),
+        ):
             await guest.client.publish(f"fast/migfra/{NODE1}/{kind}/{VM_USER}", payload, qos=1)
-        for kind in ("hook-response", "lane-response"):
+        for kind in ("hook-response", "lane-response", "inbound-response"):
             await guest.client.publish(f"fast/migfra/{NODE1}/{kind}/{VM_USER}", b"{}", qos=1)
         await settle()
-        assert len(sb.denied_publishes(procs_id)) == 4
+        assert len(sb.denied_publishes(procs_id)) == 6
         assert agent1.lanes.holds == {}
+        assert agent1.inbound.reservations == {}
         assert not record.exists()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -28,8 +29,9 @@ from asyncmigfra.hypervisor.base import LinkRate
 from asyncmigfra.hypervisor.fake import FakeHypervisor
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.model import EvacuateSpec, ResultMessage
+from asyncmigfra.peers.bus import MemoryBus
 from asyncmigfra.settings import Settings, default_settings
-from asyncmigfra.tasks.dispatching import Dispatcher, Reply
+from asyncmigfra.tasks.dispatching import Dispatcher, Reply, moving
 from asyncmigfra.wire.events import Events
 from asyncmigfra.wire.parsing import parse_task
 
@@ -86,7 +88,10 @@ def fake(
 
 @contextlib.asynccontextmanager
 async def dispatcher(
-    hv: FakeHypervisor, max_outgoing: int = 4, link_rate: float | None = None
+    hv: FakeHypervisor,
+    max_outgoing: int = 4,
+    link_rate: float | None = None,
+    bus: MemoryBus | None = None,
 ) -> AsyncIterator[tuple[Dispatcher, Recorder]]:
     base = default_settings(hostname="a")
     migration = replace(base.migration, max_outgoing=max_outgoing, max_incoming=4)
@@ -100,6 +105,7 @@ async def dispatcher(
         events=Events(rec, host="a"),
         deliver=rec.deliver,
         on_quit=lambda: None,
+        bus=bus,
     )
     await hv.open()
     runner = asyncio.create_task(d.run())
@@ -464,3 +470,50 @@ async def test_a_running_move_gets_the_link_a_hot_one_leaves_when_it_ends() -> N
     assert max(before) <= 300 * MIB
     assert after
     assert max(after) > 300 * MIB
+
+
+@contextlib.asynccontextmanager
+async def granting(bus: MemoryBus, rate: str, *, host: str) -> AsyncIterator[None]:
+    """An agent on ``host`` that grants ``rate`` bytes/s to every inbound reservation."""
+    requests = f"fast/migfra/{host}/inbound/+"
+
+    async def answer() -> None:
+        async with bus.subscription(requests, 1) as queue:
+            while True:
+                topic, raw = await queue.get()
+                body = json.loads(raw)
+                reply = {"request-id": body["request-id"], "status": "reserved", "rate": rate}
+                source = topic.rsplit("/", 1)[1]
+                topic = f"fast/migfra/{source}/inbound-response/{host}"
+                await bus.send(topic, json.dumps(reply).encode(), 1)
+
+    task = asyncio.create_task(answer())
+    while requests not in bus.queues:
+        await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_a_destination_that_never_grants_enough_does_not_stall_the_evacuation(
+    monkeypatch,
+) -> None:
+    # b's agent answers every reservation with 0 bytes/s (hostile, or stuck): the moves
+    # wait for its grant, but no longer than GRANT_PATIENCE; then b is divided as if this
+    # host were alone, and every VM moves.
+    monkeypatch.setattr(moving, "GRANT_PATIENCE", 1.0)
+    bus = MemoryBus()
+    shared: dict[str, object] = {}
+    hv = fake(shared, [vm("h1", 200, 600), vm("c1", 200)], **{"nic-rate": 1000})
+    async with (
+        granting(bus, "0", host="b"),
+        granting(bus, "0", host="c"),
+        dispatcher(hv, bus=bus) as (d, rec),
+    ):
+        evacuate(d, "stall", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("stall")
+    assert {e.vm_name: e.status for e in result.entries} == {"h1": "success", "c1": "success"}
+    asked = [t for t, _ in bus.sent if "/inbound/" in t]
+    assert asked  # it did ask, and waited

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from asyncmigfra.hypervisor.fake import create as create_fake
+from asyncmigfra.peers import inbound
 from asyncmigfra.peers.bus import MemoryBus
 from asyncmigfra.peers.inbound import (
     MAX_PER_SOURCE,
@@ -94,7 +95,11 @@ async def test_first_come_first_served_within_the_nic() -> None:
         release = {"op": "release", "request-id": "q2", "reservation-id": "r1"}
         assert (await ask(bus, release, sender="a"))["status"] == "released"
         assert server.reservations == {("b", "r1"): 1000.0}
-        # Neither side knows the NIC: nothing to divide, all of it is granted.
+        # c tells no figure: the NIC is what b takes it to be.
+        assert (await ask(bus, reserve(5000), sender="c"))["rate"] == "250"
+    bus = MemoryBus()
+    async with serving(bus):
+        # Nobody knows the NIC: nothing to divide, all of it is granted.
         assert (await ask(bus, reserve(5000), sender="c"))["rate"] == "5000"
 
 
@@ -178,6 +183,68 @@ async def test_reservations_are_bounded_per_sender() -> None:
         assert (await ask(bus, reserve(1), sender="b"))["status"] == "reserved"
 
 
+# ---- hostile sources --------------------------------------------------------------------
+
+
+async def test_a_source_that_never_lets_go_keeps_no_more_than_its_fair_share(monkeypatch) -> None:
+    # h takes the whole NIC and renews it forever; b waits for a share. Once b has waited
+    # HOLD s, h's next renewal is cut to its fair share and b gets the rest.
+    monkeypatch.setattr(inbound, "HOLD", 0.2)
+    bus = MemoryBus()
+    async with serving(bus) as server:
+        assert (await ask(bus, reserve(1250, capacity="1250"), sender="h"))["rate"] == "1250"
+        assert (await ask(bus, reserve(1000, capacity="1250"), sender="b"))["rate"] == "0"
+        assert (await ask(bus, reserve(1250, capacity="1250"), sender="h"))["rate"] == "1250"
+        await asyncio.sleep(0.3)
+        assert (await ask(bus, reserve(1250, capacity="1250"), sender="h"))["rate"] == "625"
+        assert (await ask(bus, reserve(1000, capacity="1250"), sender="b"))["rate"] == "625"
+        # More reservations of h's own do not add up to more than its share.
+        got = await ask(bus, reserve(1250, rid="r2", capacity="1250"), sender="h")
+        assert got["rate"] == "0"
+        assert (await ask(bus, reserve(1250, capacity="1250"), sender="h"))["rate"] == "625"
+        assert server.reservations == {("h", "r1"): 625.0, ("b", "r1"): 625.0, ("h", "r2"): 0.0}
+
+
+async def test_a_source_cannot_make_the_nic_larger_than_the_others_take_it_to_be() -> None:
+    # The back-end tells no NIC: h claims 10 TB/s to take it all; b, who takes it to be
+    # 1250, still gets what is left of 1250 beside h's grant, which is at most that.
+    bus = MemoryBus()
+    async with serving(bus) as server:
+        assert (await ask(bus, reserve(1e13, capacity="1e13"), sender="h"))[
+            "rate"
+        ] == "10000000000000"
+        got = await ask(bus, reserve(1000, capacity="1250"), sender="b")
+        assert got["rate"] == "0"  # the NIC is h's for now (first come) ...
+        # ... but at most the whole NIC as b takes it, at h's next renewal.
+        assert (await ask(bus, reserve(1e13, capacity="1e13"), sender="h"))["rate"] == "1250"
+        assert max(server.reservations.values()) <= 1250
+
+
+async def test_a_request_flood_is_answered_at_a_bounded_rate(monkeypatch) -> None:
+    monkeypatch.setattr(inbound, "MAX_REQUESTS", 5)
+    bus = MemoryBus()
+    async with serving(bus) as server, bus.subscription(answer_topic("h"), 1) as answers:
+        for n in range(50):
+            body = reserve(1, rid=f"r{n % 3}") | {"source": "h", "request-id": f"q{n}"}
+            bus.deliver(request_topic("h"), json.dumps(body).encode())
+        await asyncio.sleep(0.1)
+        assert answers.qsize() == 5
+        assert len(server.reservations) <= 3
+        # Another source is still answered.
+        assert (await ask(bus, reserve(1), sender="b"))["status"] == "reserved"
+
+
+async def test_a_release_in_another_sources_name_changes_nothing() -> None:
+    # The sender is the topic's last level (the broker pins it): h can only release its own.
+    bus = MemoryBus()
+    async with serving(bus) as server:
+        await ask(bus, reserve(1000, capacity="1250"), sender="a")
+        release = {"op": "release", "request-id": "q2", "reservation-id": "r1"}
+        assert (await ask(bus, release, sender="h"))["status"] == "released"
+        assert (await ask(bus, release | {"source": "a"}, sender="h"))["status"] == "error"
+        assert server.reservations == {("a", "r1"): 1000.0}
+
+
 # ---- the asking side ---------------------------------------------------------------------
 
 
@@ -253,3 +320,35 @@ async def test_a_forged_answer_is_ignored() -> None:
             await forger
         assert a.held == {}
         assert not a.coordinated("d")
+
+
+@asynccontextmanager
+async def granting(bus: MemoryBus, rate: str) -> AsyncIterator[None]:
+    """A destination ``d`` whose agent grants ``rate`` to every request (a hostile one)."""
+
+    async def answer() -> None:
+        async with bus.subscription(D_REQUESTS, 1) as queue:
+            while True:
+                topic, raw = await queue.get()
+                body = json.loads(raw)
+                reply = {"request-id": body["request-id"], "status": "reserved", "rate": rate}
+                if body["op"] == "release":
+                    reply = {"request-id": body["request-id"], "status": "released"}
+                await bus.send(answer_topic(topic.rsplit("/", 1)[1]), json.dumps(reply).encode(), 1)
+
+    task = asyncio.create_task(answer())
+    while D_REQUESTS not in bus.queues:
+        await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_a_grant_above_what_was_asked_is_believed_only_up_to_the_ask() -> None:
+    bus = MemoryBus()
+    async with granting(bus, "10000000000000"), reservations(bus, "a") as a:
+        await a.reserve({"d": 1000.0 * MIB}, {"d": 1250.0 * MIB})
+        assert a.held == {"d": 1000.0 * MIB}
+        assert not a.short

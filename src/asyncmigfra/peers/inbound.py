@@ -19,17 +19,25 @@ share of its inbound NIC, the way the lane holds of a swap are asked
   decimal text), and ``details``.
 
 The destination's agent keeps the reservations in memory and grants each what its NIC has
-left beside the others': ``min(rate, capacity - the others' reservations)``, ``capacity``
-the smaller of what its back-end tells of its NIC (the ``fake``: ``nic-rate``) and what the
-asking source takes it to be (either may be unknown). First come, first served: a source
-keeps its share until it lowers or releases it, or its lease runs out without a renewal;
-what a source asked for beyond its grant is kept free for it, in the order the sources
-began to wait, when others ask for more (so one source's next migrations do not take a
-share again and again while another's wait for it).
-At most :data:`MAX_RESERVATIONS` reservations (:data:`MAX_PER_SOURCE` per source); more are
-answered ``error``. A source that gets no answer within :data:`ANSWER_WITHIN` s (no agent
-there, an old one) takes the destination as uncoordinated for the rest of the evacuation and
-divides it as if it were alone, as before this existed.
+left beside the others': ``min(rate, capacity - the others' reservations)``. ``capacity`` is
+what its back-end tells of its NIC (the ``fake``: ``nic-rate``); where it tells nothing
+(libvirt), the smallest figure the asking source and the sources holding reservations told
+(so no source can make the NIC larger than the others take it to be; one that makes it
+smaller shrinks every grant, its own too). First come, first served: a source keeps its
+share until it lowers or releases it, or its lease runs out without a renewal; what a
+source asked for beyond its grant (at most the NIC) is kept free for it, in the order the
+sources began to wait, when others ask for more (so one source's next migrations do not
+take a share again and again while another's wait for it). But no source holds more than
+its fair share for long while another waits: once another source has waited
+:data:`HOLD` s for more, a source holding more than its max-min fair share of the NIC (the
+sources' asks divided fairly) is granted no more than that share at its next request (its
+renewal), and what it gave up goes to those waiting.
+At most :data:`MAX_RESERVATIONS` reservations (:data:`MAX_PER_SOURCE` per source), and
+:data:`MAX_REQUESTS` requests per :data:`REQUEST_WINDOW` s from one source (more are
+dropped unanswered, logged once); more reservations are answered ``error``. A source that
+gets no answer within :data:`ANSWER_WITHIN` s (no agent there, an old one) takes the
+destination as uncoordinated for the rest of the evacuation and divides it as if it were
+alone, as before this existed.
 """
 
 from __future__ import annotations
@@ -75,7 +83,13 @@ INBOUND_QOS = 1
 #: s a reservation lives without a renewal (the source renews every third of it).
 LEASE = 30.0
 MIN_LEASE = 1.0
-MAX_LEASE = 300.0
+MAX_LEASE = 120.0
+#: s another source waits before a source's share beyond its fair share is taken back.
+HOLD = 60.0
+#: Requests answered per source within :data:`REQUEST_WINDOW` s (a source asks a few
+#: times per second at most: when its moves start and end, every 0.5 s while one waits).
+MAX_REQUESTS = 100
+REQUEST_WINDOW = 10.0
 #: s a source waits for an answer before it takes the destination as uncoordinated.
 ANSWER_WITHIN = 1.0
 #: Reservations one agent keeps at once, and per asking agent.
@@ -184,6 +198,21 @@ class _Reservation:
     #: bytes/s asked for beyond the grant, and since when (monotonic s) it waits for them
     shortfall: float = 0.0
     waiting: float | None = None
+    #: bytes/s asked for (at most the NIC), and the NIC as its source takes it to be
+    asked: float = 0.0
+    capacity: float | None = None
+
+
+def fair_shares(demands: Mapping[str, float], capacity: float) -> dict[str, float]:
+    """``capacity`` divided max-min fairly among ``demands`` (each gets at most its own)."""
+    out: dict[str, float] = {}
+    left, waiting = capacity, sorted(demands.items(), key=lambda kv: kv[1])
+    while waiting:
+        even = max(0.0, left) / len(waiting)
+        name, demand = waiting.pop(0)
+        out[name] = min(demand, even)
+        left -= out[name]
+    return out
 
 
 class InboundServer:
@@ -208,6 +237,8 @@ class InboundServer:
         #: (source, reservation id) -> the reservation
         self._reservations: dict[tuple[str, str], _Reservation] = {}
         self._junk = JunkLog()
+        #: source -> (start of its request window, requests in it)
+        self._requests: dict[str, tuple[float, int]] = {}
 
     @property
     def reservations(self) -> dict[tuple[str, str], float]:
@@ -239,7 +270,27 @@ class InboundServer:
                     reservation.expiry.cancel()
             self._reservations.clear()
 
+    def _flooding(self, sender: str) -> bool:
+        """``sender`` sent more than :data:`MAX_REQUESTS` in this window (counted)."""
+        now = time.monotonic()
+        start, count = self._requests.get(sender, (now, 0))
+        if now - start >= REQUEST_WINDOW:
+            start, count = now, 0
+        if len(self._requests) >= MAX_RESERVATIONS and sender not in self._requests:
+            self._requests = {
+                s: w for s, w in self._requests.items() if now - w[0] < REQUEST_WINDOW
+            }
+        self._requests[sender] = (start, count + 1)
+        return count >= MAX_REQUESTS
+
     async def _answer(self, sender: str, raw: bytes) -> dict[str, str] | None:
+        if self._flooding(sender):
+            self._junk(
+                "inbound.request_dropped",
+                reason=f"more than {MAX_REQUESTS} requests in {REQUEST_WINDOW:g} s",
+                sender=sender,
+            )
+            return None
         try:
             request = parse_request(raw, sender, peers=self._peers)
         except PeerRefusal as refusal:
@@ -282,26 +333,17 @@ class InboundServer:
                     "status": "error",
                     "details": f"{sender} has {MAX_PER_SOURCE} reservations here already",
                 }
-        known = [c for c in (own, request.capacity) if c is not None]
         reservation = self._reservations.setdefault(key, _Reservation(0.0))
-        if not known:
-            granted = request.rate  # nothing known to divide
-        elif request.rate <= reservation.rate:
-            granted = request.rate  # less, or as much: always (a renewal, a release of part)
-        else:  # more: what is left beside the others, and those that waited longer for more
-            ahead = [
-                r
-                for k, r in self._reservations.items()
-                if k != key
-                and r.waiting is not None
-                and (reservation.waiting is None or r.waiting < reservation.waiting)
-            ]
-            others = sum(r.rate for k, r in self._reservations.items() if k != key)
-            left = min(known) - others - sum(r.shortfall for r in ahead)
-            granted = max(reservation.rate, min(request.rate, left))
+        reservation.capacity = request.capacity
+        capacity = self._capacity(own)
+        if capacity is None:
+            reservation.asked = granted = request.rate  # nothing known to divide
+        else:
+            reservation.asked = min(request.rate, capacity)
+            granted = self._grant(key, reservation, capacity)
         reservation.rate = max(0.0, granted)
-        if granted < request.rate:  # waits for the rest, in turn
-            reservation.shortfall = request.rate - granted
+        if granted < reservation.asked:  # waits for the rest, in turn
+            reservation.shortfall = reservation.asked - granted
             if reservation.waiting is None:
                 reservation.waiting = time.monotonic()
         else:
@@ -311,6 +353,42 @@ class InboundServer:
         loop = asyncio.get_running_loop()
         reservation.expiry = loop.call_later(request.lease, self._end, key, True)
         return {"status": "reserved", "rate": f"{reservation.rate:.0f}"}
+
+    def _capacity(self, own: float | None) -> float | None:
+        """Bytes/s of this host's inbound NIC to divide: the back-end's figure, else the
+        smallest the sources holding reservations told (``None``: nobody knows)."""
+        if own is not None:
+            return own
+        told = [r.capacity for r in self._reservations.values() if r.capacity is not None]
+        return min(told, default=None)
+
+    def _grant(self, key: tuple[str, str], reservation: _Reservation, capacity: float) -> float:
+        """What ``key`` gets of ``capacity`` for its ``asked`` (see the module)."""
+        others = {k: r for k, r in self._reservations.items() if k != key}
+        if reservation.asked <= reservation.rate:
+            granted = reservation.asked  # less, or as much: always (a renewal, a release)
+        else:  # more: what is left beside the others, and those that waited longer for more
+            ahead = sum(
+                r.shortfall
+                for r in others.values()
+                if r.waiting is not None
+                and (reservation.waiting is None or r.waiting < reservation.waiting)
+            )
+            left = capacity - sum(min(r.rate, capacity) for r in others.values()) - ahead
+            granted = max(reservation.rate, min(reservation.asked, left))
+        now = time.monotonic()
+        starved = any(
+            k[0] != key[0] and r.waiting is not None and now - r.waiting >= HOLD
+            for k, r in others.items()
+        )
+        if starved:  # another source waited long enough: no more than the fair share
+            demands: dict[str, float] = {}
+            for (source, _), r in self._reservations.items():
+                demands[source] = demands.get(source, 0.0) + max(r.asked, r.rate)
+            share = fair_shares(demands, capacity)[key[0]]
+            own_others = sum(r.rate for k, r in others.items() if k[0] == key[0])
+            granted = min(granted, max(0.0, share - own_others))
+        return min(granted, capacity)
 
     def _end(self, key: tuple[str, str], expired: bool = False) -> None:
         reservation = self._reservations.pop(key, None)
@@ -441,9 +519,9 @@ class InboundReservations:
             return
         status, granted, details = answer
         if status == "reserved":
-            self.held[dest] = granted
+            self.held[dest] = min(granted, rate)  # more than asked is no more use
         else:
-            self._give_up(dest, details or status)
+            self.give_up(dest, details or status)
 
     async def _release(self, dest: str) -> None:
         self._asked.pop(dest, None)
@@ -457,7 +535,7 @@ class InboundReservations:
         target = topics.request_to(dest) if topics is not None else None
         answers = topics.answers_from(dest) if topics is not None else None
         if bus is None or target is None or answers is None:
-            self._give_up(dest, "no MQTT connection or peer topic")
+            self.give_up(dest, "no MQTT connection or peer topic")
             return None
         try:
             queue = self._queues.get(dest)
@@ -483,12 +561,14 @@ class InboundReservations:
                 queue=queue,
             )
         except TimeoutError:
-            self._give_up(dest, f"no answer within {self._within:g} s")
+            self.give_up(dest, f"no answer within {self._within:g} s")
         except Exception as exc:  # noqa: BLE001 - e.g. TransportError: uncoordinated
-            self._give_up(dest, f"MQTT: {exc}")
+            self.give_up(dest, f"MQTT: {exc}")
         return None
 
-    def _give_up(self, dest: str, why: str) -> None:
+    def give_up(self, dest: str, why: str) -> None:
+        """Take ``dest`` as uncoordinated from now on (its reservation is left to its
+        lease)."""
         self.held.pop(dest, None)
         self._asked.pop(dest, None)
         if dest not in self.uncoordinated:

@@ -19,6 +19,10 @@ use more of its inbound NIC, this agent reserves that share with the destination
 granted; a move waits until the grants cover its need beside the needs of the moves
 running into the same destination (asking again every :data:`_GRANT_RETRY` s, as for
 running moves granted less than they would use) while moves to other destinations go on.
+The first move waiting for each destination keeps its ask there meanwhile, so that the
+destination's agent keeps its turn (and cuts a source that holds more than its fair share
+for long, :mod:`asyncmigfra.peers.inbound`). A move that waited :data:`GRANT_PATIENCE` s
+makes its destination uncoordinated: a destination's agent never stalls an evacuation.
 A destination whose agent does not answer is divided as if this host were alone.
 """
 
@@ -57,6 +61,9 @@ Replan = Callable[
 _CAP_RETRY = 0.2
 #: s between requests for a destination's inbound share that did not cover a move's need.
 _GRANT_RETRY = 0.5
+#: s a move waits for a destination's grant before that destination is divided as if this
+#: host were alone.
+GRANT_PATIENCE = 600.0
 #: Moves after the first waiting one considered at each event.
 _LOOKAHEAD = 8
 _MIB = 1024 * 1024
@@ -95,6 +102,10 @@ class Moves:
         self._seen: list[Observation] = []
         #: A move waits for a destination's grant (asked again in :data:`_GRANT_RETRY` s).
         self._short = False
+        #: destination -> the first move waiting for its grant (its ask is kept), and since
+        #: when (monotonic s) a move waits for it.
+        self._queued: dict[str, Member] = {}
+        self._waiting_since: dict[str, float] = {}
 
     async def run(self, tg: asyncio.TaskGroup) -> None:
         """Start, cap and follow the moves until every planned one has ended."""
@@ -165,6 +176,7 @@ class Moves:
         new: list[str] = []
         head: Member | None = None
         self._short = False
+        queued: dict[str, Member] = {}
         for name in list(self._pending)[: _LOOKAHEAD + 1]:
             member = schedule.steps[name].member
             assert member is not None
@@ -173,15 +185,21 @@ class Moves:
             ):
                 continue
             if self._may_start(members, member, schedule.links):
-                await self._reserve([*members, member])
-                if self._granted([*members, member]):
+                asking = [*members, *queued.values(), member]
+                await self._reserve(asking)
+                if self._granted(asking):
                     members.append(member)
                     new.append(name)
                     self._pending.remove(name)
                     continue
                 self._short = True  # another host's moves hold that destination: ask again
+                queued.setdefault(member.destination, member)
             head = head or member
-        await self._reserve(members)  # what was asked for moves that wait goes back
+        self._wait_no_longer(queued)
+        # What was asked for moves that wait goes back, but for the first one waiting for
+        # each destination's grant: its ask stays, so it keeps its turn there.
+        self._queued = queued
+        await self._reserve([*members, *queued.values()])
         if not new:
             return
         moving = caps(members, allocate(members, self._links()))
@@ -195,6 +213,21 @@ class Moves:
                 self._move(name, moving[name]),
                 name=f"asyncmigfra.evacuate[{name}->{step.destination}]#{step.wave}",
             )
+
+    def _wait_no_longer(self, queued: dict[str, Member]) -> None:
+        """Note since when a move waits for each destination's grant; one that waited
+        :data:`GRANT_PATIENCE` s makes that destination uncoordinated (divided as if this
+        host were alone: its agent gives what the move needs to nobody, or to others only)."""
+        now = time.monotonic()
+        for dest in [d for d in self._waiting_since if d not in queued]:
+            del self._waiting_since[dest]
+        for dest in queued:
+            since = self._waiting_since.setdefault(dest, now)
+            if now - since >= GRANT_PATIENCE:
+                self._reservations.give_up(
+                    dest, f"granted less than a migration needs for {GRANT_PATIENCE:g} s"
+                )
+                del self._waiting_since[dest]
 
     def _granted(self, members: list[Member]) -> bool:
         """The grants cover the needs of ``members`` into every destination."""
@@ -274,7 +307,8 @@ class Moves:
             self._pending = await self._replan(
                 self._pending, self._progress(now), self._seen, strays[0]
             )
-        await self._reserve(self._members(list(self._running)))
+        queued = [m for m in self._queued.values() if m.name in self._pending]
+        await self._reserve([*self._members(list(self._running)), *queued])
 
     def _progress(self, now: float) -> dict[str, float]:
         """The share of its work each running move has done, as far as its prediction
