@@ -256,10 +256,16 @@ class Forecaster:
     # ---- a plan: every pre-check, refusals as blockers --------------------------------
 
     async def forecast(
-        self, spec: MigrateSpec, hypervisor: Hypervisor, *, measure: bool = True
+        self,
+        spec: MigrateSpec,
+        hypervisor: Hypervisor,
+        *,
+        measure: bool = True,
+        domain: DomainInfo | None = None,
     ) -> Forecast:
         """Predict ``spec`` as ``migrate vm`` would run it, changing nothing; each pre-check
-        that refuses becomes a blocker (its code and text)."""
+        that refuses becomes a blocker (its code and text). ``domain``: the VM as just
+        listed, if the caller has it (an evacuation's plan: not listed again per VM)."""
         blockers: list[Blocker] = []
         requested = spec.parameter.migration_type or self.settings.migration.migration_type
         base = Forecast(
@@ -278,7 +284,7 @@ class Forecaster:
             text = "a plan does not predict swap-with (two migrations that share the link)"
             blockers.append(Blocker(NotSupported.code, text))
         try:
-            dom = await _domain(hypervisor, spec.vm_name)
+            dom = domain if domain is not None else await _domain(hypervisor, spec.vm_name)
             _check_state(dom, base.mode)
             memory = await _memory_to_send(hypervisor, dom)
             plan = self._plan(spec, memory_kib=memory // 1024)

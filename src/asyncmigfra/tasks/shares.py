@@ -32,7 +32,9 @@ what it leaves no faster than one does. :func:`admissions` (the planner's choice
 first-ranked pending member whenever it may start, else the one the caller prefers among
 those that may (the planner: the one whose migration sends least more than alone at the
 rate it would get), but only one that leaves the first-ranked a slot and room for its
-``needed`` beside it, so a hot guest waiting for the link is not starved by cold ones.
+``needed`` beside it, so a hot guest waiting for the link is not starved by cold ones. It
+weighs the first and last :data:`WINDOW` pending members by rank only (the hottest and the
+coldest), so that one moment's choice costs the same with a thousand pending as with forty.
 """
 
 from __future__ import annotations
@@ -174,11 +176,19 @@ def admissions(
     queue = sorted(pending, key=lambda m: m.rank)
     while queue:
         now = [*running, *started]
+        if len(now) >= max_parallel:
+            break
         head = queue[0]
         may: list[tuple[Member, float]] = []
-        for candidate in queue:
+        before = allocate(now, links)
+        for candidate in _window(queue) if prefer is not None else queue:
             rate = _worth(
-                now, candidate, links, max_parallel=max_parallel, max_incoming=max_incoming
+                now,
+                candidate,
+                links,
+                max_parallel=max_parallel,
+                max_incoming=max_incoming,
+                before=before,
             )
             if rate is None:
                 continue
@@ -201,6 +211,19 @@ def admissions(
         started.append(chosen)
         queue.remove(chosen)
     return started
+
+
+#: Pending members :func:`admissions` weighs against each other with ``prefer``: the first
+#: and the last this many by rank (the hottest, which go first, and the coldest, the best
+#: fillers), so that one moment costs the same with 20 pending migrations as with 2000.
+WINDOW = 16
+
+
+def _window(queue: list[Member]) -> list[Member]:
+    """The members of ``queue`` (by rank) :func:`admissions` weighs (see :data:`WINDOW`)."""
+    if len(queue) <= 2 * WINDOW:
+        return queue
+    return queue[:WINDOW] + queue[-WINDOW:]
 
 
 def admissible(
@@ -242,14 +265,17 @@ def _worth(
     *,
     max_parallel: int,
     max_incoming: int | None,
+    before: Mapping[str, float] | None = None,
 ) -> float | None:
     """The rate ``candidate`` would get beside ``now``, if it may start (see the module):
     it fits, leaves every member ranked above it at least what that one ``wanted`` and
     every other one more than a crawl (:func:`_floor`), gets what it ``wanted`` itself when
-    it lowers any, and does not crawl either. ``None``: it may not."""
+    it lowers any, and does not crawl either. ``None``: it may not. ``before``: the
+    division of ``now`` (:func:`allocate`), if the caller has it."""
     if not _fits([*now, candidate], links, max_parallel=max_parallel, max_incoming=max_incoming):
         return None
-    before = allocate(now, links)
+    if before is None:
+        before = allocate(now, links)
     after = allocate([*now, candidate], links)
     lowered = [m for m in now if after[m.name] < before[m.name] * (1 - _SLACK)]
     for m in lowered:

@@ -32,6 +32,7 @@ from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.dispatching.jobs import Deliver, Reply, _Job, _Run
 from asyncmigfra.tasks.dispatching.lanes import _Lanes
+from asyncmigfra.tasks.dispatching.planner import Planner
 from asyncmigfra.tasks.journal import Journal
 from asyncmigfra.tasks.outcomes import entry_for
 from asyncmigfra.tasks.running import SubtaskContext, reconcile_subtask, run_subtask
@@ -70,6 +71,8 @@ class _DispatcherBase:
         self._deliver = deliver
         self._on_quit = on_quit
         self._lanes = _Lanes()
+        #: Computes predicted evacuations' wave plans off the event loop.
+        self._planner = Planner()
         self._slots = asyncio.Semaphore(settings.limits.max_concurrent_tasks)
         #: Slots kept for jobs whose record was written ``running`` with their ``accepted``.
         self._promised = 0

@@ -43,6 +43,10 @@ __all__ = ["plan_entry"]
 
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
 
+#: A large evacuation's predictions run this many at a time, each turn of the event loop
+#: (all at once, a thousand VMs' own work ran in one turn and held the loop for seconds).
+_PREDICTIONS_AT_ONCE = 8
+
 PlanSpec = PlanMigrationSpec | PlanEvacuationSpec
 
 
@@ -124,6 +128,9 @@ class _Planning(_Expansion):
                 overbooking=evacuation.overbooking,
             )
 
+        at_once = asyncio.Semaphore(_PREDICTIONS_AT_ONCE)
+        listed = {d.name: d for d in domains}
+
         async def predict(name: str, destination: str) -> Forecast:
             migration = MigrateSpec(
                 vm_name=name,
@@ -132,7 +139,12 @@ class _Planning(_Expansion):
                 time_measurement=evacuation.time_measurement,
                 driver=evacuation.driver,
             )
-            return await self._forecaster.forecast(migration, self._hv)
+            async with at_once:
+                forecast = await self._forecaster.forecast(
+                    migration, self._hv, domain=listed.get(name)
+                )
+                await asyncio.sleep(0)  # the next ones in the next turn of the loop
+                return forecast
 
         with timer.measure("prediction"):
             names = list(placement.assignments)
@@ -147,9 +159,7 @@ class _Planning(_Expansion):
         note = ""
         if evacuation.schedule == "predicted" and names:
             with timer.measure("planning"):
-                planned = await self._wave_numbers(
-                    evacuation, placement.assignments, {d.name: d for d in domains}, disks
-                )
+                planned = await self._wave_numbers(evacuation, placement.assignments, listed, disks)
             if isinstance(planned, str):
                 note = f"no waves planned, placement order: {planned}"
             else:

@@ -9,7 +9,7 @@ The dirty rates come from the agent's
 :class:`~asyncmigfra.migration.dirtyrates.DirtyRates`: a recent figure, else a probe through
 :class:`~asyncmigfra.hypervisor.base.MeasuresDirtyRate`, else the VM's last migration's); a
 paused guest dirties nothing, and a ``warm`` or ``offline`` one is not measured. It plans
-waves (:func:`~asyncmigfra.tasks.waves.plan_waves`, in a worker thread: it is CPU work) and
+waves (:func:`~asyncmigfra.tasks.waves.plan_waves`, off the event loop: :mod:`.planner`) and
 announces them (``event: plan``, without ``vm-name``) before the first migration. When a
 rate cannot be had for a VM or a destination, the evacuation runs as without ``schedule``
 (placement order, ``max-parallel`` at once), and the plan event says why.
@@ -43,12 +43,13 @@ from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, 
 from asyncmigfra.migration.dirtyrates import DirtyRate
 from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
-from asyncmigfra.migration.prediction import PredictionInputs
+from asyncmigfra.migration.prediction import MigrationCosts, PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
 from asyncmigfra.peers.inbound import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
 from asyncmigfra.tasks.dispatching.moving import Move, Moves, OperatorCap, Steer
+from asyncmigfra.tasks.dispatching.planner import PLAN_WITHIN
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.waves import (
     Observation,
@@ -62,6 +63,17 @@ from asyncmigfra.tasks.waves import (
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
 
 _MIB = 1024 * 1024
+
+
+#: VMs whose inputs are gathered between two turns of the event loop (a large evacuation's
+#: would otherwise hold it for long).
+_PER_TURN = 32
+
+
+async def _breathe(count: int) -> None:
+    """Let the event loop run after every :data:`_PER_TURN` VMs."""
+    if count % _PER_TURN == 0:
+        await asyncio.sleep(0)
 
 
 def _live(plan: MigrationPlan) -> bool:
@@ -95,11 +107,15 @@ class _Predicted(_DispatcherBase):
         """The evacuation's waves, announced; ``None`` (announced too) when the inputs
         cannot be had: the evacuation then runs in placement order."""
         gathered = await self._wave_inputs(spec, assignments, domains, disks)
+        if not isinstance(gathered, str):
+            try:
+                schedule, plan = await self._planned(spec, *gathered)
+            except TimeoutError:
+                gathered = f"planning took more than {PLAN_WITHIN:g} s"
         if isinstance(gathered, str):
             log.info("evacuation.schedule_fallback", task_id=job.msg.id, reason=gathered)
             self._events.plan(job.msg.id, None, {"schedule": "placement", "details": gathered})
             return None
-        schedule, plan = await self._planned(spec, *gathered)
         log.info(
             "evacuation.waves",
             task_id=job.msg.id,
@@ -122,7 +138,10 @@ class _Predicted(_DispatcherBase):
         gathered = await self._wave_inputs(spec, assignments, domains, disks)
         if isinstance(gathered, str):
             return gathered
-        schedule, _ = await self._planned(spec, *gathered)
+        try:
+            schedule, _ = await self._planned(spec, *gathered)
+        except TimeoutError:
+            return f"planning took more than {PLAN_WITHIN:g} s"
         return {name: step.wave for name, step in schedule.steps.items()}
 
     async def _planned(
@@ -137,7 +156,8 @@ class _Predicted(_DispatcherBase):
             max_parallel=min(spec.max_parallel or limits.max_outgoing, limits.max_outgoing),
             max_incoming=limits.max_incoming,
         )
-        plan = await asyncio.to_thread(
+        plan = await self._planner.run(
+            len(vms),
             plan_waves,
             vms,
             link_rate=outgoing,
@@ -160,27 +180,32 @@ class _Predicted(_DispatcherBase):
         if isinstance(links, str):
             return links
         plans: dict[str, MigrationPlan] = {}
-        for name, dest in assignments.items():
+        for count, (name, dest) in enumerate(assignments.items(), start=1):
             try:
                 plans[name] = self._resolved(spec, name, dest, domains[name], disks)
             except TaskError as exc:
                 return f"{name}: {exc}"
+            await _breathe(count)
         dirty = await self._dirty_rates(
             [n for n, p in plans.items() if _live(p) and domains[n].state is DomainState.RUNNING]
         )
         if isinstance(dirty, str):
             return dirty
         memory = {name: await self._memory_to_send(domains[name]) for name in assignments}
-        vms = [
-            self._wave_vm(
-                plans[name],
-                memory=memory[name],
-                dirty=dirty.get(name),
-                stream=_stream(links[dest]),
-                disk=sum(disks.get(name, {}).values()),
+        costs = costs_of(self._hv)
+        vms: list[WaveVm] = []
+        for count, (name, dest) in enumerate(assignments.items(), start=1):
+            vms.append(
+                self._wave_vm(
+                    plans[name],
+                    memory=memory[name],
+                    dirty=dirty.get(name),
+                    stream=_stream(links[dest]),
+                    disk=sum(disks.get(name, {}).values()),
+                    costs=costs,
+                )
             )
-            for name, dest in assignments.items()
-        ]
+            await _breathe(count)
         outgoing, incoming = _nics(links)
         return vms, outgoing, incoming
 
@@ -253,6 +278,7 @@ class _Predicted(_DispatcherBase):
         dirty: DirtyRate | None,
         stream: float,
         disk: int,
+        costs: MigrationCosts,
     ) -> WaveVm:
         """One VM's inputs."""
         request = mplan.request
@@ -273,7 +299,7 @@ class _Predicted(_DispatcherBase):
                 else request.mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
-            costs=costs_of(self._hv),
+            costs=costs,
         )
         return WaveVm(name=request.vm_name, destination=request.destination, inputs=inputs)
 
@@ -339,17 +365,23 @@ class _Predicted(_DispatcherBase):
             return plannable
         started = [n for n in schedule.order if n not in pending]
         first = max((schedule.steps[n].wave for n in started), default=0) + 1
-        plan = await asyncio.to_thread(
-            replan,
-            [schedule.vms[n] for n in [*running, *plannable]],
-            seen,
-            link_rate=schedule.link_rate,
-            max_parallel=schedule.max_parallel,
-            max_incoming=schedule.max_incoming,
-            destination_rates=schedule.destination_rates,
-            first_wave=first,
-            running=running,
-        )
+        vms = [schedule.vms[n] for n in [*running, *plannable]]
+        try:
+            plan = await self._planner.run(
+                len(vms),
+                replan,
+                vms,
+                seen,
+                link_rate=schedule.link_rate,
+                max_parallel=schedule.max_parallel,
+                max_incoming=schedule.max_incoming,
+                destination_rates=schedule.destination_rates,
+                first_wave=first,
+                running=running,
+            )
+        except TimeoutError:
+            log.warning("evacuation.replan_abandoned", task_id=job.msg.id, vms=len(vms))
+            return plannable  # the order planned before stands
         unschedulable = [schedule.steps[n] for n in pending if schedule.steps[n].member is None]
         schedule.adopt(plan, started=started, unschedulable=unschedulable)
         schedule.slowdown = slowdown(seen)
