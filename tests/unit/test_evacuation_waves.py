@@ -30,6 +30,7 @@ from asyncmigfra.hypervisor.fake import FakeHypervisor
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.model import EvacuateSpec, ResultMessage
 from asyncmigfra.peers.bus import MemoryBus
+from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply, moving
 from asyncmigfra.wire.events import Events
@@ -517,3 +518,41 @@ async def test_a_destination_that_never_grants_enough_does_not_stall_the_evacuat
     assert {e.vm_name: e.status for e in result.entries} == {"h1": "success", "c1": "success"}
     asked = [t for t, _ in bus.sent if "/inbound/" in t]
     assert asked  # it did ask, and waited
+
+
+async def test_a_cancel_gives_back_the_destinations_shares_and_answers_for_every_vm() -> None:
+    # b's agent serves reservations; the evacuation is cancelled while h1 moves and the
+    # rest wait: every VM has its entry, nothing moves any more, and b holds no
+    # reservation of a's (released, not left to its lease).
+    bus = MemoryBus()
+    shared: dict[str, object] = {}
+    hv = fake(
+        shared, MIXED, peers={"b": {"memory": 64 * MIB, "nic-rate": 1000}}, **{"nic-rate": 1000}
+    )
+    server = InboundServer(bus=bus, hostname="b", task_topic="fast/migfra/b/task")
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with dispatcher(hv, bus=bus) as (d, rec):
+            text = (
+                "id: x\ntask: evacuate node\ndestinations: [b]\nparameter:\n"
+                "  schedule: predicted\n  migration-type: live\n"
+            )
+            d.submit(parse_task(text.encode()), payload=text.encode(), reply=None)
+            await rec.until(lambda: server.reservations)
+            await rec.until(lambda: [e for e in rec.of("phase") if e.get("phase") == "migrating"])
+            d.submit(
+                parse_task(b"task: cancel\ntarget: x\n"),
+                payload=b"task: cancel\ntarget: x\n",
+                reply=None,
+            )
+            result = await rec.result("x")
+            got = entries(result)
+            assert sorted(got) == ["c1", "c2", "h1", "h2"]
+            assert "cancelled" in {g["code"] for g in got.values()}
+            assert server.reservations == {}
+            assert not d._inbound
+            moving = [t for t in asyncio.all_tasks() if "asyncmigfra.evacuate" in t.get_name()]
+            assert not [t for t in moving if not t.done()]
+    finally:
+        serving.cancel()
+        await asyncio.wait({serving})

@@ -352,3 +352,22 @@ async def test_a_grant_above_what_was_asked_is_believed_only_up_to_the_ask() -> 
         await a.reserve({"d": 1000.0 * MIB}, {"d": 1250.0 * MIB})
         assert a.held == {"d": 1000.0 * MIB}
         assert not a.short
+
+
+async def test_a_restarted_source_renews_its_reservation_instead_of_adding_one() -> None:
+    # a holds 1000 of 1250 for task t1 and dies (no release: its lease still runs). Its
+    # evacuation, run again after the restart, asks again under the same name: one
+    # reservation, not 2000 counted against b.
+    bus = MemoryBus()
+    async with serving(bus) as server:
+        before = reservations(bus, "a", task_id="t1")
+        await before.reserve({"d": 1000.0 * MIB}, {"d": 1250.0 * MIB})
+        async with reservations(bus, "a", task_id="t1") as after:
+            await after.reserve({"d": 1000.0 * MIB}, {"d": 1250.0 * MIB})
+            assert after.held == {"d": 1000.0 * MIB}
+            assert list(server.reservations.values()) == [1000.0 * MIB]
+            async with reservations(bus, "b", task_id="t1") as b:  # another host's t1
+                await b.reserve({"d": 1000.0 * MIB}, {"d": 1250.0 * MIB})
+                assert b.held == {"d": 250.0 * MIB}
+        assert before._renewing is not None
+        before._renewing.cancel()

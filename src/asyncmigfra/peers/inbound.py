@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
 import uuid
@@ -434,7 +435,8 @@ def _read_answer(
 class InboundReservations:
     """One evacuation's reservations of its destinations' inbound NICs (see the module):
     an async context manager; on the way out every reservation is released (bounded) and
-    the renewals stop."""
+    the renewals stop. ``task_id``: the evacuation's task id, which names its reservation
+    (the same after a restart of this agent; none: a fresh name)."""
 
     def __init__(
         self,
@@ -444,13 +446,21 @@ class InboundReservations:
         hostname: str,
         lease: float = LEASE,
         answer_within: float = ANSWER_WITHIN,
+        task_id: str | None = None,
     ) -> None:
         self._bus = bus
         self._topics = inbound_topics(task_topic, hostname)
         self._hostname = hostname
         self._lease = lease
         self._within = answer_within
-        self._id = uuid.uuid4().hex
+        # One reservation per evacuation task: after a restart of this agent, the task's
+        # evacuation (run again or reconciled) renews the reservation it held, instead of
+        # holding a second one beside it until the first one's lease ends.
+        self._id = (
+            hashlib.sha256(f"{hostname}\0{task_id}".encode()).hexdigest()[:32]
+            if task_id
+            else uuid.uuid4().hex
+        )
         #: destination -> bytes/s granted now
         self.held: dict[str, float] = {}
         #: destination -> (bytes/s asked, the capacity told) of the reservations held

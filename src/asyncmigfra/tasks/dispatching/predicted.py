@@ -326,7 +326,10 @@ class _Predicted(_DispatcherBase):
         settings = self._settings
         async with (
             InboundReservations(
-                self._bus, task_topic=settings.mqtt.task_topic, hostname=settings.hostname
+                self._bus,
+                task_topic=settings.mqtt.task_topic,
+                hostname=settings.hostname,
+                task_id=job.msg.id,
             ) as reservations,
             asyncio.TaskGroup() as tg,
         ):
