@@ -19,8 +19,13 @@ pytestmark = pytest.mark.broker
 
 
 def task_subscriptions(agent: Any) -> list[str]:
-    """The agent's extra subscriptions besides the lane requests it always serves."""
-    return [topic for topic, _, _ in agent.transport._extra if not topic.endswith("/lane/+")]
+    """The agent's extra subscriptions besides the lane and inbound requests it always
+    serves."""
+    return [
+        topic
+        for topic, _, _ in agent.transport._extra
+        if not topic.endswith(("/lane/+", "/inbound/+"))
+    ]
 
 
 def pscom_buffer(pid: int, status: str) -> bytes:
