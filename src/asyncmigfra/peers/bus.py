@@ -39,6 +39,7 @@ __all__ = [
     "JunkLog",
     "MemoryBus",
     "MessageBus",
+    "PeerQueue",
     "PeerRefusal",
     "PeerTopics",
     "clean_text",
@@ -46,6 +47,7 @@ __all__ = [
     "json_map",
     "peer_topic",
     "request",
+    "SUBSCRIPTION_BYTES",
     "safe_text",
     "serve",
     "shown",
@@ -280,6 +282,42 @@ def json_map(raw: bytes, limit: int) -> dict[Any, Any] | None:
     return document if isinstance(document, dict) else None
 
 
+#: Bytes a subscription's queue holds at most (topics and payloads): what arrives beyond
+#: that while nobody reads it is dropped (a peer flooding answers nobody asked for, or
+#: requests faster than they are answered, cannot fill the agent's memory).
+SUBSCRIPTION_BYTES = 8 * 1024 * 1024
+
+
+class PeerQueue(asyncio.Queue[tuple[str, bytes]]):
+    """A subscription's queue of ``(topic, payload)``, bounded in bytes (:meth:`offer`)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        super().__init__()
+        self.limit = SUBSCRIPTION_BYTES if limit is None else limit
+        #: Bytes held now, and messages dropped so far.
+        self.held = 0
+        self.dropped = 0
+
+    def offer(self, topic: str, payload: bytes) -> bool:
+        """Queue the message unless that would hold more than :attr:`limit` bytes (then it
+        is dropped and counted)."""
+        size = len(topic) + len(payload)
+        if self.held + size > self.limit:
+            self.dropped += 1
+            return False
+        self.put_nowait((topic, payload))
+        return True
+
+    def _put(self, item: tuple[str, bytes]) -> None:
+        super()._put(item)
+        self.held += len(item[0]) + len(item[1])
+
+    def _get(self) -> tuple[str, bytes]:
+        item = super()._get()
+        self.held -= len(item[0]) + len(item[1])
+        return item
+
+
 class MessageBus(Protocol):
     """What hooks need from the broker connection."""
 
@@ -325,7 +363,7 @@ class MemoryBus:
     (topic and the decoded JSON object, or the raw bytes when it is none); messages to a topic
     in ``deaf`` are dropped (nobody there)."""
 
-    queues: dict[str, list[asyncio.Queue[tuple[str, bytes]]]] = field(default_factory=dict)
+    queues: dict[str, list[PeerQueue]] = field(default_factory=dict)
     sent: list[tuple[str, Any]] = field(default_factory=list)
     deaf: set[str] = field(default_factory=set)
 
@@ -334,7 +372,7 @@ class MemoryBus:
         self, topic: str, qos: int
     ) -> AsyncIterator[asyncio.Queue[tuple[str, bytes]]]:
         """Subscribe for the duration of the block."""
-        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        queue = PeerQueue()
         self.queues.setdefault(topic, []).append(queue)
         try:
             yield queue
@@ -356,7 +394,7 @@ class MemoryBus:
         for pattern, queues in list(self.queues.items()):
             if topic_matches(pattern, topic):
                 for queue in queues:
-                    queue.put_nowait((topic, payload))
+                    queue.offer(topic, payload)
 
 
 # --- one request, one answer -------------------------------------------------------------------

@@ -17,6 +17,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from asyncmigfra.peers.bus import PeerQueue
 from asyncmigfra.settings import MqttSettings
 from asyncmigfra.transport.mqtt.messages import (
     Delivery,
@@ -78,7 +79,7 @@ class MqttTransport:
         self._connected = asyncio.Event()
         self._subscribed = False
         #: Extra subscriptions (hooks): [topic filter, QoS, queue of (topic, payload)].
-        self._extra: list[tuple[str, int, asyncio.Queue[tuple[str, bytes]]]] = []
+        self._extra: list[tuple[str, int, PeerQueue]] = []
         self.connects = 0
         #: Session takeovers seen (all of them, not only those within the window).
         self.takeovers = 0
@@ -258,7 +259,15 @@ class MqttTransport:
         matched = False
         for topic, _, queue in self._extra:
             if message.topic.matches(topic):
-                queue.put_nowait((message.topic.value, bytes(message.payload)))
+                if not queue.offer(message.topic.value, bytes(message.payload)) and (
+                    queue.dropped == 1 or queue.dropped % 1000 == 0
+                ):
+                    log.warning(
+                        "mqtt.subscription_full",
+                        topic=topic,
+                        held=queue.held,
+                        dropped=queue.dropped,
+                    )
                 matched = True
         if matched and any(message.topic.matches(t) for t, _ in self._subscriptions):
             return False
@@ -274,7 +283,7 @@ class MqttTransport:
         active (SUBACK received) when the block starts, is renewed after a reconnect, and is
         removed when the block ends, however it ends (bounded; errors are logged).
         """
-        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        queue = PeerQueue()
         entry = (topic, qos, queue)
         self._extra.append(entry)
         try:
