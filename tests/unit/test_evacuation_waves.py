@@ -556,3 +556,29 @@ async def test_a_cancel_gives_back_the_destinations_shares_and_answers_for_every
     finally:
         serving.cancel()
         await asyncio.wait({serving})
+
+
+async def test_moves_to_other_destinations_go_on_while_one_waits_for_its_grant() -> None:
+    # b's agent grants nothing (c has no agent: a is alone there). The moves to b wait for
+    # b's grant; those to c run meanwhile, and finish.
+    bus = MemoryBus()
+    shared: dict[str, object] = {}
+    doms = [vm(f"v{i}", 200) for i in range(6)]
+    hv = fake(shared, doms, **{"nic-rate": 1000})
+    async with granting(bus, "0", host="b"), dispatcher(hv, bus=bus) as (d, rec):
+        evacuate(d, "wait", "  schedule: predicted\n  migration-type: live\n  mode: scatter\n")
+        done = await rec.until(lambda: len(rec.of("done")) >= 3 and rec.of("done"))
+        d.submit(
+            parse_task(b"task: cancel\ntarget: wait\n"),
+            payload=b"task: cancel\ntarget: wait\n",
+            reply=None,
+        )
+        result = await rec.result("wait")
+    got = entries(result)
+    to_c = {n for n, e in got.items() if e["destination"] == "c"}
+    to_b = {n for n, e in got.items() if e["destination"] == "b"}
+    assert to_b
+    assert to_c
+    assert {e["vm-name"] for e in done} == to_c
+    assert {got[n]["status"] for n in to_c} == {"success"}
+    assert {got[n]["code"] for n in to_b} == {"cancelled"}

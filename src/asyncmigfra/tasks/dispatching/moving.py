@@ -187,7 +187,7 @@ class Moves:
             if self._may_start(members, member, schedule.links):
                 asking = [*members, *queued.values(), member]
                 await self._reserve(asking)
-                if self._granted(asking):
+                if self._granted([m for m in asking if m.destination == member.destination]):
                     members.append(member)
                     new.append(name)
                     self._pending.remove(name)
