@@ -474,14 +474,14 @@ class Journal:
             log.info("journal.write_recovered")
             self._write_failed = False
             self._probe_bytes = 0
-        for (_, _, fut, _), outcome in zip(ops, outcomes, strict=True):
-            if fut is None:
-                continue
-            if outcome is None:
-                loop.call_soon_threadsafe(_set_result, fut, None)
-            else:
-                failure = JournalWriteFailed(str(outcome) or outcome.__class__.__name__)
-                loop.call_soon_threadsafe(_set_exception, fut, failure)
+        settled = [
+            (fut, _failure(outcome))
+            for (_, _, fut, _), outcome in zip(ops, outcomes, strict=True)
+            if fut is not None
+        ]
+        if settled:
+            # One wake-up of the loop for the whole batch, not one per waiting write.
+            loop.call_soon_threadsafe(_settle, settled)
 
     def _fits_again(self, ops: list[_Op]) -> bool:
         return any(
@@ -525,3 +525,18 @@ def _set_result(fut: asyncio.Future[T], value: T) -> None:
 def _set_exception(fut: asyncio.Future[T], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+def _failure(error: Exception | None) -> JournalWriteFailed | None:
+    return None if error is None else JournalWriteFailed(str(error) or type(error).__name__)
+
+
+def _settle(settled: list[tuple[asyncio.Future[None], JournalWriteFailed | None]]) -> None:
+    """Resolve the futures of one committed batch, in the loop's thread, in write order."""
+    for fut, failure in settled:
+        if fut.done():
+            continue
+        if failure is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(failure)
