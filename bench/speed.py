@@ -19,7 +19,7 @@ tasks (p50, p99), then tasks with 20 in flight (tasks/s). Rows:
 
 ``--baseline DIR`` adds ``agent, baseline`` (journal on, the package from another checkout's
 ``src``, e.g. a ``git worktree`` of the commit before a change), compared with the echoes and
-with ``agent``; ``--only NAME,...`` runs only those rows (and the rows they are compared
+with ``agent``; ``--only NAME`` (repeatable) runs only those rows (and the rows they are compared
 with), for a quicker before/after.
 
 Rounds are interleaved (every row once per round, in turn) and the medians of the rounds
@@ -128,13 +128,13 @@ def baseline_row(src: Path) -> Row:
     )
 
 
-def select_rows(only: str | None, baseline: Path | None) -> tuple[Row, ...]:
+def select_rows(only: list[str] | None, baseline: Path | None) -> tuple[Row, ...]:
     """The rows to run: all (with the baseline's, if given), or only those named and the
     rows they are compared with, in the table's order."""
     rows = ROWS + ((baseline_row(baseline),) if baseline is not None else ())
     if not only:
         return rows
-    wanted = {name.strip() for name in only.split(",")}
+    wanted = set(only)
     unknown = wanted - {row.name for row in rows}
     if unknown:
         raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))}")
@@ -206,7 +206,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer rounds and tasks (a smoke run)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 2)")
     p.add_argument("--baseline", type=Path, help="also run the agent of this checkout")
-    p.add_argument("--only", help="run only these rows (comma-separated names)")
+    p.add_argument("--only", action="append", help="run only this row (repeatable)")
     asyncio.run(amain(p.parse_args()))
 
 
