@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -50,7 +50,8 @@ class _Run:
     sequential: bool
     state: State = "queued"
     ticket: _Ticket | None = None
-    task: asyncio.Task[list[ResultEntry]] | None = None
+    #: The task running the subtask (for a job of one subtask, the job's own task).
+    task: asyncio.Task[Any] | None = None
     cancel_reason: str | None = None
     started: float | None = None
     ctx: SubtaskContext | None = None
