@@ -73,3 +73,42 @@ async def test_messages_keep_their_order_and_every_ack_is_reported(private_mosqu
                 c.cancel()
     assert [int(p) for p in seen] == list(range(300))
     assert sorted(delivered) == list(range(300))
+
+
+async def test_a_message_handed_over_leaves_at_once_and_a_large_one_still_arrives_whole(
+    mosquitto,
+):
+    """Handed over on the loop's thread, a message is written to the socket before
+    ``publish_nowait`` returns (no loop iteration, no wake-up through the loop's pipe); one
+    larger than the socket takes (16 MiB) is finished by aiomqtt's writer, and what follows
+    it keeps its place."""
+    port = mosquitto.port
+    base = default_settings(hostname="pub")
+    topic = f"at-once/{uuid.uuid4().hex[:8]}"
+    settings = replace(
+        base.mqtt, host="127.0.0.1", port=port, client_id=f"pub-{uuid.uuid4().hex[:8]}"
+    )
+    transport = MqttTransport(settings, subscriptions=[(f"{topic}/in", 2)])
+    big = bytes(range(256)) * (16 * 4096)
+    seen: list[bytes] = []
+    async with ToolClient("127.0.0.1", port, client_id=f"sub-{uuid.uuid4().hex[:8]}") as sub:
+        await sub.subscribe(topic, qos=1)
+
+        async def pump() -> None:
+            async for msg in sub.messages():
+                seen.append(msg.payload)
+
+        async with asyncio.TaskGroup() as tg:
+            pumping = tg.create_task(pump())
+            connection = tg.create_task(transport.run(lambda _: None))
+            await transport.wait_connected()
+            paho_client = transport._client._client  # type: ignore[union-attr]
+            transport.publish_nowait(Outgoing(topic, b"small", qos=1))
+            assert not paho_client.want_write()  # on the wire already
+            transport.publish_nowait(Outgoing(topic, big, qos=1))
+            assert paho_client.want_write()  # the socket is full: the rest waits
+            transport.publish_nowait(Outgoing(topic, b"after", qos=1))
+            await _drain_until(seen, 3)
+            for c in (pumping, connection):
+                c.cancel()
+    assert seen == [b"small", big, b"after"]

@@ -1,18 +1,23 @@
-"""aiomqtt plumbing: cancellation that aiomqtt swallows, error mapping, leaked sockets."""
+"""aiomqtt plumbing: cancellation that aiomqtt swallows, error mapping, leaked sockets, and
+packets written at once."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiomqtt
+import structlog
 
 from asyncmigfra.transport.mqtt.messages import TransportError
 
 _T = TypeVar("_T")
+
+log = structlog.stdlib.get_logger("asyncmigfra.mqtt")
 
 
 async def honour_cancel(call: Awaitable[_T]) -> _T:
@@ -68,3 +73,41 @@ def close_orphaned_sockets(exc: BaseException) -> int:
                     closed += 1
             tb = tb.tb_next
     return closed
+
+
+def write_at_once(client: aiomqtt.Client) -> bool:
+    """Let ``client`` write a packet as soon as it is queued on the event loop's thread.
+
+    aiomqtt asks for a packet to be written through the loop: paho tells it that it wants to
+    write, aiomqtt schedules ``add_writer`` with ``call_soon_threadsafe`` (a write to the
+    loop's wake-up pipe, since paho may ask from the thread that connects), and one loop
+    iteration later the socket is found writable and the packets go out. Queued on the
+    loop's own thread, outside a paho callback, the packets are written here at once with
+    paho's ``loop_write`` (what paho itself does without an external loop); the socket is
+    non-blocking, so what does not fit is left to aiomqtt's writer as before. Every other
+    case (the connecting thread, inside a paho callback) takes aiomqtt's way. Call it on
+    the loop's thread. ``False``: this aiomqtt has no paho client to reach (nothing done).
+    """
+    paho_client: Any = getattr(client, "_client", None)
+    register = getattr(paho_client, "on_socket_register_write", None)
+    in_callback = getattr(paho_client, "_in_callback_mutex", None)
+    if paho_client is None or register is None or in_callback is None:
+        return False
+    loop_thread = threading.get_ident()
+
+    def register_write(pclient: Any, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == loop_thread and in_callback.acquire(blocking=False):
+            in_callback.release()
+            try:
+                pclient.loop_write()
+            except Exception as exc:  # noqa: BLE001 - paho reports a lost connection itself
+                log.warning("mqtt.write_failed", error=str(exc))
+            # paho asks again only once it stopped wanting to write: what did not fit (a
+            # full socket) goes out through aiomqtt's writer, as before.
+            if pclient.want_write():
+                register(pclient, userdata, sock)
+            return
+        register(pclient, userdata, sock)
+
+    paho_client.on_socket_register_write = register_write
+    return True

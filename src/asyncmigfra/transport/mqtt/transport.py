@@ -29,6 +29,7 @@ from asyncmigfra.transport.mqtt.plumbing import (
     close_orphaned_sockets,
     honour_cancel,
     map_mqtt_errors,
+    write_at_once,
 )
 from asyncmigfra.transport.mqtt.takeover import (
     ClientIdInUse,
@@ -147,6 +148,7 @@ class MqttTransport:
         attempt = 0
         s = self._settings
         client = self._make_client()
+        write_at_once(client)
         self._client = client
         loop = asyncio.get_running_loop()
         suspect_within = suspect_takeover_within(s)
