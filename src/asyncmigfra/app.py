@@ -23,6 +23,7 @@ import asyncio
 import ctypes
 import dataclasses
 import datetime as dt
+import logging
 import os
 import signal
 import socket
@@ -37,6 +38,7 @@ from asyncmigfra import __version__
 from asyncmigfra.errors import StartupError, TaskRejected
 from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
+from asyncmigfra.logs import would_drop
 from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import ResultMessage, TaskMessage
 from asyncmigfra.peers.lanes import LaneServer
@@ -56,6 +58,7 @@ from asyncmigfra.wire.rendering import render_event, render_result
 __all__ = ["Agent", "build_hypervisor"]
 
 log = structlog.stdlib.get_logger(__name__)
+_LOGGER = logging.getLogger(__name__)
 
 #: Payloads at least this large are parsed in a worker thread (keeps the loop responsive).
 _THREAD_PARSE_BYTES = 64 * 1024
@@ -332,7 +335,8 @@ class Agent:
             )
             self.dispatcher.reject(parsed, reply)
             return
-        log.debug("task.received", task_id=parsed.id, task=parsed.kind.value)
+        if not would_drop(_LOGGER, logging.DEBUG):  # one a task: not built for nothing
+            log.debug("task.received", task_id=parsed.id, task=parsed.kind.value)
         self.dispatcher.submit(parsed, payload=message.payload, reply=reply)
 
     def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:

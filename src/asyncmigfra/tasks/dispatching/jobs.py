@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any, Literal
 
 import structlog
 
+from asyncmigfra.logs import would_drop
 from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.model import (
     ResultEntry,
@@ -23,6 +25,8 @@ from asyncmigfra.tasks.dispatching.lanes import _Ticket
 from asyncmigfra.tasks.running import SubtaskContext
 
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
+#: The standard library's logger behind ``log``: what its level lets through.
+_LOGGER = logging.getLogger("asyncmigfra.dispatching")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +100,10 @@ class _Job:
 
 def _audit(msg: TaskMessage, entries: list[ResultEntry], duration: float) -> None:
     """The audit trail: one ``info`` line per finished task, when its result goes out (task
-    id, kind, VMs, ``success`` or ``error``, the error codes, seconds since it arrived)."""
+    id, kind, VMs, ``success`` or ``error``, the error codes, seconds since it arrived).
+    Not even built when ``info`` is not logged (one a task: it shows in the profile)."""
+    if would_drop(_LOGGER, logging.INFO):
+        return
     codes = sorted({e.code for e in entries if e.code})
     failed = any(e.status != "success" for e in entries)
     log.info(
