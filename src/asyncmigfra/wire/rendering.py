@@ -104,6 +104,8 @@ class _Fixed(float):
 
 
 def _scalar(value: object) -> str:
+    if type(value) is str:  # the common case: most strings were rendered before
+        return _RENDERED.get(value) or _string(value)
     if isinstance(value, str):
         return _string(value)
     if value is None:
@@ -117,6 +119,10 @@ def _scalar(value: object) -> str:
     if isinstance(value, float):
         return _float(value)
     raise TypeError(f"cannot render a {type(value).__name__} as YAML")
+
+
+#: Exact types that are scalars, told without the ``Mapping`` check (an ABC's is slow).
+_SCALAR_TYPES: Final = frozenset({str, int, float, bool, type(None)})
 
 
 def _key_head(indent: str, key: str) -> str:
@@ -154,11 +160,17 @@ def _emit_map(
         if rendered in seen:
             continue  # first one wins, as our parser and yaml-cpp read duplicates
         seen.add(rendered)
-        head = _key_head(indent, rendered)
+        if len(rendered) <= _MAX_SIMPLE_KEY:
+            head = indent + rendered + ":"
+        else:
+            head = _key_head(indent, rendered)
         if first:
             head = first + head[len(indent) :]
             first = ""
-        _emit_value(out, head, value, indent)
+        if type(value) in _SCALAR_TYPES:  # most values: on the key's line
+            out.append(head + " " + _scalar(value))
+        else:
+            _emit_value(out, head, value, indent)
 
 
 def _emit_seq(out: list[str], items: Iterable[object], indent: str) -> None:
