@@ -190,6 +190,9 @@ class Agent:
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         #: Bytes of the payloads in ``_intake`` (bounded by ``limits.max-intake-bytes``).
         self._intake_bytes = 0
+        #: The intake task waits for a message (none is being parsed): a small message
+        #: that finds the queue empty is parsed at once by ``_on_message``.
+        self._intake_idle = False
         #: Heap trims still due after large messages (the last one a tick after the burst,
         #: when the MQTT client's buffers are gone too).
         self._trims_due = 0
@@ -279,20 +282,30 @@ class Agent:
                 ),
             )
             return
+        if size < _THREAD_PARSE_BYTES and self._intake_idle and self._intake.empty():
+            # Nothing waits to be read before it: parsed and dispatched now, in order,
+            # without waking the intake task (one loop iteration less per task).
+            self._dispatch(message, self._parse(message.payload))
+            return
         self._intake_bytes += size
         self._intake.put_nowait(message)
 
     async def _intake_loop(self) -> None:
-        while True:
-            message = await self._intake.get()
-            self._intake_bytes -= len(message.payload)
-            large = len(message.payload) >= _THREAD_PARSE_BYTES
-            if large:
-                # Large payloads are parsed off the loop; order is kept (one at a time).
-                parsed = await asyncio.to_thread(self._parse, message.payload)
-            else:
-                parsed = self._parse(message.payload)
-            self._dispatch(message, parsed)
+        try:
+            while True:
+                self._intake_idle = True
+                message = await self._intake.get()
+                self._intake_idle = False
+                self._intake_bytes -= len(message.payload)
+                large = len(message.payload) >= _THREAD_PARSE_BYTES
+                if large:
+                    # Large payloads are parsed off the loop; order is kept (one at a time).
+                    parsed = await asyncio.to_thread(self._parse, message.payload)
+                else:
+                    parsed = self._parse(message.payload)
+                self._dispatch(message, parsed)
+        finally:
+            self._intake_idle = False  # stopped: what comes now waits in the queue
 
     def _answer_leftovers(self) -> None:
         """Answer messages that arrived after intake stopped (the dispatcher refuses them)."""
