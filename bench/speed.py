@@ -17,10 +17,10 @@ tasks (p50, p99), then tasks with 20 in flight (tasks/s). Rows:
 - ``agent, journal off``: ``agent.state-dir: none``;
 - ``agent, event-qos 0``: journal on, ``communicator.event-qos: 0``.
 
-``--baseline DIR`` adds ``agent, baseline`` (journal on, the package from another checkout's
-``src``, e.g. a ``git worktree`` of the commit before a change), compared with the echoes and
-with ``agent``; ``--only NAME`` (repeatable) runs only those rows (and the rows they are compared
-with), for a quicker before/after.
+``--baseline DIR`` adds ``agent, baseline`` and ``journal off, baseline`` (the package from
+another checkout's ``src``, e.g. a ``git worktree`` of the commit before a change), compared
+with the echoes and with ``agent`` and ``agent, journal off``; ``--only NAME`` (repeatable)
+runs only those rows (and the rows they are compared with), for a quicker before/after.
 
 Rounds are interleaved (every row once per round, in turn) and the medians of the rounds
 are printed, with the answering process's CPU time per task, and each agent row's ratios to
@@ -120,18 +120,25 @@ async def one_round(port: int, row: Row, plan: Plan) -> Round:
             return await measure(c, n_seq=plan.n_seq, n_tput=plan.n_tput, pid=proc.pid)
 
 
-def baseline_row(src: Path) -> Row:
-    return Row(
-        "agent, baseline",
-        lambda port, host: agent_process(port, host, src=src, journal=True),
-        (*QOS1, "agent"),
+def baseline_rows(src: Path) -> tuple[Row, ...]:
+    return (
+        Row(
+            "agent, baseline",
+            lambda port, host: agent_process(port, host, src=src, journal=True),
+            (*QOS1, "agent"),
+        ),
+        Row(
+            "journal off, baseline",
+            lambda port, host: agent_process(port, host, src=src, journal=False),
+            (*QOS1, "agent, journal off"),
+        ),
     )
 
 
 def select_rows(only: list[str] | None, baseline: Path | None) -> tuple[Row, ...]:
     """The rows to run: all (with the baseline's, if given), or only those named and the
     rows they are compared with, in the table's order."""
-    rows = ROWS + ((baseline_row(baseline),) if baseline is not None else ())
+    rows = ROWS + (baseline_rows(baseline) if baseline is not None else ())
     if not only:
         return rows
     wanted = set(only)
