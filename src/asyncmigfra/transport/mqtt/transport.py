@@ -29,7 +29,7 @@ from asyncmigfra.transport.mqtt.plumbing import (
     close_orphaned_sockets,
     honour_cancel,
     map_mqtt_errors,
-    write_at_once,
+    write_directly,
 )
 from asyncmigfra.transport.mqtt.takeover import (
     ClientIdInUse,
@@ -148,7 +148,7 @@ class MqttTransport:
         attempt = 0
         s = self._settings
         client = self._make_client()
-        write_at_once(client)
+        write_directly(client)
         self._client = client
         loop = asyncio.get_running_loop()
         suspect_within = suspect_takeover_within(s)
