@@ -41,6 +41,10 @@ from asyncmigfra.transport.mqtt.takeover import (
 log = structlog.stdlib.get_logger("asyncmigfra.mqtt")
 
 MQTT_ERR_NO_CONN = MQTTErrorCode.MQTT_ERR_NO_CONN
+#: The queue of an extra subscription: (topic, payload) of each message.
+_ExtraQueue = asyncio.Queue[tuple[str, bytes]]
+#: Topics whose routes are remembered at most (then forgotten all at once).
+_MAX_ROUTES = 1024
 
 
 def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -79,7 +83,9 @@ class MqttTransport:
         self._connected = asyncio.Event()
         self._subscribed = False
         #: Extra subscriptions (hooks): [topic filter, QoS, queue of (topic, payload)].
-        self._extra: list[tuple[str, int, asyncio.Queue[tuple[str, bytes]]]] = []
+        self._extra: list[tuple[str, int, _ExtraQueue]] = []
+        #: topic -> where its messages go (``_route``), while ``_extra`` stays as it is.
+        self._routes: dict[str, tuple[list[_ExtraQueue], bool]] = {}
         self.connects = 0
         #: Session takeovers seen (all of them, not only those within the window).
         self.takeovers = 0
@@ -177,11 +183,12 @@ class MqttTransport:
                     if self._on_connected is not None:
                         await self._on_connected()
                     async for message in client.messages:
-                        if self._route_extra(message):
-                            continue
-                        if any(message.topic.matches(t) for t, _ in self._subscriptions):
+                        queues, task = self._route(message.topic)
+                        if queues:
+                            self._hand_to_extra(message, queues)
+                        if task:
                             handler(_incoming(message))
-                        else:
+                        elif not queues:
                             self._foreign(message.topic.value)
             except aiomqtt.MqttError as exc:
                 close_orphaned_sockets(exc)
@@ -252,19 +259,25 @@ class MqttTransport:
                 "subscriptions: give every agent its own communicator.id",
             )
 
-    def _route_extra(self, message: aiomqtt.Message) -> bool:
-        """Hand ``message`` to every extra subscription it matches (not to the task handler,
-        unless it also matches a task subscription)."""
-        if not self._extra:
-            return False
-        matched = False
-        for topic, _, queue in self._extra:
-            if message.topic.matches(topic):
-                queue.put_nowait((message.topic.value, bytes(message.payload)))
-                matched = True
-        if matched and any(message.topic.matches(t) for t, _ in self._subscriptions):
-            return False
-        return matched
+    def _route(self, topic: aiomqtt.Topic) -> tuple[list[_ExtraQueue], bool]:
+        """Where a message on ``topic`` goes: the queues of the extra subscriptions it
+        matches, and whether it matches a task subscription (the handler's, also when it
+        matches an extra one too). Remembered per topic (every task comes on the same one)
+        until the extra subscriptions change; bounded."""
+        route = self._routes.get(topic.value)
+        if route is None:
+            queues = [queue for t, _, queue in self._extra if topic.matches(t)]
+            route = (queues, any(topic.matches(t) for t, _ in self._subscriptions))
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[topic.value] = route
+        return route
+
+    @staticmethod
+    def _hand_to_extra(message: aiomqtt.Message, queues: list[_ExtraQueue]) -> None:
+        item = (message.topic.value, bytes(message.payload))
+        for queue in queues:
+            queue.put_nowait(item)
 
     @asynccontextmanager
     async def subscription(
@@ -279,6 +292,7 @@ class MqttTransport:
         queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         entry = (topic, qos, queue)
         self._extra.append(entry)
+        self._routes.clear()
         try:
             await self._connected.wait()
             client = self._client
@@ -288,6 +302,7 @@ class MqttTransport:
             yield queue
         finally:
             self._extra.remove(entry)
+            self._routes.clear()
             if all(t != topic for t, _, _ in self._extra):
                 await self._unsubscribe_quietly(topic)
 
