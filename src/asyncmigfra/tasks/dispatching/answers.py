@@ -185,11 +185,12 @@ class _Answers(_DispatcherBase):
             try:
                 async with asyncio.timeout(HISTORY_DEADLINE):
                     items = await asyncio.shield(journal.history(query))
-                # Built and rendered off the loop, within limits.max-message-size (what
-                # operations.md §2 has the broker allow); the loop only hands it over.
+                # Built and rendered off the loop, in the answers' one thread, within
+                # limits.max-message-size (what operations.md §2 has the broker allow); the
+                # loop only hands the bytes over.
                 limit = self._settings.limits.max_message_size
                 answer, rendered = await run_blocking(
-                    None, _history_answer, msg, header, items, limit
+                    self._answer_thread, _history_answer, msg, header, items, limit
                 )
             except TimeoutError:
                 why = f"the journal did not answer within {HISTORY_DEADLINE:g} s"
