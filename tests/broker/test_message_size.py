@@ -99,7 +99,7 @@ async def test_a_result_too_large_is_answered_with_a_code(limited_mosquitto, pro
         running_agent(settings),
     ):
         task_id = f"big-{uuid.uuid4().hex[:8]}"
-        await sched.publish(f"id: {task_id}\n{body}")
+        logs = await _logged_while(sched, task_id, body)
         result = await sched.result_for(task_id, timeout=10)
         assert result["result"] == "vm stopped"
         *kept, last = result["list"]
@@ -112,7 +112,20 @@ async def test_a_result_too_large_is_answered_with_a_code(limited_mosquitto, pro
         assert last["code"] == "not-supported"
         assert f"{len(names) - len(kept)} of {len(names)} entries" in last["details"]
         assert max(len(raw) for raw in sched.raw_results) <= LIMIT
+        # Said once, in the agent's log.
+        (said,) = [e for e in logs if e["event"] == "result.too_large"]
+        assert (said["task_id"], said["limit"], said["left_out"]) == (
+            task_id, LIMIT, len(names) - len(kept),
+        )  # fmt: skip
         await _still_serving(sched)
+
+
+async def _logged_while(sched: Scheduler, task_id: str, body: str) -> list[dict[str, Any]]:
+    """The agent's log lines from sending the task until its result arrived."""
+    with capture_logs() as logs:
+        await sched.publish(f"id: {task_id}\n{body}")
+        await sched.result_for(task_id, timeout=10)
+    return logs
 
 
 async def test_no_message_over_the_limit_reaches_the_session(limited_mosquitto):
