@@ -54,7 +54,12 @@ from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.transport.publishing import EventPublisher, Publisher
 from asyncmigfra.wire.events import Events
 from asyncmigfra.wire.parsing import parse_task
-from asyncmigfra.wire.rendering import render_event, render_result
+from asyncmigfra.wire.rendering import (
+    QUERY_RESULTS,
+    BoundedResult,
+    render_bounded_result,
+    render_event,
+)
 
 __all__ = ["Agent", "build_hypervisor"]
 
@@ -159,6 +164,8 @@ class Agent:
             subscriptions=[(mqtt.task_topic, 2)],
             will=Outgoing(mqtt.status_topic, self._status_payload("offline"), qos=1, retain=True),
             on_connected=self._on_connected,
+            # What operations.md §2 has the broker let through (its message_size_limit).
+            max_payload=settings.limits.max_message_size,
         )
         self.publisher = Publisher(self.transport)
         #: ``metrics.listen``: what the agent publishes also feeds its Prometheus series
@@ -357,11 +364,34 @@ class Agent:
         log.debug("task.received", task_id=parsed.id, task=parsed.kind.value)
         self.dispatcher.submit(parsed, payload=message.payload, reply=reply)
 
-    def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
+    def _deliver(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None:
+        """Publish ``result`` (journaled under ``key``), within ``limits.max-message-size``:
+        the one place where results become bytes (or were made so in a thread: ``rendered``)."""
         history = None
         if key is not None and self.journal is not None and self.journal.keeps_history:
             history = history_rows(key, result, time.time())
-        self._publish_result(render_result(result), reply, key, history)
+        if rendered is None:
+            rendered = render_bounded_result(result, self.settings.limits.max_message_size)
+        if rendered.left_out:
+            # Said once per result: the bounded one is published like any other.
+            (log.info if result.result in QUERY_RESULTS else log.warning)(
+                "result.too_large",
+                task_id=result.id,
+                result=result.result,
+                size=rendered.size,
+                limit=self.settings.limits.max_message_size,
+                entries=len(result.entries),
+                left_out=rendered.left_out,
+            )
+        self._publish_result(rendered.payload, reply, key, history)
         if self.metrics is not None:
             self.metrics.feed.observe_result(result)
 

@@ -32,6 +32,7 @@ from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.wire.events import Events
 from asyncmigfra.wire.parsing import parse_task
+from asyncmigfra.wire.rendering import BoundedResult
 
 MIB = 1024 * 1024
 WAIT = 30.0
@@ -44,7 +45,15 @@ class Recorder:
         self.hooks: list[Callable[[Mapping[str, object]], None]] = []
         self._changed = asyncio.Event()
 
-    def deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
+    def deliver(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None:
         self.results.append(result)
         self._changed.set()
 
