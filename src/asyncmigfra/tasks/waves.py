@@ -74,6 +74,7 @@ from asyncmigfra.migration.prediction import (
     PredictionInputs,
     RunMode,
     RunPrediction,
+    cautious,
     predict,
     predict_run,
     smallest_link_share,
@@ -361,7 +362,7 @@ class _Need:
 def _need(vm: WaveVm, links: _Links) -> _Need | Unschedulable:
     alone = min(vm.inputs.link_rate, links.out, links.into.get(vm.destination, math.inf))
     inputs = replace(vm.inputs, link_rate=alone)
-    if predict_run(inputs, "live").converges:
+    if predict_run(cautious(inputs), "live").converges:  # judged at the dirty rate's bound
         share = smallest_link_share(inputs)
         assert share is not None
         return _Need(vm=vm, alone=alone, needed=share * alone, mode="live")
