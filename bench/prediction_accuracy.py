@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import statistics
 import sys
@@ -276,6 +277,8 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
                 f"{c.speed:g}",
                 fmt(_mib(p.get("transfer-rate")), 1),
                 fmt(_mib(p.get("dirty-rate")), 1),
+                fmt(_bound(p), 1),
+                fmt(_pages(p), 0),
                 fmt(_mib(p.get("memory")), 1),
                 fmt(_mib(p.get("disk")), 0),
                 "yes" if c.predicted_converges else "no",
@@ -298,6 +301,8 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
             "link MiB/s",
             "learned MiB/s",
             "dirty MiB/s",
+            "bound MiB/s",
+            "pages",
             "memory MiB",
             "disk MiB",
             "predicted conv.",
@@ -322,8 +327,11 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
         f" predicted to: {median} (target <= 20 %)\n"
         f"verdict right in {right} of {len(judged)} cases (target: all)\n"
         "learned = the link rate the agent's plan used (learned from the learning migration);\n"
-        "dirty = the agent's page-sampling probe (1 s); memory = what the plan says the first\n"
-        "pass sends; actual s = the result's time-measurement 'migrate' (job start to end).\n"
+        "dirty = the agent's page-sampling estimate (1 s probes, pooled while the estimate and\n"
+        "its bound lead to different verdicts); bound = its 95 % upper confidence bound, at\n"
+        "which the verdict is judged; pages = guest pages sampled (said only when it converges);\n"
+        "memory = what the first pass sends (plan); actual s = the result's time-measurement\n"
+        "'migrate' (job start to end).\n"
         "error = (predicted - actual) / actual. fixed s = actual - predicted + the model's\n"
         "fixed costs: what the run cost beyond the model's transfer time."
     )
@@ -342,6 +350,18 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
         blockers = c.plan.get("blockers") or []
         if c.error or (c.predicted_converges is False and blockers):
             print(f"  {c.kind} @ {c.speed:g}: {c.error or blockers[0]}")
+
+
+def _bound(plan: dict[str, Any]) -> float | None:
+    """The dirty rate's upper bound (MiB/s) the plan's text names (no wire key has it)."""
+    text = str(plan.get("details") or "")
+    found = re.search(r"at most ([0-9.]+) MiB/s|upper confidence bound, ([0-9.]+) MiB/s", text)
+    return float(found.group(1) or found.group(2)) if found else None
+
+
+def _pages(plan: dict[str, Any]) -> float | None:
+    found = re.search(r"sampled from ([0-9]+) pages", str(plan.get("details") or ""))
+    return float(found.group(1)) if found else None
 
 
 def _mib(value: object) -> float | None:
