@@ -101,7 +101,7 @@ class Plan:
             kinds=KINDS,
             timeout=args.timeout or (15.0 if quick else 25.0),
             evac_speed=args.evac_speed,
-            evac_rounds=1 if quick else 2,
+            evac_rounds=args.evac_rounds or (1 if quick else 2),
             learning_runs=1 if quick else 2,
             only=frozenset(args.only or ("accuracy", "evacuation")),
         )
@@ -518,6 +518,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=0.0, help="completion timeout, s")
     p.add_argument("--evac-speed", type=float, default=32.0, help="evacuation link, MiB/s")
     p.add_argument("--only", nargs="+", choices=("accuracy", "evacuation"))
+    p.add_argument(
+        "--evac-rounds", type=int, default=0, help="evacuation rounds (each policy once a round)"
+    )
 
 
 def main() -> None:
