@@ -382,6 +382,8 @@ class EvacRun:
     entries: list[dict[str, Any]] = field(default_factory=list)
     plan_events: int = 0
     first_plan: dict[str, Any] = field(default_factory=dict)
+    #: Per VM: (s from the task's publication, what happened), in order.
+    trace: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
 
 
 async def evacuation_run(
@@ -403,6 +405,7 @@ async def evacuation_run(
         t0 = time.perf_counter()
         reply = await to_a.call(body, 900)
         run.seconds = time.perf_counter() - t0
+        run.trace = evac_trace(to_a, reply.id, t0)
         run.entries = list(reply.doc.get("list") or [])
         run.failures = sum(e.get("status") != "success" for e in run.entries)
         plans = to_a.events_for(reply.id, "plan")
@@ -413,6 +416,27 @@ async def evacuation_run(
         for kind, name in zip(EVAC_KINDS, names, strict=True):
             await remove_guest(conns, rig, kind, name)
     return run
+
+
+def evac_trace(to_a: Sched, tid: str, t0: float) -> dict[str, list[tuple[float, str]]]:
+    """Per VM kind+name: when each phase began and when it was done (event arrival times)."""
+    out: dict[str, list[tuple[float, str]]] = {}
+    for t, e in to_a.timed_events_for(tid):
+        vm = e.get("vm-name")
+        what = e.get("event")
+        if what == "phase":
+            label = str(e.get("phase"))
+        elif what == "done":
+            label = f"done ({e.get('status')}, predicted {e.get('predicted-duration', '-')} s)"
+        elif what == "progress" and e.get("action"):
+            label = f"action {e.get('action')}"
+        else:
+            continue
+        if vm is not None:
+            steps = out.setdefault(str(vm), [])
+            if not steps or steps[-1][1] != label:
+                steps.append((t - t0, label))
+    return out
 
 
 def kind_of(e: dict[str, Any]) -> str:
@@ -460,8 +484,15 @@ async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: P
                 for w in run.first_plan["waves"]
             )
             print(f"  planned waves: {waves}; makespan {run.first_plan.get('makespan')} s")
+    for run in runs:
+        print(f"  trace of {run.policy} ({run.seconds:.1f} s):")
+        for vm, steps in sorted(run.trace.items(), key=lambda kv: kv[1][0][0] if kv[1] else 0):
+            line = ", ".join(f"{t:.1f} {label}" for t, label in steps)
+            print(f"    {kind_of({'vm-name': vm}):8} {line}")
     for policy in ("predicted", "fixed"):
         mine = [r.seconds for r in runs if r.policy == policy]
+        failed = sum(r.failures for r in runs if r.policy == policy)
+        print(f"  {policy}: failed migrations {failed} over {len(mine)} runs")
         print(f"  {policy}: makespan median {statistics.median(mine):.1f} s over {len(mine)}")
     note(
         f"link: {qdisc}; learning migration: {learned}.\n"

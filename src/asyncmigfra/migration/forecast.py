@@ -321,11 +321,13 @@ class Forecaster:
         request = plan.request
         mode = "auto" if plan.auto else request.mode
         memory = plan.memory if memory is None else memory
+        guest_memory = max(0, memory)
         if mode != "offline":
             memory = await self.memory_to_send(hypervisor, request.vm_name, memory)
         link, link_source = self.link_rate(request.destination, request.bandwidth)
         template = PredictionInputs(
             memory=max(0, memory),
+            guest_memory=guest_memory,
             link_rate=link,
             completion_timeout=plan.completion_timeout,
             disk_bytes=max(0, disk),

@@ -101,6 +101,11 @@ class PredictionInputs:
     #: Guest memory to send (what the first pass sends: the guest's memory less the pages
     #: known to be zero, which QEMU sends as a flag).
     memory: int
+    #: Bytes of guest RAM the hypervisor walks in the first pass (``memory`` plus the zero
+    #: pages it sends as flags): what the engine's policy sees left when pass 1 starts, so
+    #: pass 2, however much it sends, is no stall (QEMU counts every page dirty at the
+    #: start). ``None``: ``memory``.
+    guest_memory: int | None = None
     #: What the link gives this migration (for n migrations sharing a link: its share).
     link_rate: float
     #: s from the start of the job (the engine's ``completion-timeout``).
@@ -156,6 +161,8 @@ class PredictionInputs:
         bound = self.dirty_rate_bound
         if bound is not None and not (math.isfinite(bound) and bound >= 0):
             raise ValueError(f"dirty_rate_bound must be a finite number >= 0, got {bound!r}")
+        if self.guest_memory is not None and self.guest_memory < 0:
+            raise ValueError(f"guest_memory must be >= 0, got {self.guest_memory!r}")
         if self.dirty_working_set is not None and self.dirty_working_set < 0:
             raise ValueError(f"dirty_working_set must be >= 0, got {self.dirty_working_set!r}")
 

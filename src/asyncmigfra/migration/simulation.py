@@ -188,6 +188,8 @@ class _Run:
         timeout = inputs.completion_timeout
         amount = inputs.memory
         processed = 0
+        #: What the engine sees left when pass 1 starts: all guest RAM, zero pages too.
+        walked = max(amount, inputs.guest_memory or 0)
         expected: float | None = None
         self.throttle.period_start = t
         for number in range(1, MAX_PASSES + 1):
@@ -197,10 +199,10 @@ class _Run:
                     phase="migrating",
                     iteration=number,
                     elapsed=t,
-                    memory_total=inputs.memory,
+                    memory_total=walked,
                     memory_processed=processed,
-                    memory_remaining=amount,
-                    data_remaining=amount,
+                    memory_remaining=walked if number == 1 else amount,
+                    data_remaining=walked if number == 1 else amount,
                     dirty_rate=int(rate),
                     transfer_rate=int(self.memory_link),
                     expected_downtime=expected,

@@ -375,6 +375,7 @@ class _Predicted(_DispatcherBase):
         live = _live(mplan) and dirty is not None and dirty.rate is not None
         inputs = PredictionInputs(
             memory=memory,
+            guest_memory=mplan.memory or None,
             link_rate=stream,
             completion_timeout=mplan.completion_timeout,
             dirty_rate=max(0.0, dirty.rate or 0.0) if live and dirty is not None else 0.0,
