@@ -40,6 +40,7 @@ from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
 from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import ResultMessage, TaskMessage
+from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
@@ -197,6 +198,13 @@ class Agent:
             hostname=settings.hostname,
             task_topic=settings.mqtt.task_topic,
             keeper=self.dispatcher,
+        )
+        #: Shares of this host's inbound NIC reserved by other agents' evacuations.
+        self.inbound = InboundServer(
+            bus=self.transport,
+            hostname=settings.hostname,
+            task_topic=settings.mqtt.task_topic,
+            hypervisor=self.hypervisor,
         )
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         #: Bytes of the payloads in ``_intake`` (bounded by ``limits.max-intake-bytes``).
@@ -464,6 +472,7 @@ class Agent:
                     else None
                 )
                 lanes = tg.create_task(self.lanes.serve(), name="asyncmigfra.lanes")
+                inbound = tg.create_task(self.inbound.serve(), name="asyncmigfra.inbound")
                 sampler = (
                     tg.create_task(self.metrics.run(self._vitals), name="asyncmigfra.metrics")
                     if self.metrics is not None
@@ -481,6 +490,7 @@ class Agent:
                 if serving is not None:
                     serving.cancel()
                 lanes.cancel()
+                inbound.cancel()
                 if sampler is not None:
                     sampler.cancel()
                 await asyncio.wait({intake})

@@ -10,6 +10,8 @@ scheduler), as ``kubectl logs -f`` or ``virsh domjobinfo`` in a loop would, but 
    a migration's bar (:class:`~asyncmigfra.console.follow.MigrationView`), an evacuation's
    bars (:class:`~asyncmigfra.console.evacuation.EvacuationView`), or for any other task one
    line per VM with its phase (:class:`TaskView`), until its result; then its summary.
+   Only what that host publishes counts: a task id is unique per agent, and another agent
+   (or anyone who may publish on its topics) can use the same id on its own topics.
 
 Ctrl-C is that of ``migrate --follow``: it asks whether to cancel the task, and leaves it
 running unless the answer is ``y`` (a second Ctrl-C at the prompt, or Ctrl-C without a
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
 __all__ = ["TaskView", "follow"]
+
+#: s: the most ``elapsed`` of a ``status`` answer taken for the time a task has run.
+_MOST_ELAPSED = 366 * 86400.0
 
 
 @dataclass
@@ -113,7 +118,9 @@ def _view(host: str, task_id: str, items: Sequence[Mapping[str, Any]]) -> Follow
     """The view for the task's subtasks as ``status`` lists them on ``host``."""
     first = items[0]
     task = str(first.get("task", "?"))
+    # (A forged answer's ``elapsed`` is any number: kept between 0 and a year.)
     elapsed = max((number(i.get("elapsed")) or 0.0 for i in items), default=0.0)
+    elapsed = min(max(elapsed, 0.0), _MOST_ELAPSED)
     started = time.monotonic() - elapsed
     if task == "migrate vm":
         swap = first.get("swap-with")
@@ -175,9 +182,6 @@ async def follow(
         deadline = loop.time() + ASK_TIMEOUT
         statuses = await ask_agents(session, hosts, deadline, others=seen)
         ours = [m for m in seen if m.id == task_id]
-        finished = [m for m in ours if m.kind == "result"]
-        if finished:
-            return _show_result(out, finished[0])
         where = {h: found for h, doc in statuses.items() if (found := _running(doc, task_id))}
         if len(where) > 1:
             raise CliError(
@@ -186,10 +190,16 @@ async def follow(
                 " say which: follow ID HOST",
             )
         if not where:
+            # Finished while the agents were asked: its result, if one host sent one (a task
+            # id is unique per agent only: results from several go to the history's list).
+            finished = {m.host: m for m in ours if m.kind == "result"}
+            if len(finished) == 1:
+                return _show_result(out, *finished.values())
             return await _finished(session, out, task_id, hosts, statuses)
         ((source, items),) = where.items()
         for item in ours:
-            session.push_back(item)  # (events that came while the agents answered)
+            if item.host == source:
+                session.push_back(item)  # (what it published while the agents answered)
         view = _view(source, task_id, items)
         out.note(
             f"following task {task_id} on {source}; Ctrl-C leaves (it asks before cancelling);"

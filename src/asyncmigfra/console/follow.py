@@ -1,7 +1,8 @@
 """``migrate --follow``: a live view of one migration, Ctrl-C to cancel it, and a summary.
 
 The view is built only from what the source agent publishes for the task's id (protocol
-§5.5): ``progress`` events carry percent, remaining data, rates, pass number, the downtime
+§5.5; what other agents publish on their own topics under the same id is not about this
+task): ``progress`` events carry percent, remaining data, rates, pass number, the downtime
 estimate and target, and an ``action`` when the agent changed something (raised the
 downtime target, switched to post-copy, suspended the guest). The summary adds the result's
 ``time-measurement`` (``downtime`` is the hypervisor's measured downtime, in seconds) and
@@ -478,6 +479,8 @@ async def follow_migration(
     host = view.source
 
     def on_item(item: Message) -> None:
+        if item.host != host:
+            return  # another agent's (a task id is unique per agent, not in the fleet)
         if item.kind == "event" and item.id == view.task_id:
             view.feed(item.doc)
             display.event(item.doc)
@@ -517,7 +520,7 @@ def _news(item: Message, view: FollowedView) -> bool:
     """What ends the Ctrl-C prompt: the task's (or the cancel's) result, or its agent going
     away; not its events, nor what other tasks and agents publish."""
     if item.kind == "result":
-        return item.id in {view.task_id, view.cancel_id}
+        return item.host == view.source and item.id in {view.task_id, view.cancel_id}
     if item.kind == "status":
         return item.host == view.source and not item.retained and item.doc.get("state") != "online"
     return False

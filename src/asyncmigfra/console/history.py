@@ -7,7 +7,9 @@ surviving agent restarts because each agent keeps it in its journal.
 
 ``--since`` takes an ISO 8601 time (``2026-12-07T10:00Z``, a date is midnight UTC) or an
 age (``90s``, ``30m``, ``12h``, ``7d``: that long ago); the agent gets it as ISO 8601 UTC.
-``--limit`` (1 to 1000, default 100) bounds what each agent sends and what is shown.
+``--limit`` (1 to 1000, default 100) bounds what each agent sends and what is shown; an
+agent whose answer would be larger than its ``limits.max-message-size`` sends fewer, says
+so (``more: true``), and the command notes it on stderr.
 
 Shown as a table (rich at a terminal, aligned columns in a pipe: every cell escaped by
 :class:`~asyncmigfra.console.output.Out`), or with ``--json`` one JSON line per entry with
@@ -131,6 +133,11 @@ async def history(
         for error in errors:
             out.note(f"{name}: {error}")
             failed = True
+        if doc.get("more") is True:
+            out.note(
+                f"{name}: sent its newest {len(items)} entries, all that fit in one answer;"
+                " narrow the query with --vm or --since for older ones"
+            )
         rows.extend((name, item) for item in items)
     rows.sort(key=lambda row: str(row[1].get("started", "")), reverse=True)
     rows = rows[: count or HISTORY_LIMIT_DEFAULT]

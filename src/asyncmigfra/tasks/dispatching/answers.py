@@ -31,11 +31,14 @@ from asyncmigfra.tasks.history import HistoryItem, HistoryQuery
 from asyncmigfra.tasks.journal import journal_state
 from asyncmigfra.tasks.outcomes import entry_for
 from asyncmigfra.values import iso_instant
+from asyncmigfra.wire.rendering import render_result
 
 #: ``history`` tasks read at once at most; more are answered ``busy``.
 MAX_HISTORY_READS: Final = 8
 #: s a history read may take before it is answered ``unavailable`` (a hung disk).
 HISTORY_DEADLINE: Final = 10.0
+#: Bytes of a ``history`` answer kept for its header, id and framing besides its entries.
+HISTORY_HEADER_ROOM: Final = 2048
 
 
 def _history_entry(item: HistoryItem) -> ResultEntry:
@@ -56,6 +59,21 @@ def _history_entry(item: HistoryItem) -> ResultEntry:
     return ResultEntry(
         vm_name=item.vm_name, status=status, details=item.details, code=item.code, extra=extra
     )
+
+
+def _bounded_history(items: list[HistoryItem], budget: int) -> tuple[list[ResultEntry], bool]:
+    """The entries of ``items`` (newest first) whose rendered YAML fits in ``budget`` bytes,
+    and whether some were left out. Renders each entry (tens of microseconds): run in a
+    worker thread, not on the loop."""
+    entries: list[ResultEntry] = []
+    used = HISTORY_HEADER_ROOM
+    for item in items:
+        entry = _history_entry(item)
+        used += len(render_result(ResultMessage(result="history", entries=[entry])))
+        if used > budget:
+            return entries, True
+        entries.append(entry)
+    return entries, False
 
 
 class _Answers(_DispatcherBase):
@@ -147,6 +165,7 @@ class _Answers(_DispatcherBase):
         assert isinstance(spec, HistorySpec)
         journal = self._journal
         entries: list[ResultEntry]
+        more = False
         if journal is None or not journal.keeps_history:
             why = (
                 "its journal is off (agent.state-dir: none)"
@@ -163,7 +182,10 @@ class _Answers(_DispatcherBase):
             try:
                 async with asyncio.timeout(HISTORY_DEADLINE):
                     items = await asyncio.shield(journal.history(query))
-                entries = [_history_entry(item) for item in items]
+                # At most limits.max-message-size bytes (what operations.md §2 has the broker
+                # allow: a broker drops a larger message, or disconnects the agent for it).
+                budget = self._settings.limits.max_message_size
+                entries, more = await asyncio.to_thread(_bounded_history, items, budget)
             except TimeoutError:
                 why = f"the journal did not answer within {HISTORY_DEADLINE:g} s"
                 entries = [entry_for("n/a", Unavailable(f"the history cannot be read: {why}"))]
@@ -176,6 +198,8 @@ class _Answers(_DispatcherBase):
             "host": self._settings.hostname,
             "journal": journal_state(journal),
         }
+        if more:
+            header["more"] = True
         result = ResultMessage(
             result=TaskKind.HISTORY.result_name,
             entries=entries,
