@@ -419,8 +419,10 @@ async def evacuation_run(
 
 
 def evac_trace(to_a: Sched, tid: str, t0: float) -> dict[str, list[tuple[float, str]]]:
-    """Per VM kind+name: when each phase began and when it was done (event arrival times)."""
+    """Per VM kind+name: when each phase began and when it was done (event arrival times),
+    and the transfer rate its progress events showed in each second (MiB/s, median)."""
     out: dict[str, list[tuple[float, str]]] = {}
+    rates: dict[str, dict[int, list[float]]] = {}
     for t, e in to_a.timed_events_for(tid):
         vm = e.get("vm-name")
         what = e.get("event")
@@ -430,12 +432,19 @@ def evac_trace(to_a: Sched, tid: str, t0: float) -> dict[str, list[tuple[float, 
             label = f"done ({e.get('status')}, predicted {e.get('predicted-duration', '-')} s)"
         elif what == "progress" and e.get("action"):
             label = f"action {e.get('action')}"
+        elif what == "progress" and vm is not None and e.get("transfer-rate") is not None:
+            second = rates.setdefault(str(vm), {}).setdefault(int(t - t0), [])
+            second.append(float(e["transfer-rate"]) / MIB)
+            continue
         else:
             continue
         if vm is not None:
             steps = out.setdefault(str(vm), [])
-            if not steps or steps[-1][1] != label:
+            if not steps or steps[-1][1] != label or label.startswith("action tuned"):
                 steps.append((t - t0, label))
+    for vm, seconds in rates.items():
+        shown = " ".join(f"{s}:{statistics.median(r):.0f}" for s, r in sorted(seconds.items()))
+        out.setdefault(vm, []).append((0.0, f"MiB/s by second [{shown}]"))
     return out
 
 
@@ -486,6 +495,10 @@ async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: P
             print(f"  planned waves: {waves}; makespan {run.first_plan.get('makespan')} s")
     for run in runs:
         print(f"  trace of {run.policy} ({run.seconds:.1f} s):")
+        for e in run.entries:
+            tm = e.get("time-measurement") or {}
+            shown = ", ".join(f"{k} {float(v):.2f}" for k, v in tm.items())
+            print(f"    {kind_of(e):8} time-measurement: {shown}")
         for vm, steps in sorted(run.trace.items(), key=lambda kv: kv[1][0][0] if kv[1] else 0):
             line = ", ".join(f"{t:.1f} {label}" for t, label in steps)
             print(f"    {kind_of({'vm-name': vm}):8} {line}")
