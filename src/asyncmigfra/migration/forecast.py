@@ -7,8 +7,9 @@
   (:meth:`Forecaster.memory_to_send`: the guest's current memory, at most what its QEMU
   keeps resident less the overhead learned from earlier migrations), the disk bytes a
   storage copy moves (the pre-check's ``DiskCopy`` sizes), the guest's dirty rate
-  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period),
-  the link rate to the destination (learned,
+  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period
+  and a page sample's upper bound, probed again while estimate and bound disagree on the
+  verdict), the link rate to the destination (learned,
   :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config ``migration.link-rate``;
   never above the migration's ``bandwidth`` cap), and the downtime target and completion
   timeout of the resolved plan. Nothing of the VM changes;

@@ -35,7 +35,9 @@ What is modelled (times in seconds from the start of the job, sizes in bytes):
   (``plan._downtime_schedule``, ``plan.DOWNTIME_STEPS`` steps from a tenth of it), one step
   up per stalled pass, decided at a pass's start and compared at its end, exactly as
   :class:`ConvergencePolicy` decides it (a stall: what is left when a pass starts is at least
-  90 % of what was left when the previous one started). Unset: QEMU's default
+  90 % of what was left when the previous one started; when pass 1 starts the engine sees
+  all of ``guest_memory`` left, zero pages too, as QEMU counts them, so pass 2 is never a
+  stall). Unset: QEMU's default
   (:data:`HYPERVISOR_DEFAULT_DOWNTIME`, 300 ms), never changed.
 * **Post-copy** (``mode="post-copy"``): the policy switches at the start of a pass (two more
   stalls at the largest target, or at once on a stalled pass whose guest dirties at least
