@@ -240,14 +240,15 @@ def _at_point(verdict: Verdict, run: RunPrediction) -> Verdict:
 def _bounded(
     blockers: tuple[str, ...], inputs: PredictionInputs, judged: PredictionInputs
 ) -> tuple[str, ...]:
-    """``blockers`` (of a run at ``judged``) saying that the rate in them is a bound."""
+    """``blockers`` (of a run at ``judged``) saying that the rate in them is a bound (on the
+    first: a note, not a blocker of its own)."""
     if judged is inputs or not blockers:
         return blockers
     said = (
-        f"judged at the dirty rate's upper confidence bound, {rate_text(judged.dirty_rate)}"
-        f" (the sample's estimate: {rate_text(inputs.dirty_rate)})"
+        f" (judged at the dirty rate's upper confidence bound, {rate_text(judged.dirty_rate)};"
+        f" the sample's estimate: {rate_text(inputs.dirty_rate)})"
     )
-    return (*blockers, said)
+    return (blockers[0] + said, *blockers[1:])
 
 
 def _choose(inputs: PredictionInputs) -> Verdict:
