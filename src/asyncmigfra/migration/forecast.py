@@ -7,8 +7,9 @@
   (:meth:`Forecaster.memory_to_send`: the guest's current memory, at most what its QEMU
   keeps resident less the overhead learned from earlier migrations), the disk bytes a
   storage copy moves (the pre-check's ``DiskCopy`` sizes), the guest's dirty rate
-  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period),
-  the link rate to the destination (learned,
+  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period
+  and a page sample's upper bound, probed again while estimate and bound disagree on the
+  verdict), the link rate to the destination (learned,
   :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config ``migration.link-rate``;
   never above the migration's ``bandwidth`` cap), and the downtime target and completion
   timeout of the resolved plan. Nothing of the VM changes;
@@ -33,7 +34,6 @@ guest paused (downtime = the whole copy), ``offline`` as the setup alone.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -48,22 +48,21 @@ from asyncmigfra.hypervisor.base import (
     DomainState,
     Hypervisor,
     JobStats,
-    KnowsMigrationCosts,
     KnowsResidentMemory,
     MigrationResult,
 )
 from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
+from asyncmigfra.migration.dirtysample import CONFIDENCE
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
-    MigrationCosts,
     PredictionInputs,
-    RunPrediction,
     TimeoutAction,
     Verdict,
     predict,
-    predict_run,
+    predict_as,
 )
+from asyncmigfra.migration.prediction_inputs import costs_of
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.hostpolicy import HostPolicy
@@ -323,18 +322,15 @@ class Forecaster:
         request = plan.request
         mode = "auto" if plan.auto else request.mode
         memory = plan.memory if memory is None else memory
+        guest_memory = max(0, memory)
         if mode != "offline":
             memory = await self.memory_to_send(hypervisor, request.vm_name, memory)
         link, link_source = self.link_rate(request.destination, request.bandwidth)
-        dirty = DirtyRate(None, "unknown")
-        if mode in ("live", "post-copy", "auto"):
-            dirty = await self.dirty_rates.rate(hypervisor, request.vm_name, measure=measure)
-        inputs = PredictionInputs(
+        template = PredictionInputs(
             memory=max(0, memory),
+            guest_memory=guest_memory,
             link_rate=link,
             completion_timeout=plan.completion_timeout,
-            dirty_rate=dirty.rate or 0.0,
-            dirty_period=dirty.period,
             disk_bytes=max(0, disk),
             max_downtime=plan.max_downtime,
             post_copy_allowed=(
@@ -343,6 +339,26 @@ class Forecaster:
             auto_converge=request.auto_converge,
             costs=costs_of(hypervisor),
         )
+        action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
+
+        def judge(dirty: DirtyRate) -> Verdict:
+            inputs = _at(template, dirty)
+            if mode == "auto":
+                return predict(inputs)
+            return predict_as(
+                inputs, "live" if mode == "live" else "post-copy", timeout_action=action
+            )
+
+        def settled(dirty: DirtyRate) -> bool:
+            """Another probe cannot change the verdict: its estimate and its bound agree."""
+            return judge(replace(dirty, bound=None)).mode == judge(dirty).mode
+
+        dirty = DirtyRate(None, "unknown")
+        if mode in ("live", "post-copy", "auto"):
+            dirty = await self.dirty_rates.rate(
+                hypervisor, request.vm_name, measure=measure, settled=settled
+            )
+        inputs = _at(template, dirty)
         base = Forecast(
             vm_name=request.vm_name,
             destination=request.destination,
@@ -361,15 +377,7 @@ class Forecaster:
             return _warm(base, inputs)
         if mode == "offline":
             return replace(base, converges=True, duration=inputs.costs.setup, passes=0)
-        if mode == "auto":
-            verdict = predict(inputs)
-        else:
-            action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
-            verdict = _as_verdict(
-                predict_run(
-                    inputs, "live" if mode == "live" else "post-copy", timeout_action=action
-                )
-            )
+        verdict = judge(dirty)
         blockers = tuple(Blocker(_WILL_NOT_CONVERGE, text) for text in verdict.blockers)
         return replace(
             base,
@@ -436,6 +444,13 @@ def notes(forecast: Forecast) -> list[str]:
     out: list[str] = []
     if forecast.dirty.note:
         out.append(forecast.dirty.note)
+    dirty = forecast.dirty
+    if dirty.rate is not None and dirty.bound is not None:
+        out.append(
+            f"dirty rate sampled from {dirty.sampled} pages: {dirty.rate / _MIB:.1f} MiB/s,"
+            f" at most {dirty.bound / _MIB:.1f} MiB/s at {CONFIDENCE:.0%} confidence"
+            " (whether it converges is judged at that bound)"
+        )
     if forecast.dirty.rate is None and forecast.mode in ("live", "post-copy"):
         out.append("dirty rate unknown: predicted as an idle guest")
     if forecast.link_source == "configured":
@@ -488,20 +503,6 @@ async def predicted(
     if forecast.converges and forecast.duration is not None:
         ctx.outcome.predicted_duration = forecast.duration
     return chosen
-
-
-def costs_of(hypervisor: object) -> MigrationCosts:
-    """The fixed costs to predict ``hypervisor``'s migrations with: its own
-    (``KnowsMigrationCosts``, the fake's) over the model's defaults. Figures a back-end
-    gives that are not costs, or not finite numbers >= 0, are ignored (the default stays)."""
-    if not isinstance(hypervisor, KnowsMigrationCosts):
-        return MigrationCosts()
-    known = set(MigrationCosts.__dataclass_fields__)
-    given: dict[str, float] = {}
-    for name, value in hypervisor.migration_costs().items():
-        if name in known and 0 <= value < math.inf:  # NaN compares false: ignored too
-            given[name] = float(value)
-    return MigrationCosts(**given)
 
 
 def forecaster_of(ctx: EngineContext) -> Forecaster | None:
@@ -557,15 +558,12 @@ async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> tuple[Di
         return ()
 
 
-def _as_verdict(run: RunPrediction) -> Verdict:
-    return Verdict(
-        mode=run.mode if run.converges else None,
-        duration=run.duration,
-        downtime=run.downtime,
-        passes=len(run.passes),
-        blockers=run.blockers,
-        live=run,
-        post_copy=run if run.mode == "post-copy" else None,
+def _at(template: PredictionInputs, dirty: DirtyRate) -> PredictionInputs:
+    return replace(
+        template,
+        dirty_rate=dirty.rate or 0.0,
+        dirty_rate_bound=dirty.bound,
+        dirty_period=dirty.period,
     )
 
 
@@ -590,6 +588,8 @@ def _warm(base: Forecast, inputs: PredictionInputs) -> Forecast:
 def _numbers(forecast: Forecast) -> str:
     dirty = forecast.dirty.rate
     shown = "unknown" if dirty is None else f"{dirty / _MIB:.1f} MiB/s"
+    if dirty is not None and forecast.dirty.bound is not None:
+        shown += f" (at most {forecast.dirty.bound / _MIB:.1f})"
     return (
         f"memory {forecast.memory / _MIB:.0f} MiB, disk {forecast.disk / _MIB:.0f} MiB,"
         f" dirty rate {shown} ({forecast.dirty.source}), link"

@@ -261,9 +261,11 @@ class _Predicted(_DispatcherBase):
         live = _live(mplan) and dirty is not None and dirty.rate is not None
         inputs = PredictionInputs(
             memory=memory,
+            guest_memory=mplan.memory or None,
             link_rate=stream,
             completion_timeout=mplan.completion_timeout,
             dirty_rate=max(0.0, dirty.rate or 0.0) if live and dirty is not None else 0.0,
+            dirty_rate_bound=dirty.bound if live and dirty is not None else None,
             dirty_period=dirty.period if live and dirty is not None else 0.0,
             disk_bytes=disk if request.copy_storage != "none" else 0,
             max_downtime=mplan.max_downtime,
