@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -41,19 +42,26 @@ from asyncmigfra.hypervisor.registry import load_factory
 from asyncmigfra.logs import would_drop
 from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import ResultMessage, TaskMessage
+from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
+from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
-from asyncmigfra.tasks.linkrates import LinkRates
+from asyncmigfra.tasks.linkrates import LinkRates, ResidentOverheads
 from asyncmigfra.transport.metrics.feed import Vitals
 from asyncmigfra.transport.metrics.opening import open_metrics
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.transport.publishing import EventPublisher, Publisher
 from asyncmigfra.wire.events import Events
 from asyncmigfra.wire.parsing import parse_task
-from asyncmigfra.wire.rendering import render_event, render_result
+from asyncmigfra.wire.rendering import (
+    QUERY_RESULTS,
+    BoundedResult,
+    render_bounded_result,
+    render_event,
+)
 
 __all__ = ["Agent", "build_hypervisor"]
 
@@ -136,17 +144,31 @@ class Agent:
         self._since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         state_dir = resolve_state_dir(settings)
         self.journal = (
-            Journal(state_dir, owner=settings.hostname) if state_dir is not None else None
+            Journal(
+                state_dir,
+                owner=settings.hostname,
+                history_retention=settings.agent.history_retention,
+                history_max_entries=settings.agent.history_max_entries,
+            )
+            if state_dir is not None
+            else None
         )
         #: What this agent learned of its destinations' links (beside the journal).
         self.link_rates = LinkRates.in_state_dir(state_dir)
-        self.forecaster = Forecaster(settings=settings, link_rates=self.link_rates)
+        #: ... and of its guests' hypervisor processes (what they keep resident beyond guest
+        #: memory; migration/forecast.py).
+        self.resident_overheads = ResidentOverheads.in_state_dir(state_dir)
+        self.forecaster = Forecaster(
+            settings=settings, link_rates=self.link_rates, overheads=self.resident_overheads
+        )
         mqtt = settings.mqtt
         self.transport = MqttTransport(
             mqtt,
             subscriptions=[(mqtt.task_topic, 2)],
             will=Outgoing(mqtt.status_topic, self._status_payload("offline"), qos=1, retain=True),
             on_connected=self._on_connected,
+            # What operations.md §2 has the broker let through (its message_size_limit).
+            max_payload=settings.limits.max_message_size,
         )
         self.publisher = Publisher(self.transport)
         #: ``metrics.listen``: what the agent publishes also feeds its Prometheus series
@@ -186,6 +208,13 @@ class Agent:
             hostname=settings.hostname,
             task_topic=settings.mqtt.task_topic,
             keeper=self.dispatcher,
+        )
+        #: Shares of this host's inbound NIC reserved by other agents' evacuations.
+        self.inbound = InboundServer(
+            bus=self.transport,
+            hostname=settings.hostname,
+            task_topic=settings.mqtt.task_topic,
+            hypervisor=self.hypervisor,
         )
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         #: Bytes of the payloads in ``_intake`` (bounded by ``limits.max-intake-bytes``).
@@ -352,16 +381,49 @@ class Agent:
             log.debug("task.received", task_id=parsed.id, task=parsed.kind.value)
         self.dispatcher.submit(parsed, payload=message.payload, reply=reply)
 
-    def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
-        self._publish_result(render_result(result), reply, key)
+    def _deliver(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None:
+        """Publish ``result`` (journaled under ``key``), within ``limits.max-message-size``:
+        the one place where results become bytes (or were made so in a thread: ``rendered``)."""
+        history = None
+        if key is not None and self.journal is not None and self.journal.keeps_history:
+            history = history_rows(key, result, time.time())
+        if rendered is None:
+            rendered = render_bounded_result(result, self.settings.limits.max_message_size)
+        if rendered.left_out:
+            # Said once per result: the bounded one is published like any other.
+            (log.info if result.result in QUERY_RESULTS else log.warning)(
+                "result.too_large",
+                task_id=result.id,
+                result=result.result,
+                size=rendered.size,
+                limit=self.settings.limits.max_message_size,
+                entries=len(result.entries),
+                left_out=rendered.left_out,
+            )
+        self._publish_result(rendered.payload, reply, key, history)
         if self.metrics is not None:
             self.metrics.feed.observe_result(result)
 
-    def _publish_result(self, payload: bytes, reply: Reply | None, key: str | None) -> None:
+    def _publish_result(
+        self,
+        payload: bytes,
+        reply: Reply | None,
+        key: str | None,
+        history: list[tuple[object, ...]] | None = None,
+    ) -> None:
+        """``history``: the result's history rows (none for a result published again)."""
         on_delivered = None
         if key is not None and self.journal is not None:
             journal = self.journal
-            journal.finished(key, payload)
+            journal.finished(key, payload, history or ())
 
             def on_delivered() -> None:
                 journal.delivered(key)
@@ -409,6 +471,7 @@ class Agent:
         records = await self.journal.open() if self.journal is not None else []
         self._warn_of_an_earlier_journal()
         await self.link_rates.open()  # after the journal's lock: the directory is ours
+        await self.resident_overheads.open()
         username = self.settings.mqtt.username
         if username is not None and username != self.settings.hostname:
             log.warning(
@@ -456,6 +519,7 @@ class Agent:
                     else None
                 )
                 lanes = tg.create_task(self.lanes.serve(), name="asyncmigfra.lanes")
+                inbound = tg.create_task(self.inbound.serve(), name="asyncmigfra.inbound")
                 sampler = (
                     tg.create_task(self.metrics.run(self._vitals), name="asyncmigfra.metrics")
                     if self.metrics is not None
@@ -473,6 +537,7 @@ class Agent:
                 if serving is not None:
                     serving.cancel()
                 lanes.cancel()
+                inbound.cancel()
                 if sampler is not None:
                     sampler.cancel()
                 await asyncio.wait({intake})

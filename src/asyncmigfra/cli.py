@@ -3,8 +3,8 @@
 ``asyncmigfra agent`` runs an agent; ``asyncmigfra demo`` shows one live migration (and
 ``demo --serve`` keeps two fake hosts running to try the client commands on). The client
 commands (``send``, ``migrate``, ``start``, ``stop``, ``suspend``, ``resume``, ``repin``,
-``cancel``, ``evacuate``, ``status``, ``watch``) are implemented in :mod:`asyncmigfra.console`; this
-module runs what the parser read.
+``cancel``, ``evacuate``, ``status``, ``history``, ``follow``, ``watch``) are implemented in
+:mod:`asyncmigfra.console`; this module runs what the parser read.
 
 The grammar (every command and option) is :mod:`asyncmigfra.console.arguments`.
 
@@ -253,6 +253,18 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
         return _plan_call(args, conn, out, common)
     if cmd == "status":
         return lambda: c.status(conn, out, host=args.host, **common)
+    if cmd == "history":
+        from asyncmigfra.console.history import history  # noqa: PLC0415
+
+        return lambda: history(
+            conn, out, host=args.host, vm=args.vm, since=args.since, count=args.limit, **common
+        )
+    if cmd == "follow":
+        from asyncmigfra.console.attach import follow  # noqa: PLC0415
+
+        return lambda: follow(
+            conn, out, task_id=args.target, host=args.follow_host, limit=args.timeout
+        )
     if cmd == "watch":
         return lambda: c.watch(conn, out, host=args.host, vm=args.vm, task_id=args.task_id)
     raise AssertionError(cmd)  # pragma: no cover - argparse restricts the choices

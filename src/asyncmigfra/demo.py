@@ -23,6 +23,7 @@ import contextlib
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -165,6 +166,7 @@ def agent_settings(
     protocol: str,
     options: Mapping[str, object],
     prefix: str = "fast/migfra",
+    state_dir: str = "none",
 ) -> Settings:
     base = default_settings(hostname=name)
     mqtt = replace(
@@ -184,7 +186,7 @@ def agent_settings(
         base,
         mqtt=mqtt,
         hypervisor=HypervisorSettings(type="fake", options=dict(options)),
-        agent=replace(base.agent, progress_interval=0.25, state_dir="none"),
+        agent=replace(base.agent, progress_interval=0.25, state_dir=state_dir),
         logging=LoggingSettings(level="warning"),
         shutdown=replace(base.shutdown, grace_period=5.0),
     )
@@ -223,6 +225,9 @@ async def run_serve(
     try:
         async with contextlib.AsyncExitStack() as stack:
             host, port, protocol = await _broker(stack, broker, port=port, protocol=protocol)
+            # Journals for the run (so `asyncmigfra history` has something to show), gone
+            # with it.
+            state = stack.enter_context(tempfile.TemporaryDirectory(prefix="asyncmigfra-demo-"))
             spec = {"cpus": 16, "memory": 64 * GIB}
             common = {"bandwidth": 1000, "time-scale": 1.0}
             opts_a = {
@@ -237,7 +242,13 @@ async def run_serve(
             agents = [
                 Agent(
                     agent_settings(
-                        name, host, port, protocol=protocol, options=opts, prefix=prefix
+                        name,
+                        host,
+                        port,
+                        protocol=protocol,
+                        options=opts,
+                        prefix=prefix,
+                        state_dir=f"{state}/{name}",
                     ),
                     shared=shared,
                 )

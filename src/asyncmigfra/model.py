@@ -20,6 +20,7 @@ from asyncmigfra.streamoptions import CompressionMethod
 
 __all__ = [
     "EvacuateSpec",
+    "HistorySpec",
     "Ivshmem",
     "MigrateSpec",
     "MigrationParams",
@@ -70,6 +71,7 @@ class TaskKind(enum.StrEnum):
     TUNE = "tune migration"
     PLAN_MIGRATION = "plan migration"
     PLAN_EVACUATION = "plan evacuation"
+    HISTORY = "history"
 
     @property
     def result_name(self) -> str:
@@ -90,6 +92,7 @@ _RESULT_NAMES: dict[TaskKind, str] = {
     TaskKind.TUNE: "tuned",
     TaskKind.PLAN_MIGRATION: "plan",
     TaskKind.PLAN_EVACUATION: "plan",
+    TaskKind.HISTORY: "history",
 }
 
 
@@ -359,6 +362,23 @@ class StatusSpec(Subtask):
     pass
 
 
+#: The most entries one ``history`` task may ask for (its ``limit``), and its default.
+HISTORY_LIMIT_MAX = 1000
+HISTORY_LIMIT_DEFAULT = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistorySpec(Subtask):
+    """``history``: what this agent did, from its journal, newest first (protocol §3.15)."""
+
+    #: Only this VM's entries; ``None``: every VM's.
+    vm_name: str | None = None
+    #: Only subtasks started at or after this time (s since the epoch); ``None``: all kept.
+    since: float | None = None
+    #: Entries at most (1 to ``HISTORY_LIMIT_MAX``).
+    limit: int = HISTORY_LIMIT_DEFAULT
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CancelSpec(Subtask):
     #: The ``id`` of the task to cancel.
@@ -420,6 +440,13 @@ class ResultEntry:
     #: ``state``, ``vcpus``, ``memory`` ...). Values are str, int, float, bool or nested
     #: lists/maps of those.
     extra: dict[str, object] = field(default_factory=dict)
+    # Not rendered: what the journal's history keeps of the subtask (``tasks.history``).
+    #: s since the epoch when the subtask began its work; ``None``: it never began.
+    started: float | None = None
+    #: s the subtask took (the ``done`` event's ``duration``); ``None``: it never began.
+    seconds: float | None = None
+    #: ms the guest was paused at the switchover, as the hypervisor measured it.
+    downtime: float | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -434,6 +461,8 @@ class ResultMessage:
     flat: bool = False
     #: Top-level keys placed after ``result:`` and before the entries (``status`` task).
     header: dict[str, object] = field(default_factory=dict)
+    #: Not rendered: the task it answers (``None``: a message that never became one).
+    task: TaskKind | None = None
 
     @property
     def ok(self) -> bool:

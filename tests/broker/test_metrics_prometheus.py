@@ -215,6 +215,16 @@ def test_shipped_rules_and_scrape_example_pass_promtool():
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 3 rules found" in checked.stdout
+    # Their unit tests: when each alert fires, with which labels and text, and when not.
+    tested = subprocess.run(
+        [promtool, "test", "rules", "asyncmigfra.rules.test.yml"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=RULES.parent,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
     example = RULES.parent / "prometheus.example.yml"
     checked = subprocess.run(
         [promtool, "check", "config", str(example)], capture_output=True, text=True, check=False

@@ -409,7 +409,7 @@ _WHEN = "2026-01-01T00:00:00.000Z"
 
 
 def forged_reply(value: Callable[[str], str] = hostile) -> Reply:
-    """What a forged agent answers to ``status``, ``migrate vm`` and ``stop vm`` tasks:
+    """What a forged agent answers to ``status``, ``history``, ``migrate vm`` and ``stop vm`` tasks:
     events and a result with the task's id, every free-text field ``value(<field>)``."""
     v = value
 
@@ -449,6 +449,27 @@ def forged_reply(value: Callable[[str], str] = hostile) -> Reply:
                     "time-measurement": {"overall": 1.0},
                 })),
             ]  # fmt: skip
+        if kind == "history":
+            item = {
+                "id": v("hid"),
+                "task": v("htask"),
+                "vm-name": v("hvm"),
+                "status": "error",
+                "code": v("hcode"),
+                "details": v("hdetails"),
+                "started": v("hstarted"),
+                "duration": 1e308,
+                "destination": v("hdest"),
+                "downtime": v("hdown"),
+            }
+            bad = {
+                "vm-name": "n/a",
+                "status": "error",
+                "code": v("acode"),
+                "details": v("adetails"),
+            }
+            doc = {"result": "history", "id": tid, "host": v("host"), "list": [item, bad]}
+            return [("result", agent_yaml(doc))]  # fmt: skip
         if kind == "stop vm":
             doc = {
                 "result": "vm stopped", "id": tid,

@@ -133,6 +133,50 @@ def test_migrate_follow_of_forged_events_and_result(mosquitto, prefix, evil, cap
     assert result["details"] == hostile("details")
 
 
+@pytest.mark.parametrize("host", [["evil"], []])
+def test_history_of_a_forged_agent(mosquitto, prefix, evil, capsys, host: list[str]):
+    code, out, err = _cli(mosquitto, prefix, capsys, "history", *host)
+    assert code == 1, err  # the answer's own error entry
+    _shows(out, "hid", "htask", "hvm", "hstarted", "hdest")
+    _shows(err, "acode", "adetails")
+    assert len(out.splitlines()) == 2  # a header and one item, whatever its LFs
+    code, out, _ = _cli(mosquitto, prefix, capsys, "history", *host, "--json")
+    assert not FORBIDDEN & set(out.replace("\n", ""))
+    (item,) = map(json.loads, out.splitlines())
+    assert item["details"] == hostile("hdetails")
+
+
+def test_follow_of_a_forged_agent(mosquitto, prefix, capsys):
+    def value(tag: str) -> str:  # every field forged but the task ids (the CLI takes no such id)
+        return "t-1" if tag in {"tid", "hid"} else hostile(tag)
+
+    reply = forged_reply(value)
+    with forged_agent(mosquitto.port, prefix, "evil3", forged_status(), reply):
+        # Running there, says its status: a task view of forged fields, no result ever.
+        code, out, err = _cli(mosquitto, prefix, capsys, "follow", "t-1", "--timeout", "1")
+        assert code == 4, err
+        _shows(out, "task", "tvm")
+        _shows(err)
+    # Not running: its history (forged) is asked, and what it says is shown escaped.
+    with forged_agent(mosquitto.port, prefix, "evil4", forged_status(), reply_without_tasks(reply)):
+        code, out, err = _cli(mosquitto, prefix, capsys, "follow", "t-1", "evil4")
+        assert code == 1, err
+        _shows(out, "htask", "hvm", "hcode", "hdetails", "hdest")
+        _shows(err)
+
+
+def reply_without_tasks(reply):  # type: ignore[no-untyped-def]
+    """``reply`` with a ``status`` answer that lists no task."""
+
+    def answer(task: dict[str, object]) -> list[tuple[str, bytes]]:
+        if task.get("task") != "status":
+            return reply(task)
+        doc = {"result": "status", "id": task.get("id"), "state": "online", "tasks": [], "list": []}
+        return [("result", agent_yaml(doc))]
+
+    return answer
+
+
 def test_error_message_quoting_a_retained_status(mosquitto, prefix, capsys):
     forge(mosquitto.port, f"{prefix}/down/status", forged_status(state="offline"), retain=True)
     try:

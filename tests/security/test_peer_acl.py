@@ -60,7 +60,7 @@ def acl_with_pscom() -> str:
         else line
         for line in lines
     ]
-    assert sum(a != b for a, b in zip(lines, out, strict=True)) == 7, "the example changed"
+    assert sum(a != b for a, b in zip(lines, out, strict=True)) == 9, "the example changed"
     return "\n".join(out) + "\n"
 
 
@@ -191,6 +191,41 @@ async def test_nobody_can_hold_renew_release_or_answer_in_another_agents_name(br
             assert len(sb.denied_publishes(node2_id)) == 2
             assert len(sb.denied_publishes(mon_id)) == 4
         await settle(lambda: not agent1.lanes.holds)
+
+
+async def test_nobody_can_reserve_a_destinations_nic_in_another_agents_name(broker):
+    sb = broker
+    inbound = f"fast/migfra/{NODE1}/inbound"
+    node2, node2_id = client(sb, NODE2)
+    mon, mon_id = client(sb, "monitor")
+
+    def reserve(rid: str, **extra: str) -> bytes:
+        doc = {"op": "reserve", "request-id": uuid.uuid4().hex, "reservation-id": rid}
+        return json.dumps(doc | {"rate": "1000000000"} | extra).encode()
+
+    async with (
+        running_agent(agent_settings(sb, NODE1)) as agent1,
+        listening(mon, "fast/migfra/#") as monitor,
+        listening(node2, f"fast/migfra/{NODE2}/inbound-response/+") as forger,
+    ):
+        # In the monitor's own name and in another agent's name: dropped by the broker; in
+        # node2's own name with node3 in the JSON: refused by the agent.
+        await monitor.client.publish(f"{inbound}/monitor", reserve("m1"), qos=1)
+        await forger.client.publish(f"{inbound}/{NODE3}", reserve("f1"), qos=1)
+        await forger.client.publish(f"{inbound}/{NODE2}", reserve("f2", source=NODE3), qos=1)
+        await settle(lambda: forger.received)
+        assert agent1.inbound.reservations == {}
+        (refusal,) = [json.loads(m.payload) for m in forger.received]
+        assert refusal["status"] == "error"
+        assert refusal["details"] == f"on {NODE1}: source '{NODE3}' is not the sender {NODE2}"
+        assert len(sb.denied_publishes(mon_id)) == 1
+        assert len(sb.denied_publishes(node2_id)) == 1
+        # In its own name, node2 reserves for itself only (the agent knows no NIC here: the
+        # rate asked is granted).
+        await forger.client.publish(f"{inbound}/{NODE2}", reserve("own"), qos=1)
+        await settle(lambda: len(forger.received) >= 2)
+        assert agent1.inbound.reservations == {(NODE2, "own"): 1e9}
+        assert json.loads(forger.received[1].payload)["status"] == "reserved"
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ MIB = 1 << 20
 #: The fake's model in the prediction's terms, read from the fake itself.
 FAKE_COSTS = MigrationCosts(
     setup=fake._SETUP_TIME,
+    storage_setup=0.0,  # the fake copies disks with no fixed cost
     min_pass=fake._MIN_PASS,
     pass_overhead=0.0,
     switchover=fake._SWITCHOVER_OVERHEAD_MS,

@@ -627,6 +627,15 @@ NEW_KEYS = [
         "agent: {progress-interval: 2}", "agent.progress_interval", 2.0, id="progress-interval"
     ),
     pytest.param("agent: {state-dir: /srv/amf}", "agent.state_dir", "/srv/amf", id="state-dir"),
+    pytest.param(
+        "agent: {history-retention: 3600}",
+        "agent.history_retention",
+        3600.0,
+        id="history-retention",
+    ),
+    pytest.param(
+        "agent: {history-max-entries: 0}", "agent.history_max_entries", 0, id="history-max"
+    ),
     # migration
     pytest.param(
         "migration: {migration-type: post-copy}",

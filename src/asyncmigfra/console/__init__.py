@@ -18,5 +18,7 @@ Modules:
   never reaches a terminal raw, the one escaping function every output path goes through;)
 * :mod:`~asyncmigfra.console.output` — rich on a terminal, plain text in a pipe, JSON lines;
 * :mod:`~asyncmigfra.console.follow` — the live migration view and its summary;
+* :mod:`~asyncmigfra.console.attach` — ``follow ID``: that view for a task started elsewhere;
+* :mod:`~asyncmigfra.console.history` — ``history``: what the agents did, newest first;
 * :mod:`~asyncmigfra.console.commands` — the commands themselves.
 """

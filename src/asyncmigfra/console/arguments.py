@@ -15,6 +15,7 @@ from typing import Any
 
 from asyncmigfra import __version__
 from asyncmigfra.console.exits import EPILOG as _EPILOG
+from asyncmigfra.model import HISTORY_LIMIT_MAX
 from asyncmigfra.wire.parsing import (
     MAX_MIGRATE_DISKS,
     valid_disk_target,
@@ -79,6 +80,22 @@ def _vm_name(text: str) -> str:
             "not a VM name (1-200 characters, no control characters, no '/')"
         )
     return text
+
+
+def _since(text: str) -> str:
+    from asyncmigfra.console.history import since_argument  # noqa: PLC0415
+
+    try:
+        return since_argument(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _history_limit(text: str) -> int:
+    value = _positive_int(text)
+    if value > HISTORY_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"at most {HISTORY_LIMIT_MAX}: {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -505,6 +522,38 @@ def build_parser() -> argparse.ArgumentParser:
     stat = client("status", "agents and their presence; with HOST its tasks and domains")
     stat.add_argument("host", nargs="?", metavar="HOST")
     _addressed(stat, host=False)
+
+    hist = client("history", "what agents did, newest first: duration, downtime, destination, code")
+    hist.add_argument(
+        "host", nargs="?", metavar="HOST", help="this agent (default: every online one)"
+    )
+    hist.add_argument("--vm", metavar="NAME", type=_vm_name, help="only this VM")
+    hist.add_argument(
+        "--since",
+        type=_since,
+        metavar="T",
+        help="only what began since T: ISO 8601 (2026-12-07T10:00Z) or an age (30m, 12h, 7d)",
+    )
+    hist.add_argument(
+        "--limit", type=_history_limit, metavar="N", help="entries at most, 1-1000 (default 100)"
+    )
+    _addressed(hist, host=False)
+
+    fol = client(
+        "follow",
+        "the live view of a running task started elsewhere (Ctrl-C leaves; run it again to"
+        " re-attach); a finished task's outcome",
+    )
+    fol.add_argument("target", metavar="ID", type=_task_id, help="the task's id")
+    fol.add_argument(
+        "follow_host", nargs="?", metavar="HOST", help="its agent (default: ask every online one)"
+    )
+    fol.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="S",
+        help="give up (exit 4) without a result after S seconds",
+    )
 
     w = client("watch", "a live stream of the cluster's events, results and presence (Ctrl-C ends)")
     w.add_argument("--host", metavar="NAME", help="only this agent")

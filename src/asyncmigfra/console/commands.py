@@ -80,7 +80,9 @@ async def _announce(session: Session, out: Out, host: str, *, force: bool) -> No
 
 
 #: Tasks that cannot be cancelled (answered at once): no cancel hint for them.
-_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit", "tune migration"})
+_NOT_CANCELLABLE = frozenset({"status", "cancel", "quit", "tune migration", "history"})
+#: Tasks answered without events (no ``accepted``): no duplicate note for them.
+_WITHOUT_EVENTS = frozenset({"status", "history"})
 
 
 @dataclass(slots=True)
@@ -150,7 +152,7 @@ async def _request(
             else:
                 out.event(host, item.doc)
 
-    events = follow or (again is not None and kind != "status")
+    events = follow or (again is not None and kind not in _WITHOUT_EVENTS)
     async with open_session(conn) as session:
         await session.subscribe_host(host, events=events)
         await _announce(session, out, host, force=force)
@@ -525,6 +527,8 @@ def _show_host(out: Out, host: str, doc: Mapping[str, Any], presence: Mapping[st
             ],
             title=f"Tasks ({len(tasks)})",
         )
+    elif "tasks" not in doc and doc.get("more") is True:
+        out.line("Tasks: left out, the answer would be larger than the agent sends", "yellow")
     else:
         out.line("Tasks: none queued or running")
     entries = _maps(doc.get("list"))
@@ -549,3 +553,8 @@ def _show_host(out: Out, host: str, doc: Mapping[str, Any], presence: Mapping[st
         )
     elif not errors:
         out.line("Domains: none")
+    if doc.get("more") is True:
+        out.note(
+            f"{host}: sent its first {len(domains)} domains, all that fit in one answer"
+            " (the agent's limits.max-message-size)"
+        )

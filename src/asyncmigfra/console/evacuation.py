@@ -58,6 +58,7 @@ class EvacuationView:
     notes: list[str] = field(default_factory=list)
     cancel_id: str | None = None
     cancel_answer: str | None = None
+    what: str = "the evacuation"
     #: One lane per VM, in the order the events named them.
     lanes: dict[str, VmLane] = field(default_factory=dict)
     #: The evacuation's own phase (``placement``).

@@ -27,7 +27,8 @@ OK: Final = 0
 #: The agent answered, and at least one entry failed (including ``result: unknown``, ``busy``
 #: and a cancelled migration).
 FAILED: Final = 1
-#: Bad usage, an unreadable task file or a task without a readable id.
+#: Bad usage, an unreadable task file, a task without a readable id, or (``follow``) an id no
+#: agent knows.
 USAGE: Final = 2
 #: The broker could not be reached, refused the connection or dropped it.
 BROKER: Final = 2
@@ -50,7 +51,8 @@ exit codes:
   clients    0 every entry of the result succeeded (status, watch: no error)
              1 the agent answered and at least one entry failed (also result: unknown,
                busy, a cancelled migration)
-             2 bad usage or task file; cannot reach the MQTT broker, or it dropped us
+             2 bad usage or task file, a task id no agent knows (follow); cannot
+               reach the MQTT broker, or it dropped us
              3 the addressed agent is offline (retained status offline or absent; --force
                sends anyway), or went offline before answering
              4 no result within --timeout

@@ -11,16 +11,16 @@ wrong VM, or ask the wrong agent to migrate one it does not have.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from asyncmigfra.console.connection import Connection
 from asyncmigfra.console.exits import INTERRUPTED, USAGE, CliError
 from asyncmigfra.console.output import Out
-from asyncmigfra.console.session import Interrupt, Lost, Session, open_session
+from asyncmigfra.console.session import Interrupt, Lost, Message, Session, open_session
 from asyncmigfra.console.tasks import fresh_id, status_task
 
-__all__ = ["ASK_TIMEOUT", "locate_vm"]
+__all__ = ["ASK_TIMEOUT", "ask_agents", "locate_vm", "online_hosts"]
 
 #: s: how long the agents get to answer the ``status`` task (without ``--timeout``).
 ASK_TIMEOUT: Final = 5.0
@@ -40,14 +40,25 @@ def _domains(doc: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-async def _ask(session: Session, hosts: list[str], deadline: float) -> dict[str, dict[str, Any]]:
-    """Each host's ``status`` result, as far as they answer before ``deadline``."""
+async def ask_agents(
+    session: Session,
+    hosts: list[str],
+    deadline: float,
+    *,
+    task: Callable[[str], bytes] = status_task,
+    kind: str = "status",
+    what: str = "their domains",
+    others: list[Message] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each host's result of the task ``task(id)`` builds (``kind`` makes the ids; a
+    ``status`` by default), as far as they answer before ``deadline``; every other message
+    read meanwhile goes to ``others`` when given."""
     ids: dict[str, str] = {}
     for host in hosts:
         await session.subscribe(session.conn.topic(host, "result"))
     for host in hosts:
-        ids[host] = fresh_id("status")
-        await session.publish_task(host, status_task(ids[host]))
+        ids[host] = fresh_id(kind)
+        await session.publish_task(host, task(ids[host]))
     answers: dict[str, dict[str, Any]] = {}
     while len(answers) < len(hosts):
         item = await session.next(deadline)
@@ -56,10 +67,17 @@ async def _ask(session: Session, hosts: list[str], deadline: float) -> dict[str,
         if isinstance(item, Lost):
             raise session.lost(item)
         if isinstance(item, Interrupt):
-            raise CliError(INTERRUPTED, "interrupted while asking the agents for their domains")
+            raise CliError(INTERRUPTED, f"interrupted while asking the agents for {what}")
         if item.kind == "result" and ids.get(item.host) == item.id:
             answers[item.host] = item.doc
+        elif others is not None:
+            others.append(item)
     return answers
+
+
+def online_hosts(agents: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The hosts whose retained presence is not ``offline``, sorted."""
+    return sorted(h for h, doc in agents.items() if doc.get("state") != "offline")
 
 
 async def locate_vm(
@@ -69,7 +87,7 @@ async def locate_vm(
     when it is ``destination``, where it cannot be migrated to)."""
     async with open_session(conn) as session:
         agents = await session.gather_presence()
-        hosts = sorted(h for h, doc in agents.items() if doc.get("state") != "offline")
+        hosts = online_hosts(agents)
         if not hosts:
             raise CliError(
                 USAGE,
@@ -77,7 +95,7 @@ async def locate_vm(
                 f" {conn.topic('+', 'status')} to ask where {vm} runs; give --from HOST",
             )
         loop = asyncio.get_running_loop()
-        answers = await _ask(session, hosts, loop.time() + (limit or ASK_TIMEOUT))
+        answers = await ask_agents(session, hosts, loop.time() + (limit or ASK_TIMEOUT))
     found = {h: state for h, doc in answers.items() if (state := _domains(doc).get(vm))}
     if len(found) > 1:
         active = [h for h, state in found.items() if state in _ACTIVE]

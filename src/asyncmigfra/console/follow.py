@@ -1,7 +1,8 @@
 """``migrate --follow``: a live view of one migration, Ctrl-C to cancel it, and a summary.
 
 The view is built only from what the source agent publishes for the task's id (protocol
-§5.5): ``progress`` events carry percent, remaining data, rates, pass number, the downtime
+§5.5; what other agents publish on their own topics under the same id is not about this
+task): ``progress`` events carry percent, remaining data, rates, pass number, the downtime
 estimate and target, and an ``action`` when the agent changed something (raised the
 downtime target, switched to post-copy, suspended the guest). The summary adds the result's
 ``time-measurement`` (``downtime`` is the hypervisor's measured downtime, in seconds) and
@@ -66,12 +67,25 @@ class FollowedView(Protocol):
     source: str
     cancel_id: str | None
     cancel_answer: str | None
+    #: What Ctrl-C offers to cancel (``the migration``).
+    what: str
+
+    @property
+    def elapsed(self) -> float:
+        """s since the task began (as far as the view knows)."""
+        ...
 
     def feed(self, doc: Mapping[str, Any]) -> None: ...
 
     def plain_lines(self, doc: Mapping[str, Any]) -> list[str]: ...
 
     def header(self) -> str: ...
+
+    def ok(self, result: Mapping[str, Any]) -> bool: ...
+
+    def summary(self, result: Mapping[str, Any], wall: float) -> list[tuple[str, str]]:
+        """(text, rich style) lines for the end of the task."""
+        ...
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult: ...
 
@@ -96,6 +110,7 @@ class MigrationView:
     notes: list[str] = field(default_factory=list)
     cancel_id: str | None = None
     cancel_answer: str | None = None
+    what: str = "the migration"
     #: One lane per VM in play, VM 1 first.
     lanes: dict[str, VmLane] = field(init=False)
 
@@ -464,6 +479,8 @@ async def follow_migration(
     host = view.source
 
     def on_item(item: Message) -> None:
+        if item.host != host:
+            return  # another agent's (a task id is unique per agent, not in the fleet)
         if item.kind == "event" and item.id == view.task_id:
             view.feed(item.doc)
             display.event(item.doc)
@@ -499,12 +516,23 @@ async def follow_migration(
         display.stop()
 
 
+def _news(item: Message, view: FollowedView) -> bool:
+    """What ends the Ctrl-C prompt: the task's (or the cancel's) result, or its agent going
+    away; not its events, nor what other tasks and agents publish."""
+    if item.kind == "result":
+        return item.host == view.source and item.id in {view.task_id, view.cancel_id}
+    if item.kind == "status":
+        return item.host == view.source and not item.retained and item.doc.get("state") != "online"
+    return False
+
+
 async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: Any) -> None:
     """The Ctrl-C prompt. Events keep being taken in while it waits; a result, a lost
     broker or a presence change ends the prompt and is handled by the caller."""
+    again = session.conn.command("follow", view.task_id, view.source)
     hint = (
-        f"task {view.task_id!r} keeps running on {view.source!r}"
-        f" (cancel it with: {session.cancel_command(view.task_id, view.source)})"
+        f"task {view.task_id!r} keeps running on {view.source!r} (follow it again with:"
+        f" {again}; cancel it with: {session.cancel_command(view.task_id, view.source)})"
     )
     if view.cancel_id is not None:
         out.note(
@@ -513,7 +541,7 @@ async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: A
         return
     if not sys.stdin.isatty():
         raise CliError(INTERRUPTED, f"interrupted: {hint}")
-    out.prompt("Cancel the migration? [y/N] ")
+    out.prompt(f"Cancel {view.what}? [y/N] ")
     answer = _read_line()
     try:
         while True:
@@ -527,8 +555,8 @@ async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: A
             if isinstance(item, Interrupt):
                 out.note("")
                 raise CliError(INTERRUPTED, f"left without cancelling: {hint}")
-            if isinstance(item, Message) and item.kind == "event":
-                on_item(item)
+            if isinstance(item, Message) and not _news(item, view):
+                on_item(item)  # (its events; anything else is not about this task)
                 continue
             if isinstance(item, Lost | Message):
                 out.note("")
@@ -538,7 +566,7 @@ async def _ask_cancel(session: Session, out: Out, view: FollowedView, on_item: A
     finally:
         answer.cancel()
     if answer.result().strip().lower() not in {"y", "yes"}:
-        out.note("not cancelled; following the migration again")
+        out.note(f"not cancelled; following {view.what} again")
         return
     view.cancel_id = fresh_id("cancel")
     await session.publish_task(view.source, cancel_task(view.cancel_id, view.task_id))

@@ -18,6 +18,7 @@ __all__ = [
     "evacuate_task",
     "failures",
     "fresh_id",
+    "history_task",
     "list_task",
     "migrate_task",
     "repin_task",
@@ -52,6 +53,20 @@ def _finish(lines: list[str]) -> bytes:
 
 def status_task(task_id: str) -> bytes:
     return _finish(_header("status", task_id))
+
+
+def history_task(
+    task_id: str, *, vm: str | None = None, since: str | None = None, limit: int | None = None
+) -> bytes:
+    """``history``: ``since`` is ISO 8601 text as the agent reads it."""
+    lines = _header("history", task_id)
+    if vm is not None:
+        lines.append(f"vm-name: {_q(vm)}")
+    if since is not None:
+        lines.append(f"since: {_q(since)}")
+    if limit is not None:
+        lines.append(f"limit: {int(limit)}")
+    return _finish(lines)
 
 
 def cancel_task(task_id: str, target: str) -> bytes:

@@ -17,6 +17,7 @@ cancel): :meth:`Hypervisor.begin_migration` starts the job and returns a
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, MutableMapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -37,8 +38,12 @@ __all__ = [
     "HypervisorFactory",
     "JobStats",
     "KnowsLinkRate",
+    "KnowsMigrationCosts",
+    "KnowsResidentMemory",
     "LinkRate",
     "MeasuresDirtyRate",
+    "DirtyPageSample",
+    "SamplesDirtyPages",
     "MigrationJob",
     "MigrationRequest",
     "MigrationResult",
@@ -201,6 +206,15 @@ class DiskCopy:
     size: int
     #: Bytes the copy allocates on the destination.
     room: int = 0
+    #: Bytes of data the copy sends over the link: at most the image's allocation (QEMU's
+    #: mirror sends unallocated ranges as zero writes, a few bytes each); ``None``: unknown,
+    #: take ``size``.
+    data: int | None = None
+
+    @property
+    def sent(self) -> int:
+        """Bytes the copy is predicted to send (``data``, else ``size``)."""
+        return self.size if self.data is None else min(self.size, self.data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,6 +225,10 @@ class MigrationResult:
     post_copy: bool = False
     #: Bytes of memory transferred.
     transferred: int = 0
+    #: Bytes of guest memory (0: unknown) and of it the bytes sent as zero pages (a flag
+    #: each; ``None``: unknown), as the hypervisor counted them for the whole job.
+    memory_total: int = 0
+    zero_bytes: int | None = None
 
 
 @runtime_checkable
@@ -318,12 +336,75 @@ class MeasuresDirtyRate(Protocol):
     """A back-end that can tell how fast a running guest dirties its memory without
     migrating it (libvirt: ``virDomainStartDirtyRateCalc`` in page-sampling mode; fake: its
     ``dirty-rate``), for the migration prediction (``migration.forecast``), which predicted
-    evacuation schedules (docs/protocol.md §3.7) use too."""
+    evacuation schedules (docs/protocol.md §3.7) use too.
+
+    A back-end whose figure is a sample of pages over the period (QEMU's page sampling)
+    says nothing about shorter times: the prediction then takes a shorter pass to dirty a
+    whole period's worth. A back-end whose figure holds at every time scale (the fake's
+    steady guests) sets a class attribute ``samples_pages = False``."""
 
     async def measure_dirty_rate(self, vm_name: str, *, seconds: int = 1) -> float:
         """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
         (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
         running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirtyPageSample:
+    """One page-sampling probe (or several pooled): of ``sampled`` guest pages picked at
+    random, ``dirty`` changed within ``period`` s; ``memory``: bytes of guest RAM they were
+    picked from (see ``migration.dirtysample`` for what that makes of the rate)."""
+
+    sampled: int
+    dirty: int
+    memory: int
+    period: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dirty <= self.sampled:
+            raise ValueError(f"need 0 <= dirty <= sampled, got {self.dirty} of {self.sampled}")
+        if self.memory < 0 or not (math.isfinite(self.period) and self.period > 0):
+            raise ValueError("memory must be >= 0 and period a finite number > 0")
+
+    @property
+    def rate(self) -> float:
+        """Bytes/s: the point estimate (0 when nothing was sampled)."""
+        if self.sampled == 0:
+            return 0.0
+        return self.dirty / self.sampled * self.memory / self.period
+
+
+@runtime_checkable
+class SamplesDirtyPages(Protocol):
+    """A ``MeasuresDirtyRate`` back-end whose figure is a sample of pages (libvirt's page
+    sampling) and that can tell the sample's size, so that the prediction knows how sure the
+    figure is and can pool several probes."""
+
+    async def sample_dirty_pages(self, vm_name: str, *, seconds: int = 1) -> DirtyPageSample:
+        """One probe of ``seconds`` (1-60) on the running ``vm_name``; raises as
+        ``measure_dirty_rate`` does."""
+
+
+@runtime_checkable
+class KnowsMigrationCosts(Protocol):
+    """A back-end whose migrations have fixed costs of their own (the fake's simulation),
+    for the prediction; others are predicted with the model's defaults (QEMU as the rig
+    measured it, ``migration.prediction_inputs.MigrationCosts``)."""
+
+    def migration_costs(self) -> Mapping[str, float]:
+        """Seconds and milliseconds by ``MigrationCosts`` field name (any subset)."""
+
+
+@runtime_checkable
+class KnowsResidentMemory(Protocol):
+    """A back-end that can tell how much memory a running guest's hypervisor process keeps
+    resident (libvirt: ``memoryStats()['rss']``, QEMU's RSS read by libvirtd from
+    ``/proc``; nothing asks the guest). Guest pages that were never written are not
+    resident and are zero, so this bounds the memory a migration sends in full."""
+
+    async def resident_memory(self, vm_name: str) -> int | None:
+        """KiB resident for the running guest ``vm_name``; ``None`` when not known.
+        Raises ``VmNotFound`` or another ``TaskError``."""
 
 
 @runtime_checkable

@@ -99,7 +99,8 @@ async def migrate(
         plan = await plan_for(
             spec, hypervisor=hypervisor, settings=settings, memory=memory, disk_bytes=disk_bytes
         )
-    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=disk_bytes)
+    sent = sum(c.sent for c in copies)  # the data that crosses the link
+    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=sent)
     return await carry_out(
         plan,
         spec,
@@ -312,6 +313,7 @@ def _arrived(spec: MigrateSpec, result: MigrationResult, ctx: EngineContext) -> 
     ctx.outcome.destination = spec.destination
     if result.downtime is not None:
         ctx.record("downtime", result.downtime / 1000.0)
+        ctx.outcome.downtime = float(result.downtime)
     return result
 
 
@@ -385,7 +387,7 @@ async def _migrate_once(
             )
     forecaster = forecaster_of(ctx)
     if forecaster is not None:
-        await forecaster.learn(plan, observed)
+        await forecaster.learn(plan, observed, result)
     final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)

@@ -3,12 +3,16 @@
 :class:`Forecaster` (one per agent) feeds the pure model of
 :mod:`~asyncmigfra.migration.prediction` and uses its answer (issue 18):
 
-* **inputs** (:meth:`Forecaster.predict_plan`): the memory to send (the guest's current
-  memory), the disk bytes a storage copy moves (the pre-check's ``DiskCopy`` sizes), the
-  guest's dirty rate (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`), the link rate
-  to the destination (learned, :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config
-  ``migration.link-rate``; never above the migration's ``bandwidth`` cap), and the downtime
-  target and completion timeout of the resolved plan. Nothing of the VM changes;
+* **inputs** (:meth:`Forecaster.predict_plan`): the memory to send
+  (:meth:`Forecaster.memory_to_send`: the guest's current memory, at most what its QEMU
+  keeps resident less the overhead learned from earlier migrations), the disk bytes a
+  storage copy moves (the pre-check's ``DiskCopy`` sizes), the guest's dirty rate
+  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period
+  and a page sample's upper bound, probed again while estimate and bound disagree on the
+  verdict), the link rate to the destination (learned,
+  :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config ``migration.link-rate``;
+  never above the migration's ``bandwidth`` cap), and the downtime target and completion
+  timeout of the resolved plan. Nothing of the VM changes;
 * **a plan** (:meth:`Forecaster.forecast`, ``plan migration``/``plan evacuation``): every
   pre-check of a migration runs, and each refusal becomes a blocker with its code instead of
   failing;
@@ -19,7 +23,10 @@
   predicted duration, at least :data:`TIMEOUT_FLOOR` s, at most the agent's default;
 * **learning** (:meth:`Forecaster.learn`): after a successful migration, the median transfer
   rate of its memory passes becomes a sample of the destination's link (unless a
-  ``bandwidth`` cap held it down), and its dirty rate the VM's last-migration figure.
+  ``bandwidth`` cap held it down), its dirty rate the VM's last-migration figure, and (when
+  its resident memory was read before it) the resident memory beyond the guest's non-zero
+  pages a sample of the hypervisor process's overhead
+  (:class:`~asyncmigfra.tasks.linkrates.ResidentOverheads`).
 
 ``warm`` and ``offline`` are outside the model: ``warm`` is estimated as one pass with the
 guest paused (downtime = the whole copy), ``offline`` as the setup alone.
@@ -28,30 +35,41 @@ guest paused (downtime = the whole copy), ``offline`` as the setup alone.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field, replace
 from typing import Final
 
 import structlog
 
 from asyncmigfra.errors import NotSupported, TaskError, VmNotFound, WillNotConverge, WrongState
-from asyncmigfra.hypervisor.base import DomainInfo, DomainState, Hypervisor, JobStats
+from asyncmigfra.hypervisor.base import (
+    DiskCopy,
+    DomainInfo,
+    DomainState,
+    Hypervisor,
+    JobStats,
+    KnowsResidentMemory,
+    MigrationResult,
+)
 from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
+from asyncmigfra.migration.dirtysample import CONFIDENCE
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
     PredictionInputs,
-    RunPrediction,
     TimeoutAction,
     Verdict,
     predict,
-    predict_run,
+    predict_as,
 )
+from asyncmigfra.migration.prediction_inputs import costs_of
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.hostpolicy import HostPolicy
-from asyncmigfra.tasks.linkrates import LinkRates
+from asyncmigfra.tasks.linkrates import HOST_KEY, LinkRates, ResidentOverheads
 
 __all__ = [
+    "RESIDENT_FOR",
     "TIMEOUT_FACTOR",
     "TIMEOUT_FLOOR",
     "Blocker",
@@ -59,6 +77,7 @@ __all__ = [
     "Forecaster",
     "ObservedRates",
     "choose",
+    "costs_of",
     "forecaster_of",
     "notes",
     "plan_fields",
@@ -77,6 +96,10 @@ CAPPED_SHARE: Final = 0.9
 _WILL_NOT_CONVERGE: Final = WillNotConverge.code
 #: Samples of one migration kept at most for learning (the first ones are enough).
 MAX_SAMPLES: Final = 10_000
+#: s a guest's resident memory, read for a prediction, may serve to learn from its
+#: migration; VMs remembered at most.
+RESIDENT_FOR: Final = 600.0
+MAX_RESIDENT: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +177,14 @@ class Forecaster:
         settings: Settings,
         link_rates: LinkRates | None = None,
         dirty_rates: DirtyRates | None = None,
+        overheads: ResidentOverheads | None = None,
     ) -> None:
         self.settings = settings
         self.link_rates = link_rates if link_rates is not None else LinkRates(None)
         self.dirty_rates = dirty_rates if dirty_rates is not None else DirtyRates()
+        self.overheads = overheads if overheads is not None else ResidentOverheads(None)
+        #: Per VM: bytes resident when a prediction read it, and when (monotonic).
+        self._resident: dict[str, tuple[int, float]] = {}
 
     # ---- the inputs ------------------------------------------------------------------
 
@@ -173,9 +200,35 @@ class Forecaster:
             return float(bandwidth * _MIB), "bandwidth"
         return rate, source
 
-    async def learn(self, plan: MigrationPlan, observed: ObservedRates) -> None:
+    async def memory_to_send(self, hypervisor: Hypervisor, vm_name: str, memory: int) -> int:
+        """Bytes a migration of ``vm_name`` sends in full: ``memory`` (its current memory),
+        at most what its hypervisor process keeps resident less the overhead learned from
+        earlier migrations (a page the guest never wrote is not resident, and zero: QEMU
+        sends it as a flag). Reading the resident memory asks the host, not the guest; a
+        guest that is not running, or a back-end that cannot tell, keeps ``memory``."""
+        if not isinstance(hypervisor, KnowsResidentMemory):
+            return memory
+        try:
+            resident_kib = await hypervisor.resident_memory(vm_name)
+        except TaskError:
+            return memory
+        if resident_kib is None or resident_kib <= 0:
+            return memory
+        resident = resident_kib * 1024
+        self._resident.pop(vm_name, None)
+        self._resident[vm_name] = (resident, time.monotonic())
+        while len(self._resident) > MAX_RESIDENT:
+            del self._resident[next(iter(self._resident))]
+        overhead = self.overheads.estimate(HOST_KEY) or 0.0
+        return min(memory, max(0, int(resident - overhead)))
+
+    async def learn(
+        self, plan: MigrationPlan, observed: ObservedRates, result: MigrationResult | None = None
+    ) -> None:
         """Take what a successful migration showed (see the module)."""
         request = plan.request
+        if result is not None:
+            await self._learn_overhead(request.vm_name, result)
         if observed.dirty:
             self.dirty_rates.observed(request.vm_name, float(statistics.median(observed.dirty)))
         if not observed.transfer:
@@ -185,6 +238,19 @@ class Forecaster:
         if cap is not None and rate >= cap * _MIB * CAPPED_SHARE:
             return  # the cap, not the link, set this rate
         await self.link_rates.record(request.destination, rate)
+
+    async def _learn_overhead(self, vm_name: str, result: MigrationResult) -> None:
+        """Resident memory (read for the prediction) beyond the guest's non-zero pages (its
+        memory less what the job sent as zero pages) is the hypervisor process's own."""
+        seen = self._resident.pop(vm_name, None)
+        if seen is None or result.zero_bytes is None or result.memory_total <= 0:
+            return
+        resident, at = seen
+        if time.monotonic() - at > RESIDENT_FOR:
+            return
+        nonzero = max(0, result.memory_total - result.zero_bytes)
+        # At least 1 byte: the store keeps only figures above 0.
+        await self.overheads.record(HOST_KEY, float(max(1, resident - nonzero)))
 
     # ---- a plan: every pre-check, refusals as blockers --------------------------------
 
@@ -217,17 +283,16 @@ class Forecaster:
             plan = self._plan(spec, memory_kib=memory // 1024)
         except TaskError as exc:
             return replace(base, blockers=(*blockers, _blocker(exc)))
-        disk = 0
         try:
             copies = await hypervisor.check_migration(plan.request)
-            disk = sum(c.size for c in copies)
         except TaskError as exc:
             blockers.append(_blocker(exc))
-            disk = await _disks_anyway(hypervisor, plan)
-        if disk:
-            plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=disk)
+            copies = await _disks_anyway(hypervisor, plan)
+        if copies:  # the disks' sizes count in the completion timeout, their data is sent
+            size = sum(c.size for c in copies)
+            plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=size)
         forecast = await self.predict_plan(
-            plan, hypervisor, memory=memory, disk=disk, measure=measure
+            plan, hypervisor, memory=memory, disk=sum(c.sent for c in copies), measure=measure
         )
         return replace(forecast, requested=requested, blockers=(*blockers, *forecast.blockers))
 
@@ -257,22 +322,43 @@ class Forecaster:
         request = plan.request
         mode = "auto" if plan.auto else request.mode
         memory = plan.memory if memory is None else memory
+        guest_memory = max(0, memory)
+        if mode != "offline":
+            memory = await self.memory_to_send(hypervisor, request.vm_name, memory)
         link, link_source = self.link_rate(request.destination, request.bandwidth)
-        dirty = DirtyRate(None, "unknown")
-        if mode in ("live", "post-copy", "auto"):
-            dirty = await self.dirty_rates.rate(hypervisor, request.vm_name, measure=measure)
-        inputs = PredictionInputs(
+        template = PredictionInputs(
             memory=max(0, memory),
+            guest_memory=guest_memory,
             link_rate=link,
             completion_timeout=plan.completion_timeout,
-            dirty_rate=dirty.rate or 0.0,
             disk_bytes=max(0, disk),
             max_downtime=plan.max_downtime,
             post_copy_allowed=(
                 self.settings.migration.allow_post_copy if mode == "auto" else mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
+            costs=costs_of(hypervisor),
         )
+        action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
+
+        def judge(dirty: DirtyRate) -> Verdict:
+            inputs = _at(template, dirty)
+            if mode == "auto":
+                return predict(inputs)
+            return predict_as(
+                inputs, "live" if mode == "live" else "post-copy", timeout_action=action
+            )
+
+        def settled(dirty: DirtyRate) -> bool:
+            """Another probe cannot change the verdict: its estimate and its bound agree."""
+            return judge(replace(dirty, bound=None)).mode == judge(dirty).mode
+
+        dirty = DirtyRate(None, "unknown")
+        if mode in ("live", "post-copy", "auto"):
+            dirty = await self.dirty_rates.rate(
+                hypervisor, request.vm_name, measure=measure, settled=settled
+            )
+        inputs = _at(template, dirty)
         base = Forecast(
             vm_name=request.vm_name,
             destination=request.destination,
@@ -291,15 +377,7 @@ class Forecaster:
             return _warm(base, inputs)
         if mode == "offline":
             return replace(base, converges=True, duration=inputs.costs.setup, passes=0)
-        if mode == "auto":
-            verdict = predict(inputs)
-        else:
-            action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
-            verdict = _as_verdict(
-                predict_run(
-                    inputs, "live" if mode == "live" else "post-copy", timeout_action=action
-                )
-            )
+        verdict = judge(dirty)
         blockers = tuple(Blocker(_WILL_NOT_CONVERGE, text) for text in verdict.blockers)
         return replace(
             base,
@@ -366,6 +444,13 @@ def notes(forecast: Forecast) -> list[str]:
     out: list[str] = []
     if forecast.dirty.note:
         out.append(forecast.dirty.note)
+    dirty = forecast.dirty
+    if dirty.rate is not None and dirty.bound is not None:
+        out.append(
+            f"dirty rate sampled from {dirty.sampled} pages: {dirty.rate / _MIB:.1f} MiB/s,"
+            f" at most {dirty.bound / _MIB:.1f} MiB/s at {CONFIDENCE:.0%} confidence"
+            " (whether it converges is judged at that bound)"
+        )
     if forecast.dirty.rate is None and forecast.mode in ("live", "post-copy"):
         out.append("dirty rate unknown: predicted as an idle guest")
     if forecast.link_source == "configured":
@@ -400,7 +485,10 @@ async def predicted(
             return plan
         known = await forecaster.dirty_rates.rate(hypervisor, plan.request.vm_name, measure=False)
         if known.rate is None:
-            return plan  # it would take a probe: not for a migration that does not choose
+            # It would take a probe: not for a migration that does not choose. The resident
+            # memory is read all the same (one cheap call), to learn from the migration.
+            await forecaster.memory_to_send(hypervisor, plan.request.vm_name, plan.memory)
+            return plan
         forecast = await forecaster.predict_plan(plan, hypervisor, disk=disk, measure=False)
     log.info(
         "migration.predicted",
@@ -460,25 +548,22 @@ async def _memory_to_send(hypervisor: Hypervisor, dom: DomainInfo) -> int:
     return dom.memory * 1024
 
 
-async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> int:
-    """The disk bytes from the source's view alone, when the pre-check refused."""
+async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> tuple[DiskCopy, ...]:
+    """The disks from the source's view alone, when the pre-check refused."""
     if plan.request.copy_storage == "none":
-        return 0
+        return ()
     try:
-        return sum(c.size for c in await hypervisor.disks_to_copy(plan.request))
+        return await hypervisor.disks_to_copy(plan.request)
     except TaskError:
-        return 0
+        return ()
 
 
-def _as_verdict(run: RunPrediction) -> Verdict:
-    return Verdict(
-        mode=run.mode if run.converges else None,
-        duration=run.duration,
-        downtime=run.downtime,
-        passes=len(run.passes),
-        blockers=run.blockers,
-        live=run,
-        post_copy=run if run.mode == "post-copy" else None,
+def _at(template: PredictionInputs, dirty: DirtyRate) -> PredictionInputs:
+    return replace(
+        template,
+        dirty_rate=dirty.rate or 0.0,
+        dirty_rate_bound=dirty.bound,
+        dirty_period=dirty.period,
     )
 
 
@@ -503,6 +588,8 @@ def _warm(base: Forecast, inputs: PredictionInputs) -> Forecast:
 def _numbers(forecast: Forecast) -> str:
     dirty = forecast.dirty.rate
     shown = "unknown" if dirty is None else f"{dirty / _MIB:.1f} MiB/s"
+    if dirty is not None and forecast.dirty.bound is not None:
+        shown += f" (at most {forecast.dirty.bound / _MIB:.1f})"
     return (
         f"memory {forecast.memory / _MIB:.0f} MiB, disk {forecast.disk / _MIB:.0f} MiB,"
         f" dirty rate {shown} ({forecast.dirty.source}), link"

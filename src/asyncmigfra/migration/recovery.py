@@ -241,4 +241,5 @@ async def resume_found(
     ctx.outcome.destination = spec.destination
     if result.downtime is not None:
         ctx.record("downtime", result.downtime / 1000.0)
+        ctx.outcome.downtime = float(result.downtime)
     return result

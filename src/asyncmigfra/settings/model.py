@@ -164,6 +164,10 @@ class AgentSettings:
     #: else ``$XDG_STATE_HOME/asyncmigfra/<hostname>`` (``~/.local/state``); ``none``: no
     #: journal (accepted tasks are then lost if the agent dies).
     state_dir: str = "auto"
+    #: s the history (``task: history``, kept in the journal) keeps a finished subtask.
+    history_retention: float = 30 * 86400.0
+    #: History entries kept at most (the oldest go first); 0: no history is kept.
+    history_max_entries: int = 100_000
     #: The only host devices a task may attach (``pci-ids``, ``devs``, hostdevs in XML);
     #: empty: none (as Nova's ``device_spec``).
     host_devices: tuple[HostDevice, ...] = ()

@@ -158,6 +158,9 @@ _RANGES: dict[tuple[type, str], _Range] = {
     (LimitsSettings, "max_yaml_nodes"): _COUNT,
     (LimitsSettings, "max_yaml_depth"): _COUNT,
     (AgentSettings, "progress_interval"): _DELAY,
+    (AgentSettings, "history_retention"): _DELAY,
+    # 0: no history; at most 10 million rows (about 2 GB of journal).
+    (AgentSettings, "history_max_entries"): _Range(low=0, high=10_000_000),
     (MigrationDefaults, "max_downtime"): _COUNT,
     (MigrationDefaults, "bandwidth"): _COUNT,
     (MigrationDefaults, "parallel_connections"): _COUNT,

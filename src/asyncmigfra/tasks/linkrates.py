@@ -13,6 +13,9 @@ lock makes the directory this agent's alone); without a state dir (``state-dir: 
 in memory. The store is a cache, never a promise: a file that cannot be opened or written
 (corrupt, read-only, disk full) is logged and the agent goes on with what it has in memory.
 SQLite work runs in worker threads, one operation at a time.
+
+The same store (:class:`LearnedFigures`) keeps, in ``residentoverhead.sqlite``, the other
+figure the agent learns from its migrations: :class:`ResidentOverheads`.
 """
 
 from __future__ import annotations
@@ -24,16 +27,26 @@ import statistics
 import time
 from collections import deque
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 
 import structlog
 
-__all__ = ["FILE_NAME", "MAX_DESTINATIONS", "SAMPLES", "LinkRates"]
+__all__ = [
+    "FILE_NAME",
+    "MAX_DESTINATIONS",
+    "OVERHEAD_FILE_NAME",
+    "SAMPLES",
+    "LearnedFigures",
+    "LinkRates",
+    "ResidentOverheads",
+]
 
 log = structlog.stdlib.get_logger(__name__)
 
 #: The file in the state dir.
 FILE_NAME: Final = "linkrates.sqlite"
+#: The file of :class:`ResidentOverheads` in the state dir.
+OVERHEAD_FILE_NAME: Final = "residentoverhead.sqlite"
 #: Rates kept per destination; the estimate is their median.
 SAMPLES: Final = 9
 #: Destinations kept at most (the least recently used go first).
@@ -41,6 +54,8 @@ MAX_DESTINATIONS: Final = 1000
 #: Bytes/s accepted as a sample: above 0, at most 1 TiB/s.
 MAX_RATE: Final = float(1 << 40)
 
+# One table per file, named for its first use (link rates; files of earlier versions stay
+# readable): the key (a destination, ...), when, the figure.
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS link_rates (
     destination TEXT NOT NULL,
@@ -51,11 +66,14 @@ CREATE INDEX IF NOT EXISTS link_rates_destination ON link_rates(destination, at)
 """
 
 
-class LinkRates:
-    """Per destination the last :data:`SAMPLES` transfer rates (bytes/s) and their median.
+class LearnedFigures:
+    """Per key the last :data:`SAMPLES` figures and their median, kept in a SQLite file.
 
     ``path``: the SQLite file (``None``: memory only). Call :meth:`open` once before use;
     :meth:`estimate` never waits, :meth:`record` writes through (bounded, never raises)."""
+
+    #: The file's name in a state dir.
+    file_name = FILE_NAME
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -65,8 +83,8 @@ class LinkRates:
         self.problem: str | None = None
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path | None) -> LinkRates:
-        return cls(state_dir / FILE_NAME if state_dir is not None else None)
+    def in_state_dir(cls, state_dir: Path | None) -> Self:
+        return cls(state_dir / cls.file_name if state_dir is not None else None)
 
     async def open(self) -> None:
         """Load what earlier runs learned; a file that cannot be read is logged and left as
@@ -165,3 +183,22 @@ class LinkRates:
                 )
         finally:
             db.close()
+
+
+class LinkRates(LearnedFigures):
+    """Per destination the last :data:`SAMPLES` transfer rates (bytes/s) and their median."""
+
+    file_name = FILE_NAME
+
+
+class ResidentOverheads(LearnedFigures):
+    """Bytes the hypervisor's process of a guest keeps resident beyond the guest's non-zero
+    memory, as this agent's migrations showed it (one key, :data:`HOST_KEY`): what
+    ``migration.forecast`` subtracts from a guest's resident memory to bound the memory a
+    migration sends."""
+
+    file_name = OVERHEAD_FILE_NAME
+
+
+#: The key of the one figure of :class:`ResidentOverheads` (this agent's host).
+HOST_KEY: Final = "this-host"

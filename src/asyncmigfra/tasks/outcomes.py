@@ -47,6 +47,9 @@ class Outcome:
     recovery_time: float | None = None
     #: s the prediction gave the migration (``migration.forecast``), when one was made.
     predicted_duration: float | None = None
+    #: ms the guest was paused at the switchover, as the hypervisor measured it. Not a
+    #: result key (``time-measurement`` has it when asked for): the journal's history.
+    downtime: float | None = None
 
     def note(self, *texts: str) -> None:
         """Add ``texts`` to ``details`` (``; `` between them)."""
@@ -117,6 +120,7 @@ def entry_for(
     else the outcome's notes), else its failure (see :func:`as_task_error`; a bug is logged to
     ``logger`` with ``log_fields``). The outcome's keys follow, except after a bug."""
     snapshot = timer.snapshot() if timer is not None else None
+    downtime = outcome.downtime if outcome is not None else None
     if ended is None:
         note = details if details is not None else outcome.details if outcome is not None else None
         return ResultEntry(
@@ -125,6 +129,7 @@ def entry_for(
             details=note or None,
             time_measurement=snapshot,
             extra=outcome.keys() if outcome is not None else {},
+            downtime=downtime,
         )
     error = as_task_error(ended, logger, **log_fields)
     return ResultEntry(
@@ -134,4 +139,5 @@ def entry_for(
         code=error.code,
         time_measurement=snapshot,
         extra=outcome.keys() if outcome is not None and error is ended else {},
+        downtime=downtime,
     )

@@ -1,66 +1,60 @@
-"""Which of an evacuation's migrations run together, and in which order: *waves* planned
-from predictions (issue 18). Pure: no I/O, no asyncio.
+"""Which of an evacuation's migrations run together, and in which order, planned from
+predictions (issue 18). Pure: no I/O, no asyncio.
 
 Migrations out of one host share its NIC (and those into one destination share that one's),
 and a migration that gets too little of a link never converges: its guest dirties memory
 faster than its share sends it. Placing VMs by CPU and memory and then starting them at most
 ``max-parallel`` at once in placement order (as Nova and KubeVirt do, with 1 and 2) lets two
-hot guests share a link and both fail while idle ones wait. The planner instead groups the
-placed VMs into waves, run one after another (a wave starts when the previous one has
-ended), such that every VM of a wave still converges at the share it gets there, and the
-predicted end of the last wave (the *makespan*) is as early as the heuristic below finds.
+hot guests share a link and both fail while idle ones wait. The planner instead ranks the
+placed VMs and starts each as soon as the links have room for what it needs
+(:mod:`asyncmigfra.tasks.shares`), so that every migration converges at the share it gets
+and the predicted end of the last one (the *makespan*) is early.
 
-**The model of a wave.** Every migration of a wave starts at once, moves nothing during its
-setup, and then is a flow out of the source's link (``link_rate``) and into its
-destination's (``destination_rates``), limited by itself to what it can move alone (its
-``inputs.link_rate``: its stream, or its ``bandwidth`` cap) and by any cap the planner sets.
-The flows divide the links max-min fairly (:func:`~asyncmigfra.fairshare.max_min_rates`, as
-TCP streams and the ``fake`` back-end do), so a migration's rate is smallest at the start and
-grows as others end. Each migration is predicted (:func:`~asyncmigfra.migration.prediction.
-predict_run`) at its starting rate, which gives its work: ``(duration - setup) x rate``;
-the wave then runs as a fluid, each flow spending its work at its max-min rate of the moment,
-recomputed whenever one ends. A wave's duration is the end of its last migration.
-
-**What each VM needs.** ``alone``: the smallest of its own rate, the source's link and its
-destination's. ``needed``: the smallest rate at which pre-copy still converges
-(:func:`~asyncmigfra.migration.prediction.smallest_link_share` of ``alone``). A VM whose
-pre-copy does not converge even alone but whose post-copy does (and is allowed) needs all of
-``alone``; one that converges in neither way is not scheduled: it is reported in
+**What each VM needs.** ``alone``: the smallest of its own rate (its stream, or its
+``bandwidth`` cap), the source's link and its destination's. ``needed``: the smallest rate
+at which pre-copy still converges (:func:`~asyncmigfra.migration.prediction.
+smallest_link_share` of ``alone``). A VM whose pre-copy does not converge even alone but
+whose post-copy does (and is allowed) needs the smallest rate at which post-copy finishes in
+time (any rate that moves its first pass before the completion timeout: post-copy always
+ends); what it *wants* (its rate when others share) keeps it from crawling. One that
+converges in neither way is not scheduled: it is reported in
 :attr:`WavePlan.unschedulable` with the model's reasons, and the caller decides (the
 evacuation runs such VMs last, each alone).
 
-**The heuristic.**
+**The rank.** Hottest first: those that converge only in post-copy (pre-copy does not even
+alone; their ``needed``, a first pass before the timeout, says nothing of how hot they
+are), then by ``needed / alone`` (the share of what they could get that they need), then
+largest (memory and disks) first, then by name. A hot guest sends far
+less at its whole stream than at a fair share (each pass resends what it dirtied meanwhile),
+so it is served first; the cold ones take what it leaves, and all of the link between hot
+ones.
 
-1. The VMs are taken hottest first: by ``needed / alone`` (the share of what they could get
-   that they need), then largest (memory and disks) first, then by name.
-2. Each VM joins the existing wave where it adds least to the makespan (the wave's predicted
-   duration with it minus without it), or opens a new wave when every join would cost more
-   than the new wave's duration (ties: join, the earliest wave). A join must keep the
-   wave within ``max_parallel`` migrations and ``max_incoming`` per destination, and every
-   member's starting rate at or above its ``needed``. Two hot VMs that each need more than
-   half of a link therefore never share a wave, and cold ones gather: their work adds up
-   on a saturated link while their setups overlap.
-3. A join is tried with plain fair shares, and with **caps** that protect the VMs whose
-   fair share is below their need, and these plus the hottest VM of the wave: the
-   protected get what they would get among themselves, the others divide what is left and
-   are capped at it (whole MiB/s, since the wire's ``bandwidth`` is). Caps let cold VMs use
-   what a hot one leaves (a hot VM limited by its stream or its destination) without
-   slowing it: a hot guest that merely converges at its fair share sends far more (each
-   pass resends more of what it dirtied) than with its whole stream. The variant that ends
-   soonest counts.
-4. Then single VMs move to another wave, or to a wave of their own, while that shortens
-   the makespan (a few passes): the greedy order cannot foresee the VMs after each one.
-5. The waves are ordered by Smith's rule, duration per VM ascending (many quick VMs first):
-   the order does not change the makespan but moves most VMs off the host soonest.
+**The schedule** is :mod:`~asyncmigfra.tasks.shares`' rules run forward in time: at the
+start, whenever a migration ends and whenever one's setup ends, the pending VMs that may
+start do (:func:`~asyncmigfra.tasks.shares.admissions`: limits, needs, what the ranked
+want, no crawling; the first-ranked whenever it may, else the one whose migration sends
+least more than alone at the rate it would get, an idle guest before a cold one), and the
+running ones divide the links (:func:`~asyncmigfra.tasks.shares.allocate`: needs, then
+what the ranked want, then fair shares), held there by bandwidth caps. No barrier: a VM
+starts as soon as it fits, not when a group ends. The VMs that start at the same moment
+form a *wave* (numbered in start order), which is what the plan announces.
 
-A greedy rule does not guarantee the shortest makespan (the problem contains bin packing);
-it is a sorted first-fit with a cost, which is what the tests pin down: every VM is scheduled
-once or reported, no wave exceeds its limits, no link is oversubscribed by the needs.
+**The model of a migration in it.** It moves nothing during its setup: the others keep its
+share meanwhile (its need is kept free) and are capped again when its setup ends. Then it
+sends its *work*: the bytes its run sends at its current rate
+(:func:`~asyncmigfra.migration.prediction.predict_run` at that rate, minus the setup, times
+the rate). When its rate changes (others start or end), the share of its work already done
+is kept and the rest is that share of the work at the new rate: a fluid approximation of
+the passes.
 
-**Re-planning.** :func:`replan` plans the VMs not yet started again once moves ran slower (or
-faster) than predicted (:func:`deviates`): the links are assumed :func:`slowdown` times
+The schedule is a list schedule, not an optimum (the problem contains bin packing); what
+the tests pin down: every VM is scheduled once or reported, no moment exceeds the limits,
+no running migration ever gets less than its ``needed``.
+
+**Re-planning.** :func:`replan` plans the VMs not yet started again once moves ran slower
+(or faster) than predicted (:func:`deviates`): the links are assumed :func:`slowdown` times
 slower (the usual cause is other traffic on them; a guest dirtying more than measured looks
-the same from here), and the plan is made afresh for what remains.
+the same from here), the running ones with what they have left.
 """
 
 from __future__ import annotations
@@ -69,15 +63,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from asyncmigfra.fairshare import Flow, max_min_rates
 from asyncmigfra.migration.prediction import (
     PredictionInputs,
     RunMode,
     RunPrediction,
+    cautious,
     predict,
     predict_run,
     smallest_link_share,
 )
+from asyncmigfra.tasks.shares import Links, Member, admissions, allocate, capped, caps
 
 __all__ = [
     "Observation",
@@ -87,19 +82,23 @@ __all__ = [
     "WavePlan",
     "WaveVm",
     "deviates",
+    "lower_bound",
     "plan_waves",
     "replan",
     "slowdown",
 ]
 
-_MIB = 1024 * 1024
 #: Rates are predicted in steps of this share of a VM's ``alone`` rate, rounded down.
 _RATE_STEPS = 256
 #: A deviation beyond this factor either way makes the rest worth planning again.
 DEVIATION = 1.5
 #: :func:`slowdown` is kept within [1/x, x]: a wild measurement does not wreck the plan.
 _SLOWDOWN_LIMIT = 4.0
-_OUT = "out"
+#: Relative progress at which a migration counts as ended (float noise).
+_DONE = 1e-9
+#: A VM that takes from others to start wants a rate at which it sends at most this much
+#: more than alone (:attr:`~asyncmigfra.tasks.shares.Member.wanted`).
+_WORK_SLACK = 0.05
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,7 +108,7 @@ class WaveVm:
     name: str
     destination: str
     #: Its ``link_rate`` is what this one migration can move alone (its stream, or its
-    #: ``bandwidth`` cap); the planner predicts it at the share it gets in a wave.
+    #: ``bandwidth`` cap); the planner predicts it at the share it gets.
     inputs: PredictionInputs
 
 
@@ -119,20 +118,34 @@ class PlannedMove:
     destination: str
     wave: int
     mode: RunMode
-    #: Bytes/s it gets when its wave starts (at least ``needed``; more as others end).
+    #: Its place in the service order (0 first: the links serve it first).
+    rank: int
+    #: Bytes/s it gets when it starts (at least ``needed``; it changes as others come and go).
     rate: float
-    #: Bytes/s it needs to converge.
+    #: Bytes/s it needs to converge, and what it moves alone.
     needed: float
-    #: Bytes/s (whole MiB/s) to cap its migration at; ``None``: no cap.
+    alone: float
+    #: Bytes/s it should get to start when it takes from others.
+    wanted: float
+    #: Bytes/s (whole MiB/s) its migration is capped at when it starts; ``None``: no cap.
     bandwidth: float | None
-    #: s from its wave's start to its end.
+    #: s from its wave's start (its own start) to its end.
     predicted_duration: float
+
+    @property
+    def member(self) -> Member:
+        """The move as :mod:`~asyncmigfra.tasks.shares` sees it."""
+        return Member(self.name, self.destination, self.rank, self.alone, self.needed, self.wanted)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Wave:
+    """The moves that start at the same moment."""
+
     number: int
     moves: tuple[PlannedMove, ...]
+    #: s from the plan's start to the wave's start.
+    start: float
     #: s from its start to the end of its last move.
     duration: float
 
@@ -150,8 +163,12 @@ class Unschedulable:
 class WavePlan:
     waves: tuple[Wave, ...]
     unschedulable: tuple[Unschedulable, ...]
-    #: s: the waves' durations added up.
+    #: s: the predicted end of the last move.
     makespan: float
+
+    #: Moves already under way when it was planned (:func:`plan_waves`' ``running``), their
+    #: ``predicted_duration`` counted from the plan's start.
+    running: tuple[PlannedMove, ...] = ()
 
     @property
     def moves(self) -> tuple[PlannedMove, ...]:
@@ -206,9 +223,11 @@ def replan(
     max_incoming: int | None = None,
     destination_rates: Mapping[str, float] | None = None,
     first_wave: int = 1,
+    running: Mapping[str, float] | None = None,
 ) -> WavePlan:
-    """:func:`plan_waves` for the VMs not yet started, every link and every VM's own rate
-    divided by the :func:`slowdown` the observed moves show (see the module)."""
+    """:func:`plan_waves` for the VMs not yet started (and those of ``running``), every link
+    and every VM's own rate divided by the :func:`slowdown` the observed moves show (see the
+    module)."""
     factor = slowdown(observations)
     return plan_waves(
         [
@@ -220,6 +239,7 @@ def replan(
         max_incoming=max_incoming,
         destination_rates={d: r / factor for d, r in (destination_rates or {}).items()},
         first_wave=first_wave,
+        running=running,
     )
 
 
@@ -231,11 +251,14 @@ def plan_waves(
     max_incoming: int | None = None,
     destination_rates: Mapping[str, float] | None = None,
     first_wave: int = 1,
+    running: Mapping[str, float] | None = None,
 ) -> WavePlan:
-    """Group and order ``vms`` into waves (see the module). ``link_rate``: bytes/s of the
-    source's link, ``destination_rates``: of each destination's (missing: unlimited; both may
-    be ``inf``); ``max_parallel``: migrations per wave; ``max_incoming``: per destination and
-    wave (``None``: no limit); waves are numbered from ``first_wave``."""
+    """Rank ``vms`` and plan when each starts (see the module). ``link_rate``: bytes/s of
+    the source's link, ``destination_rates``: of each destination's (missing: unlimited; both
+    may be ``inf``); ``max_parallel``: migrations at once; ``max_incoming``: per destination
+    (``None``: no limit); waves are numbered from ``first_wave``. ``running``: VMs of ``vms``
+    already migrating, with the share (0-1) of their work done: they run from the start
+    (past their setup), are not in :attr:`WavePlan.waves` but in :attr:`WavePlan.running`."""
     if max_parallel < 1:
         raise ValueError(f"max_parallel must be >= 1, got {max_parallel!r}")
     if max_incoming is not None and max_incoming < 1:
@@ -245,77 +268,48 @@ def plan_waves(
         raise ValueError("link rates must be > 0 (inf: unlimited)")
     if len({v.name for v in vms}) != len(vms):
         raise ValueError("every VM may be planned once")
-    links = _Links(link_rate, rates)
+    done = dict(running or {})
+    if not set(done) <= {v.name for v in vms}:
+        raise ValueError("running VMs must be among the VMs planned")
+    links = Links(link_rate, rates)
     needs: list[_Need] = []
     unschedulable: list[Unschedulable] = []
     for vm in vms:
         need = _need(vm, links)
-        if isinstance(need, Unschedulable):
+        if isinstance(need, Unschedulable) and vm.name not in done:
             unschedulable.append(need)
-        else:
+        elif isinstance(need, _Need):
             needs.append(need)
-    needs.sort(key=lambda n: (-n.needed / n.alone, -n.size, n.vm.name))
-    groups: list[list[_Need]] = []
-    timings: list[_Timing] = []
-    for need in needs:
-        alone = _time_wave([need], links)
-        assert alone is not None  # alone it gets its alone rate, at least what it needs
-        best: tuple[float, int | None, _Timing] = (alone.duration * (1 + 1e-9), None, alone)
-        for index, group in enumerate(groups):
-            if not _room(group, need, max_parallel, max_incoming):
-                continue
-            timing = _time_wave([*group, need], links)
-            if timing is not None and timing.duration - timings[index].duration < best[0]:
-                best = (timing.duration - timings[index].duration, index, timing)
-        _, chosen, timing = best
-        if chosen is None:
-            groups.append([need])
-            timings.append(timing)
-        else:
-            groups[chosen].append(need)
-            timings[chosen] = timing
-    _improve(groups, timings, links, max_parallel=max_parallel, max_incoming=max_incoming)
-    order = sorted(range(len(groups)), key=lambda i: (timings[i].duration / len(groups[i]), i))
-    waves: list[Wave] = []
-    for number, i in enumerate(order, start=first_wave):
-        timing = timings[i]
-        moves = tuple(
-            PlannedMove(
-                name=n.vm.name,
-                destination=n.vm.destination,
-                wave=number,
-                mode=n.mode,
-                rate=timing.rates[n.vm.name],
-                needed=n.needed,
-                bandwidth=timing.caps.get(n.vm.name),
-                predicted_duration=timing.finish[n.vm.name],
-            )
-            for n in groups[i]
-        )
-        waves.append(Wave(number=number, moves=moves, duration=timing.duration))
-    return WavePlan(
-        waves=tuple(waves),
-        unschedulable=tuple(unschedulable),
-        makespan=sum(w.duration for w in waves),
-    )
+    needs.sort(key=lambda n: (n.mode != "post-copy", -n.needed / n.alone, -n.size, n.vm.name))
+    for rank, need in enumerate(needs):
+        need.rank = rank
+    schedule = _Simulation(links, max_parallel=max_parallel, max_incoming=max_incoming)
+    schedule.run(needs, {n: min(1.0, max(0.0, p)) for n, p in done.items()})
+    return schedule.plan(first_wave, unschedulable, done)
+
+
+def lower_bound(
+    vms: Sequence[WaveVm],
+    *,
+    link_rate: float,
+    destination_rates: Mapping[str, float] | None = None,
+) -> float:
+    """s no schedule of ``vms`` can beat, as the model counts: the bytes of every migration
+    at the rate it moves alone (the fewest it sends) through the source's link, and into
+    each destination's, at their full rates; and the longest migration alone. The VMs that
+    converge in no way are left out."""
+    links = Links(link_rate, dict(destination_rates or {}))
+    needs = [n for n in (_need(v, links) for v in vms) if isinstance(n, _Need)]
+    bound = max((n.setup + n.work(n.alone) / n.alone for n in needs), default=0.0)
+    for link, capacity in links.capacities().items():
+        crossing = [n for n in needs if link in links.of(n.vm.destination)]
+        if crossing:
+            setup = min(n.setup for n in crossing)
+            bound = max(bound, setup + sum(n.work(n.alone) for n in crossing) / capacity)
+    return bound
 
 
 # ---- what one VM needs -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Links:
-    out: float
-    into: Mapping[str, float]
-
-    def capacities(self) -> dict[str, float]:
-        caps = {f"in:{d}": r for d, r in self.into.items() if math.isfinite(r)}
-        if math.isfinite(self.out):
-            caps[_OUT] = self.out
-        return caps
-
-    def of(self, destination: str) -> tuple[str, str]:
-        return (_OUT, f"in:{destination}")
 
 
 @dataclass(slots=True, eq=False)
@@ -325,7 +319,28 @@ class _Need:
     alone: float
     needed: float
     mode: RunMode
+    rank: int = 0
     runs: dict[float, RunPrediction] = field(default_factory=dict)
+    wanted: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.wanted = self._wanted()
+
+    def _wanted(self) -> float:
+        """The smallest rate (in steps of ``alone``) at which it sends at most
+        :data:`_WORK_SLACK` more than alone."""
+        most = self.work(self.alone) * (1 + _WORK_SLACK)
+        step = self.alone / _RATE_STEPS
+        low, high = math.floor(self.needed / step), _RATE_STEPS  # in steps
+        if self.work(low * step) <= most:
+            return self.needed
+        while high - low > 1:  # work(low) too much, work(high) not
+            middle = (low + high) // 2
+            if self.work(middle * step) <= most:
+                high = middle
+            else:
+                low = middle
+        return max(self.needed, high * step)
 
     @property
     def size(self) -> int:
@@ -334,6 +349,18 @@ class _Need:
     @property
     def setup(self) -> float:
         return self.vm.inputs.costs.setup
+
+    @property
+    def member(self) -> Member:
+        return Member(
+            self.vm.name, self.vm.destination, self.rank, self.alone, self.needed, self.wanted
+        )
+
+    def work(self, rate: float) -> float:
+        """Bytes its run sends at ``rate`` (after its setup)."""
+        rate, run = self.run_at(rate)
+        assert run.duration is not None
+        return max(0.0, run.duration - self.setup) * rate
 
     def run_at(self, rate: float) -> tuple[float, RunPrediction]:
         """Its run at ``rate`` (rounded down to a step of ``alone``, never below ``needed``),
@@ -358,186 +385,153 @@ class _Need:
         return run
 
 
-def _need(vm: WaveVm, links: _Links) -> _Need | Unschedulable:
+def _need(vm: WaveVm, links: Links) -> _Need | Unschedulable:
     alone = min(vm.inputs.link_rate, links.out, links.into.get(vm.destination, math.inf))
     inputs = replace(vm.inputs, link_rate=alone)
-    if predict_run(inputs, "live").converges:
+    if predict_run(cautious(inputs), "live").converges:  # judged at the dirty rate's bound
         share = smallest_link_share(inputs)
         assert share is not None
-        return _Need(vm=vm, alone=alone, needed=share * alone, mode="live")
+        return _Need(vm=vm, alone=alone, needed=min(alone, share * alone), mode="live")
     verdict = predict(inputs)
-    if verdict.mode == "post-copy":
-        return _Need(vm=vm, alone=alone, needed=alone, mode="post-copy")
+    if verdict.mode == "post-copy":  # it finishes at any share that moves it in time
+        share = smallest_link_share(inputs, live=False)
+        assert share is not None
+        return _Need(vm=vm, alone=alone, needed=min(alone, share * alone), mode="post-copy")
     return Unschedulable(name=vm.name, destination=vm.destination, reason=verdict.reason)
 
 
-def _improve(
-    groups: list[list[_Need]],
-    timings: list[_Timing],
-    links: _Links,
-    *,
-    max_parallel: int,
-    max_incoming: int | None,
-    rounds: int = 3,
-) -> None:
-    """Move single VMs to another wave (or a wave of their own) while that shortens the
-    makespan, at most ``rounds`` passes over the VMs (in place)."""
-    for _ in range(rounds):
-        moved = False
-        for need in [n for g in groups for n in g]:
-            src = next(i for i, g in enumerate(groups) if need in g)
-            rest = [n for n in groups[src] if n is not need]
-            without = _time_wave(rest, links) if rest else None
-            if rest and without is None:
+# ---- the schedule, run forward -----------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Moving:
+    need: _Need
+    start: float
+    #: When it starts to move data (after its setup).
+    moves_at: float
+    #: Share of its work done.
+    done: float = 0.0
+    rate: float = 0.0
+    cap: int | None = None
+
+
+class _Simulation:
+    """:mod:`~asyncmigfra.tasks.shares`' rules, run forward in time (see the module)."""
+
+    def __init__(self, links: Links, *, max_parallel: int, max_incoming: int | None) -> None:
+        self.links = links
+        self.max_parallel = max_parallel
+        self.max_incoming = max_incoming
+        #: name -> (start, end, rate and cap when it started).
+        self.timeline: dict[str, tuple[float, float, float, int | None]] = {}
+        self.needs: dict[str, _Need] = {}
+
+    def run(self, needs: list[_Need], running: Mapping[str, float]) -> None:
+        self.needs = {n.vm.name: n for n in needs}
+        moving = {
+            n.vm.name: _Moving(n, 0.0, 0.0, done=running[n.vm.name])
+            for n in needs
+            if n.vm.name in running
+        }
+        pending = [n for n in needs if n.vm.name not in running]
+        t = 0.0
+        while pending or moving:
+            members = [m.need.member for m in moving.values()]
+            for member in admissions(
+                members,
+                [n.member for n in pending],
+                self.links,
+                max_parallel=self.max_parallel,
+                max_incoming=self.max_incoming,
+                prefer=self._inflation,
+            ):
+                need = self.needs[member.name]
+                pending.remove(need)
+                moving[member.name] = _Moving(need, t, t + need.setup)
+            if not moving:  # cannot happen: a lone VM always fits (needed <= alone <= links)
+                raise AssertionError("no VM can start")
+            members = [m.need.member for m in moving.values()]
+            started = caps(members, allocate(members, self.links))  # its cap when it moves
+            setups = [m.need.member for m in moving.values() if m.moves_at > t]
+            now = [m for m in members if m not in setups]
+            held = caps(now, allocate(now, self.links, starting=setups))
+            rates = capped(allocate(now, self.links, starting=setups), held)
+            for name, m in moving.items():
+                m.rate, m.cap = rates.get(name, 0.0), held.get(name, started[name])
+                if m.start == t and name not in self.timeline:
+                    rate = capped(allocate(members, self.links), started)[name]
+                    self.timeline[name] = (t, math.inf, rate, started[name])
+            t = self._advance(t, moving)
+
+    def _inflation(self, member: Member, rate: float) -> float:
+        """How much more ``member`` sends at ``rate`` than alone (the fillers beside a VM
+        that takes most of a link are those it costs least), larger VMs first."""
+        need = self.needs[member.name]
+        alone = need.work(need.alone)
+        return round(need.work(rate) / alone, 2) - need.size * 1e-15 if alone > 0 else 0.0
+
+    def _advance(self, t: float, moving: dict[str, _Moving]) -> float:
+        """Run until the next migration ends or starts to move data; the ended leave."""
+        speeds: dict[str, float] = {}
+        step = math.inf
+        for name, m in moving.items():
+            if m.moves_at > t:
+                step = min(step, m.moves_at - t)
                 continue
-            saved = timings[src].duration - (without.duration if without else 0.0)
-            best: tuple[float, int | None, _Timing | None] = (0.0, None, None)
-            alone = _time_wave([need], links)
-            assert alone is not None
-            if rest and alone.duration < saved * (1 - 1e-9):
-                best = (alone.duration - saved, None, alone)
-            for i, group in enumerate(groups):
-                if i == src or not _room(group, need, max_parallel, max_incoming):
-                    continue
-                timing = _time_wave([*group, need], links)
-                if timing is None:
-                    continue
-                gain = timing.duration - timings[i].duration - saved
-                if gain < best[0] - 1e-9 * max(1.0, saved):
-                    best = (gain, i, timing)
-            if best[2] is None:
+            work = m.need.work(m.rate)
+            if work <= 0:
+                speeds[name] = math.inf
+                step = 0.0
                 continue
-            moved = True
-            groups[src] = rest
-            if without is not None:
-                timings[src] = without
-            if best[1] is None:
-                groups.append([need])
-                timings.append(best[2])
-            else:
-                groups[best[1]].append(need)
-                timings[best[1]] = best[2]
-        empty = [i for i, g in enumerate(groups) if not g]
-        for i in reversed(empty):
-            del groups[i], timings[i]
-        if not moved:
-            return
-
-
-def _room(group: list[_Need], need: _Need, max_parallel: int, max_incoming: int | None) -> bool:
-    if len(group) >= max_parallel:
-        return False
-    if max_incoming is None:
-        return True
-    return sum(1 for g in group if g.vm.destination == need.vm.destination) < max_incoming
-
-
-# ---- the model of a wave ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Timing:
-    duration: float
-    #: name -> s from the wave's start to its end.
-    finish: dict[str, float]
-    #: name -> bytes/s when the wave starts.
-    rates: dict[str, float]
-    #: name -> bytes/s it is capped at.
-    caps: dict[str, float]
-
-
-def _time_wave(members: list[_Need], links: _Links) -> _Timing | None:
-    """The wave's timing with fair shares, with caps protecting the needy, or with caps
-    protecting them and the hottest member, whichever ends soonest; ``None`` when none
-    lets every member converge."""
-    fair = _rates(members, links, {})
-    best = _simulate(members, links, {}, fair)
-    needy = [m for m in members if fair[m.vm.name] < m.needed]
-    hottest = max(members, key=lambda m: (m.needed / m.alone, m.size, m.vm.name))
-    protect = [needy] if needy else []
-    if hottest not in needy and fair[hottest.vm.name] < hottest.alone:
-        protect.append([*needy, hottest])
-    for protected in protect:
-        others = [m for m in members if m not in protected]
-        caps = _protecting(protected, others, links) if others else None
-        if caps is None:
-            continue
-        capped = _simulate(members, links, caps, _rates(members, links, caps))
-        if capped is not None and (best is None or capped.duration < best.duration):
-            best = capped
-    return best
-
-
-def _rates(members: list[_Need], links: _Links, caps: Mapping[str, float]) -> dict[str, float]:
-    flows = {
-        m.vm.name: Flow(min(m.alone, caps.get(m.vm.name, math.inf)), links.of(m.vm.destination))
-        for m in members
-    }
-    return max_min_rates(flows, links.capacities())
-
-
-def _protecting(needy: list[_Need], others: list[_Need], links: _Links) -> dict[str, float] | None:
-    """Caps for ``others`` that leave ``needy`` what they get among themselves; ``None``
-    when that is not enough for them, or leaves nothing for the others."""
-    among = _rates(needy, links, {})
-    if any(among[m.vm.name] < m.needed for m in needy):
-        return None
-    left = links.capacities()
-    for m in needy:
-        for link in links.of(m.vm.destination):
-            if link in left:
-                left[link] = max(0.0, left[link] - among[m.vm.name])
-    rest = _rates(others, _Links(left.get(_OUT, math.inf), _into(left)), {})
-    caps = {name: float(math.floor(rate / _MIB) * _MIB) for name, rate in rest.items()}
-    if any(cap <= 0 for cap in caps.values()):
-        return None
-    return caps
-
-
-def _into(capacities: Mapping[str, float]) -> dict[str, float]:
-    return {link[3:]: rate for link, rate in capacities.items() if link.startswith("in:")}
-
-
-def _simulate(
-    members: list[_Need], links: _Links, caps: Mapping[str, float], start: Mapping[str, float]
-) -> _Timing | None:
-    """The wave as a fluid (see the module); ``start``: the rates when all move."""
-    if any(start[m.vm.name] < m.needed * (1 - 1e-9) for m in members):
-        return None
-    work: dict[str, float] = {}
-    for m in members:
-        rate, run = m.run_at(start[m.vm.name])
-        assert run.duration is not None
-        work[m.vm.name] = max(0.0, run.duration - m.setup) * rate
-    by_name = {m.vm.name: m for m in members}
-    waiting = sorted(members, key=lambda m: m.setup)
-    moving: set[str] = set()
-    finish: dict[str, float] = {}
-    t = 0.0
-    while waiting or moving:
-        while waiting and waiting[0].setup <= t:
-            name = waiting.pop(0).vm.name
-            if work[name] > 0:
-                moving.add(name)
-            else:
-                finish[name] = t
-        if not moving:
-            if waiting:
-                t = waiting[0].setup
-            continue
-        now = _rates([by_name[n] for n in moving], links, caps)
-        step = min(work[n] / now[n] for n in moving)
-        if waiting:
-            step = min(step, waiting[0].setup - t)
+            speeds[name] = m.rate / work
+            step = min(step, (1 - m.done) / speeds[name])
+        assert math.isfinite(step)
         t += step
-        for name in list(moving):
-            work[name] -= now[name] * step
-            if work[name] <= 1e-9 * now[name]:
-                finish[name] = t
-                moving.discard(name)
-    return _Timing(
-        duration=max(finish.values(), default=0.0),
-        finish=finish,
-        rates=dict(start),
-        caps={n: c for n, c in caps.items() if c < by_name[n].alone},
-    )
+        for name, speed in speeds.items():
+            m = moving[name]
+            m.done = 1.0 if math.isinf(speed) else m.done + speed * step
+            if m.done >= 1 - _DONE:
+                start, _, rate, cap = self.timeline.get(name, (0.0, 0.0, m.rate, m.cap))
+                self.timeline[name] = (start, t, rate, cap)
+                del moving[name]
+        return t
+
+    def plan(
+        self, first_wave: int, unschedulable: list[Unschedulable], running: Mapping[str, float]
+    ) -> WavePlan:
+        starts = sorted({start for n, (start, *_) in self.timeline.items() if n not in running})
+        numbers = {start: number for number, start in enumerate(starts, start=first_wave)}
+        grouped: dict[float, list[PlannedMove]] = {s: [] for s in starts}
+        now: list[PlannedMove] = []
+        for name, need in self.needs.items():
+            start, end, rate, cap = self.timeline[name]
+            move = PlannedMove(
+                name=name,
+                destination=need.vm.destination,
+                wave=numbers.get(start, 0) if name not in running else 0,
+                mode=need.mode,
+                rank=need.rank,
+                rate=rate,
+                needed=need.needed,
+                alone=need.alone,
+                wanted=need.wanted,
+                bandwidth=None if cap is None else float(cap * 1024 * 1024),
+                predicted_duration=end - start,
+            )
+            (now if name in running else grouped[start]).append(move)
+        waves = tuple(
+            Wave(
+                number=numbers[s],
+                moves=tuple(grouped[s]),
+                start=s,
+                duration=max(m.predicted_duration for m in grouped[s]),
+            )
+            for s in starts
+        )
+        ends = [end for _, end, _, _ in self.timeline.values()]
+        return WavePlan(
+            waves=waves,
+            unschedulable=tuple(unschedulable),
+            makespan=max(ends, default=0.0),
+            running=tuple(now),
+        )

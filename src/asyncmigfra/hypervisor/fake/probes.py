@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from asyncmigfra.errors import WrongState
 from asyncmigfra.hypervisor.base import DomainState, LinkRate
 from asyncmigfra.hypervisor.fake.cluster import _MIB
+from asyncmigfra.hypervisor.fake.migration import _MIN_PASS, _SETUP_TIME, _SWITCHOVER_OVERHEAD_MS
+from asyncmigfra.hypervisor.fake.sampling import _POSTCOPY_DOWNTIME_MS
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.fake.cluster import FakeCluster, FakeDomain, FakeHost
@@ -29,6 +31,9 @@ class _RateProbes:
     host: FakeHost
     #: MiB/s (simulated) of one migration's link.
     bandwidth: float
+    #: ``MeasuresDirtyRate``: the rate is the simulated guest's steady one, at every time
+    #: scale (no sample period).
+    samples_pages = False
 
     async def _enter(self, op: str) -> None:
         raise NotImplementedError
@@ -44,6 +49,17 @@ class _RateProbes:
         if dom.state is not DomainState.RUNNING:
             raise WrongState(f"Wrong domain state: {dom.state.number}")
         return float(dom.dirty_rate)
+
+    def migration_costs(self) -> dict[str, float]:
+        """``KnowsMigrationCosts``: the simulation's fixed costs (its disks copy with none)."""
+        return {
+            "setup": _SETUP_TIME,
+            "storage_setup": 0.0,
+            "min_pass": _MIN_PASS,
+            "pass_overhead": 0.0,
+            "switchover": _SWITCHOVER_OVERHEAD_MS,
+            "post_copy_pause": _POSTCOPY_DOWNTIME_MS,
+        }
 
     async def link_rate(self, destination: str) -> LinkRate | None:
         """``bandwidth`` for one migration; this host's and the destination's ``nic-rate``

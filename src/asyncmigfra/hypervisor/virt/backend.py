@@ -34,6 +34,7 @@ from asyncmigfra.errors import (
 )
 from asyncmigfra.hypervisor._threads import run_blocking
 from asyncmigfra.hypervisor.base import (
+    DirtyPageSample,
     DiskCopy,
     DomainInfo,
     HostInfo,
@@ -846,6 +847,15 @@ class LibvirtHypervisor:
 
         return await self._mapped(self.uri, op)
 
+    async def resident_memory(self, vm_name: str) -> int | None:
+        """``KnowsResidentMemory``: ``memoryStats()['rss']`` (libvirtd reads QEMU's RSS)."""
+
+        def op(conn: Any) -> int | None:
+            rss = conn.lookupByName(vm_name).memoryStats().get("rss")
+            return int(rss) if isinstance(rss, int) and rss > 0 else None
+
+        return await self._mapped(self.uri, op)
+
     async def repin(self, vm_name: str, vcpu_map: VcpuMap, ctx: OpContext) -> None:
         """Pin live and in the config for a running persistent domain, live for a transient
         one, in the config for a shut-off one."""
@@ -1008,6 +1018,14 @@ class LibvirtHypervisor:
             return await self._call(self.uri, fn, retry=False)
 
         return await dirtyrate.measure(call, vm_name, seconds)
+
+    async def sample_dirty_pages(self, vm_name: str, *, seconds: int = 1) -> DirtyPageSample:
+        """``SamplesDirtyPages``: the probe as the pages behind it (:func:`dirtyrate.sample`)."""
+
+        async def call(fn: Callable[[Any], T]) -> T:
+            return await self._call(self.uri, fn, retry=False)
+
+        return await dirtyrate.sample(call, vm_name, seconds)
 
     async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
         """The disks ``request`` would copy (:func:`disks.source_copies`)."""

@@ -341,6 +341,7 @@ def source_copies(conn: Any, request: MigrationRequest) -> tuple[DiskCopy, ...]:
             path=d.path or "",
             size=copy_size(d, request.copy_storage),
             room=room_needed(d, request.copy_storage),
+            data=d.allocation,
         )
         for d in chosen
     )

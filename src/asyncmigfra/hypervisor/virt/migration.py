@@ -477,11 +477,16 @@ class LibvirtMigrationJob:
         last = self._last
         iterations = _num(stats, "memory_iteration") if stats else 0
         transferred = _num(stats, "memory_processed") if stats else 0
+        zero: int | None = None
+        if stats and isinstance(stats.get("memory_constant"), int):
+            zero = _num(stats, "memory_constant") * (_num(stats, "memory_page_size") or 4096)
         return MigrationResult(
             downtime=float(downtime) if isinstance(downtime, int | float) else None,
             iterations=iterations or (last.iteration if last else self._iteration),
             post_copy=self._post_copy,
             transferred=transferred or (last.memory_processed if last else 0),
+            memory_total=_num(stats, "memory_total") if stats else 0,
+            zero_bytes=zero,
         )
 
     async def _destination_stats(self) -> Mapping[str, object] | None:

@@ -262,7 +262,13 @@ def plan_storage(conn: Any, dconn: Any, request: MigrationRequest, *, host: str)
         room = room_needed(disk, mode)
         need[directory] = need.get(directory, 0) + room
         copies.append(
-            DiskCopy(target=disk.target, path=disk.path, size=copy_size(disk, mode), room=room)
+            DiskCopy(
+                target=disk.target,
+                path=disk.path,
+                size=copy_size(disk, mode),
+                room=room,
+                data=disk.allocation,
+            )
         )
     for directory, bytes_needed in need.items():
         available = int(pools[directory].info()[3])

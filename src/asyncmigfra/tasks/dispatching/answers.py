@@ -1,24 +1,79 @@
-"""Control tasks answered by the dispatcher itself: ``status``, ``cancel`` and ``quit``."""
+"""Control tasks answered by the dispatcher itself: ``status``, ``cancel``, ``quit`` and
+``history``."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Final
 
 from asyncmigfra import __version__
 from asyncmigfra.errors import (
+    Busy,
+    NotSupported,
     TaskError,
+    Unavailable,
     WrongState,
 )
+from asyncmigfra.hypervisor._threads import run_blocking
 from asyncmigfra.model import (
     CancelSpec,
+    HistorySpec,
+    MigrateSpec,
     ResultEntry,
     ResultMessage,
+    Status,
+    TaskKind,
     TaskMessage,
 )
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import Reply
+from asyncmigfra.tasks.history import HistoryItem, HistoryQuery
 from asyncmigfra.tasks.journal import journal_state
 from asyncmigfra.tasks.outcomes import entry_for
+from asyncmigfra.values import iso_instant
+from asyncmigfra.wire.rendering import BoundedResult, render_bounded_result
+
+#: ``history`` tasks read at once at most; more are answered ``busy``.
+MAX_HISTORY_READS: Final = 8
+#: s a history read may take before it is answered ``unavailable`` (a hung disk).
+HISTORY_DEADLINE: Final = 10.0
+
+
+def _history_entry(item: HistoryItem) -> ResultEntry:
+    """One ``history`` list item (protocol §3.15): the past subtask's ``status`` and
+    ``code``, then what it was and when."""
+    extra: dict[str, object] = {}
+    if item.task_id:
+        extra["id"] = item.task_id
+    extra["task"] = item.task
+    extra["started"] = iso_instant(item.started)
+    if item.duration is not None:
+        extra["duration"] = round(item.duration, 3)
+    if item.destination is not None:
+        extra["destination"] = item.destination
+    if item.downtime is not None:
+        extra["downtime"] = round(item.downtime, 1)
+    status: Status = "success" if item.status == "success" else "error"
+    return ResultEntry(
+        vm_name=item.vm_name, status=status, details=item.details, code=item.code, extra=extra
+    )
+
+
+def _history_answer(
+    msg: TaskMessage, header: dict[str, object], items: list[HistoryItem], limit: int
+) -> tuple[ResultMessage, BoundedResult]:
+    """The ``history`` result of ``items`` and its payload within ``limit`` bytes (the newest
+    entries that fit, ``more: true`` when some were left out). A thousand entries take tens
+    of milliseconds to build and render: run in a worker thread, not on the loop."""
+    result = ResultMessage(
+        result=TaskKind.HISTORY.result_name,
+        entries=[_history_entry(item) for item in items],
+        id=msg.id,
+        header=header,
+        task=TaskKind.HISTORY,
+    )
+    return result, render_bounded_result(result, limit)
 
 
 class _Answers(_DispatcherBase):
@@ -71,6 +126,11 @@ class _Answers(_DispatcherBase):
                 phase = run.ctx.current_phase if run.ctx and run.ctx.current_phase else run.state
                 item["phase"] = phase
                 item["elapsed"] = round(now - job.received, 3)
+                if isinstance(run.spec, MigrateSpec):  # what ``asyncmigfra follow`` shows
+                    item["destination"] = run.spec.destination
+                    swap = run.spec.parameter.swap_with
+                    if swap is not None:
+                        item["swap-with"] = swap.vm_name
                 tasks.append(item)
         header: dict[str, object] = {
             "host": self._settings.hostname,
@@ -96,3 +156,58 @@ class _Answers(_DispatcherBase):
         self._deliver(
             ResultMessage(result="status", entries=entries, id=msg.id, header=header), reply, None
         )
+
+    async def _answer_history(self, msg: TaskMessage, reply: Reply | None) -> None:
+        """What this agent did, from its journal (protocol §3.15): read in the journal's
+        thread, bounded in time and in reads at once; no journal (or no history kept) is a
+        ``not-supported`` entry."""
+        spec = msg.subtasks[0]
+        assert isinstance(spec, HistorySpec)
+        journal = self._journal
+        entries: list[ResultEntry]
+        header: dict[str, object] = {
+            "host": self._settings.hostname,
+            "journal": journal_state(journal),
+        }
+        if journal is None or not journal.keeps_history:
+            why = (
+                "its journal is off (agent.state-dir: none)"
+                if journal is None
+                else "agent.history-max-entries is 0"
+            )
+            entries = [entry_for("n/a", NotSupported(f"this agent keeps no history: {why}"))]
+        elif self._history_reads >= MAX_HISTORY_READS:
+            busy = Busy(f"{MAX_HISTORY_READS} history reads are under way; ask again later")
+            entries = [entry_for("n/a", busy)]
+        else:
+            query = HistoryQuery(vm_name=spec.vm_name, since=spec.since, limit=spec.limit)
+            self._history_reads += 1
+            try:
+                async with asyncio.timeout(HISTORY_DEADLINE):
+                    items = await asyncio.shield(journal.history(query))
+                # Built and rendered off the loop, in the answers' one thread, within
+                # limits.max-message-size (what operations.md §2 has the broker allow); the
+                # loop only hands the bytes over.
+                limit = self._settings.limits.max_message_size
+                answer, rendered = await run_blocking(
+                    self._answer_thread, _history_answer, msg, header, items, limit
+                )
+            except TimeoutError:
+                why = f"the journal did not answer within {HISTORY_DEADLINE:g} s"
+                entries = [entry_for("n/a", Unavailable(f"the history cannot be read: {why}"))]
+            except Exception as exc:  # noqa: BLE001 - any read failure means the same
+                failure = Unavailable(f"the history cannot be read: {exc}")
+                entries = [entry_for("n/a", failure)]
+            else:
+                self._deliver(answer, reply, None, rendered=rendered)
+                return
+            finally:
+                self._history_reads -= 1
+        result = ResultMessage(
+            result=TaskKind.HISTORY.result_name,
+            entries=entries,
+            id=msg.id,
+            header=header,
+            task=TaskKind.HISTORY,
+        )
+        self._deliver(result, reply, None)

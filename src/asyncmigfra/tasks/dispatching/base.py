@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from asyncmigfra.errors import (
     TaskError,
@@ -93,6 +94,12 @@ class _DispatcherBase:
         self._idle.set()
         self._draining = False
         self._started = time.monotonic()
+        #: ``history`` reads under way (bounded: ``answers.MAX_HISTORY_READS``).
+        self._history_reads = 0
+        #: The one thread that builds large answers (``history``), one at a time: the loop
+        #: then competes for the GIL with one such thread, not with eight. Started at its
+        #: first use; shut down when :meth:`Dispatcher.run` ends.
+        self._answer_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncmigfra-answers")
         self.queued = 0
         self.running = 0
         self.completed = 0
@@ -119,6 +126,7 @@ class _DispatcherBase:
             id=msg.id,
             flat=flat,
             header={k: v for k, v in (header or {}).items() if v is not None},
+            task=msg.kind,
         )
 
     async def _reconcile(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
@@ -188,6 +196,10 @@ class _DispatcherBase:
         return entry
 
     def _report(self, job: _Job, entry: ResultEntry, duration: float) -> None:
+        """The ``error`` and ``done`` events of a finished subtask (one VM); its times go on
+        the entry for the journal's history."""
+        entry.seconds = duration
+        entry.started = time.time() - duration
         if entry.status == "error":
             self._events.error(
                 job.msg.id, entry.vm_name, code=entry.code or "", details=entry.details or ""

@@ -61,11 +61,14 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
 
     async def run(self) -> None:
         """Own the jobs' TaskGroup until :meth:`close`; running jobs finish first."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            await self._stop.wait()
-            await self._idle.wait()
-        self._tg = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                await self._stop.wait()
+                await self._idle.wait()
+        finally:
+            self._tg = None
+            self._answer_thread.shutdown(wait=False)  # idle: every answer task has ended
 
     def close(self) -> None:
         self._stop.set()
@@ -137,6 +140,9 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
             return
         if msg.kind is TaskKind.STATUS:
             self._spawn(self._answer_status(msg, reply), f"status[{msg.id}]")
+            return
+        if msg.kind is TaskKind.HISTORY:
+            self._spawn(self._answer_history(msg, reply), f"history[{msg.id}]")
             return
         if msg.kind is TaskKind.CANCEL:
             self._answer_cancel(msg, reply)

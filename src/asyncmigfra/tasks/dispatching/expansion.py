@@ -16,6 +16,7 @@ from asyncmigfra.errors import (
     TaskError,
 )
 from asyncmigfra.hypervisor.base import DomainInfo, MigrationRequest
+from asyncmigfra.migration.steering import Tuning
 from asyncmigfra.model import (
     EvacuateSpec,
     MigrateSpec,
@@ -128,10 +129,22 @@ class _Expansion(_Predicted):
             entry.extra.setdefault("destination", dest)
             return entry
 
+        async def steer(name: str, bandwidth: int | None) -> bool:
+            steering = run.steering.get(name)
+            if steering is None or not steering.running:
+                return False
+            cap = bandwidth if bandwidth is not None else spec.parameter.bandwidth or 0
+            try:
+                await steering.tune(Tuning(bandwidth=cap))
+            except TaskError as exc:
+                log.info("evacuation.cap_refused", vm=name, bandwidth=cap, error=str(exc))
+                return False
+            return True
+
         tasks: dict[str, asyncio.Task[ResultEntry]] = {}
         try:
             if waves is not None:
-                await self._run_waves(job, waves, move, tasks)
+                await self._run_waves(job, waves, move, steer, tasks)
             else:
                 async with asyncio.TaskGroup() as tg:
                     for name, dest in plan.assignments.items():

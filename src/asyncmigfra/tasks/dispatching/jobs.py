@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 
@@ -23,6 +23,7 @@ from asyncmigfra.model import (
 )
 from asyncmigfra.tasks.dispatching.lanes import _Ticket
 from asyncmigfra.tasks.running import SubtaskContext
+from asyncmigfra.wire.rendering import BoundedResult
 
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
 #: The standard library's logger behind ``log``: what its level lets through.
@@ -37,9 +38,21 @@ class Reply:
     correlation_data: bytes | None = None
 
 
-#: ``deliver(result, reply, journal_key)``: publish a result; ``journal_key`` names the
-#: journal record it settles (``None`` for answers to messages that were never accepted).
-Deliver = Callable[[ResultMessage, Reply | None, str | None], None]
+class Deliver(Protocol):
+    """``deliver(result, reply, journal_key)``: publish a result; ``journal_key`` names the
+    journal record it settles (``None`` for answers to messages that were never accepted).
+    ``rendered``: the result already rendered within ``limits.max-message-size`` (an answer
+    of many entries, rendered in a worker thread); otherwise the deliverer renders it."""
+
+    def __call__(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None: ...
 
 
 State = Literal["queued", "running", "done"]

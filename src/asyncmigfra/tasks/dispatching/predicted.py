@@ -21,37 +21,39 @@ destination (learned from earlier migrations, else the configured ``migration.li
 stands for all three: one migration alone is taken to fill the source's NIC, and the
 migrations out of this host, and those into one destination, to share that same rate.
 
-:meth:`_Predicted._run_waves` then runs the waves one after another: a wave's migrations all
-start together (each with the bandwidth cap the plan gives it, if any) and the next wave
-starts when the last of them has ended. VMs the model sees converging in no way run last,
-each alone. When a wave's move took more than 1.5 times its prediction (or less than its
-prediction over 1.5), the waves not yet started are planned again with links as slow as
-the moves so far were (:func:`~asyncmigfra.tasks.waves.replan`) and announced again.
+:meth:`_Predicted._run_waves` then runs the moves (:mod:`.moving`: in the planned order as
+the links have room, each capped at its share, the destinations' inbound shares reserved
+with their agents). VMs the model sees converging in no way run last, each alone. When a
+move took more than 1.5 times its prediction (or less than its prediction over 1.5), the
+moves not yet started are planned again with links as slow as the moves so far were, the
+running ones with what they have left (:func:`~asyncmigfra.tasks.waves.replan`), and
+announced again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 
 import structlog
 
 from asyncmigfra.errors import TaskError
 from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, LinkRate
+from asyncmigfra.migration.dirtyrates import DirtyRate
+from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
 from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
+from asyncmigfra.peers.inbound import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
+from asyncmigfra.tasks.dispatching.moving import Move, Moves, Steer
+from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.waves import (
     Observation,
-    PlannedMove,
     WavePlan,
     WaveVm,
-    deviates,
     plan_waves,
     replan,
     slowdown,
@@ -60,115 +62,6 @@ from asyncmigfra.tasks.waves import (
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
 
 _MIB = 1024 * 1024
-
-#: ``move(name, bandwidth)``: migrate a placed VM, capped at ``bandwidth`` MiB/s (``None``:
-#: as the task says); its result entry.
-Move = Callable[[str, int | None], Awaitable[ResultEntry]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Step:
-    """One VM of a wave as it runs: its cap (MiB/s) and predicted duration (``None``: the
-    model sees it converging in no way)."""
-
-    name: str
-    destination: str
-    bandwidth: int | None
-    predicted: float | None
-    reason: str | None = None
-    #: Bytes/s it needs to converge.
-    needs: float = 0.0
-
-
-@dataclass(slots=True)
-class _Schedule:
-    """A predicted evacuation: its waves (those planned, then one per VM that converges in
-    no way) and what planning again needs."""
-
-    vms: dict[str, WaveVm]
-    link_rate: float
-    destination_rates: dict[str, float]
-    max_parallel: int
-    max_incoming: int
-    waves: list[tuple[int, list[_Step]]] = field(default_factory=list)
-    revision: int = 0
-    #: How much slower than told the links are taken to be (:func:`~.waves.slowdown`).
-    slowdown: float = 1.0
-
-    @property
-    def order(self) -> list[str]:
-        return [s.name for _, steps in self.waves for s in steps]
-
-    def adopt(self, plan: WavePlan, *, start: int, first: int, unschedulable: list[_Step]) -> None:
-        """Replace the waves from index ``start`` on by ``plan``'s (numbered from
-        ``first``), then the VMs that converge in no way (``unschedulable`` and the plan's),
-        one wave each."""
-        waves = [(w.number, [_step(m) for m in w.moves]) for w in plan.waves]
-        number = waves[-1][0] + 1 if waves else first
-        last = unschedulable + [
-            _Step(u.name, u.destination, None, None, u.reason) for u in plan.unschedulable
-        ]
-        for offset, step in enumerate(last):
-            waves.append((number + offset, [step]))
-        self.waves[start:] = waves
-        self.revision += 1
-
-    def keys(self, name: str) -> dict[str, object]:
-        """What a VM's result entry carries: its wave and predicted duration."""
-        for number, steps in self.waves:
-            for step in steps:
-                if step.name == name:
-                    out: dict[str, object] = {"wave": number}
-                    if step.predicted is not None:
-                        out["predicted-duration"] = round(step.predicted, 3)
-                    return out
-        return {}
-
-    def event(self, start: int, reason: str | None) -> dict[str, object]:
-        """The ``plan`` event's own keys for the waves from index ``start`` on."""
-        fields: dict[str, object] = {"schedule": "predicted", "revision": self.revision}
-        if reason:
-            fields["reason"] = reason
-        if math.isfinite(self.link_rate):
-            fields["link-rate"] = round(self.link_rate / self.slowdown / _MIB, 1)
-        planned = [(n, steps) for n, steps in self.waves[start:] if steps[0].predicted is not None]
-        durations = [max(s.predicted or 0.0 for s in steps) for _, steps in planned]
-        fields["makespan"] = round(sum(durations), 3)
-        fields["waves"] = [
-            {
-                "wave": number,
-                "predicted-duration": round(duration, 3),
-                "vms": [self._vm_keys(s) for s in steps],
-            }
-            for (number, steps), duration in zip(planned, durations, strict=True)
-        ]
-        rest = [(n, s) for n, steps in self.waves[start:] for s in steps if s.predicted is None]
-        if rest:
-            fields["unschedulable"] = [
-                {"vm-name": s.name, "destination": s.destination, "wave": n, "details": s.reason}
-                for n, s in rest
-            ]
-        return fields
-
-    def _vm_keys(self, step: _Step) -> dict[str, object]:
-        out: dict[str, object] = {
-            "vm-name": step.name,
-            "destination": step.destination,
-            "predicted-duration": round(step.predicted or 0.0, 3),
-            "needs": round(step.needs / _MIB, 1),
-        }
-        if step.bandwidth is not None:
-            out["bandwidth"] = step.bandwidth
-        return out
-
-
-async def _timed(move: Move, step: _Step, took: dict[str, float]) -> ResultEntry:
-    """``step``'s move; how long it took goes into ``took``."""
-    started = time.monotonic()
-    try:
-        return await move(step.name, step.bandwidth)
-    finally:
-        took[step.name] = time.monotonic() - started
 
 
 def _live(plan: MigrationPlan) -> bool:
@@ -186,11 +79,6 @@ def _nics(links: Mapping[str, LinkRate]) -> tuple[float, dict[str, float]]:
     return min(link.outgoing for link in links.values()), {
         dest: link.incoming for dest, link in links.items()
     }
-
-
-def _step(move: PlannedMove) -> _Step:
-    cap = None if move.bandwidth is None else max(1, int(move.bandwidth // _MIB))
-    return _Step(move.name, move.destination, cap, move.predicted_duration, needs=move.needed)
 
 
 class _Predicted(_DispatcherBase):
@@ -215,11 +103,11 @@ class _Predicted(_DispatcherBase):
         log.info(
             "evacuation.waves",
             task_id=job.msg.id,
-            waves=[[s.name for s in steps] for _, steps in schedule.waves],
+            waves=[[m.name for m in w.moves] for w in plan.waves],
             makespan=round(plan.makespan, 3),
             unschedulable=[u.name for u in plan.unschedulable],
         )
-        self._events.plan(job.msg.id, None, schedule.event(0, None))
+        self._events.plan(job.msg.id, None, schedule.event(schedule.order, None))
         return schedule
 
     async def _wave_numbers(
@@ -235,7 +123,7 @@ class _Predicted(_DispatcherBase):
         if isinstance(gathered, str):
             return gathered
         schedule, _ = await self._planned(spec, *gathered)
-        return {step.name: number for number, steps in schedule.waves for step in steps}
+        return {name: step.wave for name, step in schedule.steps.items()}
 
     async def _planned(
         self, spec: EvacuateSpec, vms: list[WaveVm], outgoing: float, incoming: dict[str, float]
@@ -257,7 +145,7 @@ class _Predicted(_DispatcherBase):
             max_incoming=schedule.max_incoming,
             destination_rates=incoming,
         )
-        schedule.adopt(plan, start=0, first=1, unschedulable=[])
+        schedule.adopt(plan, started=[], unschedulable=[])
         return schedule, plan
 
     async def _wave_inputs(
@@ -282,11 +170,12 @@ class _Predicted(_DispatcherBase):
         )
         if isinstance(dirty, str):
             return dirty
+        memory = {name: await self._memory_to_send(domains[name]) for name in assignments}
         vms = [
             self._wave_vm(
                 plans[name],
-                dom=domains[name],
-                dirty_rate=dirty.get(name, 0.0),
+                memory=memory[name],
+                dirty=dirty.get(name),
                 stream=_stream(links[dest]),
                 disk=sum(disks.get(name, {}).values()),
             )
@@ -317,18 +206,25 @@ class _Predicted(_DispatcherBase):
             links[dest] = link
         return links
 
-    async def _dirty_rates(self, names: list[str]) -> dict[str, float] | str:
+    async def _dirty_rates(self, names: list[str]) -> dict[str, DirtyRate] | str:
         """The dirty rates of ``names`` through the Forecaster (a probe may run for each),
         or why one cannot be had."""
         rates = self._forecaster.dirty_rates
         answers = await asyncio.gather(*(rates.rate(self._hv, n, measure=True) for n in names))
-        out: dict[str, float] = {}
+        out: dict[str, DirtyRate] = {}
         for name, answer in zip(names, answers, strict=True):
             if answer.rate is None:
                 why = f" ({answer.note})" if answer.note else ""
                 return f"no dirty rate known for {name}{why}"
-            out[name] = answer.rate
+            out[name] = answer
         return out
+
+    async def _memory_to_send(self, dom: DomainInfo) -> int:
+        """Bytes ``dom``'s migration sends in full (``Forecaster.memory_to_send``)."""
+        memory = max(0, dom.memory) * 1024
+        if dom.state is not DomainState.RUNNING:
+            return memory
+        return await self._forecaster.memory_to_send(self._hv, dom.name, memory)
 
     def _resolved(
         self,
@@ -350,17 +246,27 @@ class _Predicted(_DispatcherBase):
         )
 
     def _wave_vm(
-        self, mplan: MigrationPlan, *, dom: DomainInfo, dirty_rate: float, stream: float, disk: int
+        self,
+        mplan: MigrationPlan,
+        *,
+        memory: int,
+        dirty: DirtyRate | None,
+        stream: float,
+        disk: int,
     ) -> WaveVm:
         """One VM's inputs."""
         request = mplan.request
         if request.bandwidth:
             stream = min(stream, request.bandwidth * _MIB)
+        live = _live(mplan) and dirty is not None and dirty.rate is not None
         inputs = PredictionInputs(
-            memory=max(0, dom.memory) * 1024,
+            memory=memory,
+            guest_memory=mplan.memory or None,
             link_rate=stream,
             completion_timeout=mplan.completion_timeout,
-            dirty_rate=max(0.0, dirty_rate) if _live(mplan) else 0.0,
+            dirty_rate=max(0.0, dirty.rate or 0.0) if live and dirty is not None else 0.0,
+            dirty_rate_bound=dirty.bound if live and dirty is not None else None,
+            dirty_period=dirty.period if live and dirty is not None else 0.0,
             disk_bytes=disk if request.copy_storage != "none" else 0,
             max_downtime=mplan.max_downtime,
             post_copy_allowed=(
@@ -369,6 +275,7 @@ class _Predicted(_DispatcherBase):
                 else request.mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
+            costs=costs_of(self._hv),
         )
         return WaveVm(name=request.vm_name, destination=request.destination, inputs=inputs)
 
@@ -377,62 +284,79 @@ class _Predicted(_DispatcherBase):
         job: _Job,
         schedule: _Schedule,
         move: Move,
+        steer: Steer,
         tasks: dict[str, asyncio.Task[ResultEntry]],
     ) -> None:
-        """Run the waves one after another (see the module); each move's task goes into
-        ``tasks`` as it starts."""
-        seen: list[Observation] = []
-        index = 0
-        while index < len(schedule.waves):
-            number, steps = schedule.waves[index]
-            took: dict[str, float] = {}
+        """Run the moves (see the module); each move's task goes into ``tasks`` as it
+        starts."""
+
+        async def again(
+            pending: list[str], running: dict[str, float], seen: list[Observation], why: Observation
+        ) -> list[str]:
+            return await self._replan(
+                job, schedule, pending=pending, running=running, seen=seen, why=why
+            )
+
+        settings = self._settings
+        async with (
+            InboundReservations(
+                self._bus, task_topic=settings.mqtt.task_topic, hostname=settings.hostname
+            ) as reservations,
+            asyncio.TaskGroup() as tg,
+        ):
+            moves = Moves(
+                schedule=schedule,
+                move=move,
+                steer=steer,
+                replan=again,
+                reservations=reservations,
+                tasks=tasks,
+            )
+            await moves.run(tg)
+        for name in [n for n in schedule.order if schedule.steps[n].member is None]:
+            step = schedule.steps[name]  # converges in no way the model knows: alone, last
             async with asyncio.TaskGroup() as tg:
-                for step in steps:
-                    tasks[step.name] = tg.create_task(
-                        _timed(move, step, took),
-                        name=f"asyncmigfra.evacuate[{step.name}->{step.destination}]#{number}",
-                    )
-            index += 1
-            new = [
-                Observation(
-                    name=s.name,
-                    predicted=s.predicted,
-                    actual=took[s.name],
-                    fixed=schedule.vms[s.name].inputs.costs.setup,
+                tasks[name] = tg.create_task(
+                    move(name, None), name=f"asyncmigfra.evacuate[{name}->{step.destination}]"
                 )
-                for s in steps
-                if s.predicted is not None
-            ]
-            seen.extend(new)
-            strays = [o for o in new if deviates(o)]
-            if strays:
-                await self._replan(job, schedule, index, seen, strays[0])
 
     async def _replan(
-        self, job: _Job, schedule: _Schedule, index: int, seen: list[Observation], why: Observation
-    ) -> None:
-        """Plan the waves from ``index`` on again, with what ``seen`` shows."""
-        pending = [s for _, steps in schedule.waves[index:] for s in steps]
-        remaining = [schedule.vms[s.name] for s in pending if s.predicted is not None]
-        if not remaining:
-            return
-        first = schedule.waves[index][0]
+        self,
+        job: _Job,
+        schedule: _Schedule,
+        *,
+        pending: list[str],
+        running: dict[str, float],
+        seen: list[Observation],
+        why: Observation,
+    ) -> list[str]:
+        """Plan the moves of ``pending`` (not started) again with what ``seen`` shows
+        (``running``: the moves under way, with the share of their work done); the pending
+        VMs that the model sees converging, in their new order."""
+        plannable = [n for n in pending if schedule.steps[n].member is not None]
+        if not plannable:
+            return plannable
+        started = [n for n in schedule.order if n not in pending]
+        first = max((schedule.steps[n].wave for n in started), default=0) + 1
         plan = await asyncio.to_thread(
             replan,
-            remaining,
+            [schedule.vms[n] for n in [*running, *plannable]],
             seen,
             link_rate=schedule.link_rate,
             max_parallel=schedule.max_parallel,
             max_incoming=schedule.max_incoming,
             destination_rates=schedule.destination_rates,
             first_wave=first,
+            running=running,
         )
-        unschedulable = [s for s in pending if s.predicted is None]
-        schedule.adopt(plan, start=index, first=first, unschedulable=unschedulable)
+        unschedulable = [schedule.steps[n] for n in pending if schedule.steps[n].member is None]
+        schedule.adopt(plan, started=started, unschedulable=unschedulable)
         schedule.slowdown = slowdown(seen)
         reason = (
             f"{why.name} took {why.actual:.1f} s, predicted {why.predicted:.1f} s:"
             " the rest planned again"
         )
         log.info("evacuation.replanned", task_id=job.msg.id, reason=reason)
-        self._events.plan(job.msg.id, None, schedule.event(index, reason))
+        rest = [n for n in schedule.order if n not in started]
+        self._events.plan(job.msg.id, None, schedule.event(rest, reason))
+        return [n for n in rest if schedule.steps[n].member is not None]

@@ -21,6 +21,7 @@ from asyncmigfra.settings import MqttSettings
 from asyncmigfra.transport.mqtt.messages import (
     Delivery,
     Incoming,
+    MessageTooLarge,
     Outgoing,
     TransportError,
     _incoming,
@@ -65,6 +66,9 @@ class MqttTransport:
     ``run(handler)`` owns the connection for the agent's lifetime: it connects, subscribes,
     calls ``on_connected`` (the agent publishes its retained ``online`` status there) and feeds
     every message to ``handler`` (a non-blocking function) until cancelled.
+
+    ``max_payload``: bytes; a larger message is refused (:class:`MessageTooLarge`) by
+    :meth:`publish` and :meth:`publish_nowait` and never reaches the MQTT session.
     """
 
     def __init__(
@@ -74,8 +78,10 @@ class MqttTransport:
         subscriptions: Sequence[tuple[str, int]],
         will: Outgoing | None = None,
         on_connected: Callable[[], Awaitable[None]] | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self._settings = settings
+        self.max_payload = max_payload
         self._subscriptions = tuple(subscriptions)
         self._will = will
         self._on_connected = on_connected
@@ -330,8 +336,10 @@ class MqttTransport:
         sends it again after a reconnect, so this waits without a timeout (``math.inf``
         also spares a timer task per message). A message paho could not send because the
         connection dropped in the meantime (``MQTT_ERR_NO_CONN``) is already queued in paho
-        for the reconnect, so it is not published a second time.
+        for the reconnect, so it is not published a second time. A payload over
+        ``max_payload`` raises :class:`MessageTooLarge` at once.
         """
+        self._check_size(msg)
         topic = msg.topic
         props: Properties | None = None
         if msg.correlation_data is not None and self.v5:
@@ -361,6 +369,11 @@ class MqttTransport:
                 continue
             return
 
+    def _check_size(self, msg: Outgoing) -> None:
+        limit = self.max_payload
+        if limit is not None and len(msg.payload) > limit:
+            raise MessageTooLarge(msg.topic, len(msg.payload), limit)
+
     def publish_nowait(self, msg: Outgoing) -> Delivery:
         """Hand ``msg`` to the client's MQTT session at once, without awaiting the broker.
 
@@ -372,6 +385,7 @@ class MqttTransport:
         (``aiomqtt>=2.5,<3`` is pinned for this); without it, it raises ``TransportError``
         and callers use :meth:`publish`.
         """
+        self._check_size(msg)
         paho_client = getattr(self._client, "_client", None)
         if paho_client is None:
             raise TransportError("no MQTT session yet")

@@ -17,7 +17,7 @@ from asyncmigfra.model import (
     PscomProcs,
     VcpuMap,
 )
-from asyncmigfra.values import BOOL_EXPECTED, parse_bool
+from asyncmigfra.values import BOOL_EXPECTED, INSTANT_EXPECTED, parse_bool, parse_instant
 from asyncmigfra.wire.parsing.names import (
     _DISK_TARGET_EXPECTED,
     _DRIVER,
@@ -224,6 +224,16 @@ def _convert_seconds(ctx: _Ctx, node: _Node, path: str) -> float:
     return value
 
 
+def _convert_instant(ctx: _Ctx, node: _Node, path: str) -> float:
+    """An ISO 8601 point in time (:func:`~asyncmigfra.values.parse_instant`): s since the
+    epoch."""
+    text = _scalar_text(ctx, node, path, INSTANT_EXPECTED)
+    value = parse_instant(text)
+    if value is None:
+        ctx.bad(path, INSTANT_EXPECTED, node)
+    return value
+
+
 def _convert_pci_addr(ctx: _Ctx, node: _Node, path: str) -> PciAddress:
     expected = "expected a PCI address [DDDD:]BB:SS.F"
     text = _scalar_text(ctx, node, path, expected)
@@ -307,6 +317,9 @@ class _Fields:
 
     def seconds(self, key: str) -> float | None:
         return self._opt(key, _convert_seconds)
+
+    def instant(self, key: str) -> float | None:
+        return self._opt(key, _convert_instant)
 
     def disk_targets(self, key: str) -> tuple[str, ...] | None:
         return self._opt(key, _convert_disk_targets)

@@ -13,7 +13,10 @@ from xml.sax.saxutils import unescape as _xml_unescape
 from asyncmigfra.domxml import first_element_text
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import (
+    HISTORY_LIMIT_DEFAULT,
+    HISTORY_LIMIT_MAX,
     CancelSpec,
+    HistorySpec,
     Ivshmem,
     PciId,
     PlanEvacuationSpec,
@@ -168,6 +171,19 @@ def _cancel(f: _Fields) -> CancelSpec:
     return CancelSpec(target=f.req_string("target"), **f.subtask())
 
 
+def _history(f: _Fields) -> HistorySpec:
+    """``history``: an optional VM, an ISO 8601 ``since`` and a ``limit`` of 1 to
+    ``HISTORY_LIMIT_MAX`` (more is refused, not cut: a script asking for 10000 would
+    otherwise not learn that it got fewer than it may have)."""
+    limit = f.uint("limit", HISTORY_LIMIT_MAX, 1)
+    return HistorySpec(
+        vm_name=f.vm_name(),
+        since=f.instant("since"),
+        limit=HISTORY_LIMIT_DEFAULT if limit is None else limit,
+        **f.subtask(),
+    )
+
+
 #: List tasks: the key holding the items and how to read one item.
 _LIST_TASKS: Final[dict[TaskKind, tuple[str, Callable[[_Fields], Subtask]]]] = {
     TaskKind.START: ("vm-configurations", _start),
@@ -184,6 +200,7 @@ _SINGLE_TASKS: Final[dict[TaskKind, Callable[[_Fields], Subtask]]] = {
     TaskKind.QUIT: _quit,
     TaskKind.STATUS: _status,
     TaskKind.CANCEL: _cancel,
+    TaskKind.HISTORY: _history,
     TaskKind.TUNE: _tune,
     TaskKind.PLAN_MIGRATION: _plan_migration,
     TaskKind.PLAN_EVACUATION: _plan_evacuation,

@@ -1,0 +1,504 @@
+"""Reserving a share of another host's inbound NIC: predicted evacuations of several hosts
+onto shared destinations (protocol §3.7, *Several sources*).
+
+An agent that schedules an evacuation by prediction divides its own NIC and each
+destination's among its migrations (:mod:`asyncmigfra.tasks.shares`), but it does not see the
+migrations other hosts send to the same destination: two sources that each give a hot guest
+most of one destination's NIC both get half, and neither guest converges. So before it lets
+its migrations into a destination use more, the source asks the destination's agent for that
+share of its inbound NIC, the way the lane holds of a swap are asked
+(:mod:`asyncmigfra.peers.lanes`):
+
+* **request** (JSON, QoS 1) on ``fast/migfra/<dest>/inbound/<source>``: ``op`` (``reserve``,
+  ``release``), ``request-id``, ``reservation-id``, ``source`` (the asking agent, which must
+  be the topic's last level), with ``reserve`` also ``rate`` (bytes/s wanted, in all, for the
+  source's migrations into the destination now), ``capacity`` (bytes/s the source takes the
+  destination's inbound NIC to be; optional) and ``lease`` (s);
+* **answer** on ``fast/migfra/<source>/inbound-response/<dest>``: ``request-id``, ``status``
+  (``reserved``, ``released``, ``error``), with ``reserved`` the ``rate`` granted (bytes/s,
+  decimal text), and ``details``.
+
+The destination's agent keeps the reservations in memory and grants each what its NIC has
+left beside the others': ``min(rate, capacity - the others' reservations)``, ``capacity``
+the smaller of what its back-end tells of its NIC (the ``fake``: ``nic-rate``) and what the
+asking source takes it to be (either may be unknown). First come, first served: a source
+keeps its share until it lowers or releases it, or its lease runs out without a renewal;
+what a source asked for beyond its grant is kept free for it, in the order the sources
+began to wait, when others ask for more (so one source's next migrations do not take a
+share again and again while another's wait for it).
+At most :data:`MAX_RESERVATIONS` reservations (:data:`MAX_PER_SOURCE` per source); more are
+answered ``error``. A source that gets no answer within :data:`ANSWER_WITHIN` s (no agent
+there, an old one) takes the destination as uncoordinated for the rest of the evacuation and
+divides it as if it were alone, as before this existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import structlog
+
+from asyncmigfra.hypervisor.base import Hypervisor, KnowsLinkRate
+from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers.bus import (
+    JunkLog,
+    MessageBus,
+    PeerRefusal,
+    PeerTopics,
+    flat_map,
+    json_map,
+    safe_text,
+    shown,
+    valid_peer_id,
+)
+
+__all__ = [
+    "ANSWER_WITHIN",
+    "INBOUND_QOS",
+    "InboundReservations",
+    "InboundRequest",
+    "InboundServer",
+    "inbound_topics",
+    "parse_request",
+]
+
+log = structlog.stdlib.get_logger(__name__)
+
+INBOUND_QOS = 1
+#: s a reservation lives without a renewal (the source renews every third of it).
+LEASE = 30.0
+MIN_LEASE = 1.0
+MAX_LEASE = 300.0
+#: s a source waits for an answer before it takes the destination as uncoordinated.
+ANSWER_WITHIN = 1.0
+#: Reservations one agent keeps at once, and per asking agent.
+MAX_RESERVATIONS = 256
+MAX_PER_SOURCE = 16
+#: Bytes/s a rate or capacity may be at most (10 TB/s): a larger one is junk.
+MAX_RATE = 1e13
+MAX_REQUEST_BYTES = 4096
+MAX_KEYS = 16
+MAX_VALUE_CHARS = 64
+MAX_DETAILS_CHARS = 300
+OPS = ("reserve", "release")
+#: Bytes/s a reservation may differ from what is wanted before it is asked again (1 MiB/s).
+_STEP = 1024.0 * 1024.0
+STATUSES = frozenset({"reserved", "released", "error"})
+
+
+def inbound_topics(task_topic: str, hostname: str) -> PeerTopics | None:
+    """This agent's inbound-reservation topics (``None``: ``hostname`` is not one level of
+    the task topic)."""
+    return PeerTopics.of(task_topic, hostname, "inbound")
+
+
+def _number(value: object, what: str, rid: str, *, low: float, high: float) -> float:
+    """A JSON number or decimal text, finite, moved into nothing: outside [low, high] it is
+    refused."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and len(value) <= 32:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or not low <= number <= high:
+        raise PeerRefusal(
+            rid, f"{what} must be a number in [{low:g}, {high:g}], got {shown(value)}"
+        )
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRequest:
+    """A checked request; its sender is the topic's."""
+
+    op: Literal["reserve", "release"]
+    request_id: str
+    reservation_id: str
+    #: bytes/s wanted (0 with ``release``).
+    rate: float = 0.0
+    #: bytes/s the source takes this host's inbound NIC to be (``None``: it does not know).
+    capacity: float | None = None
+    lease: float = LEASE
+
+
+def parse_request(
+    raw: bytes, sender: str, *, peers: Collection[str] | None = None
+) -> InboundRequest:
+    """A reservation request of agent ``sender`` (the topic's last level), checked.
+
+    Raises:
+        PeerRefusal: junk, or a sender not in ``peers`` (answerable when its ``request-id``
+        could be read).
+    """
+    document = flat_map(raw, MAX_REQUEST_BYTES, max_keys=MAX_KEYS)
+    rid = str(document["request-id"])
+    if peers is not None and sender not in peers:
+        raise PeerRefusal(rid, f"{sender} is not a peer of this agent")
+    for key, value in document.items():
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            raise PeerRefusal(rid, f"{shown(key)} is longer than {MAX_VALUE_CHARS} characters")
+    op = document.get("op")
+    if op not in OPS:
+        raise PeerRefusal(rid, f"op must be one of {', '.join(OPS)}, got {shown(op)}")
+    reservation = document.get("reservation-id")
+    if not valid_peer_id(reservation):
+        raise PeerRefusal(
+            rid, f"reservation-id must be 1-64 letters and digits, got {shown(reservation)}"
+        )
+    source = document.get("source", sender)
+    if source != sender:  # the topic is the proof (the broker pins it to the sender)
+        raise PeerRefusal(rid, f"source {shown(source)} is not the sender {sender}")
+    assert isinstance(reservation, str)
+    if op == "release":
+        return InboundRequest(op="release", request_id=rid, reservation_id=reservation)
+    rate = _number(document.get("rate"), "rate", rid, low=0.0, high=MAX_RATE)
+    capacity = document.get("capacity")
+    lease = document.get("lease", LEASE)
+    return InboundRequest(
+        op=cast(Literal["reserve", "release"], op),
+        request_id=rid,
+        reservation_id=reservation,
+        rate=rate,
+        capacity=None
+        if capacity is None
+        else _number(capacity, "capacity", rid, low=1.0, high=MAX_RATE),
+        lease=min(max(_number(lease, "lease", rid, low=1e-3, high=1e6), MIN_LEASE), MAX_LEASE),
+    )
+
+
+@dataclass(slots=True)
+class _Reservation:
+    #: bytes/s granted
+    rate: float
+    expiry: asyncio.TimerHandle | None = None
+    #: bytes/s asked for beyond the grant, and since when (monotonic s) it waits for them
+    shortfall: float = 0.0
+    waiting: float | None = None
+
+
+class InboundServer:
+    """Answers other agents' requests for a share of this host's inbound NIC (see the
+    module). ``peers``: the only agents served (``None``: every agent the broker lets
+    publish on this agent's inbound topic)."""
+
+    def __init__(
+        self,
+        *,
+        bus: MessageBus,
+        hostname: str,
+        task_topic: str,
+        hypervisor: Hypervisor | None = None,
+        peers: Collection[str] | None = None,
+    ) -> None:
+        self._bus = bus
+        self._hostname = hostname
+        self._topics = inbound_topics(task_topic, hostname)
+        self._hv: object = hypervisor
+        self._peers = frozenset(peers) if peers is not None else None
+        #: (source, reservation id) -> the reservation
+        self._reservations: dict[tuple[str, str], _Reservation] = {}
+        self._junk = JunkLog()
+
+    @property
+    def reservations(self) -> dict[tuple[str, str], float]:
+        """(source, reservation id) -> bytes/s granted, now."""
+        return {key: r.rate for key, r in self._reservations.items()}
+
+    async def serve(self) -> None:
+        """Answer requests until cancelled."""
+        if self._topics is None:
+            log.error(
+                "inbound.not_serving",
+                hostname=self._hostname,
+                reason="the host name is not exactly one level of the task topic",
+            )
+            return
+        try:
+            await peers.serve(
+                self._bus,
+                self._topics,
+                self._answer,
+                qos=INBOUND_QOS,
+                event="inbound",
+                junk=self._junk,
+                answer_within=ANSWER_WITHIN,
+            )
+        finally:
+            for reservation in self._reservations.values():
+                if reservation.expiry is not None:
+                    reservation.expiry.cancel()
+            self._reservations.clear()
+
+    async def _answer(self, sender: str, raw: bytes) -> dict[str, str] | None:
+        try:
+            request = parse_request(raw, sender, peers=self._peers)
+        except PeerRefusal as refusal:
+            self._junk("inbound.request_refused", reason=refusal.reason, sender=sender)
+            if refusal.request_id is None:
+                return None
+            return {
+                "request-id": refusal.request_id,
+                "status": "error",
+                "details": f"on {self._hostname}: {refusal.reason}",
+            }
+        answer = {"request-id": request.request_id}
+        answer.update(self._decide(sender, request, await self._own_capacity()))
+        return answer
+
+    async def _own_capacity(self) -> float | None:
+        """Bytes/s this host's NIC receives, if its back-end tells (else ``None``)."""
+        hv = self._hv
+        if not isinstance(hv, KnowsLinkRate):
+            return None
+        try:
+            link = await hv.link_rate(self._hostname)
+        except Exception as exc:  # noqa: BLE001 - unknown then; the asker's figure counts
+            log.warning("inbound.capacity_unknown", error=str(exc))
+            return None
+        if link is None or not math.isfinite(link.incoming):
+            return None
+        return link.incoming
+
+    def _decide(self, sender: str, request: InboundRequest, own: float | None) -> dict[str, str]:
+        key = (sender, request.reservation_id)
+        if request.op == "release":
+            self._end(key)
+            return {"status": "released"}
+        if key not in self._reservations:
+            if len(self._reservations) >= MAX_RESERVATIONS:
+                return {"status": "error", "details": f"{MAX_RESERVATIONS} reservations here"}
+            if sum(1 for s, _ in self._reservations if s == sender) >= MAX_PER_SOURCE:
+                return {
+                    "status": "error",
+                    "details": f"{sender} has {MAX_PER_SOURCE} reservations here already",
+                }
+        known = [c for c in (own, request.capacity) if c is not None]
+        reservation = self._reservations.setdefault(key, _Reservation(0.0))
+        if not known:
+            granted = request.rate  # nothing known to divide
+        elif request.rate <= reservation.rate:
+            granted = request.rate  # less, or as much: always (a renewal, a release of part)
+        else:  # more: what is left beside the others, and those that waited longer for more
+            ahead = [
+                r
+                for k, r in self._reservations.items()
+                if k != key
+                and r.waiting is not None
+                and (reservation.waiting is None or r.waiting < reservation.waiting)
+            ]
+            others = sum(r.rate for k, r in self._reservations.items() if k != key)
+            left = min(known) - others - sum(r.shortfall for r in ahead)
+            granted = max(reservation.rate, min(request.rate, left))
+        reservation.rate = max(0.0, granted)
+        if granted < request.rate:  # waits for the rest, in turn
+            reservation.shortfall = request.rate - granted
+            if reservation.waiting is None:
+                reservation.waiting = time.monotonic()
+        else:
+            reservation.shortfall, reservation.waiting = 0.0, None
+        if reservation.expiry is not None:
+            reservation.expiry.cancel()
+        loop = asyncio.get_running_loop()
+        reservation.expiry = loop.call_later(request.lease, self._end, key, True)
+        return {"status": "reserved", "rate": f"{reservation.rate:.0f}"}
+
+    def _end(self, key: tuple[str, str], expired: bool = False) -> None:
+        reservation = self._reservations.pop(key, None)
+        if reservation is None:
+            return
+        if reservation.expiry is not None:
+            reservation.expiry.cancel()
+        if expired:
+            log.warning("inbound.expired", source=key[0], rate=reservation.rate)
+
+
+# --- the asking side ----------------------------------------------------------------------------
+
+
+_ANSWER_JUNK = JunkLog()
+
+
+def _read_answer(
+    topic: str, raw: bytes, answers: str, request_id: str
+) -> tuple[str, float, str] | None:
+    """``(status, rate, details)`` of a well-formed answer to ``request_id`` on ``answers``;
+    ``None`` otherwise (other answers: skipped; junk: logged once)."""
+    if topic != answers:
+        return None
+    document = json_map(raw, MAX_REQUEST_BYTES)
+    if document is None or document.get("request-id") != request_id:
+        return None
+    status, details = document.get("status"), document.get("details", "")
+    rate: float = 0.0
+    try:
+        if status == "reserved":
+            rate = _number(document.get("rate"), "rate", request_id, low=0.0, high=MAX_RATE)
+    except PeerRefusal as refusal:
+        _ANSWER_JUNK("inbound.answer_ignored", reason=refusal.reason, topic=topic)
+        return None
+    if status not in STATUSES or not isinstance(details, str):
+        _ANSWER_JUNK("inbound.answer_ignored", reason=f"bad status {shown(status)}", topic=topic)
+        return None
+    assert isinstance(status, str)
+    return status, rate, safe_text(details, MAX_DETAILS_CHARS)
+
+
+class InboundReservations:
+    """One evacuation's reservations of its destinations' inbound NICs (see the module):
+    an async context manager; on the way out every reservation is released (bounded) and
+    the renewals stop."""
+
+    def __init__(
+        self,
+        bus: MessageBus | None,
+        *,
+        task_topic: str,
+        hostname: str,
+        lease: float = LEASE,
+        answer_within: float = ANSWER_WITHIN,
+    ) -> None:
+        self._bus = bus
+        self._topics = inbound_topics(task_topic, hostname)
+        self._hostname = hostname
+        self._lease = lease
+        self._within = answer_within
+        self._id = uuid.uuid4().hex
+        #: destination -> bytes/s granted now
+        self.held: dict[str, float] = {}
+        #: destination -> (bytes/s asked, the capacity told) of the reservations held
+        self._asked: dict[str, tuple[float, float | None]] = {}
+        #: destinations that do not coordinate (no answer, an error), and why
+        self.uncoordinated: dict[str, str] = {}
+        self._queues: dict[str, asyncio.Queue[tuple[str, bytes]]] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._renewing: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> InboundReservations:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.wait({self._renewing})
+        try:
+            await asyncio.gather(*(self._release(d) for d in list(self.held)))
+        finally:
+            await self._stack.aclose()
+
+    def coordinated(self, destination: str) -> bool:
+        return destination not in self.uncoordinated
+
+    @property
+    def short(self) -> bool:
+        """Some destination granted less than was asked (worth asking again soon: others
+        give shares back as their migrations end)."""
+        return any(rate > self.held.get(d, 0.0) + _STEP for d, (rate, _) in self._asked.items())
+
+    async def reserve(self, wanted: Mapping[str, float], capacities: Mapping[str, float]) -> None:
+        """Ask each destination of ``wanted`` (bytes/s) whose reservation differs from it
+        (``capacities``: what this side takes each inbound NIC to be), all at once; the
+        grants go to :attr:`held` (0 wanted: released)."""
+        asks = [
+            d
+            for d, rate in wanted.items()
+            if self.coordinated(d)
+            and (d in self.held or rate > 0)
+            and abs(self.held.get(d, -1.0) - rate) > _STEP
+        ]
+        await asyncio.gather(
+            *(
+                self._release(d)
+                if wanted[d] <= 0
+                else self._reserve(d, wanted[d], capacities.get(d))
+                for d in asks
+            )
+        )
+        if self._renewing is None and self.held:
+            self._renewing = asyncio.create_task(self._renew(), name="asyncmigfra.inbound-renew")
+
+    async def probe(self, destinations: Collection[str]) -> None:
+        """Find out at once which destinations have an agent that answers (a ``release`` of
+        nothing), so that none makes a move wait for its answer later."""
+        await asyncio.gather(*(self._ask(d, {"op": "release"}) for d in set(destinations)))
+
+    async def _reserve(self, dest: str, rate: float, capacity: float | None) -> None:
+        self._asked[dest] = (rate, capacity)
+        request = {"op": "reserve", "rate": f"{rate:.0f}", "lease": f"{self._lease:g}"}
+        if capacity is not None and math.isfinite(capacity):
+            request["capacity"] = f"{capacity:.0f}"
+        answer = await self._ask(dest, request)
+        if answer is None:
+            return
+        status, granted, details = answer
+        if status == "reserved":
+            self.held[dest] = granted
+        else:
+            self._give_up(dest, details or status)
+
+    async def _release(self, dest: str) -> None:
+        self._asked.pop(dest, None)
+        if self.held.pop(dest, None) is not None:
+            await self._ask(dest, {"op": "release"})
+
+    async def _ask(self, dest: str, request: dict[str, str]) -> tuple[str, float, str] | None:
+        """One request to ``dest``'s agent; ``None`` (and the destination given up) without a
+        well-formed answer in time."""
+        topics, bus = self._topics, self._bus
+        target = topics.request_to(dest) if topics is not None else None
+        answers = topics.answers_from(dest) if topics is not None else None
+        if bus is None or target is None or answers is None:
+            self._give_up(dest, "no MQTT connection or peer topic")
+            return None
+        try:
+            queue = self._queues.get(dest)
+            if queue is None:
+                queue = await self._stack.enter_async_context(
+                    bus.subscription(answers, INBOUND_QOS)
+                )
+                self._queues[dest] = queue
+            body = {
+                **request,
+                "request-id": uuid.uuid4().hex,
+                "reservation-id": self._id,
+                "source": self._hostname,
+            }
+            return await peers.request(
+                bus,
+                body,
+                to=target,
+                answers=answers,
+                qos=INBOUND_QOS,
+                limit=self._within,
+                read=lambda where, raw, rid: _read_answer(where, raw, answers, rid),
+                queue=queue,
+            )
+        except TimeoutError:
+            self._give_up(dest, f"no answer within {self._within:g} s")
+        except Exception as exc:  # noqa: BLE001 - e.g. TransportError: uncoordinated
+            self._give_up(dest, f"MQTT: {exc}")
+        return None
+
+    def _give_up(self, dest: str, why: str) -> None:
+        self.held.pop(dest, None)
+        self._asked.pop(dest, None)
+        if dest not in self.uncoordinated:
+            self.uncoordinated[dest] = why
+            log.warning("inbound.uncoordinated", peer=dest, error=why)
+
+    async def _renew(self) -> None:
+        """Renew every reservation every third of the lease while the evacuation runs."""
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            await asyncio.gather(
+                *(self._reserve(d, rate, cap) for d, (rate, cap) in list(self._asked.items()))
+            )

@@ -1,0 +1,279 @@
+"""A predicted evacuation's moves as they run (protocol §3.7, ``schedule: predicted``).
+
+:class:`Moves` starts the planned moves in the planned order, each as soon as the links have
+room for it by the planner's own rules (:func:`~asyncmigfra.tasks.shares.admissible`, on
+the links as told, with the moves running now, not the planned ones: a move that ends late
+delays the next, never overloads a link). One that cannot start yet may be passed by the
+next ones only if they leave it a slot and room for its need
+(:func:`~asyncmigfra.tasks.shares.leaves_room`). Whenever a move starts or ends, and when a
+move's setup ends (as far as the prediction knows), every running move's bandwidth cap is
+set for its share (:func:`~asyncmigfra.tasks.shares.allocate`, on the links as granted)
+through the steering ``tune migration`` also uses (a move whose job has not started yet
+gets its cap when it has).
+
+Destinations are shared with other hosts' evacuations: before its moves into a destination
+use more of its inbound NIC, this agent reserves that share with the destination's agent
+(:class:`~asyncmigfra.peers.inbound.InboundReservations`) and divides only what it was
+granted; a move waits until the grants cover its need beside the needs of the moves
+running into the same destination (asking again every :data:`_GRANT_RETRY` s, as for
+running moves granted less than they would use) while moves to other destinations go on.
+A destination whose agent does not answer is divided as if this host were alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from asyncmigfra.model import ResultEntry
+from asyncmigfra.peers.inbound import InboundReservations
+from asyncmigfra.tasks.dispatching.schedule import _Schedule
+from asyncmigfra.tasks.shares import Links, Member, admissible, allocate, caps, leaves_room
+from asyncmigfra.tasks.waves import Observation, deviates
+
+__all__ = ["Move", "Moves", "Replan", "Steer"]
+
+#: ``move(name, bandwidth)``: migrate a placed VM, capped at ``bandwidth`` MiB/s (``None``:
+#: as the task says); its result entry.
+Move = Callable[[str, int | None], Coroutine[Any, Any, ResultEntry]]
+#: ``steer(name, bandwidth)``: cap a VM's running migration at ``bandwidth`` MiB/s (``None``:
+#: as the task says); ``False`` when it has no running job to change (not yet, or no more).
+Steer = Callable[[str, int | None], Awaitable[bool]]
+#: ``replan(pending, running, seen, why)``: plan the pending moves again (``running``: the
+#: share of its work each running move has done); the pending VMs in their new order.
+Replan = Callable[
+    [list[str], dict[str, float], list[Observation], Observation], Awaitable[list[str]]
+]
+#: s between attempts to set a cap on a move whose job has not started yet.
+_CAP_RETRY = 0.2
+#: s between requests for a destination's inbound share that did not cover a move's need.
+_GRANT_RETRY = 0.5
+#: Moves after the first waiting one considered at each event.
+_LOOKAHEAD = 8
+
+
+class Moves:
+    """The planned moves of one predicted evacuation as they run (see the module)."""
+
+    def __init__(
+        self,
+        *,
+        schedule: _Schedule,
+        move: Move,
+        steer: Steer,
+        replan: Replan,
+        reservations: InboundReservations,
+        tasks: dict[str, asyncio.Task[ResultEntry]],
+    ) -> None:
+        self._schedule = schedule
+        self._move = move
+        self._steer = steer
+        self._replan = replan
+        self._reservations = reservations
+        self._tasks = tasks
+        #: VMs not started, in the planned order.
+        self._pending = [n for n in schedule.order if schedule.steps[n].member is not None]
+        #: VM -> when its move started (monotonic s).
+        self._running: dict[str, float] = {}
+        #: VM -> when its setup ends, as far as the prediction knows (monotonic s).
+        self._moves_at: dict[str, float] = {}
+        #: VM -> the cap (MiB/s) it should have now, and the one it has.
+        self._caps: dict[str, int | None] = {}
+        self._applied: dict[str, int | None] = {}
+        self._seen: list[Observation] = []
+        #: A move waits for a destination's grant (asked again in :data:`_GRANT_RETRY` s).
+        self._short = False
+
+    async def run(self, tg: asyncio.TaskGroup) -> None:
+        """Start, cap and follow the moves until every planned one has ended."""
+        steps = self._schedule.steps
+        await self._reservations.probe({steps[n].destination for n in self._pending})
+        while self._pending or self._running:
+            await self._start(tg)
+            self._recap()
+            await self._apply_caps()
+            wake = self._next_wake()
+            if self._running:
+                await asyncio.wait(
+                    {self._tasks[n] for n in self._running},
+                    timeout=wake,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            else:
+                await asyncio.sleep(wake or _GRANT_RETRY)
+            await self._ended()
+
+    def _members(self, names: list[str]) -> list[Member]:
+        steps = self._schedule.steps
+        return [m for n in names if (m := steps[n].member) is not None]
+
+    def _links(self) -> Links:
+        """The links as this evacuation may use them: the plan's, each destination's inbound
+        NIC no more than its grant."""
+        nominal = self._schedule.links
+        grants = self._reservations.held
+        into = dict(nominal.into)
+        for dest, granted in grants.items():
+            into[dest] = min(into.get(dest, granted), granted)
+        return Links(nominal.out, into)
+
+    async def _reserve(self, members: list[Member]) -> None:
+        """Ask each destination for what ``members`` would use of its inbound NIC (the
+        division at the plan's links), and release what none uses."""
+        nominal = self._schedule.links
+        rates = allocate(members, nominal)
+        wanted = dict.fromkeys(self._reservations.held, 0.0)
+        for m in members:
+            wanted[m.destination] = wanted.get(m.destination, 0.0) + rates[m.name]
+        await self._reservations.reserve(wanted, nominal.into)
+
+    async def _start(self, tg: asyncio.TaskGroup) -> None:
+        """Start what may start now (see the module), each capped at its share once it
+        moves."""
+        schedule = self._schedule
+        members = self._members(list(self._running))
+        limits = {"max_parallel": schedule.max_parallel, "max_incoming": schedule.max_incoming}
+        new: list[str] = []
+        head: Member | None = None
+        self._short = False
+        for name in list(self._pending)[: _LOOKAHEAD + 1]:
+            member = schedule.steps[name].member
+            assert member is not None
+            if head is not None and not leaves_room(
+                members, member, head, schedule.links, **limits
+            ):
+                continue
+            if self._may_start(members, member, schedule.links):
+                await self._reserve([*members, member])
+                if self._granted([*members, member]):
+                    members.append(member)
+                    new.append(name)
+                    self._pending.remove(name)
+                    continue
+                self._short = True  # another host's moves hold that destination: ask again
+            head = head or member
+        await self._reserve(members)  # what was asked for moves that wait goes back
+        if not new:
+            return
+        moving = caps(members, allocate(members, self._links()))
+        now = time.monotonic()
+        for name in new:
+            step = schedule.steps[name]
+            self._running[name] = now
+            self._moves_at[name] = now + schedule.vms[name].inputs.costs.setup
+            self._caps[name] = self._applied[name] = moving[name]
+            self._tasks[name] = tg.create_task(
+                self._move(name, moving[name]),
+                name=f"asyncmigfra.evacuate[{name}->{step.destination}]#{step.wave}",
+            )
+
+    def _granted(self, members: list[Member]) -> bool:
+        """The grants cover the needs of ``members`` into every destination."""
+        return all(
+            _fits_alone(Member(d, d, 0, need, need), self._links())
+            for d, need in _needs_into(members).items()
+        )
+
+    def _may_start(self, members: list[Member], member: Member, links: Links) -> bool:
+        """``member`` may start beside ``members`` on ``links``: by the planner's rules, or,
+        with nothing running, when its need fits."""
+        schedule = self._schedule
+        if not members:
+            return _fits_alone(member, links)
+        return admissible(
+            members,
+            member,
+            links,
+            max_parallel=schedule.max_parallel,
+            max_incoming=schedule.max_incoming,
+        )
+
+    def _recap(self) -> None:
+        """Every running move's cap for its share now: the moves in their setup (as far as
+        the prediction knows) keep the cap they started with and their needs free, the
+        others share the rest (:func:`~asyncmigfra.tasks.shares.allocate`)."""
+        now = time.monotonic()
+        setups = self._members([n for n in self._running if self._moves_at[n] > now])
+        moving = self._members([n for n in self._running if self._moves_at[n] <= now])
+        self._caps.update(caps(moving, allocate(moving, self._links(), starting=setups)))
+
+    async def _apply_caps(self) -> None:
+        """Set the caps that changed on the running moves (a move whose job has not started
+        yet is tried again later)."""
+        changed = [n for n in self._running if self._caps[n] != self._applied.get(n)]
+        if not changed:
+            return
+        done = await asyncio.gather(*(self._steer(n, self._caps[n]) for n in changed))
+        for name, ok in zip(changed, done, strict=True):
+            if ok:
+                self._applied[name] = self._caps[name]
+
+    def _next_wake(self) -> float | None:
+        """s until a move's setup ends (its share changes), a cap not yet set is tried
+        again, or a destination is asked again for a share; ``None``: until a move ends."""
+        now = time.monotonic()
+        wakes = [at - now for n, at in self._moves_at.items() if n in self._running and at > now]
+        if any(self._caps[n] != self._applied.get(n) for n in self._running):
+            wakes.append(_CAP_RETRY)
+        if self._short or self._reservations.short:
+            wakes.append(_GRANT_RETRY)
+        return max(0.0, min(wakes)) if wakes else None
+
+    async def _ended(self) -> None:
+        """Note the moves that ended; plan the rest again when one strayed."""
+        now = time.monotonic()
+        schedule = self._schedule
+        strays: list[Observation] = []
+        for name in [n for n in self._running if self._tasks[n].done()]:
+            started = self._running.pop(name)
+            self._applied.pop(name, None)
+            self._caps.pop(name, None)
+            self._moves_at.pop(name, None)
+            step = schedule.steps[name]
+            if step.predicted is None:
+                continue
+            seen = Observation(
+                name=name,
+                predicted=step.predicted,
+                actual=now - started,
+                fixed=schedule.vms[name].inputs.costs.setup,
+            )
+            self._seen.append(seen)
+            if deviates(seen):
+                strays.append(seen)
+        if strays and self._pending:
+            self._pending = await self._replan(
+                self._pending, self._progress(now), self._seen, strays[0]
+            )
+        await self._reserve(self._members(list(self._running)))
+
+    def _progress(self, now: float) -> dict[str, float]:
+        """The share of its work each running move has done, as far as its prediction
+        tells (at most 0.95: it has not ended)."""
+        out: dict[str, float] = {}
+        for name, started in self._running.items():
+            step = self._schedule.steps[name]
+            setup = self._schedule.vms[name].inputs.costs.setup
+            span = (step.predicted or 0.0) - setup
+            out[name] = 0.0 if span <= 0 else min(0.95, max(0.0, (now - started - setup) / span))
+        return out
+
+
+def _needs_into(members: list[Member]) -> dict[str, float]:
+    """Bytes/s the ``members`` need into each destination, together."""
+    out: dict[str, float] = {}
+    for m in members:
+        out[m.destination] = out.get(m.destination, 0.0) + m.needed
+    return out
+
+
+def _fits_alone(member: Member, links: Links) -> bool:
+    """``member``'s need fits its links (a grant may be smaller than it)."""
+    capacities = links.capacities()
+    return all(
+        member.needed <= capacities[link] * (1 + 1e-9)
+        for link in links.of(member.destination)
+        if link in capacities
+    )
