@@ -30,7 +30,6 @@ import socket
 import threading
 import time
 from collections.abc import MutableMapping
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -46,6 +45,7 @@ from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
+from asyncmigfra.statedir import resolve_state_dir
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
@@ -91,28 +91,6 @@ def _malloc_trim() -> Any:
 
 
 _MALLOC_TRIM = _malloc_trim()
-
-
-def resolve_state_dir(settings: Settings) -> Path | None:
-    """The journal directory from ``agent.state-dir`` (``auto``, ``none`` or a path).
-
-    ``auto`` is one directory per agent name: ``$STATE_DIRECTORY/<name>`` when systemd's
-    ``StateDirectory=`` set it, else ``/var/lib/asyncmigfra/<name>`` for root, else
-    ``$XDG_STATE_HOME/asyncmigfra/<name>`` (``~/.local/state``).
-    """
-    value = settings.agent.state_dir
-    if value.lower() == "none":
-        return None
-    if value.lower() != "auto":
-        return Path(value)
-    # systemd may list several directories (colon-separated); the first is ours.
-    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if systemd:
-        return Path(systemd) / settings.hostname
-    if os.geteuid() == 0:
-        return Path("/var/lib/asyncmigfra") / settings.hostname
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "asyncmigfra" / settings.hostname
 
 
 def build_hypervisor(settings: Settings, shared: MutableMapping[str, object]) -> Hypervisor:
