@@ -48,7 +48,7 @@ from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
 from asyncmigfra.peers.inbound import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
-from asyncmigfra.tasks.dispatching.moving import Move, Moves, Steer
+from asyncmigfra.tasks.dispatching.moving import Move, Moves, Moving, Steer
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.waves import (
     Observation,
@@ -285,6 +285,8 @@ class _Predicted(_DispatcherBase):
         schedule: _Schedule,
         move: Move,
         steer: Steer,
+        *,
+        moving: Moving,
         tasks: dict[str, asyncio.Task[ResultEntry]],
     ) -> None:
         """Run the moves (see the module); each move's task goes into ``tasks`` as it
@@ -308,6 +310,7 @@ class _Predicted(_DispatcherBase):
                 schedule=schedule,
                 move=move,
                 steer=steer,
+                moving=moving,
                 replan=again,
                 reservations=reservations,
                 tasks=tasks,
