@@ -41,7 +41,6 @@ import structlog
 from asyncmigfra.errors import TaskError
 from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, LinkRate
 from asyncmigfra.migration.dirtyrates import DirtyRate
-from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
 from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
@@ -275,7 +274,7 @@ class _Predicted(_DispatcherBase):
                 else request.mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
-            costs=costs_of(self._hv),
+            costs=self._forecaster.costs(self._hv, request.destination),
         )
         return WaveVm(name=request.vm_name, destination=request.destination, inputs=inputs)
 
