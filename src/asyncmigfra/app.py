@@ -49,7 +49,7 @@ from asyncmigfra.statedir import resolve_state_dir
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
-from asyncmigfra.tasks.linkrates import LinkRates, ResidentOverheads
+from asyncmigfra.tasks.linkrates import FixedCosts, LinkRates, ResidentOverheads
 from asyncmigfra.transport.metrics.feed import Vitals
 from asyncmigfra.transport.metrics.opening import open_metrics
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
@@ -136,8 +136,13 @@ class Agent:
         #: ... and of its guests' hypervisor processes (what they keep resident beyond guest
         #: memory; migration/forecast.py).
         self.resident_overheads = ResidentOverheads.in_state_dir(state_dir)
+        #: ... and of each destination's fixed cost per migration (migration/fixedcosts.py).
+        self.fixed_costs = FixedCosts.in_state_dir(state_dir)
         self.forecaster = Forecaster(
-            settings=settings, link_rates=self.link_rates, overheads=self.resident_overheads
+            settings=settings,
+            link_rates=self.link_rates,
+            overheads=self.resident_overheads,
+            fixed_costs=self.fixed_costs,
         )
         mqtt = settings.mqtt
         self.transport = MqttTransport(
@@ -450,6 +455,7 @@ class Agent:
         self._warn_of_an_earlier_journal()
         await self.link_rates.open()  # after the journal's lock: the directory is ours
         await self.resident_overheads.open()
+        await self.fixed_costs.open()
         username = self.settings.mqtt.username
         if username is not None and username != self.settings.hostname:
             log.warning(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import replace
 
 import structlog
@@ -331,6 +332,7 @@ async def _migrate_once(
     )
     progress = _Progress(max_downtime=plan.max_downtime, memory=plan.memory)
     observed = ObservedRates()
+    started = time.monotonic()
     with ctx.measure("migrate"):
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")
@@ -387,7 +389,8 @@ async def _migrate_once(
             )
     forecaster = forecaster_of(ctx)
     if forecaster is not None:
-        await forecaster.learn(plan, observed, result)
+        elapsed = None if adopted is not None else time.monotonic() - started
+        await forecaster.learn(plan, observed, result, elapsed=elapsed)
     final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)

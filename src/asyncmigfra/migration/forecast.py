@@ -26,7 +26,9 @@
   ``bandwidth`` cap held it down), its dirty rate the VM's last-migration figure, and (when
   its resident memory was read before it) the resident memory beyond the guest's non-zero
   pages a sample of the hypervisor process's overhead
-  (:class:`~asyncmigfra.tasks.linkrates.ResidentOverheads`).
+  (:class:`~asyncmigfra.tasks.linkrates.ResidentOverheads`); its duration, less the model's
+  transfer time, a sample of the destination's fixed cost, which predictions then use
+  instead of the constant (:mod:`~asyncmigfra.migration.fixedcosts`).
 
 ``warm`` and ``offline`` are outside the model: ``warm`` is estimated as one pass with the
 guest paused (downtime = the whole copy), ``offline`` as the setup alone.
@@ -41,11 +43,8 @@ from typing import Final
 
 import structlog
 
-from asyncmigfra.errors import NotSupported, TaskError, VmNotFound, WillNotConverge, WrongState
+from asyncmigfra.errors import NotSupported, TaskError, WillNotConverge
 from asyncmigfra.hypervisor.base import (
-    DiskCopy,
-    DomainInfo,
-    DomainState,
     Hypervisor,
     JobStats,
     KnowsResidentMemory,
@@ -54,6 +53,13 @@ from asyncmigfra.hypervisor.base import (
 from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
 from asyncmigfra.migration.dirtysample import CONFIDENCE
+from asyncmigfra.migration.fixedcosts import FixedCostLearning
+from asyncmigfra.migration.forecastdomain import (
+    check_state,
+    disks_anyway,
+    find_domain,
+    guest_memory,
+)
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
     PredictionInputs,
@@ -62,11 +68,11 @@ from asyncmigfra.migration.prediction import (
     predict,
     predict_as,
 )
-from asyncmigfra.migration.prediction_inputs import costs_of
+from asyncmigfra.migration.prediction_inputs import MigrationCosts, costs_of
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.hostpolicy import HostPolicy
-from asyncmigfra.tasks.linkrates import HOST_KEY, LinkRates, ResidentOverheads
+from asyncmigfra.tasks.linkrates import HOST_KEY, FixedCosts, LinkRates, ResidentOverheads
 
 __all__ = [
     "RESIDENT_FOR",
@@ -178,11 +184,13 @@ class Forecaster:
         link_rates: LinkRates | None = None,
         dirty_rates: DirtyRates | None = None,
         overheads: ResidentOverheads | None = None,
+        fixed_costs: FixedCosts | None = None,
     ) -> None:
         self.settings = settings
         self.link_rates = link_rates if link_rates is not None else LinkRates(None)
         self.dirty_rates = dirty_rates if dirty_rates is not None else DirtyRates()
         self.overheads = overheads if overheads is not None else ResidentOverheads(None)
+        self.fixed_costs = FixedCostLearning(fixed_costs)
         #: Per VM: bytes resident when a prediction read it, and when (monotonic).
         self._resident: dict[str, tuple[int, float]] = {}
 
@@ -199,6 +207,11 @@ class Forecaster:
         if bandwidth is not None and bandwidth * _MIB < rate:
             return float(bandwidth * _MIB), "bandwidth"
         return rate, source
+
+    def costs(self, hypervisor: Hypervisor, destination: str) -> MigrationCosts:
+        """The fixed costs of a migration to ``destination``: the back-end's, with the
+        setup learned for ``destination`` once there is one."""
+        return self.fixed_costs.costs(costs_of(hypervisor), destination)
 
     async def memory_to_send(self, hypervisor: Hypervisor, vm_name: str, memory: int) -> int:
         """Bytes a migration of ``vm_name`` sends in full: ``memory`` (its current memory),
@@ -223,12 +236,27 @@ class Forecaster:
         return min(memory, max(0, int(resident - overhead)))
 
     async def learn(
-        self, plan: MigrationPlan, observed: ObservedRates, result: MigrationResult | None = None
+        self,
+        plan: MigrationPlan,
+        observed: ObservedRates,
+        result: MigrationResult | None = None,
+        *,
+        elapsed: float | None = None,
     ) -> None:
-        """Take what a successful migration showed (see the module)."""
+        """Take what a successful migration showed (see the module); ``elapsed``: s from
+        the migration call to its end (``None``: not known, as for an adopted job)."""
         request = plan.request
         if result is not None:
             await self._learn_overhead(request.vm_name, result)
+            if elapsed is not None:
+                rate = statistics.median(observed.transfer) if observed.transfer else None
+                await self.fixed_costs.learn(
+                    request.vm_name,
+                    request.destination,
+                    elapsed,
+                    transfer_rate=rate,
+                    post_copy=result.post_copy,
+                )
         if observed.dirty:
             self.dirty_rates.observed(request.vm_name, float(statistics.median(observed.dirty)))
         if not observed.transfer:
@@ -277,9 +305,9 @@ class Forecaster:
             text = "a plan does not predict swap-with (two migrations that share the link)"
             blockers.append(Blocker(NotSupported.code, text))
         try:
-            dom = await _domain(hypervisor, spec.vm_name)
-            _check_state(dom, base.mode)
-            memory = await _memory_to_send(hypervisor, dom)
+            dom = await find_domain(hypervisor, spec.vm_name)
+            check_state(dom, base.mode)
+            memory = await guest_memory(hypervisor, dom)
             plan = self._plan(spec, memory_kib=memory // 1024)
         except TaskError as exc:
             return replace(base, blockers=(*blockers, _blocker(exc)))
@@ -287,7 +315,7 @@ class Forecaster:
             copies = await hypervisor.check_migration(plan.request)
         except TaskError as exc:
             blockers.append(_blocker(exc))
-            copies = await _disks_anyway(hypervisor, plan)
+            copies = await disks_anyway(hypervisor, plan)
         if copies:  # the disks' sizes count in the completion timeout, their data is sent
             size = sum(c.size for c in copies)
             plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=size)
@@ -337,7 +365,7 @@ class Forecaster:
                 self.settings.migration.allow_post_copy if mode == "auto" else mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
-            costs=costs_of(hypervisor),
+            costs=self.costs(hypervisor, request.destination),
         )
         action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
 
@@ -359,6 +387,8 @@ class Forecaster:
                 hypervisor, request.vm_name, measure=measure, settled=settled
             )
         inputs = _at(template, dirty)
+        if mode in ("live", "post-copy", "auto"):
+            self.fixed_costs.predicted(request.vm_name, request.destination, inputs)
         base = Forecast(
             vm_name=request.vm_name,
             destination=request.destination,
@@ -517,45 +547,6 @@ def forecaster_of(ctx: EngineContext) -> Forecaster | None:
 
 def _blocker(exc: TaskError) -> Blocker:
     return Blocker(exc.code, str(exc) or exc.__class__.__name__)
-
-
-async def _domain(hypervisor: Hypervisor, vm_name: str) -> DomainInfo:
-    for dom in await hypervisor.list_domains():
-        if dom.name == vm_name:
-            return dom
-    raise VmNotFound(f"Domain not found: no domain with matching name '{vm_name}'")
-
-
-def _check_state(dom: DomainInfo, mode: str) -> None:
-    """The state ``begin_migration`` would demand (its own text)."""
-    if mode == "offline":
-        ok = dom.state is DomainState.SHUTOFF
-    else:
-        ok = dom.state in (DomainState.RUNNING, DomainState.PAUSED)
-    if not ok:
-        raise WrongState(f"Wrong domain state: {dom.state.number}")
-
-
-async def _memory_to_send(hypervisor: Hypervisor, dom: DomainInfo) -> int:
-    """Bytes: the guest's current memory (its balloon), else its configured memory."""
-    if dom.state is DomainState.RUNNING:
-        try:
-            current = await hypervisor.current_memory(dom.name)
-        except TaskError:
-            current = 0
-        if 0 < current <= dom.memory:
-            return current * 1024
-    return dom.memory * 1024
-
-
-async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> tuple[DiskCopy, ...]:
-    """The disks from the source's view alone, when the pre-check refused."""
-    if plan.request.copy_storage == "none":
-        return ()
-    try:
-        return await hypervisor.disks_to_copy(plan.request)
-    except TaskError:
-        return ()
 
 
 def _at(template: PredictionInputs, dirty: DirtyRate) -> PredictionInputs:

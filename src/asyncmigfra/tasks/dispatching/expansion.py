@@ -141,10 +141,14 @@ class _Expansion(_Predicted):
                 return False
             return True
 
+        async def moving(name: str) -> bool:
+            steering = run.steering.get(name)
+            return steering is not None and await steering.moving()
+
         tasks: dict[str, asyncio.Task[ResultEntry]] = {}
         try:
             if waves is not None:
-                await self._run_waves(job, waves, move, steer, tasks)
+                await self._run_waves(job, waves, move, steer, moving=moving, tasks=tasks)
             else:
                 async with asyncio.TaskGroup() as tg:
                     for name, dest in plan.assignments.items():

@@ -41,14 +41,13 @@ import structlog
 from asyncmigfra.errors import TaskError
 from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, LinkRate
 from asyncmigfra.migration.dirtyrates import DirtyRate
-from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
 from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
 from asyncmigfra.peers.inbound import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
-from asyncmigfra.tasks.dispatching.moving import Move, Moves, Steer
+from asyncmigfra.tasks.dispatching.moving import Move, Moves, Moving, Steer
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.waves import (
     Observation,
@@ -275,7 +274,7 @@ class _Predicted(_DispatcherBase):
                 else request.mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
-            costs=costs_of(self._hv),
+            costs=self._forecaster.costs(self._hv, request.destination),
         )
         return WaveVm(name=request.vm_name, destination=request.destination, inputs=inputs)
 
@@ -285,6 +284,8 @@ class _Predicted(_DispatcherBase):
         schedule: _Schedule,
         move: Move,
         steer: Steer,
+        *,
+        moving: Moving,
         tasks: dict[str, asyncio.Task[ResultEntry]],
     ) -> None:
         """Run the moves (see the module); each move's task goes into ``tasks`` as it
@@ -308,6 +309,7 @@ class _Predicted(_DispatcherBase):
                 schedule=schedule,
                 move=move,
                 steer=steer,
+                moving=moving,
                 replan=again,
                 reservations=reservations,
                 tasks=tasks,
