@@ -36,8 +36,10 @@ guest paused (downtime = the whole copy), ``offline`` as the setup alone.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -160,14 +162,24 @@ class Forecast:
 
 @dataclass(slots=True)
 class ObservedRates:
-    """What a running migration's samples showed (fed by the engine, one per sample)."""
+    """What a running migration's samples showed (fed by the engine, one per sample).
+
+    ``shared_now`` tells, at each sample, whether the link's rate is not this migration's
+    alone: another migration out of this host ran, or its bandwidth was changed while it
+    ran (a scheduler's cap, an operator's ``tune``). A migration seen ``shared`` at any sample
+    teaches no link rate: its rate was a share (a predicted evacuation that learned its caps
+    as the link would plan the next one slower, and cap it lower again)."""
 
     transfer: list[int] = field(default_factory=list)
     dirty: list[int] = field(default_factory=list)
+    shared_now: Callable[[], bool] | None = None
+    shared: bool = False
 
     def add(self, stats: JobStats) -> None:
         if stats.phase != "migrating" or stats.iteration < 1 or len(self.transfer) >= MAX_SAMPLES:
             return
+        if self.shared_now is not None and self.shared_now():
+            self.shared = True
         if stats.transfer_rate > 0:
             self.transfer.append(stats.transfer_rate)
         if stats.iteration >= 2:
@@ -193,6 +205,17 @@ class Forecaster:
         self.fixed_costs = FixedCostLearning(fixed_costs)
         #: Per VM: bytes resident when a prediction read it, and when (monotonic).
         self._resident: dict[str, tuple[int, float]] = {}
+        #: Migrations out of this host running now (see :meth:`migrating`).
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def migrating(self) -> Iterator[None]:
+        """Count a migration out of this host while it runs (:class:`ObservedRates`)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     # ---- the inputs ------------------------------------------------------------------
 
@@ -259,7 +282,7 @@ class Forecaster:
                 )
         if observed.dirty:
             self.dirty_rates.observed(request.vm_name, float(statistics.median(observed.dirty)))
-        if not observed.transfer:
+        if not observed.transfer or observed.shared:
             return
         rate = float(statistics.median(observed.transfer))
         cap = request.bandwidth

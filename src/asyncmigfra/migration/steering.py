@@ -89,6 +89,8 @@ class MigrationSteering:
         self._announcement: dict[str, object] = {}
         #: The job was seen moving data (see :meth:`moving`).
         self._moving = False
+        #: Its bandwidth was changed while it ran (its rate no longer shows the link's).
+        self.recapped = False
 
     def __repr__(self) -> str:
         return f"MigrationSteering({self.vm_name!r}, running={self.running})"
@@ -170,6 +172,7 @@ class MigrationSteering:
         try:
             if tuning.bandwidth is not None:
                 await job.set_bandwidth(tuning.bandwidth, post_copy=policy.post_copy_started)
+                self.recapped = True
                 applied["bandwidth"] = tuning.bandwidth
             if tuning.max_downtime is not None:
                 await job.set_max_downtime(tuning.max_downtime)
