@@ -4,6 +4,10 @@
 loopback broker; :func:`connected` gives a :class:`Client` that publishes tasks at QoS 2 and
 matches their results by id once the answering process said ``online``; :func:`measure`
 takes one round of figures (sequential latencies, then throughput with 20 in flight).
+
+``BENCH_PROFILE=DIR`` runs every agent process under cProfile and leaves its statistics in
+``DIR/agent-<host>.prof`` when it stops (``python -m pstats FILE``); for looking, never
+for figures (the profiler slows the agent several times).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asyncmigfra.transport.mqtt import ToolClient
-from bench.common import pct
+from bench.common import pct, proc_usage
 
 PROTOCOL = os.environ.get("BENCH_MQTT_PROTOCOL", "5")
 
@@ -63,8 +67,11 @@ def agent_process(
         env = dict(os.environ)
         if src is not None:
             env["PYTHONPATH"] = str(src / "src")
+        cmd = [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host]
+        if profile_dir := os.environ.get("BENCH_PROFILE"):
+            cmd[1:1] = ["-m", "cProfile", "-o", f"{profile_dir}/agent-{host}.prof"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "asyncmigfra", "agent", "-c", str(conf), "--hostname", host],
+            cmd,
             stdout=subprocess.DEVNULL,
             env=env,
         )
@@ -136,12 +143,19 @@ class Round:
     p50_ms: float
     p99_ms: float
     tasks_per_s: float
+    #: The answering process's CPU time (user + system) per task after the warm-up, when
+    #: its pid was given.
+    cpu_ms_per_task: float = float("nan")
 
 
-async def measure(c: Client, *, n_seq: int, n_tput: int, warmup: int = 30) -> Round:
-    """Sequential tasks (one at a time), then ``n_tput`` tasks with 20 in flight."""
+async def measure(
+    c: Client, *, n_seq: int, n_tput: int, warmup: int = 30, pid: int | None = None
+) -> Round:
+    """Sequential tasks (one at a time), then ``n_tput`` tasks with 20 in flight; with
+    ``pid``, that process's CPU time per task over both."""
     for i in range(warmup):
         await c.send(START_ONE.format(i=i))
+    cpu0 = proc_usage(pid)[0] if pid is not None else 0.0
     lat = [await c.send(START_ONE.format(i=i)) for i in range(n_seq)]
     sem = asyncio.Semaphore(20)
 
@@ -154,4 +168,9 @@ async def measure(c: Client, *, n_seq: int, n_tput: int, warmup: int = 30) -> Ro
         for i in range(n_tput):
             tg.create_task(one(i))
     tput = n_tput / (time.perf_counter() - t0)
-    return Round(pct(lat, 0.5), pct(lat, 0.99), tput)
+    cpu_ms = float("nan")
+    if pid is not None:
+        # Results are in, but the last acknowledgements may still be on their way.
+        await asyncio.sleep(0.05)
+        cpu_ms = (proc_usage(pid)[0] - cpu0) * 1000.0 / (n_seq + n_tput)
+    return Round(pct(lat, 0.5), pct(lat, 0.99), tput, cpu_ms)

@@ -33,7 +33,7 @@ from asyncmigfra.settings import HypervisorSettings, LoggingSettings, default_se
 from asyncmigfra.settings.model import MetricsSettings
 from asyncmigfra.transport.mqtt import ToolClient
 from bench.common import free_port, mosquitto, pct
-from bench.load import START_ONE, agent_process, connected
+from bench.load import agent_process, connected, measure
 
 VARIANTS = ("off", "on", "scraped")
 
@@ -78,20 +78,8 @@ async def task_path(port: int, variant: str, n_seq: int, n_tput: int) -> tuple[f
     with agent_process(port, host, journal=False, extra_conf=extra):
         async with connected(port, host) as c:
             with scraper(metrics_port if variant == "scraped" else None):
-                for i in range(30):  # warm-up (and a first scrape)
-                    await c.send(START_ONE.format(i=i))
-                lat = [await c.send(START_ONE.format(i=i)) for i in range(n_seq)]
-                sem = asyncio.Semaphore(20)
-
-                async def one(i: int) -> None:
-                    async with sem:
-                        await c.send(START_ONE.format(i=i))
-
-                t0 = time.perf_counter()
-                async with asyncio.TaskGroup() as tg:
-                    for i in range(n_tput):
-                        tg.create_task(one(i))
-                return pct(lat, 0.5), n_tput / (time.perf_counter() - t0)
+                figures = await measure(c, n_seq=n_seq, n_tput=n_tput)
+                return figures.p50_ms, figures.tasks_per_s
 
 
 async def loop_lag(port: int, variant: str, n: int = 32) -> tuple[float, float, int]:

@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import statistics
 import sys
@@ -100,7 +101,7 @@ class Plan:
             kinds=KINDS,
             timeout=args.timeout or (15.0 if quick else 25.0),
             evac_speed=args.evac_speed,
-            evac_rounds=1 if quick else 2,
+            evac_rounds=args.evac_rounds or (1 if quick else 2),
             learning_runs=1 if quick else 2,
             only=frozenset(args.only or ("accuracy", "evacuation")),
         )
@@ -276,6 +277,8 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
                 f"{c.speed:g}",
                 fmt(_mib(p.get("transfer-rate")), 1),
                 fmt(_mib(p.get("dirty-rate")), 1),
+                fmt(_bound(p), 1),
+                fmt(_pages(p), 0),
                 fmt(_mib(p.get("memory")), 1),
                 fmt(_mib(p.get("disk")), 0),
                 "yes" if c.predicted_converges else "no",
@@ -298,6 +301,8 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
             "link MiB/s",
             "learned MiB/s",
             "dirty MiB/s",
+            "bound MiB/s",
+            "pages",
             "memory MiB",
             "disk MiB",
             "predicted conv.",
@@ -322,8 +327,11 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
         f" predicted to: {median} (target <= 20 %)\n"
         f"verdict right in {right} of {len(judged)} cases (target: all)\n"
         "learned = the link rate the agent's plan used (learned from the learning migration);\n"
-        "dirty = the agent's page-sampling probe (1 s); memory = what the plan says the first\n"
-        "pass sends; actual s = the result's time-measurement 'migrate' (job start to end).\n"
+        "dirty = the agent's page-sampling estimate (1 s probes, pooled while the estimate and\n"
+        "its bound lead to different verdicts); bound = its 95 % upper confidence bound, at\n"
+        "which the verdict is judged; pages = guest pages sampled (said only when it converges);\n"
+        "memory = what the first pass sends (plan); actual s = the result's time-measurement\n"
+        "'migrate' (job start to end).\n"
         "error = (predicted - actual) / actual. fixed s = actual - predicted + the model's\n"
         "fixed costs: what the run cost beyond the model's transfer time."
     )
@@ -344,6 +352,18 @@ def accuracy_tables(cases: Sequence[Case], plan: Plan) -> None:
             print(f"  {c.kind} @ {c.speed:g}: {c.error or blockers[0]}")
 
 
+def _bound(plan: dict[str, Any]) -> float | None:
+    """The dirty rate's upper bound (MiB/s) the plan's text names (no wire key has it)."""
+    text = str(plan.get("details") or "")
+    found = re.search(r"at most ([0-9.]+) MiB/s|upper confidence bound, ([0-9.]+) MiB/s", text)
+    return float(found.group(1) or found.group(2)) if found else None
+
+
+def _pages(plan: dict[str, Any]) -> float | None:
+    found = re.search(r"sampled from ([0-9]+) pages", str(plan.get("details") or ""))
+    return float(found.group(1)) if found else None
+
+
 def _mib(value: object) -> float | None:
     return float(value) / MIB if isinstance(value, int | float) else None
 
@@ -362,6 +382,8 @@ class EvacRun:
     entries: list[dict[str, Any]] = field(default_factory=list)
     plan_events: int = 0
     first_plan: dict[str, Any] = field(default_factory=dict)
+    #: Per VM: (s from the task's publication, what happened), in order.
+    trace: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
 
 
 async def evacuation_run(
@@ -383,6 +405,7 @@ async def evacuation_run(
         t0 = time.perf_counter()
         reply = await to_a.call(body, 900)
         run.seconds = time.perf_counter() - t0
+        run.trace = evac_trace(to_a, reply.id, t0)
         run.entries = list(reply.doc.get("list") or [])
         run.failures = sum(e.get("status") != "success" for e in run.entries)
         plans = to_a.events_for(reply.id, "plan")
@@ -393,6 +416,36 @@ async def evacuation_run(
         for kind, name in zip(EVAC_KINDS, names, strict=True):
             await remove_guest(conns, rig, kind, name)
     return run
+
+
+def evac_trace(to_a: Sched, tid: str, t0: float) -> dict[str, list[tuple[float, str]]]:
+    """Per VM kind+name: when each phase began and when it was done (event arrival times),
+    and the transfer rate its progress events showed in each second (MiB/s, median)."""
+    out: dict[str, list[tuple[float, str]]] = {}
+    rates: dict[str, dict[int, list[float]]] = {}
+    for t, e in to_a.timed_events_for(tid):
+        vm = e.get("vm-name")
+        what = e.get("event")
+        if what == "phase":
+            label = str(e.get("phase"))
+        elif what == "done":
+            label = f"done ({e.get('status')}, predicted {e.get('predicted-duration', '-')} s)"
+        elif what == "progress" and e.get("action"):
+            label = f"action {e.get('action')}"
+        elif what == "progress" and vm is not None and e.get("transfer-rate") is not None:
+            second = rates.setdefault(str(vm), {}).setdefault(int(t - t0), [])
+            second.append(float(e["transfer-rate"]) / MIB)
+            continue
+        else:
+            continue
+        if vm is not None:
+            steps = out.setdefault(str(vm), [])
+            if not steps or steps[-1][1] != label or label.startswith("action tuned"):
+                steps.append((t - t0, label))
+    for vm, seconds in rates.items():
+        shown = " ".join(f"{s}:{statistics.median(r):.0f}" for s, r in sorted(seconds.items()))
+        out.setdefault(vm, []).append((0.0, f"MiB/s by second [{shown}]"))
+    return out
 
 
 def kind_of(e: dict[str, Any]) -> str:
@@ -440,8 +493,19 @@ async def bench_evacuation(port: int, rig: Rig, guests: dict[str, Path], plan: P
                 for w in run.first_plan["waves"]
             )
             print(f"  planned waves: {waves}; makespan {run.first_plan.get('makespan')} s")
+    for run in runs:
+        print(f"  trace of {run.policy} ({run.seconds:.1f} s):")
+        for e in run.entries:
+            tm = e.get("time-measurement") or {}
+            shown = ", ".join(f"{k} {float(v):.2f}" for k, v in tm.items())
+            print(f"    {kind_of(e):8} time-measurement: {shown}")
+        for vm, steps in sorted(run.trace.items(), key=lambda kv: kv[1][0][0] if kv[1] else 0):
+            line = ", ".join(f"{t:.1f} {label}" for t, label in steps)
+            print(f"    {kind_of({'vm-name': vm}):8} {line}")
     for policy in ("predicted", "fixed"):
         mine = [r.seconds for r in runs if r.policy == policy]
+        failed = sum(r.failures for r in runs if r.policy == policy)
+        print(f"  {policy}: failed migrations {failed} over {len(mine)} runs")
         print(f"  {policy}: makespan median {statistics.median(mine):.1f} s over {len(mine)}")
     note(
         f"link: {qdisc}; learning migration: {learned}.\n"
@@ -498,6 +562,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=0.0, help="completion timeout, s")
     p.add_argument("--evac-speed", type=float, default=32.0, help="evacuation link, MiB/s")
     p.add_argument("--only", nargs="+", choices=("accuracy", "evacuation"))
+    p.add_argument(
+        "--evac-rounds", type=int, default=0, help="evacuation rounds (each policy once a round)"
+    )
 
 
 def main() -> None:

@@ -181,6 +181,8 @@ class Sched:
         self.prefix = prefix
         self.waiters: dict[str, asyncio.Future[tuple[float, bytes]]] = {}
         self.events: list[bytes] = []
+        #: When each of ``events`` arrived (``time.perf_counter``).
+        self.event_times: list[float] = []
         self.progress = 0
         self._parsed: list[dict[str, Any]] = []
 
@@ -198,6 +200,7 @@ class Sched:
                     fut.set_result((now, msg.payload))
             elif msg.topic.endswith("/event"):
                 self.events.append(msg.payload)
+                self.event_times.append(now)
                 if b"event: progress" in msg.payload:
                     self.progress += 1
 
@@ -218,11 +221,17 @@ class Sched:
         return Reply(tid, (t1 - t0) * 1000.0, yaml.safe_load(payload))
 
     def events_for(self, tid: str, kind: str | None = None) -> list[dict[str, Any]]:
+        return [e for _, e in self.timed_events_for(tid, kind)]
+
+    def timed_events_for(
+        self, tid: str, kind: str | None = None
+    ) -> list[tuple[float, dict[str, Any]]]:
+        """``events_for`` with each event's arrival time (``time.perf_counter``)."""
         while len(self._parsed) < len(self.events):
             self._parsed.append(yaml.safe_load(self.events[len(self._parsed)]) or {})
         return [
-            e
-            for e in self._parsed
+            (t, e)
+            for t, e in zip(self.event_times, self._parsed, strict=True)
             if str(e.get("id")) == tid and (kind is None or e.get("event") == kind)
         ]
 

@@ -23,13 +23,13 @@ import asyncio
 import ctypes
 import dataclasses
 import datetime as dt
+import logging
 import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import MutableMapping
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -38,27 +38,35 @@ from asyncmigfra import __version__
 from asyncmigfra.errors import StartupError, TaskRejected
 from asyncmigfra.hypervisor.base import Hypervisor
 from asyncmigfra.hypervisor.registry import load_factory
+from asyncmigfra.logs import would_drop
 from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.model import ResultMessage, TaskMessage
 from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.peers.lanes import LaneServer
 from asyncmigfra.peers.userhooks import HookRunner
 from asyncmigfra.settings import Settings
+from asyncmigfra.statedir import resolve_state_dir
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.tasks.history import history_rows
 from asyncmigfra.tasks.journal import Journal, JournalRecord, journal_state
-from asyncmigfra.tasks.linkrates import LinkRates, ResidentOverheads
+from asyncmigfra.tasks.linkrates import FixedCosts, LinkRates, ResidentOverheads
 from asyncmigfra.transport.metrics.feed import Vitals
 from asyncmigfra.transport.metrics.opening import open_metrics
 from asyncmigfra.transport.mqtt import Incoming, MqttTransport, Outgoing
 from asyncmigfra.transport.publishing import EventPublisher, Publisher
 from asyncmigfra.wire.events import Events
 from asyncmigfra.wire.parsing import parse_task
-from asyncmigfra.wire.rendering import render_event, render_result
+from asyncmigfra.wire.rendering import (
+    QUERY_RESULTS,
+    BoundedResult,
+    render_bounded_result,
+    render_event,
+)
 
 __all__ = ["Agent", "build_hypervisor"]
 
 log = structlog.stdlib.get_logger(__name__)
+_LOGGER = logging.getLogger(__name__)
 
 #: Payloads at least this large are parsed in a worker thread (keeps the loop responsive).
 _THREAD_PARSE_BYTES = 64 * 1024
@@ -83,28 +91,6 @@ def _malloc_trim() -> Any:
 
 
 _MALLOC_TRIM = _malloc_trim()
-
-
-def resolve_state_dir(settings: Settings) -> Path | None:
-    """The journal directory from ``agent.state-dir`` (``auto``, ``none`` or a path).
-
-    ``auto`` is one directory per agent name: ``$STATE_DIRECTORY/<name>`` when systemd's
-    ``StateDirectory=`` set it, else ``/var/lib/asyncmigfra/<name>`` for root, else
-    ``$XDG_STATE_HOME/asyncmigfra/<name>`` (``~/.local/state``).
-    """
-    value = settings.agent.state_dir
-    if value.lower() == "none":
-        return None
-    if value.lower() != "auto":
-        return Path(value)
-    # systemd may list several directories (colon-separated); the first is ours.
-    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if systemd:
-        return Path(systemd) / settings.hostname
-    if os.geteuid() == 0:
-        return Path("/var/lib/asyncmigfra") / settings.hostname
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "asyncmigfra" / settings.hostname
 
 
 def build_hypervisor(settings: Settings, shared: MutableMapping[str, object]) -> Hypervisor:
@@ -150,8 +136,13 @@ class Agent:
         #: ... and of its guests' hypervisor processes (what they keep resident beyond guest
         #: memory; migration/forecast.py).
         self.resident_overheads = ResidentOverheads.in_state_dir(state_dir)
+        #: ... and of each destination's fixed cost per migration (migration/fixedcosts.py).
+        self.fixed_costs = FixedCosts.in_state_dir(state_dir)
         self.forecaster = Forecaster(
-            settings=settings, link_rates=self.link_rates, overheads=self.resident_overheads
+            settings=settings,
+            link_rates=self.link_rates,
+            overheads=self.resident_overheads,
+            fixed_costs=self.fixed_costs,
         )
         mqtt = settings.mqtt
         self.transport = MqttTransport(
@@ -159,6 +150,8 @@ class Agent:
             subscriptions=[(mqtt.task_topic, 2)],
             will=Outgoing(mqtt.status_topic, self._status_payload("offline"), qos=1, retain=True),
             on_connected=self._on_connected,
+            # What operations.md §2 has the broker let through (its message_size_limit).
+            max_payload=settings.limits.max_message_size,
         )
         self.publisher = Publisher(self.transport)
         #: ``metrics.listen``: what the agent publishes also feeds its Prometheus series
@@ -209,6 +202,9 @@ class Agent:
         self._intake: asyncio.Queue[Incoming] = asyncio.Queue()
         #: Bytes of the payloads in ``_intake`` (bounded by ``limits.max-intake-bytes``).
         self._intake_bytes = 0
+        #: The intake task waits for a message (none is being parsed): a small message
+        #: that finds the queue empty is parsed at once by ``_on_message``.
+        self._intake_idle = False
         #: Heap trims still due after large messages (the last one a tick after the burst,
         #: when the MQTT client's buffers are gone too).
         self._trims_due = 0
@@ -298,20 +294,30 @@ class Agent:
                 ),
             )
             return
+        if size < _THREAD_PARSE_BYTES and self._intake_idle and self._intake.empty():
+            # Nothing waits to be read before it: parsed and dispatched now, in order,
+            # without waking the intake task (one loop iteration less per task).
+            self._dispatch(message, self._parse(message.payload))
+            return
         self._intake_bytes += size
         self._intake.put_nowait(message)
 
     async def _intake_loop(self) -> None:
-        while True:
-            message = await self._intake.get()
-            self._intake_bytes -= len(message.payload)
-            large = len(message.payload) >= _THREAD_PARSE_BYTES
-            if large:
-                # Large payloads are parsed off the loop; order is kept (one at a time).
-                parsed = await asyncio.to_thread(self._parse, message.payload)
-            else:
-                parsed = self._parse(message.payload)
-            self._dispatch(message, parsed)
+        try:
+            while True:
+                self._intake_idle = True
+                message = await self._intake.get()
+                self._intake_idle = False
+                self._intake_bytes -= len(message.payload)
+                large = len(message.payload) >= _THREAD_PARSE_BYTES
+                if large:
+                    # Large payloads are parsed off the loop; order is kept (one at a time).
+                    parsed = await asyncio.to_thread(self._parse, message.payload)
+                else:
+                    parsed = self._parse(message.payload)
+                self._dispatch(message, parsed)
+        finally:
+            self._intake_idle = False  # stopped: what comes now waits in the queue
 
     def _answer_leftovers(self) -> None:
         """Answer messages that arrived after intake stopped (the dispatcher refuses them)."""
@@ -354,14 +360,38 @@ class Agent:
             )
             self.dispatcher.reject(parsed, reply)
             return
-        log.debug("task.received", task_id=parsed.id, task=parsed.kind.value)
+        if not would_drop(_LOGGER, logging.DEBUG):  # one a task: not built for nothing
+            log.debug("task.received", task_id=parsed.id, task=parsed.kind.value)
         self.dispatcher.submit(parsed, payload=message.payload, reply=reply)
 
-    def _deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
+    def _deliver(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None:
+        """Publish ``result`` (journaled under ``key``), within ``limits.max-message-size``:
+        the one place where results become bytes (or were made so in a thread: ``rendered``)."""
         history = None
         if key is not None and self.journal is not None and self.journal.keeps_history:
             history = history_rows(key, result, time.time())
-        self._publish_result(render_result(result), reply, key, history)
+        if rendered is None:
+            rendered = render_bounded_result(result, self.settings.limits.max_message_size)
+        if rendered.left_out:
+            # Said once per result: the bounded one is published like any other.
+            (log.info if result.result in QUERY_RESULTS else log.warning)(
+                "result.too_large",
+                task_id=result.id,
+                result=result.result,
+                size=rendered.size,
+                limit=self.settings.limits.max_message_size,
+                entries=len(result.entries),
+                left_out=rendered.left_out,
+            )
+        self._publish_result(rendered.payload, reply, key, history)
         if self.metrics is not None:
             self.metrics.feed.observe_result(result)
 
@@ -425,6 +455,7 @@ class Agent:
         self._warn_of_an_earlier_journal()
         await self.link_rates.open()  # after the journal's lock: the directory is ours
         await self.resident_overheads.open()
+        await self.fixed_costs.open()
         username = self.settings.mqtt.username
         if username is not None and username != self.settings.hostname:
             log.warning(

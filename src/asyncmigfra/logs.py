@@ -31,7 +31,7 @@ from structlog.typing import Processor
 
 from asyncmigfra.settings import LoggingSettings
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "would_drop"]
 
 #: The name of the root handler this module owns, so a second call replaces it.
 _HANDLER_NAME = "asyncmigfra"
@@ -133,3 +133,14 @@ def configure_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=not testing,
     )
+
+
+def would_drop(logger: logging.Logger, level: int) -> bool:
+    """Whether an entry at ``level`` through ``logger`` would be dropped at once: the level
+    is below the logger's, and structlog's chain starts with the level filter (as
+    :func:`configure_logging` sets it; ``structlog.testing.capture_logs`` replaces the
+    chain and sees every entry). Code that logs once a task skips building such entries."""
+    if logger.isEnabledFor(level):
+        return False
+    processors = structlog.get_config()["processors"]
+    return bool(processors) and processors[0] is structlog.stdlib.filter_by_level

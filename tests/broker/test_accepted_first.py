@@ -24,10 +24,20 @@ TASKS = (
 )
 
 
-async def test_accepted_precedes_every_other_event_across_1000_tasks(mosquitto, tmp_path):
+@pytest.mark.parametrize("progress_qos", [0, 1])
+async def test_accepted_precedes_every_other_event_across_1000_tasks(
+    mosquitto, tmp_path, progress_qos: int
+):
+    """With ``progress`` at QoS 1 every event is ordered by MQTT, so ``accepted`` is first
+    at the scheduler too. At QoS 0 (the default) the broker may hand a ``progress`` to a
+    scheduler that falls behind ahead of the QoS 1 messages waiting for its window
+    (mosquitto does under this load; protocol.md §1.4): every other event still follows
+    ``accepted``."""
     count = 1000
     async with agent_and_scheduler(
-        mosquitto.port, agent={"state_dir": str(tmp_path / "state")}
+        mosquitto.port,
+        agent={"state_dir": str(tmp_path / "state")},
+        mqtt={"progress_qos": progress_qos},
     ) as (agent, sched):
         assert agent.journal is not None
         sem = asyncio.Semaphore(50)
@@ -45,7 +55,8 @@ async def test_accepted_precedes_every_other_event_across_1000_tasks(mosquitto, 
         kinds[str(event.get("id"))].append(event["event"])
     assert len(kinds) == count
     for task_id, seen in kinds.items():
-        assert seen[0] == "accepted", (task_id, seen)
+        ordered = seen if progress_qos else [kind for kind in seen if kind != "progress"]
+        assert ordered[0] == "accepted", (task_id, seen)
         assert seen.count("accepted") == 1, (task_id, seen)
         assert "done" in seen, (task_id, seen)
     # The results follow their events, one per task.

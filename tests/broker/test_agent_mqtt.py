@@ -381,3 +381,21 @@ async def test_an_agent_stopped_while_it_subscribes_stops(mosquitto):
         agent.request_stop()
         async with asyncio.timeout(5):
             assert await run == 0, f"run {i}"
+
+
+async def test_a_small_message_behind_a_large_one_is_accepted_after_it(mosquitto):
+    """A large message is parsed in a worker thread; small ones arriving meanwhile wait
+    behind it (only a small message that finds nothing waiting is parsed at once)."""
+    padding = "".join(f"# padding line {i:05d} {'.' * 40}\n" for i in range(15000))
+    bodies = [f"id: big\n{padding}task: stop vm\nlist:\n  - vm-name: v\n"]
+    bodies += [f"id: small-{i}\ntask: stop vm\nlist:\n  - vm-name: w{i}\n" for i in range(3)]
+    async with agent_and_scheduler(mosquitto.port) as (_, sched):
+        # Handed to the client in this order at once: they arrive back to back.
+        await asyncio.gather(*(sched.publish(body) for body in bodies))
+        for task_id in ("big", "small-0", "small-1", "small-2"):
+            await sched.result_for(task_id)
+        accepted = [str(e["id"]) for e in sched.events if e.get("event") == "accepted"]
+        assert accepted == ["big", "small-0", "small-1", "small-2"]
+        # and afterwards, with nothing waiting, a small message is answered as before
+        r = await sched.call("task: stop vm\nlist:\n  - vm-name: later\n")
+        assert r["list"] == [{"vm-name": "later", "status": "success"}]

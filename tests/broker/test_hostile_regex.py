@@ -1,5 +1,7 @@
 """A hostile stop regex never stalls the agent (issue 13): the pattern that froze it for
-135 s is answered at once, and a status task sent right behind it is answered within 100 ms."""
+135 s is answered at once, and a status task sent right behind it is answered at once too
+(within 2 s: a backtracking match of this pattern takes minutes; the bound leaves room for a
+loaded 2-core machine, where 100 ms was seen to flake)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ async def test_catastrophic_regex_does_not_stall_the_agent(mosquitto, groups):
         status_s = time.perf_counter() - t0
         evil = await sched.result_for("evil", timeout=5)
         assert status["result"] == "status"
-        assert status_s < 0.1, f"status answered after {status_s * 1000:.0f} ms"
+        assert status_s < 2.0, f"status answered after {status_s * 1000:.0f} ms"
         # Nothing matched (no name ends in X): one success entry named after the regex.
         assert evil["list"] == [{"vm-name": regex, "status": "success"}]
 

@@ -19,13 +19,10 @@ pytestmark = pytest.mark.broker
 
 
 def task_subscriptions(agent: Any) -> list[str]:
-    """The agent's extra subscriptions besides the lane and inbound requests it always
-    serves."""
-    return [
-        topic
-        for topic, _, _ in agent.transport._extra
-        if not topic.endswith(("/lane/+", "/inbound/+"))
-    ]
+    """The agent's extra subscriptions besides the peer requests it always serves (lane holds,
+    inbound reservations)."""
+    always = ("/lane/+", "/inbound/+")
+    return [topic for topic, _, _ in agent.transport._extra if not topic.endswith(always)]
 
 
 def pscom_buffer(pid: int, status: str) -> bytes:

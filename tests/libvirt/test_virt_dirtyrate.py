@@ -62,6 +62,9 @@ class StandIn:
     def state(self) -> list[int]:
         return [libvirt.VIR_DOMAIN_RUNNING, 0]
 
+    def maxMemory(self) -> int:
+        return 128 * 1024  # KiB
+
     def startDirtyRateCalc(self, seconds: int, flags: int) -> None:
         self.started.append((seconds, flags))
 
@@ -89,6 +92,16 @@ async def test_only_page_sampling_is_asked_for_and_the_figure_is_mib(monkeypatch
     rate = await dirtyrate.measure(await call_with(conn), "g", 1)
     assert rate == 12 * MIB
     assert conn.started == [(1, libvirt.VIR_DOMAIN_DIRTYRATE_MODE_PAGE_SAMPLING)]
+
+
+async def test_a_sample_is_the_pages_behind_the_figure(monkeypatch) -> None:
+    """A 128 MiB guest: QEMU samples 64 pages; 11 MiB/s (rounded down from 6 pages over a
+    period a little longer than 1 s) is 6 dirty pages."""
+    monkeypatch.setattr(dirtyrate.asyncio, "sleep", _no_sleep)
+    conn = StandIn([(libvirt.VIR_DOMAIN_DIRTYRATE_MEASURED, 11)])
+    sample = await dirtyrate.sample(await call_with(conn), "g", 1)
+    assert (sample.sampled, sample.dirty, sample.memory, sample.period) == (64, 6, 128 * MIB, 1)
+    assert sample.rate == 12 * MIB
 
 
 async def test_no_figure_within_the_grace_is_a_timeout(monkeypatch) -> None:

@@ -24,6 +24,7 @@ from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.wire.events import Events
 from asyncmigfra.wire.parsing import parse_task
+from asyncmigfra.wire.rendering import BoundedResult
 
 GIB = 1024 * 1024  # KiB
 #: s any single wait may take before the test fails (they all take milliseconds).
@@ -39,7 +40,15 @@ class Recorder:
         self.events: list[Mapping[str, object]] = []
         self._changed = asyncio.Event()
 
-    def deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
+    def deliver(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None:
         self.results.append(result)
         self.replies.append(reply)
         self._changed.set()

@@ -35,6 +35,7 @@ from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply, moving
 from asyncmigfra.wire.events import Events
 from asyncmigfra.wire.parsing import parse_task
+from asyncmigfra.wire.rendering import BoundedResult
 
 MIB = 1024 * 1024
 WAIT = 30.0
@@ -47,7 +48,15 @@ class Recorder:
         self.hooks: list[Callable[[Mapping[str, object]], None]] = []
         self._changed = asyncio.Event()
 
-    def deliver(self, result: ResultMessage, reply: Reply | None, key: str | None) -> None:
+    def deliver(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None:
         self.results.append(result)
         self._changed.set()
 
@@ -471,6 +480,35 @@ async def test_a_running_move_gets_the_link_a_hot_one_leaves_when_it_ends() -> N
     assert max(before) <= 300 * MIB
     assert after
     assert max(after) > 300 * MIB
+
+
+async def test_a_move_in_a_long_setup_leaves_its_share_to_the_hot_one() -> None:
+    # db-1 (dirtying 100 MiB/s) and web-1 (idle) share a 700 MiB/s NIC, planned at caps of
+    # about 590 and 110. web-1's setup takes 4 s here (a loaded host) while the prediction
+    # counts 0.3 s; until its job shows data moving it sends nothing, so db-1 is lifted to
+    # (nearly) the whole NIC once it moves, and never put back down while web-1 sets up.
+    shared: dict[str, object] = {}
+    web = {**vm("web-1", 200), "setup-time": 4}
+    hv = fake(shared, [vm("db-1", 400, 100), web], bandwidth=700, **{"nic-rate": 700})
+    async with dispatcher(hv) as (d, rec):
+        evacuate(d, "slow", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("slow")
+    assert {e.status for e in result.entries} == {"success"}
+    (plan,) = rec.plans()
+    (wave,) = plan["waves"]
+    planned = {v["vm-name"]: v.get("bandwidth") for v in wave["vms"]}
+    assert planned["db-1"] is not None
+    web_moves = next(
+        i
+        for i, e in enumerate(rec.events)
+        if e["event"] == "progress" and e["vm-name"] == "web-1" and e.get("transfer-rate")
+    )
+    db = [e for e in rec.events[:web_moves] if e["event"] == "progress" and e["vm-name"] == "db-1"]
+    tuned = [e["bandwidth"] for e in db if e.get("action") == "tuned"]
+    assert tuned
+    assert all(cap == 0 or cap > planned["db-1"] for cap in tuned)
+    rates = [e["transfer-rate"] for e in db if e.get("transfer-rate")]
+    assert rates[-1] > planned["db-1"] * MIB
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,9 @@ limit behave as before. Also its rate probes (dirty rate, link rates).
 
 Times are the jobs' simulated ``elapsed`` (``time-scale`` 20), computed by hand: setup
 0.3 s, a pass of ``memory / rate`` (at least 0.1 s), a switchover of 10 ms plus what is
-left at the link's full rate.
+left at the link's full rate. A simulated tenth of a second (5 ms of real time at scale 20)
+is the tolerance: the figures the tests tell apart are a second or more apart, and a loaded
+2-core machine delays the loop by a few milliseconds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from asyncmigfra.migration.prediction import PredictionInputs, predict_run
 
 MIB = 1024 * 1024
 SCALE = 20.0
+
+TOL = 0.1  # simulated seconds (see the module docstring)
 
 
 class Ctx:
@@ -85,8 +89,8 @@ async def test_two_migrations_share_the_source_nic(shared: dict[str, object]) ->
         peers={"b": None, "c": None},
     )
     (r1, t1), (r2, t2) = await migrate_all((a, "v1", "b", {}), (a, "v2", "c", {}))
-    assert t1 == pytest.approx(2.31, abs=0.02)
-    assert t2 == pytest.approx(2.31, abs=0.02)
+    assert t1 == pytest.approx(2.31, abs=TOL)
+    assert t2 == pytest.approx(2.31, abs=TOL)
     assert r1.iterations == r2.iterations == 1
 
 
@@ -97,8 +101,8 @@ async def test_the_share_grows_when_a_migration_ends(shared: dict[str, object]) 
         shared, "a", **{"nic-rate": 100}, domains=[vm("v1", 100), vm("v2", 300)], peers={"b": None}
     )
     (_, t1), (_, t2) = await migrate_all((a, "v1", "b", {}), (a, "v2", "b", {}))
-    assert t1 == pytest.approx(2.31, abs=0.02)
-    assert t2 == pytest.approx(4.31, abs=0.03)
+    assert t1 == pytest.approx(2.31, abs=TOL)
+    assert t2 == pytest.approx(4.31, abs=TOL)
 
 
 async def test_a_capped_migration_leaves_the_rest_to_the_other(shared: dict[str, object]) -> None:
@@ -107,16 +111,16 @@ async def test_a_capped_migration_leaves_the_rest_to_the_other(shared: dict[str,
         shared, "a", **{"nic-rate": 100}, domains=[vm("v1", 100), vm("v2", 100)], peers={"b": None}
     )
     (_, t1), (_, t2) = await migrate_all((a, "v1", "b", {}), (a, "v2", "b", {"bandwidth": 20}))
-    assert t1 == pytest.approx(0.3 + 1.25 + 0.01, abs=0.02)
-    assert t2 == pytest.approx(0.3 + 5.0 + 0.01, abs=0.03)
+    assert t1 == pytest.approx(0.3 + 1.25 + 0.01, abs=TOL)
+    assert t2 == pytest.approx(0.3 + 5.0 + 0.01, abs=TOL)
 
 
 async def test_two_sources_share_the_destination_nic(shared: dict[str, object]) -> None:
     a = agent(shared, "a", domains=[vm("v1", 100)], peers={"b": {"nic-rate": 100}})
     d = agent(shared, "d", domains=[vm("v2", 100)])
     (_, t1), (_, t2) = await migrate_all((a, "v1", "b", {}), (d, "v2", "b", {}))
-    assert t1 == pytest.approx(2.31, abs=0.02)
-    assert t2 == pytest.approx(2.31, abs=0.02)
+    assert t1 == pytest.approx(2.31, abs=TOL)
+    assert t2 == pytest.approx(2.31, abs=TOL)
 
 
 async def test_full_duplex_sending_and_receiving_do_not_share(shared: dict[str, object]) -> None:
@@ -124,8 +128,8 @@ async def test_full_duplex_sending_and_receiving_do_not_share(shared: dict[str, 
     a = agent(shared, "a", **{"nic-rate": 100}, domains=[vm("v1", 100)])
     b = agent(shared, "b", **{"nic-rate": 100}, domains=[vm("v2", 100)])
     (_, t1), (_, t2) = await migrate_all((a, "v1", "b", {}), (b, "v2", "a", {}))
-    assert t1 == pytest.approx(0.3 + 1.0 + 0.01, abs=0.02)
-    assert t2 == pytest.approx(0.3 + 1.0 + 0.01, abs=0.02)
+    assert t1 == pytest.approx(0.3 + 1.0 + 0.01, abs=TOL)
+    assert t2 == pytest.approx(0.3 + 1.0 + 0.01, abs=TOL)
 
 
 async def test_without_nic_rate_every_migration_gets_its_bandwidth(
@@ -133,8 +137,8 @@ async def test_without_nic_rate_every_migration_gets_its_bandwidth(
 ) -> None:
     a = agent(shared, "a", bandwidth=100, domains=[vm("v1", 100), vm("v2", 100)], peers={"b": None})
     (_, t1), (_, t2) = await migrate_all((a, "v1", "b", {}), (a, "v2", "b", {}))
-    assert t1 == pytest.approx(1.31, abs=0.02)
-    assert t2 == pytest.approx(1.31, abs=0.02)
+    assert t1 == pytest.approx(1.31, abs=TOL)
+    assert t2 == pytest.approx(1.31, abs=TOL)
     assert not shared[SHARED_KEY].links.jobs  # type: ignore[attr-defined]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import structlog
 
-from asyncmigfra.logs import configure_logging
+from asyncmigfra.logs import configure_logging, would_drop
 from asyncmigfra.settings import LoggingSettings
 
 
@@ -231,3 +231,20 @@ def test_a_python_warning_is_a_log_entry_not_a_raw_line() -> None:
     assert entry["logger"] == "py.warnings"
     assert entry["level"] == "warning"
     assert "DSA is deprecated" in entry["event"]
+
+
+def test_would_drop_follows_the_level_and_sees_captured_logs() -> None:
+    """Entries below the configured level are known to be dropped (hot paths skip building
+    them); at or above it, or while ``capture_logs`` replaced the chain, they are not."""
+    logger = logging.getLogger("asyncmigfra.dispatching")
+    configure_logging(LoggingSettings(level="warning"), stream=io.StringIO(), testing=True)
+    assert would_drop(logger, logging.INFO)
+    assert would_drop(logger, logging.DEBUG)
+    assert not would_drop(logger, logging.WARNING)
+    with structlog.testing.capture_logs() as logs:
+        assert not would_drop(logger, logging.INFO)
+        structlog.stdlib.get_logger("asyncmigfra.dispatching").info("task.finished")
+    assert [e["event"] for e in logs] == ["task.finished"]
+    configure_logging(LoggingSettings(level="info"), stream=io.StringIO(), testing=True)
+    assert not would_drop(logger, logging.INFO)
+    assert would_drop(logger, logging.DEBUG)

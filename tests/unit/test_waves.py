@@ -404,3 +404,21 @@ async def test_a_replan_changes_predictions_not_how_the_links_are_divided() -> N
 def before_prediction(one: WaveVm) -> float:
     """``one``'s predicted duration alone on its stream."""
     return plan_waves([one], link_rate=math.inf, max_parallel=1).makespan
+
+
+async def test_guests_that_converge_only_in_post_copy_rank_before_live_ones() -> None:
+    """A post-copy guest needs only what moves its first pass in time, which says nothing of
+    how hot it is: it still ranks first. The rig's evacuation (issue 18): with the sampled
+    dirty rate's upper bound, two idle guests need a few per cent of the link to converge
+    live and outranked dirty16 and dirty64 (post-copy, 0.1 %), which then waited for them."""
+    idle = {"dirty_rate_bound": 6 * MIB, "dirty_period": 1.0}
+    hot = {"post_copy_allowed": True, "completion_timeout": 120.0, "dirty_period": 1.0}
+    vms = [
+        vm("idle1", 1, **idle),
+        vm("idle2", 1, **idle),
+        vm("dirty16", 16, dirty=16, **hot),
+        vm("dirty64", 64, dirty=66, **hot),
+    ]
+    plan = plan_waves(vms, link_rate=30 * MIB, max_parallel=2)
+    assert names(plan)[0] == ["dirty16", "dirty64"]
+    assert {m.name: m.mode for m in plan.moves}["idle1"] == "live"

@@ -527,6 +527,8 @@ def _show_host(out: Out, host: str, doc: Mapping[str, Any], presence: Mapping[st
             ],
             title=f"Tasks ({len(tasks)})",
         )
+    elif "tasks" not in doc and doc.get("more") is True:
+        out.line("Tasks: left out, the answer would be larger than the agent sends", "yellow")
     else:
         out.line("Tasks: none queued or running")
     entries = _maps(doc.get("list"))
@@ -551,3 +553,8 @@ def _show_host(out: Out, host: str, doc: Mapping[str, Any], presence: Mapping[st
         )
     elif not errors:
         out.line("Domains: none")
+    if doc.get("more") is True:
+        out.note(
+            f"{host}: sent its first {len(domains)} domains, all that fit in one answer"
+            " (the agent's limits.max-message-size)"
+        )

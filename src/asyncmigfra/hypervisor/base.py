@@ -17,6 +17,7 @@ cancel): :meth:`Hypervisor.begin_migration` starts the job and returns a
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, MutableMapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ __all__ = [
     "KnowsResidentMemory",
     "LinkRate",
     "MeasuresDirtyRate",
+    "DirtyPageSample",
+    "SamplesDirtyPages",
     "MigrationJob",
     "MigrationRequest",
     "MigrationResult",
@@ -344,6 +347,42 @@ class MeasuresDirtyRate(Protocol):
         """Bytes/s the running guest ``vm_name`` dirtied over a sample of ``seconds``
         (1-60). Must not harm the guest. Raises ``VmNotFound``, ``WrongState`` (not
         running), ``NotSupported`` (this host cannot measure) or another ``TaskError``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirtyPageSample:
+    """One page-sampling probe (or several pooled): of ``sampled`` guest pages picked at
+    random, ``dirty`` changed within ``period`` s; ``memory``: bytes of guest RAM they were
+    picked from (see ``migration.dirtysample`` for what that makes of the rate)."""
+
+    sampled: int
+    dirty: int
+    memory: int
+    period: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dirty <= self.sampled:
+            raise ValueError(f"need 0 <= dirty <= sampled, got {self.dirty} of {self.sampled}")
+        if self.memory < 0 or not (math.isfinite(self.period) and self.period > 0):
+            raise ValueError("memory must be >= 0 and period a finite number > 0")
+
+    @property
+    def rate(self) -> float:
+        """Bytes/s: the point estimate (0 when nothing was sampled)."""
+        if self.sampled == 0:
+            return 0.0
+        return self.dirty / self.sampled * self.memory / self.period
+
+
+@runtime_checkable
+class SamplesDirtyPages(Protocol):
+    """A ``MeasuresDirtyRate`` back-end whose figure is a sample of pages (libvirt's page
+    sampling) and that can tell the sample's size, so that the prediction knows how sure the
+    figure is and can pool several probes."""
+
+    async def sample_dirty_pages(self, vm_name: str, *, seconds: int = 1) -> DirtyPageSample:
+        """One probe of ``seconds`` (1-60) on the running ``vm_name``; raises as
+        ``measure_dirty_rate`` does."""
 
 
 @runtime_checkable

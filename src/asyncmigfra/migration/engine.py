@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import replace
 
 import structlog
@@ -330,8 +331,10 @@ async def _migrate_once(
         max_downtime=plan.max_downtime, post_copy_allowed=request.mode == "post-copy"
     )
     progress = _Progress(max_downtime=plan.max_downtime, memory=plan.memory)
+    forecaster = forecaster_of(ctx)
     observed = ObservedRates()
-    with ctx.measure("migrate"):
+    started = time.monotonic()
+    with ctx.measure("migrate"), forecaster.migrating() if forecaster else contextlib.nullcontext():
         job = adopted or await hypervisor.begin_migration(request, ctx)
         ctx.phase("migrating")
         done = asyncio.ensure_future(job.wait())
@@ -343,6 +346,8 @@ async def _migrate_once(
             migration_type=request.mode,
             on_phase=ctx.phase,
         )
+        if forecaster is not None:
+            observed.shared_now = lambda: forecaster.in_flight > 1 or steering.recapped
         try:
             with ctx.steerable(steering):
                 await watch(
@@ -385,9 +390,9 @@ async def _migrate_once(
                 interval=settings.agent.progress_interval,
                 progress=progress,
             )
-    forecaster = forecaster_of(ctx)
     if forecaster is not None:
-        await forecaster.learn(plan, observed, result)
+        elapsed = None if adopted is not None else time.monotonic() - started
+        await forecaster.learn(plan, observed, result, elapsed=elapsed)
     final = progress.final(downtime=policy.downtime)
     if result.downtime is not None:
         final["downtime"] = round(result.downtime, 1)

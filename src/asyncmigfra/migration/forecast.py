@@ -7,8 +7,9 @@
   (:meth:`Forecaster.memory_to_send`: the guest's current memory, at most what its QEMU
   keeps resident less the overhead learned from earlier migrations), the disk bytes a
   storage copy moves (the pre-check's ``DiskCopy`` sizes), the guest's dirty rate
-  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period),
-  the link rate to the destination (learned,
+  (:class:`~asyncmigfra.migration.dirtyrates.DirtyRates`, with the probe's sample period
+  and a page sample's upper bound, probed again while estimate and bound disagree on the
+  verdict), the link rate to the destination (learned,
   :class:`~asyncmigfra.tasks.linkrates.LinkRates`, else config ``migration.link-rate``;
   never above the migration's ``bandwidth`` cap), and the downtime target and completion
   timeout of the resolved plan. Nothing of the VM changes;
@@ -25,7 +26,9 @@
   ``bandwidth`` cap held it down), its dirty rate the VM's last-migration figure, and (when
   its resident memory was read before it) the resident memory beyond the guest's non-zero
   pages a sample of the hypervisor process's overhead
-  (:class:`~asyncmigfra.tasks.linkrates.ResidentOverheads`).
+  (:class:`~asyncmigfra.tasks.linkrates.ResidentOverheads`); its duration, less the model's
+  transfer time, a sample of the destination's fixed cost, which predictions then use
+  instead of the constant (:mod:`~asyncmigfra.migration.fixedcosts`).
 
 ``warm`` and ``offline`` are outside the model: ``warm`` is estimated as one pass with the
 guest paused (downtime = the whole copy), ``offline`` as the setup alone.
@@ -33,41 +36,46 @@ guest paused (downtime = the whole copy), ``offline`` as the setup alone.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Final
 
 import structlog
 
-from asyncmigfra.errors import NotSupported, TaskError, VmNotFound, WillNotConverge, WrongState
+from asyncmigfra.errors import NotSupported, TaskError, WillNotConverge
 from asyncmigfra.hypervisor.base import (
-    DiskCopy,
     DomainInfo,
-    DomainState,
     Hypervisor,
     JobStats,
-    KnowsMigrationCosts,
     KnowsResidentMemory,
     MigrationResult,
 )
 from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
+from asyncmigfra.migration.dirtysample import CONFIDENCE
+from asyncmigfra.migration.fixedcosts import FixedCostLearning
+from asyncmigfra.migration.forecastdomain import (
+    check_state,
+    disks_anyway,
+    find_domain,
+    guest_memory,
+)
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
-    MigrationCosts,
     PredictionInputs,
-    RunPrediction,
     TimeoutAction,
     Verdict,
     predict,
-    predict_run,
+    predict_as,
 )
+from asyncmigfra.migration.prediction_inputs import MigrationCosts, costs_of
 from asyncmigfra.model import MigrateSpec
 from asyncmigfra.settings import Settings
 from asyncmigfra.tasks.hostpolicy import HostPolicy
-from asyncmigfra.tasks.linkrates import HOST_KEY, LinkRates, ResidentOverheads
+from asyncmigfra.tasks.linkrates import HOST_KEY, FixedCosts, LinkRates, ResidentOverheads
 
 __all__ = [
     "RESIDENT_FOR",
@@ -155,14 +163,24 @@ class Forecast:
 
 @dataclass(slots=True)
 class ObservedRates:
-    """What a running migration's samples showed (fed by the engine, one per sample)."""
+    """What a running migration's samples showed (fed by the engine, one per sample).
+
+    ``shared_now`` tells, at each sample, whether the link's rate is not this migration's
+    alone: another migration out of this host ran, or its bandwidth was changed while it
+    ran (a scheduler's cap, an operator's ``tune``). A migration seen ``shared`` at any sample
+    teaches no link rate: its rate was a share (a predicted evacuation that learned its caps
+    as the link would plan the next one slower, and cap it lower again)."""
 
     transfer: list[int] = field(default_factory=list)
     dirty: list[int] = field(default_factory=list)
+    shared_now: Callable[[], bool] | None = None
+    shared: bool = False
 
     def add(self, stats: JobStats) -> None:
         if stats.phase != "migrating" or stats.iteration < 1 or len(self.transfer) >= MAX_SAMPLES:
             return
+        if self.shared_now is not None and self.shared_now():
+            self.shared = True
         if stats.transfer_rate > 0:
             self.transfer.append(stats.transfer_rate)
         if stats.iteration >= 2:
@@ -179,13 +197,26 @@ class Forecaster:
         link_rates: LinkRates | None = None,
         dirty_rates: DirtyRates | None = None,
         overheads: ResidentOverheads | None = None,
+        fixed_costs: FixedCosts | None = None,
     ) -> None:
         self.settings = settings
         self.link_rates = link_rates if link_rates is not None else LinkRates(None)
         self.dirty_rates = dirty_rates if dirty_rates is not None else DirtyRates()
         self.overheads = overheads if overheads is not None else ResidentOverheads(None)
+        self.fixed_costs = FixedCostLearning(fixed_costs)
         #: Per VM: bytes resident when a prediction read it, and when (monotonic).
         self._resident: dict[str, tuple[int, float]] = {}
+        #: Migrations out of this host running now (see :meth:`migrating`).
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def migrating(self) -> Iterator[None]:
+        """Count a migration out of this host while it runs (:class:`ObservedRates`)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     # ---- the inputs ------------------------------------------------------------------
 
@@ -200,6 +231,11 @@ class Forecaster:
         if bandwidth is not None and bandwidth * _MIB < rate:
             return float(bandwidth * _MIB), "bandwidth"
         return rate, source
+
+    def costs(self, hypervisor: Hypervisor, destination: str) -> MigrationCosts:
+        """The fixed costs of a migration to ``destination``: the back-end's, with the
+        setup learned for ``destination`` once there is one."""
+        return self.fixed_costs.costs(costs_of(hypervisor), destination)
 
     async def memory_to_send(self, hypervisor: Hypervisor, vm_name: str, memory: int) -> int:
         """Bytes a migration of ``vm_name`` sends in full: ``memory`` (its current memory),
@@ -224,15 +260,30 @@ class Forecaster:
         return min(memory, max(0, int(resident - overhead)))
 
     async def learn(
-        self, plan: MigrationPlan, observed: ObservedRates, result: MigrationResult | None = None
+        self,
+        plan: MigrationPlan,
+        observed: ObservedRates,
+        result: MigrationResult | None = None,
+        *,
+        elapsed: float | None = None,
     ) -> None:
-        """Take what a successful migration showed (see the module)."""
+        """Take what a successful migration showed (see the module); ``elapsed``: s from
+        the migration call to its end (``None``: not known, as for an adopted job)."""
         request = plan.request
         if result is not None:
             await self._learn_overhead(request.vm_name, result)
+            if elapsed is not None:
+                rate = statistics.median(observed.transfer) if observed.transfer else None
+                await self.fixed_costs.learn(
+                    request.vm_name,
+                    request.destination,
+                    elapsed,
+                    transfer_rate=rate,
+                    post_copy=result.post_copy,
+                )
         if observed.dirty:
             self.dirty_rates.observed(request.vm_name, float(statistics.median(observed.dirty)))
-        if not observed.transfer:
+        if not observed.transfer or observed.shared:
             return
         rate = float(statistics.median(observed.transfer))
         cap = request.bandwidth
@@ -284,9 +335,9 @@ class Forecaster:
             text = "a plan does not predict swap-with (two migrations that share the link)"
             blockers.append(Blocker(NotSupported.code, text))
         try:
-            dom = domain if domain is not None else await _domain(hypervisor, spec.vm_name)
-            _check_state(dom, base.mode)
-            memory = await _memory_to_send(hypervisor, dom)
+            dom = domain if domain is not None else await find_domain(hypervisor, spec.vm_name)
+            check_state(dom, base.mode)
+            memory = await guest_memory(hypervisor, dom)
             plan = self._plan(spec, memory_kib=memory // 1024)
         except TaskError as exc:
             return replace(base, blockers=(*blockers, _blocker(exc)))
@@ -294,7 +345,7 @@ class Forecaster:
             copies = await hypervisor.check_migration(plan.request)
         except TaskError as exc:
             blockers.append(_blocker(exc))
-            copies = await _disks_anyway(hypervisor, plan)
+            copies = await disks_anyway(hypervisor, plan)
         if copies:  # the disks' sizes count in the completion timeout, their data is sent
             size = sum(c.size for c in copies)
             plan = self._plan(spec, memory_kib=memory // 1024, disk_bytes=size)
@@ -329,26 +380,45 @@ class Forecaster:
         request = plan.request
         mode = "auto" if plan.auto else request.mode
         memory = plan.memory if memory is None else memory
+        guest_memory = max(0, memory)
         if mode != "offline":
             memory = await self.memory_to_send(hypervisor, request.vm_name, memory)
         link, link_source = self.link_rate(request.destination, request.bandwidth)
-        dirty = DirtyRate(None, "unknown")
-        if mode in ("live", "post-copy", "auto"):
-            dirty = await self.dirty_rates.rate(hypervisor, request.vm_name, measure=measure)
-        inputs = PredictionInputs(
+        template = PredictionInputs(
             memory=max(0, memory),
+            guest_memory=guest_memory,
             link_rate=link,
             completion_timeout=plan.completion_timeout,
-            dirty_rate=dirty.rate or 0.0,
-            dirty_period=dirty.period,
             disk_bytes=max(0, disk),
             max_downtime=plan.max_downtime,
             post_copy_allowed=(
                 self.settings.migration.allow_post_copy if mode == "auto" else mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
-            costs=costs_of(hypervisor),
+            costs=self.costs(hypervisor, request.destination),
         )
+        action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
+
+        def judge(dirty: DirtyRate) -> Verdict:
+            inputs = _at(template, dirty)
+            if mode == "auto":
+                return predict(inputs)
+            return predict_as(
+                inputs, "live" if mode == "live" else "post-copy", timeout_action=action
+            )
+
+        def settled(dirty: DirtyRate) -> bool:
+            """Another probe cannot change the verdict: its estimate and its bound agree."""
+            return judge(replace(dirty, bound=None)).mode == judge(dirty).mode
+
+        dirty = DirtyRate(None, "unknown")
+        if mode in ("live", "post-copy", "auto"):
+            dirty = await self.dirty_rates.rate(
+                hypervisor, request.vm_name, measure=measure, settled=settled
+            )
+        inputs = _at(template, dirty)
+        if mode in ("live", "post-copy", "auto"):
+            self.fixed_costs.predicted(request.vm_name, request.destination, inputs)
         base = Forecast(
             vm_name=request.vm_name,
             destination=request.destination,
@@ -367,15 +437,7 @@ class Forecaster:
             return _warm(base, inputs)
         if mode == "offline":
             return replace(base, converges=True, duration=inputs.costs.setup, passes=0)
-        if mode == "auto":
-            verdict = predict(inputs)
-        else:
-            action: TimeoutAction = "post-copy" if plan.timeout_action == "post-copy" else "abort"
-            verdict = _as_verdict(
-                predict_run(
-                    inputs, "live" if mode == "live" else "post-copy", timeout_action=action
-                )
-            )
+        verdict = judge(dirty)
         blockers = tuple(Blocker(_WILL_NOT_CONVERGE, text) for text in verdict.blockers)
         return replace(
             base,
@@ -442,6 +504,13 @@ def notes(forecast: Forecast) -> list[str]:
     out: list[str] = []
     if forecast.dirty.note:
         out.append(forecast.dirty.note)
+    dirty = forecast.dirty
+    if dirty.rate is not None and dirty.bound is not None:
+        out.append(
+            f"dirty rate sampled from {dirty.sampled} pages: {dirty.rate / _MIB:.1f} MiB/s,"
+            f" at most {dirty.bound / _MIB:.1f} MiB/s at {CONFIDENCE:.0%} confidence"
+            " (whether it converges is judged at that bound)"
+        )
     if forecast.dirty.rate is None and forecast.mode in ("live", "post-copy"):
         out.append("dirty rate unknown: predicted as an idle guest")
     if forecast.link_source == "configured":
@@ -496,20 +565,6 @@ async def predicted(
     return chosen
 
 
-def costs_of(hypervisor: object) -> MigrationCosts:
-    """The fixed costs to predict ``hypervisor``'s migrations with: its own
-    (``KnowsMigrationCosts``, the fake's) over the model's defaults. Figures a back-end
-    gives that are not costs, or not finite numbers >= 0, are ignored (the default stays)."""
-    if not isinstance(hypervisor, KnowsMigrationCosts):
-        return MigrationCosts()
-    known = set(MigrationCosts.__dataclass_fields__)
-    given: dict[str, float] = {}
-    for name, value in hypervisor.migration_costs().items():
-        if name in known and 0 <= value < math.inf:  # NaN compares false: ignored too
-            given[name] = float(value)
-    return MigrationCosts(**given)
-
-
 def forecaster_of(ctx: EngineContext) -> Forecaster | None:
     """The agent's :class:`Forecaster` on ``ctx`` (a ``SubtaskContext``'s); ``None`` for a
     context without one."""
@@ -524,54 +579,12 @@ def _blocker(exc: TaskError) -> Blocker:
     return Blocker(exc.code, str(exc) or exc.__class__.__name__)
 
 
-async def _domain(hypervisor: Hypervisor, vm_name: str) -> DomainInfo:
-    for dom in await hypervisor.list_domains():
-        if dom.name == vm_name:
-            return dom
-    raise VmNotFound(f"Domain not found: no domain with matching name '{vm_name}'")
-
-
-def _check_state(dom: DomainInfo, mode: str) -> None:
-    """The state ``begin_migration`` would demand (its own text)."""
-    if mode == "offline":
-        ok = dom.state is DomainState.SHUTOFF
-    else:
-        ok = dom.state in (DomainState.RUNNING, DomainState.PAUSED)
-    if not ok:
-        raise WrongState(f"Wrong domain state: {dom.state.number}")
-
-
-async def _memory_to_send(hypervisor: Hypervisor, dom: DomainInfo) -> int:
-    """Bytes: the guest's current memory (its balloon), else its configured memory."""
-    if dom.state is DomainState.RUNNING:
-        try:
-            current = await hypervisor.current_memory(dom.name)
-        except TaskError:
-            current = 0
-        if 0 < current <= dom.memory:
-            return current * 1024
-    return dom.memory * 1024
-
-
-async def _disks_anyway(hypervisor: Hypervisor, plan: MigrationPlan) -> tuple[DiskCopy, ...]:
-    """The disks from the source's view alone, when the pre-check refused."""
-    if plan.request.copy_storage == "none":
-        return ()
-    try:
-        return await hypervisor.disks_to_copy(plan.request)
-    except TaskError:
-        return ()
-
-
-def _as_verdict(run: RunPrediction) -> Verdict:
-    return Verdict(
-        mode=run.mode if run.converges else None,
-        duration=run.duration,
-        downtime=run.downtime,
-        passes=len(run.passes),
-        blockers=run.blockers,
-        live=run,
-        post_copy=run if run.mode == "post-copy" else None,
+def _at(template: PredictionInputs, dirty: DirtyRate) -> PredictionInputs:
+    return replace(
+        template,
+        dirty_rate=dirty.rate or 0.0,
+        dirty_rate_bound=dirty.bound,
+        dirty_period=dirty.period,
     )
 
 
@@ -596,6 +609,8 @@ def _warm(base: Forecast, inputs: PredictionInputs) -> Forecast:
 def _numbers(forecast: Forecast) -> str:
     dirty = forecast.dirty.rate
     shown = "unknown" if dirty is None else f"{dirty / _MIB:.1f} MiB/s"
+    if dirty is not None and forecast.dirty.bound is not None:
+        shown += f" (at most {forecast.dirty.bound / _MIB:.1f})"
     return (
         f"memory {forecast.memory / _MIB:.0f} MiB, disk {forecast.disk / _MIB:.0f} MiB,"
         f" dirty rate {shown} ({forecast.dirty.source}), link"

@@ -1,8 +1,9 @@
 """Will a migration converge, how long will it take, and what downtime will it cost? Pure.
 
 The model behind issue 18 (``plan migration``, ``migration-type: auto``, evacuations
-scheduled by prediction). No I/O, no asyncio: :class:`PredictionInputs` in (defined in
-:mod:`~asyncmigfra.migration.prediction_inputs` with :class:`MigrationCosts` and
+scheduled by prediction). No I/O, no asyncio (the pass-by-pass run is in
+:mod:`~asyncmigfra.migration.simulation`, re-exported here): :class:`PredictionInputs` in
+(defined in :mod:`~asyncmigfra.migration.prediction_inputs` with :class:`MigrationCosts` and
 :class:`AutoConverge`, and importable from here), :class:`Verdict` (or one
 :class:`RunPrediction`) out. The run is simulated pass by pass as
 the engine and the hypervisor would carry it out, with the engine's own
@@ -34,7 +35,9 @@ What is modelled (times in seconds from the start of the job, sizes in bytes):
   (``plan._downtime_schedule``, ``plan.DOWNTIME_STEPS`` steps from a tenth of it), one step
   up per stalled pass, decided at a pass's start and compared at its end, exactly as
   :class:`ConvergencePolicy` decides it (a stall: what is left when a pass starts is at least
-  90 % of what was left when the previous one started). Unset: QEMU's default
+  90 % of what was left when the previous one started; when pass 1 starts the engine sees
+  all of ``guest_memory`` left, zero pages too, as QEMU counts them, so pass 2 is never a
+  stall). Unset: QEMU's default
   (:data:`HYPERVISOR_DEFAULT_DOWNTIME`, 300 ms), never changed.
 * **Post-copy** (``mode="post-copy"``): the policy switches at the start of a pass (two more
   stalls at the largest target, or at once on a stalled pass whose guest dirties at least
@@ -70,8 +73,11 @@ What is **not** modelled (each makes real migrations differ from the prediction)
 * per-page headers (about 0.2 % more on the wire) and the exact QEMU pass boundary (QEMU
   syncs the dirty bitmap once the current pass has less than a downtime target's worth
   left, not when it has nothing left: at most one target's worth of difference per pass);
-* dirty-rate sampling error: the dirty rate is one number for the whole run, while a real
-  guest's rate varies, and libvirt's figure counts pages dirtied per period (a guest that
+* a dirty rate that varies: it is one number for the whole run. (The sampling error of a
+  measured one is not ignored: with ``dirty_rate_bound`` the verdict, whether it
+  converges and in which mode, is judged at that upper bound, the duration, downtime and
+  passes at ``dirty_rate``; see :func:`cautious`.) libvirt's figure counts pages dirtied
+  per period (a guest that
   rewrites the same pages shows its working set, not its write bandwidth: with
   ``dirty_period`` a pass shorter than the period is taken to dirty a whole period's worth,
   which over-estimates a guest that writes steadily at that rate);
@@ -98,17 +104,23 @@ downtime target. The model reproduces that rather than smoothing it over.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Literal
 
-from asyncmigfra.hypervisor.base import JobStats
-from asyncmigfra.migration.policy import ConvergencePolicy
 from asyncmigfra.migration.prediction_inputs import (
     HYPERVISOR_DEFAULT_DOWNTIME,
     AutoConverge,
     MigrationCosts,
     PredictionInputs,
+)
+from asyncmigfra.migration.simulation import (
+    MAX_PASSES,
+    PassPrediction,
+    RunEnd,
+    RunMode,
+    RunPrediction,
+    TimeoutAction,
+    predict_run,
+    rate_text,
 )
 
 __all__ = [
@@ -123,66 +135,12 @@ __all__ = [
     "RunPrediction",
     "TimeoutAction",
     "Verdict",
+    "cautious",
     "predict",
+    "predict_as",
     "predict_run",
     "smallest_link_share",
 ]
-
-
-#: A run that neither converges nor times out within this many passes is reported stuck.
-MAX_PASSES = 20_000
-
-RunMode = Literal["live", "post-copy"]
-#: How a run ends: the first two converge.
-RunEnd = Literal["switchover", "post-copy", "timeout", "stuck", "disks-never-sync", "no-link"]
-TimeoutAction = Literal["abort", "post-copy"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PassPrediction:
-    """One completed pre-copy pass."""
-
-    #: 1 for the pass that sends all memory.
-    number: int
-    #: s from the start of the job.
-    start: float
-    #: s.
-    duration: float
-    #: Bytes sent.
-    sent: int
-    #: Bytes the guest dirtied meanwhile (what the next pass, or the switchover, sends).
-    dirtied: int
-    #: The auto-converge throttle in force (0-0.99).
-    throttle: float
-    #: ms, the downtime target compared at the pass's end.
-    target: int
-    #: What the policy decided at the pass's start (``raise-downtime``) or ``None``.
-    action: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunPrediction:
-    """One migration run as the engine would carry it out, with its migration type."""
-
-    mode: RunMode
-    end: RunEnd
-    passes: tuple[PassPrediction, ...]
-    #: s the storage copy takes to get in sync (0: none; ``inf``: never).
-    disk_time: float
-    #: s from the start of the job to its end; ``None`` when it does not converge.
-    duration: float | None
-    #: ms the guest is paused; ``None`` when it does not converge.
-    downtime: float | None
-    #: Bytes pulled in post-copy.
-    post_copy_bytes: int = 0
-    #: What started post-copy.
-    post_copy_by: Literal["policy", "timeout"] | None = None
-    #: Why the run does not converge, with the numbers (empty when it converges).
-    blockers: tuple[str, ...] = ()
-
-    @property
-    def converges(self) -> bool:
-        return self.end in ("switchover", "post-copy")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,7 +171,88 @@ class Verdict:
         return "; ".join(self.blockers)
 
 
+def cautious(inputs: PredictionInputs) -> PredictionInputs:
+    """``inputs`` at the dirty rate a verdict must hold at: its ``dirty_rate_bound`` when
+    that is higher than ``dirty_rate`` (a sampled rate's upper confidence bound)."""
+    bound = inputs.dirty_rate_bound
+    if bound is None or bound <= inputs.dirty_rate:
+        return inputs
+    return replace(inputs, dirty_rate=bound, dirty_rate_bound=None)
+
+
 def predict(inputs: PredictionInputs) -> Verdict:
+    """Live when pre-copy alone converges within the completion timeout (what is left at
+    its switchover then fits the target, which never exceeds ``max-downtime``; the
+    switchover's fixed cost comes on top, as with QEMU); else post-copy when allowed (a
+    ``post-copy`` run whose completion timeout switches to post-copy); else no mode, with
+    the reasons (and, when post-copy is not allowed but would converge, what it would do).
+
+    The choice is made at :func:`cautious` inputs (the dirty rate's upper bound); the
+    chosen mode's duration, downtime and passes are then those at ``dirty_rate``, unless
+    that run does not converge (the engine's policy is not monotone in the rate), when
+    they stay the bound's."""
+    judged = cautious(inputs)
+    verdict = _choose(judged)
+    if judged is inputs:
+        return verdict
+    if verdict.mode is None:
+        return replace(verdict, blockers=_bounded(verdict.blockers, inputs, judged))
+    return _at_point(verdict, predict_run(inputs, verdict.mode))
+
+
+def predict_as(
+    inputs: PredictionInputs, mode: RunMode, *, timeout_action: TimeoutAction = "post-copy"
+) -> Verdict:
+    """The verdict on one run of ``mode`` (a migration whose type is given, not ``auto``):
+    whether it converges judged at :func:`cautious` inputs, its figures at ``dirty_rate``
+    as in :func:`predict`."""
+    judged = cautious(inputs)
+    run = predict_run(judged, mode, timeout_action=timeout_action)
+    verdict = Verdict(
+        mode=run.mode if run.converges else None,
+        duration=run.duration,
+        downtime=run.downtime,
+        passes=len(run.passes),
+        blockers=_bounded(run.blockers, inputs, judged),
+        live=run,
+        post_copy=run if run.mode == "post-copy" else None,
+    )
+    if judged is inputs or not run.converges:
+        return verdict
+    return _at_point(verdict, predict_run(inputs, mode, timeout_action=timeout_action))
+
+
+def _at_point(verdict: Verdict, run: RunPrediction) -> Verdict:
+    """``verdict`` (judged at the bound) with the figures of ``run`` (at the point
+    estimate) when that converges in the same mode."""
+    if not run.converges or run.mode != verdict.mode:
+        return verdict
+    return replace(
+        verdict,
+        duration=run.duration,
+        downtime=run.downtime,
+        passes=len(run.passes),
+        live=run if run.mode == "live" else verdict.live,
+        post_copy=run if run.mode == "post-copy" else verdict.post_copy,
+    )
+
+
+def _bounded(
+    blockers: tuple[str, ...], inputs: PredictionInputs, judged: PredictionInputs
+) -> tuple[str, ...]:
+    """``blockers`` (of a run at ``judged``) saying that the rate in them is a bound (on the
+    first: a note, not a blocker of its own)."""
+    if judged is inputs or not blockers:
+        return blockers
+    said = (
+        f" (judged at the dirty rate's upper confidence bound, {rate_text(judged.dirty_rate)};"
+        f" the sample's estimate: {rate_text(inputs.dirty_rate)})"
+    )
+    return (blockers[0] + said, *blockers[1:])
+
+
+def _choose(inputs: PredictionInputs) -> Verdict:
+    """:func:`predict` at one dirty rate."""
     """Live when pre-copy alone converges within the completion timeout (what is left at
     its switchover then fits the target, which never exceeds ``max-downtime``; the
     switchover's fixed cost comes on top, as with QEMU); else post-copy when allowed (a
@@ -258,8 +297,9 @@ def _verdict(mode: RunMode, run: RunPrediction, live: RunPrediction) -> Verdict:
 def smallest_link_share(
     inputs: PredictionInputs, *, live: bool = True, resolution: float = 0.001
 ) -> float | None:
-    """The smallest share (0-1] of ``inputs.link_rate`` at which the VM still converges:
-    pre-copy alone (``live``), or the :func:`predict` verdict (with post-copy allowed, any
+    """The smallest share (0-1] of ``inputs.link_rate`` at which the VM still converges
+    (judged as :func:`predict` judges it: at the dirty rate's upper bound): pre-copy alone
+    (``live``), or the :func:`predict` verdict (with post-copy allowed, any
     share that moves memory before the completion timeout converges, so without a storage
     copy the answer is at most ``resolution``). ``None``: not even the whole link.
 
@@ -273,7 +313,7 @@ def smallest_link_share(
     def converges(share: float) -> bool:
         shared = replace(inputs, link_rate=inputs.link_rate * share)
         if live:
-            return predict_run(shared, "live").converges
+            return predict_run(cautious(shared), "live").converges
         return predict(shared).converges
 
     if not converges(1.0):
@@ -286,284 +326,3 @@ def smallest_link_share(
         else:
             low = middle
     return high
-
-
-def predict_run(
-    inputs: PredictionInputs, mode: RunMode, *, timeout_action: TimeoutAction = "post-copy"
-) -> RunPrediction:
-    """One run of ``migration-type`` ``mode`` (``live``: pre-copy only; ``post-copy``: the
-    policy may switch, and so may the completion timeout with ``timeout_action``
-    ``post-copy``), pass by pass as the engine and the hypervisor carry it out."""
-    return _Run(inputs, mode, timeout_action).result()
-
-
-@dataclass(slots=True)
-class _Throttle:
-    """The auto-converge state between passes."""
-
-    rules: AutoConverge
-    enabled: bool
-    value: float = 0.0
-    high_checks: int = 0
-    period_start: float = 0.0
-    period_sent: int = 0
-    period_dirtied: int = 0
-
-    def settled(self) -> bool:
-        """It can no longer change: off, at its maximum, or unable to see a high check
-        (a steady run dirties as much as it sends)."""
-        return not self.enabled or self.value >= self.rules.maximum or self.rules.trigger >= 1
-
-    def pass_ended(self, at: float, sent: int, dirtied: int) -> None:
-        if not self.enabled:
-            return
-        rules = self.rules
-        self.period_sent += sent
-        self.period_dirtied += dirtied
-        if at - self.period_start <= rules.period and rules.period > 0:
-            return
-        high = self.period_dirtied > rules.trigger * self.period_sent
-        self.period_start, self.period_sent, self.period_dirtied = at, 0, 0
-        if not high:
-            return
-        self.high_checks += 1
-        if self.high_checks < rules.checks_per_step:
-            return
-        step = rules.initial if self.value == 0 else self.value + rules.increment
-        self.value = min(rules.maximum, step)
-        if rules.restart_count:
-            self.high_checks = 0
-
-
-class _Run:
-    """The simulation of one run (see :func:`predict_run`)."""
-
-    def __init__(self, inputs: PredictionInputs, mode: RunMode, timeout_action: str) -> None:
-        self.inputs = inputs
-        self.mode: RunMode = mode
-        self.switch_at_timeout = mode == "post-copy" and timeout_action == "post-copy"
-        self.link = inputs.link_rate
-        copying = inputs.disk_bytes > 0
-        #: The mirror forwards the guest's disk writes while memory moves.
-        self.memory_link = self.link - (inputs.disk_write_rate if copying else 0.0)
-        self.cap = inputs.memory
-        if inputs.dirty_working_set is not None:
-            self.cap = min(self.cap, inputs.dirty_working_set)
-        self.policy = ConvergencePolicy(
-            max_downtime=inputs.max_downtime, post_copy_allowed=mode == "post-copy"
-        )
-        self.throttle = _Throttle(inputs.throttling, inputs.auto_converge)
-        self.passes: list[PassPrediction] = []
-        self.disk_time = 0.0
-
-    # ---- the run --------------------------------------------------------------------
-
-    def result(self) -> RunPrediction:
-        inputs = self.inputs
-        if self.link <= 0:
-            return self._failed("no-link", "the link rate is 0: nothing can move")
-        t = inputs.costs.setup
-        if inputs.disk_bytes > 0:
-            t += inputs.costs.storage_setup
-            writes = inputs.disk_write_rate
-            if writes >= self.link:
-                self.disk_time = math.inf
-                return self._failed(
-                    "disks-never-sync",
-                    f"the guest writes its disks at {_rate(writes)}, at least the"
-                    f" {_rate(self.link)} the link copies them at: the storage copy never"
-                    " gets in sync (post-copy cannot start before it does)",
-                )
-            self.disk_time = inputs.disk_bytes / (self.link - writes)
-            t += self.disk_time
-        if t >= inputs.completion_timeout:
-            return self._failed(
-                "timeout",
-                f"memory would start to move only after {t:.1f} s (setup and storage copy),"
-                f" past the completion timeout of {inputs.completion_timeout:g} s",
-            )
-        return self._passes(t)
-
-    def _passes(self, t: float) -> RunPrediction:
-        inputs = self.inputs
-        costs = inputs.costs
-        timeout = inputs.completion_timeout
-        amount = inputs.memory
-        processed = 0
-        expected: float | None = None
-        self.throttle.period_start = t
-        for number in range(1, MAX_PASSES + 1):
-            rate = inputs.dirty_rate * (1.0 - self.throttle.value)
-            action = self.policy.on_iteration(
-                JobStats(
-                    phase="migrating",
-                    iteration=number,
-                    elapsed=t,
-                    memory_total=inputs.memory,
-                    memory_processed=processed,
-                    memory_remaining=amount,
-                    data_remaining=amount,
-                    dirty_rate=int(rate),
-                    transfer_rate=int(self.memory_link),
-                    expected_downtime=expected,
-                )
-            )
-            if action == "post-copy":
-                return self._post_copy(t, amount, by="policy")
-            target = self.policy.downtime or HYPERVISOR_DEFAULT_DOWNTIME
-            duration = max(costs.min_pass, amount / self.memory_link) + costs.pass_overhead
-            end = t + duration
-            if end > timeout:
-                return self._timed_out(t, amount, rate, target)
-            dirtied = self._dirtied(rate * max(duration, inputs.dirty_period))
-            self.passes.append(
-                PassPrediction(
-                    number=number,
-                    start=t,
-                    duration=duration,
-                    sent=amount,
-                    dirtied=dirtied,
-                    throttle=self.throttle.value,
-                    target=target,
-                    action=action,
-                )
-            )
-            throttle = self.throttle.value
-            self.throttle.pass_ended(end, amount, dirtied)
-            processed += amount
-            expected = dirtied / self.memory_link * 1000.0
-            t = end
-            if expected <= target:
-                return self._switchover(t, dirtied)
-            if t >= timeout:
-                return self._timed_out(t, dirtied, rate, target)
-            if self._steady(amount, dirtied, throttle):
-                return self._stuck(dirtied, rate)
-            amount = dirtied
-        return self._failed(
-            "stuck", f"pre-copy does not switch over within {MAX_PASSES} passes (the model's limit)"
-        )
-
-    def _dirtied(self, written: float) -> int:
-        page = self.inputs.page_size
-        return min(self.cap, math.ceil(written / page) * page)
-
-    def _steady(self, amount: int, dirtied: int, throttle: float) -> bool:
-        """Every further pass would repeat this one: same amount, target and throttle, and
-        (in a live run) no decision of the policy left that could change them."""
-        if dirtied != amount or self.mode == "post-copy":
-            return False
-        policy = self.policy
-        target_settled = not policy.schedule or policy.step == len(policy.schedule) - 1
-        return target_settled and self.throttle.settled() and throttle == self.throttle.value
-
-    # ---- how a run ends ---------------------------------------------------------------
-
-    def _switchover(self, t: float, left: int) -> RunPrediction:
-        downtime = left / self.link * 1000.0 + self.inputs.costs.switchover
-        end = t + downtime / 1000.0
-        timeout = self.inputs.completion_timeout
-        if end > timeout and not self.switch_at_timeout:
-            # The switchover is still running when the timeout aborts the job.
-            count = len(self.passes)
-            return self._failed(
-                "timeout",
-                f"pre-copy would converge only at {end:.2f} s, after {count}"
-                f" pass{'' if count == 1 else 'es'}, past the completion timeout of"
-                f" {timeout:g} s",
-            )
-        return self._ended("switchover", duration=end, downtime=downtime)
-
-    def _post_copy(
-        self, at: float, left: float, *, by: Literal["policy", "timeout"]
-    ) -> RunPrediction:
-        costs = self.inputs.costs
-        left_bytes = math.ceil(min(float(self.inputs.memory), left))
-        end = at + costs.post_copy_pause / 1000.0 + left_bytes / self.link
-        return self._ended(
-            "post-copy",
-            duration=end,
-            downtime=costs.post_copy_pause,
-            post_copy_bytes=left_bytes,
-            post_copy_by=by,
-        )
-
-    def _timed_out(self, start: float, amount: int, rate: float, target: int) -> RunPrediction:
-        """The completion timeout falls in the pass that starts at ``start`` (or at its
-        start): post-copy from what is left then, or a failure."""
-        timeout = self.inputs.completion_timeout
-        if self.switch_at_timeout:
-            elapsed = max(0.0, timeout - start)
-            sent = min(float(amount), self.memory_link * elapsed)
-            dirtied = min(float(self.cap), rate * max(elapsed, self.inputs.dirty_period))
-            return self._post_copy(timeout, amount - sent + dirtied, by="timeout")
-        number = len(self.passes) + 1
-        return self._failed(
-            "timeout",
-            f"pre-copy does not converge within the completion timeout of {timeout:g} s:"
-            f" it falls in pass {number}, which sends {_size(amount)}"
-            f" ({amount / self.memory_link * 1000:.0f} ms at the link rate, downtime target"
-            f" {target} ms); {self._rates(rate)}",
-        )
-
-    def _stuck(self, amount: int, rate: float) -> RunPrediction:
-        largest = self.policy.downtime or HYPERVISOR_DEFAULT_DOWNTIME
-        return self._failed(
-            "stuck",
-            f"pre-copy cannot converge: every pass leaves {_size(amount)}"
-            f" ({amount / self.memory_link * 1000:.0f} ms at the link rate), more than the"
-            f" largest downtime target of {largest} ms; {self._rates(rate)}",
-        )
-
-    def _rates(self, rate: float) -> str:
-        throttle = self.throttle.value
-        throttled = f" (auto-converge throttling {throttle:.0%})" if throttle else ""
-        ratio = rate / self.memory_link
-        return (
-            f"the guest dirties memory at {_rate(rate)}{throttled} against a link of"
-            f" {_rate(self.memory_link)} (ratio {ratio:.2f})"
-        )
-
-    def _failed(self, end: RunEnd, blocker: str) -> RunPrediction:
-        return RunPrediction(
-            mode=self.mode,
-            end=end,
-            passes=tuple(self.passes),
-            disk_time=self.disk_time,
-            duration=None,
-            downtime=None,
-            blockers=(blocker,),
-        )
-
-    def _ended(
-        self,
-        end: RunEnd,
-        *,
-        duration: float,
-        downtime: float,
-        post_copy_bytes: int = 0,
-        post_copy_by: Literal["policy", "timeout"] | None = None,
-    ) -> RunPrediction:
-        return RunPrediction(
-            mode=self.mode,
-            end=end,
-            passes=tuple(self.passes),
-            disk_time=self.disk_time,
-            duration=duration,
-            downtime=downtime,
-            post_copy_bytes=post_copy_bytes,
-            post_copy_by=post_copy_by,
-        )
-
-
-_MIB = 1024 * 1024
-
-
-def _rate(value: float) -> str:
-    return f"{value / _MIB:.1f} MiB/s"
-
-
-def _size(value: float) -> str:
-    if value >= 1024 * _MIB:
-        return f"{value / (1024 * _MIB):.2f} GiB"
-    return f"{value / _MIB:.1f} MiB"

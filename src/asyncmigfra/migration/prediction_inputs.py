@@ -1,16 +1,20 @@
 """What a migration prediction starts from (:mod:`~asyncmigfra.migration.prediction`): the
-migration's figures, the fixed costs of the model and the auto-converge schedule. Pure."""
+migration's figures, the fixed costs of the model (a back-end's own: :func:`costs_of`) and
+the auto-converge schedule. Pure."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from asyncmigfra.hypervisor.base import KnowsMigrationCosts
+
 __all__ = [
     "AutoConverge",
     "HYPERVISOR_DEFAULT_DOWNTIME",
     "MigrationCosts",
     "PredictionInputs",
+    "costs_of",
 ]
 
 
@@ -97,12 +101,22 @@ class PredictionInputs:
     #: Guest memory to send (what the first pass sends: the guest's memory less the pages
     #: known to be zero, which QEMU sends as a flag).
     memory: int
+    #: Bytes of guest RAM the hypervisor walks in the first pass (``memory`` plus the zero
+    #: pages it sends as flags): what the engine's policy sees left when pass 1 starts, so
+    #: pass 2, however much it sends, is no stall (QEMU counts every page dirty at the
+    #: start). ``None``: ``memory``.
+    guest_memory: int | None = None
     #: What the link gives this migration (for n migrations sharing a link: its share).
     link_rate: float
     #: s from the start of the job (the engine's ``completion-timeout``).
     completion_timeout: float
     #: Memory the guest dirties per second while it runs unthrottled.
     dirty_rate: float = 0.0
+    #: Bytes/s the guest dirties at most (an upper confidence bound of a sampled
+    #: ``dirty_rate``, ``migration.dirtysample``): whether the migration converges, and so
+    #: the mode ``auto`` picks, is judged at this rate, how long it takes at ``dirty_rate``
+    #: (``prediction.cautious``). ``None``: ``dirty_rate`` has no sampling error.
+    dirty_rate_bound: float | None = None
     #: s over which ``dirty_rate`` was measured (the probe's sample). A pass shorter than
     #: this is taken to dirty as much as a whole period does: a sample cannot tell a guest
     #: that rewrites a few pages over and over from one that writes steadily, and the
@@ -144,5 +158,24 @@ class PredictionInputs:
             raise ValueError(f"page_size must be >= 1, got {self.page_size!r}")
         if self.max_downtime is not None and self.max_downtime < 1:
             raise ValueError(f"max_downtime must be >= 1 ms, got {self.max_downtime!r}")
+        bound = self.dirty_rate_bound
+        if bound is not None and not (math.isfinite(bound) and bound >= 0):
+            raise ValueError(f"dirty_rate_bound must be a finite number >= 0, got {bound!r}")
+        if self.guest_memory is not None and self.guest_memory < 0:
+            raise ValueError(f"guest_memory must be >= 0, got {self.guest_memory!r}")
         if self.dirty_working_set is not None and self.dirty_working_set < 0:
             raise ValueError(f"dirty_working_set must be >= 0, got {self.dirty_working_set!r}")
+
+
+def costs_of(hypervisor: object) -> MigrationCosts:
+    """The fixed costs to predict ``hypervisor``'s migrations with: its own
+    (``KnowsMigrationCosts``, the fake's) over the model's defaults. Figures a back-end
+    gives that are not costs, or not finite numbers >= 0, are ignored (the default stays)."""
+    if not isinstance(hypervisor, KnowsMigrationCosts):
+        return MigrationCosts()
+    known = set(MigrationCosts.__dataclass_fields__)
+    given: dict[str, float] = {}
+    for name, value in hypervisor.migration_costs().items():
+        if name in known and 0 <= value < math.inf:  # NaN compares false: ignored too
+            given[name] = float(value)
+    return MigrationCosts(**given)

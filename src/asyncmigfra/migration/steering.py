@@ -37,6 +37,8 @@ log = structlog.stdlib.get_logger("asyncmigfra.migrating")
 STEER_SETTLE = 1.0
 #: s a tune waits for the engine's own steering call to finish before it answers busy.
 LOCK_WAIT = 5.0
+#: s :meth:`MigrationSteering.moving` waits for a sample of the job.
+SAMPLE_WAIT = 2.0
 
 
 async def ended_meanwhile(done: asyncio.Future[MigrationResult]) -> bool:
@@ -89,6 +91,10 @@ class MigrationSteering:
         #: MiB/s the operator set with ``tune migration`` (0: unlimited); ``None``: not set.
         #: It holds: a scheduler's :meth:`cap` no longer changes the bandwidth.
         self.operator_bandwidth: int | None = None
+        #: The job was seen moving data (see :meth:`moving`).
+        self._moving = False
+        #: Its bandwidth was changed while it ran (its rate no longer shows the link's).
+        self.recapped = False
 
     def __repr__(self) -> str:
         return f"MigrationSteering({self.vm_name!r}, running={self.running})"
@@ -96,6 +102,22 @@ class MigrationSteering:
     @property
     def running(self) -> bool:
         return not (self.closing or self._done.done())
+
+    async def moving(self) -> bool:
+        """The job has ended its setup: a sample of it shows data (memory or disks) sent,
+        or a phase past pre-copy. Once seen, asked no more; a sample that cannot be read (in
+        :data:`SAMPLE_WAIT` s) answers ``False`` (still in setup, as far as is known)."""
+        if self._moving or not self.running:
+            return self._moving
+        try:
+            async with asyncio.timeout(SAMPLE_WAIT):
+                stats = await self._job.stats()
+        except (TaskError, TimeoutError):
+            return False
+        if stats is not None:
+            sent = stats.memory_processed + stats.disk_processed
+            self._moving = sent > 0 or stats.phase != "migrating"
+        return self._moving
 
     def take_announcement(self) -> dict[str, object] | None:
         """The fields of the ``tuned`` progress event owed since the last one, if any."""
@@ -171,6 +193,7 @@ class MigrationSteering:
         try:
             if tuning.bandwidth is not None:
                 await job.set_bandwidth(tuning.bandwidth, post_copy=policy.post_copy_started)
+                self.recapped = True
                 applied["bandwidth"] = tuning.bandwidth
                 if by_operator:
                     self.operator_bandwidth = tuning.bandwidth

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import os
 import sqlite3
 import threading
@@ -60,6 +58,7 @@ import structlog
 from asyncmigfra.errors import StartupError
 from asyncmigfra.tasks import history as _history
 from asyncmigfra.tasks.history import HistoryItem, HistoryQuery
+from asyncmigfra.tasks.journaldir import advice, disk_full, lock_directory
 
 __all__ = ["Journal", "JournalRecord", "JournalWriteFailed", "journal_state"]
 
@@ -155,21 +154,6 @@ def _probe(size: int) -> list[_Op]:
 def _payload_size(params: tuple[object, ...]) -> int:
     payload = params[2]
     return len(payload) if isinstance(payload, bytes) else 0
-
-
-def _disk_full(directory: Path) -> bool:
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < 64 * 1024
-
-
-def _advice(errno_value: int | None, directory: Path) -> str:
-    """What to do about a journal directory that cannot be used."""
-    if errno_value == errno.ENOSPC or _disk_full(directory):
-        return "free disk space"
-    return f"make {directory} writable for the agent's user, or set agent.state-dir"
 
 
 class Journal:
@@ -412,33 +396,7 @@ class Journal:
 
     def _lock(self) -> None:
         """Take the agent's exclusive lock on the directory, or say who holds it."""
-        directory = self._directory
-        fd: int | None = None
-        try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-                raise StartupError(
-                    f"the journal directory {directory} is in use by another agent "
-                    f"(PID {holder}); give each agent its own name or agent.state-dir"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:
-            if fd is not None:
-                os.close(fd)
-            raise StartupError(
-                f"cannot use the journal directory {directory}: {exc.strerror or exc}; "
-                + _advice(exc.errno, directory)
-            ) from None
-        except StartupError:
-            if fd is not None:
-                os.close(fd)
-            raise
-        self._lock_fd = fd
+        self._lock_fd = lock_directory(self._directory)
 
     def _unlock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
@@ -514,10 +472,10 @@ class Journal:
         reason = str(exc) or exc.__class__.__name__
         code = getattr(exc, "sqlite_errorcode", None)
         primary = code & 0xFF if isinstance(code, int) else None
-        if primary == _SQLITE_FULL or (primary == _SQLITE_IOERR and _disk_full(self._directory)):
+        if primary == _SQLITE_FULL or (primary == _SQLITE_IOERR and disk_full(self._directory)):
             return f"the journal {self.path} cannot be written ({reason}); free disk space"
         if primary in _SQLITE_NOT_WRITABLE or primary == _SQLITE_IOERR:
-            return f"the journal {self.path} cannot be opened for writing ({reason}); " + _advice(
+            return f"the journal {self.path} cannot be opened for writing ({reason}); " + advice(
                 None, self._directory
             )
         return (
@@ -563,14 +521,14 @@ class Journal:
             log.info("journal.write_recovered")
             self._write_failed = False
             self._probe_bytes = 0
-        for (_, _, fut, _), outcome in zip(ops, outcomes, strict=True):
-            if fut is None:
-                continue
-            if outcome is None:
-                loop.call_soon_threadsafe(_set_result, fut, None)
-            else:
-                failure = JournalWriteFailed(str(outcome) or outcome.__class__.__name__)
-                loop.call_soon_threadsafe(_set_exception, fut, failure)
+        settled = [
+            (fut, _failure(outcome))
+            for (_, _, fut, _), outcome in zip(ops, outcomes, strict=True)
+            if fut is not None
+        ]
+        if settled:
+            # One wake-up of the loop for the whole batch, not one per waiting write.
+            loop.call_soon_threadsafe(_settle, settled)
 
     def _fits_again(self, ops: list[_Op]) -> bool:
         return any(
@@ -614,3 +572,18 @@ def _set_result(fut: asyncio.Future[T], value: T) -> None:
 def _set_exception(fut: asyncio.Future[T], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+def _failure(error: Exception | None) -> JournalWriteFailed | None:
+    return None if error is None else JournalWriteFailed(str(error) or type(error).__name__)
+
+
+def _settle(settled: list[tuple[asyncio.Future[None], JournalWriteFailed | None]]) -> None:
+    """Resolve the futures of one committed batch, in the loop's thread, in write order."""
+    for fut, failure in settled:
+        if fut.done():
+            continue
+        if failure is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(failure)

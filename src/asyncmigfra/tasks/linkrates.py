@@ -14,8 +14,9 @@ in memory. The store is a cache, never a promise: a file that cannot be opened o
 (corrupt, read-only, disk full) is logged and the agent goes on with what it has in memory.
 SQLite work runs in worker threads, one operation at a time.
 
-The same store (:class:`LearnedFigures`) keeps, in ``residentoverhead.sqlite``, the other
-figure the agent learns from its migrations: :class:`ResidentOverheads`.
+The same store (:class:`LearnedFigures`) keeps the other figures the agent learns from its
+migrations: :class:`ResidentOverheads` in ``residentoverhead.sqlite`` and
+:class:`FixedCosts` in ``fixedcost.sqlite``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import structlog
 
 __all__ = [
     "FILE_NAME",
+    "FIXED_COST_FILE_NAME",
     "MAX_DESTINATIONS",
     "OVERHEAD_FILE_NAME",
     "SAMPLES",
+    "FixedCosts",
     "LearnedFigures",
     "LinkRates",
     "ResidentOverheads",
@@ -47,6 +50,8 @@ log = structlog.stdlib.get_logger(__name__)
 FILE_NAME: Final = "linkrates.sqlite"
 #: The file of :class:`ResidentOverheads` in the state dir.
 OVERHEAD_FILE_NAME: Final = "residentoverhead.sqlite"
+#: The file of :class:`FixedCosts` in the state dir.
+FIXED_COST_FILE_NAME: Final = "fixedcost.sqlite"
 #: Rates kept per destination; the estimate is their median.
 SAMPLES: Final = 9
 #: Destinations kept at most (the least recently used go first).
@@ -74,6 +79,8 @@ class LearnedFigures:
 
     #: The file's name in a state dir.
     file_name = FILE_NAME
+    #: Largest figure accepted.
+    largest = MAX_RATE
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -97,7 +104,8 @@ class LearnedFigures:
             self._give_up(exc)
             return
         for destination, rate in rows:
-            self._remember(destination, rate)
+            if math.isfinite(rate) and 0 < rate <= self.largest:  # an edited file's, too
+                self._remember(destination, rate)
 
     def estimate(self, destination: str) -> float | None:
         """Bytes/s: the median of what ``destination``'s link gave recent migrations;
@@ -111,8 +119,8 @@ class LearnedFigures:
 
     async def record(self, destination: str, rate: float) -> None:
         """Add one migration's transfer rate (bytes/s) for ``destination``. A rate that is
-        not a finite number in (0, :data:`MAX_RATE`] is ignored."""
-        if not (math.isfinite(rate) and 0 < rate <= MAX_RATE) or not destination:
+        not a finite number in (0, :attr:`largest`] is ignored."""
+        if not (math.isfinite(rate) and 0 < rate <= self.largest) or not destination:
             return
         self._remember(destination, rate)
         if self.path is None or self.problem is not None:
@@ -202,3 +210,12 @@ class ResidentOverheads(LearnedFigures):
 
 #: The key of the one figure of :class:`ResidentOverheads` (this agent's host).
 HOST_KEY: Final = "this-host"
+
+
+class FixedCosts(LearnedFigures):
+    """Per destination the last :data:`SAMPLES` fixed costs of a migration (s: its duration
+    less the model's transfer time, ``migration.fixedcosts``) and their median."""
+
+    file_name = FIXED_COST_FILE_NAME
+    #: s: a larger figure is no setup (``migration.fixedcosts`` bounds its samples here).
+    largest = 60.0

@@ -21,8 +21,10 @@ converges in neither way is not scheduled: it is reported in
 :attr:`WavePlan.unschedulable` with the model's reasons, and the caller decides (the
 evacuation runs such VMs last, each alone).
 
-**The rank.** Hottest first: by ``needed / alone`` (the share of what they could get that
-they need), then largest (memory and disks) first, then by name. A hot guest sends far
+**The rank.** Hottest first: those that converge only in post-copy (pre-copy does not even
+alone; their ``needed``, a first pass before the timeout, says nothing of how hot they
+are), then by ``needed / alone`` (the share of what they could get that they need), then
+largest (memory and disks) first, then by name. A hot guest sends far
 less at its whole stream than at a fair share (each pass resends what it dirtied meanwhile),
 so it is served first; the cold ones take what it leaves, and all of the link between hot
 ones.
@@ -65,6 +67,7 @@ from asyncmigfra.migration.prediction import (
     PredictionInputs,
     RunMode,
     RunPrediction,
+    cautious,
     predict,
     predict_run,
     smallest_link_share,
@@ -277,7 +280,7 @@ def plan_waves(
             unschedulable.append(need)
         elif isinstance(need, _Need):
             needs.append(need)
-    needs.sort(key=lambda n: (-n.needed / n.alone, -n.size, n.vm.name))
+    needs.sort(key=lambda n: (n.mode != "post-copy", -n.needed / n.alone, -n.size, n.vm.name))
     for rank, need in enumerate(needs):
         need.rank = rank
     schedule = _Simulation(links, max_parallel=max_parallel, max_incoming=max_incoming)
@@ -385,7 +388,7 @@ class _Need:
 def _need(vm: WaveVm, links: Links) -> _Need | Unschedulable:
     alone = min(vm.inputs.link_rate, links.out, links.into.get(vm.destination, math.inf))
     inputs = replace(vm.inputs, link_rate=alone)
-    if predict_run(inputs, "live").converges:
+    if predict_run(cautious(inputs), "live").converges:  # judged at the dirty rate's bound
         share = smallest_link_share(inputs)
         assert share is not None
         return _Need(vm=vm, alone=alone, needed=min(alone, share * alone), mode="live")

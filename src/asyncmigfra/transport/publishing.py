@@ -9,6 +9,13 @@ itself (in order: nothing is ahead of it), without waking the publisher's task. 
 first connection, and behind anything queued, messages wait in the queue. Progress events
 (the only droppable kind) are dropped when the backlog is large: a newer one follows, and
 the last one carries ``percent``.
+
+A message larger than the transport's ``max_payload`` (``limits.max-message-size``) is never
+handed over: a broker limiting messages drops it, or at MQTT 5 disconnects the agent for it,
+and the session sent it again after every reconnect, ahead of everything queued behind it.
+It is dropped here with one ``publish.too_large`` log line: events are not promised, and
+results reach this point bounded already (``render_bounded_result`` in ``app``), so one
+refused here is a result of an earlier run whose journal owed it under a larger limit.
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from asyncmigfra.transport.mqtt import Delivery, MqttTransport, Outgoing, TransportError
+from asyncmigfra.transport.mqtt import (
+    Delivery,
+    MqttTransport,
+    Outgoing,
+    TransportError,
+)
 from asyncmigfra.wire.rendering import render_event
 
 __all__ = ["EventPublisher", "Publisher"]
@@ -49,7 +61,10 @@ class Publisher:
         #: (it waits for the connection): later messages queue up behind it.
         self._holding = False
         self.published = 0
+        #: Progress events dropped under a large backlog.
         self.dropped = 0
+        #: Messages refused for their size (never handed to the session).
+        self.too_large = 0
 
     def put_nowait(
         self,
@@ -61,6 +76,8 @@ class Publisher:
         if droppable and self._queue.qsize() >= self._max_backlog:
             self.dropped += 1
             return
+        if self._refused(msg):
+            return
         if self._queue.empty() and not self._holding and self._transport.is_connected:
             try:
                 delivery = self._transport.publish_nowait(msg)
@@ -70,6 +87,21 @@ class Publisher:
                 self._handed_over(delivery, on_delivered)
                 return
         self._queue.put_nowait(_Item(msg, on_delivered))
+
+    def _refused(self, msg: Outgoing) -> bool:
+        """Whether ``msg`` is over the transport's size limit: then logged and dropped."""
+        limit = self._transport.max_payload
+        if limit is None or len(msg.payload) <= limit:
+            return False
+        self.too_large += 1
+        log.error(
+            "publish.too_large",
+            topic=msg.topic,
+            size=len(msg.payload),
+            limit=limit,
+            hint="dropped: larger than limits.max-message-size (the broker's message_size_limit)",
+        )
+        return True
 
     def _handed_over(self, delivery: Delivery, on_delivered: Callable[[], None] | None) -> None:
         self.published += 1

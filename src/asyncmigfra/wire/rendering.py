@@ -23,6 +23,12 @@ Why a hand-written emitter instead of a YAML library's dumper:
 Keys longer than 1000 characters are written as explicit ``? key`` entries (simple keys are
 limited to 1024 characters in YAML). Values may be ``str``, ``int``, ``float``, ``bool``,
 ``None`` (``null``), mappings and lists/tuples of those; anything else raises ``TypeError``.
+
+**Bounded.** :func:`render_bounded_result` keeps a result within the agent's
+``limits.max-message-size`` (what the broker lets through, docs/operations.md §2): a query
+answer (``status``, ``history``) keeps its first entries that fit and says ``more: true``;
+any other result keeps its first entries that fit and ends with one ``not-supported`` entry
+saying how many were left out (docs/protocol.md §4.1).
 """
 
 from __future__ import annotations
@@ -30,12 +36,20 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
-from asyncmigfra.errors import TaskRejected
+from asyncmigfra.errors import NotSupported, TaskRejected
 from asyncmigfra.model import ResultEntry, ResultMessage
 
-__all__ = ["parse_error_result", "render_event", "render_result"]
+__all__ = [
+    "QUERY_RESULTS",
+    "BoundedResult",
+    "parse_error_result",
+    "render_bounded_result",
+    "render_event",
+    "render_result",
+]
 
 _PLAIN: Final = re.compile(r"[A-Za-z_/][A-Za-z0-9_./()-]*(?: +[A-Za-z0-9_./()-]+)*")
 #: YAML 1.1 bool and null words (and everything of that shape in any case).
@@ -104,6 +118,8 @@ class _Fixed(float):
 
 
 def _scalar(value: object) -> str:
+    if type(value) is str:  # the common case: most strings were rendered before
+        return _RENDERED.get(value) or _string(value)
     if isinstance(value, str):
         return _string(value)
     if value is None:
@@ -117,6 +133,10 @@ def _scalar(value: object) -> str:
     if isinstance(value, float):
         return _float(value)
     raise TypeError(f"cannot render a {type(value).__name__} as YAML")
+
+
+#: Exact types that are scalars, told without the ``Mapping`` check (an ABC's is slow).
+_SCALAR_TYPES: Final = frozenset({str, int, float, bool, type(None)})
 
 
 def _key_head(indent: str, key: str) -> str:
@@ -154,11 +174,17 @@ def _emit_map(
         if rendered in seen:
             continue  # first one wins, as our parser and yaml-cpp read duplicates
         seen.add(rendered)
-        head = _key_head(indent, rendered)
+        if len(rendered) <= _MAX_SIMPLE_KEY:
+            head = indent + rendered + ":"
+        else:
+            head = _key_head(indent, rendered)
         if first:
             head = first + head[len(indent) :]
             first = ""
-        _emit_value(out, head, value, indent)
+        if type(value) in _SCALAR_TYPES:  # most values: on the key's line
+            out.append(head + " " + _scalar(value))
+        else:
+            _emit_value(out, head, value, indent)
 
 
 def _emit_seq(out: list[str], items: Iterable[object], indent: str) -> None:
@@ -250,4 +276,104 @@ def parse_error_result(exc: TaskRejected) -> ResultMessage:
             ResultEntry(vm_name="unknown", status="error", details=exc.details, code=exc.code)
         ],
         id=exc.task_id,
+    )
+
+
+#: Results that answer a question and changed nothing: when their entries do not fit, the
+#: first that do are sent with the header key ``more: true`` (the client asks again narrower).
+QUERY_RESULTS: Final = frozenset({"status", "history"})
+
+
+@dataclass(frozen=True, slots=True)
+class BoundedResult:
+    """A result rendered within a byte limit."""
+
+    payload: bytes
+    #: Bytes of the whole result (``len(payload)`` when nothing was left out).
+    size: int
+    #: Entries left out (0: the whole result).
+    left_out: int
+
+
+def render_bounded_result(msg: ResultMessage, limit: int) -> BoundedResult:
+    """``msg`` rendered in at most ``limit`` bytes (docs/protocol.md §4.1).
+
+    The whole result when it fits (one rendering: the common case). Otherwise the first
+    entries that fit, whole and in order: a query answer (:data:`QUERY_RESULTS`) adds
+    ``more: true`` to its header; any other result ends with one ``not-supported`` entry
+    (``vm-name: n/a``) saying how many entries were left out. If even no entry fits, the
+    header's lists and maps (``status``'s ``tasks``) go too and that entry is added to a query
+    answer as well. A ``limit`` too small for that (a few hundred bytes) gets the shortest
+    such result, over ``limit``: the publisher refuses it (and logs it).
+    Renders two or three times what fits: in a worker thread for answers of many entries.
+    """
+    payload = render_result(msg)
+    size = len(payload)
+    if size <= limit:
+        return BoundedResult(payload, size, 0)
+    query = msg.result in QUERY_RESULTS
+    header = dict(msg.header)
+    if query:
+        header["more"] = True
+    shortest = _shortened(msg, header, 0, size, limit, note=not query)
+    if len(shortest) > limit:
+        scalars = {k: v for k, v in header.items() if not isinstance(v, Mapping | list | tuple)}
+        shortest = _shortened(msg, scalars, 0, size, limit, note=True)
+        return BoundedResult(shortest, size, len(msg.entries))
+    # The entries add their own lines (a list of none is written ``list: []``).
+    room = limit - len(shortest) + (3 if query else 0)
+    kept = 0
+    for entry in msg.entries:
+        room -= _item_bytes(entry)
+        if room < 0:
+            break
+        kept += 1
+    while kept > 0:
+        payload = _shortened(msg, header, kept, size, limit, note=not query)
+        if len(payload) <= limit:
+            return BoundedResult(payload, size, len(msg.entries) - kept)
+        kept -= 1  # the note's counts grew by a digit
+    return BoundedResult(shortest, size, len(msg.entries))
+
+
+def _item_bytes(entry: ResultEntry) -> int:
+    """Bytes that ``entry`` adds to a result's ``list:``, with its line breaks."""
+    out: list[str] = []
+    _emit_seq(out, [_first_wins(_entry_items(entry))], "  ")
+    return sum(len(line.encode("utf-8")) + 1 for line in out)
+
+
+def _shortened(
+    msg: ResultMessage,
+    header: dict[str, object],
+    kept: int,
+    size: int,
+    limit: int,
+    *,
+    note: bool,
+) -> bytes:
+    """``msg`` with ``header``, its first ``kept`` entries and (``note``) the entry saying
+    what was left out."""
+    entries = msg.entries[:kept]
+    if note:
+        total = len(msg.entries)
+        details = (
+            f"the result is {size} bytes, more than this agent sends in one message "
+            f"(limits.max-message-size: {limit} bytes, the broker's limit): "
+            f"{total - kept} of {total} entries were left out; the agent's log has every "
+            "outcome (and its history, task: history, when it keeps one)"
+        )
+        note_entry = ResultEntry(
+            vm_name="n/a", status="error", details=details, code=NotSupported.code
+        )
+        entries = [*entries, note_entry]
+    return render_result(
+        ResultMessage(
+            result=msg.result,
+            entries=entries,
+            id=msg.id,
+            flat=msg.flat,
+            header=header,
+            task=msg.task,
+        )
     )

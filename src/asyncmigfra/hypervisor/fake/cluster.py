@@ -64,6 +64,7 @@ class FakeDomain:
         xml: str | None = None,
         stop_delay: float | None = None,
         disks: dict[str, int] | None = None,
+        setup_time: float | None = None,
     ) -> None:
         self.name = name
         self.vcpus = vcpus
@@ -75,6 +76,9 @@ class FakeDomain:
         self.vcpu_pinning: VcpuMap | None = None
         #: Overrides the host's ``stop-delay`` (a guest that ignores ACPI: a large value).
         self.stop_delay = stop_delay
+        #: Simulated s before a migration of this domain moves data; ``None``: the default
+        #: (a loaded host's slow setup, which the prediction does not know: a larger value).
+        self.setup_time = setup_time
         #: The migration job that currently moves this domain, if any.
         self.job: FakeMigrationJob | None = None
         #: Set while a post-copy migration of this domain is broken (``postcopy-break``).
@@ -161,6 +165,7 @@ class FakeDomain:
             xml=self.xml,
             stop_delay=self.stop_delay,
             disks=self.disks,
+            setup_time=self.setup_time,
         )
 
     def disks_to_copy(self, request: MigrationRequest) -> dict[str, int]:

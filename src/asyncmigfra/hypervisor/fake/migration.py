@@ -35,7 +35,8 @@ class FakeMigrationJob(_JobSampling):
 
     Model, all times in simulated seconds since the job began:
 
-    * setup (:data:`_SETUP_TIME`): nothing moves, ``stats()`` is ``None``;
+    * setup (:data:`_SETUP_TIME`, or the domain's ``setup-time``): nothing moves,
+      ``stats()`` is ``None``;
     * with ``copy_storage`` (``all`` or ``inc``: the fake has no backing chains, both move
       the same), the disks of ``migrate_disks`` (all of the domain's when empty, see
       :meth:`FakeDomain.disks_to_copy`) are copied first at the bandwidth, as libvirt's NBD
@@ -245,7 +246,7 @@ class FakeMigrationJob(_JobSampling):
     def _next_event(self) -> float | None:
         phase = self._phase
         if phase is _Phase.SETUP:
-            return _SETUP_TIME
+            return _SETUP_TIME if self.domain.setup_time is None else self.domain.setup_time
         if phase is _Phase.DISKS:
             return self._moved_by(self._disk)
         if phase is _Phase.PRECOPY:

@@ -49,7 +49,17 @@ _ALLOWED = frozenset(
 )
 _IGNORED = frozenset({"driver", "transport", "nodes"})
 _DOMAIN_KEYS = frozenset(
-    {"name", "vcpus", "memory", "state", "persistent", "dirty-rate", "stop-delay", "disks"}
+    {
+        "name",
+        "vcpus",
+        "memory",
+        "state",
+        "persistent",
+        "dirty-rate",
+        "stop-delay",
+        "setup-time",
+        "disks",
+    }
 )
 _PEER_KEYS = frozenset({"cpus", "memory", "domains", "nic-rate"})
 _CONFIG_STATES = {
@@ -96,6 +106,7 @@ def _parse_domains(value: object, path: str, host_memory: int | None) -> tuple[F
                 path=f"{item_path}.persistent",
             )
         stop_delay = entry.get("stop-delay")
+        setup_time = entry.get("setup-time")
         disks = _parse_disks(entry["disks"], f"{item_path}.disks") if "disks" in entry else None
         result.append(
             FakeDomain(
@@ -112,6 +123,9 @@ def _parse_domains(value: object, path: str, host_memory: int | None) -> tuple[F
                 stop_delay=None
                 if stop_delay is None
                 else opt_float(stop_delay, f"{item_path}.stop-delay"),
+                setup_time=None
+                if setup_time is None
+                else opt_float(setup_time, f"{item_path}.setup-time"),
                 disks=disks,
             )
         )

@@ -34,6 +34,7 @@ from asyncmigfra.errors import (
 )
 from asyncmigfra.hypervisor._threads import run_blocking
 from asyncmigfra.hypervisor.base import (
+    DirtyPageSample,
     DiskCopy,
     DomainInfo,
     HostInfo,
@@ -1017,6 +1018,14 @@ class LibvirtHypervisor:
             return await self._call(self.uri, fn, retry=False)
 
         return await dirtyrate.measure(call, vm_name, seconds)
+
+    async def sample_dirty_pages(self, vm_name: str, *, seconds: int = 1) -> DirtyPageSample:
+        """``SamplesDirtyPages``: the probe as the pages behind it (:func:`dirtyrate.sample`)."""
+
+        async def call(fn: Callable[[Any], T]) -> T:
+            return await self._call(self.uri, fn, retry=False)
+
+        return await dirtyrate.sample(call, vm_name, seconds)
 
     async def disks_to_copy(self, request: MigrationRequest) -> tuple[DiskCopy, ...]:
         """The disks ``request`` would copy (:func:`disks.source_copies`)."""

@@ -15,6 +15,7 @@ from asyncmigfra.errors import (
     Unavailable,
     WrongState,
 )
+from asyncmigfra.hypervisor._threads import run_blocking
 from asyncmigfra.model import (
     CancelSpec,
     HistorySpec,
@@ -31,14 +32,12 @@ from asyncmigfra.tasks.history import HistoryItem, HistoryQuery
 from asyncmigfra.tasks.journal import journal_state
 from asyncmigfra.tasks.outcomes import entry_for
 from asyncmigfra.values import iso_instant
-from asyncmigfra.wire.rendering import render_result
+from asyncmigfra.wire.rendering import BoundedResult, render_bounded_result
 
 #: ``history`` tasks read at once at most; more are answered ``busy``.
 MAX_HISTORY_READS: Final = 8
 #: s a history read may take before it is answered ``unavailable`` (a hung disk).
 HISTORY_DEADLINE: Final = 10.0
-#: Bytes of a ``history`` answer kept for its header, id and framing besides its entries.
-HISTORY_HEADER_ROOM: Final = 2048
 
 
 def _history_entry(item: HistoryItem) -> ResultEntry:
@@ -61,19 +60,20 @@ def _history_entry(item: HistoryItem) -> ResultEntry:
     )
 
 
-def _bounded_history(items: list[HistoryItem], budget: int) -> tuple[list[ResultEntry], bool]:
-    """The entries of ``items`` (newest first) whose rendered YAML fits in ``budget`` bytes,
-    and whether some were left out. Renders each entry (tens of microseconds): run in a
-    worker thread, not on the loop."""
-    entries: list[ResultEntry] = []
-    used = HISTORY_HEADER_ROOM
-    for item in items:
-        entry = _history_entry(item)
-        used += len(render_result(ResultMessage(result="history", entries=[entry])))
-        if used > budget:
-            return entries, True
-        entries.append(entry)
-    return entries, False
+def _history_answer(
+    msg: TaskMessage, header: dict[str, object], items: list[HistoryItem], limit: int
+) -> tuple[ResultMessage, BoundedResult]:
+    """The ``history`` result of ``items`` and its payload within ``limit`` bytes (the newest
+    entries that fit, ``more: true`` when some were left out). A thousand entries take tens
+    of milliseconds to build and render: run in a worker thread, not on the loop."""
+    result = ResultMessage(
+        result=TaskKind.HISTORY.result_name,
+        entries=[_history_entry(item) for item in items],
+        id=msg.id,
+        header=header,
+        task=TaskKind.HISTORY,
+    )
+    return result, render_bounded_result(result, limit)
 
 
 class _Answers(_DispatcherBase):
@@ -165,7 +165,10 @@ class _Answers(_DispatcherBase):
         assert isinstance(spec, HistorySpec)
         journal = self._journal
         entries: list[ResultEntry]
-        more = False
+        header: dict[str, object] = {
+            "host": self._settings.hostname,
+            "journal": journal_state(journal),
+        }
         if journal is None or not journal.keeps_history:
             why = (
                 "its journal is off (agent.state-dir: none)"
@@ -182,24 +185,24 @@ class _Answers(_DispatcherBase):
             try:
                 async with asyncio.timeout(HISTORY_DEADLINE):
                     items = await asyncio.shield(journal.history(query))
-                # At most limits.max-message-size bytes (what operations.md §2 has the broker
-                # allow: a broker drops a larger message, or disconnects the agent for it).
-                budget = self._settings.limits.max_message_size
-                entries, more = await asyncio.to_thread(_bounded_history, items, budget)
+                # Built and rendered off the loop, in the answers' one thread, within
+                # limits.max-message-size (what operations.md §2 has the broker allow); the
+                # loop only hands the bytes over.
+                limit = self._settings.limits.max_message_size
+                answer, rendered = await run_blocking(
+                    self._answer_thread, _history_answer, msg, header, items, limit
+                )
             except TimeoutError:
                 why = f"the journal did not answer within {HISTORY_DEADLINE:g} s"
                 entries = [entry_for("n/a", Unavailable(f"the history cannot be read: {why}"))]
             except Exception as exc:  # noqa: BLE001 - any read failure means the same
                 failure = Unavailable(f"the history cannot be read: {exc}")
                 entries = [entry_for("n/a", failure)]
+            else:
+                self._deliver(answer, reply, None, rendered=rendered)
+                return
             finally:
                 self._history_reads -= 1
-        header: dict[str, object] = {
-            "host": self._settings.hostname,
-            "journal": journal_state(journal),
-        }
-        if more:
-            header["more"] = True
         result = ResultMessage(
             result=TaskKind.HISTORY.result_name,
             entries=entries,

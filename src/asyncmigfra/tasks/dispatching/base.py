@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from asyncmigfra.errors import (
     TaskError,
@@ -98,6 +99,10 @@ class _DispatcherBase:
         self._started = time.monotonic()
         #: ``history`` reads under way (bounded: ``answers.MAX_HISTORY_READS``).
         self._history_reads = 0
+        #: The one thread that builds large answers (``history``), one at a time: the loop
+        #: then competes for the GIL with one such thread, not with eight. Started at its
+        #: first use; shut down when :meth:`Dispatcher.run` ends.
+        self._answer_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncmigfra-answers")
         self.queued = 0
         self.running = 0
         self.completed = 0

@@ -61,11 +61,14 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
 
     async def run(self) -> None:
         """Own the jobs' TaskGroup until :meth:`close`; running jobs finish first."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            await self._stop.wait()
-            await self._idle.wait()
-        self._tg = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                await self._stop.wait()
+                await self._idle.wait()
+        finally:
+            self._tg = None
+            self._answer_thread.shutdown(wait=False)  # idle: every answer task has ended
 
     def close(self) -> None:
         self._stop.set()
@@ -253,19 +256,15 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
         self._flush_after_accepted(job)
         entries_by_run: dict[int, list[ResultEntry]] = {}
         try:
-            async with asyncio.TaskGroup() as tg:
-                started: list[asyncio.Task[list[ResultEntry]]] = []
-                for run in job.runs:
-                    if run.sequential and started:
-                        await asyncio.wait(started)
-                    name = f"asyncmigfra.task[{job.msg.id}/{run.spec.result_name}]"
-                    run.task = tg.create_task(self._guarded(job, run), name=name)
-                    started.append(run.task)
-                    if run.sequential:
-                        await asyncio.wait([run.task])
-            for run in job.runs:
-                assert run.task is not None
-                entries_by_run[run.index] = run.task.result()
+            if len(job.runs) == 1:
+                # One subtask (most messages): it runs in the job's own task, without a
+                # TaskGroup and a task of its own; a cancel of it cancels this task, and
+                # ``_guarded`` turns that into its ``cancelled`` entry as in a task.
+                run = job.runs[0]
+                run.task = asyncio.current_task()
+                entries_by_run[run.index] = await self._guarded(job, run)
+            else:
+                entries_by_run = await self._run_all(job)
         finally:
             self._finish(job)
         entries = [e for run in job.runs for e in entries_by_run.get(run.index, [])]
@@ -274,6 +273,22 @@ class Dispatcher(_Answers, _Tuning, _Planning, _Remembering):
             self._remember(job.dedupe, result)
         _audit(job.msg, entries, time.monotonic() - job.received)
         self._deliver(result, job.reply, job.key)
+
+    async def _run_all(self, job: _Job) -> dict[int, list[ResultEntry]]:
+        """The subtasks of a job of several, each in its own task (the sequential ones after
+        the earlier ones ended); their entries by run index."""
+        async with asyncio.TaskGroup() as tg:
+            started: list[asyncio.Task[list[ResultEntry]]] = []
+            for run in job.runs:
+                if run.sequential and started:
+                    await asyncio.wait(started)
+                name = f"asyncmigfra.task[{job.msg.id}/{run.spec.result_name}]"
+                task = tg.create_task(self._guarded(job, run), name=name)
+                run.task = task
+                started.append(task)
+                if run.sequential:
+                    await asyncio.wait([task])
+        return {run.index: task.result() for run, task in zip(job.runs, started, strict=True)}
 
     async def _journaled(self, job: _Job) -> bool:
         """Wait until the job's record is durable. Nothing of the task runs, and no other

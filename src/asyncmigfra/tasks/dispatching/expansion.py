@@ -145,10 +145,16 @@ class _Expansion(_Predicted):
             steering = run.steering.get(name)
             return None if steering is None else steering.operator_bandwidth
 
+        async def moving(name: str) -> bool:
+            steering = run.steering.get(name)
+            return steering is not None and await steering.moving()
+
         tasks: dict[str, asyncio.Task[ResultEntry]] = {}
         try:
             if waves is not None:
-                await self._run_waves(job, waves, move, steer, tasks, operator_cap=operator_cap)
+                await self._run_waves(
+                    job, waves, move, steer, moving=moving, tasks=tasks, operator_cap=operator_cap
+                )
             else:
                 async with asyncio.TaskGroup() as tg:
                     for name, dest in plan.assignments.items():

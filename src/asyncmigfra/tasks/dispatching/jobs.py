@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 
+from asyncmigfra.logs import would_drop
 from asyncmigfra.migration.steering import MigrationSteering
 from asyncmigfra.model import (
     ResultEntry,
@@ -21,8 +23,11 @@ from asyncmigfra.model import (
 )
 from asyncmigfra.tasks.dispatching.lanes import _Ticket
 from asyncmigfra.tasks.running import SubtaskContext
+from asyncmigfra.wire.rendering import BoundedResult
 
 log = structlog.stdlib.get_logger("asyncmigfra.dispatching")
+#: The standard library's logger behind ``log``: what its level lets through.
+_LOGGER = logging.getLogger("asyncmigfra.dispatching")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +38,21 @@ class Reply:
     correlation_data: bytes | None = None
 
 
-#: ``deliver(result, reply, journal_key)``: publish a result; ``journal_key`` names the
-#: journal record it settles (``None`` for answers to messages that were never accepted).
-Deliver = Callable[[ResultMessage, Reply | None, str | None], None]
+class Deliver(Protocol):
+    """``deliver(result, reply, journal_key)``: publish a result; ``journal_key`` names the
+    journal record it settles (``None`` for answers to messages that were never accepted).
+    ``rendered``: the result already rendered within ``limits.max-message-size`` (an answer
+    of many entries, rendered in a worker thread); otherwise the deliverer renders it."""
+
+    def __call__(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None: ...
 
 
 State = Literal["queued", "running", "done"]
@@ -50,7 +67,8 @@ class _Run:
     sequential: bool
     state: State = "queued"
     ticket: _Ticket | None = None
-    task: asyncio.Task[list[ResultEntry]] | None = None
+    #: The task running the subtask (for a job of one subtask, the job's own task).
+    task: asyncio.Task[Any] | None = None
     cancel_reason: str | None = None
     started: float | None = None
     ctx: SubtaskContext | None = None
@@ -95,7 +113,10 @@ class _Job:
 
 def _audit(msg: TaskMessage, entries: list[ResultEntry], duration: float) -> None:
     """The audit trail: one ``info`` line per finished task, when its result goes out (task
-    id, kind, VMs, ``success`` or ``error``, the error codes, seconds since it arrived)."""
+    id, kind, VMs, ``success`` or ``error``, the error codes, seconds since it arrived).
+    Not even built when ``info`` is not logged (one a task: it shows in the profile)."""
+    if would_drop(_LOGGER, logging.INFO):
+        return
     codes = sorted({e.code for e in entries if e.code})
     failed = any(e.status != "success" for e in entries)
     log.info(

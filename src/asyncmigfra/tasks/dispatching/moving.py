@@ -6,12 +6,15 @@ the links as told, with the moves running now, not the planned ones: a move that
 delays the next, never overloads a link). One that cannot start yet may be passed by the
 next ones only if they leave it a slot and room for its need
 (:func:`~asyncmigfra.tasks.shares.leaves_room`). Whenever a move starts or ends, and when a
-move's setup ends (as far as the prediction knows), every running move's bandwidth cap is
-set for its share (:func:`~asyncmigfra.tasks.shares.allocate`, on the links as granted)
-through the steering ``tune migration`` also uses (a move whose job has not started yet
-gets its cap when it has). A bandwidth an operator set with ``tune migration`` holds: that
-move's cap is no longer changed, and the others divide the links as if it moved at most
-that (:data:`OperatorCap`).
+move's setup ends, every running move's bandwidth cap is set for its share
+(:func:`~asyncmigfra.tasks.shares.allocate`, on the links as granted) through the steering
+``tune migration`` also uses (a move whose job has not started yet gets its cap when it
+has). A move's setup ends when its job shows data moving (``moving``, asked every
+:data:`_CAP_RETRY` s while it is in setup), not when the prediction's setup time has passed:
+a loaded host's setup can take several times as long, and a move in its setup sends
+nothing, so its share stays with the moves that do. A bandwidth an operator set with
+``tune migration`` holds: that move's cap is no longer changed, and the others divide the
+links as if it moved at most that (:data:`OperatorCap`).
 
 Destinations are shared with other hosts' evacuations: before its moves into a destination
 use more of its inbound NIC, this agent reserves that share with the destination's agent
@@ -40,7 +43,7 @@ from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.shares import Links, Member, admissible, allocate, caps, leaves_room
 from asyncmigfra.tasks.waves import Observation, deviates
 
-__all__ = ["Move", "Moves", "OperatorCap", "Replan", "Steer"]
+__all__ = ["Move", "Moves", "Moving", "OperatorCap", "Replan", "Steer"]
 
 #: ``move(name, bandwidth)``: migrate a placed VM, capped at ``bandwidth`` MiB/s (``None``:
 #: as the task says); its result entry.
@@ -49,6 +52,9 @@ Move = Callable[[str, int | None], Coroutine[Any, Any, ResultEntry]]
 #: as the task says); ``False`` when it has no running job to change (not yet, or no more;
 #: ``True`` also when an operator's bandwidth holds and nothing changed).
 Steer = Callable[[str, int | None], Awaitable[bool]]
+#: ``moving(name)``: the VM's migration job has ended its setup (it shows data moving);
+#: ``False`` while it has not, or has no job yet.
+Moving = Callable[[str], Awaitable[bool]]
 #: ``operator_cap(name)``: the bandwidth (MiB/s, 0: unlimited) an operator set on a VM's
 #: running migration with ``tune migration``, which holds (``None``: none set).
 OperatorCap = Callable[[str], int | None]
@@ -78,6 +84,7 @@ class Moves:
         schedule: _Schedule,
         move: Move,
         steer: Steer,
+        moving: Moving,
         replan: Replan,
         reservations: InboundReservations,
         tasks: dict[str, asyncio.Task[ResultEntry]],
@@ -86,6 +93,7 @@ class Moves:
         self._schedule = schedule
         self._move = move
         self._steer = steer
+        self._moving = moving
         self._operator_cap = operator_cap
         self._replan = replan
         self._reservations = reservations
@@ -94,8 +102,8 @@ class Moves:
         self._pending = [n for n in schedule.order if schedule.steps[n].member is not None]
         #: VM -> when its move started (monotonic s).
         self._running: dict[str, float] = {}
-        #: VM -> when its setup ends, as far as the prediction knows (monotonic s).
-        self._moves_at: dict[str, float] = {}
+        #: The running VMs whose jobs have not shown data moving yet.
+        self._setting_up: set[str] = set()
         #: VM -> the cap (MiB/s) it should have now, and the one it has.
         self._caps: dict[str, int | None] = {}
         self._applied: dict[str, int | None] = {}
@@ -113,6 +121,7 @@ class Moves:
         await self._reservations.probe({steps[n].destination for n in self._pending})
         while self._pending or self._running:
             await self._start(tg)
+            await self._setups_ended()
             self._recap()
             await self._apply_caps()
             wake = self._next_wake()
@@ -207,7 +216,7 @@ class Moves:
         for name in new:
             step = schedule.steps[name]
             self._running[name] = now
-            self._moves_at[name] = now + schedule.vms[name].inputs.costs.setup
+            self._setting_up.add(name)
             self._caps[name] = self._applied[name] = moving[name]
             self._tasks[name] = tg.create_task(
                 self._move(name, moving[name]),
@@ -250,13 +259,20 @@ class Moves:
             max_incoming=schedule.max_incoming,
         )
 
+    async def _setups_ended(self) -> None:
+        """Note the moves whose jobs now show data moving."""
+        asking = sorted(self._setting_up)
+        if not asking:
+            return
+        seen = await asyncio.gather(*(self._moving(n) for n in asking))
+        self._setting_up.difference_update(n for n, yes in zip(asking, seen, strict=True) if yes)
+
     def _recap(self) -> None:
-        """Every running move's cap for its share now: the moves in their setup (as far as
-        the prediction knows) keep the cap they started with and their needs free, the
-        others share the rest (:func:`~asyncmigfra.tasks.shares.allocate`)."""
-        now = time.monotonic()
-        setups = self._members([n for n in self._running if self._moves_at[n] > now])
-        moving = self._members([n for n in self._running if self._moves_at[n] <= now])
+        """Every running move's cap for its share now: the moves in their setup keep the
+        cap they started with and their needs free, the others share the rest
+        (:func:`~asyncmigfra.tasks.shares.allocate`)."""
+        setups = self._members([n for n in self._running if n in self._setting_up])
+        moving = self._members([n for n in self._running if n not in self._setting_up])
         self._caps.update(caps(moving, allocate(moving, self._links(), starting=setups)))
 
     async def _apply_caps(self) -> None:
@@ -271,11 +287,11 @@ class Moves:
                 self._applied[name] = self._caps[name]
 
     def _next_wake(self) -> float | None:
-        """s until a move's setup ends (its share changes), a cap not yet set is tried
-        again, or a destination is asked again for a share; ``None``: until a move ends."""
-        now = time.monotonic()
-        wakes = [at - now for n, at in self._moves_at.items() if n in self._running and at > now]
-        if any(self._caps[n] != self._applied.get(n) for n in self._running):
+        """s until a move in its setup is asked again whether it moves, a cap not yet set
+        is tried again, or a destination is asked again for a share; ``None``: until a move
+        ends."""
+        wakes: list[float] = []
+        if self._setting_up or any(self._caps[n] != self._applied.get(n) for n in self._running):
             wakes.append(_CAP_RETRY)
         if self._short or self._reservations.short:
             wakes.append(_GRANT_RETRY)
@@ -290,7 +306,7 @@ class Moves:
             started = self._running.pop(name)
             self._applied.pop(name, None)
             self._caps.pop(name, None)
-            self._moves_at.pop(name, None)
+            self._setting_up.discard(name)
             step = schedule.steps[name]
             if step.predicted is None:
                 continue

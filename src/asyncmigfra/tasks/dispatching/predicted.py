@@ -41,14 +41,13 @@ import structlog
 from asyncmigfra.errors import TaskError
 from asyncmigfra.hypervisor.base import DomainInfo, DomainState, KnowsLinkRate, LinkRate
 from asyncmigfra.migration.dirtyrates import DirtyRate
-from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
-from asyncmigfra.migration.prediction import MigrationCosts, PredictionInputs
+from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
 from asyncmigfra.peers.inbound import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
-from asyncmigfra.tasks.dispatching.moving import Move, Moves, OperatorCap, Steer
+from asyncmigfra.tasks.dispatching.moving import Move, Moves, Moving, OperatorCap, Steer
 from asyncmigfra.tasks.dispatching.planner import PLAN_WITHIN
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.waves import (
@@ -192,7 +191,6 @@ class _Predicted(_DispatcherBase):
         if isinstance(dirty, str):
             return dirty
         memory = {name: await self._memory_to_send(domains[name]) for name in assignments}
-        costs = costs_of(self._hv)
         vms: list[WaveVm] = []
         for count, (name, dest) in enumerate(assignments.items(), start=1):
             vms.append(
@@ -202,7 +200,6 @@ class _Predicted(_DispatcherBase):
                     dirty=dirty.get(name),
                     stream=_stream(links[dest]),
                     disk=sum(disks.get(name, {}).values()),
-                    costs=costs,
                 )
             )
             await _breathe(count)
@@ -278,7 +275,6 @@ class _Predicted(_DispatcherBase):
         dirty: DirtyRate | None,
         stream: float,
         disk: int,
-        costs: MigrationCosts,
     ) -> WaveVm:
         """One VM's inputs."""
         request = mplan.request
@@ -287,9 +283,11 @@ class _Predicted(_DispatcherBase):
         live = _live(mplan) and dirty is not None and dirty.rate is not None
         inputs = PredictionInputs(
             memory=memory,
+            guest_memory=mplan.memory or None,
             link_rate=stream,
             completion_timeout=mplan.completion_timeout,
             dirty_rate=max(0.0, dirty.rate or 0.0) if live and dirty is not None else 0.0,
+            dirty_rate_bound=dirty.bound if live and dirty is not None else None,
             dirty_period=dirty.period if live and dirty is not None else 0.0,
             disk_bytes=disk if request.copy_storage != "none" else 0,
             max_downtime=mplan.max_downtime,
@@ -299,7 +297,7 @@ class _Predicted(_DispatcherBase):
                 else request.mode == "post-copy"
             ),
             auto_converge=request.auto_converge,
-            costs=costs,
+            costs=self._forecaster.costs(self._hv, request.destination),
         )
         return WaveVm(name=request.vm_name, destination=request.destination, inputs=inputs)
 
@@ -309,8 +307,9 @@ class _Predicted(_DispatcherBase):
         schedule: _Schedule,
         move: Move,
         steer: Steer,
-        tasks: dict[str, asyncio.Task[ResultEntry]],
         *,
+        moving: Moving,
+        tasks: dict[str, asyncio.Task[ResultEntry]],
         operator_cap: OperatorCap,
     ) -> None:
         """Run the moves (see the module); each move's task goes into ``tasks`` as it
@@ -337,6 +336,7 @@ class _Predicted(_DispatcherBase):
                 schedule=schedule,
                 move=move,
                 steer=steer,
+                moving=moving,
                 operator_cap=operator_cap,
                 replan=again,
                 reservations=reservations,

@@ -12,6 +12,11 @@ spec section 3):
 * **No silent drops.** aiomqtt's incoming queue is unbounded (a bounded one discards), and
   :meth:`MqttTransport.publish` waits for a connection and retries until the broker
   acknowledged the message or the caller is cancelled (at-least-once).
+* **Nothing over the size limit.** A payload over ``max_payload`` (the agent's
+  ``limits.max-message-size``, which the broker's ``message_size_limit`` matches) is refused
+  with :class:`MessageTooLarge` before it reaches the session: a broker drops such a message
+  silently (3.1.1) or disconnects the client for it (5), and the session would send it again
+  after every reconnect, ahead of everything after it.
 * **Errors translated at the edge**: ``aiomqtt.MqttError`` never leaves this package; callers see
   :class:`TransportError`.
 * **Client id clashes are reported, not ping-ponged.** Two clients with one client id take the
@@ -20,13 +25,19 @@ spec section 3):
   ``takeover_window`` :meth:`MqttTransport.run` raises :class:`ClientIdInUse` (exit code 2).
 
 Modules: :mod:`.messages` (:class:`Incoming`, :class:`Outgoing`, :class:`Delivery`,
-:class:`TransportError`), :mod:`.plumbing` (:func:`honour_cancel`, error mapping,
-:func:`close_orphaned_sockets`), :mod:`.takeover` (:class:`ClientIdInUse`, takeover
+:class:`TransportError`, :class:`MessageTooLarge`), :mod:`.plumbing` (:func:`honour_cancel`,
+error mapping, :func:`close_orphaned_sockets`), :mod:`.takeover` (:class:`ClientIdInUse`, takeover
 detection), :mod:`.transport` (:class:`MqttTransport`), :mod:`.client` (:class:`ToolClient`).
 """
 
 from asyncmigfra.transport.mqtt.client import V5_REFUSED_HINT, ToolClient
-from asyncmigfra.transport.mqtt.messages import Delivery, Incoming, Outgoing, TransportError
+from asyncmigfra.transport.mqtt.messages import (
+    Delivery,
+    Incoming,
+    MessageTooLarge,
+    Outgoing,
+    TransportError,
+)
 from asyncmigfra.transport.mqtt.plumbing import close_orphaned_sockets as close_orphaned_sockets
 from asyncmigfra.transport.mqtt.plumbing import honour_cancel as honour_cancel
 from asyncmigfra.transport.mqtt.takeover import ClientIdInUse
@@ -38,6 +49,7 @@ __all__ = [
     "ClientIdInUse",
     "Delivery",
     "Incoming",
+    "MessageTooLarge",
     "MqttTransport",
     "Outgoing",
     "ToolClient",

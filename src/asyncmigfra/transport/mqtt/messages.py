@@ -13,6 +13,18 @@ class TransportError(AsyncmigfraError):
     """The broker could not be reached or refused an operation."""
 
 
+class MessageTooLarge(TransportError):
+    """A payload larger than the transport's ``max_payload``: never handed to the session
+    (a broker limiting messages drops it, or disconnects the client for it at MQTT 5, and
+    the session then sends it again after every reconnect)."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(f"a message of {size} bytes to {topic} exceeds the limit of {limit} bytes")
+        self.topic = topic
+        self.size = size
+        self.limit = limit
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     topic: str

@@ -1,18 +1,23 @@
-"""aiomqtt plumbing: cancellation that aiomqtt swallows, error mapping, leaked sockets."""
+"""aiomqtt plumbing: cancellation that aiomqtt swallows, error mapping, leaked sockets, and
+packets written at once."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiomqtt
+import structlog
 
 from asyncmigfra.transport.mqtt.messages import TransportError
 
 _T = TypeVar("_T")
+
+log = structlog.stdlib.get_logger("asyncmigfra.mqtt")
 
 
 async def honour_cancel(call: Awaitable[_T]) -> _T:
@@ -68,3 +73,47 @@ def close_orphaned_sockets(exc: BaseException) -> int:
                     closed += 1
             tb = tb.tb_next
     return closed
+
+
+def write_directly(client: aiomqtt.Client) -> bool:
+    """Let ``client`` write what is queued on the event loop's thread in the next loop
+    iteration, without asking the loop to watch its socket first.
+
+    aiomqtt has a packet written through the loop: paho says it wants to write, aiomqtt
+    schedules ``add_writer`` with ``call_soon_threadsafe`` (a write to the loop's wake-up
+    pipe, since paho may ask from the thread that connects), the next iteration registers
+    the socket, and the one after finds it writable and writes. Asked on the loop's own
+    thread, this schedules paho's ``loop_write`` with ``call_soon`` instead: everything
+    queued until then goes out together (one burst per iteration, as before), two loop
+    iterations, a pipe write and two ``epoll_ctl`` sooner. The socket is non-blocking: what
+    does not fit goes through aiomqtt's writer as before, and so does every request from
+    another thread. Call it on the loop's thread. ``False``: this aiomqtt has no paho
+    client to reach (nothing done).
+    """
+    paho_client: Any = getattr(client, "_client", None)
+    register = getattr(paho_client, "on_socket_register_write", None)
+    if paho_client is None or register is None:
+        return False
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+
+    def flush(pclient: Any, userdata: Any, sock: Any) -> None:
+        if pclient.socket() is not sock:
+            return  # closed meanwhile: the next connection starts afresh
+        try:
+            pclient.loop_write()
+        except Exception as exc:  # noqa: BLE001 - paho reports a lost connection itself
+            log.warning("mqtt.write_failed", error=str(exc))
+        # paho asks again only once it stopped wanting to write: what did not fit (a full
+        # socket) goes out through aiomqtt's writer.
+        if pclient.want_write() and pclient.socket() is sock:
+            register(pclient, userdata, sock)
+
+    def register_write(pclient: Any, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == loop_thread:
+            loop.call_soon(flush, pclient, userdata, sock)
+        else:
+            register(pclient, userdata, sock)
+
+    paho_client.on_socket_register_write = register_write
+    return True

@@ -22,6 +22,7 @@ from asyncmigfra.settings import MqttSettings
 from asyncmigfra.transport.mqtt.messages import (
     Delivery,
     Incoming,
+    MessageTooLarge,
     Outgoing,
     TransportError,
     _incoming,
@@ -30,6 +31,7 @@ from asyncmigfra.transport.mqtt.plumbing import (
     close_orphaned_sockets,
     honour_cancel,
     map_mqtt_errors,
+    write_directly,
 )
 from asyncmigfra.transport.mqtt.takeover import (
     ClientIdInUse,
@@ -41,6 +43,10 @@ from asyncmigfra.transport.mqtt.takeover import (
 log = structlog.stdlib.get_logger("asyncmigfra.mqtt")
 
 MQTT_ERR_NO_CONN = MQTTErrorCode.MQTT_ERR_NO_CONN
+#: The queue of an extra subscription: (topic, payload) of each message.
+_ExtraQueue = PeerQueue
+#: Topics whose routes are remembered at most (then forgotten all at once).
+_MAX_ROUTES = 1024
 
 
 def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -61,6 +67,9 @@ class MqttTransport:
     ``run(handler)`` owns the connection for the agent's lifetime: it connects, subscribes,
     calls ``on_connected`` (the agent publishes its retained ``online`` status there) and feeds
     every message to ``handler`` (a non-blocking function) until cancelled.
+
+    ``max_payload``: bytes; a larger message is refused (:class:`MessageTooLarge`) by
+    :meth:`publish` and :meth:`publish_nowait` and never reaches the MQTT session.
     """
 
     def __init__(
@@ -70,8 +79,10 @@ class MqttTransport:
         subscriptions: Sequence[tuple[str, int]],
         will: Outgoing | None = None,
         on_connected: Callable[[], Awaitable[None]] | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self._settings = settings
+        self.max_payload = max_payload
         self._subscriptions = tuple(subscriptions)
         self._will = will
         self._on_connected = on_connected
@@ -79,7 +90,9 @@ class MqttTransport:
         self._connected = asyncio.Event()
         self._subscribed = False
         #: Extra subscriptions (hooks): [topic filter, QoS, queue of (topic, payload)].
-        self._extra: list[tuple[str, int, PeerQueue]] = []
+        self._extra: list[tuple[str, int, _ExtraQueue]] = []
+        #: topic -> where its messages go (``_route``), while ``_extra`` stays as it is.
+        self._routes: dict[str, tuple[list[_ExtraQueue], bool]] = {}
         self.connects = 0
         #: Session takeovers seen (all of them, not only those within the window).
         self.takeovers = 0
@@ -148,6 +161,7 @@ class MqttTransport:
         attempt = 0
         s = self._settings
         client = self._make_client()
+        write_directly(client)
         self._client = client
         loop = asyncio.get_running_loop()
         suspect_within = suspect_takeover_within(s)
@@ -176,11 +190,12 @@ class MqttTransport:
                     if self._on_connected is not None:
                         await self._on_connected()
                     async for message in client.messages:
-                        if self._route_extra(message):
-                            continue
-                        if any(message.topic.matches(t) for t, _ in self._subscriptions):
+                        queues, task = self._route(message.topic)
+                        if queues:
+                            self._hand_to_extra(message, queues)
+                        if task:
                             handler(_incoming(message))
-                        else:
+                        elif not queues:
                             self._foreign(message.topic.value)
             except aiomqtt.MqttError as exc:
                 close_orphaned_sockets(exc)
@@ -251,27 +266,30 @@ class MqttTransport:
                 "subscriptions: give every agent its own communicator.id",
             )
 
-    def _route_extra(self, message: aiomqtt.Message) -> bool:
-        """Hand ``message`` to every extra subscription it matches (not to the task handler,
-        unless it also matches a task subscription)."""
-        if not self._extra:
-            return False
-        matched = False
-        for topic, _, queue in self._extra:
-            if message.topic.matches(topic):
-                if not queue.offer(message.topic.value, bytes(message.payload)) and (
-                    queue.dropped == 1 or queue.dropped % 1000 == 0
-                ):
-                    log.warning(
-                        "mqtt.subscription_full",
-                        topic=topic,
-                        held=queue.held,
-                        dropped=queue.dropped,
-                    )
-                matched = True
-        if matched and any(message.topic.matches(t) for t, _ in self._subscriptions):
-            return False
-        return matched
+    def _route(self, topic: aiomqtt.Topic) -> tuple[list[_ExtraQueue], bool]:
+        """Where a message on ``topic`` goes: the queues of the extra subscriptions it
+        matches, and whether it matches a task subscription (the handler's, also when it
+        matches an extra one too). Remembered per topic (every task comes on the same one)
+        until the extra subscriptions change; bounded."""
+        route = self._routes.get(topic.value)
+        if route is None:
+            queues = [queue for t, _, queue in self._extra if topic.matches(t)]
+            route = (queues, any(topic.matches(t) for t, _ in self._subscriptions))
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[topic.value] = route
+        return route
+
+    @staticmethod
+    def _hand_to_extra(message: aiomqtt.Message, queues: list[_ExtraQueue]) -> None:
+        topic, payload = message.topic.value, bytes(message.payload)
+        for queue in queues:
+            if not queue.offer(topic, payload) and (
+                queue.dropped == 1 or queue.dropped % 1000 == 0
+            ):
+                log.warning(
+                    "mqtt.subscription_full", topic=topic, held=queue.held, dropped=queue.dropped
+                )
 
     @asynccontextmanager
     async def subscription(
@@ -286,6 +304,7 @@ class MqttTransport:
         queue = PeerQueue()
         entry = (topic, qos, queue)
         self._extra.append(entry)
+        self._routes.clear()
         try:
             await self._connected.wait()
             client = self._client
@@ -295,6 +314,7 @@ class MqttTransport:
             yield queue
         finally:
             self._extra.remove(entry)
+            self._routes.clear()
             if all(t != topic for t, _, _ in self._extra):
                 await self._unsubscribe_quietly(topic)
 
@@ -322,8 +342,10 @@ class MqttTransport:
         sends it again after a reconnect, so this waits without a timeout (``math.inf``
         also spares a timer task per message). A message paho could not send because the
         connection dropped in the meantime (``MQTT_ERR_NO_CONN``) is already queued in paho
-        for the reconnect, so it is not published a second time.
+        for the reconnect, so it is not published a second time. A payload over
+        ``max_payload`` raises :class:`MessageTooLarge` at once.
         """
+        self._check_size(msg)
         topic = msg.topic
         props: Properties | None = None
         if msg.correlation_data is not None and self.v5:
@@ -353,6 +375,11 @@ class MqttTransport:
                 continue
             return
 
+    def _check_size(self, msg: Outgoing) -> None:
+        limit = self.max_payload
+        if limit is not None and len(msg.payload) > limit:
+            raise MessageTooLarge(msg.topic, len(msg.payload), limit)
+
     def publish_nowait(self, msg: Outgoing) -> Delivery:
         """Hand ``msg`` to the client's MQTT session at once, without awaiting the broker.
 
@@ -364,6 +391,7 @@ class MqttTransport:
         (``aiomqtt>=2.5,<3`` is pinned for this); without it, it raises ``TransportError``
         and callers use :meth:`publish`.
         """
+        self._check_size(msg)
         paho_client = getattr(self._client, "_client", None)
         if paho_client is None:
             raise TransportError("no MQTT session yet")
