@@ -62,12 +62,13 @@ def names(plan: WavePlan) -> list[list[str]]:
 
 
 def running_at(plan: WavePlan, t: float) -> list[PlannedMove]:
-    """The moves of ``plan`` that run at ``t`` (started, not ended)."""
+    """The moves of ``plan`` that run at ``t`` (started, not ended; a move whose end is
+    ``t`` up to float rounding has ended: start + duration need not give back its end)."""
     return [
         m
         for w in plan.waves
         for m in w.moves
-        if w.start <= t < w.start + m.predicted_duration or (w.start == t)
+        if w.start <= t < w.start + m.predicted_duration - 1e-9 * max(1.0, t) or (w.start == t)
     ]
 
 
