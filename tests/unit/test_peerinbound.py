@@ -371,3 +371,22 @@ async def test_a_restarted_source_renews_its_reservation_instead_of_adding_one()
                 assert b.held == {"d": 250.0 * MIB}
         assert before._renewing is not None
         before._renewing.cancel()
+
+
+async def test_a_restarted_destination_gets_the_reservations_back_with_their_renewals() -> None:
+    # The destination's agent keeps reservations in memory only: after its restart, each
+    # source's next renewal (a third of its lease) reserves again.
+    bus = MemoryBus()
+    async with reservations(bus, "a", lease=1.2, answer_within=0.2) as a:
+        async with serving(bus) as first:
+            await a.reserve({"d": 1000.0 * MIB}, {"d": 1250.0 * MIB})
+            assert list(first.reservations.values()) == [1000.0 * MIB]
+        assert first.reservations == {}  # gone with the agent
+        await asyncio.sleep(1.0)  # down for longer than a renewal period
+        assert a.coordinated("d")  # it answered before: a silence is no reason to stop
+        async with serving(bus) as second:
+            async with asyncio.timeout(2):
+                while not second.reservations:
+                    await asyncio.sleep(0.05)
+            assert list(second.reservations.values()) == [1000.0 * MIB]
+            assert a.held == {"d": 1000.0 * MIB}

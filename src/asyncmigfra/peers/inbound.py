@@ -467,6 +467,8 @@ class InboundReservations:
         self._asked: dict[str, tuple[float, float | None]] = {}
         #: destinations that do not coordinate (no answer, an error), and why
         self.uncoordinated: dict[str, str] = {}
+        #: destinations whose agent answered
+        self._answered: set[str] = set()
         self._queues: dict[str, asyncio.Queue[tuple[str, bytes]]] = {}
         self._stack = contextlib.AsyncExitStack()
         self._renewing: asyncio.Task[None] | None = None
@@ -539,8 +541,9 @@ class InboundReservations:
             await self._ask(dest, {"op": "release"})
 
     async def _ask(self, dest: str, request: dict[str, str]) -> tuple[str, float, str] | None:
-        """One request to ``dest``'s agent; ``None`` (and the destination given up) without a
-        well-formed answer in time."""
+        """One request to ``dest``'s agent; ``None`` without a well-formed answer in time:
+        then the destination is given up, unless its agent answered before (it restarts, or
+        the broker does: what it granted stands, and the next renewal asks again)."""
         topics, bus = self._topics, self._bus
         target = topics.request_to(dest) if topics is not None else None
         answers = topics.answers_from(dest) if topics is not None else None
@@ -560,7 +563,7 @@ class InboundReservations:
                 "reservation-id": self._id,
                 "source": self._hostname,
             }
-            return await peers.request(
+            answer = await peers.request(
                 bus,
                 body,
                 to=target,
@@ -571,10 +574,19 @@ class InboundReservations:
                 queue=queue,
             )
         except TimeoutError:
-            self.give_up(dest, f"no answer within {self._within:g} s")
+            self._unanswered(dest, f"no answer within {self._within:g} s")
         except Exception as exc:  # noqa: BLE001 - e.g. TransportError: uncoordinated
-            self.give_up(dest, f"MQTT: {exc}")
+            self._unanswered(dest, f"MQTT: {exc}")
+        else:
+            self._answered.add(dest)
+            return answer
         return None
+
+    def _unanswered(self, dest: str, why: str) -> None:
+        if dest in self._answered:
+            _ANSWER_JUNK("inbound.unanswered", reason=why, topic=dest)
+        else:
+            self.give_up(dest, why)
 
     def give_up(self, dest: str, why: str) -> None:
         """Take ``dest`` as uncoordinated from now on (its reservation is left to its
