@@ -1,7 +1,8 @@
-"""Reserving shares of another host's inbound NIC (``peers.inbound``) over an in-memory bus:
-the destination's decisions (first come, first served, within its NIC), leases, releases,
-its answers to junk and to forged senders; the asking side's grants, its fallback when
-nobody answers, and its releases on the way out. Between agents on a real mosquitto, with
+"""Reserving shares of another host's inbound NIC (``peers.inbound``, ``peers.reserving``)
+over an in-memory bus: the destination's decisions (first come, first served, within its
+NIC, fair shares for those that wait long), leases, releases, its answers to junk, to
+forged senders and to floods; the asking side's grants, its fallback when nobody answers,
+its releases on the way out, and restarts of either side. Between agents on a real mosquitto, with
 two evacuations onto shared destinations: tests/broker/test_evacuate_shared.py."""
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ import pytest
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.peers import inbound
 from asyncmigfra.peers.bus import MemoryBus
-from asyncmigfra.peers.inbound import (
-    MAX_PER_SOURCE,
-    InboundReservations,
-    InboundServer,
-    inbound_topics,
-)
+from asyncmigfra.peers.inbound import MAX_PER_SOURCE, InboundServer, inbound_topics
+from asyncmigfra.peers.reserving import InboundReservations
 
 MIB = 1024 * 1024
 D_TASKS = "fast/migfra/d/task"

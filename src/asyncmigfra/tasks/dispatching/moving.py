@@ -38,7 +38,7 @@ from dataclasses import replace
 from typing import Any
 
 from asyncmigfra.model import ResultEntry
-from asyncmigfra.peers.inbound import InboundReservations
+from asyncmigfra.peers.reserving import InboundReservations
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.shares import Links, Member, admissible, allocate, caps, leaves_room
 from asyncmigfra.tasks.waves import Observation, deviates

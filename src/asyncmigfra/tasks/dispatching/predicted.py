@@ -44,7 +44,7 @@ from asyncmigfra.migration.dirtyrates import DirtyRate
 from asyncmigfra.migration.plan import MigrationPlan, plan_migration
 from asyncmigfra.migration.prediction import PredictionInputs
 from asyncmigfra.model import EvacuateSpec, MigrateSpec, ResultEntry
-from asyncmigfra.peers.inbound import InboundReservations
+from asyncmigfra.peers.reserving import InboundReservations
 from asyncmigfra.tasks.dispatching.base import _DispatcherBase
 from asyncmigfra.tasks.dispatching.jobs import _Job
 from asyncmigfra.tasks.dispatching.moving import Move, Moves, Moving, OperatorCap, Steer
