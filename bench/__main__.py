@@ -25,7 +25,9 @@ its own as ``python -m bench.metrics [--quick] [--rounds N]``.
 
 ``--evacuation`` adds evacuations scheduled by prediction against fixed policies on the
 ``fake`` back-end with shared NICs; see ``bench/evacuation.py``, which also runs on its own
-as ``python -m bench.evacuation [--quick] [--sources N] [--seed S]``.
+as ``python -m bench.evacuation [--quick] [--sources N] [--seed S]``. How long planning a
+large predicted evacuation (200 and 1000 guests) takes and holds the event loop, the plan
+in a thread against the agent's way: ``python -m bench.planning [--vms N,N]`` (on its own).
 
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
