@@ -17,7 +17,8 @@ from asyncmigfra.errors import NotSupported, TaskRejected, WillNotConverge
 from asyncmigfra.hypervisor.base import MeasuresDirtyRate
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.migration.dirtyrates import DirtyRates
-from asyncmigfra.migration.forecast import Forecaster, choose, plan_fields
+from asyncmigfra.migration.forecast import Forecaster, choose
+from asyncmigfra.migration.forecastresult import plan_fields
 from asyncmigfra.migration.plan import plan_migration
 from asyncmigfra.model import MigrateSpec, MigrationParams, PlanEvacuationSpec, PlanMigrationSpec
 from asyncmigfra.settings import Settings, default_settings

@@ -55,7 +55,6 @@ from asyncmigfra.hypervisor.base import (
 )
 from asyncmigfra.migration.context import EngineContext
 from asyncmigfra.migration.dirtyrates import DirtyRate, DirtyRates
-from asyncmigfra.migration.dirtysample import CONFIDENCE
 from asyncmigfra.migration.fixedcosts import FixedCostLearning
 from asyncmigfra.migration.forecastdomain import (
     check_state,
@@ -63,6 +62,7 @@ from asyncmigfra.migration.forecastdomain import (
     find_domain,
     guest_memory,
 )
+from asyncmigfra.migration.forecastresult import Blocker, Forecast, plan_fields
 from asyncmigfra.migration.plan import MigrationPlan, check_not_here, plan_migration
 from asyncmigfra.migration.prediction import (
     PredictionInputs,
@@ -81,15 +81,11 @@ __all__ = [
     "RESIDENT_FOR",
     "TIMEOUT_FACTOR",
     "TIMEOUT_FLOOR",
-    "Blocker",
-    "Forecast",
     "Forecaster",
     "ObservedRates",
     "choose",
     "costs_of",
     "forecaster_of",
-    "notes",
-    "plan_fields",
     "predicted",
 ]
 
@@ -109,56 +105,6 @@ MAX_SAMPLES: Final = 10_000
 #: migration; VMs remembered at most.
 RESIDENT_FOR: Final = 600.0
 MAX_RESIDENT: Final = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class Blocker:
-    """Why a migration cannot run (or finish): the wire ``code`` and a sentence."""
-
-    code: str
-    text: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Forecast:
-    """A migration's prediction, the inputs it used and what blocks it."""
-
-    vm_name: str
-    destination: str
-    #: The migration type that would run: ``live``, ``post-copy``, ``warm`` or ``offline``
-    #: (``auto``: the chosen one; ``live`` when none converges).
-    mode: str
-    #: The migration type asked for (``auto`` included).
-    requested: str
-    converges: bool
-    #: s from the start of the job; ``None``: it does not finish (or was not predicted).
-    duration: float | None = None
-    #: ms the guest is paused; ``None``: unknown.
-    downtime: float | None = None
-    passes: int = 0
-    #: Bytes of memory and of disks to send.
-    memory: int = 0
-    disk: int = 0
-    dirty: DirtyRate = field(default_factory=lambda: DirtyRate(None, "unknown"))
-    #: Bytes/s the migration is predicted to get, and where the figure comes from
-    #: (``learned``, ``configured``, ``bandwidth``: the task's or config's cap).
-    link_rate: float = 0.0
-    link_source: str = "configured"
-    #: s, the completion timeout the prediction assumed.
-    completion_timeout: float = 0.0
-    blockers: tuple[Blocker, ...] = ()
-    #: The model's answer (``None``: no prediction: a blocker came first, or warm/offline).
-    verdict: Verdict | None = None
-    inputs: PredictionInputs | None = None
-
-    @property
-    def code(self) -> str | None:
-        """The wire code of the first blocker."""
-        return self.blockers[0].code if self.blockers else None
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(b.text for b in self.blockers)
 
 
 @dataclass(slots=True)
@@ -476,46 +422,6 @@ def choose(plan: MigrationPlan, forecast: Forecast) -> MigrationPlan:
     if chosen == "post-copy" and not plan.timeout_action_given:
         action = "post-copy"  # as the prediction assumed: the timeout switches, not aborts
     return replace(plan, request=request, completion_timeout=timeout, timeout_action=action)
-
-
-def plan_fields(forecast: Forecast) -> dict[str, object]:
-    """The prediction's wire keys, in order (a ``plan`` result entry's and event's)."""
-    fields: dict[str, object] = {
-        "destination": forecast.destination,
-        "mode": forecast.mode,
-        "converges": forecast.converges and not forecast.blockers,
-    }
-    if forecast.duration is not None:
-        fields["predicted-duration"] = round(forecast.duration, 3)
-    if forecast.downtime is not None:
-        fields["predicted-downtime"] = round(forecast.downtime, 1)
-    fields["passes"] = forecast.passes
-    fields["memory"] = forecast.memory
-    fields["disk"] = forecast.disk
-    if forecast.dirty.rate is not None:
-        fields["dirty-rate"] = round(forecast.dirty.rate)
-    fields["transfer-rate"] = round(forecast.link_rate)
-    fields["blockers"] = [b.text for b in forecast.blockers]
-    return fields
-
-
-def notes(forecast: Forecast) -> list[str]:
-    """What a reader of the prediction should know about its inputs."""
-    out: list[str] = []
-    if forecast.dirty.note:
-        out.append(forecast.dirty.note)
-    dirty = forecast.dirty
-    if dirty.rate is not None and dirty.bound is not None:
-        out.append(
-            f"dirty rate sampled from {dirty.sampled} pages: {dirty.rate / _MIB:.1f} MiB/s,"
-            f" at most {dirty.bound / _MIB:.1f} MiB/s at {CONFIDENCE:.0%} confidence"
-            " (whether it converges is judged at that bound)"
-        )
-    if forecast.dirty.rate is None and forecast.mode in ("live", "post-copy"):
-        out.append("dirty rate unknown: predicted as an idle guest")
-    if forecast.link_source == "configured":
-        out.append("link rate not learned yet: the configured migration.link-rate")
-    return out
 
 
 async def predicted(

@@ -90,7 +90,7 @@ class Events:
 
     def plan(self, task_id: str | None, vm_name: str | None, fields: Mapping[str, object]) -> None:
         """A plan, before what it plans starts (protocol §5.8): a migration's prediction
-        (``vm_name`` set; ``migration.forecast.plan_fields``), or an evacuation's schedule
+        (``vm_name`` set; ``migration.forecastresult.plan_fields``), or an evacuation's schedule
         (``vm_name`` ``None``; its waves, or why there are none)."""
         ev = self._base("plan", task_id, vm_name)
         ev.update(fields)

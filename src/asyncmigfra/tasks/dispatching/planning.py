@@ -8,7 +8,7 @@ events, cancel, duplicates), with two differences, both because it changes nothi
   task of this agent runs or waits on the VM, so the figures describe the VM as it is now);
   the dirty-rate probes it may run are bounded on their own
   (``migration.dirtyrates.MAX_PROBES``);
-* each VM's entry is its prediction (``migration.forecast.plan_fields``) under
+* each VM's entry is its prediction (``migration.forecastresult.plan_fields``) under
   ``result: plan``; an entry with blockers has ``status: error`` and the first blocker's
   code (``will-not-converge`` when only the prediction stands in the way).
 
@@ -27,7 +27,7 @@ import time
 import structlog
 
 from asyncmigfra.errors import NoDestination, TaskError
-from asyncmigfra.migration.forecast import Forecast, notes, plan_fields
+from asyncmigfra.migration.forecastresult import Forecast, notes, plan_fields
 from asyncmigfra.model import (
     MigrateSpec,
     PlanEvacuationSpec,
