@@ -203,16 +203,16 @@ def check_source(document: Mapping[str, object], sender: str, rid: str) -> None:
 
 def wire_number(value: object) -> float | None:
     """A JSON number or decimal text (at most 32 characters) as a finite float; else
-    ``None``."""
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    ``None`` (also for an integer beyond any float, which JSON allows)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    if isinstance(value, str) and len(value) > 32:
+        return None
+    try:
         number = float(value)
-    elif isinstance(value, str) and len(value) <= 32:
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    return number if number is not None and math.isfinite(number) else None
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True, slots=True)
