@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +25,14 @@ import pytest
 import yaml
 
 from asyncmigfra.app import Agent
+from asyncmigfra.model import ResultMessage
+from asyncmigfra.peers.bus import MessageBus
 from asyncmigfra.settings import HypervisorSettings, Settings, default_settings
+from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.transport.mqtt import ToolClient
+from asyncmigfra.wire.events import Events
+from asyncmigfra.wire.parsing import parse_task
+from asyncmigfra.wire.rendering import BoundedResult
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -242,3 +248,94 @@ class RecordingContext:
             yield
         finally:
             self.calls.append(("stop", tag))
+
+
+class DispatchRecorder:
+    """A ``Dispatcher``'s ``deliver`` callback and its events' sink, without a broker:
+    records both and wakes whoever waits, at most ``wait`` s, for one (:meth:`until`)."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.results: list[ResultMessage] = []
+        self.replies: list[Reply | None] = []
+        self.events: list[Mapping[str, object]] = []
+        self._changed = asyncio.Event()
+
+    def deliver(
+        self,
+        result: ResultMessage,
+        reply: Reply | None,
+        key: str | None,
+        /,
+        *,
+        rendered: BoundedResult | None = None,
+    ) -> None:
+        self.results.append(result)
+        self.replies.append(reply)
+        self._changed.set()
+
+    def emit(self, event: Mapping[str, object], *, terminal: bool = False, qos: int = 1) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], Any]) -> Any:
+        """The first true value of ``predicate``, asked again after each result or event."""
+        async with asyncio.timeout(self.wait):
+            while not (value := predicate()):
+                self._changed.clear()
+                await self._changed.wait()
+        return value
+
+    def results_for(self, task_id: str) -> list[ResultMessage]:
+        return [r for r in self.results if r.id == task_id]
+
+    async def result(self, task_id: str) -> ResultMessage:
+        found: list[ResultMessage] = await self.until(lambda: self.results_for(task_id))
+        return found[0]
+
+    def of(self, kind: str) -> list[Mapping[str, object]]:
+        """The events of this ``kind`` (``event: <kind>``), of every task."""
+        return [e for e in self.events if e["event"] == kind]
+
+    def events_for(self, task_id: str, kind: str) -> list[Mapping[str, object]]:
+        return [e for e in self.of(kind) if e.get("id") == task_id]
+
+    def assert_one_result_each(self, *task_ids: str) -> None:
+        counts = {t: len(self.results_for(t)) for t in task_ids}
+        assert counts == dict.fromkeys(task_ids, 1), counts
+        assert len(self.results) == len(task_ids), [r.id for r in self.results]
+
+
+@contextlib.asynccontextmanager
+async def running_dispatcher(
+    hv: Any, settings: Settings, *, wait: float, bus: MessageBus | None = None
+) -> AsyncIterator[tuple[Dispatcher, DispatchRecorder]]:
+    """A running ``Dispatcher`` on back-end ``hv`` as ``app.Agent`` wires it, minus MQTT and
+    the journal, its results and events going to a :class:`DispatchRecorder`; at the end
+    every task is cancelled and the dispatcher stops within ``wait`` s."""
+    rec = DispatchRecorder(wait)
+    d = Dispatcher(
+        hypervisor=hv,
+        settings=settings,
+        events=Events(rec, host=settings.hostname),
+        deliver=rec.deliver,
+        on_quit=lambda: None,
+        bus=bus,
+    )
+    await hv.open()
+    runner = asyncio.create_task(d.run())
+    await asyncio.sleep(0)  # let the dispatcher open its TaskGroup (as app does)
+    try:
+        yield d, rec
+    finally:
+        d.cancel_all("the test is over")
+        d.close()
+        async with asyncio.timeout(wait):
+            await runner
+        await hv.aclose()
+
+
+def submit(d: Dispatcher, text: str, reply: Reply | None = None) -> None:
+    """Hand the task ``text`` to ``d`` as the agent's intake does."""
+    payload = text.encode()
+    d.submit(parse_task(payload), payload=payload, reply=reply)

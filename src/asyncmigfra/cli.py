@@ -156,6 +156,21 @@ def _connection(args: argparse.Namespace, argv: Sequence[str] = ()) -> Any:
     )
 
 
+def _migration_params(args: argparse.Namespace) -> dict[str, object]:
+    """The migration's ``parameter`` keys as ``migrate`` and ``plan`` take them."""
+    return {
+        "migration-type": args.migration_type,
+        "max-downtime": args.max_downtime,
+        "bandwidth": args.bandwidth,
+        "completion-timeout": args.completion_timeout,
+        "timeout-action": args.timeout_action,
+        "auto-converge": args.auto_converge,
+        "copy-storage": args.copy_storage,
+        "migrate-disks": args.migrate_disks,
+        "copy-storage-synchronous-writes": args.copy_storage_synchronous_writes,
+    }
+
+
 def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, int]]:
     """The coroutine function for the client command in ``args`` (built before the loop runs
     so that usage errors never open a connection)."""
@@ -176,17 +191,7 @@ def _client_call(args: argparse.Namespace) -> Callable[[], Coroutine[Any, Any, i
         again = conn.command("send", args.file, "--host", args.host, "--new-id")
         return lambda: c.send(conn, out, task=task, host=args.host, again=again, **common)
     if cmd == "migrate":
-        params: dict[str, object] = {
-            "migration-type": args.migration_type,
-            "max-downtime": args.max_downtime,
-            "bandwidth": args.bandwidth,
-            "completion-timeout": args.completion_timeout,
-            "timeout-action": args.timeout_action,
-            "auto-converge": args.auto_converge,
-            "copy-storage": args.copy_storage,
-            "migrate-disks": args.migrate_disks,
-            "copy-storage-synchronous-writes": args.copy_storage_synchronous_writes,
-        }
+        params = _migration_params(args)
         return lambda: c.migrate(
             conn,
             out,
@@ -305,17 +310,7 @@ def _plan_call(
     from asyncmigfra.console import planning  # noqa: PLC0415
     from asyncmigfra.console.exits import USAGE, CliError  # noqa: PLC0415
 
-    params: dict[str, object] = {
-        "migration-type": args.migration_type,
-        "max-downtime": args.max_downtime,
-        "bandwidth": args.bandwidth,
-        "completion-timeout": args.completion_timeout,
-        "timeout-action": args.timeout_action,
-        "auto-converge": args.auto_converge,
-        "copy-storage": args.copy_storage,
-        "migrate-disks": args.migrate_disks,
-        "copy-storage-synchronous-writes": args.copy_storage_synchronous_writes,
-    }
+    params = _migration_params(args)
     target = list(args.target)
     if len(target) == 2 and target[0] == "evacuate":
         if args.source is not None:

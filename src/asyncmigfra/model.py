@@ -46,6 +46,7 @@ __all__ = [
     "TuneSpec",
     "VcpuMap",
     "VmName",
+    "VmSubtask",
 ]
 
 TaskId = NewType("TaskId", str)
@@ -192,7 +193,9 @@ class StopSpec(Subtask):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SuspendSpec(Subtask):
+class VmSubtask(Subtask):
+    """A subtask on one named VM: it serialises on that VM's lane and its entry names it."""
+
     vm_name: str
 
     @property
@@ -205,30 +208,18 @@ class SuspendSpec(Subtask):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ResumeSpec(Subtask):
-    vm_name: str
-
-    @property
-    def lane(self) -> str | None:
-        return self.vm_name
-
-    @property
-    def result_name(self) -> str:
-        return self.vm_name
+class SuspendSpec(VmSubtask):
+    """``suspend vm``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RepinSpec(Subtask):
-    vm_name: str
+class ResumeSpec(VmSubtask):
+    """``resume vm``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RepinSpec(VmSubtask):
     vcpu_map: VcpuMap
-
-    @property
-    def lane(self) -> str | None:
-        return self.vm_name
-
-    @property
-    def result_name(self) -> str:
-        return self.vm_name
 
 
 #: ``auto``: the agent predicts and chooses ``live`` or ``post-copy``, or refuses
@@ -300,18 +291,9 @@ class MigrationParams:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MigrateSpec(Subtask):
-    vm_name: str
+class MigrateSpec(VmSubtask):
     destination: str
     parameter: MigrationParams = field(default_factory=MigrationParams)
-
-    @property
-    def lane(self) -> str | None:
-        return self.vm_name
-
-    @property
-    def result_name(self) -> str:
-        return self.vm_name
 
 
 EvacuateMode = Literal["auto", "compact", "scatter"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -22,62 +21,11 @@ from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.model import ResultMessage, StartSpec
 from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
-from asyncmigfra.wire.events import Events
-from asyncmigfra.wire.parsing import parse_task
-from asyncmigfra.wire.rendering import BoundedResult
+from harness import DispatchRecorder, running_dispatcher, submit
 
 GIB = 1024 * 1024  # KiB
 #: s any single wait may take before the test fails (they all take milliseconds).
 WAIT = 5.0
-
-
-class Recorder:
-    """The ``deliver`` callback and the event sink: records both and wakes waiters."""
-
-    def __init__(self) -> None:
-        self.results: list[ResultMessage] = []
-        self.replies: list[Reply | None] = []
-        self.events: list[Mapping[str, object]] = []
-        self._changed = asyncio.Event()
-
-    def deliver(
-        self,
-        result: ResultMessage,
-        reply: Reply | None,
-        key: str | None,
-        /,
-        *,
-        rendered: BoundedResult | None = None,
-    ) -> None:
-        self.results.append(result)
-        self.replies.append(reply)
-        self._changed.set()
-
-    def emit(self, event: Mapping[str, object], *, terminal: bool = False, qos: int = 1) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    async def until(self, predicate: Callable[[], Any]) -> Any:
-        async with asyncio.timeout(WAIT):
-            while not (value := predicate()):
-                self._changed.clear()
-                await self._changed.wait()
-        return value
-
-    def results_for(self, task_id: str) -> list[ResultMessage]:
-        return [r for r in self.results if r.id == task_id]
-
-    async def result(self, task_id: str) -> ResultMessage:
-        found: list[ResultMessage] = await self.until(lambda: self.results_for(task_id))
-        return found[0]
-
-    def events_for(self, task_id: str, kind: str) -> list[Mapping[str, object]]:
-        return [e for e in self.events if e.get("id") == task_id and e["event"] == kind]
-
-    def assert_one_result_each(self, *task_ids: str) -> None:
-        counts = {t: len(self.results_for(t)) for t in task_ids}
-        assert counts == dict.fromkeys(task_ids, 1), counts
-        assert len(self.results) == len(task_ids), [r.id for r in self.results]
 
 
 class GatedDummy(DummyHypervisor):
@@ -127,37 +75,11 @@ class GatedDummy(DummyHypervisor):
         await self._op("resume", vm_name)
 
 
-@contextlib.asynccontextmanager
-async def dispatcher(
+def dispatcher(
     hv: Any, settings: Settings | None = None
-) -> AsyncIterator[tuple[Dispatcher, Recorder]]:
+) -> contextlib.AbstractAsyncContextManager[tuple[Dispatcher, DispatchRecorder]]:
     """A running dispatcher as ``app.Agent`` wires it, minus MQTT, journal and bus."""
-    settings = settings or default_settings(hostname="here")
-    rec = Recorder()
-    quits: list[bool] = []
-    d = Dispatcher(
-        hypervisor=hv,
-        settings=settings,
-        events=Events(rec, host=settings.hostname),
-        deliver=rec.deliver,
-        on_quit=lambda: quits.append(True),
-    )
-    await hv.open()
-    runner = asyncio.create_task(d.run())
-    await asyncio.sleep(0)  # let the dispatcher open its TaskGroup (as app does)
-    try:
-        yield d, rec
-    finally:
-        d.cancel_all("the test is over")
-        d.close()
-        async with asyncio.timeout(WAIT):
-            await runner
-        await hv.aclose()
-
-
-def submit(d: Dispatcher, text: str, reply: Reply | None = None) -> None:
-    payload = text.encode()
-    d.submit(parse_task(payload), payload=payload, reply=reply)
+    return running_dispatcher(hv, settings or default_settings(hostname="here"), wait=WAIT)
 
 
 def stop(task_id: str, *vms: str) -> str:

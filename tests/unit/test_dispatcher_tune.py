@@ -13,13 +13,14 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from test_dispatcher import GIB, GatedDummy, Recorder, dispatcher, statuses, submit
+from test_dispatcher import GIB, GatedDummy, dispatcher, statuses
 
 from asyncmigfra.hypervisor.base import DomainState
 from asyncmigfra.hypervisor.fake import FakeHypervisor, FakeMigrationJob
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.model import ResultMessage
 from asyncmigfra.settings import Settings, default_settings
+from harness import DispatchRecorder, submit
 
 MIB = 1 << 20
 
@@ -73,7 +74,7 @@ def job_of(hv: FakeHypervisor, vm: str) -> FakeMigrationJob:
     return job
 
 
-async def migrating(rec: Recorder, task_id: str, vm: str | None = None) -> None:
+async def migrating(rec: DispatchRecorder, task_id: str, vm: str | None = None) -> None:
     """Until the job of ``task_id`` (of ``vm``) reported a memory pass."""
     await rec.until(
         lambda: any(
@@ -83,7 +84,7 @@ async def migrating(rec: Recorder, task_id: str, vm: str | None = None) -> None:
     )
 
 
-def tuned_events(rec: Recorder, task_id: str) -> list[Mapping[str, object]]:
+def tuned_events(rec: DispatchRecorder, task_id: str) -> list[Mapping[str, object]]:
     return [e for e in rec.events_for(task_id, "progress") if e.get("action") == "tuned"]
 
 

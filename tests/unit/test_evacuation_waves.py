@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -32,107 +32,45 @@ from asyncmigfra.model import EvacuateSpec, ResultMessage
 from asyncmigfra.peers.bus import MemoryBus
 from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.settings import Settings, default_settings
-from asyncmigfra.tasks.dispatching import Dispatcher, Reply, moving
-from asyncmigfra.wire.events import Events
+from asyncmigfra.tasks.dispatching import Dispatcher, moving
 from asyncmigfra.wire.parsing import parse_task
-from asyncmigfra.wire.rendering import BoundedResult
+from harness import DispatchRecorder, running_dispatcher, submit
 
 MIB = 1024 * 1024
 WAIT = 30.0
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.results: list[ResultMessage] = []
-        self.events: list[Mapping[str, object]] = []
-        self.hooks: list[Callable[[Mapping[str, object]], None]] = []
-        self._changed = asyncio.Event()
-
-    def deliver(
-        self,
-        result: ResultMessage,
-        reply: Reply | None,
-        key: str | None,
-        /,
-        *,
-        rendered: BoundedResult | None = None,
-    ) -> None:
-        self.results.append(result)
-        self._changed.set()
-
-    def emit(self, event: Mapping[str, object], *, terminal: bool = False, qos: int = 1) -> None:
-        self.events.append(event)
-        for hook in self.hooks:
-            hook(event)
-        self._changed.set()
-
-    async def until(self, predicate: Callable[[], Any]) -> Any:
-        async with asyncio.timeout(WAIT):
-            while not (value := predicate()):
-                self._changed.clear()
-                await self._changed.wait()
-        return value
-
-    async def result(self, task_id: str) -> ResultMessage:
-        found = await self.until(lambda: [r for r in self.results if r.id == task_id])
-        return found[0]
-
-    def of(self, kind: str) -> list[Mapping[str, object]]:
-        return [e for e in self.events if e["event"] == kind]
-
-    def plans(self) -> list[Mapping[str, object]]:
-        """The evacuation's ``plan`` events (a migration's own has a ``vm-name``)."""
-        return [e for e in self.of("plan") if "vm-name" not in e]
+def plans(rec: DispatchRecorder) -> list[Mapping[str, object]]:
+    """The evacuation's ``plan`` events (a migration's own has a ``vm-name``)."""
+    return [e for e in rec.of("plan") if "vm-name" not in e]
 
 
 def vm(name: str, mib: int, dirty: float = 0.0) -> dict[str, Any]:
     return {"name": name, "memory": mib * 1024, "dirty-rate": dirty}
 
 
-def fake(
-    shared: dict[str, object], domains: list[dict[str, Any]], **options: Any
-) -> FakeHypervisor:
+def fake(domains: list[dict[str, Any]], **options: Any) -> FakeHypervisor:
+    """Host ``a`` of a fake cluster of its own, with ``b`` and ``c`` to evacuate to."""
     options.setdefault("peers", {"b": {"memory": 64 * MIB}, "c": {"memory": 64 * MIB}})
-    return create_fake({"domains": domains, **options}, hostname="a", shared=shared)
+    return create_fake({"domains": domains, **options}, hostname="a", shared={})
 
 
-@contextlib.asynccontextmanager
-async def dispatcher(
+def dispatcher(
     hv: FakeHypervisor,
     max_outgoing: int = 4,
     link_rate: float | None = None,
     bus: MemoryBus | None = None,
-) -> AsyncIterator[tuple[Dispatcher, Recorder]]:
+) -> contextlib.AbstractAsyncContextManager[tuple[Dispatcher, DispatchRecorder]]:
     base = default_settings(hostname="a")
     migration = replace(base.migration, max_outgoing=max_outgoing, max_incoming=4)
     if link_rate is not None:
         migration = replace(migration, link_rate=link_rate)
     settings: Settings = replace(base, migration=migration)
-    rec = Recorder()
-    d = Dispatcher(
-        hypervisor=hv,
-        settings=settings,
-        events=Events(rec, host="a"),
-        deliver=rec.deliver,
-        on_quit=lambda: None,
-        bus=bus,
-    )
-    await hv.open()
-    runner = asyncio.create_task(d.run())
-    await asyncio.sleep(0)
-    try:
-        yield d, rec
-    finally:
-        d.cancel_all("the test is over")
-        d.close()
-        async with asyncio.timeout(WAIT):
-            await runner
-        await hv.aclose()
+    return running_dispatcher(hv, settings, wait=WAIT, bus=bus)
 
 
 def evacuate(d: Dispatcher, task_id: str, parameter: str) -> None:
-    text = f"id: {task_id}\ntask: evacuate node\ndestinations: [b, c]\nparameter:\n{parameter}"
-    d.submit(parse_task(text.encode()), payload=text.encode(), reply=None)
+    submit(d, f"id: {task_id}\ntask: evacuate node\ndestinations: [b, c]\nparameter:\n{parameter}")
 
 
 def entries(result: ResultMessage) -> dict[str, dict[str, object]]:
@@ -205,8 +143,7 @@ MIXED = [vm("h1", 200, 600), vm("h2", 200, 600), vm("c1", 200), vm("c2", 200)]
 
 
 async def test_hot_guests_run_alone_and_cold_ones_together() -> None:
-    shared: dict[str, object] = {}
-    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    hv = fake(MIXED, **{"nic-rate": 1000})
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "w", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("w")
@@ -222,7 +159,7 @@ async def test_hot_guests_run_alone_and_cold_ones_together() -> None:
     cluster = hv.cluster
     assert all(cluster.locate(n) == [got[n]["destination"]] for n in got)
     # The plan came first, once (nothing strayed), with the waves the entries name.
-    (plan,) = rec.plans()
+    (plan,) = plans(rec)
     assert rec.events.index(plan) < rec.events.index(rec.of("phase")[1])  # after placement
     assert plan["schedule"] == "predicted"
     assert plan["revision"] == 1
@@ -244,8 +181,7 @@ async def test_hot_guests_run_alone_and_cold_ones_together() -> None:
 async def test_the_same_guests_all_at_once_do_not_converge() -> None:
     """What the waves avoid: with the placement order and 4 at once the hot guests share the
     NIC with each other and time out (3 s), while the predicted schedule moves them all."""
-    shared: dict[str, object] = {}
-    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    hv = fake(MIXED, **{"nic-rate": 1000})
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "p", "  migration-type: live\n  completion-timeout: 3\n  max-parallel: 4\n")
         result = await rec.result("p")
@@ -253,7 +189,7 @@ async def test_the_same_guests_all_at_once_do_not_converge() -> None:
     assert got["c1"]["status"] == got["c2"]["status"] == "success"
     assert got["h1"]["code"] == got["h2"]["code"] == "timeout"
     assert "wave" not in got["c1"]
-    assert not rec.plans()
+    assert not plans(rec)
 
 
 class Blind(FakeHypervisor):
@@ -266,15 +202,14 @@ class Blind(FakeHypervisor):
 
 
 async def test_without_a_dirty_rate_it_runs_in_placement_order_and_says_why() -> None:
-    shared: dict[str, object] = {}
-    base = fake(shared, [vm("c1", 100), vm("c2", 100)])
+    base = fake([vm("c1", 100), vm("c2", 100)])
     hv = Blind(cluster=base.cluster, host=base.host)
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "f", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("f")
     assert {e.status for e in result.entries} == {"success"}
     assert all("wave" not in e.extra for e in result.entries)
-    (plan,) = rec.plans()
+    (plan,) = plans(rec)
     assert plan["schedule"] == "placement"
     assert plan["details"] == (
         "no dirty rate known for c2 (the dirty rate could not be measured: this host cannot"
@@ -294,15 +229,14 @@ class Boastful(FakeHypervisor):
 
 
 async def test_moves_slower_than_predicted_make_it_plan_the_rest_again() -> None:
-    shared: dict[str, object] = {}
     cold = [vm(f"c{i}", 150) for i in range(4)]
-    base = fake(shared, cold, bandwidth=500, **{"nic-rate": 500})
+    base = fake(cold, bandwidth=500, **{"nic-rate": 500})
     hv = Boastful(cluster=base.cluster, host=base.host, bandwidth=500)
     async with dispatcher(hv, max_outgoing=2) as (d, rec):
         evacuate(d, "r", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("r")
     assert {e.status for e in result.entries} == {"success"}
-    first, again, *_ = rec.plans()  # a later re-plan may follow on a loaded machine
+    first, again, *_ = plans(rec)  # a later re-plan may follow on a loaded machine
     assert [len(w["vms"]) for w in first["waves"]] == [2, 2]
     assert again["revision"] == 2
     assert "planned again" in again["reason"]
@@ -319,16 +253,11 @@ async def test_moves_slower_than_predicted_make_it_plan_the_rest_again() -> None
 
 
 async def test_a_cancel_stops_the_waves_not_yet_started() -> None:
-    shared: dict[str, object] = {}
-    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    hv = fake(MIXED, **{"nic-rate": 1000})
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "x", "  schedule: predicted\n  migration-type: live\n")
         await rec.until(lambda: rec.of("done"))  # wave 1 (h1) has ended
-        d.submit(
-            parse_task(b"task: cancel\ntarget: x\n"),
-            payload=b"task: cancel\ntarget: x\n",
-            reply=None,
-        )
+        submit(d, "task: cancel\ntarget: x\n")
         result = await rec.result("x")
     got = entries(result)
     assert got["h1"]["status"] == "success"
@@ -344,14 +273,13 @@ async def test_a_cancel_stops_the_waves_not_yet_started() -> None:
 async def test_caps_keep_the_idle_guests_from_slowing_down_a_hot_one() -> None:
     # One migration's stream carries 700 of the 1000 MiB/s NIC. db-1 (dirtying 450) gets
     # all 700; the idle guests share the other 300, capped at 150 MiB/s each.
-    shared: dict[str, object] = {}
     doms = [vm("db-1", 400, 450), vm("web-1", 100), vm("web-2", 100)]
-    hv = fake(shared, doms, bandwidth=700, **{"nic-rate": 1000})
+    hv = fake(doms, bandwidth=700, **{"nic-rate": 1000})
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "k", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("k")
     assert {e.status for e in result.entries} == {"success"}
-    (plan,) = rec.plans()
+    (plan,) = plans(rec)
     (wave,) = plan["waves"]
     caps = {v["vm-name"]: v.get("bandwidth") for v in wave["vms"]}
     assert caps == {"db-1": None, "web-1": 150, "web-2": 150}
@@ -369,14 +297,13 @@ async def test_caps_keep_the_idle_guests_from_slowing_down_a_hot_one() -> None:
 async def test_warm_migrations_are_planned_as_guests_that_dirty_nothing() -> None:
     # warm (the default type) pauses the guest for the copy: its dirty rate does not matter,
     # so the "hot" guests join the idle ones, all four in one wave.
-    shared: dict[str, object] = {}
-    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    hv = fake(MIXED, **{"nic-rate": 1000})
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "warm", "  schedule: predicted\n")
         result = await rec.result("warm")
     assert {e.status for e in result.entries} == {"success"}
     assert {e.extra["wave"] for e in result.entries} == {1}
-    (plan,) = rec.plans()
+    (plan,) = plans(rec)
     assert all(v["needs"] < 100 for w in plan["waves"] for v in w["vms"])
 
 
@@ -395,15 +322,14 @@ async def test_without_link_rates_the_forecasters_rate_stands_for_the_nics() -> 
     # migration.link-rate 1000 MiB/s (what the NIC really carries) for one and for all: the
     # hot guests (600 MiB/s) need the NIC alone, the idle ones go together, as with the NIC
     # the fake tells.
-    shared: dict[str, object] = {}
-    base = fake(shared, MIXED, **{"nic-rate": 1000})
+    base = fake(MIXED, **{"nic-rate": 1000})
     hv = Unaware(cluster=base.cluster, host=base.host)
     async with dispatcher(hv, link_rate=1000.0) as (d, rec):
         evacuate(d, "u", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("u")
     got = entries(result)
     assert {n: e["status"] for n, e in got.items()} == dict.fromkeys(got, "success")
-    (plan,) = rec.plans()
+    (plan,) = plans(rec)
     assert plan["link-rate"] == 1000.0
     waves = {n: e["wave"] for n, e in got.items()}
     assert [waves["h1"], waves["h2"]] == [1, 2]
@@ -414,13 +340,13 @@ async def test_without_link_rates_the_forecasters_rate_stands_for_the_nics() -> 
 
 
 def plan_evacuation(d: Dispatcher, task_id: str, parameter: str) -> None:
-    text = f"id: {task_id}\ntask: plan evacuation\ndestinations: [b, c]\nparameter:\n{parameter}"
-    d.submit(parse_task(text.encode()), payload=text.encode(), reply=None)
+    submit(
+        d, f"id: {task_id}\ntask: plan evacuation\ndestinations: [b, c]\nparameter:\n{parameter}"
+    )
 
 
 async def test_plan_evacuation_tells_the_waves_the_evacuation_runs() -> None:
-    shared: dict[str, object] = {}
-    hv = fake(shared, MIXED, **{"nic-rate": 1000})
+    hv = fake(MIXED, **{"nic-rate": 1000})
     async with dispatcher(hv) as (d, rec):
         plan_evacuation(d, "pw", "  schedule: predicted\n  migration-type: live\n")
         planned = entries(await rec.result("pw"))
@@ -437,8 +363,7 @@ async def test_plan_evacuation_tells_the_waves_the_evacuation_runs() -> None:
 
 
 async def test_plan_evacuation_says_why_it_has_no_waves() -> None:
-    shared: dict[str, object] = {}
-    base = fake(shared, [vm("c1", 100), vm("c2", 100)])
+    base = fake([vm("c1", 100), vm("c2", 100)])
     hv = Blind(cluster=base.cluster, host=base.host)
     async with dispatcher(hv) as (d, rec):
         plan_evacuation(d, "pb", "  schedule: predicted\n  migration-type: live\n")
@@ -455,14 +380,13 @@ async def test_a_running_move_gets_the_link_a_hot_one_leaves_when_it_ends() -> N
     # db-1 (dirtying 450) takes its whole 700 MiB/s stream; web-1, large and idle, starts
     # beside it capped at the 300 left. When db-1 has ended, web-1's cap is lifted at once
     # (tune migration's steering: a progress event with action tuned), and it moves faster.
-    shared: dict[str, object] = {}
     doms = [vm("db-1", 400, 450), vm("web-1", 3000)]
-    hv = fake(shared, doms, bandwidth=700, **{"nic-rate": 1000})
+    hv = fake(doms, bandwidth=700, **{"nic-rate": 1000})
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "lift", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("lift")
     assert {e.status for e in result.entries} == {"success"}
-    (plan,) = rec.plans()
+    (plan,) = plans(rec)
     (wave,) = plan["waves"]
     assert {v["vm-name"]: v.get("bandwidth") for v in wave["vms"]} == {"db-1": None, "web-1": 300}
     db_done = rec.events.index(next(e for e in rec.of("done") if e["vm-name"] == "db-1"))
@@ -487,14 +411,13 @@ async def test_a_move_in_a_long_setup_leaves_its_share_to_the_hot_one() -> None:
     # about 590 and 110. web-1's setup takes 4 s here (a loaded host) while the prediction
     # counts 0.3 s; until its job shows data moving it sends nothing, so db-1 is lifted to
     # (nearly) the whole NIC once it moves, and never put back down while web-1 sets up.
-    shared: dict[str, object] = {}
     web = {**vm("web-1", 200), "setup-time": 4}
-    hv = fake(shared, [vm("db-1", 400, 100), web], bandwidth=700, **{"nic-rate": 700})
+    hv = fake([vm("db-1", 400, 100), web], bandwidth=700, **{"nic-rate": 700})
     async with dispatcher(hv) as (d, rec):
         evacuate(d, "slow", "  schedule: predicted\n  migration-type: live\n")
         result = await rec.result("slow")
     assert {e.status for e in result.entries} == {"success"}
-    (plan,) = rec.plans()
+    (plan,) = plans(rec)
     (wave,) = plan["waves"]
     planned = {v["vm-name"]: v.get("bandwidth") for v in wave["vms"]}
     assert planned["db-1"] is not None
@@ -544,8 +467,7 @@ async def test_a_destination_that_never_grants_enough_does_not_stall_the_evacuat
     # host were alone, and every VM moves.
     monkeypatch.setattr(moving, "GRANT_PATIENCE", 1.0)
     bus = MemoryBus()
-    shared: dict[str, object] = {}
-    hv = fake(shared, [vm("h1", 200, 600), vm("c1", 200)], **{"nic-rate": 1000})
+    hv = fake([vm("h1", 200, 600), vm("c1", 200)], **{"nic-rate": 1000})
     async with (
         granting(bus, "0", host="b"),
         granting(bus, "0", host="c"),
@@ -563,10 +485,7 @@ async def test_a_cancel_gives_back_the_destinations_shares_and_answers_for_every
     # rest wait: every VM has its entry, nothing moves any more, and b holds no
     # reservation of a's (released, not left to its lease).
     bus = MemoryBus()
-    shared: dict[str, object] = {}
-    hv = fake(
-        shared, MIXED, peers={"b": {"memory": 64 * MIB, "nic-rate": 1000}}, **{"nic-rate": 1000}
-    )
+    hv = fake(MIXED, peers={"b": {"memory": 64 * MIB, "nic-rate": 1000}}, **{"nic-rate": 1000})
     server = InboundServer(bus=bus, hostname="b", task_topic="fast/migfra/b/task")
     serving = asyncio.create_task(server.serve())
     try:
@@ -575,14 +494,10 @@ async def test_a_cancel_gives_back_the_destinations_shares_and_answers_for_every
                 "id: x\ntask: evacuate node\ndestinations: [b]\nparameter:\n"
                 "  schedule: predicted\n  migration-type: live\n"
             )
-            d.submit(parse_task(text.encode()), payload=text.encode(), reply=None)
+            submit(d, text)
             await rec.until(lambda: server.reservations)
             await rec.until(lambda: [e for e in rec.of("phase") if e.get("phase") == "migrating"])
-            d.submit(
-                parse_task(b"task: cancel\ntarget: x\n"),
-                payload=b"task: cancel\ntarget: x\n",
-                reply=None,
-            )
+            submit(d, "task: cancel\ntarget: x\n")
             result = await rec.result("x")
             got = entries(result)
             assert sorted(got) == ["c1", "c2", "h1", "h2"]
@@ -600,17 +515,12 @@ async def test_moves_to_other_destinations_go_on_while_one_waits_for_its_grant()
     # b's agent grants nothing (c has no agent: a is alone there). The moves to b wait for
     # b's grant; those to c run meanwhile, and finish.
     bus = MemoryBus()
-    shared: dict[str, object] = {}
     doms = [vm(f"v{i}", 200) for i in range(6)]
-    hv = fake(shared, doms, **{"nic-rate": 1000})
+    hv = fake(doms, **{"nic-rate": 1000})
     async with granting(bus, "0", host="b"), dispatcher(hv, bus=bus) as (d, rec):
         evacuate(d, "wait", "  schedule: predicted\n  migration-type: live\n  mode: scatter\n")
         done = await rec.until(lambda: len(rec.of("done")) >= 3 and rec.of("done"))
-        d.submit(
-            parse_task(b"task: cancel\ntarget: wait\n"),
-            payload=b"task: cancel\ntarget: wait\n",
-            reply=None,
-        )
+        submit(d, "task: cancel\ntarget: wait\n")
         result = await rec.result("wait")
     got = entries(result)
     to_c = {n for n, e in got.items() if e["destination"] == "c"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_dispatcher import dispatcher, submit
+from test_dispatcher import dispatcher
 
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.migration.fixedcosts import (
@@ -26,6 +26,7 @@ from asyncmigfra.migration.prediction_inputs import MigrationCosts, PredictionIn
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.linkrates import FIXED_COST_FILE_NAME, SAMPLES, FixedCosts
+from harness import submit
 
 MIB = 1 << 20
 #: No cost but the setup, so the model's times are closed-form.

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_dispatcher import dispatcher, statuses, submit
+from test_dispatcher import dispatcher, statuses
 
 from asyncmigfra.errors import NotSupported, TaskRejected, WillNotConverge
 from asyncmigfra.hypervisor.base import MeasuresDirtyRate
@@ -24,6 +24,7 @@ from asyncmigfra.model import MigrateSpec, MigrationParams, PlanEvacuationSpec, 
 from asyncmigfra.settings import Settings, default_settings
 from asyncmigfra.tasks.linkrates import SAMPLES, LinkRates
 from asyncmigfra.wire.parsing import parse_task
+from harness import submit
 
 MIB = 1 << 20
 GIB_KIB = 1024 * 1024

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from test_dispatcher import dispatcher, submit
+from test_dispatcher import dispatcher
 
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.settings import Settings, default_settings
+from harness import submit
 
 MIB = 1 << 20
 

@@ -140,6 +140,7 @@ async def test_a_reservation_ends_with_its_lease() -> None:
         (reserve(-1), "rate must be a number"),
         (reserve(1) | {"rate": "NaN"}, "rate must be a number"),
         (reserve(1) | {"rate": "1e400"}, "rate must be a number"),
+        (reserve(1) | {"rate": 10**400}, "rate must be a number"),  # an int beyond any float
         (reserve(1) | {"rate": True}, "rate must be a number"),
         (reserve(1, capacity="0"), "capacity must be a number"),
         (reserve(1, lease="inf"), "lease must be a number"),

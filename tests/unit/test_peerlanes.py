@@ -372,6 +372,7 @@ async def test_hostile_vm_names_are_refused(vm):
         ({"lease": -1}, "lease must be a number of seconds > 0"),
         ({"lease": True}, "lease must be a number of seconds > 0"),
         ({"lease": "1" * 40}, "lease must be a number of seconds > 0"),
+        ({"lease": 10**400}, "lease must be a number of seconds > 0"),  # beyond any float
         ({"vm-name": ["v"]}, "values must be scalars, 'vm-name' is not"),
         ({"x": {"nested": 1}}, "values must be scalars, 'x' is not"),
         ({f"k{i}": "v" for i in range(20)}, "more than 16 keys"),

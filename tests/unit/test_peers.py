@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers import exchange as peers
 from asyncmigfra.peers.bus import JunkLog, MemoryBus, PeerTopics
 
 TASKS = "fast/migfra/<host>/task"

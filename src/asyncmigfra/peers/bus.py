@@ -6,29 +6,28 @@ qos)``, ``send(topic, payload, qos)``), implemented by the transport
 :class:`MemoryBus` (tests, the fake back-end's demos): one broker, MQTT's filter rules.
 
 **Messages between agents** (destination hooks in :mod:`asyncmigfra.peers.userhooks`, lane holds in
-:mod:`asyncmigfra.peers.lanes`) carry their sender as the *last level* of their topic
-(:class:`PeerTopics`), which the broker's ACL pins to the sender's MQTT user name
-(``config/mosquitto.acl.example``): MQTT itself does not tell a subscriber who published.
+:mod:`asyncmigfra.peers.lanes`, inbound reservations in :mod:`asyncmigfra.peers.inbound`) carry
+their sender as the *last level* of their topic (:class:`PeerTopics`), which the broker's ACL
+pins to the sender's MQTT user name (``config/mosquitto.acl.example``): MQTT itself does not
+tell a subscriber who published. They are asked and answered through
+:mod:`asyncmigfra.peers.exchange` (``request``, ``serve``).
 
-* :func:`request` publishes one request on ``<prefix>/<dest>/<kind>/<source>`` and waits, with
-  a bound, for the answer with its ``request-id`` on ``<prefix>/<source>/<kind>-response/<dest>``;
-* :func:`serve` subscribes to ``<prefix>/<host>/<kind>/+``, takes each request's sender from
-  the topic and sends the handler's answer back to that sender.
-
-The helpers here check what such a message may hold (:func:`valid_agent_name`,
-:func:`valid_peer_vm_name`, :func:`valid_peer_id`, ...) and log junk once (:class:`JunkLog`).
+The helpers here check what such a message may hold (:func:`read_request`,
+:func:`check_source`, :func:`valid_agent_name`, :func:`valid_peer_vm_name`,
+:func:`valid_peer_id`, :func:`wire_number`, ...) and log junk once (:class:`JunkLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 import structlog
 
@@ -42,14 +41,14 @@ __all__ = [
     "PeerQueue",
     "PeerRefusal",
     "PeerTopics",
+    "check_source",
+    "checked_op_and_id",
     "clean_text",
-    "flat_map",
     "json_map",
     "peer_topic",
-    "request",
+    "read_request",
     "SUBSCRIPTION_BYTES",
     "safe_text",
-    "serve",
     "shown",
     "sibling_topic",
     "topic_matches",
@@ -58,11 +57,10 @@ __all__ = [
     "valid_peer_vm_name",
     "valid_task_id",
     "wildcard_levels",
+    "wire_number",
 ]
 
 log = structlog.stdlib.get_logger(__name__)
-
-A = TypeVar("A")
 
 
 def sibling_topic(task_topic: str, name: str) -> str:
@@ -148,9 +146,17 @@ class PeerRefusal(Exception):
         self.reason = reason
 
 
-def flat_map(raw: bytes, limit: int, *, max_keys: int) -> dict[str, object]:
-    """``raw`` as a JSON object of at most ``limit`` bytes and ``max_keys`` keys whose values
-    are scalars, or :class:`PeerRefusal` (answerable when its ``request-id`` is readable)."""
+def read_request(
+    raw: bytes, sender: str, *, limit: int, max_keys: int, peers: Collection[str] | None
+) -> tuple[dict[str, object], str]:
+    """A request of agent ``sender`` (the topic's last level): ``raw`` as a JSON object of at
+    most ``limit`` bytes and ``max_keys`` keys whose values are scalars, and its
+    ``request-id``. ``peers``: the only senders served (``None``: any).
+
+    Raises:
+        PeerRefusal: junk, or a sender not in ``peers`` (answerable when its ``request-id``
+        could be read).
+    """
     document = json_map(raw, limit)
     if document is None:
         raise PeerRefusal(None, f"not a JSON object of at most {limit} bytes")
@@ -165,7 +171,48 @@ def flat_map(raw: bytes, limit: int, *, max_keys: int) -> dict[str, object]:
     for key, value in document.items():
         if isinstance(value, dict | list):
             raise PeerRefusal(rid, f"values must be scalars, {shown(key)} is not")
-    return document
+    if peers is not None and sender not in peers:
+        raise PeerRefusal(rid, f"{sender} is not a peer of this agent")
+    return document, rid
+
+
+def checked_op_and_id(
+    document: Mapping[str, object], rid: str, *, ops: Sequence[str], id_key: str
+) -> tuple[str, str]:
+    """A request's ``op`` (one of ``ops``) and its id under ``id_key`` (``hold-id``,
+    ``reservation-id``: 1-64 letters and digits), or :class:`PeerRefusal`."""
+    op = document.get("op")
+    if op not in ops:
+        raise PeerRefusal(rid, f"op must be one of {', '.join(ops)}, got {shown(op)}")
+    value = document.get(id_key)
+    if not valid_peer_id(value):
+        raise PeerRefusal(rid, f"{id_key} must be 1-64 letters and digits, got {shown(value)}")
+    assert isinstance(op, str)
+    assert isinstance(value, str)
+    return op, value
+
+
+def check_source(document: Mapping[str, object], sender: str, rid: str) -> None:
+    """A request's ``source``, when it has one, must be its sender: the topic is the proof
+    (the broker pins it to the sender's user name); a request that says otherwise is a
+    forgery or a bug, and is refused (:class:`PeerRefusal`)."""
+    source = document.get("source", sender)
+    if source != sender:
+        raise PeerRefusal(rid, f"source {shown(source)} is not the sender {sender}")
+
+
+def wire_number(value: object) -> float | None:
+    """A JSON number or decimal text (at most 32 characters) as a finite float; else
+    ``None`` (also for an integer beyond any float, which JSON allows)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    if isinstance(value, str) and len(value) > 32:
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,146 +442,3 @@ class MemoryBus:
             if topic_matches(pattern, topic):
                 for queue in queues:
                     queue.offer(topic, payload)
-
-
-# --- one request, one answer -------------------------------------------------------------------
-
-
-async def request(
-    bus: MessageBus,
-    message: Mapping[str, str],
-    *,
-    to: str,
-    answers: str,
-    qos: int,
-    limit: float,
-    read: Callable[[str, bytes, str], A | None],
-    queue: asyncio.Queue[tuple[str, bytes]] | None = None,
-) -> A:
-    """Publish ``message`` (which holds its ``request-id``) on ``to`` and return the first
-    answer to it that arrives on ``answers`` within ``limit`` s.
-
-    ``read(topic, payload, request_id)`` reads what arrives: the answer, or ``None`` to skip
-    it (an answer to another request, junk it logged); whatever it raises is raised.
-    ``queue``: an open subscription to ``answers`` (several requests in turn, e.g. a hold and
-    its renewals); without one, ``answers`` is subscribed to for this request only, within
-    the bound.
-
-    Raises:
-        TimeoutError: no answer within ``limit`` s.
-        Exception: what the bus raises (a broker problem, e.g. ``TransportError``).
-    """
-    payload = json.dumps(dict(message)).encode()
-    request_id = message["request-id"]
-    async with asyncio.timeout(limit):
-        if queue is not None:
-            await bus.send(to, payload, qos)
-            return await _first_answer(queue, request_id, read)
-        async with bus.subscription(answers, qos) as own:
-            await bus.send(to, payload, qos)
-            return await _first_answer(own, request_id, read)
-
-
-async def _first_answer(
-    queue: asyncio.Queue[tuple[str, bytes]],
-    request_id: str,
-    read: Callable[[str, bytes, str], A | None],
-) -> A:
-    while True:
-        topic, raw = await queue.get()
-        answer = read(topic, raw, request_id)
-        if answer is not None:
-            return answer
-
-
-#: What :func:`serve` calls for each request: ``handle(sender, payload)`` gives the answer to
-#: send back to the sender, or ``None`` for none.
-Handler = Callable[[str, bytes], Awaitable[Mapping[str, str] | None]]
-
-
-async def serve(
-    bus: MessageBus,
-    topics: PeerTopics,
-    handle: Handler,
-    *,
-    qos: int,
-    event: str,
-    junk: JunkLog,
-    slots: int | None = None,
-    answer_within: float | None = None,
-) -> None:
-    """Answer other agents' requests on ``topics`` until cancelled.
-
-    Takes each request's sender from its topic (a message on any other topic is junk, logged
-    once as ``<event>.request_ignored``), calls ``handle(sender, payload)`` and sends its
-    answer to the sender. ``slots``: requests handled at once, each in a task of its own
-    (a flood waits for a slot, it does not pile up; the tasks are cancelled on the way out);
-    ``None``: one after the other. ``answer_within``: bound on sending an answer. A broker
-    problem never ends the loop: it is logged and the subscription made again a second later.
-    """
-    serving, ignored, failed, answer_failed, serve_failed = (
-        f"{event}.{what}"
-        for what in (
-            "serving",
-            "request_ignored",
-            "serving_failed",
-            "answer_failed",
-            "serve_failed",
-        )
-    )
-    running: set[asyncio.Task[None]] = set()
-    free = asyncio.Semaphore(slots) if slots is not None else None
-
-    async def answer(sender: str, raw: bytes) -> None:
-        reply = await handle(sender, raw)
-        if reply is None:
-            return
-        reply_to = topics.answer_to(sender)
-        assert reply_to is not None  # the sender is a peer name
-        payload = json.dumps(dict(reply)).encode()
-        if answer_within is None:
-            await bus.send(reply_to, payload, qos)
-            return
-        try:
-            async with asyncio.timeout(answer_within):  # the peer waits no longer than that
-                await bus.send(reply_to, payload, qos)
-        except Exception as exc:  # noqa: BLE001 - the peer asks again or gives up
-            log.warning(answer_failed, error=str(exc))
-
-    def done(task: asyncio.Task[None]) -> None:
-        running.discard(task)
-        assert free is not None
-        free.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error(serve_failed, error=str(task.exception()))
-
-    try:
-        while True:
-            try:
-                async with bus.subscription(topics.requests, qos) as queue:
-                    log.info(serving, topic=topics.requests)
-                    while True:
-                        topic, raw = await queue.get()
-                        sender = topics.sender(topic)
-                        if sender is None:
-                            junk(
-                                ignored,
-                                reason="not a request topic",
-                                topic=shown(topic),
-                            )
-                            continue
-                        if free is None:
-                            await answer(sender, raw)
-                            continue
-                        await free.acquire()
-                        task = asyncio.create_task(answer(sender, raw))
-                        running.add(task)
-                        task.add_done_callback(done)
-            except Exception as exc:  # noqa: BLE001 - never take the agent down; retry
-                log.error(failed, error=str(exc))  # noqa: TRY400
-                await asyncio.sleep(1.0)
-    finally:
-        for task in list(running):
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)

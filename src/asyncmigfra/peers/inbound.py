@@ -52,15 +52,17 @@ from typing import Literal, cast
 import structlog
 
 from asyncmigfra.hypervisor.base import Hypervisor, KnowsLinkRate
-from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers import exchange
 from asyncmigfra.peers.bus import (
     JunkLog,
     MessageBus,
     PeerRefusal,
     PeerTopics,
-    flat_map,
+    check_source,
+    checked_op_and_id,
+    read_request,
     shown,
-    valid_peer_id,
+    wire_number,
 )
 
 __all__ = [
@@ -111,15 +113,8 @@ def inbound_topics(task_topic: str, hostname: str) -> PeerTopics | None:
 def parse_number(value: object, what: str, rid: str, *, low: float, high: float) -> float:
     """A JSON number or decimal text, finite, moved into nothing: outside [low, high] it is
     refused."""
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str) and len(value) <= 32:
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number) or not low <= number <= high:
+    number = wire_number(value)
+    if number is None or not low <= number <= high:
         raise PeerRefusal(
             rid, f"{what} must be a number in [{low:g}, {high:g}], got {shown(value)}"
         )
@@ -149,25 +144,14 @@ def parse_request(
         PeerRefusal: junk, or a sender not in ``peers`` (answerable when its ``request-id``
         could be read).
     """
-    document = flat_map(raw, MAX_REQUEST_BYTES, max_keys=MAX_KEYS)
-    rid = str(document["request-id"])
-    if peers is not None and sender not in peers:
-        raise PeerRefusal(rid, f"{sender} is not a peer of this agent")
+    document, rid = read_request(
+        raw, sender, limit=MAX_REQUEST_BYTES, max_keys=MAX_KEYS, peers=peers
+    )
     for key, value in document.items():
         if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
             raise PeerRefusal(rid, f"{shown(key)} is longer than {MAX_VALUE_CHARS} characters")
-    op = document.get("op")
-    if op not in OPS:
-        raise PeerRefusal(rid, f"op must be one of {', '.join(OPS)}, got {shown(op)}")
-    reservation = document.get("reservation-id")
-    if not valid_peer_id(reservation):
-        raise PeerRefusal(
-            rid, f"reservation-id must be 1-64 letters and digits, got {shown(reservation)}"
-        )
-    source = document.get("source", sender)
-    if source != sender:  # the topic is the proof (the broker pins it to the sender)
-        raise PeerRefusal(rid, f"source {shown(source)} is not the sender {sender}")
-    assert isinstance(reservation, str)
+    op, reservation = checked_op_and_id(document, rid, ops=OPS, id_key="reservation-id")
+    check_source(document, sender, rid)
     if op == "release":
         return InboundRequest(op="release", request_id=rid, reservation_id=reservation)
     rate = parse_number(document.get("rate"), "rate", rid, low=0.0, high=MAX_RATE)
@@ -242,15 +226,8 @@ class InboundServer:
 
     async def serve(self) -> None:
         """Answer requests until cancelled."""
-        if self._topics is None:
-            log.error(
-                "inbound.not_serving",
-                hostname=self._hostname,
-                reason="the host name is not exactly one level of the task topic",
-            )
-            return
         try:
-            await peers.serve(
+            await exchange.serve(
                 self._bus,
                 self._topics,
                 self._answer,
@@ -258,6 +235,7 @@ class InboundServer:
                 event="inbound",
                 junk=self._junk,
                 answer_within=ANSWER_WITHIN,
+                hostname=self._hostname,
             )
         finally:
             for reservation in self._reservations.values():
@@ -279,6 +257,8 @@ class InboundServer:
         return count >= MAX_REQUESTS
 
     async def _answer(self, sender: str, raw: bytes) -> dict[str, str] | None:
+        """The answer to ``sender``'s request ``raw`` (``None``: dropped; junk:
+        :class:`PeerRefusal`)."""
         if self._flooding(sender):
             self._junk(
                 "inbound.request_dropped",
@@ -286,17 +266,7 @@ class InboundServer:
                 sender=sender,
             )
             return None
-        try:
-            request = parse_request(raw, sender, peers=self._peers)
-        except PeerRefusal as refusal:
-            self._junk("inbound.request_refused", reason=refusal.reason, sender=sender)
-            if refusal.request_id is None:
-                return None
-            return {
-                "request-id": refusal.request_id,
-                "status": "error",
-                "details": f"on {self._hostname}: {refusal.reason}",
-            }
+        request = parse_request(raw, sender, peers=self._peers)
         answer = {"request-id": request.request_id}
         answer.update(self._decide(sender, request, await self._own_capacity()))
         return answer

@@ -32,8 +32,8 @@ runs after the swap. The hold ends with a ``release``, or when its lease runs ou
 only: after a restart of the destination's agent a ``renew`` answers ``error`` and the swap
 goes on, logged.
 
-Requests and answers go through :func:`asyncmigfra.peers.bus.request` and
-:func:`asyncmigfra.peers.bus.serve`, as destination hooks do. Only the destination's agent runs
+Requests and answers go through :func:`asyncmigfra.peers.exchange.request` and
+:func:`asyncmigfra.peers.exchange.serve`, as destination hooks do. Only the destination's agent runs
 anything here; the request carries no command.
 """
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
@@ -53,19 +52,21 @@ from typing import Literal, Protocol, cast
 import structlog
 
 from asyncmigfra.errors import Busy, ConnectionFailed
-from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers import exchange
 from asyncmigfra.peers.bus import (
     JunkLog,
     MessageBus,
     PeerRefusal,
     PeerTopics,
-    flat_map,
+    check_source,
+    checked_op_and_id,
     json_map,
+    read_request,
     safe_text,
     shown,
     sibling_topic,
-    valid_peer_id,
     valid_peer_vm_name,
+    wire_number,
 )
 
 __all__ = [
@@ -144,15 +145,8 @@ def _lease(value: object, rid: str) -> float:
     into [MIN_LEASE, MAX_LEASE]."""
     if value is None:
         return LEASE
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str) and len(value) <= 32:
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number) or number <= 0:
+    number = wire_number(value)
+    if number is None or number <= 0:
         raise PeerRefusal(rid, f"lease must be a number of seconds > 0, got {shown(value)}")
     return min(max(number, MIN_LEASE), MAX_LEASE)
 
@@ -165,31 +159,20 @@ def parse_request(raw: bytes, sender: str, *, peers: Collection[str] | None = No
         PeerRefusal: junk, or a sender not in ``peers`` (answerable when its ``request-id``
         could be read).
     """
-    document = flat_map(raw, MAX_REQUEST_BYTES, max_keys=MAX_KEYS)
-    rid = str(document["request-id"])
-    if peers is not None and sender not in peers:
-        raise PeerRefusal(rid, f"{sender} is not a peer of this agent")
+    document, rid = read_request(
+        raw, sender, limit=MAX_REQUEST_BYTES, max_keys=MAX_KEYS, peers=peers
+    )
     for key, value in document.items():
         if key != "lease" and not (isinstance(value, str) and len(value) <= MAX_VALUE_CHARS):
             limit = MAX_VALUE_CHARS
             raise PeerRefusal(
                 rid, f"values must be text of at most {limit} characters, {shown(key)} is not"
             )
-    op = document.get("op")
-    if op not in OPS:
-        raise PeerRefusal(rid, f"op must be one of {', '.join(OPS)}, got {shown(op)}")
-    hold_id = document.get("hold-id")
-    if not valid_peer_id(hold_id):
-        raise PeerRefusal(rid, f"hold-id must be 1-64 letters and digits, got {shown(hold_id)}")
+    op, hold_id = checked_op_and_id(document, rid, ops=OPS, id_key="hold-id")
     vm = document.get("vm-name")
     if not valid_peer_vm_name(vm):
         raise PeerRefusal(rid, f"vm-name is not a valid VM name: {shown(vm)}")
-    source = document.get("source", sender)
-    if source != sender:
-        # The topic is the proof (the broker pins it to the sender's user name); a request
-        # that says otherwise is a forgery or a bug, and is refused.
-        raise PeerRefusal(rid, f"source {shown(source)} is not the sender {sender}")
-    assert isinstance(hold_id, str)
+    check_source(document, sender, rid)
     assert isinstance(vm, str)
     lease = _lease(document.get("lease"), rid) if op != "release" else LEASE
     return LaneRequest(
@@ -241,15 +224,8 @@ class LaneServer:
 
     async def serve(self) -> None:
         """Answer requests until cancelled; every hold is given back on the way out."""
-        if self._topics is None:
-            log.error(
-                "lanes.not_serving",
-                hostname=self._hostname,
-                reason="the host name is not exactly one level of the task topic",
-            )
-            return
         try:
-            await peers.serve(
+            await exchange.serve(
                 self._bus,
                 self._topics,
                 self._answer,
@@ -257,27 +233,17 @@ class LaneServer:
                 event="lanes",
                 junk=self._junk,
                 answer_within=RELEASE_LIMIT,  # the peer waits no longer than that
+                hostname=self._hostname,
             )
         finally:
             for key in list(self._holds):
                 self._end(key, reason="agent stopping")
 
-    async def _answer(self, sender: str, raw: bytes) -> dict[str, str] | None:
-        """The answer to ``sender``'s request ``raw`` (``None``: unanswerable junk)."""
-        try:
-            request = parse_request(raw, sender, peers=self._peers)
-        except PeerRefusal as refusal:
-            self._junk("lanes.request_refused", reason=refusal.reason, sender=sender)
-            if refusal.request_id is None:
-                return None
-            status, details, rid = "error", refusal.reason, refusal.request_id
-        else:
-            status, details = self._decide(sender, request)
-            rid = request.request_id
-        answer = {"request-id": rid, "status": status}
-        if details:
-            answer["details"] = f"on {self._hostname}: {details}"
-        return answer
+    async def _answer(self, sender: str, raw: bytes) -> dict[str, str]:
+        """The answer to ``sender``'s request ``raw`` (junk: :class:`PeerRefusal`)."""
+        request = parse_request(raw, sender, peers=self._peers)
+        status, details = self._decide(sender, request)
+        return exchange.answer_of(request.request_id, status, details, hostname=self._hostname)
 
     def _decide(self, sender: str, request: LaneRequest) -> tuple[str, str]:
         key = (sender, request.hold_id)
@@ -345,7 +311,7 @@ async def _ask(
     asked agent's level): ``(status, details)``, or ``None`` without an answer. A broker
     problem is an ``error`` answer of this side."""
     try:
-        return await peers.request(
+        return await exchange.request(
             bus,
             {**request, "request-id": uuid.uuid4().hex},
             to=topic,

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 
 import structlog
 
-from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers import exchange
 from asyncmigfra.peers.bus import JunkLog, MessageBus, PeerRefusal, json_map, safe_text, shown
 from asyncmigfra.peers.inbound import (
     ANSWER_WITHIN,
@@ -194,7 +194,7 @@ class InboundReservations:
                 "reservation-id": self._id,
                 "source": self._hostname,
             }
-            answer = await peers.request(
+            answer = await exchange.request(
                 bus,
                 body,
                 to=target,

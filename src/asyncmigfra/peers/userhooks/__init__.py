@@ -19,14 +19,14 @@ names the runner sets itself.
 **MQTT hooks** publish a JSON request with a fresh ``request-id`` and wait for the answer
 with that id on the response topic (``status: success`` or ``status: error``), through the
 same :class:`asyncmigfra.peers.bus.MessageBus` as the pscom hook
-(:func:`asyncmigfra.peers.bus.request`).
+(:func:`asyncmigfra.peers.exchange.request`).
 
 **Command hooks on the destination** (``on: destination``) are run by the destination's agent:
 the request goes to ``<prefix>/<dest>/hook/<source>`` and the answer comes back on
 ``<prefix>/<source>/hook-response/<dest>`` (:class:`asyncmigfra.peers.bus.PeerTopics`: the sender
 is the last level, which the broker's ACL pins to its user name). The serving agent takes the
 source from the topic, checks every field (:func:`parse_peer_request`) and runs only a hook
-of its own configuration (:func:`asyncmigfra.peers.bus.serve`).
+of its own configuration (:func:`asyncmigfra.peers.exchange.serve`).
 
 Built-in hooks (``builtin: reduce-memory``) are only looked up here (:meth:`HookRunner.builtin`);
 the migration engine implements them.

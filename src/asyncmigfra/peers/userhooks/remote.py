@@ -11,14 +11,15 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from asyncmigfra.peers import bus as peers
+from asyncmigfra.peers import exchange
 from asyncmigfra.peers.bus import (
     JunkLog,
     MessageBus,
     PeerRefusal,
     PeerTopics,
+    check_source,
     clean_text,
-    flat_map,
+    read_request,
     safe_text,
     shown,
     sibling_topic,
@@ -136,7 +137,7 @@ async def _exchange(
         return _answer(raw, request_id)
 
     try:
-        status, details = await peers.request(
+        status, details = await exchange.request(
             bus, request, to=request_topic, answers=response_topic, qos=qos, limit=limit, read=read
         )
     except TimeoutError:
@@ -232,10 +233,9 @@ def parse_peer_request(
     Raises:
         PeerRefusal: the request is not run (answerable when its ``request-id`` is readable).
     """
-    document = flat_map(raw, MAX_PEER_REQUEST_BYTES, max_keys=MAX_PEER_KEYS)
-    rid = str(document["request-id"])
-    if peers is not None and sender not in peers:
-        raise PeerRefusal(rid, f"{sender} is not a peer of this agent")
+    document, rid = read_request(
+        raw, sender, limit=MAX_PEER_REQUEST_BYTES, max_keys=MAX_PEER_KEYS, peers=peers
+    )
     for key, value in document.items():
         limit = MAX_PEER_DETAILS if key == "details" else MAX_PEER_VALUE
         if not (isinstance(value, str) and len(value) <= limit):
@@ -260,9 +260,7 @@ def parse_peer_request(
         raise PeerRefusal(rid, f"id is not a valid task id: {shown(task_id)}")
     if not valid_peer_vm_name(vm):
         raise PeerRefusal(rid, f"vm-name is not a valid VM name: {shown(vm)}")
-    if text("source") not in (None, sender):
-        # The topic is the proof (the broker pins it to the sender's user name).
-        raise PeerRefusal(rid, f"source {shown(text('source'))} is not the sender {sender}")
+    check_source(document, sender, rid)
     if text("destination") != hostname or text("host") not in (None, hostname):
         raise PeerRefusal(rid, f"this is {hostname}, not {shown(text('destination'))}")
     outcome = text("outcome")

@@ -10,8 +10,8 @@ from collections.abc import Collection, Iterable, Sequence
 import structlog
 
 from asyncmigfra.errors import HookFailed
-from asyncmigfra.peers import bus as peers
-from asyncmigfra.peers.bus import JunkLog, MessageBus, PeerRefusal, shown
+from asyncmigfra.peers import exchange
+from asyncmigfra.peers.bus import JunkLog, MessageBus, shown
 from asyncmigfra.peers.pscom import HookContext
 from asyncmigfra.peers.userhooks.call import HookCall, _Failure
 from asyncmigfra.peers.userhooks.commands import _run_command
@@ -185,14 +185,7 @@ class HookRunner:
         if not self.serves_peers:
             return
         assert self._bus is not None
-        if self._topics is None:
-            log.error(
-                "hook.not_serving",
-                hostname=self._hostname,
-                reason="the host name is not exactly one level of the task topic",
-            )
-            return
-        await peers.serve(
+        await exchange.serve(
             self._bus,
             self._topics,
             self._serve_one,
@@ -200,43 +193,34 @@ class HookRunner:
             event="hook",
             junk=self._junk,
             slots=PEER_CONCURRENCY,
+            hostname=self._hostname,
         )
 
     async def _serve_one(self, sender: str, raw: bytes) -> dict[str, str] | None:
-        """The answer to ``sender``'s request ``raw``, once its hook ran (``None``: none)."""
+        """The answer to ``sender``'s request ``raw``, once its hook ran (``None``: none;
+        junk: :class:`~asyncmigfra.peers.bus.PeerRefusal`)."""
         assert self._hostname is not None
         status, details = "success", ""
-        try:
-            request = parse_peer_request(raw, sender, self._hostname, peers=self._peers)
-        except PeerRefusal as refusal:
-            self._junk("hook.request_refused", reason=refusal.reason, sender=sender)
-            if refusal.request_id is None:
-                return None
-            rid, status, details = refusal.request_id, "error", refusal.reason
+        request = parse_peer_request(raw, sender, self._hostname, peers=self._peers)
+        key = (sender, request.request_id)
+        if key in self._running:
+            return None  # a QoS 1 duplicate of a request that runs: its answer comes
+        if self._per_source.get(sender, 0) >= PEER_CONCURRENCY_PER_SOURCE:
+            status = "error"
+            details = f"{PEER_CONCURRENCY_PER_SOURCE} hooks of {sender} run here already"
         else:
-            rid = request.request_id
-            key = (sender, rid)
-            if key in self._running:
-                return None  # a QoS 1 duplicate of a request that runs: its answer comes
-            if self._per_source.get(sender, 0) >= PEER_CONCURRENCY_PER_SOURCE:
-                status = "error"
-                details = f"{PEER_CONCURRENCY_PER_SOURCE} hooks of {sender} run here already"
-            else:
-                self._running.add(key)
-                self._per_source[sender] = self._per_source.get(sender, 0) + 1
-                try:
-                    await self._run_for_peer(sender, request)
-                except _Failure as exc:
-                    status, details = "error", str(exc)
-                finally:
-                    self._running.discard(key)
-                    self._per_source[sender] -= 1
-                    if not self._per_source[sender]:
-                        del self._per_source[sender]
-        answer = {"request-id": rid, "status": status}
-        if details:
-            answer["details"] = f"on {self._hostname}: {details}"
-        return answer
+            self._running.add(key)
+            self._per_source[sender] = self._per_source.get(sender, 0) + 1
+            try:
+                await self._run_for_peer(sender, request)
+            except _Failure as exc:
+                status, details = "error", str(exc)
+            finally:
+                self._running.discard(key)
+                self._per_source[sender] -= 1
+                if not self._per_source[sender]:
+                    del self._per_source[sender]
+        return exchange.answer_of(request.request_id, status, details, hostname=self._hostname)
 
     async def _run_for_peer(self, sender: str, request: PeerHookRequest) -> None:
         """Run this agent's own hook of the requested name for ``sender``."""

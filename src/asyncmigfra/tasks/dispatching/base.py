@@ -132,7 +132,8 @@ class _DispatcherBase:
             task=msg.kind,
         )
 
-    async def _reconcile(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+    def _context(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> SubtaskContext:
+        """The context ``spec`` runs in on ``vm_name``, kept on its run (``run.ctx``)."""
         ctx = SubtaskContext(
             task_id=job.msg.id,
             vm_name=vm_name,
@@ -144,6 +145,10 @@ class _DispatcherBase:
             forecaster=self._forecaster,
         )
         run.ctx = ctx
+        return ctx
+
+    async def _reconcile(self, job: _Job, run: _Run, spec: Subtask, vm_name: str) -> ResultEntry:
+        ctx = self._context(job, run, spec, vm_name)
         entry = await reconcile_subtask(
             spec, ctx, hypervisor=self._hv, settings=self._settings, vm_name=vm_name
         )
@@ -160,17 +165,7 @@ class _DispatcherBase:
             # It was running when the agent stopped: find out what happened (adopt a
             # migration that still runs) and do only what is still missing.
             return await self._reconcile(job, run, spec, vm_name)
-        ctx = SubtaskContext(
-            task_id=job.msg.id,
-            vm_name=vm_name,
-            events=self._events,
-            timer=TimeMeasurement(enabled=spec.time_measurement),
-            bus=self._bus,
-            hooks=self._hooks,
-            steering=run.steering,
-            forecaster=self._forecaster,
-        )
-        run.ctx = ctx
+        ctx = self._context(job, run, spec, vm_name)
         if isinstance(spec, MigrateSpec):
             dest = spec.destination
             incoming, users = self._incoming.get(dest) or (
