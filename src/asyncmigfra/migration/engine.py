@@ -26,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from dataclasses import replace
 
 import structlog
 
@@ -71,8 +69,6 @@ __all__ = [
 
 log = structlog.stdlib.get_logger("asyncmigfra.migrating")
 
-T = TypeVar("T")
-
 
 async def migrate(
     spec: MigrateSpec,
@@ -85,41 +81,19 @@ async def migrate(
     """Migrate one VM; on success ``ctx.outcome`` gets ``destination`` (and ``retries``).
     (``swap-with`` is :func:`asyncmigfra.migration.swap.swap`.)"""
     check_pscom(spec, bus)
-    # The request does not depend on the guest's memory (only the default completion
-    # timeout does): an invalid task is refused before the hypervisor is asked anything.
-    plan = await plan_for(spec, hypervisor=hypervisor, settings=settings, memory=0)
-    # Pre-checks come before anything touches the VM (devices included): a failure leaves
-    # it exactly as it was. They only read, as do the guest's memory and the look for a
-    # post-copy broken earlier: all three at once (each is a libvirt round trip or more).
-    watch = _Stopwatch()
-    checked = asyncio.ensure_future(_timed(hypervisor.check_migration(plan.request), watch))
-    try:
-        memory_read, broken_read = await asyncio.gather(
-            memory_of(hypervisor, spec.vm_name),
-            broken_post_copy(hypervisor, plan.request, settings.migration.postcopy_recovery_window),
-            return_exceptions=True,
-        )
-    except BaseException:  # cancelled
-        await _discard(checked)
-        raise
-    for read in (memory_read, broken_read):
-        if isinstance(read, BaseException):
-            await _discard(checked)
-            raise read
-    assert not isinstance(memory_read, BaseException)
-    assert not isinstance(broken_read, BaseException)
-    memory, broken = memory_read, broken_read
+    memory = await memory_of(hypervisor, spec.vm_name)
     plan = await plan_for(spec, hypervisor=hypervisor, settings=settings, memory=memory)
+    broken = await broken_post_copy(
+        hypervisor, plan.request, settings.migration.postcopy_recovery_window
+    )
     if broken is not None:  # this migration broke in post-copy earlier: resume it
-        await _discard(checked)  # the guest is on both hosts: the checks do not apply
         return await resume_found(broken, plan, spec, ctx, settings=settings)
+    # Pre-checks come before anything touches the VM (devices included): a failure leaves
+    # it exactly as it was.
     ctx.phase("pre-checks")
-    try:
+    with ctx.measure("pre-checks"):
         check_not_here(spec.destination, settings.hostname)
-        copies = await checked
-    finally:
-        await _discard(checked)
-        ctx.record("pre-checks", watch.seconds)
+        copies = await hypervisor.check_migration(plan.request)
     disk_bytes = sum(c.size for c in copies)
     if copies:
         # The disks to copy count in the default completion timeout.
@@ -144,30 +118,6 @@ def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
     through the migration."""
     if spec.parameter.pscom_hook_procs not in (None, 0) and bus is None:
         raise NotSupported("pscom-hook-procs needs the agent's MQTT connection")
-
-
-@dataclass(slots=True)
-class _Stopwatch:
-    """How long a step took (set when it ends, however it ends)."""
-
-    seconds: float = 0.0
-
-
-async def _timed(step: Awaitable[T], watch: _Stopwatch) -> T:
-    started = time.perf_counter()
-    try:
-        return await step
-    finally:
-        watch.seconds = time.perf_counter() - started
-
-
-async def _discard(step: asyncio.Future[Any]) -> None:
-    """Cancel ``step`` if it still runs and wait for it; its outcome is not wanted."""
-    if not step.done():
-        step.cancel()
-        await asyncio.wait({step})
-    if not step.cancelled():
-        step.exception()  # retrieved: an error nobody asked for is not logged as lost
 
 
 async def carry_out(
