@@ -692,6 +692,7 @@ async def bench_migration_ab(
         paired = [ta / td for td, ta in zip(trips_d, trips_a, strict=False) if td]
         # The same leg (round, direction) of both: what the agent adds to one migration.
         fixed_ms = [(a - d) * 1000 for d, a in zip(direct_s, agent_s, strict=False)]
+        paired_legs = [a / d for d, a in zip(direct_s, agent_s, strict=False) if d]
         rows.append(
             [
                 variant,
@@ -703,6 +704,7 @@ async def bench_migration_ab(
                 fmt(med(trips_a), 3),
                 ratio(med(trips_a), med(trips_d)),
                 fmt(med(paired), 3),
+                fmt(med(paired_legs), 3),
                 ratio(mean(agent_s), mean(direct_s)),
                 fmt(med(fixed_ms), 1),
             ]
@@ -733,6 +735,7 @@ async def bench_migration_ab(
             "agent p50 s/trip",
             "ratio p50 trips",
             "ratio paired p50",
+            "ratio paired legs p50",
             "ratio mean legs",
             "fixed ms/leg p50",
         ],
@@ -758,9 +761,10 @@ async def bench_migration_ab(
         "  LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE) on a connection of its own, in a thread.\n"
         "agent = 'migrate vm', migration-type live, published and answered over MQTT.\n"
         "ratio paired = median over rounds of (agent trip / direct trip), each pair adjacent in\n"
-        "time. fixed ms/leg = median over legs of (agent leg - direct leg), the same round and\n"
-        "direction (target <= 10 ms). overall = the agent's time for the subtask (end-to-end\n"
-        "minus MQTT and dispatch);\n"
+        "time; ratio paired legs = median over legs of (agent leg / direct leg), the same round\n"
+        "and direction (TCG's drift between rounds cancels). fixed ms/leg = median over legs\n"
+        "of (agent leg - direct leg), the same round and direction (target <= 10 ms).\n"
+        "overall = the agent's time for the subtask (end-to-end minus MQTT and dispatch);\n"
         "pre-checks = the destination checks before the job; migrate = the job from the call\n"
         "that starts it to the result (includes reading JOB_COMPLETED); outside job = per leg,\n"
         "end-to-end minus migrate: MQTT, parsing, lanes, pre-checks, rendering (low noise).\n"
@@ -1160,7 +1164,7 @@ class Plan:
         return cls(
             quick=quick,
             lifecycle_rounds=getattr(args, "rounds", 0) or (5 if quick else 20),
-            migration_rounds=getattr(args, "migration_rounds", 0) or (2 if quick else 6),
+            migration_rounds=getattr(args, "migration_rounds", 0) or (4 if quick else 12),
             cap=getattr(args, "cap", 0.0) or (20.0 if quick else 60.0),
             lag_variant=getattr(args, "lag_variant", "idle"),
             lag_guests=8,
@@ -1353,7 +1357,7 @@ async def rig_sections(port: int, rig: Rig, guests: dict[str, Path], plan: Plan)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=0, help="lifecycle rounds (default 20, quick 5)")
     p.add_argument(
-        "--migration-rounds", type=int, default=0, help="A->B->A rounds (default 6, quick 2)"
+        "--migration-rounds", type=int, default=0, help="A->B->A rounds (default 12, quick 4)"
     )
     p.add_argument(
         "--cap", type=float, default=0.0, help="s before a non-converging direct run is aborted"

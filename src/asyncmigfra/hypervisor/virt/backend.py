@@ -12,6 +12,7 @@ import contextlib
 import copy
 import random
 import socket
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,8 @@ _PROBE_BANNER = b"SSH-2.0-asyncmigfra_probe\r\n"
 _PROBE_MAX_LINES = 20
 #: s aclose() waits for the executor's threads.
 _EXECUTOR_SHUTDOWN_LIMIT = 10.0
+#: s a definition read by detach_ivshmem (which then changed nothing) serves detach_hostdevs.
+_DEVICES_READ_FOR = 1.0
 
 
 @dataclass(slots=True)
@@ -161,6 +164,10 @@ class LibvirtHypervisor:
         #: URI -> the host UUID its capabilities report (``None``: none reported). A host's
         #: UUID does not change, so each is read once (shared with the views).
         self._host_uuids: dict[str, str | None] = {}
+        #: (URI, VM) -> when ``detach_ivshmem`` read the VM's definition and found no ivshmem
+        #: device, and the PCI host devices it found: the ``detach_hostdevs`` that follows
+        #: within :data:`_DEVICES_READ_FOR` s takes them instead of reading it again.
+        self._devices_read: dict[tuple[str, str], tuple[float, list[PluggedDevice]]] = {}
         #: ``True`` for a view made by :meth:`on_host` (it owns nothing it could close).
         self._view = False
         #: The agent's own instance (views keep pointing at it).
@@ -559,12 +566,13 @@ class LibvirtHypervisor:
     async def detach_ivshmem(
         self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
     ) -> str | None:
-        shmems, _ = await self._migration_devices(vm_name)
+        shmems, hostdevs = await self._migration_devices(vm_name)
         if len(shmems) > 1:
             raise HypervisorError(
                 "Found more than one ivshmem device. Only migration of one is supported."
             )
         if not shmems:
+            self._devices_read[self.uri, vm_name] = (time.monotonic(), hostdevs)
             return None
         await self._unplug(vm_name, shmems[0], "the ivshmem device", unplug_timeout)
         return shmems[0].reattach_xml
@@ -580,7 +588,13 @@ class LibvirtHypervisor:
     async def detach_hostdevs(
         self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
     ) -> dict[PciId, int]:
-        _, hostdevs = await self._migration_devices(vm_name)
+        read = self._devices_read.pop((self.uri, vm_name), None)
+        if read is not None and time.monotonic() - read[0] <= _DEVICES_READ_FOR:
+            hostdevs = read[1]  # read a moment ago by detach_ivshmem, which changed nothing
+        else:
+            _, hostdevs = await self._migration_devices(vm_name)
+        if not hostdevs:
+            return {}
 
         def kinds(conn: Any) -> list[PciId]:
             out = []
@@ -896,7 +910,9 @@ class LibvirtHypervisor:
             request.destination, driver=request.driver, transport=request.transport
         )
         # The guest's definition here and the destination's state there are independent:
-        # read both at once; failures are reported in the order the checks are listed.
+        # read both at once (two connections; calls at once on one connection cost more
+        # than they save on a busy host); failures are reported in the order the checks
+        # are listed.
         dest_pool = self._pool[target.uri]
         guest_read, dest_read = await asyncio.gather(
             self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name)),

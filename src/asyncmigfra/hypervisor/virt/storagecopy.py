@@ -7,7 +7,7 @@ their removal when the job leaves the guest on the source (the blocking parts ar
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -23,18 +23,67 @@ if TYPE_CHECKING:
     from asyncmigfra.hypervisor.virt.backend import LibvirtHypervisor
     from asyncmigfra.hypervisor.virt.migrationparams import MigrationTarget
 
-__all__ = ["check", "forget_record", "prepare", "release_created"]
+__all__ = ["StorageLook", "check", "forget_record", "look", "prepare", "release_created"]
 
 # The package's logger name, as before the split into modules.
 log = structlog.stdlib.get_logger("asyncmigfra.hypervisor.virt")
 
 
-async def check(
+@dataclass(frozen=True, slots=True)
+class StorageLook:
+    """What :func:`look` read: the domain's record of images an earlier copy created, and
+    the storage plan (or the error planning raised, reported when the caller is ready)."""
+
+    record: CopyRecord | None
+    plan: StoragePlan | None = None
+    error: BaseException | None = None
+
+
+async def look(
     hv: LibvirtHypervisor, uri: str, target: MigrationTarget, request: MigrationRequest
+) -> StorageLook:
+    """The pre-check's reading part, in one round trip to the worker threads: the record an
+    earlier copy left and, when it left none to remove first, the plan
+    (:func:`storage.plan_storage`). Changes nothing (its sharing probe removes its file), so
+    it may run beside the other pre-checks."""
+    source = hv.hostname
+
+    def op(conn: Any) -> StorageLook:
+        try:
+            record = storage.marked(conn.lookupByName(request.vm_name))
+        except libvirt.libvirtError as exc:
+            log.warning("migration.storage_record_unreadable", vm=request.vm_name, error=str(exc))
+            record = None
+        if record is not None and record.source == source:
+            return StorageLook(record)  # left over: removed before planning
+        dconn = hv._pool[target.uri].get()
+        plan = storage.plan_storage(conn, dconn, request, host=request.destination)
+        return StorageLook(record, plan)
+
+    try:
+        return await hv._mapped(uri, op, "Error checking the disks: ")
+    except TaskError as exc:
+        return StorageLook(None, error=exc)
+
+
+async def check(
+    hv: LibvirtHypervisor,
+    uri: str,
+    target: MigrationTarget,
+    request: MigrationRequest,
+    looked: StorageLook | None = None,
 ) -> StoragePlan:
     """The pre-check (:func:`storage.plan_storage`); first, images an earlier copy of this
-    VM left on a destination (its record is still on the domain) are removed."""
-    await _release_leftovers(hv, uri, request.vm_name)
+    VM left on a destination (its record is still on the domain) are removed. ``looked``:
+    what :func:`look` read a moment ago (read now when not given)."""
+    if looked is None:
+        looked = await look(hv, uri, target, request)
+    if looked.error is not None:
+        raise looked.error
+    if looked.plan is not None:
+        return looked.plan
+    if looked.record is not None:
+        await _release_leftovers(hv, uri, request.vm_name, looked.record)
 
     def op(conn: Any) -> StoragePlan:
         dconn = hv._pool[target.uri].get()
@@ -159,11 +208,12 @@ async def _release(
     )
 
 
-async def _release_leftovers(hv: LibvirtHypervisor, uri: str, vm_name: str) -> None:
+async def _release_leftovers(
+    hv: LibvirtHypervisor, uri: str, vm_name: str, record: CopyRecord
+) -> None:
     """An earlier copy of this VM failed and its images could not be removed then (the
     destination was unreachable, the agent was down): remove them now, or refuse."""
-    record = await _record(hv, uri, vm_name)
-    if record is None or record.source != hv.hostname:
+    if record.source != hv.hostname:
         return
     if not valid_host(record.destination):
         log.warning("migration.storage_record_invalid", vm=vm_name)
