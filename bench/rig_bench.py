@@ -52,7 +52,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -236,13 +236,17 @@ class Sched:
         ]
 
 
+S = TypeVar("S", bound=Sched)
+
+
 @contextlib.asynccontextmanager
-async def sched(port: int, prefix: str) -> AsyncIterator[Sched]:
+async def scheduler_of(port: int, prefix: str, kind: type[S]) -> AsyncIterator[S]:
+    """A ``kind`` scheduler on ``prefix``'s results and events while the block runs."""
     tool = ToolClient("127.0.0.1", port, client_id=f"rigbench-{uuid.uuid4().hex[:8]}")
     async with tool:
         for leaf in ("result", "event"):
             await tool.subscribe(f"{prefix}/{leaf}", qos=1)
-        s = Sched(tool, prefix)
+        s = kind(tool, prefix)
         pump = asyncio.ensure_future(s.pump())
         try:
             yield s
@@ -250,6 +254,10 @@ async def sched(port: int, prefix: str) -> AsyncIterator[Sched]:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
+
+
+def sched(port: int, prefix: str) -> contextlib.AbstractAsyncContextManager[Sched]:
+    return scheduler_of(port, prefix, Sched)
 
 
 def prefix_of(settings: Any) -> str:

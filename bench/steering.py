@@ -79,6 +79,7 @@ from bench.rig_bench import (
     ratio,
     rig_conns,
     rig_session,
+    scheduler_of,
     standalone,
     table,
     timed_section,
@@ -156,20 +157,8 @@ class TimedSched(Sched):
         ]
 
 
-@contextlib.asynccontextmanager
-async def timed_sched(port: int, prefix: str) -> AsyncIterator[TimedSched]:
-    tool = ToolClient("127.0.0.1", port, client_id=f"steerbench-{uuid.uuid4().hex[:8]}")
-    async with tool:
-        for leaf in ("result", "event"):
-            await tool.subscribe(f"{prefix}/{leaf}", qos=1)
-        s = TimedSched(tool, prefix)
-        pump = asyncio.ensure_future(s.pump())
-        try:
-            yield s
-        finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
+def timed_sched(port: int, prefix: str) -> contextlib.AbstractAsyncContextManager[TimedSched]:
+    return scheduler_of(port, prefix, TimedSched)
 
 
 @contextlib.asynccontextmanager
