@@ -57,6 +57,7 @@ from asyncmigfra.hypervisor.virt.domains import (
     _attach_fn,
     _cpu_compare,
     _destination_facts,
+    _domain_named,
     _existing,
     _guest_facts,
     _host_cpus,
@@ -1100,6 +1101,12 @@ class LibvirtHypervisor:
     async def list_domains(self, *, active_only: bool = False) -> list[DomainInfo]:
         return await self._mapped(
             self.uri, lambda c: _list_domains(c, active_only), "Error listing domains: "
+        )
+
+    async def domain_named(self, vm_name: str) -> DomainInfo | None:
+        """``FindsDomainByName``: a lookup and the domain's info, not the whole list."""
+        return await self._mapped(
+            self.uri, lambda c: _domain_named(c, vm_name), "Error listing domains: "
         )
 
     async def host_load(self, host: str) -> HostLoad:

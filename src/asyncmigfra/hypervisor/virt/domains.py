@@ -403,6 +403,17 @@ def _domain_info(dom: Any) -> DomainInfo:
     )
 
 
+def _domain_named(conn: Any, name: str) -> DomainInfo | None:
+    """Domain ``name`` as :func:`_list_domains` lists it, or ``None`` (none, or it vanished
+    while being read)."""
+    try:
+        return _domain_info(conn.lookupByName(name))
+    except libvirt.libvirtError as exc:
+        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return None
+
+
 def _list_domains(conn: Any, active_only: bool) -> list[DomainInfo]:
     flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
     infos: list[DomainInfo] = []
