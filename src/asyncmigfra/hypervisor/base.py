@@ -34,6 +34,7 @@ __all__ = [
     "DomainInfo",
     "DomainState",
     "FindsDomainByName",
+    "GuestReadPurpose",
     "HostInfo",
     "HostLoad",
     "Hypervisor",
@@ -50,6 +51,7 @@ __all__ = [
     "MigrationRequest",
     "MigrationResult",
     "OpContext",
+    "ReadsGuestOnce",
     "PostCopyRecovery",
     "PostCopySourceState",
     "RecoversPostCopy",
@@ -417,6 +419,23 @@ class FindsDomainByName(Protocol):
     async def domain_named(self, vm_name: str) -> DomainInfo | None:
         """The domain ``vm_name`` as :meth:`Hypervisor.list_domains` would list it;
         ``None`` when there is none."""
+
+
+#: What a guest is read once for (:class:`ReadsGuestOnce`): ``checks``, a migration's
+#: pre-checks (memory, a broken post-copy, definition, storage, resident memory);
+#: ``start``, its devices and its job's start (definition, state, persistence, a job).
+GuestReadPurpose = Literal["checks", "start"]
+
+
+@runtime_checkable
+class ReadsGuestOnce(Protocol):
+    """A back-end that can read a guest once for several steps of a migration and answer
+    their reads of it from that one read (libvirt: one round trip instead of one per step)."""
+
+    def reading_once(self, vm_name: str, purpose: GuestReadPurpose) -> AbstractContextManager[None]:
+        """Within the block (this task only), reads of ``vm_name`` for ``purpose`` share one
+        read; the first change the back-end makes to the guest ends it (later reads read
+        again). What each step decides, and its errors, stay as without the block."""
 
 
 @runtime_checkable

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import structlog
@@ -35,7 +36,14 @@ from asyncmigfra.errors import (
     NotSupported,
     TaskError,
 )
-from asyncmigfra.hypervisor.base import Hypervisor, MigrationJob, MigrationResult
+from asyncmigfra.hypervisor.base import (
+    GuestReadPurpose,
+    Hypervisor,
+    MigrationJob,
+    MigrationResult,
+    PostCopyRecovery,
+    ReadsGuestOnce,
+)
 from asyncmigfra.migration.companions import (
     _Balloon,
     _pscom_hook,
@@ -81,13 +89,42 @@ async def migrate(
     """Migrate one VM; on success ``ctx.outcome`` gets ``destination`` (and ``retries``).
     (``swap-with`` is :func:`asyncmigfra.migration.swap.swap`.)"""
     check_pscom(spec, bus)
+    with reading_once(hypervisor, spec.vm_name, "checks"):
+        plan, broken = await _checked(spec, ctx, hypervisor=hypervisor, settings=settings)
+    if broken is not None:  # this migration broke in post-copy earlier: resume it
+        return await resume_found(broken, plan, spec, ctx, settings=settings)
+    return await carry_out(
+        plan,
+        spec,
+        ctx,
+        hypervisor=hypervisor,
+        settings=settings,
+        bus=bus,
+        source=settings.hostname,
+    )
+
+
+def reading_once(
+    hypervisor: Hypervisor, vm_name: str, purpose: GuestReadPurpose
+) -> AbstractContextManager[None]:
+    """Where the back-end can, the steps within read the guest once (``ReadsGuestOnce``)."""
+    if isinstance(hypervisor, ReadsGuestOnce):
+        return hypervisor.reading_once(vm_name, purpose)
+    return contextlib.nullcontext()
+
+
+async def _checked(
+    spec: MigrateSpec, ctx: EngineContext, *, hypervisor: Hypervisor, settings: Settings
+) -> tuple[MigrationPlan, PostCopyRecovery | None]:
+    """The plan, the broken post-copy to resume (if any), else the pre-checks and the
+    prediction."""
     memory = await memory_of(hypervisor, spec.vm_name)
     plan = await plan_for(spec, hypervisor=hypervisor, settings=settings, memory=memory)
     broken = await broken_post_copy(
         hypervisor, plan.request, settings.migration.postcopy_recovery_window
     )
-    if broken is not None:  # this migration broke in post-copy earlier: resume it
-        return await resume_found(broken, plan, spec, ctx, settings=settings)
+    if broken is not None:
+        return plan, broken
     # Pre-checks come before anything touches the VM (devices included): a failure leaves
     # it exactly as it was.
     ctx.phase("pre-checks")
@@ -101,16 +138,7 @@ async def migrate(
             spec, hypervisor=hypervisor, settings=settings, memory=memory, disk_bytes=disk_bytes
         )
     sent = sum(c.sent for c in copies)  # the data that crosses the link
-    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=sent)
-    return await carry_out(
-        plan,
-        spec,
-        ctx,
-        hypervisor=hypervisor,
-        settings=settings,
-        bus=bus,
-        source=settings.hostname,
-    )
+    return await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=sent), None
 
 
 def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
@@ -237,19 +265,22 @@ async def _move(
 ) -> MigrationResult:
     """Devices out, the migration, then the destination's steps (devices back, repin)."""
     vm = spec.vm_name
-    devices = await detach_devices(
-        hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
-    )
-    try:
-        result = await _migrate_with_retries(
-            plan, spec, ctx, hypervisor=hypervisor, settings=settings
+    # The devices and the job's start read the guest once (the first change ends the read:
+    # a retry, a recovery read again).
+    with reading_once(hypervisor, vm, "start"):
+        devices = await detach_devices(
+            hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
         )
-    except BaseException:
-        # The VM is still on the source: give it its devices back there (docs/protocol.md §3.6).
-        problems = await reattach_devices(hypervisor, vm, devices, ctx)
-        if problems:
-            log.error("migration.source_reattach_failed", problems=problems)  # noqa: TRY400
-        raise
+        try:
+            result = await _migrate_with_retries(
+                plan, spec, ctx, hypervisor=hypervisor, settings=settings
+            )
+        except BaseException:
+            # The VM is still on the source: its devices back there (docs/protocol.md §3.6).
+            problems = await reattach_devices(hypervisor, vm, devices, ctx)
+            if problems:
+                log.error("migration.source_reattach_failed", problems=problems)  # noqa: TRY400
+            raise
     await after_arrival(
         hypervisor.on_host(spec.destination), vm, devices, spec.parameter.vcpu_map, ctx
     )
