@@ -65,7 +65,7 @@ async def test_the_pre_checks_decide_and_fail_as_without_the_scope(
     hv: Any, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     alone = [await outcome(step) for step in check_steps(hv, name)]
-    with lookups(monkeypatch) as seen, hv.reading_once(name, "checks"):
+    with lookups(monkeypatch) as seen, hv.reading_once(name):
         together = [await outcome(step) for step in check_steps(hv, name)]
     assert together == alone
     if name == "off1":
@@ -78,33 +78,51 @@ async def test_the_pre_checks_decide_and_fail_as_without_the_scope(
         assert len(seen) > 1  # the look failed: each step read (and failed) for itself
 
 
-async def test_the_scope_is_the_guests_and_its_purposes_only(
+async def test_the_scope_is_its_guests_only_and_one_within_starts_afresh(
     hv: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with lookups(monkeypatch) as seen, hv.reading_once("vm1", "start"):
-        await hv.domain_named("vm1")  # a "checks" read in a "start" scope: its own
-        await hv.domain_named("off1")  # another guest: its own
+    with lookups(monkeypatch) as seen, hv.reading_once("vm1"):
+        await hv.domain_named("off1")  # another guest: its own read
         await hv.domain_named("vm1")
-    assert seen == ["vm1", "off1", "vm1"]
+        with hv.reading_once("vm1"):
+            await hv.domain_named("vm1")  # a scope within: a read of its own
+            await hv.domain_named("vm1")
+        await hv.domain_named("vm1")  # the outer scope's read again
+    assert seen == ["off1", "vm1", "vm1"]
 
 
-async def test_devices_and_the_start_share_one_read_until_the_first_change(
+async def test_the_checks_devices_and_start_share_one_read_until_the_first_change(
     hv: Any, ctx: Ctx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alone = await prechecks.start_facts(hv, hv.uri, "vm1")
-    with lookups(monkeypatch) as seen, hv.reading_once("vm1", "start"):
+    request = MigrationRequest(vm_name="vm1", destination="hostB")
+    facts = await prechecks.start_facts(hv, hv.uri, "vm1")
+    with lookups(monkeypatch) as seen, hv.reading_once("vm1"):
+        await hv.domain_named("vm1")
+        await hv.broken_post_copy(request)
         assert await hv.detach_ivshmem("vm1", ctx, unplug_timeout=1) is None
         assert await hv.detach_hostdevs("vm1", ctx, unplug_timeout=1) == {}
-        assert await prechecks.start_facts(hv, hv.uri, "vm1") == alone
+        assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
         assert seen == ["vm1"]
         # The job started: what is read after it (a retry, a recovery) is read again.
-        assert await prechecks.start_facts(hv, hv.uri, "vm1") == alone
+        assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
         assert await hv.detach_hostdevs("vm1", ctx, unplug_timeout=1) == {}
-    assert seen == ["vm1"] * 3
+        await hv.domain_named("vm1")
+    assert seen == ["vm1"] * 4
+
+
+async def test_start_facts_refuse_as_without_the_scope(
+    hv: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("vm1", "off1", "paused1", "nowhere"):
+        alone = await outcome(lambda n=name: prechecks.start_facts(hv, hv.uri, n))
+        with hv.reading_once(name):
+            await outcome(lambda n=name: hv.domain_named(n))
+            together = await outcome(lambda n=name: prechecks.start_facts(hv, hv.uri, n))
+        assert together == alone
 
 
 async def test_the_scope_ends_with_its_block(hv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    with hv.reading_once("vm1", "checks"):
+    with hv.reading_once("vm1"):
         await hv.domain_named("vm1")
     with lookups(monkeypatch) as seen:
         await hv.domain_named("vm1")

@@ -34,7 +34,6 @@ __all__ = [
     "DomainInfo",
     "DomainState",
     "FindsDomainByName",
-    "GuestReadPurpose",
     "HostInfo",
     "HostLoad",
     "Hypervisor",
@@ -421,21 +420,16 @@ class FindsDomainByName(Protocol):
         ``None`` when there is none."""
 
 
-#: What a guest is read once for (:class:`ReadsGuestOnce`): ``checks``, a migration's
-#: pre-checks (memory, a broken post-copy, definition, storage, resident memory);
-#: ``start``, its devices and its job's start (definition, state, persistence, a job).
-GuestReadPurpose = Literal["checks", "start"]
-
-
 @runtime_checkable
 class ReadsGuestOnce(Protocol):
     """A back-end that can read a guest once for several steps of a migration and answer
     their reads of it from that one read (libvirt: one round trip instead of one per step)."""
 
-    def reading_once(self, vm_name: str, purpose: GuestReadPurpose) -> AbstractContextManager[None]:
-        """Within the block (this task only), reads of ``vm_name`` for ``purpose`` share one
-        read; the first change the back-end makes to the guest ends it (later reads read
-        again). What each step decides, and its errors, stay as without the block."""
+    def reading_once(self, vm_name: str) -> AbstractContextManager[None]:
+        """Within the block (this task only), reads of ``vm_name`` share one read; the first
+        change the back-end makes to the guest ends it (later reads read again), and a block
+        opened within starts afresh. What each step decides, and its errors, stay as
+        without the block."""
 
 
 @runtime_checkable

@@ -37,7 +37,6 @@ from asyncmigfra.errors import (
     TaskError,
 )
 from asyncmigfra.hypervisor.base import (
-    GuestReadPurpose,
     Hypervisor,
     MigrationJob,
     MigrationResult,
@@ -89,28 +88,42 @@ async def migrate(
     """Migrate one VM; on success ``ctx.outcome`` gets ``destination`` (and ``retries``).
     (``swap-with`` is :func:`asyncmigfra.migration.swap.swap`.)"""
     check_pscom(spec, bus)
-    with reading_once(hypervisor, spec.vm_name, "checks"):
+    # The pre-checks read the guest once; when nothing runs between them and the job that
+    # could change it, that read serves the devices and the job's start as well.
+    with reading_once(hypervisor, spec.vm_name):
         plan, broken = await _checked(spec, ctx, hypervisor=hypervisor, settings=settings)
-    if broken is not None:  # this migration broke in post-copy earlier: resume it
-        return await resume_found(broken, plan, spec, ctx, settings=settings)
-    return await carry_out(
-        plan,
-        spec,
-        ctx,
-        hypervisor=hypervisor,
-        settings=settings,
-        bus=bus,
-        source=settings.hostname,
-    )
+        if broken is None:
+            return await carry_out(
+                plan,
+                spec,
+                ctx,
+                hypervisor=hypervisor,
+                settings=settings,
+                bus=bus,
+                source=settings.hostname,
+                read_again=_steps_before_move(plan, spec, ctx.hooks),
+            )
+    # This migration broke in post-copy earlier: resume it.
+    return await resume_found(broken, plan, spec, ctx, settings=settings)
 
 
-def reading_once(
-    hypervisor: Hypervisor, vm_name: str, purpose: GuestReadPurpose
-) -> AbstractContextManager[None]:
+def reading_once(hypervisor: Hypervisor, vm_name: str) -> AbstractContextManager[None]:
     """Where the back-end can, the steps within read the guest once (``ReadsGuestOnce``)."""
     if isinstance(hypervisor, ReadsGuestOnce):
-        return hypervisor.reading_once(vm_name, purpose)
+        return hypervisor.reading_once(vm_name)
     return contextlib.nullcontext()
+
+
+def _steps_before_move(plan: MigrationPlan, spec: MigrateSpec, hooks: HookRunner | None) -> bool:
+    """Whether anything may run between the pre-checks and the devices' detach (a
+    ``before-migrate`` hook, ``reduce-memory``, the pscom hook) or ran for long (the dirty-rate
+    probe of ``migration-type: auto``): then the detach and the job's start read the guest
+    again."""
+    if plan.auto or spec.parameter.pscom_hook_procs not in (None, 0):
+        return True
+    if hooks is None:
+        return False
+    return hooks.wants("before-migrate") or hooks.builtin("reduce-memory") is not None
 
 
 async def _checked(
@@ -157,11 +170,13 @@ async def carry_out(
     settings: Settings,
     bus: MessageBus | None,
     source: str,
+    read_again: bool = True,
 ) -> MigrationResult:
     """Everything after the pre-checks: ``before-migrate`` hooks, ``reduce-memory``, pscom
     suspend, devices out, the migration (with its retries), the destination's steps, pscom
     resume, memory back, ``after-migrate`` hooks. ``hypervisor`` acts on the VM's host,
-    ``source`` names it."""
+    ``source`` names it. ``read_again`` false: the guest as the pre-checks read it (within
+    their ``reading_once``) serves the detach and the job's start."""
     hooks = ctx.hooks
     call = HookCall(
         point="before-migrate",
@@ -178,7 +193,13 @@ async def carry_out(
             warnings += await hooks.run(call, ctx)  # policy fail: raises, VM not touched yet
         balloon = await _shrink(hooks, hypervisor, spec.vm_name, ctx, warnings)
         result = await _suspended_move(
-            plan, spec, ctx, hypervisor=hypervisor, settings=settings, bus=bus
+            plan,
+            spec,
+            ctx,
+            hypervisor=hypervisor,
+            settings=settings,
+            bus=bus,
+            read_again=read_again,
         )
     except BaseException as exc:
         # The after-migrate hooks run whenever the before-migrate ones started (a drain gets
@@ -205,6 +226,7 @@ async def _suspended_move(
     hypervisor: Hypervisor,
     settings: Settings,
     bus: MessageBus | None,
+    read_again: bool,
 ) -> MigrationResult:
     """The move with the VM's MPI processes suspended around it (pscom hook)."""
     params = spec.parameter
@@ -213,7 +235,9 @@ async def _suspended_move(
     if pscom is not None:
         await pscom.suspend(ctx)  # a failure resumes what it suspended and raises HookFailed
     try:
-        result = await _move(plan, spec, ctx, hypervisor=hypervisor, settings=settings)
+        result = await _move(
+            plan, spec, ctx, hypervisor=hypervisor, settings=settings, read_again=read_again
+        )
     except BaseException:
         if pscom is not None:
             await pscom.resume_quietly(ctx)  # on the source, or where the VM arrived
@@ -262,12 +286,14 @@ async def _move(
     *,
     hypervisor: Hypervisor,
     settings: Settings,
+    read_again: bool,
 ) -> MigrationResult:
     """Devices out, the migration, then the destination's steps (devices back, repin)."""
     vm = spec.vm_name
-    # The devices and the job's start read the guest once (the first change ends the read:
-    # a retry, a recovery read again).
-    with reading_once(hypervisor, vm, "start"):
+    # The devices and the job's start read the guest once, afresh unless the pre-checks'
+    # read may serve (the first change ends the read: a retry, a recovery read again).
+    fresh = reading_once(hypervisor, vm) if read_again else contextlib.nullcontext()
+    with fresh:
         devices = await detach_devices(
             hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
         )

@@ -92,7 +92,6 @@ from asyncmigfra.hypervisor.virt.events import (
     _EventHub,
     _EventThread,
 )
-from asyncmigfra.hypervisor.virt.guestlook import LookPurpose
 from asyncmigfra.hypervisor.virt.migration import LibvirtMigrationJob
 from asyncmigfra.hypervisor.virt.migrationparams import (
     MigrationTarget,
@@ -519,7 +518,7 @@ class LibvirtHypervisor:
     async def _migration_devices(
         self, vm_name: str
     ) -> tuple[list[PluggedDevice], list[PluggedDevice]]:
-        look = await guestlook.guest_look(self, self.uri, vm_name, "start")
+        look = await guestlook.guest_look(self, self.uri, vm_name)
         if look is not None:
             return migration_devices(look.xml)
         xml = await self._mapped(self.uri, lambda c: str(c.lookupByName(vm_name).XMLDesc(0)))
@@ -860,7 +859,7 @@ class LibvirtHypervisor:
     async def resident_memory(self, vm_name: str) -> int | None:
         """``KnowsResidentMemory``: ``memoryStats()['rss']`` (libvirtd reads QEMU's RSS)."""
 
-        look = await guestlook.guest_look(self, self.uri, vm_name, "checks")
+        look = await guestlook.guest_look(self, self.uri, vm_name)
         if look is not None and look.rss_read:
             return look.rss
 
@@ -902,10 +901,10 @@ class LibvirtHypervisor:
         (:func:`~asyncmigfra.hypervisor.virt.storagecopy.check`)."""
         return await prechecks.check_migration(self, request, memory=memory)
 
-    def reading_once(self, vm_name: str, purpose: LookPurpose) -> AbstractContextManager[None]:
+    def reading_once(self, vm_name: str) -> AbstractContextManager[None]:
         """``ReadsGuestOnce``: within the block, the migration's reads of ``vm_name`` share
         one round trip (:mod:`.guestlook`)."""
-        return guestlook.reading_once(vm_name, purpose)
+        return guestlook.reading_once(vm_name)
 
     async def begin_migration(
         self, request: MigrationRequest, ctx: OpContext
@@ -1028,8 +1027,8 @@ class LibvirtHypervisor:
 
     async def domain_named(self, vm_name: str) -> DomainInfo | None:
         """``FindsDomainByName``: a lookup and the domain's info, not the whole list."""
-        look = await guestlook.guest_look(self, self.uri, vm_name, "checks")
-        if look is not None and look.info is not None:
+        look = await guestlook.guest_look(self, self.uri, vm_name)
+        if look is not None:
             return _domain_info_of(look.name, look.info, look.persistent)
         return await self._mapped(
             self.uri, lambda c: _domain_named(c, vm_name), "Error listing domains: "

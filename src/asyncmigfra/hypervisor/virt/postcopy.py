@@ -247,7 +247,7 @@ async def find_broken_post_copy(
             raise
         return _broken(dom), bool(dom.isPersistent())
 
-    guest = await guest_look(hv, uri, name, "checks")
+    guest = await guest_look(hv, uri, name)
     if guest is not None:
         failed = libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED
         broken = guest.state == _PAUSED and guest.reason == failed

@@ -51,8 +51,8 @@ async def check_migration(
     target = await hv.resolve_destination(
         request.destination, driver=request.driver, transport=request.transport
     )
-    look = await guest_look(hv, uri, name, "checks")
-    if look is not None and look.info is not None:
+    look = await guest_look(hv, uri, name)
+    if look is not None:
         guest = _guest_facts_of(name, look.root(), look.info[1])
     else:
         guest = await hv._mapped(uri, lambda conn: _guest_facts(conn, name))
@@ -109,7 +109,7 @@ async def start_facts(hv: LibvirtHypervisor, uri: str, name: str) -> tuple[int, 
     """Right before the job: the guest's state, persistence and the operation of a job
     already running on it (``None``: none). Ends the migration's look: the job changes the
     guest."""
-    look = await guest_look(hv, uri, name, "start")
+    look = await guest_look(hv, uri, name)
     spend(uri, name)
     if look is not None:
         return look.state, look.persistent, look.job_operation
