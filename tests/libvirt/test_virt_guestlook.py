@@ -88,7 +88,10 @@ async def test_the_scope_is_its_guests_only_and_one_within_starts_afresh(
             await hv.domain_named("vm1")  # a scope within: a read of its own
             await hv.domain_named("vm1")
         await hv.domain_named("vm1")  # the outer scope's read again
-    assert seen == ["off1", "vm1", "vm1"]
+        with hv.reading_once("vm1"):
+            await prechecks.start_facts(hv, hv.uri, "vm1")  # the job starts within
+        await hv.domain_named("vm1")  # which ended the outer scope's read too
+    assert seen == ["off1", "vm1", "vm1", "vm1", "vm1"]
 
 
 async def test_the_checks_devices_and_start_share_one_read_until_the_first_change(

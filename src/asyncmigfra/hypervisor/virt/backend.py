@@ -837,6 +837,8 @@ class LibvirtHypervisor:
         """``virDomainSetMemoryFlags(kib, AFFECT_LIVE)``: the balloon target of the running
         guest (needs a balloon driver in the guest to take effect)."""
 
+        guestlook.spend(self.uri, vm_name)  # reduce-memory within a migration's read
+
         def op(conn: Any) -> None:
             conn.lookupByName(vm_name).setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 

@@ -11,11 +11,11 @@ of all of it in one hop (a lookup, ``state()``, ``isPersistent()``, ``XMLDesc(0)
 ones answer from it.
 
 The first change the back-end makes to the guest within the scope (a device unplugged, the
-job started, an earlier copy's images removed) ends the look: every read after it is its own,
-as without a scope. A look that fails (no such domain, libvirtd away) is not kept either:
-each step then reads for itself and reports its own error, in its own words. The scope is a
-context variable: it covers the task that opened it (and what that task starts), nothing
-else on the host; a scope opened within another starts afresh.
+job started, an earlier copy's images removed, its memory ballooned) ends the look: every
+read after it is its own, as without a scope. A look that fails (no such domain, libvirtd
+away) is not kept either: each step then reads for itself and reports its own error, in its
+own words. The scope is a context variable: it covers the task that opened it (and what that
+task starts), nothing else on the host; a scope opened within another starts afresh.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ class GuestLook:
 @dataclass(slots=True)
 class _Scope:
     vm_name: str
+    #: The scope this one was opened within (a change ends its looks too).
+    outer: _Scope | None = None
     #: URI -> the look (``None``: spent, or failed: readers read for themselves).
     looks: dict[str, GuestLook | None] = field(default_factory=dict)
 
@@ -80,7 +82,7 @@ _SCOPE: ContextVar[_Scope | None] = ContextVar("asyncmigfra_guest_look", default
 @contextlib.contextmanager
 def reading_once(vm_name: str) -> Iterator[None]:
     """Within the block, ``vm_name`` is read once (see the module docstring)."""
-    token = _SCOPE.set(_Scope(vm_name))
+    token = _SCOPE.set(_Scope(vm_name, _SCOPE.get()))
     try:
         yield
     finally:
@@ -104,15 +106,14 @@ async def guest_look(hv: LibvirtHypervisor, uri: str, vm_name: str) -> GuestLook
     return scope.looks[uri]
 
 
-def spend(uri: str, vm_name: str) -> GuestLook | None:
-    """End the look of ``vm_name`` on ``uri`` (the back-end changes the guest now); returns
-    it (``None``: none) for the step that changes it."""
+def spend(uri: str, vm_name: str) -> None:
+    """End the looks of ``vm_name`` on ``uri``, in this scope and those it was opened within:
+    the back-end changes the guest now."""
     scope = _SCOPE.get()
-    if scope is None or scope.vm_name != vm_name:
-        return None
-    look = scope.looks.get(uri)
-    scope.looks[uri] = None
-    return look
+    while scope is not None:
+        if scope.vm_name == vm_name:
+            scope.looks[uri] = None
+        scope = scope.outer
 
 
 def _read(conn: Any, name: str) -> GuestLook:
