@@ -90,7 +90,7 @@ async def migrate(
     check_pscom(spec, bus)
     # The pre-checks read the guest once; when nothing runs between them and the job that
     # could change it, that read serves the devices and the job's start as well.
-    with reading_once(hypervisor, spec.vm_name):
+    with _reading_once(hypervisor, spec.vm_name):
         plan, broken = await _checked(spec, ctx, hypervisor=hypervisor, settings=settings)
         if broken is None:
             return await carry_out(
@@ -107,7 +107,7 @@ async def migrate(
     return await resume_found(broken, plan, spec, ctx, settings=settings)
 
 
-def reading_once(hypervisor: Hypervisor, vm_name: str) -> AbstractContextManager[None]:
+def _reading_once(hypervisor: Hypervisor, vm_name: str) -> AbstractContextManager[None]:
     """Where the back-end can, the steps within read the guest once (``ReadsGuestOnce``)."""
     if isinstance(hypervisor, ReadsGuestOnce):
         return hypervisor.reading_once(vm_name)
@@ -292,7 +292,7 @@ async def _move(
     vm = spec.vm_name
     # The devices and the job's start read the guest once, afresh unless the pre-checks'
     # read may serve (the first change ends the read: a retry, a recovery read again).
-    fresh = reading_once(hypervisor, vm) if read_again else contextlib.nullcontext()
+    fresh = _reading_once(hypervisor, vm) if read_again else contextlib.nullcontext()
     with fresh:
         devices = await detach_devices(
             hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
