@@ -89,6 +89,25 @@ async def test_list_domains_and_host_info(hv: LibvirtHypervisor) -> None:
     assert info == HostInfo(hostname="hostA", cpus=4, memory=8 * 1024 * 1024, free_memory=0)
 
 
+async def test_domain_named_reads_one_domain_as_listed(
+    hv: LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncmigfra.hypervisor.base import domain_named  # noqa: PLC0415
+    from asyncmigfra.migration.plan import memory_of  # noqa: PLC0415
+
+    listed = await domains(hv)  # what memory_of found in the list before
+
+    def no_listing(*_a: Any) -> Any:
+        raise AssertionError("listed every domain to find one")
+
+    monkeypatch.setattr(libvirt.virConnect, "listAllDomains", no_listing)
+    for name, dom in listed.items():
+        assert await domain_named(hv, name) == dom
+        assert await memory_of(hv, name) == dom.memory
+    assert await domain_named(hv, "ghost") is None
+    assert await memory_of(hv, "ghost") == 0
+
+
 # --------------------------------------------------------------------------------------------
 # start
 

@@ -29,9 +29,11 @@ from asyncmigfra.model import PciId, StartSpec, VcpuMap
 __all__ = [
     "AdoptsMigrations",
     "check_vcpu_map",
+    "domain_named",
     "DiskCopy",
     "DomainInfo",
     "DomainState",
+    "FindsDomainByName",
     "HostInfo",
     "HostLoad",
     "Hypervisor",
@@ -48,6 +50,7 @@ __all__ = [
     "MigrationRequest",
     "MigrationResult",
     "OpContext",
+    "ReadsGuestOnce",
     "PostCopyRecovery",
     "PostCopySourceState",
     "RecoversPostCopy",
@@ -408,6 +411,28 @@ class KnowsResidentMemory(Protocol):
 
 
 @runtime_checkable
+class FindsDomainByName(Protocol):
+    """A back-end that reads one domain by its name (libvirt: a lookup and its info) rather
+    than listing every domain on the host to find it."""
+
+    async def domain_named(self, vm_name: str) -> DomainInfo | None:
+        """The domain ``vm_name`` as :meth:`Hypervisor.list_domains` would list it;
+        ``None`` when there is none."""
+
+
+@runtime_checkable
+class ReadsGuestOnce(Protocol):
+    """A back-end that can read a guest once for several steps of a migration and answer
+    their reads of it from that one read (libvirt: one round trip instead of one per step)."""
+
+    def reading_once(self, vm_name: str) -> AbstractContextManager[None]:
+        """Within the block (this task only), reads of ``vm_name`` share one read; the first
+        change the back-end makes to the guest ends it (later reads read again), and a block
+        opened within starts afresh. What each step decides, and its errors, stay as
+        without the block."""
+
+
+@runtime_checkable
 class KnowsLinkRate(Protocol):
     """A back-end that knows (configured, measured or learned) the rates of the links its
     migrations take."""
@@ -550,3 +575,14 @@ def check_vcpu_map(vcpu_map: VcpuMap, cpus: int, host: str) -> None:
                     f"Error pinning vcpu: invalid argument: CPU {cpu} does not exist "
                     f"on {host} ({cpus} CPUs)"
                 )
+
+
+async def domain_named(hypervisor: Hypervisor, vm_name: str) -> DomainInfo | None:
+    """The domain ``vm_name`` as ``hypervisor.list_domains()`` lists it (``None``: none):
+    read alone where the back-end can (:class:`FindsDomainByName`), else from the list."""
+    if isinstance(hypervisor, FindsDomainByName):
+        return await hypervisor.domain_named(vm_name)
+    for dom in await hypervisor.list_domains():
+        if dom.name == vm_name:
+            return dom
+    return None

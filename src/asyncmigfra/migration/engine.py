@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import structlog
@@ -35,7 +36,13 @@ from asyncmigfra.errors import (
     NotSupported,
     TaskError,
 )
-from asyncmigfra.hypervisor.base import Hypervisor, MigrationJob, MigrationResult
+from asyncmigfra.hypervisor.base import (
+    Hypervisor,
+    MigrationJob,
+    MigrationResult,
+    PostCopyRecovery,
+    ReadsGuestOnce,
+)
 from asyncmigfra.migration.companions import (
     _Balloon,
     _pscom_hook,
@@ -81,13 +88,56 @@ async def migrate(
     """Migrate one VM; on success ``ctx.outcome`` gets ``destination`` (and ``retries``).
     (``swap-with`` is :func:`asyncmigfra.migration.swap.swap`.)"""
     check_pscom(spec, bus)
+    # The pre-checks read the guest once; when nothing runs between them and the job that
+    # could change it, that read serves the devices and the job's start as well.
+    with _reading_once(hypervisor, spec.vm_name):
+        plan, broken = await _checked(spec, ctx, hypervisor=hypervisor, settings=settings)
+        if broken is None:
+            return await carry_out(
+                plan,
+                spec,
+                ctx,
+                hypervisor=hypervisor,
+                settings=settings,
+                bus=bus,
+                source=settings.hostname,
+                read_again=_steps_before_move(plan, spec, ctx.hooks),
+            )
+    # This migration broke in post-copy earlier: resume it.
+    return await resume_found(broken, plan, spec, ctx, settings=settings)
+
+
+def _reading_once(hypervisor: Hypervisor, vm_name: str) -> AbstractContextManager[None]:
+    """Where the back-end can, the steps within read the guest once (``ReadsGuestOnce``)."""
+    if isinstance(hypervisor, ReadsGuestOnce):
+        return hypervisor.reading_once(vm_name)
+    return contextlib.nullcontext()
+
+
+def _steps_before_move(plan: MigrationPlan, spec: MigrateSpec, hooks: HookRunner | None) -> bool:
+    """Whether anything may run between the pre-checks and the devices' detach (a
+    ``before-migrate`` hook, ``reduce-memory``, the pscom hook) or ran for long (the dirty-rate
+    probe of ``migration-type: auto``): then the detach and the job's start read the guest
+    again."""
+    if plan.auto or spec.parameter.pscom_hook_procs not in (None, 0):
+        return True
+    if hooks is None:
+        return False
+    return hooks.wants("before-migrate") or hooks.builtin("reduce-memory") is not None
+
+
+async def _checked(
+    spec: MigrateSpec, ctx: EngineContext, *, hypervisor: Hypervisor, settings: Settings
+) -> tuple[MigrationPlan, PostCopyRecovery | None]:
+    """The plan, the broken post-copy to resume (if any), else the pre-checks and the
+    prediction."""
     memory = await memory_of(hypervisor, spec.vm_name)
     plan = await plan_for(spec, hypervisor=hypervisor, settings=settings, memory=memory)
     broken = await broken_post_copy(
         hypervisor, plan.request, settings.migration.postcopy_recovery_window
     )
-    if broken is not None:  # this migration broke in post-copy earlier: resume it
-        return await resume_found(broken, plan, spec, ctx, settings=settings)
+    if broken is not None:
+        return plan, broken
     # Pre-checks come before anything touches the VM (devices included): a failure leaves
     # it exactly as it was.
     ctx.phase("pre-checks")
@@ -101,16 +151,7 @@ async def migrate(
             spec, hypervisor=hypervisor, settings=settings, memory=memory, disk_bytes=disk_bytes
         )
     sent = sum(c.sent for c in copies)  # the data that crosses the link
-    plan = await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=sent)
-    return await carry_out(
-        plan,
-        spec,
-        ctx,
-        hypervisor=hypervisor,
-        settings=settings,
-        bus=bus,
-        source=settings.hostname,
-    )
+    return await predicted(plan, ctx, hypervisor=hypervisor, settings=settings, disk=sent), None
 
 
 def check_pscom(spec: MigrateSpec, bus: MessageBus | None) -> None:
@@ -129,11 +170,13 @@ async def carry_out(
     settings: Settings,
     bus: MessageBus | None,
     source: str,
+    read_again: bool = True,
 ) -> MigrationResult:
     """Everything after the pre-checks: ``before-migrate`` hooks, ``reduce-memory``, pscom
     suspend, devices out, the migration (with its retries), the destination's steps, pscom
     resume, memory back, ``after-migrate`` hooks. ``hypervisor`` acts on the VM's host,
-    ``source`` names it."""
+    ``source`` names it. ``read_again`` false: the guest as the pre-checks read it (within
+    their ``reading_once``) serves the detach and the job's start."""
     hooks = ctx.hooks
     call = HookCall(
         point="before-migrate",
@@ -150,7 +193,13 @@ async def carry_out(
             warnings += await hooks.run(call, ctx)  # policy fail: raises, VM not touched yet
         balloon = await _shrink(hooks, hypervisor, spec.vm_name, ctx, warnings)
         result = await _suspended_move(
-            plan, spec, ctx, hypervisor=hypervisor, settings=settings, bus=bus
+            plan,
+            spec,
+            ctx,
+            hypervisor=hypervisor,
+            settings=settings,
+            bus=bus,
+            read_again=read_again,
         )
     except BaseException as exc:
         # The after-migrate hooks run whenever the before-migrate ones started (a drain gets
@@ -177,6 +226,7 @@ async def _suspended_move(
     hypervisor: Hypervisor,
     settings: Settings,
     bus: MessageBus | None,
+    read_again: bool,
 ) -> MigrationResult:
     """The move with the VM's MPI processes suspended around it (pscom hook)."""
     params = spec.parameter
@@ -185,7 +235,9 @@ async def _suspended_move(
     if pscom is not None:
         await pscom.suspend(ctx)  # a failure resumes what it suspended and raises HookFailed
     try:
-        result = await _move(plan, spec, ctx, hypervisor=hypervisor, settings=settings)
+        result = await _move(
+            plan, spec, ctx, hypervisor=hypervisor, settings=settings, read_again=read_again
+        )
     except BaseException:
         if pscom is not None:
             await pscom.resume_quietly(ctx)  # on the source, or where the VM arrived
@@ -234,22 +286,27 @@ async def _move(
     *,
     hypervisor: Hypervisor,
     settings: Settings,
+    read_again: bool,
 ) -> MigrationResult:
     """Devices out, the migration, then the destination's steps (devices back, repin)."""
     vm = spec.vm_name
-    devices = await detach_devices(
-        hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
-    )
-    try:
-        result = await _migrate_with_retries(
-            plan, spec, ctx, hypervisor=hypervisor, settings=settings
+    # The devices and the job's start read the guest once, afresh unless the pre-checks'
+    # read may serve (the first change ends the read: a retry, a recovery read again).
+    fresh = _reading_once(hypervisor, vm) if read_again else contextlib.nullcontext()
+    with fresh:
+        devices = await detach_devices(
+            hypervisor, vm, ctx, unplug_timeout=settings.migration.device_timeout
         )
-    except BaseException:
-        # The VM is still on the source: give it its devices back there (docs/protocol.md §3.6).
-        problems = await reattach_devices(hypervisor, vm, devices, ctx)
-        if problems:
-            log.error("migration.source_reattach_failed", problems=problems)  # noqa: TRY400
-        raise
+        try:
+            result = await _migrate_with_retries(
+                plan, spec, ctx, hypervisor=hypervisor, settings=settings
+            )
+        except BaseException:
+            # The VM is still on the source: its devices back there (docs/protocol.md §3.6).
+            problems = await reattach_devices(hypervisor, vm, devices, ctx)
+            if problems:
+                log.error("migration.source_reattach_failed", problems=problems)  # noqa: TRY400
+            raise
     await after_arrival(
         hypervisor.on_host(spec.destination), vm, devices, spec.parameter.vcpu_map, ctx
     )

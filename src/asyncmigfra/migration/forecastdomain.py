@@ -5,16 +5,22 @@ as ``begin_migration`` and its pre-check would see them, changing nothing."""
 from __future__ import annotations
 
 from asyncmigfra.errors import TaskError, VmNotFound, WrongState
-from asyncmigfra.hypervisor.base import DiskCopy, DomainInfo, DomainState, Hypervisor
+from asyncmigfra.hypervisor.base import (
+    DiskCopy,
+    DomainInfo,
+    DomainState,
+    Hypervisor,
+    domain_named,
+)
 from asyncmigfra.migration.plan import MigrationPlan
 
 __all__ = ["check_state", "disks_anyway", "find_domain", "guest_memory"]
 
 
 async def find_domain(hypervisor: Hypervisor, vm_name: str) -> DomainInfo:
-    for dom in await hypervisor.list_domains():
-        if dom.name == vm_name:
-            return dom
+    dom = await domain_named(hypervisor, vm_name)
+    if dom is not None:
+        return dom
     raise VmNotFound(f"Domain not found: no domain with matching name '{vm_name}'")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from asyncmigfra.errors import IncompatibleDestination, InvalidTask
-from asyncmigfra.hypervisor.base import Hypervisor, MigrationRequest
+from asyncmigfra.hypervisor.base import Hypervisor, MigrationRequest, domain_named
 from asyncmigfra.model import CopyStorage, MigrateSpec, MigrationParams
 from asyncmigfra.settings import MigrationDefaults, Settings
 from asyncmigfra.streamoptions import StreamOptions, conflicts
@@ -214,11 +214,10 @@ def check_not_here(destination: str, hostname: str) -> None:
 
 async def memory_of(hypervisor: Hypervisor, vm_name: str) -> int:
     """Guest memory (KiB) for the default completion timeout; 0 when the back-end does not
-    list it (``begin_migration`` reports a missing VM with its own error)."""
-    for dom in await hypervisor.list_domains():
-        if dom.name == vm_name:
-            return dom.memory
-    return 0
+    know the VM (``begin_migration`` reports a missing VM with its own error). Reads the one
+    domain where the back-end can (:func:`domain_named`), not every domain on the host."""
+    dom = await domain_named(hypervisor, vm_name)
+    return dom.memory if dom is not None else 0
 
 
 async def plan_for(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from asyncmigfra.errors import HookFailed, InvalidTask, MigrationFailed, NotSupported, TaskError
-from asyncmigfra.hypervisor.base import AdoptsMigrations, DomainState, Hypervisor
+from asyncmigfra.hypervisor.base import AdoptsMigrations, DomainState, Hypervisor, domain_named
 from asyncmigfra.migration.engine import follow_adopted, migrate
 from asyncmigfra.migration.forecast import Forecaster
 from asyncmigfra.migration.steering import MigrationSteering
@@ -328,10 +328,8 @@ async def _reconcile_swap(
 
 
 async def _state_of(hypervisor: Hypervisor, vm_name: str) -> DomainState | None:
-    for dom in await hypervisor.list_domains():
-        if dom.name == vm_name:
-            return dom.state
-    return None
+    dom = await domain_named(hypervisor, vm_name)
+    return dom.state if dom is not None else None
 
 
 def _success(name: str, ctx: SubtaskContext, *, note: str) -> ResultEntry:

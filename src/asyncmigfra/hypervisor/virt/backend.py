@@ -12,10 +12,10 @@ import contextlib
 import copy
 import random
 import socket
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +26,6 @@ from asyncmigfra.errors import (
     Busy,
     ConnectionFailed,
     HypervisorError,
-    IncompatibleDestination,
     InvalidTask,
     TaskError,
     TaskTimeout,
@@ -44,7 +43,14 @@ from asyncmigfra.hypervisor.base import (
     OpContext,
     check_vcpu_map,
 )
-from asyncmigfra.hypervisor.virt import dirtyrate, disks, storage, storagecopy
+from asyncmigfra.hypervisor.virt import (
+    dirtyrate,
+    disks,
+    guestlook,
+    prechecks,
+    storage,
+    storagecopy,
+)
 from asyncmigfra.hypervisor.virt.connections import _is_alive, _Pool
 from asyncmigfra.hypervisor.virt.domains import (
     _JOB_NONE,
@@ -55,15 +61,12 @@ from asyncmigfra.hypervisor.virt.domains import (
     _UNDEFINE_FLAGS,
     PluggedDevice,
     _attach_fn,
-    _cpu_compare,
-    _destination_facts,
+    _domain_info_of,
+    _domain_named,
     _existing,
-    _guest_facts,
     _host_cpus,
-    _host_uuid,
     _hostdev_xml,
     _list_domains,
-    _machines_for,
     _node_device_pci,
     _pci_candidates,
     _pin_all,
@@ -93,7 +96,6 @@ from asyncmigfra.hypervisor.virt.migration import LibvirtMigrationJob
 from asyncmigfra.hypervisor.virt.migrationparams import (
     MigrationTarget,
     _num,
-    check_stream_support,
     migration_flags,
     migration_params,
 )
@@ -122,8 +124,6 @@ _PROBE_BANNER = b"SSH-2.0-asyncmigfra_probe\r\n"
 _PROBE_MAX_LINES = 20
 #: s aclose() waits for the executor's threads.
 _EXECUTOR_SHUTDOWN_LIMIT = 10.0
-#: s a definition read by detach_ivshmem (which then changed nothing) serves detach_hostdevs.
-_DEVICES_READ_FOR = 1.0
 
 
 @dataclass(slots=True)
@@ -164,10 +164,6 @@ class LibvirtHypervisor:
         #: URI -> the host UUID its capabilities report (``None``: none reported). A host's
         #: UUID does not change, so each is read once (shared with the views).
         self._host_uuids: dict[str, str | None] = {}
-        #: (URI, VM) -> when ``detach_ivshmem`` read the VM's definition and found no ivshmem
-        #: device, and the PCI host devices it found: the ``detach_hostdevs`` that follows
-        #: within :data:`_DEVICES_READ_FOR` s takes them instead of reading it again.
-        self._devices_read: dict[tuple[str, str], tuple[float, list[PluggedDevice]]] = {}
         #: ``True`` for a view made by :meth:`on_host` (it owns nothing it could close).
         self._view = False
         #: The agent's own instance (views keep pointing at it).
@@ -522,6 +518,9 @@ class LibvirtHypervisor:
     async def _migration_devices(
         self, vm_name: str
     ) -> tuple[list[PluggedDevice], list[PluggedDevice]]:
+        look = await guestlook.guest_look(self, self.uri, vm_name)
+        if look is not None:
+            return migration_devices(look.xml)
         xml = await self._mapped(self.uri, lambda c: str(c.lookupByName(vm_name).XMLDesc(0)))
         return migration_devices(xml)
 
@@ -530,6 +529,7 @@ class LibvirtHypervisor:
         or (drivers that remove at once, events lost on a reconnect) the device gone from
         the live XML, polled every half second. ``TaskTimeout`` after ``limit`` s."""
         uri, alias = self.uri, device.alias
+        guestlook.spend(uri, vm_name)  # the definition changes: later reads read it again
         removed = asyncio.Event()
 
         def on_event(event: DomainEvent) -> None:
@@ -566,13 +566,12 @@ class LibvirtHypervisor:
     async def detach_ivshmem(
         self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
     ) -> str | None:
-        shmems, hostdevs = await self._migration_devices(vm_name)
+        shmems, _ = await self._migration_devices(vm_name)
         if len(shmems) > 1:
             raise HypervisorError(
                 "Found more than one ivshmem device. Only migration of one is supported."
             )
         if not shmems:
-            self._devices_read[self.uri, vm_name] = (time.monotonic(), hostdevs)
             return None
         await self._unplug(vm_name, shmems[0], "the ivshmem device", unplug_timeout)
         return shmems[0].reattach_xml
@@ -588,11 +587,7 @@ class LibvirtHypervisor:
     async def detach_hostdevs(
         self, vm_name: str, ctx: OpContext, *, unplug_timeout: float
     ) -> dict[PciId, int]:
-        read = self._devices_read.pop((self.uri, vm_name), None)
-        if read is not None and time.monotonic() - read[0] <= _DEVICES_READ_FOR:
-            hostdevs = read[1]  # read a moment ago by detach_ivshmem, which changed nothing
-        else:
-            _, hostdevs = await self._migration_devices(vm_name)
+        _, hostdevs = await self._migration_devices(vm_name)
         if not hostdevs:
             return {}
 
@@ -842,6 +837,8 @@ class LibvirtHypervisor:
         """``virDomainSetMemoryFlags(kib, AFFECT_LIVE)``: the balloon target of the running
         guest (needs a balloon driver in the guest to take effect)."""
 
+        guestlook.spend(self.uri, vm_name)  # reduce-memory within a migration's read
+
         def op(conn: Any) -> None:
             conn.lookupByName(vm_name).setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
@@ -863,6 +860,10 @@ class LibvirtHypervisor:
 
     async def resident_memory(self, vm_name: str) -> int | None:
         """``KnowsResidentMemory``: ``memoryStats()['rss']`` (libvirtd reads QEMU's RSS)."""
+
+        look = await guestlook.guest_look(self, self.uri, vm_name)
+        if look is not None and look.rss_read:
+            return look.rss
 
         def op(conn: Any) -> int | None:
             rss = conn.lookupByName(vm_name).memoryStats().get("rss")
@@ -895,80 +896,17 @@ class LibvirtHypervisor:
     async def check_migration(
         self, request: MigrationRequest, *, memory: bool = True
     ) -> tuple[DiskCopy, ...]:
-        """Pre-checks against the destination, before the VM is touched (see
-        :func:`_guest_facts` and :func:`_destination_facts`): reachable, no active domain of
-        that name, the guest's machine type and CPU model accepted, enough free memory
-        (unless ``memory`` is false: a swap decides that for both VMs together), and the
-        guest's disks (:func:`~asyncmigfra.hypervisor.virt.storagecopy.check`)."""
-        uri = self._local_uri(request.driver)
-        if request.compression:
-            check_stream_support(request, await self._mapped(uri, lambda c: c.getLibVersion()))
-        if uri not in self._host_uuids:
-            self._host_uuids[uri] = await self._mapped(uri, _host_uuid)
-        here = self._host_uuids[uri]
-        target = await self.resolve_destination(
-            request.destination, driver=request.driver, transport=request.transport
-        )
-        # The guest's definition here and the destination's state there are independent:
-        # read both at once (two connections; calls at once on one connection cost more
-        # than they save on a busy host); failures are reported in the order the checks
-        # are listed.
-        dest_pool = self._pool[target.uri]
-        guest_read, dest_read = await asyncio.gather(
-            self._mapped(uri, lambda conn: _guest_facts(conn, request.vm_name)),
-            self._call(
-                target.uri,
-                lambda conn: _destination_facts(conn, request.vm_name, dest_pool.memo(conn)),
-            ),
-            return_exceptions=True,
-        )
-        if isinstance(guest_read, BaseException):
-            raise guest_read
-        guest = guest_read
-        try:
-            if isinstance(dest_read, BaseException):
-                raise dest_read
-            dest = dest_read
-            cpu_compare = (
-                await self._call(
-                    target.uri, lambda conn: _cpu_compare(conn, guest, dest_pool.memo(conn))
-                )
-                if guest.cpu_xml is not None
-                else None
-            )
-        except libvirt.libvirtError as exc:
-            raise ConnectionFailed(
-                f"destination {request.destination} cannot be checked: {_message(exc)}"
-            ) from exc
-        machines = _machines_for(dest.capabilities, guest.arch)
-        where = request.destination
-        if here is not None and here == dest.host_uuid:
-            raise IncompatibleDestination(
-                f"destination {where} ({target.uri}) is this host (same host UUID"
-                f" {dest.host_uuid}): a VM cannot migrate to the host it runs on"
-            )
-        if dest.name_active:
-            raise IncompatibleDestination(
-                f"a domain named '{guest.name}' is already active on {where}"
-            )
-        if machines and guest.machine and guest.machine not in machines:
-            raise IncompatibleDestination(
-                f"machine type {guest.machine} ({guest.arch}) is not supported on {where}"
-            )
-        if cpu_compare == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
-            raise IncompatibleDestination(f"the guest CPU model is not usable on {where}")
-        if (
-            memory
-            and request.mode != "offline"
-            and dest.free_kib is not None
-            and guest.memory_kib > dest.free_kib
-        ):
-            raise IncompatibleDestination(
-                f"not enough free memory on {where}: {guest.memory_kib} KiB needed, "
-                f"{dest.free_kib} KiB free"
-            )
-        plan = await storagecopy.check(self, uri, target, request)
-        return plan.copies
+        """Pre-checks against the destination, before the VM is touched
+        (:func:`.prechecks.check_migration`): reachable, no active domain of that name, the
+        guest's machine type and CPU model accepted, enough free memory (unless ``memory``
+        is false: a swap decides that for both VMs together), and the guest's disks
+        (:func:`~asyncmigfra.hypervisor.virt.storagecopy.check`)."""
+        return await prechecks.check_migration(self, request, memory=memory)
+
+    def reading_once(self, vm_name: str) -> AbstractContextManager[None]:
+        """``ReadsGuestOnce``: within the block, the migration's reads of ``vm_name`` share
+        one round trip (:mod:`.guestlook`)."""
+        return guestlook.reading_once(vm_name)
 
     async def begin_migration(
         self, request: MigrationRequest, ctx: OpContext
@@ -976,20 +914,7 @@ class LibvirtHypervisor:
         uri = self._local_uri(request.driver)
         name = request.vm_name
 
-        def look(conn: Any) -> tuple[int, bool, int | None]:
-            dom = conn.lookupByName(name)
-            operation: int | None = None  # the operation of a job already running
-            if dom.isActive():
-                try:
-                    raw = dom.jobStats()
-                except libvirt.libvirtError:
-                    pass  # no job statistics here (test driver): nothing to check
-                else:
-                    if _num(raw, "type") != _JOB_NONE:
-                        operation = _num(raw, "operation")
-            return int(dom.state()[0]), bool(dom.isPersistent()), operation
-
-        state, persistent, job_operation = await self._mapped(uri, look)
+        state, persistent, job_operation = await prechecks.start_facts(self, uri, name)
         if job_operation is not None:
             # Someone else's job (an adopted migration, a backup): refuse rather than watch
             # and steer a job that is not ours.
@@ -1100,6 +1025,15 @@ class LibvirtHypervisor:
     async def list_domains(self, *, active_only: bool = False) -> list[DomainInfo]:
         return await self._mapped(
             self.uri, lambda c: _list_domains(c, active_only), "Error listing domains: "
+        )
+
+    async def domain_named(self, vm_name: str) -> DomainInfo | None:
+        """``FindsDomainByName``: a lookup and the domain's info, not the whole list."""
+        look = await guestlook.guest_look(self, self.uri, vm_name)
+        if look is not None:
+            return _domain_info_of(look.name, look.info, look.persistent)
+        return await self._mapped(
+            self.uri, lambda c: _domain_named(c, vm_name), "Error listing domains: "
         )
 
     async def host_load(self, host: str) -> HostLoad:

@@ -204,10 +204,14 @@ def _sees_host_mounts(conn: Any) -> bool:
 # ---- the disks -------------------------------------------------------------------------------
 
 
-def guest_disks(conn: Any, name: str) -> list[GuestDisk]:
-    """The disks of domain ``name`` with what a copy needs to know about each."""
-    dom = conn.lookupByName(name)
-    root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - libvirt's own XML
+def guest_disks(conn: Any, name: str, xml: str | None = None) -> list[GuestDisk]:
+    """The disks of domain ``name`` with what a copy needs to know about each. ``xml``: its
+    live definition as read a moment ago (else read now)."""
+    dom: Any = None
+    if xml is None:
+        dom = conn.lookupByName(name)
+        xml = str(dom.XMLDesc(0))
+    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
     mounts = _mounts() if _sees_host_mounts(conn) else None
     disks: list[GuestDisk] = []
     for disk in root.iterfind("devices/disk"):
@@ -223,6 +227,7 @@ def guest_disks(conn: Any, name: str) -> list[GuestDisk]:
         capacity = allocation = None
         if sharing in ("local", "unknown") and target:
             with contextlib.suppress(libvirt.libvirtError):
+                dom = dom or conn.lookupByName(name)
                 capacity, allocation, _physical = (int(v) for v in dom.blockInfo(target))
         backing, backing_format, not_a_file = _backing(disk)
         disks.append(

@@ -279,6 +279,12 @@ class _DestinationFacts:
 def _guest_facts(conn: Any, name: str) -> _GuestFacts:
     dom = conn.lookupByName(name)
     root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - libvirt's own XML
+    return _guest_facts_of(name, root, int(dom.info()[1]))
+
+
+def _guest_facts_of(name: str, root: ET.Element, memory_kib: int) -> _GuestFacts:
+    """The facts of guest ``name`` from its definition ``root`` and ``info()``'s maximum
+    memory (KiB)."""
     ostype = root.find("os/type")
     cpu = root.find("cpu")
     cpu_xml = None
@@ -290,7 +296,7 @@ def _guest_facts(conn: Any, name: str) -> _GuestFacts:
         arch=ostype.get("arch") if ostype is not None else None,
         machine=ostype.get("machine") if ostype is not None else None,
         cpu_xml=cpu_xml,
-        memory_kib=int(dom.info()[1]),
+        memory_kib=memory_kib,
     )
 
 
@@ -393,14 +399,30 @@ def _cpu_compare(conn: Any, guest: _GuestFacts, memo: dict[object, object]) -> i
 
 
 def _domain_info(dom: Any) -> DomainInfo:
-    state, _max_mem, memory, vcpus, _cpu_time = dom.info()
+    return _domain_info_of(str(dom.name()), dom.info(), bool(dom.isPersistent()))
+
+
+def _domain_info_of(name: str, info: Sequence[int], persistent: bool) -> DomainInfo:
+    """A domain's listing from its ``info()`` and persistence."""
+    state, _max_mem, memory, vcpus, _cpu_time = info
     return DomainInfo(
-        name=str(dom.name()),
+        name=name,
         state=_domain_state(int(state)),
         vcpus=int(vcpus),
         memory=int(memory),
-        persistent=bool(dom.isPersistent()),
+        persistent=persistent,
     )
+
+
+def _domain_named(conn: Any, name: str) -> DomainInfo | None:
+    """Domain ``name`` as :func:`_list_domains` lists it, or ``None`` (none, or it vanished
+    while being read)."""
+    try:
+        return _domain_info(conn.lookupByName(name))
+    except libvirt.libvirtError as exc:
+        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return None
 
 
 def _list_domains(conn: Any, active_only: bool) -> list[DomainInfo]:

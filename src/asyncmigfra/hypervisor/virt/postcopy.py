@@ -38,6 +38,7 @@ from asyncmigfra.hypervisor.base import (
 )
 from asyncmigfra.hypervisor.virt.domains import _PAUSED, _RUNNING
 from asyncmigfra.hypervisor.virt.errors import _code, _message
+from asyncmigfra.hypervisor.virt.guestlook import guest_look
 from asyncmigfra.hypervisor.virt.migration import LibvirtMigrationJob
 from asyncmigfra.hypervisor.virt.migrationparams import (
     MigrationTarget,
@@ -246,11 +247,17 @@ async def find_broken_post_copy(
             raise
         return _broken(dom), bool(dom.isPersistent())
 
-    try:
-        broken, persistent = await hv._call(uri, look)
-    except (libvirt.libvirtError, TaskError) as exc:
-        log.warning("migration.post_copy_state_unknown", vm=name, error=str(exc))
-        return None
+    guest = await guest_look(hv, uri, name)
+    if guest is not None:
+        failed = libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED
+        broken = guest.state == _PAUSED and guest.reason == failed
+        persistent = guest.persistent
+    else:
+        try:
+            broken, persistent = await hv._call(uri, look)
+        except (libvirt.libvirtError, TaskError) as exc:
+            log.warning("migration.post_copy_state_unknown", vm=name, error=str(exc))
+            return None
     if not broken:
         return None
     target = await hv.resolve_destination(

@@ -227,15 +227,18 @@ def _settle_sharing(conn: Any, dconn: Any, disks: Sequence[GuestDisk]) -> list[G
 # ---- the pre-check -------------------------------------------------------------------------
 
 
-def plan_storage(conn: Any, dconn: Any, request: MigrationRequest, *, host: str) -> StoragePlan:
-    """Check the source's disks and the destination ``host`` (``dconn``) for ``request``.
+def plan_storage(
+    conn: Any, dconn: Any, request: MigrationRequest, *, host: str, xml: str | None = None
+) -> StoragePlan:
+    """Check the source's disks and the destination ``host`` (``dconn``) for ``request``
+    (``xml``: the guest's live definition as read a moment ago, else read now).
 
     ``copy-storage: none``: refuses a guest with local disks; else nothing to copy.
     ``all``/``inc``: the disks to copy and what each moves, or ``IncompatibleDestination``
     naming the disk and the reason. Nothing stays changed on either host (the sharing probe
     removes its file).
     """
-    disks = _settle_sharing(conn, dconn, guest_disks(conn, request.vm_name))
+    disks = _settle_sharing(conn, dconn, guest_disks(conn, request.vm_name, xml))
     mode = request.copy_storage
     if mode == "none":
         refusal = local_disk_refusal(disks, host)
@@ -397,6 +400,17 @@ def marked(dom: Any) -> CopyRecord | None:
         return None
     paths = tuple(str(el.get("path")) for el in root.iterfind("created") if el.get("path"))
     return CopyRecord(root.get("source", ""), root.get("destination", ""), paths)
+
+
+def marked_in(root: ET.Element) -> CopyRecord | None:
+    """The record :func:`mark` left, as the running domain's live definition ``root`` shows
+    it (what :func:`marked` reads with a call of its own), or ``None``."""
+    element = root.find(f"metadata/{{{METADATA_URI}}}storage-copy")
+    if element is None:
+        return None
+    created = f"{{{METADATA_URI}}}created"
+    paths = tuple(str(el.get("path")) for el in element.iterfind(created) if el.get("path"))
+    return CopyRecord(element.get("source", ""), element.get("destination", ""), paths)
 
 
 def unmark(dom: Any) -> None:

@@ -7,6 +7,7 @@ their removal when the job leaves the guest on the source (the blocking parts ar
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import libvirt
 from asyncmigfra.errors import IncompatibleDestination, TaskError
 from asyncmigfra.hypervisor.base import MigrationRequest
 from asyncmigfra.hypervisor.virt import storage
+from asyncmigfra.hypervisor.virt.guestlook import GuestLook, spend
 from asyncmigfra.hypervisor.virt.storage import CopyRecord, StoragePlan
 from asyncmigfra.wire.parsing.names import valid_host
 
@@ -23,7 +25,15 @@ if TYPE_CHECKING:
     from asyncmigfra.hypervisor.virt.backend import LibvirtHypervisor
     from asyncmigfra.hypervisor.virt.migrationparams import MigrationTarget
 
-__all__ = ["StorageLook", "check", "forget_record", "look", "prepare", "release_created"]
+__all__ = [
+    "StorageLook",
+    "check",
+    "forget_record",
+    "look",
+    "prepare",
+    "read_look",
+    "release_created",
+]
 
 # The package's logger name, as before the split into modules.
 log = structlog.stdlib.get_logger("asyncmigfra.hypervisor.virt")
@@ -42,28 +52,44 @@ class StorageLook:
 async def look(
     hv: LibvirtHypervisor, uri: str, target: MigrationTarget, request: MigrationRequest
 ) -> StorageLook:
-    """The pre-check's reading part, in one round trip to the worker threads: the record an
-    earlier copy left and, when it left none to remove first, the plan
-    (:func:`storage.plan_storage`). Changes nothing (its sharing probe removes its file), so
-    it may run beside the other pre-checks."""
-    source = hv.hostname
+    """The pre-check's reading part (:func:`read_look`) in one round trip to the worker
+    threads; a failure is returned for the caller to report when it is ready."""
 
     def op(conn: Any) -> StorageLook:
-        try:
-            record = storage.marked(conn.lookupByName(request.vm_name))
-        except libvirt.libvirtError as exc:
-            log.warning("migration.storage_record_unreadable", vm=request.vm_name, error=str(exc))
-            record = None
-        if record is not None and record.source == source:
-            return StorageLook(record)  # left over: removed before planning
-        dconn = hv._pool[target.uri].get()
-        plan = storage.plan_storage(conn, dconn, request, host=request.destination)
-        return StorageLook(record, plan)
+        return read_look(hv, conn, hv._pool[target.uri].get, request)
 
     try:
         return await hv._mapped(uri, op, "Error checking the disks: ")
     except TaskError as exc:
         return StorageLook(None, error=exc)
+
+
+def read_look(
+    hv: LibvirtHypervisor,
+    conn: Any,
+    destination: Callable[[], Any],
+    request: MigrationRequest,
+    guest: GuestLook | None = None,
+) -> StorageLook:
+    """Worker thread: the record an earlier copy left and, when it left none to remove
+    first, the plan (:func:`storage.plan_storage`, on the connection ``destination()``
+    gives). ``guest``: the guest as a look read it a moment ago (its live definition holds
+    the record). Changes nothing (the sharing probe removes its file), so it may run before
+    the other pre-checks decided. Raises what planning raises (unmapped)."""
+    name = request.vm_name
+    if guest is not None:
+        record = storage.marked_in(guest.root()) if guest.active else None
+    else:
+        try:
+            record = storage.marked(conn.lookupByName(name))
+        except libvirt.libvirtError as exc:
+            log.warning("migration.storage_record_unreadable", vm=name, error=str(exc))
+            record = None
+    if record is not None and record.source == hv.hostname:
+        return StorageLook(record)  # left over: removed before planning
+    xml = guest.xml if guest is not None else None
+    plan = storage.plan_storage(conn, destination(), request, host=request.destination, xml=xml)
+    return StorageLook(record, plan)
 
 
 async def check(
@@ -83,6 +109,7 @@ async def check(
     if looked.plan is not None:
         return looked.plan
     if looked.record is not None:
+        spend(uri, request.vm_name)  # the record changes: later reads read for themselves
         await _release_leftovers(hv, uri, request.vm_name, looked.record)
 
     def op(conn: Any) -> StoragePlan:
