@@ -31,7 +31,8 @@ in a thread against the agent's way: ``python -m bench.planning [--vms N,N]`` (o
 
 Reference (the original C++ daemon on this machine class, from the issue): p50 43.7 ms as
 shipped (1.06 ms with TCP_NODELAY forced), about 1550 tasks/s, 0.27 ms CPU per task, 17 MB RSS.
-Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms.
+Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms. Once built
+(``bench/original.sh``), the original itself is a row of ``bench/speed.py``, side by side.
 
 The agent against a bare aiomqtt echo of the same packet pattern, rounds interleaved, ratios
 printed (issue 20): ``bench/speed.py``, also on its own as ``python -m bench.speed [--quick]``.

@@ -112,24 +112,51 @@ class Client:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.waiters[tid] = fut
         t0 = time.perf_counter()
-        await self.tool.publish(
-            f"fast/migfra/{self.host}/task", f"id: {tid}\n{body}".encode(), qos=2
-        )
-        t1 = await fut
+        try:
+            await self.tool.publish(
+                f"fast/migfra/{self.host}/task", f"id: {tid}\n{body}".encode(), qos=2
+            )
+            t1 = await fut
+        finally:
+            self.waiters.pop(tid, None)
         return (t1 - t0) * 1000.0
 
 
+async def first_answer(c: Client, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
+    """Send ``proc`` a task every 0.2 s until one is answered: for a process that says nothing
+    on the status topic (the original), whose subscription may not be there yet."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before answering")
+        try:
+            await asyncio.wait_for(c.send(START_ONE.format(i=0)), 0.2)
+        except TimeoutError:
+            continue
+        return
+    raise TimeoutError(f"{proc.args!r} answered no task in {within} s")
+
+
 @asynccontextmanager
-async def connected(port: int, host: str) -> AsyncIterator[Client]:
+async def connected(
+    port: int, host: str, *, probe: subprocess.Popen[bytes] | None = None
+) -> AsyncIterator[Client]:
+    """A client once the answering process is ready: it said ``online`` on the status topic,
+    or (``probe``, a process that does not) it answered a task."""
     c = Client(port, host)
     async with c.tool:
         await c.tool.subscribe(f"fast/migfra/{host}/result", qos=1)
         online: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        c.waiters["__online__"] = online
+        if probe is None:
+            c.waiters["__online__"] = online
         await c.tool.subscribe(f"fast/migfra/{host}/status", qos=1)
         async with asyncio.TaskGroup() as tg:
             pump = tg.create_task(c.pump())
-            await asyncio.wait_for(online, 30)
+            if probe is None:
+                await asyncio.wait_for(online, 30)
+            else:
+                await first_answer(c, probe)
             try:
                 yield c
             finally:

@@ -18,7 +18,12 @@ tasks (p50, p99), then tasks with 20 in flight (tasks/s). Rows:
   (``accepted`` only once the task is durable) on this machine's disk, without the agent's work;
 - ``agent``: the agent, ``dummy`` hypervisor, default config (journal on);
 - ``agent, journal off``: ``agent.state-dir: none``;
-- ``agent, event-qos 0``: journal on, ``communicator.event-qos: 0``.
+- ``agent, event-qos 0``: journal on, ``communicator.event-qos: 0``;
+- ``original``: the original C++ migfra daemon (:mod:`bench.original`), ``dummy``
+  hypervisor, ``TCP_NODELAY`` forced on its sockets; only when built (``bench/original.sh``,
+  or ``MIGFRA_ORIGINAL=/path/to/migfra``), else the table says it was not. ``agent`` and
+  ``agent, event-qos 0`` are also compared with it. It answers with its result only (no
+  events, no journal): the packets of ``echo, no events``.
 
 ``--baseline DIR`` adds ``agent, baseline`` and ``journal off, baseline`` (the package from
 another checkout's ``src``, e.g. a ``git worktree`` of the commit before a change), compared
@@ -28,9 +33,10 @@ runs only those rows (and the rows they are compared with), for a quicker before
 Rounds are interleaved (every row once per round, in turn) and the medians of the rounds
 are printed, with the answering process's CPU time per task, and each agent row's ratios to
 both its echoes, labelled (``echo`` and ``echo, awaiting each``; for ``event-qos 0`` the
-QoS 0 pair; ``agent`` also to ``echo, durable``): p50 ratio = agent / echo (target
-<= 1.15), throughput ratio = agent / echo (target >= 0.95). Absolute figures move with the
-machine's load; the ratios from one run are what counts. Figures are printed, never asserted.
+QoS 0 pair; ``agent`` also to ``echo, durable``; both also to ``original`` when it runs):
+p50 ratio = agent / echo (target <= 1.15), throughput ratio = agent / echo (target >= 0.95).
+Absolute figures move with the machine's load; the ratios from one run are what counts.
+Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -44,13 +50,14 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from asyncmigfra.logs import configure_logging
 from asyncmigfra.settings import LoggingSettings
 from bench.common import mosquitto
 from bench.load import Round, agent_process, connected, measure
+from bench.original import NOT_BUILT, find_binary, original_process
 
 
 @contextmanager
@@ -91,10 +98,14 @@ class Row:
     #: The rows this one is compared with: the pipelined echo, then the awaiting one
     #: (empty: an echo row, no ratio).
     references: tuple[str, ...] = ()
+    #: False: the process says nothing on the status topic (the original); the load
+    #: generator sends it tasks until one is answered.
+    announces_online: bool = True
 
 
 QOS1 = ("echo", "echo, awaiting each")
 QOS0 = ("echo, events QoS 0", "echo, QoS 0, awaiting")
+ORIGINAL = "original"
 
 ROWS = (
     Row("echo", echo_process),
@@ -109,13 +120,13 @@ ROWS = (
     Row(
         "agent",
         lambda port, host: agent_process(port, host, journal=True),
-        (*QOS1, "echo, durable"),
+        (*QOS1, "echo, durable", ORIGINAL),
     ),
     Row("agent, journal off", lambda port, host: agent_process(port, host, journal=False), QOS1),
     Row(
         "agent, event-qos 0",
         lambda port, host: agent_process(port, host, journal=True, event_qos=0),
-        QOS0,
+        (*QOS0, ORIGINAL),
     ),
 )
 
@@ -135,7 +146,7 @@ class Plan:
 async def one_round(port: int, row: Row, plan: Plan) -> Round:
     host = f"speed-{uuid.uuid4().hex[:6]}"
     with row.start(port, host) as proc:
-        async with connected(port, host) as c:
+        async with connected(port, host, probe=None if row.announces_online else proc) as c:
             return await measure(c, n_seq=plan.n_seq, n_tput=plan.n_tput, pid=proc.pid)
 
 
@@ -154,14 +165,34 @@ def baseline_rows(src: Path) -> tuple[Row, ...]:
     )
 
 
-def select_rows(only: list[str] | None, baseline: Path | None) -> tuple[Row, ...]:
-    """The rows to run: all (with the baseline's, if given), or only those named and the
-    rows they are compared with, in the table's order."""
-    rows = ROWS + (baseline_rows(baseline) if baseline is not None else ())
+def original_rows() -> tuple[Row, ...]:
+    """The original's row if it is built, else none."""
+    binary = find_binary()
+    if binary is None:
+        return ()
+    return (
+        Row(
+            ORIGINAL,
+            lambda port, host: original_process(binary, port, host),
+            announces_online=False,
+        ),
+    )
+
+
+def select_rows(only: list[str] | None = None, baseline: Path | None = None) -> tuple[Row, ...]:
+    """The rows to run: all (with the baseline's, if given, and the original's, if built),
+    or only those named and the rows they are compared with, in the table's order."""
+    rows = ROWS + original_rows() + (baseline_rows(baseline) if baseline is not None else ())
+    present = {row.name for row in rows}
+    rows = tuple(
+        replace(row, references=tuple(r for r in row.references if r in present)) for row in rows
+    )
     if not only:
         return rows
     wanted = set(only)
-    unknown = wanted - {row.name for row in rows}
+    unknown = wanted - present
+    if ORIGINAL in unknown:
+        raise SystemExit(NOT_BUILT)
     if unknown:
         raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))}")
     for row in rows:
@@ -170,8 +201,10 @@ def select_rows(only: list[str] | None, baseline: Path | None) -> tuple[Row, ...
     return tuple(row for row in rows if row.name in wanted)
 
 
-async def run_speed(port: int, plan: Plan, rows: tuple[Row, ...] = ROWS) -> dict[str, Round]:
-    """Every row once per round, rounds interleaved; the medians per row."""
+async def run_speed(port: int, plan: Plan, rows: tuple[Row, ...] | None = None) -> dict[str, Round]:
+    """Every row once per round, rounds interleaved; the medians per row (default: every
+    row, the original's if built)."""
+    rows = select_rows() if rows is None else rows
     got: dict[str, list[Round]] = {row.name: [] for row in rows}
     for _ in range(plan.rounds):
         for row in rows:
@@ -187,7 +220,8 @@ async def run_speed(port: int, plan: Plan, rows: tuple[Row, ...] = ROWS) -> dict
     }
 
 
-def table(medians: dict[str, Round], plan: Plan, rows: tuple[Row, ...] = ROWS) -> list[str]:
+def table(medians: dict[str, Round], plan: Plan, rows: tuple[Row, ...] | None = None) -> list[str]:
+    rows = select_rows() if rows is None else rows
     lines = [
         f"{plan.rounds} interleaved rounds; {plan.n_seq} sequential tasks, "
         f"{plan.n_tput} with 20 in flight; medians of the rounds",
@@ -214,6 +248,13 @@ def table(medians: dict[str, Round], plan: Plan, rows: tuple[Row, ...] = ROWS) -
         " the pipelined echo is the stronger reference; 'echo, durable' is the floor"
         " of a durable write per task on this disk"
     )
+    if ORIGINAL in medians:
+        lines.append(
+            "'original': the C++ migfra (dummy hypervisor, TCP_NODELAY forced by an"
+            " LD_PRELOAD shim), its result only, no events"
+        )
+    else:
+        lines.append(NOT_BUILT)
     return lines
 
 
