@@ -104,13 +104,16 @@ async def test_the_checks_devices_and_start_share_one_read_until_the_first_chang
         await hv.broken_post_copy(request)
         assert await hv.detach_ivshmem("vm1", ctx, unplug_timeout=1) is None
         assert await hv.detach_hostdevs("vm1", ctx, unplug_timeout=1) == {}
-        assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
         assert seen == ["vm1"]
+        # What guards the job's start is read right before it (others may have changed
+        # the guest since the look).
+        assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
+        assert seen == ["vm1"] * 2
         # The job started: what is read after it (a retry, a recovery) is read again.
         assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
         assert await hv.detach_hostdevs("vm1", ctx, unplug_timeout=1) == {}
         await hv.domain_named("vm1")
-    assert seen == ["vm1"] * 4
+    assert seen == ["vm1"] * 5
 
 
 async def test_start_facts_refuse_as_without_the_scope(
@@ -145,3 +148,23 @@ async def test_the_copy_record_reads_the_same_from_the_live_definition(hv: Any) 
     by_call, by_definition = await asyncio.to_thread(read, True)
     assert by_call is not None
     assert by_definition == by_call
+
+
+def shut_off_by_someone_else(hv: Any) -> None:
+    """``virsh destroy vm1`` on the host (the test driver's host is the back-end's
+    connection: a connection of its own would open a private copy)."""
+    hv._pool[hv.uri].get().lookupByName("vm1").destroy()
+
+
+async def test_the_job_start_sees_a_guest_shut_off_after_the_pre_checks(hv: Any, ctx: Ctx) -> None:
+    # The pre-checks read the guest; someone shuts it off before the job starts. The job's
+    # start refuses as it does without the scope (WrongState, in migfra's words) rather
+    # than going on with the state the pre-checks saw.
+    request = MigrationRequest(vm_name="vm1", destination="hostB")
+    with hv.reading_once("vm1"):
+        await hv.domain_named("vm1")
+        await hv.check_migration(request, memory=False)
+        await asyncio.to_thread(shut_off_by_someone_else, hv)
+        together = await outcome(lambda: hv.begin_migration(request, ctx))
+    assert together == ("WrongState", "Wrong domain state: 5")
+    assert await outcome(lambda: hv.begin_migration(request, ctx)) == together

@@ -3,12 +3,13 @@ libvirtd's worker threads instead of one (or three) per check.
 
 A migration reads the same guest many times before its job starts: its memory, whether a
 post-copy of it broke, its definition (machine type, CPU, disks, devices), the record of an
-earlier storage copy, its resident memory, its state, persistence and running job. Each was
-a lookup and a few calls in a hop of its own; on a loaded host every hop and call costs
-(issue 20). Within :func:`reading_once` the first of those reads takes a :class:`GuestLook`
-of all of it in one hop (a lookup, ``state()``, ``isPersistent()``, ``XMLDesc(0)``,
-``info()`` and, for a running guest, ``memoryStats()`` and ``jobStats()``), and the later
-ones answer from it.
+earlier storage copy, its resident memory, its state and persistence. Each was a lookup
+and a few calls in a hop of its own; on a loaded host every hop and call costs (issue 20).
+Within :func:`reading_once` the first of those reads takes a :class:`GuestLook` of all of it
+in one hop (a lookup, ``state()``, ``isPersistent()``, ``XMLDesc(0)``, ``info()`` and, for a
+running guest, ``memoryStats()``), and the later ones answer from it. What guards the job's
+start (the guest's state and a job of someone else's on it) is read right before it, not
+from the look: others may have changed the guest since.
 
 The first change the back-end makes to the guest within the scope (a device unplugged, the
 job started, an earlier copy's images removed, its memory ballooned) ends the look: every
@@ -29,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import libvirt
 from asyncmigfra.errors import TaskError
-from asyncmigfra.hypervisor.virt.domains import _JOB_NONE, _SHUTOFF
-from asyncmigfra.hypervisor.virt.migrationparams import _num
+from asyncmigfra.hypervisor.virt.domains import _SHUTOFF
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.virt.backend import LibvirtHypervisor
@@ -55,9 +55,6 @@ class GuestLook:
     #: when the guest is not running or ``memoryStats()`` failed.
     rss: int | None
     rss_read: bool
-    #: The operation of a job already running on the guest (``None``: none, or no job
-    #: statistics on this driver).
-    job_operation: int | None
 
     @property
     def active(self) -> bool:
@@ -125,7 +122,6 @@ def _read(conn: Any, name: str) -> GuestLook:
     info = tuple(int(v) for v in dom.info())
     rss: int | None = None
     rss_read = False  # not running (or no statistics): the reader's own call says why
-    operation: int | None = None
     if state != _SHUTOFF:
         try:
             raw = dom.memoryStats().get("rss")
@@ -134,11 +130,4 @@ def _read(conn: Any, name: str) -> GuestLook:
         else:
             rss = int(raw) if isinstance(raw, int) and raw > 0 else None
             rss_read = True
-        try:
-            job = dom.jobStats()
-        except libvirt.libvirtError:
-            pass  # no job statistics here (test driver): nothing to check
-        else:
-            if _num(job, "type") != _JOB_NONE:
-                operation = _num(job, "operation")
-    return GuestLook(name, state, reason, persistent, xml, info, rss, rss_read, operation)
+    return GuestLook(name, state, reason, persistent, xml, info, rss, rss_read)

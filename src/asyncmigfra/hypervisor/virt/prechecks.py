@@ -107,12 +107,10 @@ async def check_migration(
 
 async def start_facts(hv: LibvirtHypervisor, uri: str, name: str) -> tuple[int, bool, int | None]:
     """Right before the job: the guest's state, persistence and the operation of a job
-    already running on it (``None``: none). Ends the migration's look: the job changes the
-    guest."""
-    look = await guest_look(hv, uri, name)
+    already running on it (``None``: none). Read now, not taken from the migration's look:
+    these guard the job against what others did to the guest since the pre-checks (shut it
+    off, started a job of their own). Ends the look: the job changes the guest."""
     spend(uri, name)
-    if look is not None:
-        return look.state, look.persistent, look.job_operation
 
     def read(conn: Any) -> tuple[int, bool, int | None]:
         dom = conn.lookupByName(name)
