@@ -168,3 +168,34 @@ async def test_the_job_start_sees_a_guest_shut_off_after_the_pre_checks(hv: Any,
         together = await outcome(lambda: hv.begin_migration(request, ctx))
     assert together == ("WrongState", "Wrong domain state: 5")
     assert await outcome(lambda: hv.begin_migration(request, ctx)) == together
+
+
+def suspended_by_someone_else(hv: Any) -> None:
+    hv._pool[hv.uri].get().lookupByName("vm1").suspend()
+
+
+async def test_a_scope_is_its_tasks_own(hv: Any) -> None:
+    # Two migrations' tasks at once on one host (an evacuation, a status or stop beside a
+    # migration): each reads the guest for itself; one's look never answers the other, and
+    # reads outside any scope read the host as it is now.
+    looked, changed = asyncio.Event(), asyncio.Event()
+
+    async def first() -> list[object]:
+        with hv.reading_once("vm1"):
+            before = (await hv.domain_named("vm1")).state
+            looked.set()
+            await changed.wait()
+            return [before, (await hv.domain_named("vm1")).state]
+
+    async def second() -> object:
+        await looked.wait()
+        await asyncio.to_thread(suspended_by_someone_else, hv)
+        with hv.reading_once("vm1"):
+            state = (await hv.domain_named("vm1")).state
+        changed.set()
+        return state
+
+    seen_first, seen_second = await asyncio.gather(first(), second())
+    outside = (await hv.domain_named("vm1")).state
+    assert [s.value for s in seen_first] == ["running", "running"]  # its own look, both times
+    assert seen_second.value == outside.value == "paused"  # the host as it is now
