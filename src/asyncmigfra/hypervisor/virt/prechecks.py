@@ -13,6 +13,7 @@ from asyncmigfra.hypervisor.base import DiskCopy, MigrationRequest
 from asyncmigfra.hypervisor.virt import storagecopy
 from asyncmigfra.hypervisor.virt.domains import (
     _JOB_NONE,
+    _SHUTOFF,
     _cpu_compare,
     _destination_facts,
     _DestinationFacts,
@@ -114,15 +115,16 @@ async def start_facts(hv: LibvirtHypervisor, uri: str, name: str) -> tuple[int, 
 
     def read(conn: Any) -> tuple[int, bool, int | None]:
         dom = conn.lookupByName(name)
+        state = int(dom.state()[0])
         operation: int | None = None  # the operation of a job already running
-        if dom.isActive():
+        if state != _SHUTOFF:
             try:
                 raw = dom.jobStats()
             except libvirt.libvirtError:
-                pass  # no job statistics here (test driver): nothing to check
+                pass  # no job statistics here (test driver), or not active: nothing to check
             else:
                 if _num(raw, "type") != _JOB_NONE:
                     operation = _num(raw, "operation")
-        return int(dom.state()[0]), bool(dom.isPersistent()), operation
+        return state, bool(dom.isPersistent()), operation
 
     return await hv._mapped(uri, read)
