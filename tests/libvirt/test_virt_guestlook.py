@@ -19,6 +19,7 @@ else:
 
 from virt_support import Ctx, host_uri
 
+from asyncmigfra.errors import ConnectionFailed
 from asyncmigfra.hypervisor.base import MigrationRequest
 from asyncmigfra.hypervisor.virt import prechecks, storage
 
@@ -199,3 +200,35 @@ async def test_a_scope_is_its_tasks_own(hv: Any) -> None:
     outside = (await hv.domain_named("vm1")).state
     assert [s.value for s in seen_first] == ["running", "running"]  # its own look, both times
     assert seen_second.value == outside.value == "paused"  # the host as it is now
+
+
+@contextmanager
+def libvirtd_away(hv: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """hostA's libvirtd stopped: each attempt to reach it fails ``connection-failed`` (after
+    ``RECONNECT_GRACE`` s in the agent; at once here). Yields the attempts."""
+    attempts: list[str] = []
+
+    def get() -> Any:
+        attempts.append("get")
+        raise ConnectionFailed(f"Failed to connect to libvirt with uri: {hv.uri}: gone")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(hv._pool[hv.uri], "get", get)
+        yield attempts
+
+
+@pytest.mark.parametrize("step", range(5))
+async def test_libvirtd_away_costs_each_step_one_attempt_as_without_the_scope(
+    hv: Any, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    # Each attempt waits up to RECONNECT_GRACE (15 s) for libvirtd: a failed look followed
+    # by the step's own read would make a migration wait twice as long to fail.
+    read = check_steps(hv, "vm1")[step]
+    with libvirtd_away(hv, monkeypatch) as attempts:
+        alone = await outcome(read)
+        alone_attempts = len(attempts)
+        attempts.clear()
+        with hv.reading_once("vm1"):
+            together = await outcome(read)
+        assert together == alone
+        assert len(attempts) == alone_attempts

@@ -13,9 +13,10 @@ from the look: others may have changed the guest since.
 
 The first change the back-end makes to the guest within the scope (a device unplugged, the
 job started, an earlier copy's images removed, its memory ballooned) ends the look: every
-read after it is its own, as without a scope. A look that fails (no such domain, libvirtd
-away) is not kept either: each step then reads for itself and reports its own error, in its
-own words. The scope is a context variable: it covers the task that opened it (and what that
+read after it is its own, as without a scope. A look that fails (no such domain) is not kept
+either: each step then reads for itself and reports its own error, in its own words; when
+libvirtd is out of reach, the look fails as the step's own read would (one wait for it, not
+two). The scope is a context variable: it covers the task that opened it (and what that
 task starts), nothing else on the host; a scope opened within another starts afresh.
 """
 
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import libvirt
-from asyncmigfra.errors import TaskError
 from asyncmigfra.hypervisor.virt.domains import _SHUTOFF
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ def reading_once(vm_name: str) -> Iterator[None]:
 
 async def guest_look(hv: LibvirtHypervisor, uri: str, vm_name: str) -> GuestLook | None:
     """The scope's look of ``vm_name`` on ``uri`` (taken now when it is the first read);
-    ``None`` outside a scope of ``vm_name`` or after the look ended: read for yourself."""
+    ``None`` outside a scope of ``vm_name``, after the look ended or when it failed: read
+    for yourself. Raises what your own read would when libvirtd is out of reach
+    (``ConnectionFailed``)."""
     scope = _SCOPE.get()
     if scope is None or scope.vm_name != vm_name:
         return None
@@ -97,8 +99,11 @@ async def guest_look(hv: LibvirtHypervisor, uri: str, vm_name: str) -> GuestLook
     look: GuestLook | None
     try:
         look = await hv._call(uri, lambda conn: _read(conn, vm_name))
-    except (libvirt.libvirtError, TaskError):
+    except libvirt.libvirtError:
         look = None  # each check reads (and fails) for itself
+    # A TaskError (libvirtd out of reach after RECONNECT_GRACE s) propagates: the reader's
+    # own read would fail the same way, after as long again. Nothing is kept: a later read
+    # tries again.
     scope.looks.setdefault(uri, look)
     return scope.looks[uri]
 
