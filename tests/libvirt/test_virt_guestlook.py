@@ -19,6 +19,7 @@ else:
 
 from virt_support import Ctx, host_uri
 
+from asyncmigfra.errors import ConnectionFailed
 from asyncmigfra.hypervisor.base import MigrationRequest
 from asyncmigfra.hypervisor.virt import prechecks, storage
 
@@ -104,13 +105,16 @@ async def test_the_checks_devices_and_start_share_one_read_until_the_first_chang
         await hv.broken_post_copy(request)
         assert await hv.detach_ivshmem("vm1", ctx, unplug_timeout=1) is None
         assert await hv.detach_hostdevs("vm1", ctx, unplug_timeout=1) == {}
-        assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
         assert seen == ["vm1"]
+        # What guards the job's start is read right before it (others may have changed
+        # the guest since the look).
+        assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
+        assert seen == ["vm1"] * 2
         # The job started: what is read after it (a retry, a recovery) is read again.
         assert await prechecks.start_facts(hv, hv.uri, "vm1") == facts
         assert await hv.detach_hostdevs("vm1", ctx, unplug_timeout=1) == {}
         await hv.domain_named("vm1")
-    assert seen == ["vm1"] * 4
+    assert seen == ["vm1"] * 5
 
 
 async def test_start_facts_refuse_as_without_the_scope(
@@ -145,3 +149,86 @@ async def test_the_copy_record_reads_the_same_from_the_live_definition(hv: Any) 
     by_call, by_definition = await asyncio.to_thread(read, True)
     assert by_call is not None
     assert by_definition == by_call
+
+
+def shut_off_by_someone_else(hv: Any) -> None:
+    """``virsh destroy vm1`` on the host (the test driver's host is the back-end's
+    connection: a connection of its own would open a private copy)."""
+    hv._pool[hv.uri].get().lookupByName("vm1").destroy()
+
+
+async def test_the_job_start_sees_a_guest_shut_off_after_the_pre_checks(hv: Any, ctx: Ctx) -> None:
+    # The pre-checks read the guest; someone shuts it off before the job starts. The job's
+    # start refuses as it does without the scope (WrongState, in migfra's words) rather
+    # than going on with the state the pre-checks saw.
+    request = MigrationRequest(vm_name="vm1", destination="hostB")
+    with hv.reading_once("vm1"):
+        await hv.domain_named("vm1")
+        await hv.check_migration(request, memory=False)
+        await asyncio.to_thread(shut_off_by_someone_else, hv)
+        together = await outcome(lambda: hv.begin_migration(request, ctx))
+    assert together == ("WrongState", "Wrong domain state: 5")
+    assert await outcome(lambda: hv.begin_migration(request, ctx)) == together
+
+
+def suspended_by_someone_else(hv: Any) -> None:
+    hv._pool[hv.uri].get().lookupByName("vm1").suspend()
+
+
+async def test_a_scope_is_its_tasks_own(hv: Any) -> None:
+    # Two migrations' tasks at once on one host (an evacuation, a status or stop beside a
+    # migration): each reads the guest for itself; one's look never answers the other, and
+    # reads outside any scope read the host as it is now.
+    looked, changed = asyncio.Event(), asyncio.Event()
+
+    async def first() -> list[object]:
+        with hv.reading_once("vm1"):
+            before = (await hv.domain_named("vm1")).state
+            looked.set()
+            await changed.wait()
+            return [before, (await hv.domain_named("vm1")).state]
+
+    async def second() -> object:
+        await looked.wait()
+        await asyncio.to_thread(suspended_by_someone_else, hv)
+        with hv.reading_once("vm1"):
+            state = (await hv.domain_named("vm1")).state
+        changed.set()
+        return state
+
+    seen_first, seen_second = await asyncio.gather(first(), second())
+    outside = (await hv.domain_named("vm1")).state
+    assert [s.value for s in seen_first] == ["running", "running"]  # its own look, both times
+    assert seen_second.value == outside.value == "paused"  # the host as it is now
+
+
+@contextmanager
+def libvirtd_away(hv: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """hostA's libvirtd stopped: each attempt to reach it fails ``connection-failed`` (after
+    ``RECONNECT_GRACE`` s in the agent; at once here). Yields the attempts."""
+    attempts: list[str] = []
+
+    def get() -> Any:
+        attempts.append("get")
+        raise ConnectionFailed(f"Failed to connect to libvirt with uri: {hv.uri}: gone")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(hv._pool[hv.uri], "get", get)
+        yield attempts
+
+
+@pytest.mark.parametrize("step", range(5))
+async def test_libvirtd_away_costs_each_step_one_attempt_as_without_the_scope(
+    hv: Any, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    # Each attempt waits up to RECONNECT_GRACE (15 s) for libvirtd: a failed look followed
+    # by the step's own read would make a migration wait twice as long to fail.
+    read = check_steps(hv, "vm1")[step]
+    with libvirtd_away(hv, monkeypatch) as attempts:
+        alone = await outcome(read)
+        alone_attempts = len(attempts)
+        attempts.clear()
+        with hv.reading_once("vm1"):
+            together = await outcome(read)
+        assert together == alone
+        assert len(attempts) == alone_attempts

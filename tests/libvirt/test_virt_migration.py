@@ -87,6 +87,15 @@ class ScriptedDomain:
     def jobStats(self, flags: int = 0) -> dict[str, Any]:
         return dict(self.stats)
 
+    def XMLDesc(self, flags: int = 0) -> str:
+        return f"<domain type='kvm'><name>{self._name}</name><devices/></domain>"
+
+    def info(self) -> list[int]:
+        return [int(self.state_[0]), 131072, 131072, 1, 0]
+
+    def memoryStats(self) -> dict[str, int]:
+        return {"rss": 65536}
+
     def migrateSetMaxDowntime(self, ms: int, flags: int) -> int:
         self.downtimes.append(ms)
         return 0
@@ -298,6 +307,20 @@ async def test_a_job_that_is_not_ours_makes_begin_busy(
     dom.stats = dict(RUNNING_JOB)
     with pytest.raises(Busy, match=r"has a job running \(operation 5\)"):
         await hv.begin_migration(request(), Ctx())
+    assert dom.calls == []
+
+
+async def test_a_job_started_by_someone_else_after_the_pre_checks_makes_begin_busy(
+    hv: LibvirtHypervisor, dom: ScriptedDomain
+) -> None:
+    # The migration's pre-checks read the guest (no job then); someone starts a job on it
+    # (virsh backup-begin, an operator's virsh migrate) before ours starts: refused as
+    # without the read, not watched, steered or aborted as if it were ours.
+    with hv.reading_once("vm1"):
+        assert await hv.domain_named("vm1") is not None
+        dom.stats = dict(RUNNING_JOB)
+        with pytest.raises(Busy, match=r"has a job running \(operation 5\)"):
+            await hv.begin_migration(request(), Ctx())
     assert dom.calls == []
 
 

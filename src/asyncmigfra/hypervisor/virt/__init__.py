@@ -33,9 +33,10 @@ per ``jobStats()``, 1-9 ms once the migrate call had its own connection).
 the default executor. An operation is a small function ``fn(conn)`` run in one thread
 (:meth:`LibvirtHypervisor._call`); it looks the domain up by name each time, so no
 ``virDomain`` handle outlives a reconnect. A migration reads its guest once for its
-pre-checks, its devices and its job's start (:mod:`.guestlook`: one lookup and the calls
-after it in one round trip, the first change to the guest ending it), instead of a lookup
-and a round trip per step: on a loaded host each cost 0.1-0.3 ms (issue 20).
+pre-checks and its devices (:mod:`.guestlook`: one lookup and the calls after it in one
+round trip, the first change to the guest ending it), instead of a lookup and a round trip
+per step: on a loaded host each cost 0.1-0.3 ms (issue 20). Its job's start reads the
+guest's state and any running job afresh (others may have changed them since).
 
 **Event thread.** libvirt's default event loop (``virEventRegisterDefaultImpl()``, once per
 process, before the first open) runs ``virEventRunDefaultImpl()`` in one daemon thread,

@@ -3,18 +3,20 @@ libvirtd's worker threads instead of one (or three) per check.
 
 A migration reads the same guest many times before its job starts: its memory, whether a
 post-copy of it broke, its definition (machine type, CPU, disks, devices), the record of an
-earlier storage copy, its resident memory, its state, persistence and running job. Each was
-a lookup and a few calls in a hop of its own; on a loaded host every hop and call costs
-(issue 20). Within :func:`reading_once` the first of those reads takes a :class:`GuestLook`
-of all of it in one hop (a lookup, ``state()``, ``isPersistent()``, ``XMLDesc(0)``,
-``info()`` and, for a running guest, ``memoryStats()`` and ``jobStats()``), and the later
-ones answer from it.
+earlier storage copy, its resident memory, its state and persistence. Each was a lookup
+and a few calls in a hop of its own; on a loaded host every hop and call costs (issue 20).
+Within :func:`reading_once` the first of those reads takes a :class:`GuestLook` of all of it
+in one hop (a lookup, ``state()``, ``isPersistent()``, ``XMLDesc(0)``, ``info()`` and, for a
+running guest, ``memoryStats()``), and the later ones answer from it. What guards the job's
+start (the guest's state and a job of someone else's on it) is read right before it, not
+from the look: others may have changed the guest since.
 
 The first change the back-end makes to the guest within the scope (a device unplugged, the
 job started, an earlier copy's images removed, its memory ballooned) ends the look: every
-read after it is its own, as without a scope. A look that fails (no such domain, libvirtd
-away) is not kept either: each step then reads for itself and reports its own error, in its
-own words. The scope is a context variable: it covers the task that opened it (and what that
+read after it is its own, as without a scope. A look that fails (no such domain) is not kept
+either: each step then reads for itself and reports its own error, in its own words; when
+libvirtd is out of reach, the look fails as the step's own read would (one wait for it, not
+two). The scope is a context variable: it covers the task that opened it (and what that
 task starts), nothing else on the host; a scope opened within another starts afresh.
 """
 
@@ -28,9 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import libvirt
-from asyncmigfra.errors import TaskError
-from asyncmigfra.hypervisor.virt.domains import _JOB_NONE, _SHUTOFF
-from asyncmigfra.hypervisor.virt.migrationparams import _num
+from asyncmigfra.hypervisor.virt.domains import _SHUTOFF
 
 if TYPE_CHECKING:
     from asyncmigfra.hypervisor.virt.backend import LibvirtHypervisor
@@ -55,9 +55,6 @@ class GuestLook:
     #: when the guest is not running or ``memoryStats()`` failed.
     rss: int | None
     rss_read: bool
-    #: The operation of a job already running on the guest (``None``: none, or no job
-    #: statistics on this driver).
-    job_operation: int | None
 
     @property
     def active(self) -> bool:
@@ -91,7 +88,9 @@ def reading_once(vm_name: str) -> Iterator[None]:
 
 async def guest_look(hv: LibvirtHypervisor, uri: str, vm_name: str) -> GuestLook | None:
     """The scope's look of ``vm_name`` on ``uri`` (taken now when it is the first read);
-    ``None`` outside a scope of ``vm_name`` or after the look ended: read for yourself."""
+    ``None`` outside a scope of ``vm_name``, after the look ended or when it failed: read
+    for yourself. Raises what your own read would when libvirtd is out of reach
+    (``ConnectionFailed``)."""
     scope = _SCOPE.get()
     if scope is None or scope.vm_name != vm_name:
         return None
@@ -100,8 +99,11 @@ async def guest_look(hv: LibvirtHypervisor, uri: str, vm_name: str) -> GuestLook
     look: GuestLook | None
     try:
         look = await hv._call(uri, lambda conn: _read(conn, vm_name))
-    except (libvirt.libvirtError, TaskError):
+    except libvirt.libvirtError:
         look = None  # each check reads (and fails) for itself
+    # A TaskError (libvirtd out of reach after RECONNECT_GRACE s) propagates: the reader's
+    # own read would fail the same way, after as long again. Nothing is kept: a later read
+    # tries again.
     scope.looks.setdefault(uri, look)
     return scope.looks[uri]
 
@@ -125,7 +127,6 @@ def _read(conn: Any, name: str) -> GuestLook:
     info = tuple(int(v) for v in dom.info())
     rss: int | None = None
     rss_read = False  # not running (or no statistics): the reader's own call says why
-    operation: int | None = None
     if state != _SHUTOFF:
         try:
             raw = dom.memoryStats().get("rss")
@@ -134,11 +135,4 @@ def _read(conn: Any, name: str) -> GuestLook:
         else:
             rss = int(raw) if isinstance(raw, int) and raw > 0 else None
             rss_read = True
-        try:
-            job = dom.jobStats()
-        except libvirt.libvirtError:
-            pass  # no job statistics here (test driver): nothing to check
-        else:
-            if _num(job, "type") != _JOB_NONE:
-                operation = _num(job, "operation")
-    return GuestLook(name, state, reason, persistent, xml, info, rss, rss_read, operation)
+    return GuestLook(name, state, reason, persistent, xml, info, rss, rss_read)

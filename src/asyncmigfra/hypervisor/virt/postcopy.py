@@ -247,17 +247,17 @@ async def find_broken_post_copy(
             raise
         return _broken(dom), bool(dom.isPersistent())
 
-    guest = await guest_look(hv, uri, name)
-    if guest is not None:
-        failed = libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED
-        broken = guest.state == _PAUSED and guest.reason == failed
-        persistent = guest.persistent
-    else:
-        try:
+    try:
+        guest = await guest_look(hv, uri, name)
+        if guest is not None:
+            failed = libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED
+            broken = guest.state == _PAUSED and guest.reason == failed
+            persistent = guest.persistent
+        else:
             broken, persistent = await hv._call(uri, look)
-        except (libvirt.libvirtError, TaskError) as exc:
-            log.warning("migration.post_copy_state_unknown", vm=name, error=str(exc))
-            return None
+    except (libvirt.libvirtError, TaskError) as exc:
+        log.warning("migration.post_copy_state_unknown", vm=name, error=str(exc))
+        return None
     if not broken:
         return None
     target = await hv.resolve_destination(

@@ -13,6 +13,7 @@ from asyncmigfra.hypervisor.base import DiskCopy, MigrationRequest
 from asyncmigfra.hypervisor.virt import storagecopy
 from asyncmigfra.hypervisor.virt.domains import (
     _JOB_NONE,
+    _SHUTOFF,
     _cpu_compare,
     _destination_facts,
     _DestinationFacts,
@@ -107,24 +108,23 @@ async def check_migration(
 
 async def start_facts(hv: LibvirtHypervisor, uri: str, name: str) -> tuple[int, bool, int | None]:
     """Right before the job: the guest's state, persistence and the operation of a job
-    already running on it (``None``: none). Ends the migration's look: the job changes the
-    guest."""
-    look = await guest_look(hv, uri, name)
+    already running on it (``None``: none). Read now, not taken from the migration's look:
+    these guard the job against what others did to the guest since the pre-checks (shut it
+    off, started a job of their own). Ends the look: the job changes the guest."""
     spend(uri, name)
-    if look is not None:
-        return look.state, look.persistent, look.job_operation
 
     def read(conn: Any) -> tuple[int, bool, int | None]:
         dom = conn.lookupByName(name)
+        state = int(dom.state()[0])
         operation: int | None = None  # the operation of a job already running
-        if dom.isActive():
+        if state != _SHUTOFF:
             try:
                 raw = dom.jobStats()
             except libvirt.libvirtError:
-                pass  # no job statistics here (test driver): nothing to check
+                pass  # no job statistics here (test driver), or not active: nothing to check
             else:
                 if _num(raw, "type") != _JOB_NONE:
                     operation = _num(raw, "operation")
-        return int(dom.state()[0]), bool(dom.isPersistent()), operation
+        return state, bool(dom.isPersistent()), operation
 
     return await hv._mapped(uri, read)
