@@ -1,5 +1,5 @@
-"""The project's own two-host libvirt test rig (see ``hosts.py``), its test guests
-(``guest.py``) and the disk images on its hosts (``storage.py``)."""
+"""The project's own two-host libvirt test rig (see ``hosts.py``, which maps its parts), its
+test guests (``guest.py``) and the disk images on its hosts (``storage.py``)."""
 
 from rig.guest import (
     SIGNATURE,

@@ -94,7 +94,7 @@ def build_guests(outdir: Path, variants: tuple[str, ...] | None = None) -> dict[
     """Assemble the guest kernels into ``outdir`` (cached by content hash); return their paths.
 
     ``outdir`` must be visible inside the rig's hosts: not under ``/run`` or ``/var``, which
-    each host replaces with its own directory (see :mod:`rig.hosts`).
+    each host replaces with its own directory (see :mod:`rig.daemons`).
     """
     outdir.mkdir(parents=True, exist_ok=True)
     source = SOURCE.read_bytes()

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rig.hosts import Host, which
+from rig.hosts import Host
+from rig.system import which
 
 __all__ = ["qmp_log"]
 

@@ -14,7 +14,8 @@ import contextlib
 import subprocess
 from collections.abc import Iterator
 
-from rig.hosts import VETH, Host
+from rig.hosts import Host
+from rig.network import VETH
 
 __all__ = ["BURST_MIN", "ShapingUnavailable", "shape", "shaped", "shaping", "unshape"]
 
