@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from parsing_helpers import BAD, migrate, parse, reject, start_item
+from parsing_support import BAD, migrate, parse, reject, start_item
 
 from asyncmigfra.model import CancelSpec, StartSpec, StopSpec, TaskKind
 from asyncmigfra.wire.parsing import load_yaml

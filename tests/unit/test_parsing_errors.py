@@ -7,7 +7,7 @@ Each test names the section of ``spec/migfra-original.md`` (or ``spec/extensions
 from __future__ import annotations
 
 import pytest
-from parsing_helpers import BAD, reject
+from parsing_support import BAD, reject
 
 # --------------------------------------------------------------------------------------------
 # 5 parse errors

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from parsing_helpers import parse, reject
+from parsing_support import parse, reject
 
 from asyncmigfra.errors import TaskRejected
 from asyncmigfra.model import MigrateSpec, RepinSpec, StartSpec, TaskKind

@@ -8,7 +8,7 @@ Each test names the section of ``spec/migfra-original.md`` (or ``spec/extensions
 from __future__ import annotations
 
 import pytest
-from parsing_helpers import BAD, migrate, parse, reject
+from parsing_support import BAD, migrate, parse, reject
 
 from asyncmigfra.model import MigrateSpec, MigrationParams, SwapWith
 

@@ -8,7 +8,7 @@ Each test names the section of ``spec/migfra-original.md`` (or ``spec/extensions
 from __future__ import annotations
 
 import pytest
-from parsing_helpers import BAD, parse, reject, start_item
+from parsing_support import BAD, parse, reject, start_item
 
 from asyncmigfra.model import (
     CancelSpec,

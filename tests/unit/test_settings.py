@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from settings_helpers import (
+from settings_support import (
     config_error,
     load,
     predictable_machine_name,  # noqa: F401

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from settings_helpers import (
+from settings_support import (
     config_error,
     predictable_machine_name,  # noqa: F401
 )

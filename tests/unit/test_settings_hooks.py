@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from settings_helpers import (
+from settings_support import (
     config_error,
     load,
     predictable_machine_name,  # noqa: F401

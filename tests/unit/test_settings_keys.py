@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from settings_helpers import (
+from settings_support import (
     load,
     predictable_machine_name,  # noqa: F401
 )
