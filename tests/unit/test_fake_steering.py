@@ -1,8 +1,8 @@
 """Issue 17 on the ``fake`` back-end: ``set_bandwidth`` (pre-copy and post-copy),
 ``postcopy-bandwidth``, and the ``migrate-stall`` fault (a stream that stops moving).
 
-As in test_hypervisor_fake.py, migrations run with a large ``time-scale``; assertions use the
-simulated quantities (rates, bytes), never the wall clock.
+As in test_hypervisor_fake_migration.py, migrations run with a large ``time-scale``; assertions
+use the simulated quantities (rates, bytes), never the wall clock.
 """
 
 from __future__ import annotations

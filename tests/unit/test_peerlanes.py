@@ -1,50 +1,34 @@
 """The lane-hold protocol between agents (``peerlanes``) over an in-memory bus: the server's
-decisions, leases, renewals, releases and its answers to junk; the asking side's outcomes;
-that the sender is the topic's last level (never a JSON field), every field is checked, and
-holds are bounded per sender. The same exchange over a real mosquitto between two agents:
-tests/broker/test_swap_lanes.py; with the example ACL: tests/security/test_peer_acl.py."""
+decisions, leases, renewals, releases and its answers to junk; that the sender is the topic's
+last level (never a JSON field), every field is checked, and holds are bounded per sender. The
+asking side's outcomes: test_peerlanes_asking.py. The same exchange over a real mosquitto
+between two agents: tests/broker/test_swap_lanes.py; with the example ACL:
+tests/security/test_peer_acl.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
+from peerlanes_support import (
+    A_TASKS,
+    B_TASKS,
+    Keeper,
+    answer_topic,
+    request,
+    request_topic,
+    serving,
+)
 
-from asyncmigfra.errors import Busy, ConnectionFailed
 from asyncmigfra.peers import bus as peers
 from asyncmigfra.peers import lanes as peerlanes
 from asyncmigfra.peers.bus import MemoryBus, PeerRefusal, topic_matches
-from asyncmigfra.peers.lanes import (
-    MAX_HOLDS_PER_SOURCE,
-    LaneServer,
-    hold_peer_lane,
-    lane_topic_of,
-    lane_topics,
-    parse_request,
-)
-from asyncmigfra.transport.mqtt import TransportError
-
-A_TASKS = "fast/migfra/a/task"
-B_TASKS = "fast/migfra/b/task"
-B_REQUESTS = "fast/migfra/b/lane/+"
-
-
-def request_topic(sender: str = "a") -> str:
-    """Where ``sender`` asks agent ``b``."""
-    return f"fast/migfra/b/lane/{sender}"
-
-
-def answer_topic(sender: str = "a") -> str:
-    """Where ``b`` answers ``sender``."""
-    return f"fast/migfra/{sender}/lane-response/b"
-
+from asyncmigfra.peers.lanes import MAX_HOLDS_PER_SOURCE, lane_topic_of, lane_topics, parse_request
 
 #: The exact values of the hostile review, and their kin.
 HOSTILE_VM_NAMES = [
@@ -68,33 +52,6 @@ HOSTILE_VM_NAMES = [
 ]
 
 
-@dataclass
-class Keeper:
-    """The dispatcher's side: VMs with work on them, and the lanes given out."""
-
-    busy: set[str] = field(default_factory=set)
-    held: list[str] = field(default_factory=list)
-
-    def hold_lane(self, vm_name: str) -> Callable[[], None] | str:
-        if vm_name in self.busy or vm_name in self.held:
-            return f"a task of this agent runs or waits on {vm_name}"
-        self.held.append(vm_name)
-        return lambda: self.held.remove(vm_name)
-
-
-@asynccontextmanager
-async def serving(bus: MemoryBus, keeper: Keeper, **kw: object) -> AsyncIterator[LaneServer]:
-    server = LaneServer(bus=bus, hostname="b", task_topic=B_TASKS, keeper=keeper, **kw)  # type: ignore[arg-type]
-    task = asyncio.create_task(server.serve())
-    while B_REQUESTS not in bus.queues:
-        await asyncio.sleep(0)
-    try:
-        yield server
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
-
-
 async def ask(bus: MemoryBus, request: dict[str, object], sender: str = "a") -> dict[str, str]:
     """Send one raw request as agent ``sender`` (its topic level) and return the answer."""
     async with bus.subscription(answer_topic(sender), 1) as queue:
@@ -110,29 +67,6 @@ async def no_answer(bus: MemoryBus, payload: bytes, sender: str = "a", within: f
         bus.deliver(request_topic(sender), payload)
         await asyncio.sleep(within)
         assert queue.empty(), queue.get_nowait()
-
-
-def request(op: str, hold_id: str = "h1", vm: str = "v2", **extra: object) -> dict[str, object]:
-    return {
-        "op": op,
-        "request-id": f"r{op}",
-        "hold-id": hold_id,
-        "vm-name": vm,
-        "source": "a",
-    } | extra
-
-
-def hold(bus: MemoryBus, mode: str = "best-effort", **kw: object):  # type: ignore[no-untyped-def]
-    return hold_peer_lane(
-        bus,  # type: ignore[arg-type]
-        task_topic=A_TASKS,
-        hostname="a",
-        peer="b",
-        vm_name="v2",
-        mode=mode,  # type: ignore[arg-type]
-        answer_within=kw.pop("answer_within", 0.5),  # type: ignore[arg-type]
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 # --- topics ---------------------------------------------------------------------------------------
@@ -450,149 +384,6 @@ def test_leases_are_bounded():
     assert lease(45) == 45.0
     assert lease("7.5") == 7.5
     assert parse_request(json.dumps(request("hold")).encode(), "a").lease == peerlanes.LEASE
-
-
-# --- the asking side ------------------------------------------------------------------------------
-
-
-async def test_the_asking_side_holds_renews_and_releases():
-    bus, keeper = MemoryBus(), Keeper()
-    async with serving(bus, keeper):
-        async with hold(bus, lease=3.0) as uncoordinated:
-            assert uncoordinated is None
-            assert keeper.held == ["v2"]
-            async with asyncio.timeout(3):  # a renewal every third of the lease
-                while not any(m.get("op") == "renew" for _, m in bus.sent):
-                    await asyncio.sleep(0.05)
-        ops = [m["op"] for topic, m in bus.sent if topic == request_topic("a")]
-        assert ops == ["hold", "renew", "release"]
-        async with asyncio.timeout(1):
-            while keeper.held:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0)  # the answer goes out right after the lane is given back
-        assert [m["status"] for topic, m in bus.sent if topic == answer_topic("a")] == [
-            "held",
-            "renewed",
-            "released",
-        ]
-
-
-async def test_the_asking_side_hears_only_the_agent_it_asked():
-    """An answer with the right request id from another agent's level is not taken."""
-    bus = MemoryBus(deaf={request_topic("a")})  # b never hears the request
-    sent = asyncio.Event()
-    original = bus.send
-
-    async def send(topic: str, payload: bytes, qos: int) -> None:
-        await original(topic, payload, qos)
-        rid = json.loads(payload)["request-id"]
-        forged = json.dumps({"request-id": rid, "status": "held"}).encode()
-        # c answers in its own name, and (as if the ACL let it) on a deeper level of b's.
-        bus.deliver("fast/migfra/a/lane-response/c", forged)
-        bus.deliver("fast/migfra/a/lane-response/b/x", forged)
-        sent.set()
-
-    bus.send = send  # type: ignore[method-assign]
-    async with hold(bus, answer_within=0.3) as uncoordinated:
-        assert sent.is_set()
-        assert uncoordinated == "not coordinated with b's agent (no answer within 0.3 s)"
-
-
-def test_answers_are_checked():
-    mine = "fast/migfra/a/lane-response/b"
-
-    def answer(doc: object, topic: str = mine) -> tuple[str, str] | None:
-        return peerlanes._answer_to(topic, json.dumps(doc).encode(), mine, "r1")
-
-    assert answer({"request-id": "r1", "status": "held"}) == ("held", "")
-    assert answer({"request-id": "r1", "status": "held"}, "fast/migfra/a/lane-response/c") is None
-    assert answer({"request-id": "r2", "status": "held"}) is None
-    assert answer({"request-id": "r1", "status": "granted"}) is None
-    assert answer({"request-id": "r1", "status": "busy", "details": ["x"]}) is None
-    busy = answer({"request-id": "r1", "status": "busy", "details": "x\u202ey\n" + "z" * 900})
-    assert busy is not None
-    assert busy[1].startswith("x\\u202ey\\u000a")
-    assert len(busy[1]) == peerlanes.MAX_DETAILS_CHARS
-    assert peerlanes._answer_to(mine, b"\xff", mine, "r1") is None
-
-
-async def test_the_asking_side_gets_busy_when_the_vm_has_work():
-    bus, keeper = MemoryBus(), Keeper(busy={"v2"})
-    async with serving(bus, keeper):
-        with pytest.raises(Busy, match=r"v2 is busy on b's agent \(on b: a task"):
-            async with hold(bus):
-                pytest.fail("the block must not run")
-
-
-@pytest.mark.parametrize("mode", ["best-effort", "required"])
-async def test_nobody_answering(mode):
-    bus = MemoryBus(deaf={request_topic("a")})
-    if mode == "required":
-        with pytest.raises(ConnectionFailed, match=r"no answer within 0\.2 s"):
-            async with hold(bus, mode, answer_within=0.2):
-                pytest.fail("the block must not run")
-        return
-    async with hold(bus, mode, answer_within=0.2) as uncoordinated:
-        assert uncoordinated == "not coordinated with b's agent (no answer within 0.2 s)"
-
-
-async def test_off_asks_nobody():
-    bus = MemoryBus()
-    async with hold(bus, "off") as uncoordinated:
-        assert uncoordinated is None
-    assert bus.sent == []
-
-
-async def test_no_bus_and_an_unusable_topic_are_reported():
-    async with hold_peer_lane(
-        None,
-        task_topic=A_TASKS,
-        hostname="a",
-        peer="b",
-        vm_name="v2",
-        mode="best-effort",
-        answer_within=0.2,
-    ) as uncoordinated:
-        assert uncoordinated == "not coordinated with b's agent (this agent has no MQTT connection)"
-    for task_topic, peer in (("site/x/task", "b"), (A_TASKS, "b/c"), (A_TASKS, "+")):
-        with pytest.raises(ConnectionFailed, match=r"cannot tell .*'s lane topic"):
-            async with hold_peer_lane(
-                MemoryBus(),  # type: ignore[arg-type]
-                task_topic=task_topic,
-                hostname="a",
-                peer=peer,
-                vm_name="v2",
-                mode="required",
-                answer_within=0.2,
-            ):
-                pytest.fail("the block must not run")
-
-
-class BrokenBus(MemoryBus):
-    """A broker connection that fails: on subscribing (``where="subscribe"``) or sending."""
-
-    def __init__(self, where: str) -> None:
-        super().__init__()
-        self.where = where
-
-    @asynccontextmanager
-    async def subscription(self, topic: str, qos: int) -> AsyncIterator[asyncio.Queue]:
-        if self.where == "subscribe":
-            raise TransportError("not connected")
-        async with super().subscription(topic, qos) as queue:
-            yield queue
-
-    async def send(self, topic: str, payload: bytes, qos: int) -> None:
-        raise TransportError("not connected")
-
-
-@pytest.mark.parametrize("where", ["subscribe", "send"])
-async def test_a_broker_failure_is_reported_not_raised(where):
-    async with hold(BrokenBus(where)) as uncoordinated:
-        assert uncoordinated == "not coordinated with b's agent (MQTT: not connected)"
-    with pytest.raises(ConnectionFailed, match="MQTT: not connected"):
-        async with hold(BrokenBus(where), "required"):
-            pytest.fail("the block must not run")
 
 
 # --- properties -----------------------------------------------------------------------------------
