@@ -55,13 +55,16 @@ class GuestLook:
     #: when the guest is not running or ``memoryStats()`` failed.
     rss: int | None
     rss_read: bool
+    #: ``xml`` parsed, in the worker thread that read it (the loop never parses it); read
+    #: only, by every reader.
+    tree: ET.Element = field(repr=False, compare=False)
 
     @property
     def active(self) -> bool:
         return bool(self.state != _SHUTOFF)
 
     def root(self) -> ET.Element:
-        return ET.fromstring(self.xml)  # noqa: S314 - libvirt's own XML
+        return self.tree
 
 
 @dataclass(slots=True)
@@ -135,4 +138,5 @@ def _read(conn: Any, name: str) -> GuestLook:
         else:
             rss = int(raw) if isinstance(raw, int) and raw > 0 else None
             rss_read = True
-    return GuestLook(name, state, reason, persistent, xml, info, rss, rss_read)
+    tree = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
+    return GuestLook(name, state, reason, persistent, xml, info, rss, rss_read, tree)
