@@ -75,6 +75,7 @@ from asyncmigfra.hypervisor.virt.domains import (
     _with_flags,
     _xml_name,
     migration_devices,
+    migration_devices_in,
 )
 from asyncmigfra.hypervisor.virt.errors import (
     _FLAG_FALLBACK_CODES,
@@ -518,11 +519,13 @@ class LibvirtHypervisor:
     async def _migration_devices(
         self, vm_name: str
     ) -> tuple[list[PluggedDevice], list[PluggedDevice]]:
+        """The guest's devices that a migration detaches, read and parsed off the loop."""
         look = await guestlook.guest_look(self, self.uri, vm_name)
-        if look is not None:
-            return migration_devices(look.xml)
-        xml = await self._mapped(self.uri, lambda c: str(c.lookupByName(vm_name).XMLDesc(0)))
-        return migration_devices(xml)
+        if look is not None and self._executor is not None:
+            return await run_blocking(self._executor, migration_devices_in, look.root())
+        return await self._mapped(
+            self.uri, lambda c: migration_devices(str(c.lookupByName(vm_name).XMLDesc(0)))
+        )
 
     async def _unplug(self, vm_name: str, device: PluggedDevice, what: str, limit: float) -> None:
         """Detach ``device`` and wait for the guest to release it: the device-removed event,

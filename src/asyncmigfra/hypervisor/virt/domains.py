@@ -204,7 +204,11 @@ class PluggedDevice:
 
 def migration_devices(xml: str) -> tuple[list[PluggedDevice], list[PluggedDevice]]:
     """(``<shmem>`` devices, PCI ``<hostdev>`` devices) of a live domain XML."""
-    root = ET.fromstring(xml)  # noqa: S314 - produced by libvirtd, not by a task
+    return migration_devices_in(ET.fromstring(xml))  # noqa: S314 - produced by libvirtd
+
+
+def migration_devices_in(root: ET.Element) -> tuple[list[PluggedDevice], list[PluggedDevice]]:
+    """:func:`migration_devices` of a parsed definition (read only)."""
 
     def plugged(element: ET.Element, host_address: PciAddress | None = None) -> PluggedDevice:
         alias = element.find("alias")
