@@ -29,6 +29,7 @@ from asyncmigfra.tasks.waves import (
     plan_waves,
     replan,
     slowdown,
+    slowdown_reaches,
 )
 
 MIB = 1024 * 1024
@@ -268,6 +269,30 @@ async def test_slowdown() -> None:
     assert slowdown(fixed) == pytest.approx(2.0)
     assert slowdown([Observation(name="x", predicted=1.0, actual=100.0)]) == 4.0
     assert slowdown([Observation(name="x", predicted=100.0, actual=1.0)]) == 0.25
+
+
+async def test_slowdown_reaches() -> None:
+    done = [Observation(name="a", predicted=2.0, actual=3.0)]
+    running = [
+        Observation(name="b", predicted=1.0, actual=2.0, finished=False),
+        Observation(name="c", predicted=3.0, actual=4.0, finished=False),
+        Observation(name="d", predicted=5.0, actual=1.0, finished=False),  # not past it yet
+    ]
+    # (3 + 2 + 4) / (2 + 1 + 3) = 1.5 now; b and c each add their time: (9 + 2t) / 6.
+    assert slowdown(done + running) == pytest.approx(1.5)
+    assert slowdown_reaches(done + running, 1.5) == 0.0
+    assert slowdown_reaches(done + running, 2.0) == pytest.approx(1.5)
+    assert slowdown(
+        [*done, *(replace(o, actual=o.actual + 1.5) for o in running[:2]), running[2]]
+    ) == pytest.approx(2.0)
+    # Only finished moves, or the running ones not past their prediction: time adds nothing.
+    assert slowdown_reaches(done, 2.0) is None
+    assert slowdown_reaches([*done, running[2]], 2.0) is None
+    # Beyond the slowdown's bound: never.
+    assert slowdown_reaches(done + running, 5.0) is None
+    # The setup counts in neither total.
+    fixed = [Observation(name="e", predicted=1.3, actual=1.8, fixed=0.3, finished=False)]
+    assert slowdown_reaches(fixed, 2.0) == pytest.approx(0.5)
 
 
 async def test_replan_assumes_links_as_slow_as_the_moves_were() -> None:

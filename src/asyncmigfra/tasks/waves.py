@@ -52,9 +52,11 @@ the tests pin down: every VM is scheduled once or reported, no moment exceeds th
 no running migration ever gets less than its ``needed``.
 
 **Re-planning.** :func:`replan` plans the VMs not yet started again once moves ran slower
-(or faster) than predicted (:func:`deviates`): the links are assumed :func:`slowdown` times
-slower (the usual cause is other traffic on them; a guest dirtying more than measured looks
-the same from here), the running ones with what they have left.
+(or faster) than predicted (:func:`deviates`), or once the moves still running past their
+prediction show the links :data:`DEVIATION` times slower than the plan in force assumes
+(:func:`slowdown_reaches`): the links are assumed :func:`slowdown` times slower (the usual
+cause is other traffic on them; a guest dirtying more than measured looks the same from
+here), the running ones with what they have left.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ __all__ = [
     "plan_waves",
     "replan",
     "slowdown",
+    "slowdown_reaches",
 ]
 
 #: Rates are predicted in steps of this share of a VM's ``alone`` rate, rounded down.
@@ -212,6 +215,28 @@ def slowdown(observations: Sequence[Observation]) -> float:
     if predicted <= 0 or actual <= 0:
         return 1.0
     return min(_SLOWDOWN_LIMIT, max(1 / _SLOWDOWN_LIMIT, actual / predicted))
+
+
+def slowdown_reaches(observations: Sequence[Observation], factor: float) -> float | None:
+    """s until :func:`slowdown` of ``observations`` reaches ``factor`` as the running moves
+    already past their prediction run on (each adds its time to the actual total); 0 when
+    it has, ``None`` when it does not that way (none runs past its prediction, or ``factor``
+    is beyond the slowdown's bound). A running move that has not reached its prediction yet
+    adds nothing until it does (ask again then)."""
+    if slowdown(observations) >= factor:
+        return 0.0
+    if factor > _SLOWDOWN_LIMIT:
+        return None
+    actual = predicted = 0.0
+    growing = 0
+    for o in observations:
+        if o.predicted > o.fixed and (o.finished or o.actual > o.predicted):
+            actual += max(0.0, o.actual - o.fixed)
+            predicted += o.predicted - o.fixed
+            growing += not o.finished
+    if not growing:
+        return None
+    return max(0.0, (factor * predicted - actual) / growing)
 
 
 def replan(

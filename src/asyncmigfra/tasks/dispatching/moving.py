@@ -27,6 +27,11 @@ destination's agent keeps its turn (and cuts a source that holds more than its f
 for long, :mod:`asyncmigfra.peers.inbound`). A move that waited :data:`GRANT_PATIENCE` s
 makes its destination uncoordinated: a destination's agent never stalls an evacuation.
 A destination whose agent does not answer is divided as if this host were alone.
+
+The moves not started are planned again (the ``replan`` given) when a move strayed from its
+prediction, also one still running that has run :data:`~asyncmigfra.tasks.waves.DEVIATION`
+times its prediction, and the slowdown the moves show differs that much from the one the
+plan in force assumed (:meth:`Moves._ended`); the loop wakes when a running move may tell.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from asyncmigfra.model import ResultEntry
 from asyncmigfra.peers.reserving import InboundReservations
 from asyncmigfra.tasks.dispatching.schedule import _Schedule
 from asyncmigfra.tasks.shares import Links, Member, admissible, allocate, caps, leaves_room
-from asyncmigfra.tasks.waves import Observation, deviates
+from asyncmigfra.tasks.waves import DEVIATION, Observation, deviates, slowdown, slowdown_reaches
 
 __all__ = ["Move", "Moves", "Moving", "OperatorCap", "Replan", "Steer"]
 
@@ -107,7 +112,12 @@ class Moves:
         #: VM -> the cap (MiB/s) it should have now, and the one it has.
         self._caps: dict[str, int | None] = {}
         self._applied: dict[str, int | None] = {}
+        #: The moves that ended, as predicted and as they took.
         self._seen: list[Observation] = []
+        #: The slowdown the plan in force was made for (what the moves showed at the last
+        #: re-plan): running moves re-plan the rest once they show :data:`DEVIATION` times
+        #: that.
+        self._assumed = schedule.slowdown
         #: A move waits for a destination's grant (asked again in :data:`_GRANT_RETRY` s).
         self._short = False
         #: destination -> the first move waiting for its grant (its ask is kept), and since
@@ -295,10 +305,52 @@ class Moves:
             wakes.append(_CAP_RETRY)
         if self._short or self._reservations.short:
             wakes.append(_GRANT_RETRY)
+        if self._pending and (overdue := self._overdue_in(time.monotonic())) is not None:
+            wakes.append(overdue)
         return max(0.0, min(wakes)) if wakes else None
 
+    def _overdue_in(self, now: float) -> float | None:
+        """s until the running moves may make the rest worth planning again (see
+        :meth:`_ended`): one reaching its prediction (its time counts from then on) or
+        :data:`DEVIATION` times it, or the slowdown they show reaching :data:`DEVIATION`
+        times the one the plan assumes; ``None``: not by running on."""
+        running = self._running_observations(now)
+        waits = [
+            limit - o.actual + 1e-3
+            for o in running
+            for limit in (o.predicted, o.predicted * DEVIATION)
+            if o.actual <= limit
+        ]
+        if reach := slowdown_reaches([*self._seen, *running], self._assumed * DEVIATION):
+            waits.append(reach)  # (0: reached, and waiting for a move to stray as well)
+        return min(waits) if waits else None
+
+    def _running_observations(self, now: float) -> list[Observation]:
+        """The running moves with a prediction, as long as they have run so far."""
+        schedule = self._schedule
+        out: list[Observation] = []
+        for name, started in self._running.items():
+            predicted = schedule.steps[name].predicted
+            if predicted is not None:
+                fixed = schedule.vms[name].inputs.costs.setup
+                out.append(
+                    Observation(
+                        name=name,
+                        predicted=predicted,
+                        actual=now - started,
+                        finished=False,
+                        fixed=fixed,
+                    )
+                )
+        return out
+
     async def _ended(self) -> None:
-        """Note the moves that ended; plan the rest again when one strayed."""
+        """Note the moves that ended; plan the rest again when a move strayed (it ended
+        :data:`DEVIATION` times faster or slower than predicted, or has run
+        :data:`DEVIATION` times its prediction: a crawling or stuck move tells before it
+        ends) and the moves so far show the links :data:`DEVIATION` times slower or faster
+        than the plan in force assumes (:func:`~asyncmigfra.tasks.waves.slowdown`): once
+        for each such step of the evidence, not at every look."""
         now = time.monotonic()
         schedule = self._schedule
         strays: list[Observation] = []
@@ -319,10 +371,19 @@ class Moves:
             self._seen.append(seen)
             if deviates(seen):
                 strays.append(seen)
-        if strays and self._pending:
-            self._pending = await self._replan(
-                self._pending, self._progress(now), self._seen, strays[0]
+        if self._pending:
+            running = self._running_observations(now)
+            evidence = [*self._seen, *running]
+            shown = slowdown(evidence)
+            overdue = sorted(
+                (o for o in running if deviates(o)), key=lambda o: o.predicted / o.actual
             )
+            witnesses = [*strays, *overdue]
+            if witnesses and not 1 / DEVIATION < shown / self._assumed < DEVIATION:
+                self._assumed = shown  # also when the planner gave up: not asked again at once
+                self._pending = await self._replan(
+                    self._pending, self._progress(now), evidence, witnesses[0]
+                )
         queued = [m for m in self._queued.values() if m.name in self._pending]
         await self._reserve([*self._members(list(self._running)), *queued])
 

@@ -388,8 +388,9 @@ class _Predicted(_DispatcherBase):
         unschedulable = [schedule.steps[n] for n in pending if schedule.steps[n].member is None]
         schedule.adopt(plan, started=started, unschedulable=unschedulable)
         schedule.slowdown = slowdown(seen)
+        took = "took" if why.finished else "has run"
         reason = (
-            f"{why.name} took {why.actual:.1f} s, predicted {why.predicted:.1f} s:"
+            f"{why.name} {took} {why.actual:.1f} s, predicted {why.predicted:.1f} s:"
             " the rest planned again"
         )
         log.info("evacuation.replanned", task_id=job.msg.id, reason=reason)
