@@ -30,8 +30,10 @@ A destination whose agent does not answer is divided as if this host were alone.
 
 The moves not started are planned again (the ``replan`` given) when a move strayed from its
 prediction, also one still running that has run :data:`~asyncmigfra.tasks.waves.DEVIATION`
-times its prediction, and the slowdown the moves show differs that much from the one the
-plan in force assumed (:meth:`Moves._ended`); the loop wakes when a running move may tell.
+times its prediction (not while in its setup: it has sent nothing), and the slowdown the
+moves show differs that much from the one the plan in force assumed (:meth:`Moves._ended`);
+the loop wakes when a running move may tell, and at once when a re-plan became due while it
+was busy (planning takes seconds for many VMs).
 """
 
 from __future__ import annotations
@@ -315,6 +317,8 @@ class Moves:
         :data:`DEVIATION` times it, or the slowdown they show reaching :data:`DEVIATION`
         times the one the plan assumes; ``None``: not by running on."""
         running = self._running_observations(now)
+        if self._witness([*self._seen, *running], [], running) is not None:
+            return 0.0  # due already: it became so while the loop was busy (a re-plan)
         waits = [
             limit - o.actual + 1e-3
             for o in running
@@ -325,13 +329,28 @@ class Moves:
             waits.append(reach)  # (0: reached, and waiting for a move to stray as well)
         return min(waits) if waits else None
 
+    def _witness(
+        self, evidence: list[Observation], strays: list[Observation], running: list[Observation]
+    ) -> Observation | None:
+        """The move that makes the rest worth planning again now (see :meth:`_ended`): a
+        stray of ``strays`` or a move of ``running`` past :data:`DEVIATION` times its
+        prediction (the furthest first), when ``evidence`` shows a slowdown that far from
+        the one the plan in force assumes; ``None``: not now."""
+        overdue = sorted((o for o in running if deviates(o)), key=lambda o: o.predicted / o.actual)
+        witnesses = [*strays, *overdue]
+        shown = slowdown(evidence)
+        if witnesses and not 1 / DEVIATION < shown / self._assumed < DEVIATION:
+            return witnesses[0]
+        return None
+
     def _running_observations(self, now: float) -> list[Observation]:
-        """The running moves with a prediction, as long as they have run so far."""
+        """The running moves with a prediction, as long as they have run so far; not those
+        still in their setup (they have sent nothing: their time tells nothing of the links)."""
         schedule = self._schedule
         out: list[Observation] = []
         for name, started in self._running.items():
             predicted = schedule.steps[name].predicted
-            if predicted is not None:
+            if predicted is not None and name not in self._setting_up:
                 fixed = schedule.vms[name].inputs.costs.setup
                 out.append(
                     Observation(
@@ -374,15 +393,11 @@ class Moves:
         if self._pending:
             running = self._running_observations(now)
             evidence = [*self._seen, *running]
-            shown = slowdown(evidence)
-            overdue = sorted(
-                (o for o in running if deviates(o)), key=lambda o: o.predicted / o.actual
-            )
-            witnesses = [*strays, *overdue]
-            if witnesses and not 1 / DEVIATION < shown / self._assumed < DEVIATION:
-                self._assumed = shown  # also when the planner gave up: not asked again at once
+            if (why := self._witness(evidence, strays, running)) is not None:
+                # Also when the planner gives up: not asked again at once.
+                self._assumed = slowdown(evidence)
                 self._pending = await self._replan(
-                    self._pending, self._progress(now), evidence, witnesses[0]
+                    self._pending, self._progress(now), evidence, why
                 )
         queued = [m for m in self._queued.values() if m.name in self._pending]
         await self._reserve([*self._members(list(self._running)), *queued])
