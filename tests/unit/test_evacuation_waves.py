@@ -13,13 +13,11 @@ small enough that every evacuation takes a second or two.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from evacuation_support import MIB, MIXED, dispatcher, entries, evacuate, fake, plans, vm
 
 from asyncmigfra.console.arguments import build_parser
 from asyncmigfra.console.evacuation import EvacuationView, plan_note
@@ -33,58 +31,11 @@ from asyncmigfra.hypervisor.base import (
     OpContext,
 )
 from asyncmigfra.hypervisor.fake import FakeHypervisor
-from asyncmigfra.hypervisor.fake import create as create_fake
-from asyncmigfra.model import EvacuateSpec, ResultMessage
-from asyncmigfra.peers.bus import MemoryBus
-from asyncmigfra.peers.inbound import InboundServer
-from asyncmigfra.settings import Settings, default_settings
-from asyncmigfra.tasks.dispatching import Dispatcher, moving
+from asyncmigfra.model import EvacuateSpec
+from asyncmigfra.tasks import waves
+from asyncmigfra.tasks.dispatching import Dispatcher, planner
 from asyncmigfra.wire.parsing import parse_task
-from harness import DispatchRecorder, running_dispatcher, submit
-
-MIB = 1024 * 1024
-WAIT = 30.0
-
-
-def plans(rec: DispatchRecorder) -> list[Mapping[str, object]]:
-    """The evacuation's ``plan`` events (a migration's own has a ``vm-name``)."""
-    return [e for e in rec.of("plan") if "vm-name" not in e]
-
-
-def vm(name: str, mib: int, dirty: float = 0.0) -> dict[str, Any]:
-    return {"name": name, "memory": mib * 1024, "dirty-rate": dirty}
-
-
-def fake(domains: list[dict[str, Any]], **options: Any) -> FakeHypervisor:
-    """Host ``a`` of a fake cluster of its own, with ``b`` and ``c`` to evacuate to."""
-    options.setdefault("peers", {"b": {"memory": 64 * MIB}, "c": {"memory": 64 * MIB}})
-    return create_fake({"domains": domains, **options}, hostname="a", shared={})
-
-
-def dispatcher(
-    hv: FakeHypervisor,
-    max_outgoing: int = 4,
-    link_rate: float | None = None,
-    bus: MemoryBus | None = None,
-) -> contextlib.AbstractAsyncContextManager[tuple[Dispatcher, DispatchRecorder]]:
-    base = default_settings(hostname="a")
-    migration = replace(base.migration, max_outgoing=max_outgoing, max_incoming=4)
-    if link_rate is not None:
-        migration = replace(migration, link_rate=link_rate)
-    settings: Settings = replace(base, migration=migration)
-    return running_dispatcher(hv, settings, wait=WAIT, bus=bus)
-
-
-def evacuate(d: Dispatcher, task_id: str, parameter: str) -> None:
-    submit(d, f"id: {task_id}\ntask: evacuate node\ndestinations: [b, c]\nparameter:\n{parameter}")
-
-
-def entries(result: ResultMessage) -> dict[str, dict[str, object]]:
-    out = {}
-    for e in result.entries:
-        out[e.vm_name] = {"status": e.status, "code": e.code, **e.extra}
-    return out
-
+from harness import submit
 
 # ---- the wire ----------------------------------------------------------------------------
 
@@ -142,10 +93,6 @@ async def test_the_live_view_sums_a_plan_up_in_one_line() -> None:
 
 
 # ---- waves -------------------------------------------------------------------------------
-
-#: Two guests dirtying 600 MiB/s (converging only with more than half of the 1000 MiB/s
-#: NIC) and two idle ones, 200 MiB each.
-MIXED = [vm("h1", 200, 600), vm("h2", 200, 600), vm("c1", 200), vm("c2", 200)]
 
 
 async def test_hot_guests_run_alone_and_cold_ones_together() -> None:
@@ -332,6 +279,32 @@ async def test_moves_slower_than_predicted_make_it_plan_the_rest_again() -> None
     assert {final[v["vm-name"]]["predicted-duration"] for v in last["waves"][0]["vms"]} == {
         v["predicted-duration"] for v in last["waves"][0]["vms"]
     }
+
+
+async def test_a_replan_that_fails_leaves_the_order_planned_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The planner fails when asked to plan the rest again (its process died, say): a re-plan
+    # is advice, so the evacuation goes on in the order planned before, and every VM moves.
+    real = planner.Planner.run
+
+    async def failing(self: planner.Planner, size: int, fn: Any, /, *args: Any, **kw: Any) -> Any:
+        if fn is waves.replan:
+            raise RuntimeError("the planning process died")
+        return await real(self, size, fn, *args, **kw)
+
+    monkeypatch.setattr(planner.Planner, "run", failing)
+    cold = [vm(f"c{i}", 150) for i in range(4)]
+    base = fake(cold, bandwidth=500, **{"nic-rate": 500})
+    hv = EndingTogether(cluster=base.cluster, host=base.host, bandwidth=500, together=("c0", "c1"))
+    async with dispatcher(hv, max_outgoing=2) as (d, rec):
+        evacuate(d, "f", "  schedule: predicted\n  migration-type: live\n")
+        result = await rec.result("f")
+    assert {e.vm_name: e.status for e in result.entries} == dict.fromkeys(
+        ["c0", "c1", "c2", "c3"], "success"
+    )
+    (plan,) = plans(rec)
+    assert [[v["vm-name"] for v in w["vms"]] for w in plan["waves"]] == [["c0", "c1"], ["c2", "c3"]]
 
 
 class Noting(Boastful, Timed):
@@ -551,101 +524,3 @@ async def test_a_move_in_a_long_setup_leaves_its_share_to_the_hot_one() -> None:
     assert all(cap == 0 or cap > planned["db-1"] for cap in tuned)
     rates = [e["transfer-rate"] for e in db if e.get("transfer-rate")]
     assert rates[-1] > planned["db-1"] * MIB
-
-
-@contextlib.asynccontextmanager
-async def granting(bus: MemoryBus, rate: str, *, host: str) -> AsyncIterator[None]:
-    """An agent on ``host`` that grants ``rate`` bytes/s to every inbound reservation."""
-    requests = f"fast/migfra/{host}/inbound/+"
-
-    async def answer() -> None:
-        async with bus.subscription(requests, 1) as queue:
-            while True:
-                topic, raw = await queue.get()
-                body = json.loads(raw)
-                reply = {"request-id": body["request-id"], "status": "reserved", "rate": rate}
-                source = topic.rsplit("/", 1)[1]
-                topic = f"fast/migfra/{source}/inbound-response/{host}"
-                await bus.send(topic, json.dumps(reply).encode(), 1)
-
-    task = asyncio.create_task(answer())
-    while requests not in bus.queues:
-        await asyncio.sleep(0)
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
-
-
-async def test_a_destination_that_never_grants_enough_does_not_stall_the_evacuation(
-    monkeypatch,
-) -> None:
-    # b's agent answers every reservation with 0 bytes/s (hostile, or stuck): the moves
-    # wait for its grant, but no longer than GRANT_PATIENCE; then b is divided as if this
-    # host were alone, and every VM moves.
-    monkeypatch.setattr(moving, "GRANT_PATIENCE", 1.0)
-    bus = MemoryBus()
-    hv = fake([vm("h1", 200, 600), vm("c1", 200)], **{"nic-rate": 1000})
-    async with (
-        granting(bus, "0", host="b"),
-        granting(bus, "0", host="c"),
-        dispatcher(hv, bus=bus) as (d, rec),
-    ):
-        evacuate(d, "stall", "  schedule: predicted\n  migration-type: live\n")
-        result = await rec.result("stall")
-    assert {e.vm_name: e.status for e in result.entries} == {"h1": "success", "c1": "success"}
-    asked = [t for t, _ in bus.sent if "/inbound/" in t]
-    assert asked  # it did ask, and waited
-
-
-async def test_a_cancel_gives_back_the_destinations_shares_and_answers_for_every_vm() -> None:
-    # b's agent serves reservations; the evacuation is cancelled while h1 moves and the
-    # rest wait: every VM has its entry, nothing moves any more, and b holds no
-    # reservation of a's (released, not left to its lease).
-    bus = MemoryBus()
-    hv = fake(MIXED, peers={"b": {"memory": 64 * MIB, "nic-rate": 1000}}, **{"nic-rate": 1000})
-    server = InboundServer(bus=bus, hostname="b", task_topic="fast/migfra/b/task")
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with dispatcher(hv, bus=bus) as (d, rec):
-            text = (
-                "id: x\ntask: evacuate node\ndestinations: [b]\nparameter:\n"
-                "  schedule: predicted\n  migration-type: live\n"
-            )
-            submit(d, text)
-            await rec.until(lambda: server.reservations)
-            await rec.until(lambda: [e for e in rec.of("phase") if e.get("phase") == "migrating"])
-            submit(d, "task: cancel\ntarget: x\n")
-            result = await rec.result("x")
-            got = entries(result)
-            assert sorted(got) == ["c1", "c2", "h1", "h2"]
-            assert "cancelled" in {g["code"] for g in got.values()}
-            assert server.reservations == {}
-            assert not d._inbound
-            moving = [t for t in asyncio.all_tasks() if "asyncmigfra.evacuate" in t.get_name()]
-            assert not [t for t in moving if not t.done()]
-    finally:
-        serving.cancel()
-        await asyncio.wait({serving})
-
-
-async def test_moves_to_other_destinations_go_on_while_one_waits_for_its_grant() -> None:
-    # b's agent grants nothing (c has no agent: a is alone there). The moves to b wait for
-    # b's grant; those to c run meanwhile, and finish.
-    bus = MemoryBus()
-    doms = [vm(f"v{i}", 200) for i in range(6)]
-    hv = fake(doms, **{"nic-rate": 1000})
-    async with granting(bus, "0", host="b"), dispatcher(hv, bus=bus) as (d, rec):
-        evacuate(d, "wait", "  schedule: predicted\n  migration-type: live\n  mode: scatter\n")
-        done = await rec.until(lambda: len(rec.of("done")) >= 3 and rec.of("done"))
-        submit(d, "task: cancel\ntarget: wait\n")
-        result = await rec.result("wait")
-    got = entries(result)
-    to_c = {n for n, e in got.items() if e["destination"] == "c"}
-    to_b = {n for n, e in got.items() if e["destination"] == "b"}
-    assert to_b
-    assert to_c
-    assert {e["vm-name"] for e in done} == to_c
-    assert {got[n]["status"] for n in to_c} == {"success"}
-    assert {got[n]["code"] for n in to_b} == {"cancelled"}

@@ -189,6 +189,10 @@ class Observation:
     finished: bool = True
     #: s of ``predicted`` that no link rate changes (the setup).
     fixed: float = 0.0
+    #: The slowdown the prediction was made for (a re-plan's: the prediction already counts
+    #: the links that much slower than told); :func:`slowdown` measures against the links
+    #: as told.
+    basis: float = 1.0
 
 
 def deviates(observation: Observation, tolerance: float = DEVIATION) -> bool:
@@ -203,15 +207,12 @@ def deviates(observation: Observation, tolerance: float = DEVIATION) -> bool:
 
 
 def slowdown(observations: Sequence[Observation]) -> float:
-    """How much slower than predicted the moves ran: total actual over total predicted, each
-    without its ``fixed`` part, of the finished moves and of the running ones already past
+    """How much slower than the links as told the moves ran: total actual over total
+    predicted, each without its ``fixed`` part and each prediction taken back to the links
+    as told (its ``basis``), of the finished moves and of the running ones already past
     their prediction (one that is not yet tells nothing); 1 without any, and within
     [1/4, 4]."""
-    actual = predicted = 0.0
-    for o in observations:
-        if o.predicted > o.fixed and (o.finished or o.actual > o.predicted):
-            actual += max(0.0, o.actual - o.fixed)
-            predicted += o.predicted - o.fixed
+    actual, predicted, _ = _totals(observations)
     if predicted <= 0 or actual <= 0:
         return 1.0
     return min(_SLOWDOWN_LIMIT, max(1 / _SLOWDOWN_LIMIT, actual / predicted))
@@ -227,16 +228,23 @@ def slowdown_reaches(observations: Sequence[Observation], factor: float) -> floa
         return 0.0
     if factor > _SLOWDOWN_LIMIT:
         return None
+    actual, predicted, growing = _totals(observations)
+    if not growing:
+        return None
+    return max(0.0, (factor * predicted - actual) / growing)
+
+
+def _totals(observations: Sequence[Observation]) -> tuple[float, float, int]:
+    """(s actual, s predicted for the links as told, how many still run) of the moves that
+    tell (see :func:`slowdown`)."""
     actual = predicted = 0.0
     growing = 0
     for o in observations:
         if o.predicted > o.fixed and (o.finished or o.actual > o.predicted):
             actual += max(0.0, o.actual - o.fixed)
-            predicted += o.predicted - o.fixed
+            predicted += (o.predicted - o.fixed) / o.basis
             growing += not o.finished
-    if not growing:
-        return None
-    return max(0.0, (factor * predicted - actual) / growing)
+    return actual, predicted, growing
 
 
 def replan(

@@ -109,6 +109,10 @@ class Moves:
         self._pending = [n for n in schedule.order if schedule.steps[n].member is not None]
         #: VM -> when its move started (monotonic s).
         self._running: dict[str, float] = {}
+        #: VM -> the slowdown its prediction was made for (the schedule's when it started).
+        self._basis: dict[str, float] = {}
+        #: The moves whose bandwidth an operator set: their time tells nothing of the links.
+        self._held: set[str] = set()
         #: The running VMs whose jobs have not shown data moving yet.
         self._setting_up: set[str] = set()
         #: VM -> the cap (MiB/s) it should have now, and the one it has.
@@ -157,6 +161,8 @@ class Moves:
             if member is None:
                 continue
             held = self._operator_cap(name) if name in self._running else None
+            if held is not None:
+                self._held.add(name)
             if held:
                 rate = float(held) * _MIB
                 member = replace(
@@ -228,6 +234,7 @@ class Moves:
         for name in new:
             step = schedule.steps[name]
             self._running[name] = now
+            self._basis[name] = schedule.slowdown
             self._setting_up.add(name)
             self._caps[name] = self._applied[name] = moving[name]
             self._tasks[name] = tg.create_task(
@@ -332,36 +339,47 @@ class Moves:
     def _witness(
         self, evidence: list[Observation], strays: list[Observation], running: list[Observation]
     ) -> Observation | None:
-        """The move that makes the rest worth planning again now (see :meth:`_ended`): a
-        stray of ``strays`` or a move of ``running`` past :data:`DEVIATION` times its
-        prediction (the furthest first), when ``evidence`` shows a slowdown that far from
-        the one the plan in force assumes; ``None``: not now."""
-        overdue = sorted((o for o in running if deviates(o)), key=lambda o: o.predicted / o.actual)
-        witnesses = [*strays, *overdue]
+        """The move that makes the rest worth planning again now (see :meth:`_ended`), when
+        ``evidence`` shows the links :data:`DEVIATION` times slower (or faster) than the
+        plan in force assumes: a slow stray of ``strays`` or a move of ``running`` past
+        :data:`DEVIATION` times its prediction (the furthest first), or for faster links a
+        fast stray; ``None``: not now."""
         shown = slowdown(evidence)
-        if witnesses and not 1 / DEVIATION < shown / self._assumed < DEVIATION:
-            return witnesses[0]
+        if shown >= self._assumed * DEVIATION:
+            overdue = sorted(
+                (o for o in running if deviates(o)), key=lambda o: o.predicted / o.actual
+            )
+            slower = [o for o in strays if o.actual > o.predicted] + overdue
+            return slower[0] if slower else None
+        if shown * DEVIATION <= self._assumed:
+            return next((o for o in strays if o.actual < o.predicted), None)
         return None
 
     def _running_observations(self, now: float) -> list[Observation]:
         """The running moves with a prediction, as long as they have run so far; not those
-        still in their setup (they have sent nothing: their time tells nothing of the links)."""
-        schedule = self._schedule
-        out: list[Observation] = []
-        for name, started in self._running.items():
-            predicted = schedule.steps[name].predicted
-            if predicted is not None and name not in self._setting_up:
-                fixed = schedule.vms[name].inputs.costs.setup
-                out.append(
-                    Observation(
-                        name=name,
-                        predicted=predicted,
-                        actual=now - started,
-                        finished=False,
-                        fixed=fixed,
-                    )
-                )
-        return out
+        still in their setup (they have sent nothing: their time tells nothing of the links)
+        nor those an operator capped."""
+        return [
+            o
+            for name, started in self._running.items()
+            if name not in self._setting_up
+            and (o := self._observed(name, now - started, finished=False)) is not None
+        ]
+
+    def _observed(self, name: str, actual: float, *, finished: bool) -> Observation | None:
+        """``name``'s move as evidence of the links: ``None`` without a prediction, or when
+        an operator set its bandwidth."""
+        predicted = self._schedule.steps[name].predicted
+        if predicted is None or name in self._held:
+            return None
+        return Observation(
+            name=name,
+            predicted=predicted,
+            actual=actual,
+            finished=finished,
+            fixed=self._schedule.vms[name].inputs.costs.setup,
+            basis=self._basis.get(name, 1.0),
+        )
 
     async def _ended(self) -> None:
         """Note the moves that ended; plan the rest again when a move strayed (it ended
@@ -371,22 +389,15 @@ class Moves:
         than the plan in force assumes (:func:`~asyncmigfra.tasks.waves.slowdown`): once
         for each such step of the evidence, not at every look."""
         now = time.monotonic()
-        schedule = self._schedule
         strays: list[Observation] = []
         for name in [n for n in self._running if self._tasks[n].done()]:
             started = self._running.pop(name)
             self._applied.pop(name, None)
             self._caps.pop(name, None)
             self._setting_up.discard(name)
-            step = schedule.steps[name]
-            if step.predicted is None:
-                continue
-            seen = Observation(
-                name=name,
-                predicted=step.predicted,
-                actual=now - started,
-                fixed=schedule.vms[name].inputs.costs.setup,
-            )
+            seen = self._observed(name, now - started, finished=True)
+            if seen is None or not _succeeded(self._tasks[name]):
+                continue  # a move that failed or was cancelled tells nothing of the links
             self._seen.append(seen)
             if deviates(seen):
                 strays.append(seen)
@@ -412,6 +423,10 @@ class Moves:
             span = (step.predicted or 0.0) - setup
             out[name] = 0.0 if span <= 0 else min(0.95, max(0.0, (now - started - setup) / span))
         return out
+
+
+def _succeeded(task: asyncio.Task[ResultEntry]) -> bool:
+    return not task.cancelled() and task.exception() is None and task.result().status == "success"
 
 
 def _needs_into(members: list[Member]) -> dict[str, float]:

@@ -385,6 +385,9 @@ class _Predicted(_DispatcherBase):
         except TimeoutError:
             log.warning("evacuation.replan_abandoned", task_id=job.msg.id, vms=len(vms))
             return plannable  # the order planned before stands
+        except Exception as exc:  # noqa: BLE001 - a re-plan is advice: the evacuation goes on
+            log.error("evacuation.replan_failed", task_id=job.msg.id, error=str(exc))  # noqa: TRY400
+            return plannable
         unschedulable = [schedule.steps[n] for n in pending if schedule.steps[n].member is None]
         schedule.adopt(plan, started=started, unschedulable=unschedulable)
         schedule.slowdown = slowdown(seen)
