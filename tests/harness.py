@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import shutil
 import socket
@@ -26,7 +27,7 @@ import yaml
 
 from asyncmigfra.app import Agent
 from asyncmigfra.model import ResultMessage
-from asyncmigfra.peers.bus import MessageBus
+from asyncmigfra.peers.bus import MemoryBus, MessageBus
 from asyncmigfra.settings import HypervisorSettings, Settings, default_settings
 from asyncmigfra.tasks.dispatching import Dispatcher, Reply
 from asyncmigfra.transport.mqtt import ToolClient
@@ -339,3 +340,31 @@ def submit(d: Dispatcher, text: str, reply: Reply | None = None) -> None:
     """Hand the task ``text`` to ``d`` as the agent's intake does."""
     payload = text.encode()
     d.submit(parse_task(payload), payload=payload, reply=reply)
+
+
+@contextlib.asynccontextmanager
+async def granting(bus: MemoryBus, rate: str, *, host: str) -> AsyncIterator[None]:
+    """An agent on ``host`` that grants ``rate`` bytes/s to every inbound reservation (a
+    hostile or stuck one, with a rate such as ``0``) and answers a release."""
+    requests = f"fast/migfra/{host}/inbound/+"
+
+    async def answer() -> None:
+        async with bus.subscription(requests, 1) as queue:
+            while True:
+                topic, raw = await queue.get()
+                body = json.loads(raw)
+                reply = {"request-id": body["request-id"], "status": "reserved", "rate": rate}
+                if body["op"] == "release":
+                    reply = {"request-id": body["request-id"], "status": "released"}
+                source = topic.rsplit("/", 1)[1]
+                to = f"fast/migfra/{source}/inbound-response/{host}"
+                await bus.send(to, json.dumps(reply).encode(), 1)
+
+    task = asyncio.create_task(answer())
+    while requests not in bus.queues:
+        await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait({task})

@@ -7,41 +7,13 @@ Built like ``test_evacuation_waves`` (no broker, a :class:`MemoryBus` between th
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator
 
 from evacuation_support import MIB, MIXED, dispatcher, entries, evacuate, fake, vm
 
 from asyncmigfra.peers.bus import MemoryBus
 from asyncmigfra.peers.inbound import InboundServer
 from asyncmigfra.tasks.dispatching import moving
-from harness import submit
-
-
-@contextlib.asynccontextmanager
-async def granting(bus: MemoryBus, rate: str, *, host: str) -> AsyncIterator[None]:
-    """An agent on ``host`` that grants ``rate`` bytes/s to every inbound reservation."""
-    requests = f"fast/migfra/{host}/inbound/+"
-
-    async def answer() -> None:
-        async with bus.subscription(requests, 1) as queue:
-            while True:
-                topic, raw = await queue.get()
-                body = json.loads(raw)
-                reply = {"request-id": body["request-id"], "status": "reserved", "rate": rate}
-                source = topic.rsplit("/", 1)[1]
-                topic = f"fast/migfra/{source}/inbound-response/{host}"
-                await bus.send(topic, json.dumps(reply).encode(), 1)
-
-    task = asyncio.create_task(answer())
-    while requests not in bus.queues:
-        await asyncio.sleep(0)
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
+from harness import granting, submit
 
 
 async def test_a_destination_that_never_grants_enough_does_not_stall_the_evacuation(

@@ -31,11 +31,11 @@ from asyncmigfra.hypervisor.base import (
     OpContext,
 )
 from asyncmigfra.hypervisor.fake import FakeHypervisor
-from asyncmigfra.model import EvacuateSpec
+from asyncmigfra.model import EvacuateSpec, ResultMessage
 from asyncmigfra.tasks import waves
 from asyncmigfra.tasks.dispatching import Dispatcher, planner
 from asyncmigfra.wire.parsing import parse_task
-from harness import submit
+from harness import DispatchRecorder, submit
 
 # ---- the wire ----------------------------------------------------------------------------
 
@@ -255,14 +255,19 @@ class EndingTogether(Boastful, Timed):
         self._gate.set()  # no end to wait for: the others' show at once
 
 
-async def test_moves_slower_than_predicted_make_it_plan_the_rest_again() -> None:
+async def slow_cold_guests(task_id: str) -> tuple[EndingTogether, DispatchRecorder, ResultMessage]:
+    """Four idle guests evacuated two at a time on links four times slower than told; the
+    first wave (c0, c1) ends together."""
     cold = [vm(f"c{i}", 150) for i in range(4)]
     base = fake(cold, bandwidth=500, **{"nic-rate": 500})
-    # The first wave (c0, c1) ends together: the rest is planned once, after both.
     hv = EndingTogether(cluster=base.cluster, host=base.host, bandwidth=500, together=("c0", "c1"))
     async with dispatcher(hv, max_outgoing=2) as (d, rec):
-        evacuate(d, "r", "  schedule: predicted\n  migration-type: live\n")
-        result = await rec.result("r")
+        evacuate(d, task_id, "  schedule: predicted\n  migration-type: live\n")
+        return hv, rec, await rec.result(task_id)
+
+
+async def test_moves_slower_than_predicted_make_it_plan_the_rest_again() -> None:
+    hv, rec, result = await slow_cold_guests("r")
     assert {e.status for e in result.entries} == {"success"}
     first, *again = plans(rec)  # c2 and c3 start together: none is left after them
     assert [len(w["vms"]) for w in first["waves"]] == [2, 2]
@@ -294,12 +299,7 @@ async def test_a_replan_that_fails_leaves_the_order_planned_before(
         return await real(self, size, fn, *args, **kw)
 
     monkeypatch.setattr(planner.Planner, "run", failing)
-    cold = [vm(f"c{i}", 150) for i in range(4)]
-    base = fake(cold, bandwidth=500, **{"nic-rate": 500})
-    hv = EndingTogether(cluster=base.cluster, host=base.host, bandwidth=500, together=("c0", "c1"))
-    async with dispatcher(hv, max_outgoing=2) as (d, rec):
-        evacuate(d, "f", "  schedule: predicted\n  migration-type: live\n")
-        result = await rec.result("f")
+    _, rec, result = await slow_cold_guests("f")
     assert {e.vm_name: e.status for e in result.entries} == dict.fromkeys(
         ["c0", "c1", "c2", "c3"], "success"
     )

@@ -20,6 +20,7 @@ from asyncmigfra.peers import inbound
 from asyncmigfra.peers.bus import MemoryBus
 from asyncmigfra.peers.inbound import MAX_PER_SOURCE, InboundServer, inbound_topics
 from asyncmigfra.peers.reserving import InboundReservations
+from harness import granting
 
 MIB = 1024 * 1024
 D_TASKS = "fast/migfra/d/task"
@@ -320,33 +321,9 @@ async def test_a_forged_answer_is_ignored() -> None:
         assert not a.coordinated("d")
 
 
-@asynccontextmanager
-async def granting(bus: MemoryBus, rate: str) -> AsyncIterator[None]:
-    """A destination ``d`` whose agent grants ``rate`` to every request (a hostile one)."""
-
-    async def answer() -> None:
-        async with bus.subscription(D_REQUESTS, 1) as queue:
-            while True:
-                topic, raw = await queue.get()
-                body = json.loads(raw)
-                reply = {"request-id": body["request-id"], "status": "reserved", "rate": rate}
-                if body["op"] == "release":
-                    reply = {"request-id": body["request-id"], "status": "released"}
-                await bus.send(answer_topic(topic.rsplit("/", 1)[1]), json.dumps(reply).encode(), 1)
-
-    task = asyncio.create_task(answer())
-    while D_REQUESTS not in bus.queues:
-        await asyncio.sleep(0)
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
-
-
 async def test_a_grant_above_what_was_asked_is_believed_only_up_to_the_ask() -> None:
     bus = MemoryBus()
-    async with granting(bus, "10000000000000"), reservations(bus, "a") as a:
+    async with granting(bus, "10000000000000", host="d"), reservations(bus, "a") as a:
         await a.reserve({"d": 1000.0 * MIB}, {"d": 1250.0 * MIB})
         assert a.held == {"d": 1000.0 * MIB}
         assert not a.short
