@@ -36,6 +36,8 @@ Targets: p50 <= 2 ms, >= 1500 tasks/s, event-loop lag p99 < 5 ms. Once built
 
 The agent against a bare aiomqtt echo of the same packet pattern, rounds interleaved, ratios
 printed (issue 20): ``bench/speed.py``, also on its own as ``python -m bench.speed [--quick]``.
+What one durable write costs on this disk (the floor of ``accepted``, after an idle moment and
+back to back, the journal's against a raw ``fdatasync``): ``python -m bench.flush`` (on its own).
 """
 
 from __future__ import annotations
