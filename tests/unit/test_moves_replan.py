@@ -281,3 +281,18 @@ async def test_a_move_an_operator_capped_tells_nothing_of_the_links(clock: Clock
         await run.ended("v0")
         await run.moves._ended()
     assert run.plans == []
+
+
+async def test_a_crawling_move_is_not_taken_for_nearly_done(clock: Clock) -> None:
+    # v0, predicted 2 s for the links as told, has run 1 s. A re-plan for links as told takes
+    # it for half done; one for links four times slower for an eighth done (its work takes
+    # four times as long), not for nearly done as its own prediction would have it.
+    run = Run(schedule(2.0, 1.0), clock)
+    async with stepping(run) as tg:
+        await run.moves._start(tg)
+        clock.ahead += 1.0
+        now = clock.monotonic()
+        assert run.moves._progress(now, 1.0) == {"v0": pytest.approx(0.5, rel=0.01)}
+        assert run.moves._progress(now, 4.0) == {"v0": pytest.approx(0.125, rel=0.01)}
+        clock.ahead += 9.0  # never more than 0.95: it has not ended
+        assert run.moves._progress(clock.monotonic(), 1.0) == {"v0": 0.95}

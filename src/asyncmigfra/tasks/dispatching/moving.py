@@ -408,20 +408,22 @@ class Moves:
                 # Also when the planner gives up: not asked again at once.
                 self._assumed = slowdown(evidence)
                 self._pending = await self._replan(
-                    self._pending, self._progress(now), evidence, why
+                    self._pending, self._progress(now, self._assumed), evidence, why
                 )
         queued = [m for m in self._queued.values() if m.name in self._pending]
         await self._reserve([*self._members(list(self._running)), *queued])
 
-    def _progress(self, now: float) -> dict[str, float]:
-        """The share of its work each running move has done, as far as its prediction
-        tells (at most 0.95: it has not ended)."""
+    def _progress(self, now: float, slowed: float) -> dict[str, float]:
+        """The share of its work each running move has done, its work taking as long as on
+        links ``slowed`` times slower than told (the slowdown the re-plan assumes: a move
+        that crawls is not taken for nearly done); at most 0.95: it has not ended."""
         out: dict[str, float] = {}
         for name, started in self._running.items():
             step = self._schedule.steps[name]
             setup = self._schedule.vms[name].inputs.costs.setup
-            span = (step.predicted or 0.0) - setup
-            out[name] = 0.0 if span <= 0 else min(0.95, max(0.0, (now - started - setup) / span))
+            work = ((step.predicted or 0.0) - setup) / self._basis.get(name, 1.0) * slowed
+            done = (now - started - setup) / work if work > 0 else 0.0
+            out[name] = min(0.95, max(0.0, done))
         return out
 
 
