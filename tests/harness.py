@@ -259,6 +259,8 @@ class DispatchRecorder:
         self.wait = wait
         self.results: list[ResultMessage] = []
         self.replies: list[Reply | None] = []
+        #: Each result's payload when it came rendered (``None``: the deliverer renders it).
+        self.rendered: list[BoundedResult | None] = []
         self.events: list[Mapping[str, object]] = []
         self._changed = asyncio.Event()
 
@@ -273,6 +275,7 @@ class DispatchRecorder:
     ) -> None:
         self.results.append(result)
         self.replies.append(reply)
+        self.rendered.append(rendered)
         self._changed.set()
 
     def emit(self, event: Mapping[str, object], *, terminal: bool = False, qos: int = 1) -> None:

@@ -16,21 +16,17 @@ from asyncmigfra.hypervisor.base import DomainInfo
 from asyncmigfra.hypervisor.fake import create as create_fake
 from asyncmigfra.model import ResultMessage, TaskMessage
 from asyncmigfra.settings import default_settings
-from asyncmigfra.tasks.dispatching import Dispatcher, Reply, answers
-from asyncmigfra.wire.events import Events
-from asyncmigfra.wire.parsing import parse_task
+from asyncmigfra.tasks.dispatching import answers
 from asyncmigfra.wire.rendering import BoundedResult
-
-
-class _Sink:
-    def emit(self, event: Any, *, terminal: bool = False, qos: int = 1) -> None:
-        pass
+from harness import running_dispatcher, submit
 
 
 async def _status(domains: int, monkeypatch: Any) -> tuple[list[tuple[int, bool]], Any, int]:
     """Ask a dispatcher on a fake host with ``domains`` guests for its status: (the builds
-    as (thread, saw the loop run meanwhile)), the delivered payload, the loop's thread."""
+    as (thread, saw the loop run meanwhile)), the result and its rendered payload, the
+    loop's thread."""
     loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
     built: list[tuple[int, bool]] = []
     real = answers._status_answer
 
@@ -50,40 +46,12 @@ async def _status(domains: int, monkeypatch: Any) -> tuple[list[tuple[int, bool]
         return real(msg, header, doms, failure, limit)
 
     monkeypatch.setattr(answers, "_status_answer", observed)
-    loop_thread = threading.get_ident()
-    delivered: asyncio.Future[tuple[ResultMessage, BoundedResult | None]] = loop.create_future()
-
-    def deliver(
-        result: ResultMessage,
-        reply: Reply | None,
-        key: str | None,
-        /,
-        *,
-        rendered: BoundedResult | None = None,
-    ) -> None:
-        delivered.set_result((result, rendered))
-
     guests = [{"name": f"vm-{i:04d}", "memory": 64 * 1024} for i in range(domains)]
     hv = create_fake({"domains": guests}, hostname="here", shared={})
-    dispatcher = Dispatcher(
-        hypervisor=hv,
-        settings=default_settings(hostname="here"),
-        events=Events(_Sink(), host="here"),
-        deliver=deliver,
-        on_quit=lambda: None,
-    )
-    runner = asyncio.create_task(dispatcher.run())
-    await asyncio.sleep(0)  # (the dispatcher takes tasks once it runs)
-    try:
-        payload = b"id: s\ntask: status\n"
-        dispatcher.submit(parse_task(payload), payload=payload, reply=None)
-        async with asyncio.timeout(30):
-            result, rendered = await delivered
-    finally:
-        dispatcher.close()
-        async with asyncio.timeout(10):
-            await runner
-    return built, (result, rendered), loop_thread
+    async with running_dispatcher(hv, default_settings(hostname="here"), wait=30) as (d, rec):
+        submit(d, "id: s\ntask: status\n")
+        result = await rec.result("s")
+    return built, (result, rec.rendered[0]), loop_thread
 
 
 async def test_a_long_status_is_built_while_the_loop_runs_other_callbacks(monkeypatch) -> None:
