@@ -1,5 +1,6 @@
-"""Fixtures of the ``test_hypervisor_fake*.py`` modules: the shared per-process dict and the
-fake hypervisors of hosts "a" and "b" (a module that defines its own fixture of the same name
+"""Fixtures of the fake back-end's tests (``test_hypervisor_fake*.py``, ``test_fake_*.py``,
+...): the shared per-process dict (every module here uses this one) and the fake
+hypervisors of hosts "a" and "b" (a module that defines its own fixture of the same name
 uses its own)."""
 
 from __future__ import annotations

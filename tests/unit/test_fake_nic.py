@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from asyncmigfra.hypervisor.base import (
     MigrationRequest,
     MigrationResult,
 )
-from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, create
+from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeHypervisor, create
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
 from asyncmigfra.migration.forecast import costs_of
 from asyncmigfra.migration.prediction import PredictionInputs, predict_run
@@ -40,15 +39,6 @@ TOL = 0.1  # simulated seconds (see the module docstring)
 class Ctx:
     def phase(self, name: str) -> None:
         pass
-
-
-@pytest.fixture
-def shared() -> Iterator[dict[str, object]]:
-    data: dict[str, object] = {}
-    yield data
-    cluster = data.get(SHARED_KEY)
-    if isinstance(cluster, FakeCluster):
-        assert not cluster.jobs, f"jobs left running: {cluster.jobs}"
 
 
 def vm(name: str, mib: int, **extra: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 
 from asyncmigfra.errors import HypervisorError, TaskCancelled
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest
-from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, FakeMigrationJob
+from asyncmigfra.hypervisor.fake import FakeHypervisor, FakeMigrationJob
 from asyncmigfra.hypervisor.fake import create as create_fake
 
 MiB = 1024 * 1024
@@ -31,15 +31,6 @@ class Ctx:
     @contextmanager
     def measure(self, tag: str) -> Iterator[None]:
         yield
-
-
-@pytest.fixture
-def shared() -> Iterator[dict[str, object]]:
-    data: dict[str, object] = {}
-    yield data
-    cluster = data.get(SHARED_KEY)
-    if isinstance(cluster, FakeCluster):
-        assert not cluster.jobs, f"jobs left running: {cluster.jobs}"
 
 
 def make(shared: dict[str, object], hostname: str, **options: Any) -> FakeHypervisor:

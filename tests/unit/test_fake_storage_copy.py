@@ -19,7 +19,7 @@ from engine_stub import RecordingContext
 
 from asyncmigfra.errors import ConfigError, HypervisorError, InvalidTask, TaskCancelled
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest
-from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, create
+from asyncmigfra.hypervisor.fake import FakeHypervisor, create
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
 from asyncmigfra.migration.engine import migrate
 from asyncmigfra.model import MigrateSpec, MigrationParams
@@ -49,15 +49,6 @@ class Ctx:
     @contextmanager
     def measure(self, tag: str) -> Iterator[None]:
         yield
-
-
-@pytest.fixture
-def shared() -> Iterator[dict[str, object]]:
-    data: dict[str, object] = {}
-    yield data
-    cluster = data.get(SHARED_KEY)
-    if isinstance(cluster, FakeCluster):
-        assert not cluster.jobs, f"jobs left running: {cluster.jobs}"
 
 
 @pytest.fixture

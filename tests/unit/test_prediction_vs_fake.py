@@ -19,7 +19,6 @@ fake does not).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,7 +26,7 @@ import pytest
 from engine_stub import RecordingContext
 
 from asyncmigfra.hypervisor.base import MigrationRequest
-from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeMigrationJob, create
+from asyncmigfra.hypervisor.fake import FakeMigrationJob, create
 from asyncmigfra.hypervisor.fake import migration as fake
 from asyncmigfra.migration.engine import _migrate_once
 from asyncmigfra.migration.plan import MigrationPlan, _downtime_schedule
@@ -100,15 +99,6 @@ CASES = [
 @dataclass
 class Context(RecordingContext):
     vm_name: str = "g"
-
-
-@pytest.fixture
-def shared() -> Iterator[dict[str, object]]:
-    data: dict[str, object] = {}
-    yield data
-    cluster = data.get(SHARED_KEY)
-    if isinstance(cluster, FakeCluster):
-        assert not cluster.jobs, f"jobs left running: {cluster.jobs}"
 
 
 def prediction_inputs(case: Case) -> PredictionInputs:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,7 +19,7 @@ from engine_stub import RecordingContext
 
 from asyncmigfra.errors import ConnectionFailed, TaskCancelled, TaskTimeout
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest, MigrationResult
-from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, create
+from asyncmigfra.hypervisor.fake import FakeHypervisor, create
 from asyncmigfra.migration import steering
 from asyncmigfra.migration.engine import _migrate_once, migrate
 from asyncmigfra.migration.plan import MigrationPlan
@@ -51,15 +50,6 @@ def _quick_settle(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------------ the fake's stall
-
-
-@pytest.fixture
-def shared() -> Iterator[dict[str, object]]:
-    data: dict[str, object] = {}
-    yield data
-    cluster = data.get(SHARED_KEY)
-    if isinstance(cluster, FakeCluster):
-        assert not cluster.jobs, f"jobs left running: {cluster.jobs}"
 
 
 @pytest.fixture
