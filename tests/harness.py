@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -346,6 +346,22 @@ def submit(d: Dispatcher, text: str, reply: Reply | None = None) -> None:
 
 
 @contextlib.asynccontextmanager
+async def serving_on(
+    bus: MemoryBus, requests: str, serve: Coroutine[Any, Any, Any]
+) -> AsyncIterator[None]:
+    """Run ``serve`` (a peer server of the bus) as a task once it subscribed to ``requests``;
+    cancel it at the end."""
+    task = asyncio.create_task(serve)
+    while requests not in bus.queues:
+        await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+@contextlib.asynccontextmanager
 async def granting(bus: MemoryBus, rate: str, *, host: str) -> AsyncIterator[None]:
     """An agent on ``host`` that grants ``rate`` bytes/s to every inbound reservation (a
     hostile or stuck one, with a rate such as ``0``) and answers a release."""
@@ -363,11 +379,5 @@ async def granting(bus: MemoryBus, rate: str, *, host: str) -> AsyncIterator[Non
                 to = f"fast/migfra/{source}/inbound-response/{host}"
                 await bus.send(to, json.dumps(reply).encode(), 1)
 
-    task = asyncio.create_task(answer())
-    while requests not in bus.queues:
-        await asyncio.sleep(0)
-    try:
+    async with serving_on(bus, requests, answer()):
         yield
-    finally:
-        task.cancel()
-        await asyncio.wait({task})

@@ -3,13 +3,13 @@ a lane server for ``b`` with its keeper, and the asking side of ``a``."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from asyncmigfra.peers.bus import MemoryBus
 from asyncmigfra.peers.lanes import LaneServer, hold_peer_lane
+from harness import serving_on
 
 A_TASKS = "fast/migfra/a/task"
 B_TASKS = "fast/migfra/b/task"
@@ -43,14 +43,8 @@ class Keeper:
 @asynccontextmanager
 async def serving(bus: MemoryBus, keeper: Keeper, **kw: object) -> AsyncIterator[LaneServer]:
     server = LaneServer(bus=bus, hostname="b", task_topic=B_TASKS, keeper=keeper, **kw)  # type: ignore[arg-type]
-    task = asyncio.create_task(server.serve())
-    while B_REQUESTS not in bus.queues:
-        await asyncio.sleep(0)
-    try:
+    async with serving_on(bus, B_REQUESTS, server.serve()):
         yield server
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
 
 
 def request(op: str, hold_id: str = "h1", vm: str = "v2", **extra: object) -> dict[str, object]:

@@ -39,6 +39,7 @@ from asyncmigfra.peers.userhooks.remote import _peer_request_of
 from asyncmigfra.settings import HookSettings, settings_from_text
 from asyncmigfra.wire.parsing import valid_vm_name
 from harness import RecordingContext as FakeContext
+from harness import serving_on
 
 B_TASKS = "fast/migfra/b/task"
 B_REQUESTS = "fast/migfra/b/hook/+"
@@ -78,14 +79,8 @@ def parse(doc: dict[str, object], sender: str = "a") -> userhooks.PeerHookReques
 
 @asynccontextmanager
 async def serving(bus: MemoryBus, runner: HookRunner) -> AsyncIterator[HookRunner]:
-    task = asyncio.create_task(runner.serve())
-    while B_REQUESTS not in bus.queues:
-        await asyncio.sleep(0)
-    try:
+    async with serving_on(bus, B_REQUESTS, runner.serve()):
         yield runner
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
 
 
 async def ask(bus: MemoryBus, doc: dict[str, object] | bytes, sender: str = "a") -> dict[str, str]:

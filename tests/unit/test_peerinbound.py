@@ -20,7 +20,7 @@ from asyncmigfra.peers import inbound
 from asyncmigfra.peers.bus import MemoryBus
 from asyncmigfra.peers.inbound import MAX_PER_SOURCE, InboundServer, inbound_topics
 from asyncmigfra.peers.reserving import InboundReservations
-from harness import granting
+from harness import granting, serving_on
 
 MIB = 1024 * 1024
 D_TASKS = "fast/migfra/d/task"
@@ -38,14 +38,8 @@ def answer_topic(sender: str) -> str:
 @asynccontextmanager
 async def serving(bus: MemoryBus, **kw: object) -> AsyncIterator[InboundServer]:
     server = InboundServer(bus=bus, hostname="d", task_topic=D_TASKS, **kw)  # type: ignore[arg-type]
-    task = asyncio.create_task(server.serve())
-    while D_REQUESTS not in bus.queues:
-        await asyncio.sleep(0)
-    try:
+    async with serving_on(bus, D_REQUESTS, server.serve()):
         yield server
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
 
 
 async def ask(bus: MemoryBus, body: dict[str, object], sender: str = "a") -> dict[str, str]:
