@@ -251,6 +251,23 @@ class RecordingContext:
             self.calls.append(("stop", tag))
 
 
+class RecordingOpContext:
+    """Records what a back-end operation tells its task (an ``OpContext``): the phases and
+    the tags measured, each in order."""
+
+    def __init__(self) -> None:
+        self.phases: list[str] = []
+        self.measured: list[str] = []
+
+    def phase(self, name: str) -> None:
+        self.phases.append(name)
+
+    @contextmanager
+    def measure(self, tag: str) -> Iterator[None]:
+        self.measured.append(tag)
+        yield
+
+
 class DispatchRecorder:
     """A ``Dispatcher``'s ``deliver`` callback and its events' sink, without a broker:
     records both and wakes whoever waits, at most ``wait`` s, for one (:meth:`until`)."""

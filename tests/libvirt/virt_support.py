@@ -9,10 +9,10 @@ consistent host for the whole test.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from harness import RecordingOpContext as Ctx  # noqa: F401 - the tests here import it from this module
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -20,22 +20,6 @@ DATA = Path(__file__).resolve().parent / "data"
 def host_uri(name: str) -> str:
     """``test:///abs/path/<name>.xml``."""
     return f"test://{DATA / name}.xml"
-
-
-class Ctx:
-    """Records what an operation tells its task (an ``OpContext``)."""
-
-    def __init__(self) -> None:
-        self.phases: list[str] = []
-        self.measured: list[str] = []
-
-    def phase(self, name: str) -> None:
-        self.phases.append(name)
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        self.measured.append(tag)
-        yield
 
 
 def hv_options(**extra: Any) -> dict[str, object]:

@@ -6,12 +6,11 @@ milliseconds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationJob, MigrationRequest
 from asyncmigfra.hypervisor.fake import FakeHypervisor, FakeMigrationJob, create
+from harness import RecordingOpContext as Ctx
 
 MiB = 1024 * 1024
 GiB_KIB = 1024 * 1024  # 1 GiB in KiB
@@ -26,22 +25,6 @@ DOMAINS: list[dict[str, Any]] = [
     {"name": "frozen", "state": "paused"},
     {"name": "temp", "persistent": False},
 ]
-
-
-class Ctx:
-    """Records what an operation tells its task."""
-
-    def __init__(self) -> None:
-        self.phases: list[str] = []
-        self.measured: list[str] = []
-
-    def phase(self, name: str) -> None:
-        self.phases.append(name)
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        self.measured.append(tag)
-        yield
 
 
 def make(shared: dict[str, object], hostname: str = "a", /, **options: Any) -> FakeHypervisor:

@@ -18,14 +18,10 @@ import pytest
 from asyncmigfra.hypervisor.base import MigrationRequest
 from asyncmigfra.hypervisor.fake import SHARED_KEY, FakeCluster, FakeHypervisor, create
 from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
+from harness import RecordingOpContext as Ctx
 
 MIB = 1024 * 1024
 SCALE = 20.0
-
-
-class Ctx:
-    def phase(self, name: str) -> None:
-        pass
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ use the simulated quantities (rates, bytes), never the wall clock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -18,19 +16,11 @@ from asyncmigfra.errors import HypervisorError, TaskCancelled
 from asyncmigfra.hypervisor.base import DomainState, JobStats, MigrationRequest
 from asyncmigfra.hypervisor.fake import FakeHypervisor, FakeMigrationJob
 from asyncmigfra.hypervisor.fake import create as create_fake
+from harness import RecordingOpContext as Ctx
 
 MiB = 1024 * 1024
 SCALE = 1000.0
 LINK = 1000  # MiB/s, the fake's default link
-
-
-class Ctx:
-    def phase(self, name: str) -> None:
-        pass
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        yield
 
 
 def make(shared: dict[str, object], hostname: str, **options: Any) -> FakeHypervisor:

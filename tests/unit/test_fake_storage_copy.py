@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,6 +22,7 @@ from asyncmigfra.hypervisor.fake.migration import FakeMigrationJob
 from asyncmigfra.migration.engine import migrate
 from asyncmigfra.model import MigrateSpec, MigrationParams
 from asyncmigfra.settings import Settings
+from harness import RecordingOpContext as Ctx
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -37,18 +36,6 @@ DOMAINS: list[dict[str, Any]] = [
     {"name": "diskless", "memory": 256 * 1024, "disks": {}},
     {"name": "off", "state": "shutoff"},
 ]
-
-
-class Ctx:
-    def __init__(self) -> None:
-        self.phases: list[str] = []
-
-    def phase(self, name: str) -> None:
-        self.phases.append(name)
-
-    @contextmanager
-    def measure(self, tag: str) -> Iterator[None]:
-        yield
 
 
 @pytest.fixture
